@@ -1,0 +1,177 @@
+"""Per-micro-batch attention metadata, built by the collator and read by the ``"hdp"`` attention.
+
+A packed micro-batch of ``T`` tokens is laid out as::
+
+    [ whole local sequences ............ | ring segment 0 | ring segment 1 | ... ]
+      0                          local_len
+
+- The *local region* holds whole sequences (``k == 1`` pieces). They run one varlen kernel with
+  ``local_cu_seqlens`` and never communicate.
+- A *ring segment* holds this rank's zigzag chunks of every distributed piece that shares one
+  group. For each of its documents (in sample order) the segment holds ``front`` then ``back``
+  chunk rows. The segment runs zigzag ring attention with the group members only.
+
+Segments are ordered by their first sample, which is the same order on every member: together with
+slot order this is what makes any valid plan deadlock-free (see :mod:`hf_hdp.planning.plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class RingBlock:
+    """One step of the ring for one member: which local query rows attend to which source KV rows.
+
+    ``q_index``/``kv_index`` are ``None`` when all rows are used in order.
+    """
+
+    source: int  # member index whose KV this step uses
+    causal: bool
+    q_index: torch.Tensor | None
+    kv_index: torch.Tensor | None
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @property
+    def empty(self) -> bool:
+        return self.max_q == 0 or self.max_k == 0
+
+
+@dataclass
+class RingSegment:
+    """The rows of a micro-batch that run zigzag ring attention over one group of ranks."""
+
+    start: int
+    end: int
+    group: tuple[int, ...]
+    member: int
+    samples: tuple[int, ...]
+    # layout[m][d] = (front_len, back_len) of document d on member m
+    layout: tuple[tuple[tuple[int, int], ...], ...]
+    _blocks: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def k(self) -> int:
+        return len(self.group)
+
+    def rows_of(self, m: int) -> int:
+        """Rows member ``m`` holds in this segment (the size of the KV it sends)."""
+        return sum(f + b for f, b in self.layout[m])
+
+    @property
+    def next_rank(self) -> int:
+        return self.group[(self.member + 1) % self.k]
+
+    @property
+    def prev_rank(self) -> int:
+        return self.group[(self.member - 1) % self.k]
+
+    def source_at(self, step: int) -> int:
+        return (self.member - step) % self.k
+
+    def block(self, step: int, device: torch.device) -> RingBlock:
+        """The attention block of ring step ``step`` (cached per device).
+
+        Step 0 uses this member's own KV with a causal mask: within one document the local rows
+        are ``front_i`` then ``back_i`` and all front positions precede all back positions, so plain
+        causal attention over the concatenation is exact. For a source ``j < i`` every local row
+        attends to the source's front chunk only (its back chunk lies after all of ours). For
+        ``j > i`` only our back chunk attends, to all of the source's rows.
+        """
+        key = (step, str(device))
+        if key not in self._blocks:
+            self._blocks[key] = self._make_block(step, device)
+        return self._blocks[key]
+
+    def _make_block(self, step: int, device: torch.device) -> RingBlock:
+        i, j = self.member, self.source_at(step)
+        mine, theirs = self.layout[i], self.layout[j]
+        q_rows: list[tuple[int, int]] = []  # (start, length) in local rows
+        kv_rows: list[tuple[int, int]] = []  # (start, length) in source rows
+        q_off = kv_off = 0
+        for (fi, bi), (fj, bj) in zip(mine, theirs):
+            if j == i:
+                q, kv = (q_off, fi + bi), (kv_off, fj + bj)
+            elif j < i:
+                q, kv = (q_off, fi + bi), (kv_off, fj)
+            else:
+                q, kv = (q_off + fi, bi), (kv_off, fj + bj)
+            if q[1] > 0 and kv[1] > 0:
+                q_rows.append(q)
+                kv_rows.append(kv)
+            q_off += fi + bi
+            kv_off += fj + bj
+        return RingBlock(
+            source=j,
+            causal=(j == i),
+            q_index=_gather_index(q_rows, q_off, device),
+            kv_index=_gather_index(kv_rows, kv_off, device),
+            cu_q=_cumsum([n for _, n in q_rows], device),
+            cu_k=_cumsum([n for _, n in kv_rows], device),
+            max_q=max((n for _, n in q_rows), default=0),
+            max_k=max((n for _, n in kv_rows), default=0),
+        )
+
+
+def _cumsum(lengths: list[int], device: torch.device) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def _gather_index(rows: list[tuple[int, int]], total: int, device: torch.device) -> torch.Tensor | None:
+    """Row indices selecting ``rows``; ``None`` when they are exactly ``0..total-1`` in order."""
+    idx = [r for a, n in rows for r in range(a, a + n)]
+    if len(idx) == total and idx == list(range(total)):
+        return None
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+@dataclass
+class HDPAttentionMetadata:
+    """Everything the ``"hdp"`` attention needs for one micro-batch, passed to the model as the
+    ``hdp_metadata`` keyword (it travels through ``TransformersKwargs`` to every attention layer)."""
+
+    num_tokens: int
+    local_len: int
+    local_seqlens: tuple[int, ...]
+    rings: tuple[RingSegment, ...]
+    rank: int = 0
+    slot: int = 0
+    step: int = 0
+    local_samples: tuple[int, ...] = ()
+    # set by the runner: the DynamicMesh that carries the ring's P2P, and the kernel backend name
+    mesh: Any = None
+    backend: str = "auto"
+    attention_calls: int = 0
+    _cu: dict = field(default_factory=dict, repr=False)
+
+    def local_cu_seqlens(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._cu:
+            self._cu[key] = _cumsum(list(self.local_seqlens), device)
+        return self._cu[key]
+
+    @property
+    def local_max_seqlen(self) -> int:
+        return max(self.local_seqlens, default=0)
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest whole sequence this micro-batch touches (for window checks)."""
+        longest = self.local_max_seqlen
+        for seg in self.rings:
+            for d in range(len(seg.samples)):
+                longest = max(longest, sum(sum(seg.layout[m][d]) for m in range(seg.k)))
+        return longest
+
+    def describe(self) -> str:
+        return f"rank {self.rank}, step {self.step}, slot {self.slot}"

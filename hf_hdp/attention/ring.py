@@ -1,0 +1,157 @@
+"""Zigzag ring attention over a per-sample group of ranks, with P2P on the one global group.
+
+Read top to bottom: :func:`ring_forward` and :func:`ring_backward` are the algorithm for one
+ring segment (see :mod:`hf_hdp.attention.metadata` for the row layout), :class:`RingAttention`
+wraps every segment of a micro-batch in one autograd Function, :func:`ring_attention` is the
+public entry point.
+
+Forward, for member ``i`` of a group of ``k``: at step ``t`` it holds the K/V rows of member
+``j = i - t (mod k)``; it starts passing them on to ``i + 1`` while it computes the block
+(see :meth:`RingSegment.block`), and merges the block into its running output with the
+log-sum-exp rule. K and V travel as one message, with their KV heads unrepeated (GQA).
+
+Backward follows ring-flash-attention's scheme: the K/V rows go round again, and with them an
+accumulator of their gradient. Each member adds its block's dK/dV to the accumulator it holds and
+passes it on, so after ``k`` hops the accumulator of member ``j``'s K/V returns to ``j`` complete.
+Blocks use the *merged* output and log-sum-exp of the forward, which makes each block's gradient
+its exact share of the full attention gradient.
+
+Every segment of a micro-batch runs inside one autograd node, in the order of the metadata, the
+same order on every member, so no placement can deadlock (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import AttentionBackend, merge_attention
+from .metadata import RingSegment
+
+
+def _accumulator_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (tests); everything else accumulates in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x.index_select(0, index)
+
+
+def _accumulate(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor) -> None:
+    if index is None:
+        acc.add_(value.to(acc.dtype))
+    else:
+        acc.index_add_(0, index, value.to(acc.dtype))
+
+
+def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh):
+    """Output ``[n, Hq, D]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    acc = _accumulator_dtype(q)
+    out = torch.zeros(n, hq, d, dtype=acc, device=q.device)
+    lse = torch.full((n, hq), float("-inf"), dtype=acc, device=q.device)
+    kv = torch.cat([k, v], dim=1)  # one message per hop
+    for step in range(seg.k):
+        pending = []
+        if step + 1 < seg.k:
+            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), 2 * hkv, d, dtype=kv.dtype, device=kv.device)
+            pending = mesh.exchange(kv, seg.next_rank, incoming, seg.prev_rank, what=_label(seg, "forward K/V", step))
+        block = seg.block(step, q.device)
+        if not block.empty:
+            src = _rows(kv, block.kv_index)
+            b_out, b_lse = backend.forward(
+                _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
+                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale,
+            )
+            if block.q_index is None:
+                out, lse = merge_attention(out, lse, b_out, b_lse)
+            else:
+                m_out, m_lse = merge_attention(
+                    out.index_select(0, block.q_index), lse.index_select(0, block.q_index), b_out, b_lse
+                )
+                out.index_copy_(0, block.q_index, m_out)
+                lse.index_copy_(0, block.q_index, m_lse)
+        if pending:
+            mesh.wait(pending)
+            kv = incoming
+    return out, lse
+
+
+def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backend: AttentionBackend, mesh):
+    """Gradients of this member's q, k, v rows, in the accumulator dtype."""
+    hkv = k.shape[1]
+    acc = _accumulator_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.cat([k, v], dim=1)
+    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # gradient of the K/V we hold
+    for step in range(seg.k):
+        pending = []
+        if step + 1 < seg.k:
+            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), 2 * hkv, kv.shape[-1], dtype=kv.dtype, device=kv.device)
+            pending = mesh.exchange(kv, seg.next_rank, incoming, seg.prev_rank, what=_label(seg, "backward K/V", step))
+        block = seg.block(step, q.device)
+        if not block.empty:
+            src = _rows(kv, block.kv_index)
+            b_dq, b_dk, b_dv = backend.backward(
+                _rows(dout, block.q_index), _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
+                _rows(out, block.q_index), _rows(lse, block.q_index),
+                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale,
+            )
+            _accumulate(dq, block.q_index, b_dq)
+            _accumulate(dkv, block.kv_index, torch.cat([b_dk, b_dv], dim=1))
+        if pending:
+            mesh.wait(pending)
+            kv = incoming
+        if seg.k > 1:
+            # pass the accumulator on with the K/V it belongs to; receive the one for our next K/V
+            # (after the last hop that is the complete gradient of our own K/V)
+            nxt = seg.source_at(step + 1)
+            dkv_in = torch.empty(seg.rows_of(nxt), 2 * hkv, kv.shape[-1], dtype=acc, device=kv.device)
+            mesh.wait(mesh.exchange(dkv, seg.next_rank, dkv_in, seg.prev_rank, what=_label(seg, "backward dK/dV", step)))
+            dkv = dkv_in
+    return dq, dkv[:, :hkv], dkv[:, hkv:]
+
+
+def _label(seg: RingSegment, what: str, step: int) -> str:
+    return f"{what}, ring step {step}, group {list(seg.group)}, samples {list(seg.samples)}"
+
+
+class RingAttention(torch.autograd.Function):
+    """All ring segments of one micro-batch's attention layer, in metadata order."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale, backend, mesh):
+        outs, lses = [], []
+        base = segments[0].start
+        for seg in segments:
+            sl = slice(seg.start - base, seg.end - base)
+            o, l = ring_forward(q[sl], k[sl], v[sl], seg, scale, backend, mesh)
+            outs.append(o)
+            lses.append(l)
+        out = torch.cat(outs).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, torch.cat(lses))
+        ctx.segments, ctx.scale, ctx.backend, ctx.mesh = segments, scale, backend, mesh
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        base = ctx.segments[0].start
+        for seg in ctx.segments:
+            sl = slice(seg.start - base, seg.end - base)
+            sq, sk, sv = ring_backward(
+                dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], seg, ctx.scale, ctx.backend, ctx.mesh
+            )
+            dq[sl], dk[sl], dv[sl] = sq, sk, sv
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend, mesh):
+    """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
+
+    ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
+    """
+    return RingAttention.apply(q, k, v, tuple(segments), scale, backend, mesh)

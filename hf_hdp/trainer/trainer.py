@@ -1,0 +1,242 @@
+"""HDPTrainer: a drop-in ``Trainer`` that trains with Hybrid Data Parallelism.
+
+It changes four things through Trainer's override points, and nothing else:
+
+- ``get_train_dataloader``: one item per optimizer step, holding only this rank's micro-batches of
+  the step plan (see :mod:`hf_hdp.trainer.data`).
+- ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
+  slot order (ranks may run different numbers, zero included), then joins exactly one gradient
+  all-reduce; the step's loss rides in the same collective.
+- ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
+  count, from labels the collator already shifted.
+- ``create_accelerator_and_postprocess``: the Accelerator becomes an :class:`~hf_hdp.mesh.HDPAccelerator`
+  (model states replicated, no DDP wrapper) carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
+
+Gradient accumulation is HDP's own: ``gradient_accumulation_steps`` only feeds the default
+global batch size and is set to 1 for Trainer's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from ..attention.interface import HDP_ATTENTION
+from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator
+from ..config import HDPConfig
+from ..mesh import DynamicMesh, attach_mesh
+from ..planning import PLANNERS
+from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, check_lengths, measure_dataset, move_to
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be trained with HDP as it is."""
+
+
+def _base_model(model) -> PreTrainedModel | None:
+    """The transformers model inside ``model`` (itself, or the base of a PEFT wrapper)."""
+    seen = model
+    for _ in range(4):
+        if isinstance(seen, PreTrainedModel):
+            return seen
+        seen = getattr(seen, "base_model", None) or getattr(seen, "model", None)
+        if seen is None:
+            return None
+    return seen if isinstance(seen, PreTrainedModel) else None
+
+
+def enable_hdp_attention(model) -> PreTrainedModel:
+    """Switch ``model`` to the ``"hdp"`` attention, or explain why it cannot be."""
+    base = _base_model(model)
+    name = type(model).__name__
+    if base is None:
+        raise UnsupportedModelError(
+            f"HDPTrainer needs a transformers PreTrainedModel (or a PEFT wrapper of one); got {name}."
+        )
+    config = base.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(base).__name__} is an encoder-decoder model; HDP trains decoder-only causal LMs. "
+            "Use the stock Seq2SeqTrainer for it."
+        )
+    if not getattr(base, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
+            "cannot split its sequences over ranks; packing would let tokens attend across samples. "
+            "Use a model whose class sets `_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), "
+            "or the stock Trainer."
+        )
+    base.set_attn_implementation(HDP_ATTENTION)
+    return base
+
+
+def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False):
+    """Sum of the micro-batch's token losses divided by the global batch's label count."""
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs["position_ids"],
+        hdp_metadata=inputs["hdp_metadata"],
+        use_cache=False,
+    )
+    logits = outputs.logits[0]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # the loss of bf16/fp16 logits is computed in float32
+    loss = F.cross_entropy(logits, inputs["labels"][0], ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = loss / max(int(num_loss_tokens), 1)
+    return (loss, outputs) if return_outputs else loss
+
+
+def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicMesh, backend: str,
+                      device, loss_fn=None, backward=None, context=contextlib.nullcontext) -> float:
+    """Forward and backward of this rank's micro-batches in slot order; returns the sum of their losses.
+
+    Gradients accumulate locally; the caller reduces them once (:meth:`DynamicMesh.reduce_gradients`).
+    """
+    loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
+    backward = backward or (lambda loss: loss.backward())
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        batch = move_to(batch, device)
+        meta = batch["hdp_metadata"]
+        meta.mesh, meta.backend = mesh, backend
+        with context():
+            loss = loss_fn(model, batch, num_items_in_batch=num_loss_tokens)
+        if meta.attention_calls == 0:
+            raise RuntimeError(
+                f"{type(model).__name__} ran a forward without calling the 'hdp' attention, so its attention "
+                "ignored the packing; refusing to train wrongly. Does the model honour config._attn_implementation?"
+            )
+        backward(loss)
+        total += loss.detach().double()
+    return float(total)
+
+
+class HDPTrainer(Trainer):
+    """``Trainer`` with Hybrid Data Parallelism. ``hdp_config`` may be omitted (defaults apply)."""
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *pos, hdp_config: HDPConfig | None = None,
+                 **kwargs):
+        if model is None:
+            raise ValueError("HDPTrainer needs a model (model_init is not supported).")
+        self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")
+        world = args.world_size
+        if self.hdp_config.global_batch_size is None:
+            self.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        else:
+            if args.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    f"HDPConfig.global_batch_size={self.hdp_config.global_batch_size} and "
+                    f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} both set the "
+                    "batch; HDP accumulates micro-batches itself. Set gradient_accumulation_steps=1 or leave "
+                    "global_batch_size unset."
+                )
+            self.global_batch_size = self.hdp_config.global_batch_size
+        # HDP runs every micro-batch of a step inside one training_step
+        args.gradient_accumulation_steps = 1
+        self.hdp_model = enable_hdp_attention(model)
+        super().__init__(model, args, *pos, **kwargs)
+        self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
+        attach_mesh(self.accelerator, self.mesh)
+        self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
+        self.hdp_totals = {"steps": 0, "samples": 0, "tokens": 0, "local_samples": 0, "group_sizes": Counter(),
+                           "micro_batches": 0, "p2p_bytes": 0, "busy_s": 0.0}
+        self._train_lengths = None
+        if self.train_dataset is not None:
+            self._measure_train_dataset()
+
+    # ------------------------------------------------------------------ data
+    def _measure_train_dataset(self) -> None:
+        cfg = self.hdp_config
+        if not hasattr(self.train_dataset, "column_names") or not hasattr(self.train_dataset, "select_columns"):
+            raise TypeError(
+                f"HDPTrainer needs a map-style datasets.Dataset as train_dataset, got {type(self.train_dataset).__name__}. "
+                "Convert an IterableDataset with datasets.Dataset.from_generator(lambda: (yield from iterable_ds))."
+            )
+        with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
+            ds, lengths, loss_tokens = measure_dataset(self.train_dataset, cfg.length_column, cfg.length_num_proc)
+        check_lengths(lengths, self.mesh.world_size, cfg.tokens_per_rank)
+        self.train_dataset = ds
+        self._train_lengths, self._train_loss_tokens = lengths, loss_tokens
+
+    def get_train_dataloader(self) -> HDPDataLoader:
+        if self.train_dataset is None:
+            raise ValueError("HDPTrainer: training requires a train_dataset.")
+        sampler = GlobalBatchSampler(
+            len(self._train_lengths),
+            self.global_batch_size,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        steps = HDPStepDataset(
+            self.train_dataset, self._train_lengths, self._train_loss_tokens, sampler,
+            PLANNERS[self.hdp_config.planner], self.mesh.world_size, self.mesh.rank,
+            self.hdp_config.tokens_per_rank, self.collator,
+        )
+        return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
+
+    # ------------------------------------------------------------------ step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Token-level loss: this micro-batch's summed token losses over the global batch's label count."""
+        return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = inputs["hdp_step"]
+        model.train()
+        if self.hdp_config.check_plan_hash:
+            self.mesh.check_plan(step.fingerprint, step.step)
+        if step.num_loss_tokens == 0:
+            logger.warning(
+                "step %d (epoch %d): the global batch has no label token (every label is -100); "
+                "the step contributes no gradient.", step.step, step.epoch,
+            )
+        started = time.process_time()
+        bytes_before = self.mesh.stats.bytes_sent
+        loss_sum = run_micro_batches(
+            model, step.micro_batches, step.num_loss_tokens, self.mesh, self.hdp_config.attention_backend,
+            self.args.device, loss_fn=self.compute_loss, backward=self.accelerator.backward,
+            context=self.compute_loss_context_manager,
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        (total,) = self.mesh.reduce_gradients(params, extras=[loss_sum])
+        self._record(step, time.process_time() - started, self.mesh.stats.bytes_sent - bytes_before)
+        return torch.tensor(total, dtype=torch.float32, device=self.args.device)
+
+    def floating_point_ops(self, inputs) -> int:
+        step = inputs["hdp_step"]
+        return 6 * step.local_tokens * self.hdp_model.num_parameters(only_trainable=False)
+
+    # --------------------------------------------------------------- figures
+    def _record(self, step, busy_s: float, p2p_bytes: int) -> None:
+        t = self.hdp_totals
+        t["steps"] += 1
+        t["samples"] += len(step.rows)
+        t["tokens"] += step.num_tokens
+        t["local_samples"] += step.stats["group_sizes"].get(1, 0)
+        t["group_sizes"].update(step.stats["group_sizes"])
+        t["micro_batches"] += len(step.micro_batches)
+        t["p2p_bytes"] += p2p_bytes
+        t["busy_s"] += busy_s
+
+    def hdp_summary(self) -> dict:
+        """Totals over the steps this trainer ran on this rank (group sizes count samples)."""
+        t = self.hdp_totals
+        return {
+            "steps": t["steps"],
+            "samples": t["samples"],
+            "tokens": t["tokens"],
+            "samples_on_one_rank": t["local_samples"],
+            "group_sizes": dict(sorted(t["group_sizes"].items())),
+            "micro_batches_this_rank": t["micro_batches"],
+            "p2p_bytes_this_rank": t["p2p_bytes"],
+            "busy_cpu_s_this_rank": round(t["busy_s"], 3),
+        }

@@ -1,0 +1,58 @@
+"""Tiny models of real Hub architectures, saved and loaded back with the real loading path."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+VOCAB = 128
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=4096,
+    attention_dropout=0.0,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=4096),
+}
+
+
+def save_tiny_model(family: str, path: str, seed: int = 0) -> str:
+    """Build a randomly initialised tiny ``family`` model and ``save_pretrained`` it to ``path``."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model.save_pretrained(path)
+    return path
+
+
+def load_model(path: str, dtype=torch.float64, attn: str = "sdpa"):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+
+
+def reference_step(model, samples: list[dict]):
+    """Loss and gradients of one device running the whole batch, one sample at a time, unpacked.
+
+    The loss is the sum of shifted token losses over the batch's label count (labels -100 excluded).
+    """
+    model.zero_grad(set_to_none=True)
+    targets = []
+    for s in samples:
+        labels = torch.tensor(s.get("labels", s["input_ids"]))
+        targets.append(labels[1:])
+    n = sum(int((t != -100).sum()) for t in targets)
+    total = 0.0
+    for s, t in zip(samples, targets):
+        logits = model(input_ids=torch.tensor([s["input_ids"]])).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum") / max(n, 1)
+        loss.backward()
+        total += float(loss.detach())
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return total, grads

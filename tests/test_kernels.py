@@ -1,0 +1,423 @@
+"""Tests of hf_hdp.attention.kernels on the CPU: the reference backend, merging, backend selection.
+
+Ground truth is a dense masked softmax over the whole packed batch, written here independently in
+float64 (block-diagonal sequence mask, causal mask inside each block, K/V heads repeated for GQA),
+differentiated by torch.autograd.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hf_hdp.attention import kernels
+from hf_hdp.attention.kernels import (
+    BACKEND_NAMES,
+    ReferenceBackend,
+    get_backend,
+    merge_attention,
+)
+
+REF = ReferenceBackend()
+
+
+# ------------------------------------------------------------------------------------------
+# independent ground truth
+# ------------------------------------------------------------------------------------------
+
+
+def cu(lengths: list[int]) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def dense_attention(q, k, v, q_lens, k_lens, causal, scale):
+    """Dense float64 attention of the packed batch; returns (out, lse), differentiable."""
+    tq, hq, _ = q.shape
+    tk, hkv, _ = k.shape
+    seq_q = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens, dtype=torch.long), output_size=tq)
+    seq_k = torch.repeat_interleave(torch.arange(len(k_lens)), torch.tensor(k_lens, dtype=torch.long), output_size=tk)
+    pos_q = torch.arange(tq) - cu(q_lens).long()[seq_q]
+    pos_k = torch.arange(tk) - cu(k_lens).long()[seq_k]
+    allowed = seq_q[:, None] == seq_k[None, :]
+    if causal:
+        allowed &= pos_k[None, :] <= pos_q[:, None]
+    kr = k.double().repeat_interleave(hq // hkv, dim=1)  # [Tk, Hq, D]
+    vr = v.double().repeat_interleave(hq // hkv, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), kr) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1).transpose(0, 1)  # [Tq, Hq]; -inf where no keys
+    has_keys = allowed.any(dim=-1)  # [Tq]
+    p = torch.softmax(s.masked_fill(~has_keys[None, :, None], 0.0), dim=-1) * has_keys[None, :, None]
+    out = torch.einsum("hqk,khd->qhd", p, vr)
+    return out, lse
+
+
+def make_inputs(q_lens, k_lens, hq, hkv, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), hq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(sum(k_lens), hkv, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(sum(k_lens), hkv, d, generator=g, dtype=torch.float64).to(dtype)
+    dout = torch.randn(sum(q_lens), hq, d, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, dout
+
+
+def dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale):
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out, _ = dense_attention(q64, k64, v64, q_lens, k_lens, causal, scale)
+    (out * dout.double()).sum().backward()
+    return q64.grad, k64.grad, v64.grad
+
+
+HEADS = [(2, 2), (4, 2), (4, 1)]
+CAUSAL_LENS = [[5, 0, 7, 1, 3], [1], [9, 4]]
+CROSS_LENS = [([3, 0, 6, 2], [4, 5, 0, 7]), ([1, 4], [6, 1]), ([0, 0], [2, 3])]
+
+
+def cases():
+    for hq, hkv in HEADS:
+        for lens in CAUSAL_LENS:
+            yield pytest.param(lens, lens, True, hq, hkv, id=f"causal-{lens}-h{hq}kv{hkv}")
+            yield pytest.param(lens, lens, False, hq, hkv, id=f"full-{lens}-h{hq}kv{hkv}")
+        for q_lens, k_lens in CROSS_LENS:
+            yield pytest.param(q_lens, k_lens, False, hq, hkv, id=f"cross-{q_lens}-{k_lens}-h{hq}kv{hkv}")
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all() or torch.isneginf(expected).any(), f"{what}: non-finite values"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
+def test_reference_forward_matches_dense(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+    q, k, v, _ = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype)
+    scale = q.shape[-1] ** -0.5
+    out, lse = REF.forward(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
+    want_out, want_lse = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.shape == (sum(q_lens), hq)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close(out, want_out, tol, "out")
+    # rows without keys: lse -inf exactly, out exactly 0
+    no_keys = torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(lse), no_keys)
+    assert (out[no_keys.any(dim=1)] == 0).all()
+    assert_close(lse[~no_keys], want_lse[~no_keys], tol, "lse")
+
+
+def test_reference_small_row_blocks(monkeypatch):
+    """Row-blocking (used for long sequences) gives the same result as one block."""
+    q_lens = [13, 6]
+    q, k, v, dout = make_inputs(q_lens, q_lens, 4, 2)
+    scale = 0.3
+    want_out, want_lse = dense_attention(q, k, v, q_lens, q_lens, True, scale)
+    want = dense_grads(q, k, v, dout, q_lens, q_lens, True, scale)
+    monkeypatch.setattr(kernels, "REFERENCE_BLOCK_BYTES", 4 * 13 * 8 * 3)  # 3 rows per block
+    out, lse = REF.forward(q, k, v, cu(q_lens), cu(q_lens), 13, 13, True, scale)
+    assert_close(out, want_out, 1e-10, "out")
+    assert_close(lse, want_lse, 1e-10, "lse")
+    got = REF.backward(dout, q, k, v, out, lse, cu(q_lens), cu(q_lens), 13, 13, True, scale)
+    for name, a, b in zip("dq dk dv".split(), got, want):
+        assert_close(a, b, 1e-10, name)
+
+
+def test_causal_requires_equal_lengths():
+    q, k, v, _ = make_inputs([3, 2], [2, 3], 2, 2)
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        REF.forward(q, k, v, cu([3, 2]), cu([2, 3]), 3, 3, True, 0.5)
+
+
+def test_bad_cu_seqlens_rejected():
+    q, k, v, _ = make_inputs([3, 2], [3, 2], 2, 2)
+    with pytest.raises(ValueError, match="cu_q"):
+        REF.forward(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), cu([3, 2]), 3, 3, False, 0.5)
+    with pytest.raises(ValueError, match="multiple"):
+        REF.forward(q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1), cu([3, 2]), cu([3, 2]), 3, 3, False, 0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
+def test_reference_backward_matches_autograd(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+    q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=1)
+    scale = 0.7
+    c_q, c_k = cu(q_lens), cu(k_lens)
+    out, lse = REF.forward(q, k, v, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
+    dq, dk, dv = REF.backward(dout, q, k, v, out, lse, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
+    want = dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)
+    assert (dq.dtype, dk.dtype, dv.dtype) == (dtype, dtype, dtype)
+    assert dk.shape == k.shape and dv.shape == v.shape  # Hkv heads, unrepeated
+    for name, got, exp in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert torch.isfinite(got).all(), name
+        assert_close(got, exp, tol, name)
+
+
+def _ranges(lengths, cut):
+    """Index tensors of the first part ([0, cut_i)) and second part of every packed sequence."""
+    first, second, start = [], [], 0
+    for n, c in zip(lengths, cut):
+        first.extend(range(start, start + c))
+        second.extend(range(start + c, start + n))
+        start += n
+    return torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long)
+
+
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+def test_backward_with_merged_out_lse_noncausal(hq, hkv, dtype, tol):
+    """Keys split in two blocks: blockwise backward with the merged out/lse sums to the full gradient."""
+    q_lens, k_lens = [4, 0, 7, 3, 2], [6, 3, 5, 0, 1]
+    q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=2)
+    scale = 0.4
+    cut = [n // 2 for n in k_lens]
+    ka, kb = _ranges(k_lens, cut)
+    lens_a, lens_b = cut, [n - c for n, c in zip(k_lens, cut)]
+    c_q, c_a, c_b = cu(q_lens), cu(lens_a), cu(lens_b)
+    mq = max(q_lens)
+    out_a, lse_a = REF.forward(q, k[ka], v[ka], c_q, c_a, mq, max(lens_a), False, scale)
+    out_b, lse_b = REF.forward(q, k[kb], v[kb], c_q, c_b, mq, max(lens_b), False, scale)
+    out, lse = merge_attention(None, None, out_a, lse_a)
+    out, lse = merge_attention(out, lse, out_b, lse_b)
+
+    want_out, want_lse = dense_attention(q, k, v, q_lens, k_lens, False, scale)
+    assert_close(out, want_out, tol, "merged out")
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close(lse[finite], want_lse[finite], tol, "merged lse")
+
+    dq_a, dk_a, dv_a = REF.backward(dout, q, k[ka], v[ka], out, lse, c_q, c_a, mq, max(lens_a), False, scale)
+    dq_b, dk_b, dv_b = REF.backward(dout, q, k[kb], v[kb], out, lse, c_q, c_b, mq, max(lens_b), False, scale)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk[ka], dk[kb] = dk_a, dk_b
+    dv[ka], dv[kb] = dv_a, dv_b
+    want = dense_grads(q, k, v, dout, q_lens, k_lens, False, scale)
+    for name, got, exp in zip(("dq", "dk", "dv"), (dq_a + dq_b, dk, dv), want):
+        assert torch.isfinite(got).all(), name
+        assert_close(got, exp, tol, name)
+
+
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_backward_with_merged_out_lse_causal_ring(hq, hkv):
+    """Two-member causal ring: rows and keys split into halves; the second half of the rows merges
+    a full block (its keys in the first half) and a causal diagonal block."""
+    lens = [8, 0, 5, 1, 2, 9]
+    q, k, v, dout = make_inputs(lens, lens, hq, hkv, seed=3)
+    scale = 0.5
+    half = [n // 2 for n in lens]
+    rest = [n - h for n, h in zip(lens, half)]
+    i1, i2 = _ranges(lens, half)
+    c1, c2 = cu(half), cu(rest)
+    m1, m2 = max(half), max(rest)
+    q1, q2, k1, k2, v1, v2 = q[i1], q[i2], k[i1], k[i2], v[i1], v[i2]
+
+    out1, lse1 = REF.forward(q1, k1, v1, c1, c1, m1, m1, True, scale)  # rows of half 1: one block
+    o21, l21 = REF.forward(q2, k1, v1, c2, c1, m2, m1, False, scale)  # half 2 x keys of half 1
+    o22, l22 = REF.forward(q2, k2, v2, c2, c2, m2, m2, True, scale)  # half 2 diagonal
+    out2, lse2 = merge_attention(*merge_attention(None, None, o21, l21), o22, l22)
+
+    want_out, want_lse = dense_attention(q, k, v, lens, lens, True, scale)
+    assert_close(out1, want_out[i1], 1e-10, "out half 1")
+    assert_close(out2, want_out[i2], 1e-10, "out half 2")
+    assert_close(lse2, want_lse[i2], 1e-10, "lse half 2")
+
+    dq1, dk1_a, dv1_a = REF.backward(dout[i1], q1, k1, v1, out1, lse1, c1, c1, m1, m1, True, scale)
+    dq2_a, dk1_b, dv1_b = REF.backward(dout[i2], q2, k1, v1, out2, lse2, c2, c1, m2, m1, False, scale)
+    dq2_b, dk2, dv2 = REF.backward(dout[i2], q2, k2, v2, out2, lse2, c2, c2, m2, m2, True, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq[i1], dq[i2] = dq1, dq2_a + dq2_b
+    dk[i1], dk[i2] = dk1_a + dk1_b, dk2
+    dv[i1], dv[i2] = dv1_a + dv1_b, dv2
+    want = dense_grads(q, k, v, dout, lens, lens, True, scale)
+    for name, got, exp in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert_close(got, exp, 1e-10, name)
+
+
+def test_backward_block_without_keys_gives_no_gradient():
+    """A block whose sequence has no keys contributes exactly zero, even with a finite merged lse."""
+    q, k, v, dout = make_inputs([3], [4], 2, 1)
+    out, lse = REF.forward(q, k, v, cu([3]), cu([4]), 3, 4, False, 1.0)
+    empty_k = k[:0]
+    dq, dk, dv = REF.backward(dout, q, empty_k, empty_k, out, lse, cu([3]), cu([0]), 3, 0, False, 1.0)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == (0, 1, 8) and dv.shape == (0, 1, 8)
+
+
+# ------------------------------------------------------------------------------------------
+# varlen (autograd)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
+def test_reference_varlen_autograd(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+    q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=4)
+    scale = q.shape[-1] ** -0.5
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = REF.varlen(qq, kk, vv, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
+    assert out.dtype == dtype and out.requires_grad
+    (out * dout).sum().backward()
+    want_out, _ = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
+    assert_close(out.detach(), want_out, tol, "out")
+    for name, got, exp in zip(("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)):
+        assert_close(got, exp, tol, name)
+
+
+def test_reference_bf16_keeps_dtypes():
+    q, k, v, dout = make_inputs([5, 3], [5, 3], 4, 2, dtype=torch.bfloat16)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = REF.varlen(qq, kk, vv, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
+    (out.float() * dout.float()).sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert qq.grad.dtype == kk.grad.dtype == vv.grad.dtype == torch.bfloat16
+    _, lse = REF.forward(q, k, v, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
+    assert lse.dtype == torch.float32
+    want_out, _ = dense_attention(q, k, v, [5, 3], [5, 3], True, 0.35)
+    assert_close(out.detach(), want_out, 2e-2, "bf16 out")
+
+
+# ------------------------------------------------------------------------------------------
+# merge_attention
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_merge_equals_attention_over_concatenated_keys(hq, hkv):
+    # sequence 1 has keys only in block b, sequence 2 in neither: both sides -inf there
+    q_lens, ka_lens, kb_lens = [3, 4, 2, 5], [2, 0, 0, 6], [3, 5, 0, 1]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(q_lens), hq, 8, generator=g, dtype=torch.float64)
+    ka = torch.randn(sum(ka_lens), hkv, 8, generator=g, dtype=torch.float64)
+    va = torch.randn(sum(ka_lens), hkv, 8, generator=g, dtype=torch.float64)
+    kb = torch.randn(sum(kb_lens), hkv, 8, generator=g, dtype=torch.float64)
+    vb = torch.randn(sum(kb_lens), hkv, 8, generator=g, dtype=torch.float64)
+    # the concatenation, sequence by sequence: keys of block a, then keys of block b
+    parts_k, parts_v = [], []
+    for i in range(len(q_lens)):
+        sa, sb = slice(cu(ka_lens)[i], cu(ka_lens)[i + 1]), slice(cu(kb_lens)[i], cu(kb_lens)[i + 1])
+        parts_k += [ka[sa], kb[sb]]
+        parts_v += [va[sa], vb[sb]]
+    k_all, v_all = torch.cat(parts_k), torch.cat(parts_v)
+    k_lens = [a + b for a, b in zip(ka_lens, kb_lens)]
+    scale = 0.6
+    out_a, lse_a = REF.forward(q, ka, va, cu(q_lens), cu(ka_lens), 5, 6, False, scale)
+    out_b, lse_b = REF.forward(q, kb, vb, cu(q_lens), cu(kb_lens), 5, 5, False, scale)
+    out, lse = merge_attention(out_a.clone(), lse_a.clone(), out_b, lse_b)
+    want_out, want_lse = REF.forward(q, k_all, v_all, cu(q_lens), cu(k_lens), 5, 7, False, scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert_close(out, want_out, 1e-12, "merged out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    fin = torch.isfinite(want_lse)
+    assert_close(lse[fin], want_lse[fin], 1e-12, "merged lse")
+    assert (out[7:9] == 0).all()  # sequence 2 (rows 7, 8) has no keys at all
+
+    # order does not matter, and the in-place form gives the same result
+    out2, lse2 = merge_attention(out_b.clone(), lse_b.clone(), out_a, lse_a)
+    assert_close(out2, out, 1e-12, "merge order")
+    acc, acc_lse = out_a.clone(), lse_a.clone()
+    res = merge_attention(acc, acc_lse, out_b, lse_b, inplace=True)
+    assert res[0] is acc and res[1] is acc_lse
+    assert_close(acc, out, 0, "inplace out")
+
+
+def test_merge_bf16_block_into_float32_accumulator():
+    g = torch.Generator().manual_seed(6)
+    out = torch.randn(4, 2, 8, generator=g)
+    lse = torch.randn(4, 2, generator=g)
+    block = torch.randn(4, 2, 8, generator=g).bfloat16()
+    block_lse = torch.tensor([[float("-inf")] * 2, [0.5, -1.0], [3.0, 2.0], [float("-inf"), 1.0]])
+    new_out, new_lse = merge_attention(out, lse, block, block_lse)
+    assert new_out.dtype == torch.float32 and new_lse.dtype == torch.float32
+    torch.testing.assert_close(new_out[0], out[0])  # a -inf block leaves the rows unchanged
+    torch.testing.assert_close(new_lse, torch.logaddexp(lse, block_lse))
+    w = torch.sigmoid(block_lse - lse).unsqueeze(-1)
+    torch.testing.assert_close(new_out, (1 - w) * out + w * block.float())
+    start_out, start_lse = merge_attention(None, None, block, block_lse)
+    assert start_out.dtype == torch.float32 and torch.equal(start_out, block.float())
+    assert start_lse is not block_lse
+
+
+# ------------------------------------------------------------------------------------------
+# backend selection
+# ------------------------------------------------------------------------------------------
+
+
+def test_auto_on_cpu_is_reference_singleton():
+    a = get_backend("auto", torch.device("cpu"))
+    b = get_backend("auto", "cpu")
+    assert isinstance(a, ReferenceBackend) and a.name == "reference"
+    assert a is b is get_backend("reference")
+    assert "flash_attn" not in sys.modules  # the CPU path never imports flash-attn
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
+def test_explicit_cuda_backend_on_cpu_raises(name):
+    with pytest.raises(ValueError, match=f"{name} requested but the device is cpu.*CUDA.*reference"):
+        get_backend(name, "cpu")
+
+
+def test_flash_attn_not_installed_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", [])
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail
+    with pytest.raises(ValueError, match=r"flash_attn package is not installed.*pip install 'hf-hdp\[flash-attn\]'.*auto"):
+        get_backend("flash_attn", "cuda")
+
+
+def test_torch_varlen_missing_api_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: "torch X lacks return_aux"))
+    with pytest.raises(ValueError, match="torch_varlen requested but torch X lacks return_aux.*return_aux=AuxRequest"):
+        get_backend("torch_varlen", "cuda")
+
+
+def test_auto_on_cuda_prefers_flash_then_torch_then_reference(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", ["not installed"])
+    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: None))
+    assert get_backend("auto", "cuda").name == "torch_varlen"
+    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", [None])
+    assert get_backend("auto", "cuda").name == "flash_attn"
+    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", ["not installed"])
+    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: "old torch"))
+    assert get_backend("auto", "cuda").name == "reference"
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown attention backend 'sdpa'.*'auto'.*'flash_attn'.*'torch_varlen'.*'reference'"):
+        get_backend("sdpa", "cpu")
+    assert BACKEND_NAMES == ("flash_attn", "torch_varlen", "reference")
+
+
+def test_fused_backends_refuse_float32_with_advice():
+    from hf_hdp.attention.kernels import _check_fused_inputs
+
+    q = torch.zeros(4, 2, 8)
+    c = cu([4])
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        _check_fused_inputs("torch_varlen", q, q, q, c, c, False)
+    meta = q.to("meta")
+    # a CUDA-looking tensor is not needed to test the dtype message: check order is device first,
+    # so exercise the dtype branch through a fake is_cuda
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):  # noqa: D401
+            return True
+
+    fake = meta.as_subclass(FakeCuda)
+    with pytest.raises(ValueError, match="float16 or bfloat16.*bf16/fp16.*'reference'"):
+        _check_fused_inputs("flash_attn", fake, fake, fake, c, c, False)
