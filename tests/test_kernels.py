@@ -403,21 +403,22 @@ def test_unknown_backend_lists_valid_names():
     assert BACKEND_NAMES == ("flash_attn", "torch_varlen", "reference")
 
 
-def test_fused_backends_refuse_float32_with_advice():
+def test_fused_backends_refuse_cpu_and_float32_with_advice():
     from hf_hdp.attention.kernels import _check_fused_inputs
 
     q = torch.zeros(4, 2, 8)
     c = cu([4])
     with pytest.raises(ValueError, match="CUDA tensors only"):
         _check_fused_inputs("torch_varlen", q, q, q, c, c, False)
-    meta = q.to("meta")
-    # a CUDA-looking tensor is not needed to test the dtype message: check order is device first,
-    # so exercise the dtype branch through a fake is_cuda
-    class FakeCuda(torch.Tensor):
+
+    class LooksCuda(torch.Tensor):  # reaches the dtype check without a GPU
         @property
-        def is_cuda(self):  # noqa: D401
+        def is_cuda(self):
             return True
 
-    fake = meta.as_subclass(FakeCuda)
+    fake = q.to("meta").as_subclass(LooksCuda)
     with pytest.raises(ValueError, match="float16 or bfloat16.*bf16/fp16.*'reference'"):
         _check_fused_inputs("flash_attn", fake, fake, fake, c, c, False)
+    odd = torch.zeros(4, 2, 12, dtype=torch.bfloat16, device="meta").as_subclass(LooksCuda)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _check_fused_inputs("flash_attn", odd, odd, odd, c, c, False)

@@ -484,7 +484,8 @@ class TorchVarlenBackend(AttentionBackend):
 
     ``forward`` calls ``varlen_attn(..., return_aux=AuxRequest(lse=True))`` (causal as
     ``window_size=(-1, 0)`` or, on releases that predate it, ``is_causal=True``; GQA through
-    ``enable_gqa=True`` where that flag exists, else natively through the kernel). ``backward`` calls
+    ``enable_gqa=True`` where that flag exists, else natively through the kernel, as in torch 2.11,
+    whose FlashAttention-2 takes unrepeated K/V and returns ``Hkv``-head gradients). ``backward`` calls
     the registered op ``torch.ops.torch_attn._varlen_attn_backward`` by keyword, with the arguments
     its schema names. The kernel's lse layout is detected on each forward and remembered for
     ``backward``.
@@ -772,7 +773,7 @@ def backend_unavailable_reason(name: str, device: Any = None) -> str | None:
         return (
             f"torch_varlen requested but {problem}: it needs a PyTorch whose "
             f"torch.nn.attention.varlen.varlen_attn accepts return_aux=AuxRequest(lse=True) and has "
-            f"the torch_attn::_varlen_attn_backward op (hf_hdp is tested with torch 2.13); upgrade "
+            f"the torch_attn::_varlen_attn_backward op (checked on CUDA with torch 2.11); upgrade "
             f"torch, install flash-attn (pip install 'hf-hdp[flash-attn]'), or use attention_backend='auto'"
         )
     return None
