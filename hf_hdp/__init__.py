@@ -5,29 +5,40 @@
                          hdp_config=HDPConfig(tokens_per_rank=8192, global_batch_size=64))
     trainer.train()
 
-Importing the package registers the ``"hdp"`` attention with transformers' ``AttentionInterface``.
+Names are imported on first use, so the pure planner (``hf_hdp.planning``) loads without torch.
+Importing ``hf_hdp.attention`` (HDPTrainer does) registers the ``"hdp"`` attention with
+transformers' ``AttentionInterface``.
 """
 
-from .attention.interface import HDP_ATTENTION, hdp_attention_forward
-from .collators import HDPCollator, HDPDataError
-from .config import HDPConfig
-from .mesh import DynamicMesh, HDPAccelerator, PlanMismatchError
-from .planning import PLANNERS, StepPlan, make_plan
-from .trainer import HDPTrainer
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "HDPTrainer",
-    "HDPConfig",
-    "HDPCollator",
-    "HDPDataError",
-    "DynamicMesh",
-    "HDPAccelerator",
-    "PlanMismatchError",
-    "StepPlan",
-    "PLANNERS",
-    "make_plan",
-    "HDP_ATTENTION",
-    "hdp_attention_forward",
-]
+_EXPORTS = {
+    "HDPTrainer": "hf_hdp.trainer",
+    "HDPConfig": "hf_hdp.config",
+    "HDPCollator": "hf_hdp.collators",
+    "HDPDataError": "hf_hdp.collators",
+    "DynamicMesh": "hf_hdp.mesh",
+    "HDPAccelerator": "hf_hdp.mesh",
+    "PlanMismatchError": "hf_hdp.mesh",
+    "StepPlan": "hf_hdp.planning",
+    "PLANNERS": "hf_hdp.planning",
+    "make_plan": "hf_hdp.planning",
+    "HDP_ATTENTION": "hf_hdp.attention",
+    "hdp_attention_forward": "hf_hdp.attention",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_hdp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

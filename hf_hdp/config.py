@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-PLANNER_CHOICES = ("naive", "static")
+from .planning import PLANNERS
+
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "reference")
 
 
@@ -76,8 +77,8 @@ class HDPConfig:
                 f"HDPConfig.global_batch_size must be a positive integer or None (derive it from TrainingArguments), "
                 f"got {self.global_batch_size!r}"
             )
-        if self.planner not in PLANNER_CHOICES:
-            raise ValueError(f"HDPConfig.planner must be one of {PLANNER_CHOICES}, got {self.planner!r}")
+        if self.planner not in PLANNERS:
+            raise ValueError(f"HDPConfig.planner must be one of {tuple(PLANNERS)}, got {self.planner!r}")
         if self.attention_backend not in BACKEND_CHOICES:
             raise ValueError(
                 f"HDPConfig.attention_backend must be one of {BACKEND_CHOICES}, got {self.attention_backend!r}"
