@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..attention.metadata import HDPAttentionMetadata, RingSegment
@@ -37,10 +38,12 @@ class HDPDataError(ValueError):
 
 
 def _as_token_list(value, row, column: str) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.is_floating_point() or value.is_complex():
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        floating = value.is_floating_point() or value.is_complex() if isinstance(value, torch.Tensor) else (
+            not np.issubdtype(value.dtype, np.integer))
+        if value.ndim != 1 or floating:
             raise HDPDataError(
-                f"sample {row}: `{column}` must be a flat sequence of integers, got a {value.dtype} tensor of "
+                f"sample {row}: `{column}` must be a flat sequence of integers, got a {value.dtype} array of "
                 f"shape {tuple(value.shape)}. Tokenize to a list of token ids per sample."
             )
         return value.tolist()
@@ -50,13 +53,13 @@ def _as_token_list(value, row, column: str) -> list[int]:
             "Tokenize the text first (e.g. with datasets.map and the model's tokenizer)."
         )
     out = list(value)
-    for t in out[:1] + out[-1:]:
-        if isinstance(t, bool) or not isinstance(t, int):
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
             raise HDPDataError(
                 f"sample {row}: `{column}` must hold integer token ids, found {t!r} ({type(t).__name__}). "
-                "Nested or float token lists are not samples: flatten them or cast to int."
+                "Nested, float or missing token ids are not samples: flatten the lists or cast the column to int."
             )
-    return out
+    return [int(t) for t in out]
 
 
 def check_sample(row, sample: Mapping, vocab_size: int | None = None) -> tuple[list[int], list[int] | None]:
@@ -69,9 +72,6 @@ def check_sample(row, sample: Mapping, vocab_size: int | None = None) -> tuple[l
     ids = _as_token_list(sample["input_ids"], row, "input_ids")
     if not ids:
         raise HDPDataError(f"sample {row} is empty (0 tokens). Filter empty samples out, e.g. ds.filter(lambda s: len(s['input_ids']) > 0).")
-    if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-        bad = next(t for t in ids if isinstance(t, bool) or not isinstance(t, int))
-        raise HDPDataError(f"sample {row}: `input_ids` holds {bad!r}, not an integer token id. Cast the column to int.")
     if vocab_size is not None:
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= vocab_size:

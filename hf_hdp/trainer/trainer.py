@@ -184,6 +184,15 @@ class HDPTrainer(Trainer):
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
 
+    def get_total_train_batch_size(self, args) -> int:
+        """Samples per optimizer step: HDP's global batch, whatever the world size."""
+        return self.global_batch_size
+
+    def num_examples(self, dataloader) -> int:
+        if isinstance(dataloader, HDPDataLoader):
+            return dataloader.dataset.sampler.num_samples
+        return super().num_examples(dataloader)
+
     # ------------------------------------------------------------------ step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level loss: this micro-batch's summed token losses over the global batch's label count."""
