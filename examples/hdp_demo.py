@@ -21,47 +21,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from datasets import Dataset, load_from_disk
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    TrainingArguments,
-)
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.corpus import stdlib_texts
-
-
-def build_tokenizer_and_model(out: str, vocab_size: int, hidden: int, layers: int, seed: int) -> None:
-    """Train a BPE tokenizer on the corpus and save it with a freshly initialised small Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = [t for _, t in stdlib_texts()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts[::4], trainer=trainer)  # a quarter of the files is plenty for the merges
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(os.path.join(out, "model"))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
-        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(os.path.join(out, "model"))
-
-
-def build_dataset(out: str, tokenizer) -> None:
-    rows = [{"path": p, "text": t} for p, t in stdlib_texts()]
-    ds = Dataset.from_list(rows)
-    ds = ds.map(lambda b: {"input_ids": tokenizer(b["text"])["input_ids"]}, batched=True,
-                remove_columns=["text"], desc="tokenizing the standard library")
-    ds.save_to_disk(os.path.join(out, "data"))
+from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model
 
 
 def main() -> None:
@@ -88,10 +52,11 @@ def main() -> None:
 
     with args.main_process_first(desc="building tokenizer, model and data"):
         if rank == 0 and not os.path.exists(os.path.join(a.output_dir, "model", "config.json")):
-            build_tokenizer_and_model(a.output_dir, a.vocab_size, a.hidden_size, a.layers, a.seed)
+            build_stdlib_tokenizer_and_model(os.path.join(a.output_dir, "model"), a.vocab_size, a.hidden_size,
+                                             a.layers, a.seed)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(a.output_dir, "model"))
         if rank == 0 and not os.path.exists(os.path.join(a.output_dir, "data")):
-            build_dataset(a.output_dir, tokenizer)
+            build_stdlib_dataset(tokenizer).save_to_disk(os.path.join(a.output_dir, "data"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(a.output_dir, "model"), dtype=torch.float32)
     data = load_from_disk(os.path.join(a.output_dir, "data"))
     limit = world * a.tokens_per_rank
