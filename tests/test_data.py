@@ -131,7 +131,7 @@ def test_check_lengths_names_the_first_too_long_sample_and_the_required_capacity
 def test_sampler_batches_cover_every_row_once_per_epoch_and_change_between_epochs():
     s = GlobalBatchSampler(23, 5, seed=7)
     assert len(s) == 5
-    assert list(s) == [(0, i) for i in range(5)]
+    assert list(s) == [[(0, i)] for i in range(5)]
     epochs = []
     for epoch in range(3):
         batches = [s.batch_rows(epoch, i) for i in range(len(s))]
@@ -142,7 +142,7 @@ def test_sampler_batches_cover_every_row_once_per_epoch_and_change_between_epoch
         epochs.append(flat)
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != epochs[2]
     s.set_epoch(2)
-    assert list(s)[0] == (2, 0)
+    assert list(s)[0] == [(2, 0)]
 
 
 def test_sampler_depends_only_on_seed_epoch_step():

@@ -55,6 +55,8 @@ class RingSegment:
     samples: tuple[int, ...]
     # layout[m][d] = (front_len, back_len) of document d on member m
     layout: tuple[tuple[tuple[int, int], ...], ...]
+    slot: int = 0
+    step: int = 0
     _blocks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -114,7 +114,8 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
 
 
 def _label(seg: RingSegment, what: str, step: int) -> str:
-    return f"{what}, ring step {step}, group {list(seg.group)}, samples {list(seg.samples)}"
+    return (f"{what} (training step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
+            f"samples {list(seg.samples)})")
 
 
 class RingAttention(torch.autograd.Function):

@@ -163,6 +163,7 @@ class HDPCollator:
                 RingSegment(
                     start=start, end=cursor, group=group, member=group.index(mb.rank),
                     samples=tuple(rows.get(p.sample, p.sample) for p in pieces), layout=layout,
+                    slot=mb.slot, step=step,
                 )
             )
 

@@ -116,7 +116,13 @@ def check_lengths(lengths: np.ndarray, world_size: int, tokens_per_rank: int) ->
 
 
 class GlobalBatchSampler:
-    """Yields ``(epoch, step)`` keys; the global batch of a key depends only on seed, epoch and step."""
+    """Yields ``[(epoch, step)]``, one key per optimizer step, as a batch sampler; the global batch of a
+    key depends only on seed, epoch and step.
+
+    Being a batch sampler of one-key batches lets accelerate's ``skip_first_batches`` (used by Trainer
+    when resuming mid-epoch) skip steps without planning or loading them, and lets Trainer reach
+    ``set_epoch`` through its wrapper.
+    """
 
     def __init__(self, num_samples: int, global_batch_size: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False):
@@ -149,7 +155,7 @@ class GlobalBatchSampler:
 
     def __iter__(self):
         for step in range(len(self)):
-            yield (self.epoch, step)
+            yield [(self.epoch, step)]
 
 
 class HDPStepDataset(Dataset):
@@ -203,8 +209,9 @@ class HDPStepDataset(Dataset):
         )
 
 
-def _as_inputs(step: HDPStep) -> dict:
-    # the Trainer's loop looks into its inputs like a mapping
+def _as_inputs(steps: list[HDPStep]) -> dict:
+    # one step per batch; the Trainer's loop looks into its inputs like a mapping
+    (step,) = steps
     return {"hdp_step": step}
 
 
@@ -214,15 +221,14 @@ class HDPDataLoader(DataLoader):
     def __init__(self, step_dataset: HDPStepDataset, num_workers: int = 0, **kwargs):
         super().__init__(
             step_dataset,
-            batch_size=None,
-            sampler=step_dataset.sampler,
+            batch_sampler=step_dataset.sampler,
             collate_fn=_as_inputs,
             num_workers=num_workers,
             **kwargs,
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        self.batch_sampler.set_epoch(epoch)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
