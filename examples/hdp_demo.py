@@ -96,6 +96,8 @@ def main() -> None:
         print("group sizes used (k ranks: samples): " + ", ".join(f"{k}: {n}" for k, n in summary["group_sizes"].items()))
         print(f"micro-batches per rank: {mbs}; busy CPU seconds per rank: {busy}")
         print(f"P2P traffic (measured in the mesh): {p2p / 1e6:.1f} MB")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

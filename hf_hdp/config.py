@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .planning import PLANNERS
+from .planning import HARDWARE_PRESETS, PLANNERS
 
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "reference")
 
@@ -34,9 +34,19 @@ class HDPConfig:
             "per_device_train_batch_size * gradient_accumulation_steps * world_size."
         },
     )
-    planner: Literal["naive", "static"] = field(
-        default="naive",
-        metadata={"help": "How samples are placed on ranks: 'naive' HDP or the 'static' DP x CP mesh baseline."},
+    planner: Literal["balanced", "naive", "static"] = field(
+        default="balanced",
+        metadata={
+            "help": "How samples are placed on ranks: 'balanced' HDP (ByteScale's balance scheduler, the default), "
+            "'naive' HDP, or the 'static' DP x CP mesh baseline."
+        },
+    )
+    hardware: str = field(
+        default="auto",
+        metadata={
+            "help": "Hardware preset of the cost model the balanced planner and the logged estimates use: "
+            "'auto' (h100 on CUDA, cpu otherwise), or a name from hf_hdp.planning.HARDWARE_PRESETS."
+        },
     )
     attention_backend: Literal["auto", "flash_attn", "torch_varlen", "reference"] = field(
         default="auto",
@@ -85,6 +95,10 @@ class HDPConfig:
             )
         if self.p2p_timeout_s is not None and self.p2p_timeout_s <= 0:
             raise ValueError(f"HDPConfig.p2p_timeout_s must be positive or None, got {self.p2p_timeout_s}")
+        if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
+            raise ValueError(
+                f"HDPConfig.hardware must be 'auto' or one of {tuple(HARDWARE_PRESETS)}, got {self.hardware!r}"
+            )
         if not self.length_column:
             raise ValueError("HDPConfig.length_column must name a column")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,11 @@ class DynamicMesh:
         if self.world_size == 1:
             return extras
         grads = [p.grad for p in params]
+        # the buffer's dtype must not depend on which gradients exist: a rank that ran no
+        # micro-batch has none, and every rank must send the same number of bytes
         dtype = torch.float32
-        for g in grads:
-            if g is not None:
-                dtype = torch.promote_types(dtype, g.dtype)
+        for p in params:
+            dtype = torch.promote_types(dtype, p.dtype)
         sizes = [p.numel() for p in params]
         flat = torch.zeros(sum(sizes) + len(extras), dtype=dtype, device=self.device)
         offset = 0
@@ -160,6 +162,34 @@ class DynamicMesh:
                 p.grad.copy_(chunk)
             offset += n
         return flat[offset:].tolist()
+
+
+def init_process_group(backend: str | None = None, timeout_s: float | None = None) -> bool:
+    """Initialise the global process group from torchrun's environment, safely across restarts.
+
+    Under ``torchrun --max-restarts`` with the default static rendezvous, the agent keeps one
+    TCPStore for every restart, so the workers of a restarted round can read the previous round's
+    (dead) peer addresses and fail to connect. This puts each round's keys under its own prefix
+    (``TORCHELASTIC_RESTART_COUNT``). Call it before building ``TrainingArguments``; accelerate and
+    Trainer then use the group as it is. Returns ``False`` (and does nothing) outside torchrun or if
+    a group already exists.
+    """
+    if dist.is_initialized() or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return False
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else datetime.timedelta(minutes=30)
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not use_agent_store), timeout=timeout,
+                          multi_tenant=not use_agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"hf_hdp/attempt_{attempt}", store)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return True
 
 
 class HDPAccelerator(Accelerator):

@@ -55,6 +55,11 @@ def test_three_steps_on_4_ranks_equal_1_rank(tmp_path):
     assert sizes >= {1, 3} and max(sizes) > 1, four["hdp"]
     assert four["hdp"]["p2p_bytes_this_rank"] > 0
     assert set(one["hdp"]["group_sizes"]) == {"1"}
+    # HDP's figures reach the Trainer's logs; the P2P bytes counted in the mesh equal the plan's estimate
+    steps = [e for e in four["log_history"] if "loss" in e]
+    assert all(e["hdp/p2p_bytes"] == e["hdp/p2p_bytes_est"] for e in steps)
+    assert any(e["hdp/p2p_bytes"] > 0 for e in steps)
+    assert all(e["hdp/imbalance_est"] >= 1.0 and e["hdp/tokens_per_s"] > 0 for e in steps)
 
 
 # ------------------------------------------------------------------ bad input
@@ -120,10 +125,16 @@ def test_model_that_ignores_hdp_attention_is_stopped_at_the_first_step(tiny, tmp
 
 def test_sliding_window_shorter_than_a_sample_is_refused(tmp_path):
     path = save_tiny_model("mistral", str(tmp_path / "mistral"))
+    rows = Dataset.from_list([{"input_ids": list(range(10))}])
+    cfg = HDPConfig(tokens_per_rank=16, global_batch_size=1)
     model = load_model(path, dtype=torch.float32)
     model.config.sliding_window = 4
-    trainer = HDPTrainer(model, _args(tmp_path), train_dataset=Dataset.from_list([{"input_ids": list(range(10))}]),
-                         hdp_config=HDPConfig(tokens_per_rank=16, global_batch_size=1))
+    with pytest.raises(UnsupportedModelError, match=r"(?s)MistralForCausalLM.*window of 4 tokens but samples reach 10"):
+        HDPTrainer(model, _args(tmp_path), train_dataset=rows, hdp_config=cfg)  # refused at construction
+    # a window narrowed after construction is still caught by the attention itself, at the first forward
+    model = load_model(path, dtype=torch.float32)
+    trainer = HDPTrainer(model, _args(tmp_path), train_dataset=rows, hdp_config=cfg)
+    model.config.sliding_window = 4
     with pytest.raises(UnsupportedAttentionError, match=r"sliding window of 4 tokens.*sequence of 10 tokens"):
         trainer.train()
 

@@ -52,6 +52,8 @@ def _check_features(module, meta: HDPAttentionMetadata, dropout: float, kwargs: 
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise UnsupportedAttentionError(f"{where} is non-causal; HDP supports causal decoder attention only.")
     window = kwargs.get("sliding_window")
+    if "sliding_window" not in kwargs:  # Qwen2-MoE's sliding layers keep their window to themselves
+        window = getattr(module, "sliding_window", None)
     if window is not None and window < meta.max_seqlen:
         raise UnsupportedAttentionError(
             f"{where} uses a sliding window of {window} tokens but {meta.describe()} holds a sequence of "

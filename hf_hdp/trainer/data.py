@@ -16,7 +16,7 @@ loading overlap with training when ``dataloader_num_workers > 0``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ class HDPStep:
     num_loss_tokens: int  # label tokens of the whole global batch, over all ranks
     num_tokens: int  # tokens of the whole global batch
     local_tokens: int = 0
-    stats: dict = field(default_factory=dict)
 
 
 def _measure(batch: dict, indices: list[int], length_column: str, has_length: bool) -> dict:
@@ -194,7 +193,6 @@ class HDPStepDataset(Dataset):
         }
         row_of = {s: rows[s] for s in range(len(rows))}
         micro = [self.collator(mb, samples, rows=row_of, step=step) for mb in mine]
-        group_sizes = plan.group_sizes()
         return HDPStep(
             epoch=epoch,
             step=step,
@@ -205,7 +203,6 @@ class HDPStepDataset(Dataset):
             num_loss_tokens=int(sum(int(self.loss_tokens[r]) for r in rows)),
             num_tokens=int(sum(int(self.lengths[r]) for r in rows)),
             local_tokens=sum(int(m["input_ids"].shape[1]) for m in micro),
-            stats={"group_sizes": group_sizes, "micro_batches": len(micro)},
         )
 
 

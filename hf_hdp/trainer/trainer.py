@@ -21,24 +21,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
 from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator
 from ..config import HDPConfig
 from ..mesh import DynamicMesh, attach_mesh
-from ..planning import PLANNERS
+from ..models import UnsupportedModelError, check_model_supported
+from ..planning import HARDWARE_PRESETS, CostModel, get_planner
+from .checkpoint import HDPCheckpointCallback, check_resume
+from .stats import HDPStats
 from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, check_lengths, measure_dataset, move_to
 
 logger = logging.getLogger(__name__)
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be trained with HDP as it is."""
 
 
 def _base_model(model) -> PreTrainedModel | None:
@@ -148,11 +147,41 @@ class HDPTrainer(Trainer):
         self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
         attach_mesh(self.accelerator, self.mesh)
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
-        self.hdp_totals = {"steps": 0, "samples": 0, "tokens": 0, "local_samples": 0, "group_sizes": Counter(),
-                           "micro_batches": 0, "p2p_bytes": 0, "busy_s": 0.0}
+        self.hdp_stats = HDPStats(self.mesh.world_size)
+        self._num_params = self.hdp_model.num_parameters()
         self._train_lengths = None
         if self.train_dataset is not None:
             self._measure_train_dataset()
+        longest = (int(self._train_lengths.max()) if self._train_lengths is not None and len(self._train_lengths)
+                   else self.mesh.world_size * self.hdp_config.tokens_per_rank)
+        self.hdp_model_support = check_model_supported(self.hdp_model, longest)
+        self.cost_model = self._make_cost_model()
+        self.add_callback(HDPCheckpointCallback(self))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train, after checking that a checkpoint to resume from reproduces the same batches."""
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                path = get_last_checkpoint(self.args.output_dir)
+                if path is None:
+                    raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+            check_resume(self, path)
+            resume_from_checkpoint = path
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _make_cost_model(self) -> CostModel:
+        """The cost model of this model on this hardware, for the balanced planner and the logged estimates."""
+        hardware = self.hdp_config.hardware
+        if hardware == "auto":
+            hardware = "h100" if self.args.device.type == "cuda" else "cpu"
+        self._peak_flops = HARDWARE_PRESETS[hardware].peak_flops
+        value_bytes = 2 if self.args.bf16 or self.args.fp16 else self.hdp_model.dtype.itemsize
+        try:
+            return CostModel.from_config(self.hdp_model.config, hardware, bytes_per_value=value_bytes)
+        except (AttributeError, TypeError) as err:  # a config without the usual shape fields
+            logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(self.hdp_model).__name__, err)
+            return CostModel.default()
 
     # ------------------------------------------------------------------ data
     def _measure_train_dataset(self) -> None:
@@ -179,7 +208,7 @@ class HDPTrainer(Trainer):
         )
         steps = HDPStepDataset(
             self.train_dataset, self._train_lengths, self._train_loss_tokens, sampler,
-            PLANNERS[self.hdp_config.planner], self.mesh.world_size, self.mesh.rank,
+            get_planner(self.hdp_config.planner, self.cost_model), self.mesh.world_size, self.mesh.rank,
             self.hdp_config.tokens_per_rank, self.collator,
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
@@ -216,8 +245,10 @@ class HDPTrainer(Trainer):
             context=self.compute_loss_context_manager,
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        (total,) = self.mesh.reduce_gradients(params, extras=[loss_sum])
-        self._record(step, time.process_time() - started, self.mesh.stats.bytes_sent - bytes_before)
+        sent = self.mesh.stats.bytes_sent - bytes_before
+        # the step's loss and the P2P bytes of all ranks ride in the one gradient collective
+        total, sent_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent)])
+        self.hdp_stats.record(step, self.state.global_step + 1, time.process_time() - started, sent, sent_all)
         return torch.tensor(total, dtype=torch.float32, device=self.args.device)
 
     def floating_point_ops(self, inputs) -> int:
@@ -225,27 +256,16 @@ class HDPTrainer(Trainer):
         return 6 * step.local_tokens * self.hdp_model.num_parameters(only_trainable=False)
 
     # --------------------------------------------------------------- figures
-    def _record(self, step, busy_s: float, p2p_bytes: int) -> None:
-        t = self.hdp_totals
-        t["steps"] += 1
-        t["samples"] += len(step.rows)
-        t["tokens"] += step.num_tokens
-        t["local_samples"] += step.stats["group_sizes"].get(1, 0)
-        t["group_sizes"].update(step.stats["group_sizes"])
-        t["micro_batches"] += len(step.micro_batches)
-        t["p2p_bytes"] += p2p_bytes
-        t["busy_s"] += busy_s
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Trainer.log, with HDP's figures (see :mod:`hf_hdp.trainer.stats`) beside each training loss."""
+        if "loss" in logs:
+            logs.update(self.hdp_stats.window_logs(self.cost_model, self._num_params, self._peak_flops))
+        super().log(logs, start_time)
+
+    @property
+    def hdp_history(self):
+        return self.hdp_stats.history
 
     def hdp_summary(self) -> dict:
         """Totals over the steps this trainer ran on this rank (group sizes count samples)."""
-        t = self.hdp_totals
-        return {
-            "steps": t["steps"],
-            "samples": t["samples"],
-            "tokens": t["tokens"],
-            "samples_on_one_rank": t["local_samples"],
-            "group_sizes": dict(sorted(t["group_sizes"].items())),
-            "micro_batches_this_rank": t["micro_batches"],
-            "p2p_bytes_this_rank": t["p2p_bytes"],
-            "busy_cpu_s_this_rank": round(t["busy_s"], 3),
-        }
+        return self.hdp_stats.summary()

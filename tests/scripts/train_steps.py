@@ -6,12 +6,16 @@ Run under torchrun (any number of processes) or plain python (one process).
 import argparse
 import json
 import os
+import signal
+import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_hdp import HDPConfig, HDPTrainer
+from hf_hdp.mesh import init_process_group
 
 
 def make_dataset(n: int, vocab: int, seed: int, long_every: int = 5) -> Dataset:
@@ -25,6 +29,28 @@ def make_dataset(n: int, vocab: int, seed: int, long_every: int = 5) -> Dataset:
     return Dataset.from_list(rows)
 
 
+class FaultInjection(TrainerCallback):
+    """Stop cleanly after a step (``--stop_at_step``) or SIGKILL one rank as a step begins (``--kill_*``)."""
+
+    def __init__(self, a, rank):
+        self.a, self.rank = a, rank
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        a = self.a
+        if a.kill_at_step is not None and self.rank == a.kill_rank and state.global_step + 1 == a.kill_at_step:
+            marker = os.path.join(a.out, "killed.json")
+            if not os.path.exists(marker):
+                os.makedirs(a.out, exist_ok=True)
+                with open(marker, "w") as f:
+                    json.dump({"time": time.time(), "step": a.kill_at_step}, f)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.a.stop_at_step is not None and state.global_step >= self.a.stop_at_step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -34,21 +60,30 @@ def main():
     ap.add_argument("--tokens_per_rank", type=int, default=16)
     ap.add_argument("--planner", default="naive")
     ap.add_argument("--dtype", default="float64")
+    ap.add_argument("--optim", default="sgd")
+    ap.add_argument("--save_steps", type=int, default=0)
+    ap.add_argument("--stop_at_step", type=int, default=None)
+    ap.add_argument("--kill_at_step", type=int, default=None)
+    ap.add_argument("--kill_rank", type=int, default=1)
+    ap.add_argument("--resume", default=None, help="a checkpoint folder, or 'last'")
     a = ap.parse_args()
 
+    init_process_group("gloo")  # before TrainingArguments: safe across torchrun restarts
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
     ds = make_dataset(40, model.config.vocab_size, seed=1)
     args = TrainingArguments(
         output_dir=os.path.join(a.out, "trainer"),
         use_cpu=True,
         max_steps=a.steps,
-        learning_rate=0.5,
-        optim="sgd",
+        learning_rate=0.5 if a.optim == "sgd" else 1e-2,
+        optim=a.optim,
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        save_only_model=False,
         report_to=[],
         seed=0,
         disable_tqdm=True,
@@ -59,12 +94,21 @@ def main():
         train_dataset=ds,
         hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner),
     )
-    trainer.train()
+    trainer.add_callback(FaultInjection(a, trainer.args.process_index))
+    resume = a.resume
+    if resume == "last":
+        resume = get_last_checkpoint(args.output_dir)  # None on the first attempt: start fresh
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.args.process_index == 0:
         os.makedirs(a.out, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(a.out, "weights.pt"))
         with open(os.path.join(a.out, "log.json"), "w") as f:
-            json.dump({"log_history": trainer.state.log_history, "hdp": trainer.hdp_summary()}, f)
+            json.dump({"log_history": trainer.state.log_history, "hdp": trainer.hdp_summary(),
+                       "steps": list(trainer.hdp_history), "resumed_from": resume, "started": started,
+                       "world_size": trainer.args.world_size}, f)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: gloo can abort at interpreter shutdown otherwise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,713 @@
+"""Balanced HDP: ByteScale's balance scheduler (Algorithm 2, DP-Balance), made concrete.
+
+Naive HDP (:mod:`hf_hdp.planning.naive`) gives every sequence the fewest ranks that can hold it
+but places by *tokens*: ranks holding quadratic-cost long sequences finish last (ByteScale measured
+a 4.7x spread between the fastest and the slowest rank). The balance scheduler places by estimated
+*time*, so ranks run DIFFERENT numbers of micro-batches: a rank busy with a long sequence gets
+fewer, a rank with short ones more.
+
+Time
+----
+Every estimate is the one :func:`hf_hdp.planning.metrics.plan_metrics` makes, under the same
+:class:`~hf_hdp.planning.cost.CostModel` (default LLaMA-7B on H100): a whole sequence costs
+``local_time(s) = L·(a·s² + b·s)`` inside a micro-batch, each micro-batch adds ``L·c`` once, and each
+member of a ``k``-rank group pays ``piece_time(s, k, spans_nodes)`` (``1/k`` of the compute, the
+exposed ring communication, the overhead; rings across nodes are slower). A group starts when
+its last member is free and ends for all members together. The planner keeps the metric's clocks,
+so its own estimate (``plan.meta["planned_step_time_s"]``) is the metric's step time.
+
+The algorithm
+-------------
+1. **Groups** (``k = ceil(s / C) > 1``), longest first. ``k`` is minimal and can be any value from 2
+   to the world (3, 5, 7, ... too: rings run over P2P on the one global group, no power-of-two
+   communicators). Each group goes where it *finishes* first among: the ``k`` ranks free earliest
+   anywhere; the ``k`` free earliest in the node whose ``k``-th rank frees first (when
+   ``k <= ranks_per_node``; an intra-node ring is cheaper, so it may win with a later start); and,
+   with *backfilling*, any ``k`` ranks (of one node, or anywhere) that all sit idle, waiting for
+   earlier-placed groups, for the whole piece. Ties go to one node, then to backfilling.
+   Members of a group that arrive early wait; every wait is kept as a time budget.
+2. **Buckets and picks** (``k == 1``). Sorted longest first and cut into buckets of about equal
+   cost ``u = delta * T / 4`` (``T``: the latest group finish or the mean work per rank, whichever
+   is larger); a sequence costlier than ``u`` is a bucket of its own. Each pick first puts every
+   sequence of the bucket that fits into a wait (best fit on the remaining wait, each sequence
+   charged a micro-batch overhead of its own, so no group starts later), then hands the rest of the
+   bucket to the rank that trails the slowest rank the most (a min-heap on estimated finish).
+3. **Rebalance** (Algorithm 2's loop: give work to the ranks that trail the slowest by more than
+   ``delta``): while the slowest rank finishes more than ``delta / 4`` after the earliest, move one
+   sequence off the slowest rank's tail, into a wait anywhere if one holds it, else to the
+   earliest rank (the sequence that lowers the pair's later finish most); stop when no single
+   move lowers it.
+4. **Co-fill**: whole tail micro-batches move into the spare tokens of a ring micro-batch when
+   that ends the group's members earlier (below), then step 3 runs again.
+5. **Slots.** A rank runs: the micro-batches in the wait before its first group, the group's
+   piece, the micro-batches in the next wait, ..., then its tail. Whole sequences are packed best fit
+   by tokens into micro-batches of at most ``C`` tokens. Groups take slots in start-time order, each
+   one past the last slot any member used before it, so members share a slot and every rank's
+   slots increase.
+
+Steps 1-4 first run without backfilling. Only when that schedule ends more than ``delta / 4``
+above ``max(mean busy, longest piece)`` do they run again with it, keeping the earlier finish:
+backfilling pays in small worlds with wide groups, where there are too few short sequences to fill
+the waits; where there are enough, it is neutral or slightly worse.
+
+The paper's gaps, filled
+------------------------
+- *Seeding*: all ranks start at zero and the groups go first, longest first, before any short
+  sequence: per member the long ones are the costliest items, so as in LPT they spread first.
+- *Sequences per pick*: one bucket, i.e. one sequence costlier than ``u``, or a run of shorter
+  consecutive ones worth about ``u``; ``u = delta * T / 4`` keeps a pick from overshooting the
+  target by more than a quarter of ``delta``. ``delta`` (relative, default 0.05) also sets the
+  rebalance tolerance and the backfilling trigger.
+- *Which ranks a k-rank sequence takes*: the earliest-finishing of the candidates of step 1; among
+  the idle ranks of a backfill window, the ones whose idle stretch began latest (the window wastes
+  the least of it), then the lowest rank ids. Members are listed in ascending rank order (member
+  ``i`` holds zigzag chunks ``i`` and ``2k-1-i``). ``k`` is never raised above ``ceil(s / C)``:
+  once a ring hop outlasts its attention block, a member's exposed ring time
+  ``(k-1)·(hop - block)`` stays near ``s`` times the per-token wire time whatever ``k`` (a 210K-token
+  sequence costs each member 9.34 s on 26 ranks and 9.07 s on 104 under the default model).
+- *Spare capacity next to a group*: the group's slot lasts as long as its slowest member, and a
+  whole sequence packed beside a ring piece adds its full compute there (it does not hide the
+  ring's communication), so filling one member's spare tokens delays all ``k`` members (naive HDP
+  does exactly that). Short sequences instead fill the *waits* in front of groups, where they are
+  free. The spare tokens of a ring micro-batch take a whole tail micro-batch of each member only
+  when that ends the group's latest member earlier: every member saves the overhead ``L·c`` of the
+  micro-batch it no longer runs and waits for the largest moved work ``D``, finishing at
+  ``F_i + D - f_i - L·c``. Considered only for a group that is every member's last, so nothing else
+  moves. It matters when the per-micro-batch overhead is large against the work (small ``C``,
+  CPU ranks); under the H100 model it rarely fires.
+- Ties are broken by rank, node, slot and sample ids, never by chance: every rank computes the
+  same plan from the same lengths.
+
+Never slower than naive
+-----------------------
+Greedy schedules can lose on odd inputs (a few percent, on about 3% of random small mixes, mostly
+where the per-micro-batch overhead dominates). So :func:`plan_balanced` also builds the naive plan
+(:func:`naive_plan_fast`: exactly :func:`~hf_hdp.planning.naive.plan_naive`'s plan in
+``O(n log W)``) and returns it, relabelled ``"balanced"`` with ``meta["source"] == "naive"``, when its
+:func:`plan_metrics` step time is lower. A balanced plan's estimated step time therefore never
+exceeds naive HDP's on the same input and cost model.
+
+Cost of planning: ``O((n + Σk) log W)`` heap work for the groups and the picks, ``O(W + slots)`` to
+emit; 32M tokens on 12,288 ranks take about 0.2 s of one core, guard included
+(``benchmarks/planner_scale.py``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import replace
+from typing import Sequence
+
+from .cost import CostModel
+from .layout import zigzag_member_sizes
+from .metrics import plan_metrics
+from .naive import BestFit, ceil_div, check_lengths, longest_first
+from .plan import Piece, StepPlan, build_plan
+
+# relative slack on time budgets, against float rounding between our sums and the metric's
+_SLACK = 1e-9
+
+
+class _Segment:
+    """Whole sequences one rank runs back to back (a wait before a group, or its tail), packed
+    best-fit by tokens into micro-batches of at most ``cap`` tokens."""
+
+    __slots__ = ("cap", "free", "bins", "work")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.free: list[int] = []  # per micro-batch: tokens still free
+        self.bins: list[list[int]] = []  # per micro-batch: sample positions
+        self.work = 0.0  # sum of local_time of the sequences
+
+    def time(self, overhead: float) -> float:
+        return self.work + overhead * len(self.bins)
+
+    def opens_bin(self, n: int) -> bool:
+        return all(f < n for f in self.free)
+
+    def add(self, sample: int, n: int, t: float) -> None:
+        best = -1
+        for i, f in enumerate(self.free):
+            if f >= n and (best < 0 or f < self.free[best]):
+                best = i
+        if best < 0:
+            self.free.append(self.cap - n)
+            self.bins.append([sample])
+        else:
+            self.free[best] -= n
+            self.bins[best].append(sample)
+        self.work += t
+
+    def remove(self, sample: int, n: int, t: float) -> None:
+        for i, b in enumerate(self.bins):
+            if sample in b:
+                b.remove(sample)
+                if b:
+                    self.free[i] += n
+                else:
+                    del self.bins[i]
+                    del self.free[i]
+                self.work -= t
+                return
+        raise KeyError(sample)
+
+
+class _Balancer:
+    """One run of steps 1-4 of the module docstring; :meth:`emit` turns it into a plan (step 5)."""
+
+    def __init__(self, lengths: list[int], W: int, C: int, cost: CostModel, delta: float) -> None:
+        self.lengths, self.W, self.C, self.cost, self.delta = lengths, W, C, cost, delta
+        self.overhead = cost.overhead_time()
+        self.clock = [0.0] * W  # finish of each rank's last group (its tail starts there)
+        self.groups: list[tuple[Piece, float, float]] = []  # (piece, start, finish), in placement order
+        self.holes: dict[tuple[int, int], tuple[float, float]] = {}  # (rank, next gid) -> (start, end) of a wait
+        self.gaps: dict[tuple[int, int], _Segment] = {}  # (rank, gid): sequences in the wait before group gid
+        self.gap_left: dict[tuple[int, int], float] = {}  # remaining wait
+        self.gap_index: list[tuple[float, int, int]] = []  # sorted (remaining wait, rank, gid)
+        self.tails = [_Segment(C) for _ in range(W)]
+        self.local_t: dict[int, float] = {}
+        self.extra: dict[tuple[int, int], list[int]] = {}  # (gid, rank): whole sequences next to a ring piece
+
+    # ------------------------------------------------------------------ step 1: groups
+    def place_groups(self, dist: list[int], backfill: bool = True) -> None:
+        """Place the distributed sequences, longest first, each where it finishes first (see the
+        module docstring): after the members' last groups, or backfilled into waits."""
+        W, C, cost = self.W, self.C, self.cost
+        self.backfill = backfill
+        rpn = max(1, int(cost.ranks_per_node))
+        multi_node = rpn < W
+        self.rpn, self.multi_node = rpn, multi_node
+        clock = self.clock
+        self.tail_sorted = [(0.0, r) for r in range(W)]
+        self.search: list[tuple[float, int, float, int]] = []  # holes open to groups: (start, rank, end, next gid)
+
+        shapes = []
+        for i in dist:
+            s = self.lengths[i]
+            k = ceil_div(s, C)
+            p_in = cost.piece_time(s, k, False)
+            p_span = cost.piece_time(s, k, True) if multi_node and k > 1 else p_in
+            shapes.append((s, k, p_in, p_span))
+        # shortest group time still to come: shorter holes can only take whole sequences
+        suffix_min = [0.0] * (len(shapes) + 1)
+        suffix_min[-1] = float("inf")
+        for n in range(len(shapes) - 1, -1, -1):
+            suffix_min[n] = min(suffix_min[n + 1], shapes[n][2])
+
+        # per node, its ranks' tail clocks sorted, and per group size k <= rpn a lazy heap of the
+        # nodes by their k-th earliest tail
+        node_ks = sorted({k for _, k, _, _ in shapes} & set(range(2, rpn + 1))) if multi_node else []
+        num_nodes = ceil_div(W, rpn)
+        node_sorted: list[list[tuple[float, int]]] = []
+        node_ver = [0] * num_nodes
+        node_heaps: dict[int, list[tuple[float, int, int]]] = {k: [] for k in node_ks}
+        if node_ks:
+            for n in range(num_nodes):
+                ranks = [(0.0, r) for r in range(n * rpn, min(W, (n + 1) * rpn))]
+                node_sorted.append(ranks)
+                for k in node_ks:
+                    if k <= len(ranks):
+                        node_heaps[k].append((0.0, n, 0))
+            for h in node_heaps.values():
+                heapq.heapify(h)
+
+        for pos, sample in enumerate(dist):
+            s, k, p_in, p_span = shapes[pos]
+            # (finish, spans, backfilled first, start, members as (rank, hole or None), time)
+            options = []
+            # after the members' last groups: the k earliest tails anywhere ...
+            tails = self.tail_sorted[:k]
+            start = tails[-1][0]
+            spans = multi_node and cost.group_spans_nodes([r for _, r in tails])
+            p = p_span if spans else p_in
+            options.append((start + p, spans, 1, start, [(r, None) for _, r in tails], p))
+            # ... or the k earliest of the best node
+            if spans and k in node_heaps:
+                h = node_heaps[k]
+                while h[0][2] != node_ver[h[0][1]]:
+                    heapq.heappop(h)
+                n_start, node = h[0][0], h[0][1]
+                options.append((n_start + p_in, False, 1, n_start, [(r, None) for _, r in node_sorted[node][:k]], p_in))
+            # backfilled into waits (holes), when that finishes earlier
+            if backfill and self.search:
+                if multi_node and k <= rpn:  # one node first: its ring is faster, so it bounds the rest
+                    found = self._sweep(k, p_in, min(options)[0] - p_in, rpn)
+                    if found is not None:
+                        t, members = found
+                        options.append((t + p_in, False, 0, t, members, p_in))
+                found = self._sweep(k, p_span, min(options)[0] - p_span, None)
+                if found is not None:
+                    t, members = found
+                    sp = multi_node and cost.group_spans_nodes([r for r, _ in members])
+                    p = p_span if sp else p_in
+                    options.append((t + p, sp, 0, t, members, p))
+            finish, _, _, start, members, p = min(options, key=lambda o: o[:3])
+            self._commit(sample, s, start, finish, members, suffix_min[pos + 1], node_sorted, node_ver, node_heaps)
+            if pos % 64 == 63:  # forget holes too short for any group still to come
+                floor = suffix_min[pos + 1]
+                self.search = [h for h in self.search if h[2] - h[0] >= floor]
+
+    def _sweep(self, k: int, p: float, bound: float, rpn: int | None):
+        """Earliest ``t < bound`` at which ``k`` ranks (of one node when ``rpn``) are free for ``p``
+        seconds, counting waits (holes) and tails; ``(t, [(rank, hole or None), ...])`` or None."""
+        tails = self.tail_sorted
+        hi = bisect.bisect_left(self.search, (bound,))
+        if hi == 0:
+            return None  # tails alone: the tail options already found the earliest
+        holes = [h for h in self.search[:hi] if h[2] - h[0] >= p]
+        ti = bisect.bisect_left(tails, (bound,))
+        hi = len(holes)
+        if hi + ti < k or hi == 0:
+            return None
+        active: list[tuple[float, int, tuple]] = []  # heap by hole end
+        free: list[tuple[float, int]] = []
+        count: dict[int, int] = {}
+        i = j = 0
+        while i < hi or j < ti:
+            if j >= ti or (i < hi and holes[i][0] <= tails[j][0]):
+                hole = holes[i]
+                i += 1
+                t, r = hole[0], hole[1]
+                heapq.heappush(active, (hole[2], r, hole))
+            else:
+                t, r = tails[j]
+                j += 1
+                free.append((t, r))
+            node = r // rpn if rpn else 0
+            count[node] = count.get(node, 0) + 1
+            while active and active[0][0] < t + p:
+                _, q, _ = heapq.heappop(active)
+                count[q // rpn if rpn else 0] -= 1
+            if count[node] >= k:
+                cands = [(h[0], q, h) for _, q, h in active] + [(c, q, None) for c, q in free]
+                if rpn:
+                    cands = [c for c in cands if c[1] // rpn == node]
+                cands.sort(key=lambda c: (-c[0], c[1]))
+                return t, [(q, h) for _, q, h in cands[:k]]
+        return None
+
+    def _commit(self, sample, s, start, finish, members, floor, node_sorted, node_ver, node_heaps) -> None:
+        gid = len(self.groups)
+        piece = Piece(sample=sample, length=s, group=tuple(sorted(r for r, _ in members)))
+        self.groups.append((piece, start, finish))
+        clock, rpn = self.clock, self.rpn
+        touched = set()
+        for r, hole in members:
+            if hole is None:  # from its tail
+                left = (clock[r], r, start, gid)
+                self.tail_sorted.pop(bisect.bisect_left(self.tail_sorted, (clock[r], r)))
+                clock[r] = finish
+                bisect.insort(self.tail_sorted, (finish, r))
+                touched.add(r // rpn)
+                right = None
+            else:
+                self.search.pop(bisect.bisect_left(self.search, hole))
+                del self.holes[r, hole[3]]
+                left = (hole[0], r, start, gid)
+                right = (finish, r, hole[2], hole[3])
+            for h in (left, right):
+                if h is not None and h[2] > h[0]:
+                    self.holes[h[1], h[3]] = (h[0], h[2])
+                    if h[2] - h[0] >= floor:
+                        bisect.insort(self.search, h)
+        for n in sorted(touched) if node_heaps else ():
+            node_ver[n] += 1
+            ranks = sorted((clock[r], r) for _, r in node_sorted[n])
+            node_sorted[n] = ranks
+            for kk, h in node_heaps.items():
+                if kk <= len(ranks):
+                    heapq.heappush(h, (ranks[kk - 1][0], n, node_ver[n]))
+
+    def open_gaps(self) -> None:
+        """Turn the waits left after step 1 into time budgets for whole sequences."""
+        for (r, gid), (hs, he) in sorted(self.holes.items()):
+            self.gaps[r, gid] = _Segment(self.C)
+            self.gap_left[r, gid] = he - hs
+            self.gap_index.append((he - hs, r, gid))
+        self.gap_index.sort()
+
+    def _fit_gap(self, sample: int) -> bool:
+        """Put ``sample`` into the tightest wait that surely holds it (its own micro-batch overhead
+        included); False when none does."""
+        need = self.local_t[sample] + self.overhead
+        i = bisect.bisect_left(self.gap_index, (need * (1 + _SLACK),))
+        if i == len(self.gap_index):
+            return False
+        _, r, j = self.gap_index.pop(i)
+        seg = self.gaps[r, j]
+        before = seg.time(self.overhead)
+        seg.add(sample, self.lengths[sample], self.local_t[sample])
+        left = self.gap_left[r, j] - (seg.time(self.overhead) - before)
+        self.gap_left[r, j] = left
+        if left > 0:
+            bisect.insort(self.gap_index, (left, r, j))
+        return True
+
+    # ------------------------------------------------------------------ step 2: buckets and picks
+    def place_local(self, local: list[int]) -> None:
+        cost, W = self.cost, self.W
+        for i in local:
+            self.local_t[i] = cost.local_time(self.lengths[i])
+        work = sum(self._group_work()) + sum(
+            self.local_t[i] + self.overhead for i in local
+        )
+        target = max(max(self.clock, default=0.0), work / W)
+        unit = self.delta * target / 4
+
+        # equal-cost buckets of consecutive sequences, longest first
+        buckets: list[list[int]] = []
+        acc = 0.0
+        for i in local:
+            t = self.local_t[i] + self.overhead
+            if buckets and acc + t <= unit:
+                buckets[-1].append(i)
+                acc += t
+            else:
+                buckets.append([i])
+                acc = t
+
+        tails, overhead = self.tails, self.overhead
+        finish = [self.clock[r] for r in range(W)]
+        heap = [(finish[r], r) for r in range(W)]
+        heapq.heapify(heap)
+        for bucket in buckets:
+            rest = [i for i in bucket if not (self.gap_index and self._fit_gap(i))]
+            if not rest:
+                continue
+            _, r = heapq.heappop(heap)
+            seg = tails[r]
+            for i in rest:
+                seg.add(i, self.lengths[i], self.local_t[i])
+            finish[r] = self.clock[r] + seg.time(overhead)
+            heapq.heappush(heap, (finish[r], r))
+        self.finish = finish
+
+    def _group_work(self):
+        cost = self.cost
+        for piece, _, _ in self.groups:
+            spans = cost.group_spans_nodes(piece.group)
+            yield piece.k * cost.piece_time(piece.length, piece.k, spans)
+
+    # ------------------------------------------------------------------ step 3: rebalance
+    def rebalance(self) -> None:
+        W, overhead, finish, tails = self.W, self.overhead, self.finish, self.tails
+        if W < 2:
+            return
+        tol = self.delta / 4
+        ver = [0] * W
+        hi_heap = [(-finish[r], r, 0) for r in range(W)]
+        lo_heap = [(finish[r], r, 0) for r in range(W)]
+        heapq.heapify(hi_heap)
+        heapq.heapify(lo_heap)
+
+        def top(h):
+            while h[0][2] != ver[h[0][1]]:
+                heapq.heappop(h)
+            return h[0][1]
+
+        def update(r):
+            finish[r] = self.clock[r] + tails[r].time(overhead)
+            ver[r] += 1
+            heapq.heappush(hi_heap, (-finish[r], r, ver[r]))
+            heapq.heappush(lo_heap, (finish[r], r, ver[r]))
+
+        for _ in range(4 * (len(self.local_t) + W)):
+            hi, lo = top(hi_heap), top(lo_heap)
+            f_hi, f_lo = finish[hi], finish[lo]
+            if f_hi - f_lo <= tol * f_hi or not tails[hi].bins:
+                return
+            seg = tails[hi]
+            items = sorted((i for b in seg.bins for i in b), key=lambda i: (-self.lengths[i], i))
+            # a wait anywhere that holds one of them: free time
+            moved = False
+            if self.gap_index:
+                for i in items:
+                    need = self.local_t[i] + overhead
+                    if self.gap_index[-1][0] >= need * (1 + _SLACK):
+                        seg.remove(i, self.lengths[i], self.local_t[i])
+                        self._fit_gap(i)
+                        update(hi)
+                        moved = True
+                        break
+            if moved:
+                continue
+            # else the sequence whose move to the earliest rank lowers the pair's maximum the most
+            best, best_max = None, f_hi * (1 - _SLACK)
+            lo_seg = tails[lo]
+            for i in items:
+                n, t = self.lengths[i], self.local_t[i]
+                dec = t + (overhead if _alone(seg, i) else 0.0)
+                inc = t + (overhead if lo_seg.opens_bin(n) else 0.0)
+                new_max = max(f_hi - dec, f_lo + inc)
+                if new_max < best_max:
+                    best, best_max = i, new_max
+            if best is None:
+                return
+            seg.remove(best, self.lengths[best], self.local_t[best])
+            lo_seg.add(best, self.lengths[best], self.local_t[best])
+            update(hi)
+            update(lo)
+
+    # ------------------------------------------------------------------ step 4: co-fill
+    def cofill(self) -> None:
+        """Move whole tail micro-batches into the spare tokens of a ring micro-batch, when that ends
+        the group's members earlier (see the module docstring).
+
+        Only a group that is the last one of every member is considered (what follows it is the
+        members' own tails, so nothing else moves). The group's slot grows by ``D``, the largest
+        work moved onto one member; member ``i`` moving a micro-batch of work ``f_i`` then finishes
+        at ``F_i + D - f_i - overhead``. A move is taken only when it lowers the latest finish of
+        the members.
+        """
+        W, overhead, lengths = self.W, self.overhead, self.lengths
+        if overhead <= 0 or not self.groups:
+            return
+        last = [-1] * W
+        for gid, (piece, start, finish) in enumerate(self.groups):
+            for r in piece.group:
+                if last[r] < 0 or finish > self.groups[last[r]][2] or (
+                    finish == self.groups[last[r]][2] and start >= self.groups[last[r]][1]
+                ):
+                    last[r] = gid
+        self.extra: dict[tuple[int, int], list[int]] = {}
+        for gid, (piece, start, finish) in enumerate(self.groups):
+            members = piece.group
+            if any(last[r] != gid for r in members):
+                continue
+            spare = {r: self.C - n for r, n in zip(members, _member_sizes(piece))}
+            while True:
+                options = {}
+                for r in members:
+                    seg = self.tails[r]
+                    options[r] = sorted(
+                        (sum(self.local_t[i] for i in b), j)
+                        for j, b in enumerate(seg.bins)
+                        if self.C - seg.free[j] <= spare[r]
+                    )
+                if any(not o for o in options.values()):
+                    break  # a member that moves nothing would only finish later
+                old = max(self.finish[r] for r in members)
+                best = None
+                for d in sorted({f for o in options.values() for f, _ in o}):
+                    pick = {}
+                    for r in members:
+                        o = options[r]
+                        at = bisect.bisect_right(o, (d, len(self.tails[r].bins))) - 1
+                        if at < 0:
+                            break
+                        pick[r] = o[at]
+                    else:
+                        top = max(f for f, _ in pick.values())
+                        new = max(self.finish[r] + top - pick[r][0] - overhead for r in members)
+                        if new < old * (1 - _SLACK) and (best is None or new < best[0]):
+                            best = (new, top, pick)
+                if best is None:
+                    break
+                _, top, pick = best
+                for r in members:
+                    seg = self.tails[r]
+                    j = pick[r][1]
+                    bin_ = seg.bins.pop(j)
+                    used = self.C - seg.free.pop(j)
+                    seg.work -= sum(self.local_t[i] for i in bin_)
+                    self.extra.setdefault((gid, r), []).extend(bin_)
+                    spare[r] -= used
+                    self.clock[r] += top
+                    self.finish[r] = self.clock[r] + seg.time(overhead)
+                finish += top
+                self.groups[gid] = (piece, start, finish)
+
+    def lower_bound(self) -> float:
+        """About the earliest any schedule of these sequences can end: max(mean busy time per rank,
+        longest group piece), as this schedule packs them."""
+        busy = sum(seg.time(self.overhead) for seg in self.gaps.values())
+        busy += sum(seg.time(self.overhead) for seg in self.tails)
+        longest = 0.0
+        for piece, start, finish in self.groups:
+            busy += piece.k * (finish - start)
+            longest = max(longest, finish - start)
+        return max(busy / self.W, longest)
+
+    # ------------------------------------------------------------------ step 5: slots
+    def emit(self, meta: dict) -> StepPlan:
+        W, lengths = self.W, self.lengths
+        placements: list[tuple[int, int, list[Piece]]] = []
+        nxt = [0] * W
+
+        def local_batches(r: int, seg: _Segment, first_slot: int) -> int:
+            # longest micro-batch first; order inside a rank does not change its time
+            for b in sorted(seg.bins, key=lambda b: (-sum(lengths[i] for i in b), min(b))):
+                placements.append((r, first_slot, [Piece(sample=i, length=lengths[i], group=(r,)) for i in b]))
+                first_slot += 1
+            return first_slot
+
+        # groups in time order: on every rank that is the order of its own groups
+        for gid in sorted(range(len(self.groups)), key=lambda g: (self.groups[g][1], g)):
+            piece = self.groups[gid][0]
+            slot = 0
+            for r in piece.group:
+                seg = self.gaps.get((r, gid))
+                slot = max(slot, nxt[r] + (len(seg.bins) if seg else 0))
+            for r in piece.group:
+                seg = self.gaps.get((r, gid))
+                if seg:
+                    local_batches(r, seg, nxt[r])
+                extra = [Piece(sample=i, length=lengths[i], group=(r,)) for i in self.extra.get((gid, r), ())]
+                placements.append((r, slot, [piece, *extra]))
+                nxt[r] = slot + 1
+        for r in range(W):
+            local_batches(r, self.tails[r], nxt[r])
+        return build_plan(lengths, W, self.C, placements, planner="balanced", meta=meta)
+
+
+def _member_sizes(piece: Piece) -> tuple[int, ...]:
+    return zigzag_member_sizes(piece.length, piece.k)
+
+
+def _alone(seg: _Segment, sample: int) -> bool:
+    return any(b == [sample] for b in seg.bins)
+
+
+def plan_balanced(
+    lengths: Sequence[int],
+    world_size: int,
+    tokens_per_rank: int,
+    cost: CostModel | None = None,
+    delta: float = 0.05,
+    never_worse_than_naive: bool = True,
+) -> StepPlan:
+    """Plan one step with the balance scheduler (see the module docstring).
+
+    ``cost`` defaults to :meth:`CostModel.default` (LLaMA-7B on H100); ``delta`` is the relative
+    tolerance of the balance loop. With ``never_worse_than_naive`` (the default) the naive HDP plan
+    is returned instead when its estimated step time is lower; ``plan.meta["source"]`` says which
+    (``"balanced"`` or ``"naive"``) and ``plan.meta["estimated_step_time_s"]`` gives the
+    :func:`plan_metrics` step time. Raises :class:`~hf_hdp.planning.plan.PlanError` like the naive
+    planner for samples that cannot be placed, ``ValueError`` for ``delta`` outside ``[0, 1)``.
+    """
+    lengths = check_lengths(lengths, world_size, tokens_per_rank)
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta is a fraction of the slowest rank's time and must be in [0, 1), got {delta}")
+    cost = cost or CostModel.default()
+    W, C = world_size, tokens_per_rank
+    meta = {"delta": delta, "cost_model": cost.label, "source": "balanced"}
+    if not lengths:
+        return build_plan(lengths, W, C, [], planner="balanced", meta=meta)
+
+    order = longest_first(lengths)
+    dist = [i for i in order if lengths[i] > C]
+    local = [i for i in order if lengths[i] <= C]
+
+    def schedule(backfill: bool) -> _Balancer:
+        bal = _Balancer(lengths, W, C, cost, delta)
+        bal.place_groups(dist, backfill)
+        bal.open_gaps()
+        bal.place_local(local)
+        bal.rebalance()
+        bal.cofill()
+        bal.rebalance()
+        return bal
+
+    # Backfilling groups into waits pays when whole sequences are too few to fill the waits (small
+    # worlds, wide groups); elsewhere it is neutral or slightly worse. So: schedule without it, and
+    # only when that ends more than delta/4 above the bound max(mean busy, longest group piece), also
+    # with it, keeping the earlier finish.
+    bal = schedule(False)
+    if dist and max(bal.finish) > (1 + delta / 4) * bal.lower_bound():
+        other = schedule(True)
+        if max(other.finish) < max(bal.finish):
+            bal = other
+    meta["backfill"] = bal.backfill
+    meta["planned_step_time_s"] = max(bal.finish) + cost.allreduce_time(None, W)
+    plan = bal.emit(meta)
+    if not never_worse_than_naive:
+        return plan
+
+    mine = plan_metrics(plan, cost).step_time_s
+    plan.meta["estimated_step_time_s"] = mine
+    naive = naive_plan_fast(lengths, W, C)
+    # Naive's step time is at least its busiest rank's work plus the all-reduce (the metric's clocks
+    # only add waits to the work); only when that bound does not settle it, simulate naive as well.
+    busy = [0.0] * W
+    cache: dict = {}
+    for mb in naive.micro_batches:
+        busy[mb.rank] += cost.micro_batch_breakdown(mb, cache)[0]
+    if mine <= max(busy) + cost.allreduce_time(None, W):
+        return plan
+    theirs = plan_metrics(naive, cost).step_time_s
+    if theirs < mine:
+        meta = {"delta": delta, "cost_model": cost.label, "source": "naive",
+                "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
+        return replace(naive, planner="balanced", meta=meta)
+    return plan
+
+
+def naive_plan_fast(lengths: Sequence[int], world_size: int, tokens_per_rank: int) -> StepPlan:
+    """:func:`~hf_hdp.planning.naive.plan_naive`'s exact plan, with heaps instead of its ``O(W)``
+    scans per sequence (``tests/test_balanced.py`` checks the two agree).
+
+    Phase 1 takes the ``k`` ranks with the smallest ``(next slot, tokens, rank)``; phase 2 opens a
+    new slot on the rank with the smallest ``(tokens, next slot, rank)``. Both keys only grow, so a
+    lazy heap (stale entries skipped) finds the same ranks in ``O(log W)``.
+    """
+    lengths = check_lengths(lengths, world_size, tokens_per_rank)
+    W, C = world_size, tokens_per_rank
+    order = longest_first(lengths)
+
+    pieces: dict[tuple[int, int], list[Piece]] = {}
+    load: dict[tuple[int, int], int] = {}
+    next_slot = [0] * W
+    tokens = [0] * W
+
+    def put(piece: Piece, rank: int, slot: int) -> None:
+        n = piece.tokens_on(rank)
+        pieces.setdefault((rank, slot), []).append(piece)
+        load[rank, slot] = load.get((rank, slot), 0) + n
+        tokens[rank] += n
+        next_slot[rank] = max(next_slot[rank], slot + 1)
+
+    heap = [(0, 0, r) for r in range(W)]
+    local = []
+    for sample in order:
+        s = lengths[sample]
+        k = ceil_div(s, C)
+        if k == 1:
+            local.append(sample)
+            continue
+        chosen = []
+        while len(chosen) < k:
+            ns, tk, r = heapq.heappop(heap)
+            if ns == next_slot[r] and tk == tokens[r]:
+                chosen.append(r)
+        members = sorted(chosen)
+        slot = max(next_slot[r] for r in members)
+        piece = Piece(sample=sample, length=s, group=tuple(members))
+        for r in members:
+            put(piece, r, slot)
+            heapq.heappush(heap, (next_slot[r], tokens[r], r))
+
+    bins = BestFit()
+    for r in range(W):
+        for slot in range(next_slot[r]):
+            bins.add((slot, r), C - load.get((r, slot), 0))
+    light = [(tokens[r], next_slot[r], r) for r in range(W)]
+    heapq.heapify(light)
+    for sample in local:
+        s = lengths[sample]
+        key = bins.take(s)
+        if key is None:
+            while True:
+                tk, ns, r = light[0]
+                if tk == tokens[r] and ns == next_slot[r]:
+                    break
+                heapq.heappop(light)
+            key = (next_slot[r], r)
+        slot, r = key
+        put(Piece(sample=sample, length=s, group=(r,)), r, slot)
+        heapq.heappush(light, (tokens[r], next_slot[r], r))
+        bins.add(key, C - load[r, slot])
+
+    placements = ((r, slot, ps) for (r, slot), ps in pieces.items())
+    return build_plan(lengths, W, C, placements, planner="naive")

@@ -1,0 +1,255 @@
+"""Plan metrics: what a :class:`~hf_hdp.planning.plan.StepPlan` will cost, before anything runs (pure Python).
+
+:func:`plan_metrics` estimates, for any plan (static mesh, naive or balanced HDP), the step time
+along the critical path of the slot structure, each rank's busy time, the imbalance, the idle
+fraction and the P2P traffic; :func:`plan_timeline` gives the per-rank intervals to draw it.
+
+The simulation
+--------------
+Every rank runs its micro-batches in slot order; a micro-batch takes
+:meth:`~hf_hdp.planning.cost.CostModel.micro_batch_time`. Within one slot, the ranks joined
+(transitively) by distributed pieces form a *component*: ring attention couples them layer by
+layer, so the component starts when its last member is free (``max`` of their clocks) and all
+of its members finish together, at ``start + max`` of their micro-batch times. A rank whose
+micro-batch holds only whole sequences just runs. After its last micro-batch every rank waits
+for the slowest one and joins the one gradient all-reduce
+(:meth:`~hf_hdp.planning.cost.CostModel.allreduce_time` of the model's ``grad_bytes``; zero when
+``grad_bytes`` is 0 or ``include_allreduce=False``).
+
+The slots are not barriers: a component's start depends only on its own members' earlier
+micro-batches, which is the longest path of the real dependency graph when rings synchronise
+their members at start and end.
+
+P2P traffic is counted as :mod:`hf_hdp.attention.ring` sends it and
+:class:`~hf_hdp.mesh.DynamicMesh` counts it: the distributed pieces of one micro-batch that share
+a group form ONE ring segment, and per layer each member sends ``k-1`` forward K/V, ``k-1``
+backward K/V and ``k`` dK/dV messages for the whole segment. Gradient checkpointing repeats the
+forward ring during backward; that is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from .cost import CostModel, ring_segments
+from .plan import StepPlan
+
+#: interval kinds of :func:`plan_timeline`
+KINDS = ("local", "distributed", "p2p", "wait", "allreduce")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One stretch of one rank's step.
+
+    ``kind``: ``"local"`` (a micro-batch of whole sequences only), ``"distributed"`` (the compute of
+    a micro-batch with a ring segment), ``"p2p"`` (its exposed ring communication, drawn after the
+    compute), ``"wait"`` (idle: waiting for ring partners, or for the slowest rank before the
+    all-reduce) and ``"allreduce"``. ``slot`` is -1 for the end-of-step wait and the all-reduce.
+    """
+
+    rank: int
+    start: float
+    end: float
+    kind: str
+    slot: int = -1
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class PlanMetrics:
+    """Estimated cost of one step plan (seconds, bytes). :meth:`to_dict` gives a JSON-ready dict."""
+
+    planner: str
+    world_size: int
+    tokens_per_rank: int
+    step_time_s: float  # critical path of the slots plus the gradient all-reduce
+    slots_time_s: float  # critical path of the slots alone
+    allreduce_s: float
+    busy_s: list[float]  # per rank: sum of its micro-batch times (exposed ring communication included)
+    p2p_exposed_s: list[float]  # per rank: the exposed ring communication inside busy_s
+    imbalance: float  # max(busy) / mean(busy); 1.0 when nobody works
+    idle_fraction: float  # 1 - sum(busy) / (world * step_time)
+    p2p_bytes: float  # sent in one step, all ranks
+    p2p_bytes_per_rank: list[float]
+    p2p_messages: int  # sent in one step, all ranks
+    num_slots: int
+    micro_batches_per_rank: list[int]
+    group_sizes: dict[int, int]  # k -> number of samples placed on k ranks
+    tokens: int
+    num_samples: int
+    cost_label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
+
+    @property
+    def p2p_time_fraction(self) -> float:
+        """Share of all busy time spent in exposed ring communication."""
+        total = sum(self.busy_s)
+        return sum(self.p2p_exposed_s) / total if total > 0 else 0.0
+
+    @property
+    def busy_spread(self) -> float:
+        """max(busy) / min(busy) over the ranks that work (ByteScale's "fastest vs slowest rank" spread)."""
+        working = [b for b in self.busy_s if b > 0]
+        return max(working) / min(working) if working else 1.0
+
+    def to_dict(self, per_rank: bool = True) -> dict:
+        d = {
+            "planner": self.planner,
+            "world_size": self.world_size,
+            "tokens_per_rank": self.tokens_per_rank,
+            "step_time_s": self.step_time_s,
+            "slots_time_s": self.slots_time_s,
+            "allreduce_s": self.allreduce_s,
+            "imbalance": self.imbalance,
+            "busy_spread": self.busy_spread,
+            "idle_fraction": self.idle_fraction,
+            "p2p_time_fraction": self.p2p_time_fraction,
+            "p2p_bytes": int(round(self.p2p_bytes)),
+            "p2p_messages": self.p2p_messages,
+            "num_slots": self.num_slots,
+            "group_sizes": {str(k): v for k, v in self.group_sizes.items()},
+            "tokens": self.tokens,
+            "num_samples": self.num_samples,
+            "tokens_per_s": self.tokens_per_s,
+            "max_busy_s": max(self.busy_s, default=0.0),
+            "mean_busy_s": sum(self.busy_s) / len(self.busy_s) if self.busy_s else 0.0,
+            "max_micro_batches_per_rank": max(self.micro_batches_per_rank, default=0),
+            "cost_model": self.cost_label,
+        }
+        if per_rank:
+            d["busy_s"] = list(self.busy_s)
+            d["p2p_exposed_s"] = list(self.p2p_exposed_s)
+            d["p2p_bytes_per_rank"] = [int(round(b)) for b in self.p2p_bytes_per_rank]
+            d["micro_batches_per_rank"] = list(self.micro_batches_per_rank)
+        d.update(self.extra)
+        return d
+
+
+def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None):
+    W = plan.world_size
+    clock = [0.0] * W
+    busy = [0.0] * W
+    exposed = [0.0] * W
+    count = [0] * W
+    sent = [0.0] * W
+    messages = 0
+    cache: dict = {}
+    for slot, group in groupby(plan.micro_batches, key=lambda mb: mb.slot):
+        mbs = list(group)
+        times: dict[int, tuple[float, float, bool]] = {}
+        parent = {mb.rank: mb.rank for mb in mbs}
+
+        def find(r: int) -> int:
+            root = r
+            while parent.setdefault(root, root) != root:
+                root = parent[root]
+            while parent[r] != root:
+                parent[r], r = root, parent[r]
+            return root
+
+        for mb in mbs:
+            t, comm = cost.micro_batch_breakdown(mb, cache)
+            segments = ring_segments(mb.pieces)
+            distributed = False
+            for g, lengths in segments.items():
+                k = len(g)
+                if k <= 1:
+                    continue
+                distributed = True
+                member = g.index(mb.rank)
+                key = ("bytes", g, tuple(lengths))
+                per_member = cache.get(key)
+                if per_member is None:
+                    per_member = cache[key] = cost.segment_bytes_by_member(lengths, k)
+                sent[mb.rank] += per_member[member]
+                messages += cost.segment_messages(k)
+                root = find(g[0])
+                for r in g[1:]:
+                    other = find(r)
+                    if other != root:
+                        parent[other] = root
+            times[mb.rank] = (t, comm, distributed)
+            busy[mb.rank] += t
+            exposed[mb.rank] += comm
+            count[mb.rank] += 1
+        components: dict[int, list[int]] = {}
+        for mb in mbs:
+            components.setdefault(find(mb.rank), []).append(mb.rank)
+        for ranks in components.values():
+            start = max(clock[r] for r in ranks)
+            end = start + max(times[r][0] for r in ranks)
+            for r in ranks:
+                if timeline is not None:
+                    t, comm, distributed = times[r]
+                    if start > clock[r]:
+                        timeline.append(Interval(r, clock[r], start, "wait", slot))
+                    compute_end = start + t - comm
+                    timeline.append(Interval(r, start, compute_end, "distributed" if distributed else "local", slot))
+                    if comm > 0:
+                        timeline.append(Interval(r, compute_end, start + t, "p2p", slot))
+                    if end > start + t:
+                        timeline.append(Interval(r, start + t, end, "wait", slot))
+                clock[r] = end
+    finish = max(clock, default=0.0)
+    allreduce = cost.allreduce_time(None, W) if include_allreduce else 0.0
+    if timeline is not None:
+        for r in range(W):
+            if finish > clock[r]:
+                timeline.append(Interval(r, clock[r], finish, "wait"))
+            if allreduce > 0:
+                timeline.append(Interval(r, finish, finish + allreduce, "allreduce"))
+    return finish, allreduce, busy, exposed, count, sent, messages
+
+
+def plan_metrics(plan: StepPlan, cost: CostModel | None = None, include_allreduce: bool = True) -> PlanMetrics:
+    """Estimate one step of ``plan`` under ``cost`` (default :meth:`CostModel.default`); see the module docstring."""
+    cost = cost or CostModel.default()
+    finish, allreduce, busy, exposed, count, sent, messages = _simulate(plan, cost, include_allreduce, None)
+    W = plan.world_size
+    step = finish + allreduce
+    mean = sum(busy) / W if W else 0.0
+    return PlanMetrics(
+        planner=plan.planner,
+        world_size=W,
+        tokens_per_rank=plan.tokens_per_rank,
+        step_time_s=step,
+        slots_time_s=finish,
+        allreduce_s=allreduce,
+        busy_s=busy,
+        p2p_exposed_s=exposed,
+        imbalance=max(busy) / mean if mean > 0 else 1.0,
+        idle_fraction=1.0 - sum(busy) / (W * step) if step > 0 else 0.0,
+        p2p_bytes=sum(sent),
+        p2p_bytes_per_rank=sent,
+        p2p_messages=messages,
+        num_slots=plan.num_slots,
+        micro_batches_per_rank=count,
+        group_sizes=plan.group_sizes(),
+        tokens=sum(plan.lengths),
+        num_samples=len(plan.lengths),
+        cost_label=cost.label,
+    )
+
+
+def plan_timeline(plan: StepPlan, cost: CostModel | None = None, include_allreduce: bool = True) -> list[Interval]:
+    """Per-rank intervals of the simulated step, sorted by rank then start (for Gantt-style plots).
+
+    Each rank's intervals tile ``[0, step_time_s]`` without gaps: micro-batch compute
+    (``"local"``/``"distributed"``), exposed ring communication (``"p2p"``), ``"wait"`` and the
+    ``"allreduce"``. Ranks without any work show one ``"wait"`` and the all-reduce.
+    """
+    cost = cost or CostModel.default()
+    out: list[Interval] = []
+    _simulate(plan, cost, include_allreduce, out)
+    out = [iv for iv in out if iv.end > iv.start]
+    out.sort(key=lambda iv: (iv.rank, iv.start, iv.end))
+    return out

@@ -1,0 +1,245 @@
+"""``hf-hdp plan``: run in-process through ``main(argv)``; small worlds so the whole file takes seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from hf_hdp.cli import draw_batches, main, parse_size
+
+REQUIRED = ("step_time_s", "speedup_vs_static", "imbalance", "idle_fraction", "p2p_bytes", "planning_time_s")
+
+
+def run_cli(capsys, *argv):
+    rc = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write_lengths(tmp_path, text, name="lengths.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- --json
+
+
+def test_json_structure_and_sanity(capsys):
+    rc, out, err = run_cli(capsys, "--json", "--world-size", "32", "--global-batch-tokens", "512K", "--steps", "2")
+    assert rc == 0, err
+    data = json.loads(out)  # stdout holds the JSON and nothing else
+    assert list(data) == ["static", "naive", "balanced"]
+    for name, d in data.items():
+        for key in REQUIRED:
+            assert isinstance(d[key], (int, float)) and math.isfinite(d[key]), (name, key, d[key])
+        assert d["step_time_s"] > 0 and d["planning_time_s"] >= 0 and d["p2p_bytes"] >= 0
+        assert d["imbalance"] >= 1.0 - 1e-9
+        assert 0.0 <= d["idle_fraction"] < 1.0
+        assert d["steps"] == 2 and d["tokens"] >= 512 * 1024
+        assert sum(d["group_sizes"].values()) == 2 * d["samples"]
+    assert data["static"]["speedup_vs_static"] == 1.0
+    assert data["balanced"]["step_time_s"] <= data["naive"]["step_time_s"] * (1 + 1e-9)
+    assert data["naive"]["speedup_vs_static"] == pytest.approx(
+        data["static"]["step_time_s"] / data["naive"]["step_time_s"]
+    )
+    # the static mesh sizes CP by the longest sample: every sample sits on a CP group
+    assert set(data["static"]["group_sizes"]) == {str(c) for c in data["static"]["cp_per_step"]}
+    # HDP keeps short samples on one rank
+    assert data["naive"]["group_sizes"]["1"] > 0 and data["balanced"]["group_sizes"]["1"] > 0
+
+
+def test_stdlib_is_the_default_and_prints_a_table(capsys):
+    rc, out, err = run_cli(capsys, "--world-size", "32", "--global-batch-samples", "200")
+    assert rc == 0, err
+    assert "Python standard library" in out
+    for title in ("static mesh", "naive HDP", "balanced HDP", "speedup vs static", "P2P bytes", "planning time"):
+        assert title in out
+    assert "llama-7b on h100" in out
+    # same as naming --stdlib explicitly
+    rc2, out2, _ = run_cli(capsys, "--stdlib", "--world-size", "32", "--global-batch-samples", "200")
+    strip = lambda text: [line for line in text.splitlines() if "planning time" not in line]  # noqa: E731
+    assert rc2 == 0 and strip(out2) == strip(out)
+
+
+def test_progress_bar_stays_off_stdout(capsys):
+    rc, out, err = run_cli(capsys, "--json", "--progress", "--world-size", "32", "--global-batch-samples", "100")
+    assert rc == 0
+    json.loads(out)
+
+
+# --------------------------------------------------------------------------- --lengths
+
+
+def test_lengths_file(tmp_path, capsys):
+    path = write_lengths(tmp_path, "100\n\n  2000 \n# a comment\n30000\n\n")
+    rc, out, err = run_cli(
+        capsys, "--lengths", path, "--world-size", "8", "--global-batch-samples", "7", "--json", "--seed", "3"
+    )
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["naive"]["samples"] == 7  # pool of 3, drawn with replacement
+    assert data["static"]["cp"] == 4  # 30000 tokens need ceil(30000 / 8192) = 4 ranks
+    assert set(data["naive"]["group_sizes"]) <= {"1", "4"}
+
+
+def test_lengths_file_bad_line_names_it(tmp_path, capsys):
+    path = write_lengths(tmp_path, "100\n\n12k\n300\n")
+    rc, out, err = run_cli(capsys, "--lengths", path)
+    assert rc == 2 and out == ""
+    assert "line 3" in err and "'12k'" in err
+
+
+def test_lengths_file_rejects_nonpositive_and_empty(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--lengths", write_lengths(tmp_path, "5\n0\n"))
+    assert rc == 2 and "line 2" in err and "at least 1" in err
+    rc, _, err = run_cli(capsys, "--lengths", write_lengths(tmp_path, "\n\n", "empty.txt"))
+    assert rc == 2 and "no lengths" in err
+    rc, _, err = run_cli(capsys, "--lengths", str(tmp_path / "missing.txt"))
+    assert rc == 2 and "cannot read" in err
+
+
+def test_too_long_sample_names_it_and_suggests_capacity(tmp_path, capsys):
+    path = write_lengths(tmp_path, "100\n100000\n50\n")
+    rc, out, err = run_cli(capsys, "--lengths", path, "--world-size", "4", "--tokens-per-rank", "8K")
+    assert rc == 2 and out == ""
+    assert "line 2" in err and "100,000" in err
+    assert "--tokens-per-rank 25600" in err  # ceil(100000 / 4) = 25000, rounded up to 1K
+    assert "--world-size 13" in err  # ceil(100000 / 8192)
+
+
+# --------------------------------------------------------------------------- --dataset and --model
+
+
+def test_dataset_column_of_lengths_and_of_token_ids(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": [[1] * n for n in (300, 5000, 20000)], "length": [300, 5000, 20000]}
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    results = []
+    for column in ("length", "input_ids"):
+        rc, out, err = run_cli(
+            capsys, "--dataset", str(tmp_path / "ds"), "--column", column, "--world-size", "4",
+            "--global-batch-samples", "6", "--json",
+        )
+        assert rc == 0, err
+        results.append(json.loads(out))
+    strip = lambda d: {k: {f: v for f, v in x.items() if f != "planning_time_s"} for k, x in d.items()}  # noqa: E731
+    assert strip(results[0]) == strip(results[1])
+    rc, _, err = run_cli(capsys, "--dataset", str(tmp_path / "ds"), "--column", "labels")
+    assert rc == 2 and "no column 'labels'" in err and "input_ids" in err
+
+
+def test_model_from_a_config_folder(tmp_path, capsys):
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    path = write_lengths(tmp_path, "1000\n20000\n")
+    rc, out, err = run_cli(capsys, "--model", str(tmp_path), "--lengths", path, "--world-size", "4")
+    assert rc == 0, err
+    small = out
+    rc, out, err = run_cli(capsys, "--lengths", path, "--world-size", "4")
+    assert rc == 0
+    step = lambda text: next(line for line in text.splitlines() if line.startswith("step time"))  # noqa: E731
+    assert step(small) != step(out)  # a 2-layer toy is not LLaMA-7B
+
+
+def test_unknown_presets_list_the_valid_ones(capsys):
+    rc, out, err = run_cli(capsys, "--model", "llama-8b")
+    assert rc == 2 and out == ""
+    for preset in ("llama-7b", "llama-13b", "llama-30b", "llama-70b"):
+        assert preset in err
+    rc, _, err = run_cli(capsys, "--hardware", "a100")
+    assert rc == 2 and "h100" in err and "cpu" in err
+
+
+def test_bytescale_hardware_matches_the_fitted_cost_model(tmp_path, capsys):
+    from hf_hdp.cli import load_hardware
+    from hf_hdp.planning.cost import MODEL_PRESETS, CostModel
+
+    derived = CostModel.from_specs(MODEL_PRESETS["llama-7b"], load_hardware("bytescale"))
+    fitted = CostModel.bytescale()
+    assert derived.a == pytest.approx(fitted.a) and derived.b == pytest.approx(fitted.b)
+    assert derived.c == pytest.approx(fitted.c)
+    rc, out, err = run_cli(capsys, "--hardware", "bytescale", "--lengths", write_lengths(tmp_path, "100\n20000\n"),
+                           "--world-size", "4", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["static"]["speedup_vs_static"] == 1.0
+
+
+def test_usage_errors_return_2(capsys):
+    assert main(["plan", "--global-batch-samples", "10", "--global-batch-tokens", "10"]) == 2
+    assert main(["plan", "--column", "input_ids"]) == 2
+    assert main(["plan", "--tokens-per-rank", "lots"]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- --plot
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "timelines.png"
+    rc, out, err = run_cli(
+        capsys, "--world-size", "80", "--global-batch-samples", "300", "--plot", str(png)
+    )
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "only ranks 0-63 of 80" in out  # truncation is said
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    path = write_lengths(tmp_path, "100\n200\n")
+    rc, out, err = run_cli(capsys, "--lengths", path, "--world-size", "2", "--plot", str(tmp_path / "x.png"))
+    assert rc == 2 and "pip install matplotlib" in err
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_draw_batches_meets_the_token_budget_deterministically():
+    pool = [10, 20, 30, 40, 50]
+    a = draw_batches(pool, steps=3, seed=1, tokens=400)
+    assert a == draw_batches(pool, steps=3, seed=1, tokens=400)
+    for batch in a:
+        assert sum(batch) >= 400 and sum(batch) - batch[-1] < 400  # stops as soon as the budget is met
+    # without replacement while the pool lasts
+    b = draw_batches(pool, steps=1, seed=0, tokens=150)[0]
+    assert len(set(b)) == len(b)
+    assert sorted(draw_batches(pool, steps=1, seed=0, samples=5)[0]) == pool
+    assert len(draw_batches(pool, steps=1, seed=0, samples=12)[0]) == 12
+
+
+def test_parse_size():
+    assert parse_size("8192") == 8192
+    assert parse_size("8K") == 8192
+    assert parse_size("32M") == 32 * 2**20
+    assert parse_size("1.5k") == 1536
+    with pytest.raises(Exception):
+        parse_size("0")
+
+
+def test_python_dash_m(tmp_path):
+    path = write_lengths(tmp_path, "100\n5000\n9000\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_hdp", "plan", "--lengths", path, "--world-size", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)) == ["static", "naive", "balanced"]

@@ -1,0 +1,277 @@
+"""Every model family HDP claims trains exactly as on one device; every family it refuses is refused at construction.
+
+Gradient equivalence: ONE spawn of four gloo processes loops over all families of
+``tests/family_models.py`` (tiny saved models, loaded back in float64). For each family and for two
+placements of the same global batch (the naive HDP plan and a random valid plan, both mixing
+samples on one rank with samples split over 3 and 4 ranks) the ranks pack their micro-batches with
+the real collator, run the registered ``"hdp"`` attention with the ``"reference"`` backend, and join
+the single gradient all-reduce. The reference is one process running each sample alone with the
+family's stock SDPA attention, in float64 (tolerance 1e-9 of each gradient's largest element; the
+few norm weights whose gradient the model itself computes in float32 get 1e-5). Mixtral also runs
+in float32 with transformers' default grouped_mm experts (1e-5). The MoE families passing shows
+their routing is per token: packing other samples beside a token, or splitting its sample over
+ranks, does not change which experts it gets. Neither side adds the router auxiliary loss (the
+models are built with ``output_router_logits=False``; ``True`` is refused, see below).
+
+Refusals: :func:`hf_hdp.models.check_model_supported` on the configurations HDP cannot train
+(sliding window shorter than a sample, attention soft-capping, sinks, non-causal attention,
+attention dropout, batch-dependent RoPE, router aux loss, non-attention token mixers, multimodal).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_hdp.models import SUPPORTED_FAMILIES, UnsupportedModelError, check_model_supported
+from hf_hdp.planning import StepPlan, plan_naive
+from tests.dist_utils import run_distributed
+from tests.family_models import (
+    FAMILIES, FLOAT32_INTERNAL, REQUIRED, VOCAB, family_config, load_family_model, save_family_model,
+)
+from tests.models import reference_step
+from tests.plan_helpers import random_plan
+
+WORLD = 4
+C = 16
+# 40 and 33 tokens need 3 ranks, 60 needs 4; the rest fit on one
+LENGTHS = [40, 5, 9, 60, 12, 3, 16, 7, 33, 2]
+# a gradient matches when every element is within TOL * (the largest element of that reference gradient)
+LOSS_RTOL, GRAD_TOL = 1e-12, 1e-9  # float64
+GRAD_TOL_FLOAT32_INTERNAL = 1e-5  # parameters the model computes in float32 itself (see FLOAT32_INTERNAL)
+LOSS_RTOL_FP32, GRAD_TOL_FP32 = 1e-6, 1e-5  # float32 cases
+
+# case -> (family, dtype): every family in float64, plus the MoE path users run in float32/bf16, whose
+# default experts kernel (torch grouped_mm) has no float64
+CASES = {family: (family, torch.float64) for family in FAMILIES}
+CASES["mixtral-float32-grouped_mm"] = ("mixtral", torch.float32)
+
+
+def _samples(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        s = {"input_ids": ids}
+        if i % 3 == 0:  # SFT-style: a masked prompt
+            s["labels"] = [-100] * (n // 3) + ids[n // 3:]
+        samples.append(s)
+    return samples
+
+
+def _plans():
+    return [plan_naive(LENGTHS, WORLD, C), random_plan(LENGTHS, WORLD, C, random.Random(5))]
+
+
+def _hdp_worker(rank, world_size, paths, cases, plan_jsons):
+    from hf_hdp.collators import HDPCollator, count_loss_tokens
+    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.trainer.trainer import enable_hdp_attention, run_micro_batches
+
+    torch.use_deterministic_algorithms(True)
+    mesh = DynamicMesh()
+    samples = dict(enumerate(_samples()))
+    n_loss = sum(count_loss_tokens(s["input_ids"], s.get("labels")) for s in samples.values())
+    plans = [StepPlan.from_json(pj) for pj in plan_jsons]
+    collator = HDPCollator(vocab_size=VOCAB)
+    out = {}
+    for case in cases:
+        family, dtype = CASES[case]
+        model = load_family_model(paths[family], family, dtype=dtype)
+        enable_hdp_attention(model)
+        per_plan = []
+        for plan in plans:
+            mesh.check_plan(plan.fingerprint(), 0)
+            model.zero_grad(set_to_none=True)
+            # packed afresh for every model: the metadata counts the model's calls of the "hdp" attention
+            micro = [collator(mb, samples) for mb in plan.for_rank(rank)]
+            loss = run_micro_batches(model, micro, n_loss, mesh, "reference", torch.device("cpu"))
+            params = [p for p in model.parameters() if p.requires_grad]
+            (total,) = mesh.reduce_gradients(params, extras=[loss])
+            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+                     for n, p in model.named_parameters()}
+            per_plan.append((total, grads if rank == 0 else {k: v.sum() for k, v in grads.items()}))
+        out[case] = per_plan
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _selected_cases(request) -> list[str]:
+    """The cases of the equivalence tests this session runs (so ``-k llama`` spawns for llama only)."""
+    chosen = {
+        item.callspec.params["case"] for item in request.session.items
+        if getattr(item, "originalname", None) == "test_family_hdp_gradients_equal_single_device"
+    }
+    return [c for c in CASES if c in chosen] or list(CASES)
+
+
+@pytest.fixture(scope="module")
+def hdp_runs(request, tmp_path_factory):
+    cases = _selected_cases(request)
+    root = tmp_path_factory.mktemp("families")
+    paths = {f: save_family_model(f, str(root / f)) for f in dict.fromkeys(CASES[c][0] for c in cases)}
+    plans = _plans()
+    for plan in plans:
+        assert {1, 3, 4} <= {p.k for p in plan.pieces()}, plan.planner
+    results = run_distributed(_hdp_worker, WORLD, paths, cases, [p.to_json() for p in plans], timeout=600)
+    return paths, plans, results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_family_hdp_gradients_equal_single_device(case, hdp_runs):
+    paths, plans, results = hdp_runs
+    family, dtype = CASES[case]
+    fp64 = dtype == torch.float64
+    loss_rtol = LOSS_RTOL if fp64 else LOSS_RTOL_FP32
+    model = load_family_model(paths[family], family, dtype=dtype)
+    check_model_supported(model, max(LENGTHS))  # the construction-time check accepts it
+    ref_loss, ref_grads = reference_step(model, _samples())
+    names = {n for n, _ in model.named_parameters()}
+    assert set(ref_grads) == names, f"{family}: parameters without a reference gradient: {names - set(ref_grads)}"
+    for i, plan in enumerate(plans):
+        loss, grads = results[0][case][i]
+        assert loss == pytest.approx(ref_loss, rel=loss_rtol), (case, plan.planner)
+        assert set(grads) == names
+        for name, g in ref_grads.items():
+            fp32 = family in FLOAT32_INTERNAL and FLOAT32_INTERNAL[family].search(name)
+            tol = GRAD_TOL if fp64 and not fp32 else GRAD_TOL_FLOAT32_INTERNAL if fp64 else GRAD_TOL_FP32
+            torch.testing.assert_close(
+                grads[name], g, rtol=tol, atol=tol * float(g.abs().max()),
+                msg=lambda m: f"{case} {plan.planner} {name}: {m}",
+            )
+        for r in range(1, WORLD):  # every rank holds the same reduced gradient and loss
+            assert results[r][case][i][0] == pytest.approx(loss, rel=1e-12)
+            for name, s in results[r][case][i][1].items():
+                torch.testing.assert_close(s, grads[name].sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_table_matches_the_tests():
+    """Every family the table calls supported is verified here, and every family tested is listed."""
+    assert set(REQUIRED) <= set(FAMILIES)
+    claimed = {k for k, v in SUPPORTED_FAMILIES.items() if v.status != "refused"}
+    assert claimed == set(FAMILIES), claimed ^ set(FAMILIES)
+    assert any(v.status == "refused" for v in SUPPORTED_FAMILIES.values())
+
+
+# ---------------------------------------------------------------------------------------- refusals
+
+
+def _tiny(family, **overrides):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(family_config(family, **overrides))
+
+
+def _raw(model_type, **kwargs):
+    """A config of a family not in family_models (for config-only checks)."""
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16)
+
+# (case id, builder, max_sequence_length, fragments the message must contain)
+REFUSED = [
+    ("gemma2-softcap", lambda: _tiny("gemma2", attn_logit_softcapping=50.0), 60,
+     ["Gemma2ForCausalLM", "soft-capping", "attn_logit_softcapping=50.0", "attn_implementation='eager'"]),
+    ("gemma2-default-long", lambda: _tiny("gemma2", attn_logit_softcapping=50.0, sliding_window=4096), 8192,
+     ["soft-capping", "window of 4096", "layer 0 uses", "8192"]),
+    ("mistral-window", lambda: _tiny("mistral", sliding_window=32), 60,
+     ["MistralForCausalLM", "window of 32", "layers 0, 1", "within 32 tokens"]),
+    ("qwen2-window", lambda: _tiny("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1), 60,
+     ["Qwen2ForCausalLM", "layer 1 uses", "window of 32"]),
+    ("qwen2_moe-window", lambda: AutoModelForCausalLM.from_config(_raw(
+        "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=32, max_window_layers=1)), 60,
+     ["Qwen2MoeForCausalLM", "window of 32"]),
+    ("gemma3-window", lambda: _tiny("gemma3_text", sliding_window=512), 4096,
+     ["Gemma3ForCausalLM", "layer 0 uses", "window of 512", "4096"]),
+    ("gemma3-bidirectional", lambda: _tiny("gemma3_text", use_bidirectional_attention=True), 60,
+     ["use_bidirectional_attention", "causal"]),
+    ("gpt_oss-sinks", lambda: AutoModelForCausalLM.from_config(_raw(
+        "gpt_oss", **_SMALL, num_local_experts=2, num_experts_per_tok=1, sliding_window=128)), 60,
+     ["GptOssForCausalLM", "attention sinks", "layers 0, 1", "attn_implementation='eager'"]),
+    ("llama-attention-dropout", lambda: _tiny("llama", attention_dropout=0.1), 60,
+     ["LlamaForCausalLM", "attention dropout", "attention_dropout=0.1", "= 0.0"]),
+    ("mixtral-router-aux-loss", lambda: _tiny("mixtral", output_router_logits=True), 60,
+     ["MixtralForCausalLM", "output_router_logits=True", "auxiliary loss", "output_router_logits=False"]),
+    ("phi3-longrope-past-original", lambda: _tiny("phi3"), 2048,
+     ["Phi3ForCausalLM", "'longrope'", "1024", "2048"]),
+    ("llama-dynamic-rope", lambda: _tiny(
+        "llama", max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    ), 60,
+     ["'dynamic'", "32"]),
+    ("t5-encoder-decoder", lambda: _raw("t5", vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2), 60,
+     ["encoder-decoder", "Seq2SeqTrainer"]),
+    ("qwen3_next-linear-attention", lambda: _raw("qwen3_next", **_SMALL), 60,
+     ["linear_attention", "qwen3_next family is not supported"]),
+    ("lfm2-conv", lambda: _raw("lfm2", num_hidden_layers=2, layer_types=["conv", "full_attention"]), 60,
+     ["conv", "mix tokens outside the attention interface"]),
+    ("llama4-temperature-tuning", lambda: _raw("llama4_text", **_SMALL), 60, ["llama4_text family is not supported"]),
+    ("llama4-chunked", lambda: _raw("llama4_text", **_SMALL, attention_chunk_size=32), 60,
+     ["chunked attention (attention_chunk_size=32)"]),
+    ("gemma3-multimodal", lambda: _raw("gemma3"), 60, ["multimodal", "text_config", "Gemma3ForCausalLM"]),
+    ("bloom-no-attention-interface", lambda: AutoModelForCausalLM.from_config(_raw(
+        "bloom", vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)), 60,
+     ["BloomForCausalLM", "AttentionInterface"]),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_at_construction(case):
+    """HDPTrainer.__init__ runs check_model_supported: the message names the model, the feature, the way out."""
+    _, build, max_len, fragments = case
+    with pytest.raises(UnsupportedModelError) as err:
+        check_model_supported(build(), max_len)
+    msg = str(err.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in:\n{msg}"
+
+
+def test_window_and_rope_limits_are_exact():
+    """A window (or original context) as long as the longest sample is plain causal attention: accepted."""
+    mistral = _tiny("mistral", sliding_window=32)
+    assert check_model_supported(mistral, 32).family == "conditional"
+    with pytest.raises(UnsupportedModelError, match="window of 32"):
+        check_model_supported(mistral, 33)
+    phi3 = _tiny("phi3")
+    check_model_supported(phi3, 1024)
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        check_model_supported(phi3, 1025)
+    # Gemma 2 with attention soft-capping off and a window covering the samples trains (final soft-capping on)
+    summary = check_model_supported(_tiny("gemma2"), 64)
+    assert summary.family == "conditional" and any("final logit" in n for n in summary.notes)
+
+
+def test_unverified_family_is_allowed_with_a_warning(caplog):
+    config = _raw("helium", **_SMALL)
+    with caplog.at_level(logging.WARNING, logger="hf_hdp.models"):
+        summary = check_model_supported(AutoModelForCausalLM.from_config(config), 60)
+    assert summary.family == "unverified"
+    assert "not verified" in caplog.text and "helium" in caplog.text
+
+
+def test_window_a_layer_keeps_to_itself_is_refused_at_the_forward():
+    """Qwen2-MoE's sliding layers never pass ``sliding_window`` on; the "hdp" attention must read the layer's own."""
+    from hf_hdp.attention.interface import UnsupportedAttentionError
+    from hf_hdp.attention.metadata import HDPAttentionMetadata
+    from hf_hdp.trainer.trainer import enable_hdp_attention
+
+    model = AutoModelForCausalLM.from_config(_raw(
+        "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+    enable_hdp_attention(model)
+    meta = HDPAttentionMetadata(num_tokens=40, local_len=40, local_seqlens=[40], rings=[], backend="reference")
+    with pytest.raises(UnsupportedAttentionError, match="sliding window of 8 tokens"):
+        model(input_ids=torch.randint(0, VOCAB, (1, 40)), position_ids=torch.arange(40)[None], hdp_metadata=meta)
