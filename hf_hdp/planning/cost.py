@@ -279,6 +279,11 @@ class CostModel:
     def with_coefficients(self, a: float, b: float, c: float) -> "CostModel":
         return replace(self, a=a, b=b, c=c)
 
+    @property
+    def grad_hop_bytes(self) -> int:
+        """Bytes per value of the ring's dK/dV accumulators: float32, or float64 for a float64 model."""
+        return max(FLOAT32_BYTES, self.value_bytes)
+
     def to_dict(self) -> dict:
         """The model's fields as JSON-friendly values (``extra`` left out; infinities as ``None``)."""
         d = asdict(self)
@@ -318,7 +323,7 @@ class CostModel:
         """One ring hop of ``tokens`` tokens' K/V, all layers: forward K/V, backward K/V, and the
         backward dK/dV in float32 (three messages, none hidden)."""
         kv = tokens * self.kv_bytes_per_token
-        grad = kv * FLOAT32_BYTES / self.value_bytes
+        grad = kv * self.grad_hop_bytes / self.value_bytes
         return self.num_layers * (
             2 * self.message_time(kv, spans_nodes) + self.message_time(grad, spans_nodes)
         )
@@ -350,7 +355,7 @@ class CostModel:
         block_bwd = block - block_fwd
         kv = (sum_s / k) * self.kv_bytes_per_token
         t_kv = self.message_time(kv, spans_nodes)
-        t_grad = self.message_time(kv * FLOAT32_BYTES / self.value_bytes, spans_nodes)
+        t_grad = self.message_time(kv * self.grad_hop_bytes / self.value_bytes, spans_nodes)
         exposed = (k - 1) * max(0.0, t_kv - block_fwd)
         if self.overlap_grad_hops:
             exposed += (k - 1) * max(0.0, t_kv + t_grad - block_bwd) + t_grad
@@ -410,7 +415,7 @@ class CostModel:
         if k <= 1:
             return 0.0
         per_hop = (s / k) * self.kv_bytes_per_token
-        grad_hop = per_hop * FLOAT32_BYTES / self.value_bytes  # dK/dV accumulate in float32
+        grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
         return self.num_layers * ((k - 1) * 2 * per_hop + k * grad_hop)
 
     def segment_bytes_sent(self, lengths: Sequence[int], k: int, member: int) -> float:
@@ -432,7 +437,7 @@ class CostModel:
                 rows[m] += n
         total = sum(rows)
         per_row = self.num_layers * self.kv_bytes_per_token
-        grad = total * FLOAT32_BYTES / self.value_bytes
+        grad = total * self.grad_hop_bytes / self.value_bytes
         return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
 
     def segment_messages(self, k: int) -> int:
