@@ -21,9 +21,7 @@ ranks whenever the 210K file is drawn.
 Estimates come from :func:`hf_hdp.planning.metrics.plan_metrics` under
 :meth:`hf_hdp.planning.cost.CostModel.default` (LLaMA-7B on H100, 8 ranks per node); imbalance is
 max / mean busy time over the ranks, step-time speedups are static step time / planner step time per
-batch. The naive plans come from :func:`hf_hdp.planning.balanced.naive_plan_fast`, which builds
-exactly :func:`~hf_hdp.planning.naive.plan_naive`'s plan (``tests/test_balanced.py``) in
-``O(n log W)`` instead of ``O(n W)``. Batches run in ``--jobs`` processes; results do not depend on it.
+batch. The naive plans come from :func:`hf_hdp.planning.naive.plan_naive` (``O(n log W)``). Batches run in ``--jobs`` processes; results do not depend on it.
 """
 
 from __future__ import annotations
@@ -39,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from hf_hdp.corpus import stdlib_lengths  # noqa: E402
 from hf_hdp.planning import plan_static  # noqa: E402
-from hf_hdp.planning.balanced import naive_plan_fast, plan_balanced  # noqa: E402
+from hf_hdp.planning.balanced import plan_balanced  # noqa: E402
+from hf_hdp.planning.naive import plan_naive  # noqa: E402
 from hf_hdp.planning.cost import CostModel  # noqa: E402
 from hf_hdp.planning.metrics import plan_metrics  # noqa: E402
 
@@ -67,7 +66,7 @@ def one_batch(args: tuple[int, int, int]) -> dict:
     lengths = draw(seed, world, micro_batches)
     plans = {
         "static": plan_static(lengths, world, C),
-        "naive": naive_plan_fast(lengths, world, C),
+        "naive": plan_naive(lengths, world, C),
         "balanced": plan_balanced(lengths, world, C, cost=cost, never_worse_than_naive=False),
     }
     metrics = {name: plan_metrics(plan, cost) for name, plan in plans.items()}

@@ -12,7 +12,9 @@ import pytest
 
 from hf_hdp.corpus import stdlib_lengths
 from hf_hdp.planning import PlanError, StepPlan, plan_naive
-from hf_hdp.planning.balanced import naive_plan_fast, plan_balanced
+from hf_hdp.planning.balanced import plan_balanced
+from hf_hdp.planning.naive import BestFit, ceil_div, check_lengths, longest_first
+from hf_hdp.planning.plan import Piece, build_plan
 from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS, CostModel
 from hf_hdp.planning.metrics import plan_metrics
 from test_planning import check_plan, random_lengths
@@ -203,14 +205,14 @@ def test_planned_times_are_the_metric_times():
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_fast_naive_is_plan_naive(seed):
+def test_heap_naive_equals_the_scanning_reference(seed):
     lengths, world, C, _ = random_case(seed)
-    assert naive_plan_fast(lengths, world, C) == plan_naive(lengths, world, C)
+    assert plan_naive(lengths, world, C) == reference_naive(lengths, world, C)
 
 
-def test_fast_naive_is_plan_naive_on_stdlib():
+def test_heap_naive_equals_the_scanning_reference_on_stdlib():
     lengths = stdlib_batch(5, 32, micro_batches=4)
-    a, b = naive_plan_fast(lengths, 32, C8K), plan_naive(lengths, 32, C8K)
+    a, b = plan_naive(lengths, 32, C8K), reference_naive(lengths, 32, C8K)
     assert a == b and a.to_json() == b.to_json()
 
 
@@ -321,3 +323,54 @@ def test_balanced_does_not_import_torch():
     code = "import sys, hf_hdp.planning.balanced; assert 'torch' not in sys.modules, 'torch imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def reference_naive(lengths: Sequence[int], world_size: int, tokens_per_rank: int) -> StepPlan:
+    """plan_naive as first written, with O(W) scans: the spec the heap version must match."""
+    lengths = check_lengths(lengths, world_size, tokens_per_rank)
+    W, C = world_size, tokens_per_rank
+    order = longest_first(lengths)
+
+    pieces: dict[tuple[int, int], list[Piece]] = {}  # (rank, slot) -> pieces
+    load: dict[tuple[int, int], int] = {}  # (rank, slot) -> tokens
+    next_slot = [0] * W
+    tokens = [0] * W
+
+    def put(piece: Piece, rank: int, slot: int) -> None:
+        n = piece.tokens_on(rank)
+        pieces.setdefault((rank, slot), []).append(piece)
+        load[rank, slot] = load.get((rank, slot), 0) + n
+        tokens[rank] += n
+        next_slot[rank] = max(next_slot[rank], slot + 1)
+
+    # Phase 1: distributed sequences, longest first, each in a fresh slot shared by its members.
+    local = []
+    for sample in order:
+        s = lengths[sample]
+        k = ceil_div(s, C)
+        if k == 1:
+            local.append(sample)
+            continue
+        members = sorted(sorted(range(W), key=lambda r: (next_slot[r], tokens[r], r))[:k])
+        slot = max(next_slot[r] for r in members)
+        piece = Piece(sample=sample, length=s, group=tuple(members))
+        for r in members:
+            put(piece, r, slot)
+
+    # Phase 2: local sequences, best-fit into every slot used so far (spare and skipped ones too).
+    bins = BestFit()
+    for r in range(W):
+        for slot in range(next_slot[r]):
+            bins.add((slot, r), C - load.get((r, slot), 0))
+    for sample in local:
+        s = lengths[sample]
+        key = bins.take(s)
+        if key is None:
+            r = min(range(W), key=lambda q: (tokens[q], next_slot[q], q))
+            key = (next_slot[r], r)
+        slot, r = key
+        put(Piece(sample=sample, length=s, group=(r,)), r, slot)
+        bins.add(key, C - load[r, slot])
+
+    placements = ((r, slot, ps) for (r, slot), ps in pieces.items())
+    return build_plan(lengths, W, C, placements, planner="naive")

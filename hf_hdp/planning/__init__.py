@@ -11,7 +11,7 @@ import functools
 import inspect
 from typing import Callable, Sequence
 
-from .balanced import naive_plan_fast, plan_balanced
+from .balanced import plan_balanced
 from .cost import (
     HARDWARE_PRESETS,
     MODEL_PRESETS,
@@ -76,7 +76,6 @@ __all__ = [
     "hardware_from_coefficients",
     "memory_per_rank",
     "model_state_bytes",
-    "naive_plan_fast",
     "plan_balanced",
     "plan_metrics",
     "plan_timeline",

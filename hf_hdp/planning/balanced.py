@@ -82,8 +82,8 @@ Never slower than naive
 -----------------------
 Greedy schedules can lose on odd inputs (a few percent, on about 3% of random small mixes, mostly
 where the per-micro-batch overhead dominates). So :func:`plan_balanced` also builds the naive plan
-(:func:`naive_plan_fast`: exactly :func:`~hf_hdp.planning.naive.plan_naive`'s plan in
-``O(n log W)``) and returns it, relabelled ``"balanced"`` with ``meta["source"] == "naive"``, when its
+(:func:`~hf_hdp.planning.naive.plan_naive`, ``O(n log W)``) and returns it, relabelled
+``"balanced"`` with ``meta["source"] == "naive"``, when its
 :func:`plan_metrics` step time is lower. A balanced plan's estimated step time therefore never
 exceeds naive HDP's on the same input and cost model.
 
@@ -102,7 +102,7 @@ from typing import Sequence
 from .cost import CostModel
 from .layout import zigzag_member_sizes
 from .metrics import plan_metrics
-from .naive import BestFit, ceil_div, check_lengths, longest_first
+from .naive import BestFit, ceil_div, check_lengths, longest_first, plan_naive
 from .plan import Piece, StepPlan, build_plan
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
@@ -627,7 +627,7 @@ def plan_balanced(
 
     mine = plan_metrics(plan, cost).step_time_s
     plan.meta["estimated_step_time_s"] = mine
-    naive = naive_plan_fast(lengths, W, C)
+    naive = plan_naive(lengths, W, C)
     # Naive's step time is at least its busiest rank's work plus the all-reduce (the metric's clocks
     # only add waits to the work); only when that bound does not settle it, simulate naive as well.
     busy = [0.0] * W
@@ -642,72 +642,3 @@ def plan_balanced(
                 "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
         return replace(naive, planner="balanced", meta=meta)
     return plan
-
-
-def naive_plan_fast(lengths: Sequence[int], world_size: int, tokens_per_rank: int) -> StepPlan:
-    """:func:`~hf_hdp.planning.naive.plan_naive`'s exact plan, with heaps instead of its ``O(W)``
-    scans per sequence (``tests/test_balanced.py`` checks the two agree).
-
-    Phase 1 takes the ``k`` ranks with the smallest ``(next slot, tokens, rank)``; phase 2 opens a
-    new slot on the rank with the smallest ``(tokens, next slot, rank)``. Both keys only grow, so a
-    lazy heap (stale entries skipped) finds the same ranks in ``O(log W)``.
-    """
-    lengths = check_lengths(lengths, world_size, tokens_per_rank)
-    W, C = world_size, tokens_per_rank
-    order = longest_first(lengths)
-
-    pieces: dict[tuple[int, int], list[Piece]] = {}
-    load: dict[tuple[int, int], int] = {}
-    next_slot = [0] * W
-    tokens = [0] * W
-
-    def put(piece: Piece, rank: int, slot: int) -> None:
-        n = piece.tokens_on(rank)
-        pieces.setdefault((rank, slot), []).append(piece)
-        load[rank, slot] = load.get((rank, slot), 0) + n
-        tokens[rank] += n
-        next_slot[rank] = max(next_slot[rank], slot + 1)
-
-    heap = [(0, 0, r) for r in range(W)]
-    local = []
-    for sample in order:
-        s = lengths[sample]
-        k = ceil_div(s, C)
-        if k == 1:
-            local.append(sample)
-            continue
-        chosen = []
-        while len(chosen) < k:
-            ns, tk, r = heapq.heappop(heap)
-            if ns == next_slot[r] and tk == tokens[r]:
-                chosen.append(r)
-        members = sorted(chosen)
-        slot = max(next_slot[r] for r in members)
-        piece = Piece(sample=sample, length=s, group=tuple(members))
-        for r in members:
-            put(piece, r, slot)
-            heapq.heappush(heap, (next_slot[r], tokens[r], r))
-
-    bins = BestFit()
-    for r in range(W):
-        for slot in range(next_slot[r]):
-            bins.add((slot, r), C - load.get((r, slot), 0))
-    light = [(tokens[r], next_slot[r], r) for r in range(W)]
-    heapq.heapify(light)
-    for sample in local:
-        s = lengths[sample]
-        key = bins.take(s)
-        if key is None:
-            while True:
-                tk, ns, r = light[0]
-                if tk == tokens[r] and ns == next_slot[r]:
-                    break
-                heapq.heappop(light)
-            key = (next_slot[r], r)
-        slot, r = key
-        put(Piece(sample=sample, length=s, group=(r,)), r, slot)
-        heapq.heappush(light, (tokens[r], next_slot[r], r))
-        bins.add(key, C - load[r, slot])
-
-    placements = ((r, slot, ps) for (r, slot), ps in pieces.items())
-    return build_plan(lengths, W, C, placements, planner="naive")

@@ -39,6 +39,7 @@ The helpers :func:`check_lengths` and :class:`BestFit` are shared with the stati
 from __future__ import annotations
 
 import bisect
+import heapq
 from typing import Sequence
 
 from .plan import Piece, PlanError, StepPlan, build_plan
@@ -102,13 +103,18 @@ class BestFit:
 
 
 def plan_naive(lengths: Sequence[int], world_size: int, tokens_per_rank: int) -> StepPlan:
-    """Plan one step with naive HDP (see the module docstring)."""
+    """Plan one step with naive HDP (see the module docstring).
+
+    Phase 1 takes the ``k`` ranks with the smallest ``(next slot, tokens, rank)``; phase 2 opens a
+    new slot on the rank with the smallest ``(tokens, next slot, rank)``. Both keys only grow, so
+    lazy heaps (stale entries skipped) find those ranks in ``O(log W)``: ``O(n log W)`` in all.
+    """
     lengths = check_lengths(lengths, world_size, tokens_per_rank)
     W, C = world_size, tokens_per_rank
     order = longest_first(lengths)
 
-    pieces: dict[tuple[int, int], list[Piece]] = {}  # (rank, slot) -> pieces
-    load: dict[tuple[int, int], int] = {}  # (rank, slot) -> tokens
+    pieces: dict[tuple[int, int], list[Piece]] = {}
+    load: dict[tuple[int, int], int] = {}
     next_slot = [0] * W
     tokens = [0] * W
 
@@ -119,7 +125,7 @@ def plan_naive(lengths: Sequence[int], world_size: int, tokens_per_rank: int) ->
         tokens[rank] += n
         next_slot[rank] = max(next_slot[rank], slot + 1)
 
-    # Phase 1: distributed sequences, longest first, each in a fresh slot shared by its members.
+    heap = [(0, 0, r) for r in range(W)]
     local = []
     for sample in order:
         s = lengths[sample]
@@ -127,25 +133,37 @@ def plan_naive(lengths: Sequence[int], world_size: int, tokens_per_rank: int) ->
         if k == 1:
             local.append(sample)
             continue
-        members = sorted(sorted(range(W), key=lambda r: (next_slot[r], tokens[r], r))[:k])
+        chosen = []
+        while len(chosen) < k:
+            ns, tk, r = heapq.heappop(heap)
+            if ns == next_slot[r] and tk == tokens[r]:
+                chosen.append(r)
+        members = sorted(chosen)
         slot = max(next_slot[r] for r in members)
         piece = Piece(sample=sample, length=s, group=tuple(members))
         for r in members:
             put(piece, r, slot)
+            heapq.heappush(heap, (next_slot[r], tokens[r], r))
 
-    # Phase 2: local sequences, best-fit into every slot used so far (spare and skipped ones too).
     bins = BestFit()
     for r in range(W):
         for slot in range(next_slot[r]):
             bins.add((slot, r), C - load.get((r, slot), 0))
+    light = [(tokens[r], next_slot[r], r) for r in range(W)]
+    heapq.heapify(light)
     for sample in local:
         s = lengths[sample]
         key = bins.take(s)
         if key is None:
-            r = min(range(W), key=lambda q: (tokens[q], next_slot[q], q))
+            while True:
+                tk, ns, r = light[0]
+                if tk == tokens[r] and ns == next_slot[r]:
+                    break
+                heapq.heappop(light)
             key = (next_slot[r], r)
         slot, r = key
         put(Piece(sample=sample, length=s, group=(r,)), r, slot)
+        heapq.heappush(light, (tokens[r], next_slot[r], r))
         bins.add(key, C - load[r, slot])
 
     placements = ((r, slot, ps) for (r, slot), ps in pieces.items())
