@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hf_hdp.corpus import stdlib_lengths  # noqa: E402
+from paper_check import draw_batch  # noqa: E402  (this folder is on sys.path when run as a script)
 from hf_hdp.planning import plan_naive  # noqa: E402
 from hf_hdp.planning.balanced import plan_balanced  # noqa: E402
 from hf_hdp.planning.cost import CostModel  # noqa: E402
@@ -42,20 +43,13 @@ K, M = 1 << 10, 1 << 20
 C = 8 * K
 WORLDS = (8, 64, 512, 2048, 12288)
 TOKENS_AT_12288 = 32 * M
-BUCKETS = [(2 * M, 0.121), (1 * M, 0.097), (512 * K, 0.073), (256 * K, 0.088), (128 * K, 0.064)] + [
-    (64 * K, 0.111), (32 * K, 0.111), (16 * K, 0.111), (8 * K, 0.111)
-] + [(u, 0.02825) for u in (4 * K, 2 * K, 1 * K, 512)]
 REFERENCES = [("WLB-LLM planner (published)", 0.020), ("FlexSP solver, low end (published)", 5.0),
               ("FlexSP solver, high end (published)", 15.0)]
 
 
 def production_batch(rng: random.Random, tokens: int, limit: int) -> list[int]:
-    lengths = []
-    for upper, share in BUCKETS:
-        n = round(share * tokens / ((upper // 2 + 1 + upper) / 2))
-        lengths.extend(rng.randint(upper // 2 + 1, upper) for _ in range(n))
-    rng.shuffle(lengths)
-    return [s for s in lengths if s <= limit]
+    """ByteScale's production mix, as benchmarks/paper_check.py draws it (its bucket shares)."""
+    return [s for s in draw_batch(rng, tokens) if s <= limit]
 
 
 def stdlib_batch(rng: random.Random, tokens: int, limit: int) -> list[int]:
@@ -80,7 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worlds", default=",".join(map(str, WORLDS)))
     ap.add_argument("--repeat", type=int, default=3, help="timings are the best of this many runs")
-    ap.add_argument("--skip-naive", action="store_true", help="do not time naive.py's O(n·W) planner")
+    ap.add_argument("--skip-naive", action="store_true", help="do not time naive.py's planner")
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.worlds.split(",")]
     cost = CostModel.default()
