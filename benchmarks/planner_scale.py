@@ -19,7 +19,7 @@ Times are CPU seconds of this process (``time.process_time``, best of ``--repeat
 load on the machine does not inflate them. ``balanced`` is :func:`plan_balanced` as the trainer
 calls it, including its never-slower-than-naive guard (it also builds the naive plan and measures
 the step time); ``schedule`` is the balance scheduler alone (``never_worse_than_naive=False``);
-``naive.py`` is :func:`~hf_hdp.planning.naive.plan_naive` as written (``O(n·W)``), for context.
+``naive.py`` is :func:`~hf_hdp.planning.naive.plan_naive` (``O(n log W)``), for context.
 Nothing here asserts a time.
 """
 
