@@ -14,6 +14,8 @@ from typing import Literal
 from .planning import HARDWARE_PRESETS, PLANNERS
 
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "reference")
+LONG_SAMPLE_POLICIES = ("error", "truncate", "drop")
+FUSED_BACKENDS = ("flash_attn", "torch_varlen")
 
 
 @dataclass
@@ -71,6 +73,15 @@ class HDPConfig:
         default=None,
         metadata={"help": "Processes for computing the length column with datasets.map."},
     )
+    long_sample_policy: Literal["error", "truncate", "drop"] = field(
+        default="error",
+        metadata={
+            "help": "What to do with samples longer than world_size * tokens_per_rank, which no plan can hold: "
+            "'error' (the default) refuses them before training; 'truncate' keeps their first world_size * "
+            "tokens_per_rank tokens (input_ids and labels together); 'drop' removes them from the dataset. Both "
+            "opt-in policies log how many samples they changed, which rows and how many tokens were removed."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.tokens_per_rank, bool) or not isinstance(self.tokens_per_rank, int):
@@ -101,6 +112,123 @@ class HDPConfig:
             )
         if not self.length_column:
             raise ValueError("HDPConfig.length_column must name a column")
+        if self.long_sample_policy not in LONG_SAMPLE_POLICIES:
+            raise ValueError(
+                f"HDPConfig.long_sample_policy must be one of {LONG_SAMPLE_POLICIES}, got {self.long_sample_policy!r}: "
+                "'error' refuses samples longer than world_size * tokens_per_rank, 'truncate' cuts them to that "
+                "length, 'drop' removes them."
+            )
+
+    def check_training_args(self, args) -> None:
+        """Refuse ``TrainingArguments`` that this config contradicts, or that HDP would silently ignore.
+
+        Checked (each error names both settings and the fix):
+
+        - ``global_batch_size`` with ``gradient_accumulation_steps > 1``: both set the batch;
+        - ``train_sampling_strategy`` other than ``"random"``: HDP draws each global batch in its own
+          seeded random order and balances lengths itself, so 'sequential', 'group_by_length' and
+          'batch_rebalance' would be ignored;
+        - ``auto_find_batch_size``: it shrinks ``per_device_train_batch_size`` on OOM, which under HDP
+          changes the global batch (the training itself), not the memory; ``tokens_per_rank`` bounds memory;
+        - ``label_smoothing_factor > 0``: HDP's token-level loss does not smooth labels;
+        - ``fsdp`` / ``deepspeed``: HDP replicates model states and reduces gradients itself;
+        - a ``parallelism_config`` with context, tensor, sequence or sharded data parallelism: HDP is
+          the data and context parallelism.
+
+        ``dataloader_drop_last`` with a global batch larger than the dataset (no step at all) is refused
+        by :class:`~hf_hdp.trainer.data.GlobalBatchSampler`, once the dataset size is known.
+        """
+        accum = getattr(args, "gradient_accumulation_steps", 1) or 1
+        if self.global_batch_size is not None and accum > 1:
+            raise ValueError(
+                f"HDPConfig.global_batch_size={self.global_batch_size} and "
+                f"TrainingArguments.gradient_accumulation_steps={accum} both set the "
+                "batch; HDP accumulates micro-batches itself. Set gradient_accumulation_steps=1 or leave "
+                "global_batch_size unset."
+            )
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy not in (None, "random"):
+            raise ValueError(
+                f"TrainingArguments.train_sampling_strategy={strategy!r} contradicts HDP: HDPTrainer draws every "
+                "global batch in a seeded random order (seed and epoch only) and its planner balances the "
+                "sample lengths over ranks itself, so this setting would be ignored. Set "
+                "train_sampling_strategy='random' (the default)."
+            )
+        if getattr(args, "group_by_length", False):  # older transformers
+            raise ValueError(
+                "TrainingArguments.group_by_length=True contradicts HDP: its planner balances the sample lengths "
+                "over ranks itself, and the global batch is drawn in a seeded random order. Set group_by_length=False."
+            )
+        if getattr(args, "auto_find_batch_size", False):
+            raise ValueError(
+                "TrainingArguments.auto_find_batch_size=True contradicts HDP: it lowers per_device_train_batch_size "
+                "after an out-of-memory error, which under HDP changes the global batch (the training itself) but "
+                "not a rank's memory. Set auto_find_batch_size=False and bound memory with "
+                "HDPConfig.tokens_per_rank (hf_hdp.planning.tokens_per_rank_for_memory estimates it)."
+            )
+        smoothing = getattr(args, "label_smoothing_factor", 0.0) or 0.0
+        if smoothing > 0:
+            raise ValueError(
+                f"TrainingArguments.label_smoothing_factor={smoothing} would be ignored: HDPTrainer computes its "
+                "own token-level cross-entropy over the global batch, without label smoothing. Set "
+                "label_smoothing_factor=0."
+            )
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            which = "fsdp" if getattr(args, "fsdp", None) else "deepspeed"
+            raise ValueError(
+                f"TrainingArguments.{which} is set, but HDPTrainer replicates the model states on every rank and "
+                "reduces the gradients itself, once per step; sharding the model would break both. Unset "
+                f"{which}, or use the stock Trainer."
+            )
+        pc = getattr(args, "parallelism_config", None)
+        if pc is not None:
+            sizes = {k: getattr(pc, k, 1) or 1 for k in ("cp_size", "tp_size", "sp_size", "dp_shard_size")}
+            used = {k: v for k, v in sizes.items() if v > 1}
+            if used:
+                raise ValueError(
+                    f"TrainingArguments.parallelism_config sets {used}, but HDP is itself the data and context "
+                    "parallelism: every rank holds the whole model and long samples are split over as many ranks "
+                    "as they need, per step. Drop parallelism_config (HDP needs no cp_size)."
+                )
+
+    def check_attention_backend(self, device, dtype=None, mixed_precision: bool = False,
+                                head_dim: int | None = None) -> str:
+        """The attention backend this config runs with on ``device``, or a ``ValueError`` saying why it cannot.
+
+        ``dtype`` is the model's parameter dtype and ``mixed_precision`` whether bf16/fp16 autocast is on
+        (TrainingArguments ``bf16``/``fp16``): the fused CUDA kernels (``flash_attn``, ``torch_varlen``)
+        need bf16/fp16 activations and a head dimension that is a multiple of 8, at most 256. Checked when
+        HDPTrainer is built, so a run never starts with kernels that fail at the first forward.
+        """
+        import torch
+
+        from .attention.kernels import backend_unavailable_reason, get_backend
+
+        device = torch.device(device)
+        name = self.attention_backend
+        if name == "auto":
+            name = get_backend("auto", device).name
+        else:
+            reason = backend_unavailable_reason(name, device)
+            if reason is not None:
+                raise ValueError(
+                    f"HDPConfig.attention_backend={name!r} cannot run on this trainer's device ({device}): {reason}."
+                )
+        if name in FUSED_BACKENDS:
+            low = (torch.float16, torch.bfloat16)
+            if dtype is not None and dtype not in low and not mixed_precision:
+                raise ValueError(
+                    f"the {name!r} attention backend{' (picked by attention_backend=auto)' if self.attention_backend == 'auto' else ''} "
+                    f"runs fused kernels that need bfloat16/float16 activations, but the model is {dtype} and "
+                    "neither TrainingArguments.bf16 nor fp16 is set. Set bf16=True (or load the model in bfloat16), "
+                    "or use HDPConfig(attention_backend='reference') for float32/float64 (slow)."
+                )
+            if head_dim is not None and (head_dim % 8 or head_dim > 256):
+                raise ValueError(
+                    f"the {name!r} attention backend needs a head dimension that is a multiple of 8 and at most 256, "
+                    f"the model's is {head_dim}. Use HDPConfig(attention_backend='reference')."
+                )
+        return name
 
     @property
     def explicit_global_batch(self) -> bool:

@@ -187,6 +187,11 @@ HARDWARE_PRESETS = {
     # the efficiencies are the fitted rates over it: the reference attention reaches 3.7% (explicit, memory-bound
     # scores), the GEMMs 50%. P2P: gloo two-way exchange between two local processes, 80 us + 2.2 GB/s.
     "cpu": HardwareSpec("cpu", 2.12e11, 0.0365, 0.495, 2.2e9, 8e-5, 2.2e9, 8e-5, 64, 1.16e-3, 24e9),
+    # One H200 measured with `python benchmarks/calibrate.py --model llama-7b-layers` (torch 2.11, bf16, the
+    # "hdp" attention on torch_varlen, 1K-32K tokens and packed micro-batches): a = 9.32e-11, b = 3.20e-6,
+    # c = 1.35e-3 s per layer, residuals within 3.5%; a dense bf16 matmul ran at 737 TFLOP/s, attention at
+    # 264 (36%) and the GEMMs at 503 (68%). Links as the H100 preset (one GPU was lent: NVLink/IB not measured).
+    "h200": HardwareSpec("h200", 737e12, 0.358, 0.682, 450e9, 5e-6, 50e9, 15e-6, 8, 1.35e-3, 141e9),
 }
 
 
