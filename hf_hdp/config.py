@@ -26,7 +26,7 @@ class HDPConfig:
         default=8192,
         metadata={
             "help": "Capacity C: the most tokens one rank holds in one micro-batch. A sample of s tokens is split "
-            "over ceil(s / C) ranks; samples longer than world_size * C are refused."
+            "over ceil(s / C) ranks; samples longer than world_size * C are refused (see long_sample_policy)."
         },
     )
     global_batch_size: int | None = field(

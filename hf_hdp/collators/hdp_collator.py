@@ -88,6 +88,13 @@ def check_sample(row, sample: Mapping, vocab_size: int | None = None) -> tuple[l
                 "Labels must align with input_ids token for token (use -100 for tokens without loss); "
                 "HDP shifts them itself."
             )
+        if vocab_size is not None:
+            bad = next((t for t in labels if t != IGNORE_INDEX and (t < 0 or t >= vocab_size)), None)
+            if bad is not None:
+                raise HDPDataError(
+                    f"sample {row}: label id {bad} is outside the model's vocabulary [0, {vocab_size}) and is not "
+                    f"{IGNORE_INDEX}. Labels hold target token ids, or {IGNORE_INDEX} for tokens without loss."
+                )
     return ids, labels
 
 

@@ -12,6 +12,13 @@ It changes four things through Trainer's override points, and nothing else:
 - ``create_accelerator_and_postprocess``: the Accelerator becomes an :class:`~hf_hdp.mesh.HDPAccelerator`
   (model states replicated, no DDP wrapper) carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
 
+Beside those:
+
+- ``get_eval_dataloader`` / ``evaluation_loop``: HDP evaluation, the eval set's per-token mean loss
+  (see :mod:`hf_hdp.trainer.evaluation`); Trainer's own ``evaluate`` runs around them.
+- ``create_optimizer``: the optimizer's ``step`` gets a guard, so that a global batch without a
+  single label token skips the optimizer step for real (see :meth:`HDPTrainer.training_step`).
+
 Gradient accumulation is HDP's own: ``gradient_accumulation_steps`` only feeds the default
 global batch size and is set to 1 for Trainer's loop.
 """
@@ -19,6 +26,7 @@ global batch size and is set to 1 for Trainer's loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
@@ -28,20 +36,26 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
-from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator
+from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator, HDPDataError
 from ..config import HDPConfig
 from ..mesh import DynamicMesh, attach_mesh
 from ..models import UnsupportedModelError, check_model_supported
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .stats import HDPStats
 from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, check_lengths, measure_dataset, move_to
+from .evaluation import eval_dataloader, hdp_evaluation_loop
+from .stats import HDPStats
 
 logger = logging.getLogger(__name__)
 
 
 def _base_model(model) -> PreTrainedModel | None:
     """The transformers model inside ``model`` (itself, or the base of a PEFT wrapper)."""
+    if not isinstance(model, PreTrainedModel) and callable(getattr(model, "get_base_model", None)):
+        # a PeftModel: its `base_model.base_model` would be the inner decoder (LlamaModel), not the LM
+        base = model.get_base_model()
+        if isinstance(base, PreTrainedModel):
+            return base
     seen = model
     for _ in range(4):
         if isinstance(seen, PreTrainedModel):
@@ -118,6 +132,43 @@ def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicM
     return float(total)
 
 
+def _guard_step(optimizer, should_skip) -> None:
+    """Make ``optimizer.step()`` return at once, touching nothing, whenever ``should_skip()`` says so.
+
+    The guard is an instance attribute wrapping the bound ``step``, the way torch's LR schedulers and
+    accelerate's mixed-precision wrapper patch it: the optimizer keeps its class (``isinstance``
+    checks, ``state_dict``, checkpoints are unchanged). Idempotent.
+    """
+    if getattr(optimizer, "_hdp_step_guard", False):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def guarded_step(*args, **kwargs):
+        if should_skip():
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded_step
+    optimizer._hdp_step_guard = True
+
+
+def _rows_text(rows: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return f"[{shown}{', ...' if len(rows) > limit else ''}]"
+
+
+def _is_map_style(dataset) -> bool:
+    """A dataset HDP can plan: sized, indexable by a list of rows, with columns (``datasets.Dataset``)."""
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        IterableDataset = ()
+    if isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset)):
+        return False
+    return all(hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__"))
+
+
 class HDPTrainer(Trainer):
     """``Trainer`` with Hybrid Data Parallelism. ``hdp_config`` may be omitted (defaults apply)."""
 
@@ -150,10 +201,14 @@ class HDPTrainer(Trainer):
         self.hdp_stats = HDPStats(self.mesh.world_size)
         self._num_params = self.hdp_model.num_parameters()
         self._train_lengths = None
+        self._eval_measured: dict = {}  # dataset fingerprint -> (dataset, lengths, loss tokens)
+        self._skip_optimizer_step = False  # set by training_step, consumed by the optimizer's guarded step
+        self._skipped_steps = 0  # since the last log
         if self.train_dataset is not None:
             self._measure_train_dataset()
-        longest = (int(self._train_lengths.max()) if self._train_lengths is not None and len(self._train_lengths)
-                   else self.mesh.world_size * self.hdp_config.tokens_per_rank)
+        longest = [int(self._train_lengths.max())] if self._train_lengths is not None and len(self._train_lengths) else []
+        longest += self._measure_eval_datasets()  # bad eval samples fail now, not at the first evaluation
+        longest = max(longest) if longest else self.mesh.world_size * self.hdp_config.tokens_per_rank
         self.hdp_model_support = check_model_supported(self.hdp_model, longest)
         self.cost_model = self._make_cost_model()
         self.add_callback(HDPCheckpointCallback(self))
@@ -184,18 +239,56 @@ class HDPTrainer(Trainer):
             return CostModel.default()
 
     # ------------------------------------------------------------------ data
-    def _measure_train_dataset(self) -> None:
+    def _measure(self, dataset, what: str):
+        """``(dataset with length columns, lengths, loss tokens)``; refuses what HDP cannot plan."""
         cfg = self.hdp_config
-        if not hasattr(self.train_dataset, "column_names") or not hasattr(self.train_dataset, "select_columns"):
+        if not _is_map_style(dataset):
             raise TypeError(
-                f"HDPTrainer needs a map-style datasets.Dataset as train_dataset, got {type(self.train_dataset).__name__}. "
-                "Convert an IterableDataset with datasets.Dataset.from_generator(lambda: (yield from iterable_ds))."
+                f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. HDP plans "
+                "each global batch from the lengths of its samples and loads samples by index, which a stream "
+                "cannot give. Load the data without streaming (load_dataset(..., streaming=False) memory-maps it "
+                "from disk, so its size does not matter), or convert the stream once: "
+                "`def gen(ds): yield from ds`, then datasets.Dataset.from_generator(functools.partial(gen, "
+                "iterable_ds), features=iterable_ds.features)."
             )
         with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
-            ds, lengths, loss_tokens = measure_dataset(self.train_dataset, cfg.length_column, cfg.length_num_proc)
+            ds, lengths, loss_tokens = measure_dataset(dataset, cfg.length_column, cfg.length_num_proc)
         check_lengths(lengths, self.mesh.world_size, cfg.tokens_per_rank)
-        self.train_dataset = ds
-        self._train_lengths, self._train_loss_tokens = lengths, loss_tokens
+        return ds, lengths, loss_tokens
+
+    def _measure_train_dataset(self) -> None:
+        self.train_dataset, self._train_lengths, self._train_loss_tokens = self._measure(
+            self.train_dataset, "train_dataset")
+
+    def _measure_eval_dataset(self, dataset, name: str | None = None):
+        """Measured once per dataset (by its ``datasets`` fingerprint); an eval set without a label token is refused."""
+        key = getattr(dataset, "_fingerprint", None) or id(dataset)
+        if key not in self._eval_measured:
+            what = "eval_dataset" if name is None else f"eval_dataset[{name!r}]"
+            ds, lengths, loss_tokens = self._measure(dataset, what)
+            if not int(loss_tokens.sum()):
+                raise HDPDataError(
+                    f"{what} has no label token (every label is -100, or every sample has one token), so its "
+                    "per-token loss is undefined. Evaluate on samples with labels."
+                )
+            self._eval_measured[key] = (ds, lengths, loss_tokens)
+            self._eval_measured[getattr(ds, "_fingerprint", None) or id(ds)] = (ds, lengths, loss_tokens)
+        return self._eval_measured[key]
+
+    def _measure_eval_datasets(self) -> list[int]:
+        """Measure the eval set(s) given at construction; returns their longest sample lengths."""
+        if self.eval_dataset is None:
+            return []
+        named = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
+        longest = []
+        for name, dataset in named.items():
+            ds, lengths, _ = self._measure_eval_dataset(dataset, name)
+            if name is None:
+                self.eval_dataset = ds
+            else:
+                self.eval_dataset[name] = ds
+            longest.append(int(lengths.max()))
+        return longest
 
     def get_train_dataloader(self) -> HDPDataLoader:
         if self.train_dataset is None:
@@ -213,6 +306,31 @@ class HDPTrainer(Trainer):
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
 
+    def get_eval_dataloader(self, eval_dataset=None) -> HDPDataLoader:
+        """The eval set planned in unshuffled global batches (see :mod:`hf_hdp.trainer.evaluation`)."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("HDPTrainer: evaluation requires an eval_dataset.")
+        name = eval_dataset if isinstance(eval_dataset, str) else None
+        if name is not None:
+            eval_dataset = self.eval_dataset[name]
+        elif eval_dataset is None:
+            eval_dataset = self.eval_dataset
+        return eval_dataloader(self, *self._measure_eval_dataset(eval_dataset, name))
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """HDP's forward-only loop for HDP eval loaders: ``{prefix}_loss`` is the eval set's per-token mean loss."""
+        if isinstance(dataloader, HDPDataLoader):
+            return hdp_evaluation_loop(self, dataloader, metric_key_prefix)
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        raise NotImplementedError(
+            "HDPTrainer.predict is not supported: HDP packs and splits samples over ranks, so it has no per-sample "
+            "predictions. Use trainer.evaluate(test_dataset, metric_key_prefix='test') for the loss, or the stock "
+            "Trainer (or model.generate) for predictions."
+        )
+
     def get_total_train_batch_size(self, args) -> int:
         """Samples per optimizer step: HDP's global batch, whatever the world size."""
         return self.global_batch_size
@@ -227,16 +345,46 @@ class HDPTrainer(Trainer):
         """Token-level loss: this micro-batch's summed token losses over the global batch's label count."""
         return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs)
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with its ``step`` guarded so that HDP can skip one step (see :meth:`training_step`)."""
+        optimizer = super().create_optimizer(model)
+        _guard_step(optimizer, self._consume_skip)
+        return optimizer
+
+    def _consume_skip(self) -> bool:
+        skip, self._skip_optimizer_step = self._skip_optimizer_step, False
+        return skip
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Run this rank's micro-batches of the step, then the one gradient all-reduce.
+
+        A global batch without a single label token (every label -100) has no loss to train on. All
+        ranks know it from the plan (the count is global), so all of them skip the forward, the
+        backward and the all-reduce, leave every gradient ``None`` and report a loss of 0 (no NaN);
+        the optimizer's guarded ``step`` (see :meth:`create_optimizer`) then returns without touching
+        the weights or the optimizer state. A zero gradient would not do: AdamW still moves the
+        weights through its momentum and weight decay. The learning-rate schedule and ``global_step``
+        advance as for any step.
+        """
         step = inputs["hdp_step"]
         model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
         if self.hdp_config.check_plan_hash:
             self.mesh.check_plan(step.fingerprint, step.step)
         if step.num_loss_tokens == 0:
             logger.warning(
-                "step %d (epoch %d): the global batch has no label token (every label is -100); "
-                "the step contributes no gradient.", step.step, step.epoch,
+                "step %d (HDP step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
+                "label is -100), so the optimizer step was skipped: weights and optimizer state are unchanged and "
+                "the step's loss is logged as 0.", self.state.global_step + 1, step.step, step.epoch,
+                _rows_text(step.rows),
             )
+            for p in model.parameters():
+                p.grad = None
+            self._skip_optimizer_step = True
+            self._skipped_steps += 1
+            self.hdp_stats.record(step, self.state.global_step + 1, 0.0, 0, 0.0)
+            return torch.zeros((), dtype=torch.float32, device=self.args.device)
         started = time.process_time()
         bytes_before = self.mesh.stats.bytes_sent
         loss_sum = run_micro_batches(
@@ -260,6 +408,9 @@ class HDPTrainer(Trainer):
         """Trainer.log, with HDP's figures (see :mod:`hf_hdp.trainer.stats`) beside each training loss."""
         if "loss" in logs:
             logs.update(self.hdp_stats.window_logs(self.cost_model, self._num_params, self._peak_flops))
+            if self._skipped_steps:
+                logs["hdp/skipped_steps"] = self._skipped_steps  # global batches without a label token
+                self._skipped_steps = 0
         super().log(logs, start_time)
 
     @property

@@ -1,0 +1,99 @@
+"""HDP evaluation: the eval set's token-level loss, equal to what one device computes.
+
+``trainer.evaluate()`` keeps Trainer's own ``evaluate`` (multiple eval sets, speed metrics, logging,
+``on_evaluate`` callbacks, memory metrics); HDPTrainer replaces only the two pieces under it:
+
+- ``get_eval_dataloader`` -> :func:`eval_dataloader`: the eval set planned in global batches with
+  the training machinery (length column, :class:`GlobalBatchSampler` *without shuffling*, the same
+  planner and ``tokens_per_rank``), one item per global batch holding only this rank's micro-batches;
+- ``evaluation_loop`` -> :func:`hdp_evaluation_loop`: forward only, under ``torch.no_grad``, through
+  the ``"hdp"`` attention (ring P2P for split samples, in slot order as in training), summing this
+  rank's token losses and label tokens; one all-reduce of ``[loss sum, label tokens]`` at the end.
+
+``eval_loss`` is that sum over the count: the per-token mean over the whole eval set, which is
+what one process running every sample alone gets, whatever the placement or world size. (Stock
+Trainer averages per-batch means instead, which weighs tokens of short batches more.)
+
+The global eval batch is ``per_device_eval_batch_size x world_size`` samples, Trainer's own eval
+batch. Any value gives the same loss; it only sets how many samples one plan places at once.
+Predictions are not gathered: packed and split samples have no per-sample logits to return, so
+``compute_metrics`` is refused with an explanation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from transformers.trainer_utils import EvalLoopOutput
+
+from ..collators.hdp_collator import IGNORE_INDEX
+from ..planning import get_planner
+from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to
+
+
+def eval_dataloader(trainer, dataset, lengths, loss_tokens) -> HDPDataLoader:
+    """The eval set as HDP steps: unshuffled global batches of ``eval_batch_size x world`` samples."""
+    sampler = GlobalBatchSampler(
+        len(lengths), trainer.args.per_device_eval_batch_size * trainer.mesh.world_size, shuffle=False,
+        drop_last=False,
+    )
+    steps = HDPStepDataset(
+        dataset, lengths, loss_tokens, sampler, get_planner(trainer.hdp_config.planner, trainer.cost_model),
+        trainer.mesh.world_size, trainer.mesh.rank, trainer.hdp_config.tokens_per_rank, trainer.collator,
+    )
+    return HDPDataLoader(steps, num_workers=trainer.args.dataloader_num_workers)
+
+
+def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+    """Forward every micro-batch of this rank, then ONE all-reduce; returns ``{prefix}_loss``.
+
+    The loss of a micro-batch comes from ``trainer.compute_loss`` with ``num_items_in_batch=1``,
+    i.e. the sum of its token losses, so a ``compute_loss`` override is honoured.
+    """
+    if trainer.compute_metrics is not None:
+        raise NotImplementedError(
+            "HDPTrainer evaluates the token-level loss only: samples are packed and split over ranks, so there "
+            "are no per-sample logits for compute_metrics. Drop compute_metrics (eval_loss and perplexity = "
+            "exp(eval_loss) come out as usual), or evaluate predictions with the stock Trainer."
+        )
+    args, mesh = trainer.args, trainer.mesh
+    model = trainer.model
+    model.eval()
+    if hasattr(trainer.optimizer, "eval") and callable(trainer.optimizer.eval):
+        trainer.optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
+    trainer.callback_handler.eval_dataloader = dataloader
+    loss_sum = torch.zeros((), dtype=torch.float64, device=args.device)
+    label_tokens = torch.zeros((), dtype=torch.float64, device=args.device)
+    planned_tokens = 0
+    with torch.no_grad():
+        for inputs in dataloader:
+            step = inputs["hdp_step"]
+            if trainer.hdp_config.check_plan_hash:
+                mesh.check_plan(step.fingerprint, step.step)
+            planned_tokens += step.num_loss_tokens
+            for batch in step.micro_batches:
+                batch = move_to(batch, args.device)
+                meta = batch["hdp_metadata"]
+                meta.mesh, meta.backend = mesh, trainer.hdp_config.attention_backend
+                with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+                    loss = trainer.compute_loss(model, batch, num_items_in_batch=1)
+                if meta.attention_calls == 0:
+                    raise RuntimeError(
+                        f"{type(model).__name__} ran an eval forward without calling the 'hdp' attention, so its "
+                        "attention ignored the packing. Does the model honour config._attn_implementation?"
+                    )
+                loss_sum += loss.detach().double()
+                label_tokens += (batch["labels"] != IGNORE_INDEX).sum()
+            trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
+    totals = torch.stack([loss_sum, label_tokens])
+    if mesh.world_size > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    total_loss, count = float(totals[0]), int(round(float(totals[1])))
+    if count != planned_tokens:
+        raise RuntimeError(
+            f"HDP evaluation counted {count} label tokens over all ranks but the eval set's length columns "
+            f"promise {planned_tokens}; the ranks did not evaluate the same samples."
+        )
+    metrics = {f"{metric_key_prefix}_loss": total_loss / count}
+    return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                          num_samples=dataloader.dataset.sampler.num_samples)
