@@ -414,3 +414,8 @@ def test_idle_ranks_still_give_single_device_gradients(tiny):
         for r in range(1, WORLD):  # every rank, idle or not, holds the same loss
             assert results[r][i][3] == pytest.approx(loss, rel=1e-12)
     assert {len(s) for s in IDLE_LENGTHS} == {2}
+
+
+def test_a_labels_column_without_any_value_means_no_labels():
+    ds, lengths, loss = measure_dataset(Dataset.from_list([{"input_ids": [1, 2, 3], "labels": None}]))
+    assert lengths.tolist() == [3] and loss.tolist() == [2]

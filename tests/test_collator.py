@@ -476,8 +476,6 @@ def test_integer_tensor_input_ids_are_accepted():
 
 @pytest.mark.parametrize("labels", [[-100, 2.5, 7, 8], [-100, [2], 7, 8], [-100, None, 7, 8], [-100, "x", 7, 8]])
 def test_non_integer_labels_inside_the_sample_are_refused(labels):
-    """LIBRARY BUG (hf_hdp/collators/hdp_collator.py:53 in _as_token_list and :84 in check_sample):
-    only the first and last label are type-checked, so a float in the middle is silently truncated
-    to an int by torch.tensor(dtype=long) (2.5 -> 2, a wrong target), and a nested/None/str value
-    crashes later with a bare TypeError instead of an HDPDataError naming the row."""
+    """Every label is type-checked: a float in the middle must not be cut to an int (a wrong target),
+    and a nested/None/str value must raise an HDPDataError naming the row, not a bare TypeError."""
     _raises({"input_ids": [1, 2, 3, 4], "labels": labels}, r"labels", r"int", length=4)

@@ -236,7 +236,7 @@ def test_step_dataset_each_rank_loads_only_its_samples(planner):
                 # loads exactly the rows its pieces name, each once
                 assert sorted(sd.dataset.fetched) == want_rows
                 union |= set(sd.dataset.fetched)
-                assert len(o.micro_batches) == len(mine) == o.stats["micro_batches"]
+                assert len(o.micro_batches) == len(mine)
                 assert o.local_tokens == sum(mb.num_tokens for mb in mine)
                 for mb, packed in zip(mine, o.micro_batches):
                     meta = packed["hdp_metadata"]
@@ -269,11 +269,8 @@ def test_step_dataset_rank_without_work_gets_no_micro_batch():
 
 
 def test_step_dataset_accepts_a_numpy_formatted_dataset():
-    """LIBRARY BUG (hf_hdp/collators/hdp_collator.py:47, _as_token_list; reached from
-    hf_hdp/trainer/data.py:185, HDPStepDataset.__getitem__): a tokenized dataset in numpy format
-    (``ds.with_format("numpy")``) passes measure_dataset, but every step then fails with
-    "`input_ids` must be a list of token ids, got ndarray. Tokenize the text first", which is wrong
-    advice: the data is tokenized. Torch format works (tensors are handled)."""
+    """A tokenized dataset in numpy format (``ds.with_format("numpy")``) trains like a plain one: the
+    collator takes 1-D integer arrays (it once refused them with wrong advice)."""
     lengths = [3, 2, 4]
     ds = Dataset.from_dict(encoded_rows(lengths, prompt_of=lambda r, n: 1)).with_format("numpy")
     ds, lens, loss = measure_dataset(ds)

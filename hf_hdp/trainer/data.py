@@ -137,6 +137,8 @@ def check_token_columns(dataset) -> None:
         if feature is None:
             continue
         inner = getattr(feature, "feature", None)  # List / LargeList / Sequence
+        if inner is None and str(getattr(feature, "dtype", "")) == "null":  # every value missing: no labels
+            continue
         if inner is None:  # not a list at all: untokenized text, or one number per row
             found = _first_row(dataset, column, lambda v: v is not None)
             row, value = found if found else (0, None)
