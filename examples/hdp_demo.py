@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--max_steps", type=int, default=16)
     ap.add_argument("--global_batch_size", type=int, default=16)
     ap.add_argument("--tokens_per_rank", type=int, default=1024)
-    ap.add_argument("--planner", default="naive")
+    ap.add_argument("--planner", default="balanced")
     ap.add_argument("--vocab_size", type=int, default=2048)
     ap.add_argument("--hidden_size", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)

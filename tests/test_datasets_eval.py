@@ -248,3 +248,18 @@ def test_global_batch_without_labels_skips_the_optimizer_step(tiny, tmp_path, ca
     assert [e["loss"] for e in logs][1] == 0.0 and logs[1]["hdp/skipped_steps"] == 1
     assert all(math.isfinite(v) for e in trainer.state.log_history for v in e.values() if isinstance(v, float))
     assert math.isfinite(out.training_loss)
+
+    # the guard, not only the missing gradients, skips the step: whatever the optimizer, its own
+    # step() never runs for the empty batch
+    class CountingAdamW(torch.optim.AdamW):
+        calls = 0
+
+        def step(self, closure=None):
+            CountingAdamW.calls += 1
+            return super().step(closure)
+
+    trainer = HDPTrainer(load_model(tiny, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
+                         optimizer_cls_and_kwargs=(CountingAdamW, {"lr": 1e-2}),
+                         hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=gbs))
+    trainer.train()
+    assert CountingAdamW.calls == 2 and trainer.state.global_step == 3

@@ -102,10 +102,10 @@ def test_missing_input_ids_column_is_refused(tiny, tmp_path):
 
 
 def test_out_of_vocabulary_token_is_refused_before_training(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path, [{"input_ids": [1, 2, 3]}, {"input_ids": [5, 999, 2]}], tokens_per_rank=32,
-                       global_batch_size=2)
+    # refused when the trainer is built (the id-range columns measure_dataset adds), before any step
     with pytest.raises(HDPDataError, match=r"sample 1: token id 999 is outside the model's vocabulary \[0, 128\)"):
-        trainer.train()
+        _trainer(tiny, tmp_path, [{"input_ids": [1, 2, 3]}, {"input_ids": [5, 999, 2]}], tokens_per_rank=32,
+                 global_batch_size=2)
 
 
 def test_model_without_attention_interface_is_refused(tmp_path):

@@ -41,8 +41,9 @@ from ..config import HDPConfig
 from ..mesh import DynamicMesh, attach_mesh
 from ..models import UnsupportedModelError, check_model_supported
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
+from .callbacks import HDPWindowCallback
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, check_lengths, measure_dataset, move_to
+from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to, prepare_dataset
 from .evaluation import eval_dataloader, hdp_evaluation_loop
 from .stats import HDPStats
 
@@ -180,21 +181,20 @@ class HDPTrainer(Trainer):
         if args is None:
             args = TrainingArguments(output_dir="tmp_trainer")
         world = args.world_size
+        self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
         if self.hdp_config.global_batch_size is None:
             self.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         else:
-            if args.gradient_accumulation_steps > 1:
-                raise ValueError(
-                    f"HDPConfig.global_batch_size={self.hdp_config.global_batch_size} and "
-                    f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} both set the "
-                    "batch; HDP accumulates micro-batches itself. Set gradient_accumulation_steps=1 or leave "
-                    "global_batch_size unset."
-                )
             self.global_batch_size = self.hdp_config.global_batch_size
         # HDP runs every micro-batch of a step inside one training_step
         args.gradient_accumulation_steps = 1
         self.hdp_model = enable_hdp_attention(model)
         super().__init__(model, args, *pos, **kwargs)
+        config = self.hdp_model.config
+        self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
+            self.args.device, self.hdp_model.dtype, mixed_precision=bool(self.args.bf16 or self.args.fp16),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        )
         self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
         attach_mesh(self.accelerator, self.mesh)
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
@@ -212,6 +212,7 @@ class HDPTrainer(Trainer):
         self.hdp_model_support = check_model_supported(self.hdp_model, longest)
         self.cost_model = self._make_cost_model()
         self.add_callback(HDPCheckpointCallback(self))
+        self.add_callback(HDPWindowCallback(self.hdp_stats))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train, after checking that a checkpoint to resume from reproduces the same batches."""
@@ -252,9 +253,9 @@ class HDPTrainer(Trainer):
                 "iterable_ds), features=iterable_ds.features)."
             )
         with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
-            ds, lengths, loss_tokens = measure_dataset(dataset, cfg.length_column, cfg.length_num_proc)
-        check_lengths(lengths, self.mesh.world_size, cfg.tokens_per_rank)
-        return ds, lengths, loss_tokens
+            # lengths, label tokens, token types and id ranges (cached columns), empty samples, the
+            # long-sample policy and the vocabulary range: every error names the user's row
+            return prepare_dataset(dataset, cfg, self.mesh.world_size, self.collator.vocab_size)
 
     def _measure_train_dataset(self) -> None:
         self.train_dataset, self._train_lengths, self._train_loss_tokens = self._measure(
@@ -279,6 +280,8 @@ class HDPTrainer(Trainer):
         """Measure the eval set(s) given at construction; returns their longest sample lengths."""
         if self.eval_dataset is None:
             return []
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = dict(self.eval_dataset)  # the measured sets replace the user's in a copy
         named = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
         longest = []
         for name, dataset in named.items():
