@@ -11,7 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 fi
-if ! .venv/bin/python -c "import hf_hdp, transformers, accelerate, datasets, pytest, tokenizers, matplotlib, nbclient, ipykernel" 2>/dev/null; then
+if ! .venv/bin/python -c "import hf_hdp, transformers, accelerate, datasets, pytest, tokenizers, matplotlib, nbclient, ipykernel, peft, tensorboard" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/python -c "import hf_hdp, torch, transformers, accelerate, datasets, pytest" \

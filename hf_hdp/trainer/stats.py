@@ -34,6 +34,15 @@ class HDPStats:
         self.window = {"steps": 0, "tokens": 0, "p2p_bytes": 0.0, "group_sizes": Counter(), "plan": None,
                        "started": time.perf_counter()}
 
+    def restart_window_if_empty(self) -> None:
+        """Start the tokens/s window now if no step ran in it yet (after setup or a save)."""
+        if not self.window["steps"]:
+            self.window["started"] = time.perf_counter()
+
+    def exclude_from_window(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training time (an evaluation) out of the current window."""
+        self.window["started"] = min(self.window["started"] + seconds, time.perf_counter())
+
     def record(self, step, global_step: int, busy_s: float, p2p_bytes: int, p2p_bytes_all_ranks: float) -> None:
         sizes = step.plan.group_sizes()
         self.history.append({"epoch": step.epoch, "step": step.step, "rows": step.rows, "plan": step.fingerprint,

@@ -21,6 +21,16 @@ Beside those:
 
 Gradient accumulation is HDP's own: ``gradient_accumulation_steps`` only feeds the default
 global batch size and is set to 1 for Trainer's loop.
+
+PEFT and memory features need nothing more. A PEFT model trains its adapters only (the gradient
+all-reduce takes the parameters that require a gradient). With gradient checkpointing
+(``TrainingArguments(gradient_checkpointing=True)`` or ``model.gradient_checkpointing_enable()``)
+each decoder layer's forward, ring attention and its P2P included, runs again inside backward.
+Every member of a ring recomputes the same rings in the same order: a layer is recomputed when its
+output's gradient is complete, which needs the backward of every later layer, so on every rank the
+backward of a micro-batch is "recompute layer L (its ring segments in metadata order), then ring
+backward of layer L", for L from the last layer down, in slot order. bf16/fp16 autocast comes from
+accelerate as for Trainer; ring partial outputs and their merge stay in float32.
 """
 
 from __future__ import annotations
@@ -159,13 +169,16 @@ def _rows_text(rows: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
 
 
+def _is_iterable(dataset) -> bool:
+    """A stream: a ``datasets.IterableDataset`` (``streaming=True``) or a torch ``IterableDataset``."""
+    from datasets import IterableDataset
+
+    return isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
+
+
 def _is_map_style(dataset) -> bool:
     """A dataset HDP can plan: sized, indexable by a list of rows, with columns (``datasets.Dataset``)."""
-    try:
-        from datasets import IterableDataset
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        IterableDataset = ()
-    if isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset)):
+    if _is_iterable(dataset):  # datasets.IterableDataset has column_names and select_columns too
         return False
     return all(hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__"))
 
@@ -244,14 +257,16 @@ class HDPTrainer(Trainer):
         """``(dataset with length columns, lengths, loss tokens)``; refuses what HDP cannot plan."""
         cfg = self.hdp_config
         if not _is_map_style(dataset):
-            raise TypeError(
-                f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. HDP plans "
-                "each global batch from the lengths of its samples and loads samples by index, which a stream "
-                "cannot give. Load the data without streaming (load_dataset(..., streaming=False) memory-maps it "
-                "from disk, so its size does not matter), or convert the stream once: "
-                "`def gen(ds): yield from ds`, then datasets.Dataset.from_generator(functools.partial(gen, "
-                "iterable_ds), features=iterable_ds.features)."
-            )
+            if _is_iterable(dataset):
+                fix = ("HDP plans each global batch from the lengths of its samples and loads samples by index, "
+                       "which a stream cannot give. Load the data without streaming (load_dataset(..., "
+                       "streaming=False) memory-maps it from disk, so its size does not matter), or convert the "
+                       "stream once: `def gen(ds): yield from ds`, then datasets.Dataset.from_generator("
+                       "functools.partial(gen, iterable_ds), features=iterable_ds.features).")
+            else:
+                fix = ("HDP reads a length column and loads samples by index from an Arrow table: build one with "
+                       "datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns).")
+            raise TypeError(f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. {fix}")
         with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
             # lengths, label tokens, token types and id ranges (cached columns), empty samples, the
             # long-sample policy and the vocabulary range: every error names the user's row
