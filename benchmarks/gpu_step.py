@@ -34,7 +34,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 def _lengths(total: int, seed: int) -> list[int]:
     """A long-tailed mix (a few long, many short) adding up to ``total`` tokens."""
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     lengths, left = [], total
     while left > 0:
         s = int(torch.distributions.LogNormal(7.5, 1.0).sample().item())

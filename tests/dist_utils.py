@@ -68,3 +68,34 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
         if errors:
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
         return results
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = os.path.join(ROOT, "tests", "scripts", "train_steps.py")
+
+
+def run_train_steps(nproc: int, model: str, out: str, *extra: str, restarts: int = 0, env: dict | None = None) -> dict:
+    """Run ``tests/scripts/train_steps.py`` on ``nproc`` processes (torchrun; plain python for 1 without
+    restarts) and return its ``log.json`` with the final ``weights`` and the ``wall`` seconds."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
+    if nproc == 1 and not restarts:
+        cmd = [sys.executable, TRAIN_STEPS]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port())]
+        if restarts:
+            cmd += ["--max-restarts", str(restarts)]
+        cmd.append(TRAIN_STEPS)
+    cmd += ["--model", model, "--out", out, *extra]
+    started = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with open(os.path.join(out, "log.json")) as f:
+        log = json.load(f)
+    log["weights"] = torch.load(os.path.join(out, "weights.pt"))
+    log["wall"] = time.time() - started
+    return log

@@ -7,10 +7,12 @@ import random
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import pytest
 
 from hf_hdp.corpus import stdlib_lengths
+
 from hf_hdp.planning import PlanError, StepPlan, plan_naive
 from hf_hdp.planning.balanced import plan_balanced
 from hf_hdp.planning.naive import BestFit, ceil_div, check_lengths, longest_first
@@ -28,10 +30,6 @@ SLOW = CostModel(
     intra_bandwidth=1e6, inter_bandwidth=1e5, intra_latency=1e-3, inter_latency=1e-2, label="slow",
 )
 COSTS = [H100_7B, CPU_70B, SLOW]
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def stdlib_batch(seed: int, world: int, tokens_per_rank: int = C8K, micro_batches: int = 16) -> list[int]:

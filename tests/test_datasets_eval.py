@@ -27,7 +27,7 @@ from hf_hdp.planning import plan_naive
 from hf_hdp.trainer import GlobalBatchSampler, HDPStepDataset
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model
-from tests.test_equivalence import C, LENGTHS, WORLD, _samples
+from tests.test_equivalence import C, WORLD, _samples
 
 
 @pytest.fixture(scope="module")

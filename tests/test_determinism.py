@@ -19,35 +19,19 @@ plans as an uninterrupted one (``test_resume.py``); every rank computes the same
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.dist_utils import free_port
+from tests.dist_utils import run_train_steps
 from tests.models import save_tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_steps.py")
 STEPS = 6
 
 
 def _run(nproc: int, model: str, out: str, hash_seed: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONHASHSEED=hash_seed)
-    cmd = [sys.executable, SCRIPT] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-        str(free_port()), SCRIPT]
-    cmd += ["--model", model, "--out", out, "--steps", str(STEPS), "--planner", "balanced",
-            "--tokens_per_rank", {1: "64", 2: "32"}[nproc]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(os.path.join(out, "log.json")) as f:
-        log = json.load(f)
-    log["weights"] = torch.load(os.path.join(out, "weights.pt"))
-    return log
+    return run_train_steps(nproc, model, out, "--steps", str(STEPS), "--planner", "balanced",
+                           "--tokens_per_rank", {1: "64", 2: "32"}[nproc], env={"PYTHONHASHSEED": hash_seed})
 
 
 def _losses(log):

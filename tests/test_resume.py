@@ -8,37 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.dist_utils import free_port
+from tests.dist_utils import run_train_steps
 from tests.models import save_tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_steps.py")
 STEPS = 6
 
 
 def _launch(nproc, model, out, *extra, restarts=0):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port())]
-    if restarts:
-        cmd += ["--max-restarts", str(restarts)]
-    cmd += [SCRIPT, "--model", model, "--out", out, "--optim", "adamw_torch", "--steps", str(STEPS),
-            "--tokens_per_rank", str({1: 64, 2: 32}.get(nproc, 24)), *extra]
-    started = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    with open(os.path.join(out, "log.json")) as f:
-        log = json.load(f)
-    log["weights"] = torch.load(os.path.join(out, "weights.pt"))
-    log["wall"] = time.time() - started
-    return log
+    return run_train_steps(nproc, model, out, "--optim", "adamw_torch", "--steps", str(STEPS),
+                           "--tokens_per_rank", str({1: 64, 2: 32}.get(nproc, 24)), *extra, restarts=restarts)
 
 
 def _rows(log):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,27 +12,11 @@ from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.attention.interface import UnsupportedAttentionError
 from hf_hdp.collators import HDPDataError
 from hf_hdp.trainer import UnsupportedModelError
-from tests.dist_utils import free_port
+from tests.dist_utils import run_train_steps
 from tests.models import load_model, save_tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_steps.py")
-
-
 def _run(nproc: int, model: str, out: str, *extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    if nproc == 1:
-        cmd = [sys.executable, SCRIPT]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), SCRIPT]
-    cmd += ["--model", model, "--out", out, *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    with open(os.path.join(out, "log.json")) as f:
-        log = json.load(f)
-    log["weights"] = torch.load(os.path.join(out, "weights.pt"))
-    return log
+    return run_train_steps(nproc, model, out, *extra)
 
 
 def test_three_steps_on_4_ranks_equal_1_rank(tmp_path):

@@ -102,7 +102,7 @@ from typing import Sequence
 from .cost import CostModel
 from .layout import zigzag_member_sizes
 from .metrics import plan_metrics
-from .naive import BestFit, ceil_div, check_lengths, longest_first, plan_naive
+from .naive import ceil_div, check_lengths, longest_first, plan_naive
 from .plan import Piece, StepPlan, build_plan
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
@@ -179,7 +179,6 @@ class _Balancer:
         rpn = max(1, int(cost.ranks_per_node))
         multi_node = rpn < W
         self.rpn, self.multi_node = rpn, multi_node
-        clock = self.clock
         self.tail_sorted = [(0.0, r) for r in range(W)]
         self.search: list[tuple[float, int, float, int]] = []  # holes open to groups: (start, rank, end, next gid)
 
@@ -461,7 +460,7 @@ class _Balancer:
         at ``F_i + D - f_i - overhead``. A move is taken only when it lowers the latest finish of
         the members.
         """
-        W, overhead, lengths = self.W, self.overhead, self.lengths
+        W, overhead = self.W, self.overhead
         if overhead <= 0 or not self.groups:
             return
         last = [-1] * W

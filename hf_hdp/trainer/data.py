@@ -497,3 +497,33 @@ class HDPDataLoader(DataLoader):
 
 def move_to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _is_iterable(dataset) -> bool:
+    """A stream: a ``datasets.IterableDataset`` (``streaming=True``) or a torch ``IterableDataset``."""
+    from datasets import IterableDataset
+
+    return isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
+
+
+def _is_map_style(dataset) -> bool:
+    """A dataset HDP can plan: sized, indexable by a list of rows, with columns (``datasets.Dataset``)."""
+    if _is_iterable(dataset):  # datasets.IterableDataset has column_names and select_columns too
+        return False
+    return all(hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__"))
+
+
+def require_map_style(dataset, what: str) -> None:
+    """Refuse a dataset HDP cannot plan (a stream, or no Arrow columns), saying how to convert it."""
+    if _is_map_style(dataset):
+        return
+    if _is_iterable(dataset):
+        fix = ("HDP plans each global batch from the lengths of its samples and loads samples by index, "
+               "which a stream cannot give. Load the data without streaming (load_dataset(..., "
+               "streaming=False) memory-maps it from disk, so its size does not matter), or convert the "
+               "stream once: `def gen(ds): yield from ds`, then datasets.Dataset.from_generator("
+               "functools.partial(gen, iterable_ds), features=iterable_ds.features).")
+    else:
+        fix = ("HDP reads a length column and loads samples by index from an Arrow table: build one with "
+               "datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns).")
+    raise TypeError(f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. {fix}")

@@ -53,7 +53,7 @@ from ..models import UnsupportedModelError, check_model_supported
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to, prepare_dataset
+from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to, prepare_dataset, require_map_style
 from .evaluation import eval_dataloader, hdp_evaluation_loop
 from .stats import HDPStats
 
@@ -169,20 +169,6 @@ def _rows_text(rows: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
 
 
-def _is_iterable(dataset) -> bool:
-    """A stream: a ``datasets.IterableDataset`` (``streaming=True``) or a torch ``IterableDataset``."""
-    from datasets import IterableDataset
-
-    return isinstance(dataset, (IterableDataset, torch.utils.data.IterableDataset))
-
-
-def _is_map_style(dataset) -> bool:
-    """A dataset HDP can plan: sized, indexable by a list of rows, with columns (``datasets.Dataset``)."""
-    if _is_iterable(dataset):  # datasets.IterableDataset has column_names and select_columns too
-        return False
-    return all(hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__"))
-
-
 class HDPTrainer(Trainer):
     """``Trainer`` with Hybrid Data Parallelism. ``hdp_config`` may be omitted (defaults apply)."""
 
@@ -256,17 +242,7 @@ class HDPTrainer(Trainer):
     def _measure(self, dataset, what: str):
         """``(dataset with length columns, lengths, loss tokens)``; refuses what HDP cannot plan."""
         cfg = self.hdp_config
-        if not _is_map_style(dataset):
-            if _is_iterable(dataset):
-                fix = ("HDP plans each global batch from the lengths of its samples and loads samples by index, "
-                       "which a stream cannot give. Load the data without streaming (load_dataset(..., "
-                       "streaming=False) memory-maps it from disk, so its size does not matter), or convert the "
-                       "stream once: `def gen(ds): yield from ds`, then datasets.Dataset.from_generator("
-                       "functools.partial(gen, iterable_ds), features=iterable_ds.features).")
-            else:
-                fix = ("HDP reads a length column and loads samples by index from an Arrow table: build one with "
-                       "datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns).")
-            raise TypeError(f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. {fix}")
+        require_map_style(dataset, what)
         with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
             # lengths, label tokens, token types and id ranges (cached columns), empty samples, the
             # long-sample policy and the vocabulary range: every error names the user's row
