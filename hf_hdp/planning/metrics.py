@@ -147,6 +147,7 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
         mbs = list(group)
         times: dict[int, tuple[float, float, bool]] = {}
         parent = {mb.rank: mb.rank for mb in mbs}
+        merged: set[tuple[int, ...]] = set()
 
         def find(r: int) -> int:
             root = r
@@ -172,6 +173,9 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
                     per_member = cache[key] = cost.segment_bytes_by_member(lengths, k)
                 sent[mb.rank] += per_member[member]
                 messages += cost.segment_messages(k)
+                if g in merged:
+                    continue  # every member holds the segment: couple its ranks once, not k times
+                merged.add(g)
                 root = find(g[0])
                 for r in g[1:]:
                     other = find(r)
