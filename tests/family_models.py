@@ -19,26 +19,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 # transformers' own SDPA attention and mask under a second key: Gemma 2 refuses attn_implementation="sdpa"
 # (because of its soft-capping, off here) and its eager path takes the softmax in float32, which would
 # make the float64 reference float32-accurate
+from tests.models import TINY_CONFIG, VOCAB  # noqa: E402,F401  (one tiny shape for every test; VOCAB re-exported)
+
 STOCK_SDPA = "stock_scaled_dot_product"  # no "sdpa" in the key, or transformers applies its sdpa gate
 AttentionInterface.register(STOCK_SDPA, sdpa_attention_forward)
 AttentionMaskInterface.register(STOCK_SDPA, sdpa_mask)
 
-VOCAB = 128
 WINDOW = 64  # >= every test sample, so sliding layers are plain causal attention
 
-_BASE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA
-    max_position_embeddings=4096,
-    attention_dropout=0.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+_BASE = dict(TINY_CONFIG, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=False)
 
 # model_type -> (config kwargs, reference attention implementation)

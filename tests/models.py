@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 VOCAB = 128
 
-_COMMON = dict(
+TINY_CONFIG = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -19,9 +19,9 @@ _COMMON = dict(
 )
 
 CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "qwen2": lambda: Qwen2Config(**_COMMON),
-    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=4096),
+    "llama": lambda: LlamaConfig(**TINY_CONFIG),
+    "qwen2": lambda: Qwen2Config(**TINY_CONFIG),
+    "mistral": lambda: MistralConfig(**TINY_CONFIG, sliding_window=4096),
 }
 
 
@@ -56,3 +56,21 @@ def reference_step(model, samples: list[dict]):
         total += float(loss.detach())
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     return total, grads
+
+
+# a global batch that mixes short samples with long ones: with C = 16 on 4 ranks, 40 and 33 tokens
+# need 3 ranks and 60 needs 4; the rest fit on one
+MIXED_LENGTHS = [40, 5, 9, 60, 12, 3, 16, 7, 33, 2]
+
+
+def mixed_batch(seed: int = 0, vocab: int = VOCAB) -> list[dict]:
+    """Random samples of :data:`MIXED_LENGTHS`; every third has an SFT-style masked prompt (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, n in enumerate(MIXED_LENGTHS):
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        s = {"input_ids": ids}
+        if i % 3 == 0:
+            s["labels"] = [-100] * (n // 3) + ids[n // 3:]
+        samples.append(s)
+    return samples

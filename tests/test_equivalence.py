@@ -16,28 +16,16 @@ import torch
 
 from hf_hdp.planning import StepPlan, plan_naive, plan_static
 from tests.dist_utils import run_distributed
-from tests.models import VOCAB, load_model, reference_step, save_tiny_model
+from tests.models import MIXED_LENGTHS, VOCAB, load_model, mixed_batch, reference_step, save_tiny_model
 from tests.plan_helpers import random_plan
 
 WORLD = 4
 C = 16
-# 40 and 33 tokens need 3 ranks, 60 needs 4; the rest fit on one
-LENGTHS = [40, 5, 9, 60, 12, 3, 16, 7, 33, 2]
+LENGTHS = MIXED_LENGTHS
 
 
 def _samples(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i, n in enumerate(LENGTHS):
-        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        s = {"input_ids": ids}
-        if i % 3 == 0:  # SFT-style: a masked prompt
-            labels = list(ids)
-            for t in range(min(n // 3, n)):
-                labels[t] = -100
-            s["labels"] = labels
-        samples.append(s)
-    return samples
+    return mixed_batch(seed)
 
 
 def _plans():

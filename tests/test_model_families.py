@@ -33,13 +33,12 @@ from tests.dist_utils import run_distributed
 from tests.family_models import (
     FAMILIES, FLOAT32_INTERNAL, REQUIRED, VOCAB, family_config, load_family_model, save_family_model,
 )
-from tests.models import reference_step
+from tests.models import MIXED_LENGTHS, mixed_batch, reference_step
 from tests.plan_helpers import random_plan
 
 WORLD = 4
 C = 16
-# 40 and 33 tokens need 3 ranks, 60 needs 4; the rest fit on one
-LENGTHS = [40, 5, 9, 60, 12, 3, 16, 7, 33, 2]
+LENGTHS = MIXED_LENGTHS
 # a gradient matches when every element is within TOL * (the largest element of that reference gradient)
 LOSS_RTOL, GRAD_TOL = 1e-12, 1e-9  # float64
 GRAD_TOL_FLOAT32_INTERNAL = 1e-5  # parameters the model computes in float32 itself (see FLOAT32_INTERNAL)
@@ -52,15 +51,7 @@ CASES["mixtral-float32-grouped_mm"] = ("mixtral", torch.float32)
 
 
 def _samples(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i, n in enumerate(LENGTHS):
-        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        s = {"input_ids": ids}
-        if i % 3 == 0:  # SFT-style: a masked prompt
-            s["labels"] = [-100] * (n // 3) + ids[n // 3:]
-        samples.append(s)
-    return samples
+    return mixed_batch(seed)
 
 
 def _plans():
