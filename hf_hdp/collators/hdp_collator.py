@@ -107,7 +107,7 @@ def shifted_targets(ids: list[int], labels: list[int] | None) -> list[int]:
 def count_loss_tokens(ids: list[int], labels: list[int] | None) -> int:
     """Label tokens a sample contributes to the loss (after the shift)."""
     if labels is None:
-        return len(ids) - 1
+        return max(len(ids) - 1, 0)
     return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator, HDPDataError
+from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
 from ..planning import StepPlan
 
 LOSS_TOKENS_COLUMN = "hdp_loss_tokens"
@@ -100,10 +100,7 @@ def _measure(batch: dict, indices: list[int], length_column: str, has_length: bo
         lows.append(min((r[0] for r in ranges), default=0))
         highs.append(max((r[1] for r in ranges), default=0))
         lengths.append(len(ids))
-        if labels is None:
-            loss_tokens.append(max(len(ids) - 1, 0))
-        else:
-            loss_tokens.append(sum(1 for t in list(labels)[1:] if t != IGNORE_INDEX))
+        loss_tokens.append(count_loss_tokens(ids, labels))
     out = {LOSS_TOKENS_COLUMN: loss_tokens, MIN_ID_COLUMN: lows, MAX_ID_COLUMN: highs}
     if not has_length:
         out[length_column] = lengths
@@ -233,9 +230,11 @@ def check_not_empty(lengths: np.ndarray, source_rows: np.ndarray | None = None) 
         )
 
 
-def _rows_text(rows: np.ndarray, first: int = 5) -> str:
+def rows_text(rows, first: int = 5) -> str:
+    """``"3, 8, 11 and 4 more"``: the first few dataset rows of a list, for messages."""
+    rows = list(rows)
     shown = ", ".join(str(int(r)) for r in rows[:first])
-    return shown + (f" and {rows.size - first} more" if rows.size > first else "")
+    return shown + (f" and {len(rows) - first} more" if len(rows) > first else "")
 
 
 def _truncate_rows(batch: dict, indices: list[int], limit: int, length_column: str) -> dict:
@@ -279,7 +278,7 @@ def apply_long_sample_policy(dataset, lengths: np.ndarray, loss_tokens: np.ndarr
         check_lengths(lengths, world_size, tokens_per_rank)
         return dataset, lengths, loss_tokens, None
     where = (f"longer than world_size x tokens_per_rank = {world_size} x {tokens_per_rank} = {limit} tokens "
-             f"(rows {_rows_text(too_long)})")
+             f"(rows {rows_text(too_long)})")
     total_tokens, total_loss = int(lengths.sum()), int(loss_tokens.sum())
     if policy == "truncate":
         dataset = dataset.map(
@@ -297,7 +296,7 @@ def apply_long_sample_policy(dataset, lengths: np.ndarray, loss_tokens: np.ndarr
             "labels together); removed %d of %d tokens (%.2f%%) and %d of %d label tokens.%s",
             too_long.size, where, limit, removed, total_tokens, 100.0 * removed / max(total_tokens, 1),
             removed_loss, total_loss,
-            f" {unlabelled.size} of them keep no label token (rows {_rows_text(unlabelled)}) and add nothing to "
+            f" {unlabelled.size} of them keep no label token (rows {rows_text(unlabelled)}) and add nothing to "
             "the loss." if unlabelled.size else "",
         )
         return dataset, new_lengths, new_loss, None

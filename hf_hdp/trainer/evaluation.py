@@ -22,13 +22,15 @@ Predictions are not gathered: packed and split samples have no per-sample logits
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from transformers.trainer_utils import EvalLoopOutput
 
 from ..collators.hdp_collator import IGNORE_INDEX
-from ..planning import get_planner
-from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to
+from .data import GlobalBatchSampler, HDPDataLoader
+from .step import forward_micro_batch
 
 
 def eval_dataloader(trainer, dataset, lengths, loss_tokens) -> HDPDataLoader:
@@ -37,11 +39,13 @@ def eval_dataloader(trainer, dataset, lengths, loss_tokens) -> HDPDataLoader:
         len(lengths), trainer.args.per_device_eval_batch_size * trainer.mesh.world_size, shuffle=False,
         drop_last=False,
     )
-    steps = HDPStepDataset(
-        dataset, lengths, loss_tokens, sampler, get_planner(trainer.hdp_config.planner, trainer.cost_model),
-        trainer.mesh.world_size, trainer.mesh.rank, trainer.hdp_config.tokens_per_rank, trainer.collator,
-    )
-    return HDPDataLoader(steps, num_workers=trainer.args.dataloader_num_workers)
+    return trainer.hdp_step_loader(dataset, lengths, loss_tokens, sampler)
+
+
+@contextlib.contextmanager
+def _eval_context(trainer):
+    with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+        yield
 
 
 def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: str = "eval") -> EvalLoopOutput:
@@ -72,16 +76,10 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
                 mesh.check_plan(step.fingerprint, step.step)
             planned_tokens += step.num_loss_tokens
             for batch in step.micro_batches:
-                batch = move_to(batch, args.device)
-                meta = batch["hdp_metadata"]
-                meta.mesh, meta.backend = mesh, trainer.hdp_config.attention_backend
-                with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
-                    loss = trainer.compute_loss(model, batch, num_items_in_batch=1)
-                if meta.attention_calls == 0:
-                    raise RuntimeError(
-                        f"{type(model).__name__} ran an eval forward without calling the 'hdp' attention, so its "
-                        "attention ignored the packing. Does the model honour config._attn_implementation?"
-                    )
+                loss, batch = forward_micro_batch(
+                    model, batch, 1, mesh, trainer.hdp_config.attention_backend, args.device,
+                    loss_fn=trainer.compute_loss, context=lambda: _eval_context(trainer),
+                )
                 loss_sum += loss.detach().double()
                 label_tokens += (batch["labels"] != IGNORE_INDEX).sum()
             trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)

@@ -35,25 +35,31 @@ accelerate as for Trainer; ring partial outputs and their merge stay in float32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
-from ..collators.hdp_collator import IGNORE_INDEX, HDPCollator, HDPDataError
+from ..collators.hdp_collator import HDPCollator, HDPDataError
 from ..config import HDPConfig
 from ..mesh import DynamicMesh, attach_mesh
 from ..models import UnsupportedModelError, check_model_supported
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .data import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to, prepare_dataset, require_map_style
+from .step import forward_micro_batch, hdp_loss, run_micro_batches  # noqa: F401  (public here too)
+from .data import (
+    GlobalBatchSampler,
+    HDPDataLoader,
+    HDPStepDataset,
+    prepare_dataset,
+    require_map_style,
+    rows_text,
+)
 from .evaluation import eval_dataloader, hdp_evaluation_loop
 from .stats import HDPStats
 
@@ -102,47 +108,6 @@ def enable_hdp_attention(model) -> PreTrainedModel:
     return base
 
 
-def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False):
-    """Sum of the micro-batch's token losses divided by the global batch's label count."""
-    outputs = model(
-        input_ids=inputs["input_ids"],
-        position_ids=inputs["position_ids"],
-        hdp_metadata=inputs["hdp_metadata"],
-        use_cache=False,
-    )
-    logits = outputs.logits[0]
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()  # the loss of bf16/fp16 logits is computed in float32
-    loss = F.cross_entropy(logits, inputs["labels"][0], ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = loss / max(int(num_loss_tokens), 1)
-    return (loss, outputs) if return_outputs else loss
-
-
-def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicMesh, backend: str,
-                      device, loss_fn=None, backward=None, context=contextlib.nullcontext) -> float:
-    """Forward and backward of this rank's micro-batches in slot order; returns the sum of their losses.
-
-    Gradients accumulate locally; the caller reduces them once (:meth:`DynamicMesh.reduce_gradients`).
-    """
-    loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
-    backward = backward or (lambda loss: loss.backward())
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro_batches:
-        batch = move_to(batch, device)
-        meta = batch["hdp_metadata"]
-        meta.mesh, meta.backend = mesh, backend
-        with context():
-            loss = loss_fn(model, batch, num_items_in_batch=num_loss_tokens)
-        if meta.attention_calls == 0:
-            raise RuntimeError(
-                f"{type(model).__name__} ran a forward without calling the 'hdp' attention, so its attention "
-                "ignored the packing; refusing to train wrongly. Does the model honour config._attn_implementation?"
-            )
-        backward(loss)
-        total += loss.detach().double()
-    return float(total)
-
-
 def _guard_step(optimizer, should_skip) -> None:
     """Make ``optimizer.step()`` return at once, touching nothing, whenever ``should_skip()`` says so.
 
@@ -162,11 +127,6 @@ def _guard_step(optimizer, should_skip) -> None:
 
     optimizer.step = guarded_step
     optimizer._hdp_step_guard = True
-
-
-def _rows_text(rows: list[int], limit: int = 8) -> str:
-    shown = ", ".join(str(r) for r in rows[:limit])
-    return f"[{shown}{', ...' if len(rows) > limit else ''}]"
 
 
 class HDPTrainer(Trainer):
@@ -293,10 +253,13 @@ class HDPTrainer(Trainer):
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             drop_last=self.args.dataloader_drop_last,
         )
+        return self.hdp_step_loader(self.train_dataset, self._train_lengths, self._train_loss_tokens, sampler)
+
+    def hdp_step_loader(self, dataset, lengths, loss_tokens, sampler: GlobalBatchSampler) -> HDPDataLoader:
+        """A loader of this rank's HDP steps over ``dataset``, planned with this trainer's planner and cost model."""
         steps = HDPStepDataset(
-            self.train_dataset, self._train_lengths, self._train_loss_tokens, sampler,
-            get_planner(self.hdp_config.planner, self.cost_model), self.mesh.world_size, self.mesh.rank,
-            self.hdp_config.tokens_per_rank, self.collator,
+            dataset, lengths, loss_tokens, sampler, get_planner(self.hdp_config.planner, self.cost_model),
+            self.mesh.world_size, self.mesh.rank, self.hdp_config.tokens_per_rank, self.collator,
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
 
@@ -371,7 +334,7 @@ class HDPTrainer(Trainer):
                 "step %d (HDP step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
                 "label is -100), so the optimizer step was skipped: weights and optimizer state are unchanged and "
                 "the step's loss is logged as 0.", self.state.global_step + 1, step.step, step.epoch,
-                _rows_text(step.rows),
+                rows_text(step.rows, 8),
             )
             for p in model.parameters():
                 p.grad = None

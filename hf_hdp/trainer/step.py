@@ -1,0 +1,66 @@
+"""One rank's part of an HDP step: forward (and backward) of its packed micro-batches, in slot order.
+
+Shared by :class:`~hf_hdp.trainer.HDPTrainer`'s training step, its evaluation loop, the tests and
+the benchmarks. The loss is token-level: a micro-batch's summed token losses over the label-token
+count of the whole global batch, computed from labels the collator already shifted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..collators.hdp_collator import IGNORE_INDEX
+from ..mesh import DynamicMesh
+from .data import move_to
+
+
+def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False):
+    """Sum of the micro-batch's token losses divided by the global batch's label count."""
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs["position_ids"],
+        hdp_metadata=inputs["hdp_metadata"],
+        use_cache=False,
+    )
+    logits = outputs.logits[0]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # the loss of bf16/fp16 logits is computed in float32
+    loss = F.cross_entropy(logits, inputs["labels"][0], ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = loss / max(int(num_loss_tokens), 1)
+    return (loss, outputs) if return_outputs else loss
+
+
+def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicMesh, backend: str, device,
+                        loss_fn=None, context=contextlib.nullcontext):
+    """Move one packed micro-batch to ``device``, run its forward through the "hdp" attention and
+    return ``(loss, batch)``; refuse a model whose forward never called the "hdp" attention."""
+    loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
+    batch = move_to(batch, device)
+    meta = batch["hdp_metadata"]
+    meta.mesh, meta.backend = mesh, backend
+    with context():
+        loss = loss_fn(model, batch, num_items_in_batch=num_loss_tokens)
+    if meta.attention_calls == 0:
+        raise RuntimeError(
+            f"{type(model).__name__} ran a forward without calling the 'hdp' attention, so its attention "
+            "ignored the packing; refusing to train wrongly. Does the model honour config._attn_implementation?"
+        )
+    return loss, batch
+
+
+def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicMesh, backend: str,
+                      device, loss_fn=None, backward=None, context=contextlib.nullcontext) -> float:
+    """Forward and backward of this rank's micro-batches in slot order; returns the sum of their losses.
+
+    Gradients accumulate locally; the caller reduces them once (:meth:`DynamicMesh.reduce_gradients`).
+    """
+    backward = backward or (lambda loss: loss.backward())
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        loss, _ = forward_micro_batch(model, batch, num_loss_tokens, mesh, backend, device, loss_fn, context)
+        backward(loss)
+        total += loss.detach().double()
+    return float(total)
