@@ -15,7 +15,7 @@ embedding, LM head and loss, as ``CostModel.from_specs`` does.
 
 Printed: each length's time, the fit's prediction and relative residual; a, b, c; the measured
 dense matmul rate; and the ``HardwareSpec`` that reproduces the fit through ``from_specs`` (what
-the ``cpu`` preset in ``hf_hdp/planning/cost.py`` holds). Figures only; nothing is asserted.
+the ``cpu`` preset in ``hf_hdp/planning/cost/specs.py`` holds). Figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from hf_hdp.planning.cost import (
     hardware_from_coefficients,
     predicted_time,
 )
-from hf_hdp.trainer.trainer import enable_hdp_attention, run_micro_batches
+from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
 
 MODELS = {
     # the shape of hf_hdp.corpus.build_stdlib_tokenizer_and_model (the demo and benchmarks/real_ranks.py)
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
     L = config.num_hidden_layers
     backend_name = args.backend
     if backend_name == "auto":
-        from hf_hdp.attention.kernels import get_backend
+        from hf_hdp.attention.backends import get_backend
 
         backend_name = get_backend("auto", device).name
     print(f"calibration: {args.model} Llama (hidden {config.hidden_size}, {L} layers, heads {config.num_attention_heads}"

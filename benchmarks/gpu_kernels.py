@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hf_hdp.attention.kernels import (  # noqa: E402
+from hf_hdp.attention.backends import (  # noqa: E402
     ReferenceBackend,
     backend_unavailable_reason,
     get_backend,
-    merge_attention,
 )
+from hf_hdp.attention.merge import merge_attention  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALE = D**-0.5

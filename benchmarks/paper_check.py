@@ -38,7 +38,8 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_hdp.cli import PLANNER_ORDER, compare_planners, fmt_bytes, summarize  # noqa: E402
+from hf_hdp.planning.compare import PLANNER_ORDER, compare_planners, summarize  # noqa: E402
+from hf_hdp.planning.report import fmt_bytes  # noqa: E402
 from hf_hdp.planning.cost import CostModel  # noqa: E402
 
 K, M = 1 << 10, 1 << 20

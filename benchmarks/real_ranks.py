@@ -32,7 +32,7 @@ from hf_hdp.mesh import DynamicMesh
 from hf_hdp.planning import PLANNERS, StepPlan
 from hf_hdp.planning.cost import CostModel, HARDWARE_PRESETS, ModelSpec
 from hf_hdp.planning.metrics import plan_metrics
-from hf_hdp.trainer.trainer import enable_hdp_attention, run_micro_batches
+from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
 
 
 def critical_path(plan: StepPlan, seconds: dict[tuple[int, int], float]) -> float:

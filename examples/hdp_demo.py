@@ -7,9 +7,11 @@ Run it on 4 CPU processes (the README's first command does the set-up too)::
 Everything is local and offline. Rank 0 trains a byte-level BPE tokenizer on the corpus with
 ``tokenizers``, builds a small Llama-architecture model and saves both with ``save_pretrained``;
 every rank then loads them back with ``from_pretrained`` (the real loading path), tokenizes the
-corpus through ``datasets.map``, and fine-tunes with :class:`hf_hdp.HDPTrainer`. Samples longer
-than world x tokens_per_rank cannot be placed; the demo leaves them out and says how many (raise
-``--tokens_per_rank`` to include them). The closing summary gives the loss, tokens/s, how many
+corpus through ``datasets.map``, and fine-tunes with :class:`hf_hdp.HDPTrainer` on every file of up
+to world x tokens_per_rank tokens (16K by default: the long files are the samples HDP splits over a
+group of ranks). Longer files cannot be placed; the demo leaves them out and says how many (raise
+``--tokens_per_rank`` to include them). On CPU the attention runs PyTorch's fused flash kernel
+(``cpu_flash``). The closing summary gives the loss, tokens/s, how many
 samples ran on one rank and which context-parallel group sizes were used.
 """
 
@@ -19,8 +21,10 @@ import argparse
 import os
 import time
 
+import datasets
 import torch
 import torch.distributed as dist
+import transformers
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
@@ -33,7 +37,7 @@ def main() -> None:
     ap.add_argument("--output_dir", default="hdp_output/demo")
     ap.add_argument("--max_steps", type=int, default=16)
     ap.add_argument("--global_batch_size", type=int, default=16)
-    ap.add_argument("--tokens_per_rank", type=int, default=1024)
+    ap.add_argument("--tokens_per_rank", type=int, default=4096)
     ap.add_argument("--planner", default="balanced")
     ap.add_argument("--vocab_size", type=int, default=2048)
     ap.add_argument("--hidden_size", type=int, default=128)
@@ -49,6 +53,9 @@ def main() -> None:
     )
     world, rank = args.world_size, args.process_index
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if rank != 0:  # one set of progress bars: rank 0's
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
     with args.main_process_first(desc="building tokenizer, model and data"):
         if rank == 0 and not os.path.exists(os.path.join(a.output_dir, "model", "config.json")):

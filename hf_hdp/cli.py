@@ -14,8 +14,9 @@ Everything here runs on the CPU with the pure-Python planners and the analytic c
 (:mod:`hf_hdp.planning.cost`); no GPU and no torch.distributed are involved. ``python -m hf_hdp``
 is the same command.
 
-:func:`compare_planners` (plan and measure batches with the three planners) and
-:func:`draw_batches` are reused by ``benchmarks/paper_check.py``.
+This module reads the command line and its inputs (length files, datasets, model configs) and
+prints; the comparison itself is :mod:`hf_hdp.planning.compare`, the timelines figure
+:func:`hf_hdp.planning.report.plot_timelines`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-PLANNER_ORDER = ("static", "naive", "balanced")
-PLANNER_TITLES = {"static": "static mesh", "naive": "naive HDP", "balanced": "balanced HDP"}
-MAX_PLOT_RANKS = 64
+from hf_hdp.planning.compare import (
+    PLANNER_ORDER,
+    PLANNER_TITLES,
+    DoesNotFit,
+    LengthPool,
+    check_fits,
+    compare_planners,
+    draw_batches,
+    summarize,
+)
+from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, HardwareSpec, ModelSpec
+from hf_hdp.planning.plan import PlanError
+from hf_hdp.planning.report import INSTALL_MATPLOTLIB, MAX_PLOT_RANKS, fmt_bytes, fmt_seconds, plot_timelines
 
 
 class CLIError(Exception):
@@ -39,15 +47,6 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------- lengths
-
-
-@dataclass
-class LengthPool:
-    """Sample lengths to draw global batches from, and how to name one sample in messages."""
-
-    lengths: list[int]
-    source: str
-    names: Callable[[int], str] = field(default=lambda i: f"sample {i}")
 
 
 def parse_size(text: str) -> int:
@@ -172,10 +171,8 @@ def stdlib_pool() -> LengthPool:
 # --------------------------------------------------------------------------- model and hardware
 
 
-def load_model_spec(name: str):
+def load_model_spec(name: str) -> ModelSpec:
     """A preset name (``llama-7b`` ...), or a transformers config: a folder, a ``config.json``, or a Hub id."""
-    from hf_hdp.planning.cost import MODEL_PRESETS, ModelSpec
-
     if name in MODEL_PRESETS:
         return MODEL_PRESETS[name]
     presets = ", ".join(MODEL_PRESETS)
@@ -217,237 +214,14 @@ def load_model_spec(name: str):
     return ModelSpec.from_config(config, name=label)
 
 
-def hardware_presets() -> dict:
-    """:data:`~hf_hdp.planning.cost.HARDWARE_PRESETS`, plus ``bytescale`` when the module has none:
-    H100 links with the compute rates fitted to ByteScale's published LLaMA-7B per-layer times
-    (:meth:`~hf_hdp.planning.cost.CostModel.bytescale`), usable with any model."""
-    from hf_hdp.planning import cost as cost_mod
-
-    presets = dict(cost_mod.HARDWARE_PRESETS)
-    if "bytescale" not in presets and hasattr(cost_mod.CostModel, "bytescale"):
-        fitted = cost_mod.CostModel.bytescale()
-        presets["bytescale"] = cost_mod.hardware_from_coefficients(
-            cost_mod.MODEL_PRESETS["llama-7b"], fitted.a, fitted.b, fitted.c, presets["h100"], name="bytescale"
-        )
-    return presets
-
-
-def load_hardware(name: str):
-    presets = hardware_presets()
+def load_hardware(name: str) -> HardwareSpec:
     try:
-        return presets[name]
+        return HARDWARE_PRESETS[name]
     except KeyError:
-        raise CLIError(f"unknown --hardware {name!r}; valid presets: {', '.join(presets)}") from None
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def draw_batches(
-    lengths: Sequence[int],
-    steps: int,
-    seed: int,
-    samples: int | None = None,
-    tokens: int | None = None,
-) -> list[list[int]]:
-    """``steps`` global batches of sample lengths drawn from ``lengths`` with ``random.Random(seed)``.
-
-    With ``samples``: that many samples per batch, without replacement when the pool is large
-    enough, with replacement otherwise. With ``tokens``: samples in a random order (the pool
-    reshuffled each time it runs out, i.e. with replacement only when the pool is smaller than the
-    budget) until the batch holds at least ``tokens`` tokens.
-    """
-    if (samples is None) == (tokens is None):
-        raise ValueError("give exactly one of samples and tokens")
-    rng = random.Random(seed)
-    pool = list(lengths)
-    batches = []
-    for _ in range(steps):
-        if samples is not None:
-            if samples <= len(pool):
-                batch = rng.sample(pool, samples)
-            else:
-                batch = [rng.choice(pool) for _ in range(samples)]
-        else:
-            batch, total = [], 0
-            while total < tokens:
-                order = list(range(len(pool)))
-                rng.shuffle(order)
-                for i in order:
-                    batch.append(pool[i])
-                    total += pool[i]
-                    if total >= tokens:
-                        break
-        batches.append(batch)
-    return batches
-
-
-def check_fits(pool: LengthPool, world_size: int, tokens_per_rank: int) -> None:
-    """Refuse, with a suggestion, any sample that cannot be placed even on all ranks."""
-    limit = world_size * tokens_per_rank
-    longest = max(range(len(pool.lengths)), key=lambda i: pool.lengths[i])
-    s = pool.lengths[longest]
-    if s <= limit:
-        return
-    need_c = -(-s // world_size)
-    suggest_c = -(-need_c // 1024) * 1024
-    need_w = -(-s // tokens_per_rank)
-    raise CLIError(
-        f"{pool.names(longest)} has {s:,} tokens, more than --world-size x --tokens-per-rank = "
-        f"{world_size:,} x {tokens_per_rank:,} = {limit:,}: use --tokens-per-rank {suggest_c} or more "
-        f"(at least {need_c:,}), or --world-size {need_w} or more"
-    )
-
-
-# --------------------------------------------------------------------------- comparison
-
-
-@dataclass
-class PlannerRuns:
-    """One planner's plans, metrics and planning seconds, one entry per global batch."""
-
-    name: str
-    plans: list = field(default_factory=list)
-    metrics: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
-
-
-def run_planner(name: str, lengths: Sequence[int], world_size: int, tokens_per_rank: int, cost, delta: float):
-    from hf_hdp.planning import plan_naive, plan_static
-    from hf_hdp.planning.balanced import plan_balanced
-
-    if name == "static":
-        return plan_static(lengths, world_size, tokens_per_rank)
-    if name == "naive":
-        return plan_naive(lengths, world_size, tokens_per_rank)
-    if name == "balanced":
-        return plan_balanced(lengths, world_size, tokens_per_rank, cost=cost, delta=delta)
-    raise ValueError(f"unknown planner {name!r}")
-
-
-def compare_planners(
-    batches: Sequence[Sequence[int]],
-    world_size: int,
-    tokens_per_rank: int,
-    cost,
-    delta: float = 0.05,
-    progress: bool = False,
-    planners: Sequence[str] = PLANNER_ORDER,
-) -> dict[str, PlannerRuns]:
-    """Plan every batch with every planner and measure each plan with ``cost``."""
-    from hf_hdp.planning.metrics import plan_metrics
-
-    runs = {name: PlannerRuns(name) for name in planners}
-    bar = _progress_bar(len(batches) * len(planners), progress)
-    try:
-        for lengths in batches:
-            for name in planners:
-                bar.set_description(PLANNER_TITLES.get(name, name), refresh=False)
-                t0 = time.perf_counter()
-                plan = run_planner(name, lengths, world_size, tokens_per_rank, cost, delta)
-                runs[name].seconds.append(time.perf_counter() - t0)
-                runs[name].plans.append(plan)
-                runs[name].metrics.append(plan_metrics(plan, cost))
-                bar.update(1)
-    finally:
-        bar.close()
-    return runs
-
-
-def _progress_bar(total: int, show: bool):
-    """A tqdm bar on stderr when ``show``; otherwise a silent stand-in."""
-    if show:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, file=sys.stderr, unit="plan", leave=False, dynamic_ncols=True)
-        except ImportError:  # pragma: no cover - tqdm comes with transformers
-            pass
-
-    class _Silent:
-        def update(self, n=1):
-            pass
-
-        def set_description(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
-    return _Silent()
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def summarize(runs: dict[str, PlannerRuns]) -> dict[str, dict]:
-    """Per planner, the figures averaged over the batches; the JSON that ``--json`` prints.
-
-    ``speedup_vs_static`` is total static step time over total step time (the batches are the same,
-    so it is the throughput ratio); other figures are means per step, group sizes are counts summed
-    over all steps.
-    """
-    base = sum(m.step_time_s for m in runs["static"].metrics) if "static" in runs else None
-    out = {}
-    for name, r in runs.items():
-        ms = r.metrics
-        total = sum(m.step_time_s for m in ms)
-        groups: dict[int, int] = {}
-        for m in ms:
-            for k, n in dict(m.group_sizes).items():
-                groups[int(k)] = groups.get(int(k), 0) + int(n)
-        mbs = [n for m in ms for n in m.micro_batches_per_rank]
-        tokens = _mean(m.tokens for m in ms)
-        d = {
-            "step_time_s": _mean(m.step_time_s for m in ms),
-            "speedup_vs_static": (base / total) if base is not None and total > 0 else None,
-            "imbalance": _mean(m.imbalance for m in ms),
-            "idle_fraction": _mean(m.idle_fraction for m in ms),
-            "rank_spread": _mean(m.busy_spread for m in ms),
-            "p2p_bytes": _mean(m.p2p_bytes for m in ms),
-            "p2p_messages": _mean(m.p2p_messages for m in ms),
-            "p2p_time_fraction": _mean(m.p2p_time_fraction for m in ms),
-            "allreduce_s": _mean(m.allreduce_s for m in ms),
-            "num_slots": _mean(m.num_slots for m in ms),
-            "micro_batches_per_rank": {"min": min(mbs), "mean": _mean(mbs), "max": max(mbs)},
-            "group_sizes": {str(k): groups[k] for k in sorted(groups)},
-            "planning_time_s": _mean(r.seconds),
-            "tokens": tokens,
-            "samples": _mean(len(p.lengths) for p in r.plans),
-            "tokens_per_s": tokens / _mean(m.step_time_s for m in ms) if total > 0 else None,
-            "steps": len(ms),
-        }
-        if name == "static" and r.plans:
-            # the static planner sizes CP by each batch's longest sample, so it may differ per step
-            cps = [p.meta.get("cp") for p in r.plans]
-            d["cp"] = max(c for c in cps if c is not None) if any(c is not None for c in cps) else None
-            d["dp"] = r.plans[0].world_size // d["cp"] if d["cp"] else None
-            d["cp_per_step"] = cps
-        out[name] = d
-    return out
+        raise CLIError(f"unknown --hardware {name!r}; valid presets: {', '.join(HARDWARE_PRESETS)}") from None
 
 
 # --------------------------------------------------------------------------- text output
-
-
-def fmt_seconds(s: float) -> str:
-    if s >= 60:
-        m, sec = divmod(s, 60)
-        return f"{s:,.1f} s ({int(m)}m{sec:02.0f}s)"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} us"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def fmt_groups(groups: dict[str, int], limit: int = 5) -> str:
@@ -500,82 +274,6 @@ def render_table(summary: dict[str, dict], header: str) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- plot
-
-# interval kinds of hf_hdp.planning.metrics.plan_timeline; "wait" is left blank
-KIND_COLORS = {
-    "local": ("#4C72B0", "whole sequences (no communication)"),
-    "distributed": ("#55A868", "ring piece: compute"),
-    "p2p": ("#DD8452", "ring piece: exposed P2P"),
-    "allreduce": ("#8172B3", "gradient all-reduce"),
-}
-
-
-def plot_timelines(runs: dict[str, PlannerRuns], cost, path: str, max_ranks: int = MAX_PLOT_RANKS) -> str | None:
-    """Draw the first batch's per-rank timelines, one planner above the other, into ``path`` (PNG).
-
-    Only the first ``max_ranks`` ranks are drawn; returns a note saying so when ranks were left out.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise CLIError(
-            "--plot needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install 'hf-hdp[plot]')"
-        ) from None
-    from hf_hdp.planning.metrics import plan_timeline
-
-    names = [n for n in PLANNER_ORDER if n in runs]
-    world = runs[names[0]].plans[0].world_size
-    shown = min(world, max_ranks)
-    horizon = max(runs[n].metrics[0].step_time_s for n in names) or 1.0
-    fig, axes = plt.subplots(
-        len(names), 1, figsize=(12, 1.5 + len(names) * (0.9 + 0.045 * shown)), sharex=True, squeeze=False
-    )
-    for ax, name in zip(axes[:, 0], names):
-        plan, metrics = runs[name].plans[0], runs[name].metrics[0]
-        bars: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for iv in plan_timeline(plan, cost):
-            if iv.rank < shown and iv.kind in KIND_COLORS:
-                bars.setdefault((iv.kind, iv.rank), []).append((iv.start, iv.end - iv.start))
-        for (kind, rank), spans in bars.items():
-            ax.broken_barh(spans, (rank - 0.42, 0.84), facecolors=KIND_COLORS[kind][0], edgecolor="none")
-        speed = ""
-        if name != "static" and "static" in runs:
-            speed = f", {runs['static'].metrics[0].step_time_s / metrics.step_time_s:.2f}x vs static"
-        mesh = f" (DP={plan.meta.get('dp')} x CP={plan.meta.get('cp')})" if name == "static" else ""
-        ax.set_title(
-            f"{PLANNER_TITLES[name]}{mesh}: step {fmt_seconds(metrics.step_time_s)}{speed}, "
-            f"imbalance {metrics.imbalance:.2f}, idle {metrics.idle_fraction:.0%}",
-            fontsize=10,
-            loc="left",
-        )
-        ax.axvline(metrics.step_time_s, color="black", lw=0.8, ls="--")
-        ax.set_ylim(shown - 0.5, -0.5)
-        ax.set_ylabel("rank")
-        ax.set_xlim(0, horizon * 1.02)
-    axes[-1, 0].set_xlabel("estimated time in the step (s); blank = waiting")
-    note = f"only ranks 0-{shown - 1} of {world} are drawn" if shown < world else None
-    fig.suptitle(
-        f"per-rank timelines of the first global batch: {cost.label}, {world:,} ranks" + (f" ({note})" if note else ""),
-        fontsize=11,
-    )
-    handles = [Patch(color=color, label=label) for color, label in KIND_COLORS.values()]
-    fig.legend(handles=handles, loc="lower center", fontsize=8, ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise CLIError(f"cannot write --plot {path!r}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
-    return note
-
-
 # --------------------------------------------------------------------------- argparse
 
 
@@ -611,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preset (llama-7b, llama-13b, llama-30b, llama-70b), a folder with a transformers config.json, "
         "or a Hub id (default: llama-7b)",
     )
-    m.add_argument("--hardware", default="h100", help=f"hardware preset: {', '.join(hardware_presets())} (default: h100)")
+    m.add_argument("--hardware", default="h100", help=f"hardware preset: {', '.join(HARDWARE_PRESETS)} (default: h100)")
     m.add_argument("--world-size", type=int, default=64, help="number of ranks (GPUs) (default: 64)")
     m.add_argument(
         "--tokens-per-rank", type=parse_size, default=8192, help="C, the tokens of one rank's micro-batch (default: 8K)"
@@ -641,9 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hf_hdp.planning.cost import CostModel
-    from hf_hdp.planning.plan import PlanError
-
     if args.world_size < 1:
         raise CLIError(f"--world-size must be at least 1, got {args.world_size}")
     if args.steps < 1:
@@ -666,7 +361,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         pool = stdlib_pool()
     W, C = args.world_size, args.tokens_per_rank
-    check_fits(pool, W, C)
+    try:
+        check_fits(pool, W, C)
+    except DoesNotFit as e:
+        raise CLIError(e.advice("--world-size", "--tokens-per-rank")) from None
 
     samples, tokens = args.global_batch_samples, args.global_batch_tokens
     if samples is None and tokens is None:
@@ -682,7 +380,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     note = None
     if args.plot:
-        note = plot_timelines(runs, cost, args.plot)
+        try:
+            note = plot_timelines(runs, cost, args.plot)
+        except ImportError:
+            raise CLIError(f"--plot needs matplotlib, which is not installed: {INSTALL_MATPLOTLIB}") from None
+        except OSError as e:
+            raise CLIError(f"cannot write --plot {args.plot!r}: {e.strerror or e}") from None
 
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=False))

@@ -13,7 +13,7 @@ from typing import Literal
 
 from .planning import HARDWARE_PRESETS, PLANNERS
 
-BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "reference")
+BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "cpu_flash", "reference")
 LONG_SAMPLE_POLICIES = ("error", "truncate", "drop")
 FUSED_BACKENDS = ("flash_attn", "torch_varlen")
 
@@ -50,24 +50,32 @@ class HDPConfig:
             "'auto' (h100 on CUDA, cpu otherwise), or a name from hf_hdp.planning.HARDWARE_PRESETS."
         },
     )
-    attention_backend: Literal["auto", "flash_attn", "torch_varlen", "reference"] = field(
+    attention_backend: Literal["auto", "flash_attn", "torch_varlen", "cpu_flash", "reference"] = field(
         default="auto",
         metadata={
-            "help": "Attention kernels: 'auto' picks flash_attn (CUDA, package installed), then torch_varlen (CUDA), "
-            "then the PyTorch 'reference' (CPU)."
+            "help": "Attention kernels: 'auto' picks flash_attn (CUDA, package installed), then torch_varlen (CUDA); "
+            "on the CPU cpu_flash (PyTorch's fused CPU kernel, float32/bf16/fp16), or the PyTorch 'reference' "
+            "for float64 (slow, exact, any device)."
         },
     )
     length_column: str = field(
         default="length",
-        metadata={"help": "Dataset column holding each sample's token count; computed with datasets.map if absent."},
+        metadata={"help": "A dataset column holding each sample's token count. HDP measures every sample itself (its "
+                  "hdp_* columns, cached by datasets); when this column is present it is checked against input_ids "
+                  "and a disagreement is refused naming the row."},
     )
     check_plan_hash: bool = field(
         default=True,
         metadata={"help": "All-gather a fingerprint of the step plan before any P2P; stop if ranks disagree."},
     )
     p2p_timeout_s: float | None = field(
-        default=None,
-        metadata={"help": "Seconds a ring partner may take before the step fails (gloo); None: the process group's timeout."},
+        default=600.0,
+        metadata={
+            "help": "Seconds any HDP wait may take before the step fails with an error naming the rank, the peer or "
+            "collective and the step: ring P2P, the plan check, the gradient collective and evaluation's sum. "
+            "None: the process group's own timeout (TrainingArguments.ddp_timeout). On NCCL, ring P2P waits are "
+            "bounded by the process group's timeout (see hf_hdp.mesh.DynamicMesh)."
+        },
     )
     length_num_proc: int | None = field(
         default=None,
@@ -104,8 +112,15 @@ class HDPConfig:
             raise ValueError(
                 f"HDPConfig.attention_backend must be one of {BACKEND_CHOICES}, got {self.attention_backend!r}"
             )
-        if self.p2p_timeout_s is not None and self.p2p_timeout_s <= 0:
-            raise ValueError(f"HDPConfig.p2p_timeout_s must be positive or None, got {self.p2p_timeout_s}")
+        if self.p2p_timeout_s is not None and (
+            isinstance(self.p2p_timeout_s, bool) or not isinstance(self.p2p_timeout_s, (int, float))
+            or not 0 < self.p2p_timeout_s < float("inf")
+        ):
+            raise ValueError(
+                "HDPConfig.p2p_timeout_s must be a positive number of seconds or None (the process group's own "
+                f"timeout), got {self.p2p_timeout_s!r}. It bounds every HDP wait; minutes (the default 600) suit "
+                "most runs."
+            )
         if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
             raise ValueError(
                 f"HDPConfig.hardware must be 'auto' or one of {tuple(HARDWARE_PRESETS)}, got {self.hardware!r}"
@@ -133,7 +148,9 @@ class HDPConfig:
         - ``label_smoothing_factor > 0``: HDP's token-level loss does not smooth labels;
         - ``fsdp`` / ``deepspeed``: HDP replicates model states and reduces gradients itself;
         - a ``parallelism_config`` with context, tensor, sequence or sharded data parallelism: HDP is
-          the data and context parallelism.
+          the data and context parallelism;
+        - ``average_tokens_across_devices=False`` on several ranks: HDP's loss is always over the
+          global batch's label count.
 
         ``dataloader_drop_last`` with a global batch larger than the dataset (no step at all) is refused
         by :class:`~hf_hdp.trainer.data.GlobalBatchSampler`, once the dataset size is known.
@@ -180,6 +197,13 @@ class HDPConfig:
                 "reduces the gradients itself, once per step; sharding the model would break both. Unset "
                 f"{which}, or use the stock Trainer."
             )
+        if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
+            raise ValueError(
+                "TrainingArguments.average_tokens_across_devices=False makes stock Trainer divide each device's loss "
+                "by that device's own label count; HDP places samples by cost, not by device, and always divides by "
+                "the label count of the whole global batch (what one device running the batch computes). Set "
+                "average_tokens_across_devices=True (the default)."
+            )
         pc = getattr(args, "parallelism_config", None)
         if pc is not None:
             sizes = {k: getattr(pc, k, 1) or 1 for k in ("cp_size", "tp_size", "sp_size", "dp_shard_size")}
@@ -202,14 +226,14 @@ class HDPConfig:
         """
         import torch
 
-        from .attention.kernels import backend_unavailable_reason, get_backend
+        from .attention.backends import backend_unavailable_reason, get_backend
 
         device = torch.device(device)
         name = self.attention_backend
         if name == "auto":
-            name = get_backend("auto", device).name
+            name = get_backend("auto", device, dtype).name
         else:
-            reason = backend_unavailable_reason(name, device)
+            reason = backend_unavailable_reason(name, device, None if mixed_precision else dtype)
             if reason is not None:
                 raise ValueError(
                     f"HDPConfig.attention_backend={name!r} cannot run on this trainer's device ({device}): {reason}."
@@ -229,10 +253,6 @@ class HDPConfig:
                     f"the model's is {head_dim}. Use HDPConfig(attention_backend='reference')."
                 )
         return name
-
-    @property
-    def explicit_global_batch(self) -> bool:
-        return self.global_batch_size is not None
 
     def to_dict(self) -> dict:
         return asdict(self)

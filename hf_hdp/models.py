@@ -151,22 +151,35 @@ class ModelSupport:
         return "\n".join(lines)
 
 
-def _unwrap(model):
-    """``(config, transformers model or None)`` of a model, a PEFT wrapper of one, or a config."""
-    from transformers import PretrainedConfig, PreTrainedModel
+def hdp_base_model(model):
+    """The transformers model inside ``model``: itself, the LM of a PEFT wrapper, or a model it wraps."""
+    from transformers import PreTrainedModel
 
-    if isinstance(model, PretrainedConfig):
-        return model, None
+    if not isinstance(model, PreTrainedModel) and callable(getattr(model, "get_base_model", None)):
+        # a PeftModel: its `base_model.base_model` would be the inner decoder (LlamaModel), not the LM
+        base = model.get_base_model()
+        if isinstance(base, PreTrainedModel):
+            return base
     seen = model
     for _ in range(4):
         if isinstance(seen, PreTrainedModel):
-            return seen.config, seen
+            return seen
         seen = getattr(seen, "base_model", None) or getattr(seen, "model", None)
         if seen is None:
             break
     raise UnsupportedModelError(
         f"HDP needs a transformers PreTrainedModel (or a PEFT wrapper of one); got {type(model).__name__}."
     )
+
+
+def _unwrap(model):
+    """``(config, transformers model or None)`` of a model, a PEFT wrapper of one, or a config."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, None
+    base = hdp_base_model(model)
+    return base.config, base
 
 
 def _attention_modules(base) -> list[tuple[str, object]]:
@@ -437,19 +450,11 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
     )
 
 
-def supported_families_markdown() -> str:
-    """The :data:`SUPPORTED_FAMILIES` table as Markdown, for the README."""
-    rows = ["| model_type | status | notes |", "|---|---|---|"]
-    for key, fam in SUPPORTED_FAMILIES.items():
-        rows.append(f"| `{key}` | {fam.status} | {fam.note} |")
-    return "\n".join(rows)
-
-
 __all__ = [
     "FamilySupport",
     "ModelSupport",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
     "check_model_supported",
-    "supported_families_markdown",
+    "hdp_base_model",
 ]

@@ -33,16 +33,16 @@ import hf_hdp.trainer.trainer as trainer_module
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
 from hf_hdp.planning import get_planner, plan_naive
-from hf_hdp.trainer.data import (
+from hf_hdp.data import row_documents
+from hf_hdp.data.checks import (
     MAX_ID_COLUMN,
     MIN_ID_COLUMN,
     SOURCE_ROW_COLUMN,
-    GlobalBatchSampler,
-    HDPStepDataset,
     apply_long_sample_policy,
     measure_dataset,
     prepare_dataset,
 )
+from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model
 
@@ -93,20 +93,24 @@ def test_long_sample_error_names_the_row_and_the_opt_in_policies():
 
 def test_truncate_policy_cuts_ids_and_labels_together_and_logs_it(caplog):
     rows = _long_rows()
-    with caplog.at_level(logging.WARNING, logger="hf_hdp.trainer.data"):
-        ds, lengths, loss = prepare_dataset(
+    with caplog.at_level(logging.WARNING, logger="hf_hdp.data.checks"):
+        measured = prepare_dataset(
             Dataset.from_list(rows), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2)
+    ds, lengths, loss = measured
     assert lengths.tolist() == [5, 16, 16, 16, 3]
     assert len(ds) == 5 and SOURCE_ROW_COLUMN not in ds.column_names  # nothing dropped
     for r, row in enumerate(rows):
         n = min(len(row["input_ids"]), 16)
-        assert ds[r]["input_ids"] == row["input_ids"][:n]
-        assert ds[r]["labels"] == (row["labels"][:n] if "labels" in row else None)
-        assert ds[r]["length"] == n
+        assert ds[r]["input_ids"] == row["input_ids"]  # the data is not rewritten: the documents are cut
+        (doc,) = row_documents(ds[r], r, measured.rules)
+        assert doc.input_ids == row["input_ids"][:n]
+        assert doc.labels == (row["labels"][:n] if "labels" in row else None)
+        assert ds[r]["hdp_length"] == n
         # the loss-token count is the cut sample's own (labels[1:n] that are not -100)
         assert loss[r] == count_loss_tokens(row["input_ids"][:n], row.get("labels") and row["labels"][:n])
     assert loss.tolist() == [4, 10, 15, 0, 2]
-    assert ds[1][MAX_ID_COLUMN] == max(ds[1]["input_ids"] + [t for t in ds[1]["labels"] if t != IGNORE_INDEX])
+    (doc,) = row_documents(ds[1], 1, measured.rules)
+    assert ds[1][MAX_ID_COLUMN] == max(doc.input_ids + [t for t in doc.labels if t != IGNORE_INDEX])
     (record,) = [r for r in caplog.records if "long_sample_policy='truncate'" in r.getMessage()]
     msg = record.getMessage()
     assert "cut 2 sample(s)" in msg and "rows 1, 3" in msg and "first 16 tokens" in msg, msg
@@ -117,10 +121,11 @@ def test_truncate_policy_cuts_ids_and_labels_together_and_logs_it(caplog):
 
 def test_truncated_sample_trains_on_its_own_targets_only():
     """After truncation the last kept token has no target (-100): it never learns the cut-off token."""
-    ds, lengths, loss = prepare_dataset(
+    measured = prepare_dataset(
         Dataset.from_list(_long_rows()), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2)
+    ds, lengths, loss = measured
     sampler = GlobalBatchSampler(len(ds), 5, shuffle=False)
-    steps = [HDPStepDataset(ds, lengths, loss, sampler, plan_naive, 2, r, 8, HDPCollator(vocab_size=VOCAB))[(0, 0)]
+    steps = [HDPStepDataset.from_measured(measured, sampler, plan_naive, 2, r, 8, HDPCollator(vocab_size=VOCAB))[(0, 0)]
              for r in range(2)]
     packed = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for s in steps for mb in s.micro_batches)
     assert packed == steps[0].num_loss_tokens == int(loss.sum())
@@ -131,7 +136,7 @@ def test_drop_policy_removes_long_samples_logs_it_and_keeps_naming_the_users_row
     rows = _long_rows()
     rows[4]["input_ids"] = [1, VOCAB + 5, 2]  # out of the vocabulary, after two dropped rows
     cfg = HDPConfig(tokens_per_rank=8, long_sample_policy="drop")
-    with caplog.at_level(logging.WARNING, logger="hf_hdp.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_hdp.data.checks"):
         ds, lengths, loss = prepare_dataset(Dataset.from_list(rows), cfg, world_size=2)
     assert lengths.tolist() == [5, 16, 3] and loss.tolist() == [4, 15, 2]
     assert ds[SOURCE_ROW_COLUMN] == [0, 2, 4]
@@ -160,10 +165,10 @@ def test_drop_policy_refuses_to_drop_everything_and_still_refuses_empty_samples(
 
 
 def test_policy_does_nothing_when_every_sample_fits():
-    ds, lengths, loss = measure_dataset(Dataset.from_list([{"input_ids": _ids(4)}, {"input_ids": _ids(9)}]))
+    measured = measure_dataset(Dataset.from_list([{"input_ids": _ids(4)}, {"input_ids": _ids(9)}]))
     for policy in ("error", "truncate", "drop"):
-        out = apply_long_sample_policy(ds, lengths, loss, 2, 8, policy)
-        assert out[0] is ds and out[3] is None
+        out = apply_long_sample_policy(measured, 2, 8, policy)
+        assert out is measured and out.source_rows is None
 
 
 def test_long_sample_policy_is_validated():
@@ -175,7 +180,7 @@ def test_long_sample_policy_is_validated():
 def test_trainer_truncates_when_asked(tiny, tmp_path):
     trainer = _trainer(tiny, tmp_path, _long_rows(), tokens_per_rank=8, global_batch_size=5,
                        long_sample_policy="truncate")
-    assert trainer._train_lengths.tolist() == [5, 8, 8, 8, 3]  # one rank: limit 8
+    assert trainer.hdp_train_data.lengths.tolist() == [5, 8, 8, 8, 3]  # one rank: limit 8
     out = trainer.train()
     assert out.global_step == 1 and np.isfinite(out.training_loss)
 
@@ -195,7 +200,7 @@ def _unlabelled_batch():
 
 def _hdp_grads(model, samples, tokens_per_rank):
     from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer.trainer import run_micro_batches
+    from hf_hdp.trainer import run_micro_batches
 
     lengths = [len(s["input_ids"]) for s in samples]
     n_loss = sum(count_loss_tokens(s["input_ids"], s.get("labels")) for s in samples)
@@ -210,7 +215,7 @@ def _hdp_grads(model, samples, tokens_per_rank):
 
 @pytest.mark.parametrize("tokens_per_rank", [64, 12], ids=["packed-together", "alone-in-a-micro-batch"])
 def test_samples_without_label_tokens_add_nothing_and_no_nan(tiny, tokens_per_rank):
-    from hf_hdp.trainer.trainer import enable_hdp_attention
+    from hf_hdp.trainer import enable_hdp_attention
 
     model = load_model(tiny)  # float64
     enable_hdp_attention(model)
@@ -293,14 +298,17 @@ def test_fused_backends_are_refused_on_cpu_with_the_fix():
             HDPConfig(attention_backend=name).check_attention_backend("cpu", torch.float32)
         msg = str(info.value)
         assert f"attention_backend={name!r}" in msg and "cpu" in msg and "'reference'" in msg, msg
-    assert HDPConfig().check_attention_backend("cpu", torch.float32) == "reference"
+    assert HDPConfig().check_attention_backend("cpu", torch.float32) == "cpu_flash"
+    assert HDPConfig().check_attention_backend("cpu", torch.float64) == "reference"
+    with pytest.raises(ValueError, match=r"attention_backend='cpu_flash' cannot run .*float64.*'reference'"):
+        HDPConfig(attention_backend="cpu_flash").check_attention_backend("cpu", torch.float64)
     assert HDPConfig(attention_backend="reference").check_attention_backend("cpu", torch.float64) == "reference"
 
 
 def test_fused_backends_need_half_precision_and_a_kernel_head_dim(monkeypatch):
-    import hf_hdp.attention.kernels as kernels
+    import hf_hdp.attention.backends as kernels
 
-    monkeypatch.setattr(kernels, "backend_unavailable_reason", lambda name, device=None: None)  # as on a GPU
+    monkeypatch.setattr(kernels, "backend_unavailable_reason", lambda name, device=None, dtype=None: None)  # as on a GPU
     cfg = HDPConfig(attention_backend="torch_varlen")
     with pytest.raises(ValueError, match=r"need bfloat16/float16 .*torch.float32.*bf16=True.*'reference'"):
         cfg.check_attention_backend("cuda", torch.float32)
@@ -374,7 +382,7 @@ def _idle_rows():
 def _idle_worker(rank, world_size, model_path):
     from hf_hdp.mesh import DynamicMesh
     from hf_hdp.planning import CostModel
-    from hf_hdp.trainer.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
 
     model = load_model(model_path)
     enable_hdp_attention(model)

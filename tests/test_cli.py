@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from hf_hdp.cli import draw_batches, main, parse_size
+from hf_hdp.cli import main, parse_size
+from hf_hdp.planning.compare import DoesNotFit, LengthPool, check_fits, draw_batches
 
 REQUIRED = ("step_time_s", "speedup_vs_static", "imbalance", "idle_fraction", "p2p_bytes", "planning_time_s")
 
@@ -163,6 +164,16 @@ def test_unknown_presets_list_the_valid_ones(capsys):
         assert preset in err
     rc, _, err = run_cli(capsys, "--hardware", "a100")
     assert rc == 2 and "h100" in err and "cpu" in err
+
+
+def test_check_fits_names_the_sample_and_what_would_hold_it():
+    pool = LengthPool([100, 100_000, 7], "test", names=lambda i: f"row {i}")
+    check_fits(pool, 13, 8192)
+    with pytest.raises(DoesNotFit) as info:
+        check_fits(pool, 4, 8192)
+    e = info.value
+    assert (e.min_tokens_per_rank, e.suggested_tokens_per_rank, e.min_world_size) == (25_000, 25_600, 13)
+    assert str(e).startswith("row 1 has 100,000 tokens") and "use tokens_per_rank 25600 or more" in str(e)
 
 
 def test_bytescale_hardware_matches_the_fitted_cost_model(tmp_path, capsys):

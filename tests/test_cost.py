@@ -7,7 +7,7 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
@@ -22,6 +22,7 @@ from hf_hdp.planning.cost import (
     ModelSpec,
     activation_bytes_per_token,
     bytescale_fit,
+    bytescale_hardware,
     calibrate,
     fit_coefficients,
     hardware_from_coefficients,
@@ -237,6 +238,30 @@ def test_cpu_preset_reproduces_its_calibration_on_the_calibrated_model():
     assert cost.a == pytest.approx(9.9e-8, rel=0.02)
     assert cost.b == pytest.approx(1.39e-5, rel=0.02)
     assert cost.c == pytest.approx(1.16e-3, rel=0.02)
+
+
+def test_stored_bytescale_preset_equals_a_fresh_fit():
+    # HARDWARE_PRESETS stores the fit's result, so importing runs no fit; the two must not drift apart
+    stored, fresh = HARDWARE_PRESETS["bytescale"], bytescale_hardware()
+    for f in fields(HardwareSpec):
+        want = getattr(fresh, f.name)
+        assert getattr(stored, f.name) == (want if isinstance(want, str) else pytest.approx(want, rel=1e-12)), f.name
+
+
+def test_importing_the_cost_model_runs_no_fit():
+    code = (
+        "import sys\n"
+        "calls = []\n"
+        "def watch(frame, event, arg):\n"
+        "    if event == 'call' and frame.f_code.co_name in ('fit_coefficients', 'bytescale_fit', '_lstsq'):\n"
+        "        calls.append(frame.f_code.co_name)\n"
+        "sys.setprofile(watch)\n"
+        "import hf_hdp.planning, hf_hdp.planning.cost\n"
+        "sys.setprofile(None)\n"
+        "assert not calls, calls\n"
+        "assert list(hf_hdp.planning.cost.HARDWARE_PRESETS) == ['h100', 'cpu', 'h200', 'bytescale']\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def test_bytescale_fit_matches_the_published_per_layer_times():

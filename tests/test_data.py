@@ -12,13 +12,8 @@ from datasets import Dataset
 
 from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
 from hf_hdp.planning import plan_naive, plan_static
-from hf_hdp.trainer.data import (
-    LOSS_TOKENS_COLUMN,
-    GlobalBatchSampler,
-    HDPStepDataset,
-    check_lengths,
-    measure_dataset,
-)
+from hf_hdp.data.checks import LENGTH_COLUMN, LOSS_TOKENS_COLUMN, check_lengths, measure_dataset
+from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
 
 B = 100_000  # token id = row * B + position
 
@@ -40,12 +35,12 @@ def test_measure_adds_length_and_loss_tokens_with_labels():
     data = encoded_rows(lengths, prompt_of=lambda r, n: min(r + 1, n))
     data["text"] = [f"row {r}" for r in range(len(lengths))]
     ds, lens, loss = measure_dataset(Dataset.from_dict(data))
-    assert "length" in ds.column_names and LOSS_TOKENS_COLUMN in ds.column_names
+    assert LENGTH_COLUMN in ds.column_names and LOSS_TOKENS_COLUMN in ds.column_names
     assert "text" in ds.column_names  # other columns are kept
     want_loss = [count_loss_tokens(i, l) for i, l in zip(data["input_ids"], data["labels"])]
     # prompt of r+1 tokens masked: targets are labels[1:] that are not -100
     assert want_loss == [sum(1 for t in range(1, n) if t >= min(r + 1, n)) for r, n in enumerate(lengths)]
-    assert lens.tolist() == lengths and ds["length"] == lengths
+    assert lens.tolist() == lengths and ds[LENGTH_COLUMN] == lengths
     assert loss.tolist() == want_loss and ds[LOSS_TOKENS_COLUMN] == want_loss
     assert lens.dtype == np.int64 and loss.dtype == np.int64
 
@@ -240,7 +235,8 @@ def test_step_dataset_each_rank_loads_only_its_samples(planner):
                 assert o.local_tokens == sum(mb.num_tokens for mb in mine)
                 for mb, packed in zip(mine, o.micro_batches):
                     meta = packed["hdp_metadata"]
-                    assert meta.slot == mb.slot and meta.rank == rank and meta.step == step
+                    assert meta.slot == mb.slot and meta.rank == rank
+                    assert meta.step == o.global_step == epoch * len(sampler) + step + 1
                     ids = packed["input_ids"][0].tolist()
                     # (a static-mesh member may hold no token of a sample shorter than its CP degree)
                     assert {v // B for v in ids} == {rows[p.sample] for p in mb.pieces if p.tokens_on(rank)}

@@ -66,7 +66,7 @@ def test_length_column_is_computed_with_num_proc_and_cached(tiny, tmp_path):
 
     first = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=load_from_disk(folder), hdp_config=cfg)
     ds = first.train_dataset
-    assert ds["length"][:] == [len(r["input_ids"]) for r in rows]
+    assert ds["hdp_length"][:] == [len(r["input_ids"]) for r in rows]
     assert ds["hdp_loss_tokens"][:] == [len(r["input_ids"]) - max(len(r["input_ids"]) // 3, 1)
                                         for r in rows]
     written = _cache_files(folder)
@@ -77,10 +77,10 @@ def test_length_column_is_computed_with_num_proc_and_cached(tiny, tmp_path):
     second = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=load_from_disk(folder), hdp_config=cfg)
     assert _cache_files(folder) == written
     assert second.train_dataset.cache_files == ds.cache_files
-    assert (second._train_lengths == first._train_lengths).all()
-    # and a dataset that already has both columns is not mapped at all
+    assert (second.hdp_train_data.lengths == first.hdp_train_data.lengths).all()
+    # a dataset that already has HDP's columns is measured again (they may be stale: see test_inputs.py)
     third = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=ds, hdp_config=cfg)
-    assert third.train_dataset is ds
+    assert (third.hdp_train_data.lengths == first.hdp_train_data.lengths).all()
 
 
 # ------------------------------------------------------------------ only the needed rows
@@ -99,7 +99,7 @@ def test_each_rank_loads_only_the_rows_of_its_pieces(tmp_path):
     Dataset.from_list(_rows(64, max_len=60)).save_to_disk(str(tmp_path / "ds"))
     ds = load_from_disk(str(tmp_path / "ds"))
     assert ds.cache_files  # arrow on disk, memory-mapped: rows are read on demand
-    from hf_hdp.trainer.data import measure_dataset
+    from hf_hdp.data.checks import measure_dataset
     from hf_hdp.collators import HDPCollator
 
     ds, lengths, loss_tokens = measure_dataset(ds)
@@ -130,7 +130,7 @@ def test_trainer_never_reads_a_token_column(tiny, tmp_path, monkeypatch):
                          hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4))
     trainer.train()
     columns = [k for k in keys if isinstance(k, str)]
-    assert "length" in columns and "hdp_loss_tokens" in columns  # planning reads the per-row columns...
+    assert "hdp_length" in columns and "hdp_loss_tokens" in columns  # planning reads the per-row columns...
     assert not {"input_ids", "labels"} & set(columns) and not any(isinstance(k, slice) for k in keys), keys
     row_reads = [k for k in keys if isinstance(k, list)]
     assert len(row_reads) == 2 and all(len(k) == 4 for k in row_reads)  # ...tokens come in per step, 4 rows each
@@ -197,10 +197,16 @@ def test_evaluation_refuses_what_it_cannot_compute(tiny, tmp_path):
     no_labels = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100] * 3}, {"input_ids": [4]}])
     with pytest.raises(HDPDataError, match=r"eval_dataset has no label token"):
         HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=no_labels, hdp_config=HDPConfig(tokens_per_rank=8))
-    trainer = HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=Dataset.from_list(_rows(4)),
-                         compute_metrics=lambda p: {}, hdp_config=HDPConfig(tokens_per_rank=64))
-    with pytest.raises(NotImplementedError, match=r"token-level loss only.*compute_metrics"):
-        trainer.evaluate()
+    # compute_metrics / preprocess_logits_for_metrics: refused when the trainer is built, not at the first evaluate()
+    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+        with pytest.raises(ValueError, match=rf"HDPTrainer\({name}=\.\.\.\) is not supported.*prediction_loss_only=True"):
+            HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=Dataset.from_list(_rows(4)),
+                       hdp_config=HDPConfig(tokens_per_rank=64), **{name: lambda *a: {}})
+    # ...and accepted with prediction_loss_only=True, where stock Trainer does not call them either
+    trainer = HDPTrainer(load_model(tiny), _args(tmp_path, prediction_loss_only=True),
+                         eval_dataset=Dataset.from_list(_rows(4)), compute_metrics=lambda p: {},
+                         hdp_config=HDPConfig(tokens_per_rank=64))
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
     with pytest.raises(NotImplementedError, match=r"predict is not supported"):
         trainer.predict(Dataset.from_list(_rows(2)))
 
@@ -236,7 +242,7 @@ def test_global_batch_without_labels_skips_the_optimizer_step(tiny, tmp_path, ca
         out = trainer.train()
 
     warnings = [r.getMessage() for r in caplog.records if "no label token" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("step 2 ") and "optimizer step was skipped" in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith("global step 2 ") and "optimizer step was skipped" in warnings[0]
     (w1, s1), (w2, s2), (w3, s3) = snapshots
     assert s1 and all(int(s["step"]) == 1 for s in s1.values())  # step 1 trained: AdamW has momentum now
     for k in w1:  # step 2 changed nothing: no momentum drift, no weight decay

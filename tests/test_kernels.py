@@ -1,4 +1,5 @@
-"""Tests of hf_hdp.attention.kernels on the CPU: the reference backend, merging, backend selection.
+"""Tests of hf_hdp.attention.backends on the CPU: the contract of the reference and cpu_flash
+backends, merging, backend selection.
 
 Ground truth is a dense masked softmax over the whole packed batch, written here independently in
 float64 (block-diagonal sequence mask, causal mask inside each block, K/V heads repeated for GQA),
@@ -12,15 +13,29 @@ import sys
 import pytest
 import torch
 
-from hf_hdp.attention import kernels
-from hf_hdp.attention.kernels import (
+import hf_hdp.attention.backends.flash_attn as flash_attn_module
+import hf_hdp.attention.backends.reference as reference_module
+from hf_hdp.attention.backends import (
     BACKEND_NAMES,
+    CpuFlashBackend,
     ReferenceBackend,
+    TorchVarlenBackend,
+    backend_unavailable_reason,
     get_backend,
-    merge_attention,
 )
+from hf_hdp.attention.backends._fused import check_fused_inputs
+from hf_hdp.attention.merge import accumulator_dtype, merge_attention
 
 REF = ReferenceBackend()
+CPU_FLASH = CpuFlashBackend()
+
+#: (backend, input dtype, tolerance): every kernel-contract test runs for each, against float64 dense
+KERNELS = [
+    pytest.param(REF, torch.float64, 1e-10, id="reference-f64"),
+    pytest.param(REF, torch.float32, 1e-5, id="reference-f32"),
+    pytest.param(CPU_FLASH, torch.float32, 1e-5, id="cpu_flash-f32"),
+]
+BACKENDS = [pytest.param(REF, id="reference"), pytest.param(CPU_FLASH, id="cpu_flash")]
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,12 +113,12 @@ def assert_close(actual, expected, tol, what):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
 @pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
-def test_reference_forward_matches_dense(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+def test_forward_matches_dense(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol):
     q, k, v, _ = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype)
     scale = q.shape[-1] ** -0.5
-    out, lse = REF.forward(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
+    out, lse = backend.forward(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
     want_out, want_lse = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
     assert out.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -124,7 +139,7 @@ def test_reference_small_row_blocks(monkeypatch):
     scale = 0.3
     want_out, want_lse = dense_attention(q, k, v, q_lens, q_lens, True, scale)
     want = dense_grads(q, k, v, dout, q_lens, q_lens, True, scale)
-    monkeypatch.setattr(kernels, "REFERENCE_BLOCK_BYTES", 4 * 13 * 8 * 3)  # 3 rows per block
+    monkeypatch.setattr(reference_module, "REFERENCE_BLOCK_BYTES", 4 * 13 * 8 * 3)  # 3 rows per block
     out, lse = REF.forward(q, k, v, cu(q_lens), cu(q_lens), 13, 13, True, scale)
     assert_close(out, want_out, 1e-10, "out")
     assert_close(lse, want_lse, 1e-10, "lse")
@@ -133,18 +148,22 @@ def test_reference_small_row_blocks(monkeypatch):
         assert_close(a, b, 1e-10, name)
 
 
-def test_causal_requires_equal_lengths():
-    q, k, v, _ = make_inputs([3, 2], [2, 3], 2, 2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_requires_equal_lengths(backend):
+    q, k, v, dout = make_inputs([3, 2], [2, 3], 2, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="equal query and key lengths"):
-        REF.forward(q, k, v, cu([3, 2]), cu([2, 3]), 3, 3, True, 0.5)
+        backend.forward(q, k, v, cu([3, 2]), cu([2, 3]), 3, 3, True, 0.5)
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        backend.backward(dout, q, k, v, q, q[:, :, 0], cu([3, 2]), cu([2, 3]), 3, 3, True, 0.5)
 
 
-def test_bad_cu_seqlens_rejected():
-    q, k, v, _ = make_inputs([3, 2], [3, 2], 2, 2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_cu_seqlens_rejected(backend):
+    q, k, v, _ = make_inputs([3, 2], [3, 2], 2, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="cu_q"):
-        REF.forward(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), cu([3, 2]), 3, 3, False, 0.5)
+        backend.forward(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), cu([3, 2]), 3, 3, False, 0.5)
     with pytest.raises(ValueError, match="multiple"):
-        REF.forward(q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1), cu([3, 2]), cu([3, 2]), 3, 3, False, 0.5)
+        backend.forward(q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1), cu([3, 2]), cu([3, 2]), 3, 3, False, 0.5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,14 +171,14 @@ def test_bad_cu_seqlens_rejected():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
 @pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
-def test_reference_backward_matches_autograd(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+def test_backward_matches_autograd(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol):
     q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=1)
     scale = 0.7
     c_q, c_k = cu(q_lens), cu(k_lens)
-    out, lse = REF.forward(q, k, v, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
-    dq, dk, dv = REF.backward(dout, q, k, v, out, lse, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
+    out, lse = backend.forward(q, k, v, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, c_q, c_k, max(q_lens), max(k_lens), causal, scale)
     want = dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)
     assert (dq.dtype, dk.dtype, dv.dtype) == (dtype, dtype, dtype)
     assert dk.shape == k.shape and dv.shape == v.shape  # Hkv heads, unrepeated
@@ -179,9 +198,10 @@ def _ranges(lengths, cut):
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
-def test_backward_with_merged_out_lse_noncausal(hq, hkv, dtype, tol):
-    """Keys split in two blocks: blockwise backward with the merged out/lse sums to the full gradient."""
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
+def test_backward_with_merged_out_lse_noncausal(hq, hkv, backend, dtype, tol):
+    """Keys split in two blocks: blockwise backward with the merged out/lse (float32/float64
+    accumulators, as the ring passes them) sums to the full gradient."""
     q_lens, k_lens = [4, 0, 7, 3, 2], [6, 3, 5, 0, 1]
     q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=2)
     scale = 0.4
@@ -190,8 +210,8 @@ def test_backward_with_merged_out_lse_noncausal(hq, hkv, dtype, tol):
     lens_a, lens_b = cut, [n - c for n, c in zip(k_lens, cut)]
     c_q, c_a, c_b = cu(q_lens), cu(lens_a), cu(lens_b)
     mq = max(q_lens)
-    out_a, lse_a = REF.forward(q, k[ka], v[ka], c_q, c_a, mq, max(lens_a), False, scale)
-    out_b, lse_b = REF.forward(q, k[kb], v[kb], c_q, c_b, mq, max(lens_b), False, scale)
+    out_a, lse_a = backend.forward(q, k[ka], v[ka], c_q, c_a, mq, max(lens_a), False, scale)
+    out_b, lse_b = backend.forward(q, k[kb], v[kb], c_q, c_b, mq, max(lens_b), False, scale)
     out, lse = merge_attention(None, None, out_a, lse_a)
     out, lse = merge_attention(out, lse, out_b, lse_b)
 
@@ -201,8 +221,8 @@ def test_backward_with_merged_out_lse_noncausal(hq, hkv, dtype, tol):
     assert torch.equal(torch.isfinite(lse), finite)
     assert_close(lse[finite], want_lse[finite], tol, "merged lse")
 
-    dq_a, dk_a, dv_a = REF.backward(dout, q, k[ka], v[ka], out, lse, c_q, c_a, mq, max(lens_a), False, scale)
-    dq_b, dk_b, dv_b = REF.backward(dout, q, k[kb], v[kb], out, lse, c_q, c_b, mq, max(lens_b), False, scale)
+    dq_a, dk_a, dv_a = backend.backward(dout, q, k[ka], v[ka], out, lse, c_q, c_a, mq, max(lens_a), False, scale)
+    dq_b, dk_b, dv_b = backend.backward(dout, q, k[kb], v[kb], out, lse, c_q, c_b, mq, max(lens_b), False, scale)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dk[ka], dk[kb] = dk_a, dk_b
     dv[ka], dv[kb] = dv_a, dv_b
@@ -213,11 +233,12 @@ def test_backward_with_merged_out_lse_noncausal(hq, hkv, dtype, tol):
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)
-def test_backward_with_merged_out_lse_causal_ring(hq, hkv):
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
+def test_backward_with_merged_out_lse_causal_ring(hq, hkv, backend, dtype, tol):
     """Two-member causal ring: rows and keys split into halves; the second half of the rows merges
     a full block (its keys in the first half) and a causal diagonal block."""
     lens = [8, 0, 5, 1, 2, 9]
-    q, k, v, dout = make_inputs(lens, lens, hq, hkv, seed=3)
+    q, k, v, dout = make_inputs(lens, lens, hq, hkv, dtype=dtype, seed=3)
     scale = 0.5
     half = [n // 2 for n in lens]
     rest = [n - h for n, h in zip(lens, half)]
@@ -226,34 +247,35 @@ def test_backward_with_merged_out_lse_causal_ring(hq, hkv):
     m1, m2 = max(half), max(rest)
     q1, q2, k1, k2, v1, v2 = q[i1], q[i2], k[i1], k[i2], v[i1], v[i2]
 
-    out1, lse1 = REF.forward(q1, k1, v1, c1, c1, m1, m1, True, scale)  # rows of half 1: one block
-    o21, l21 = REF.forward(q2, k1, v1, c2, c1, m2, m1, False, scale)  # half 2 x keys of half 1
-    o22, l22 = REF.forward(q2, k2, v2, c2, c2, m2, m2, True, scale)  # half 2 diagonal
+    out1, lse1 = backend.forward(q1, k1, v1, c1, c1, m1, m1, True, scale)  # rows of half 1: one block
+    o21, l21 = backend.forward(q2, k1, v1, c2, c1, m2, m1, False, scale)  # half 2 x keys of half 1
+    o22, l22 = backend.forward(q2, k2, v2, c2, c2, m2, m2, True, scale)  # half 2 diagonal
     out2, lse2 = merge_attention(*merge_attention(None, None, o21, l21), o22, l22)
 
     want_out, want_lse = dense_attention(q, k, v, lens, lens, True, scale)
-    assert_close(out1, want_out[i1], 1e-10, "out half 1")
-    assert_close(out2, want_out[i2], 1e-10, "out half 2")
-    assert_close(lse2, want_lse[i2], 1e-10, "lse half 2")
+    assert_close(out1, want_out[i1], tol, "out half 1")
+    assert_close(out2, want_out[i2], tol, "out half 2")
+    assert_close(lse2, want_lse[i2], tol, "lse half 2")
 
-    dq1, dk1_a, dv1_a = REF.backward(dout[i1], q1, k1, v1, out1, lse1, c1, c1, m1, m1, True, scale)
-    dq2_a, dk1_b, dv1_b = REF.backward(dout[i2], q2, k1, v1, out2, lse2, c2, c1, m2, m1, False, scale)
-    dq2_b, dk2, dv2 = REF.backward(dout[i2], q2, k2, v2, out2, lse2, c2, c2, m2, m2, True, scale)
+    dq1, dk1_a, dv1_a = backend.backward(dout[i1], q1, k1, v1, out1, lse1, c1, c1, m1, m1, True, scale)
+    dq2_a, dk1_b, dv1_b = backend.backward(dout[i2], q2, k1, v1, out2, lse2, c2, c1, m2, m1, False, scale)
+    dq2_b, dk2, dv2 = backend.backward(dout[i2], q2, k2, v2, out2, lse2, c2, c2, m2, m2, True, scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq[i1], dq[i2] = dq1, dq2_a + dq2_b
     dk[i1], dk[i2] = dk1_a + dk1_b, dk2
     dv[i1], dv[i2] = dv1_a + dv1_b, dv2
     want = dense_grads(q, k, v, dout, lens, lens, True, scale)
     for name, got, exp in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-        assert_close(got, exp, 1e-10, name)
+        assert_close(got, exp, tol, name)
 
 
-def test_backward_block_without_keys_gives_no_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_block_without_keys_gives_no_gradient(backend):
     """A block whose sequence has no keys contributes exactly zero, even with a finite merged lse."""
-    q, k, v, dout = make_inputs([3], [4], 2, 1)
-    out, lse = REF.forward(q, k, v, cu([3]), cu([4]), 3, 4, False, 1.0)
+    q, k, v, dout = make_inputs([3], [4], 2, 1, dtype=torch.float32)
+    out, lse = backend.forward(q, k, v, cu([3]), cu([4]), 3, 4, False, 1.0)
     empty_k = k[:0]
-    dq, dk, dv = REF.backward(dout, q, empty_k, empty_k, out, lse, cu([3]), cu([0]), 3, 0, False, 1.0)
+    dq, dk, dv = backend.backward(dout, q, empty_k, empty_k, out, lse, cu([3]), cu([0]), 3, 0, False, 1.0)
     assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == (0, 1, 8) and dv.shape == (0, 1, 8)
 
 
@@ -262,13 +284,13 @@ def test_backward_block_without_keys_gives_no_gradient():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
 @pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", list(cases()))
-def test_reference_varlen_autograd(q_lens, k_lens, causal, hq, hkv, dtype, tol):
+def test_varlen_autograd(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol):
     q, k, v, dout = make_inputs(q_lens, k_lens, hq, hkv, dtype=dtype, seed=4)
     scale = q.shape[-1] ** -0.5
     qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out = REF.varlen(qq, kk, vv, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
+    out = backend.varlen(qq, kk, vv, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, scale)
     assert out.dtype == dtype and out.requires_grad
     (out * dout).sum().backward()
     want_out, _ = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
@@ -277,17 +299,32 @@ def test_reference_varlen_autograd(q_lens, k_lens, causal, hq, hkv, dtype, tol):
         assert_close(got, exp, tol, name)
 
 
-def test_reference_bf16_keeps_dtypes():
-    q, k, v, dout = make_inputs([5, 3], [5, 3], 4, 2, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_dtypes(backend, dtype):
+    q, k, v, dout = make_inputs([5, 3], [5, 3], 4, 2, dtype=dtype)
     qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out = REF.varlen(qq, kk, vv, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
+    out = backend.varlen(qq, kk, vv, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
     (out.float() * dout.float()).sum().backward()
-    assert out.dtype == torch.bfloat16
-    assert qq.grad.dtype == kk.grad.dtype == vv.grad.dtype == torch.bfloat16
-    _, lse = REF.forward(q, k, v, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
+    assert out.dtype == dtype
+    assert qq.grad.dtype == kk.grad.dtype == vv.grad.dtype == dtype
+    _, lse = backend.forward(q, k, v, cu([5, 3]), cu([5, 3]), 5, 5, True, 0.35)
     assert lse.dtype == torch.float32
     want_out, _ = dense_attention(q, k, v, [5, 3], [5, 3], True, 0.35)
-    assert_close(out.detach(), want_out, 2e-2, "bf16 out")
+    assert_close(out.detach(), want_out, 2e-2, f"{dtype} out")
+    for name, got, exp in zip(("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, [5, 3], [5, 3], True, 0.35)):
+        assert_close(got, exp, 5e-2, f"{dtype} {name}")
+
+
+def test_cpu_flash_refuses_float64_and_other_devices_with_advice():
+    q, k, v, dout = make_inputs([4], [4], 2, 2)  # float64
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16.*float64.*'reference'"):
+        CPU_FLASH.forward(q, k, v, cu([4]), cu([4]), 4, 4, True, 0.5)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16.*'reference'"):
+        CPU_FLASH.backward(dout, q, k, v, q, q[:, :, 0], cu([4]), cu([4]), 4, 4, True, 0.5)
+    meta = torch.zeros(4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        CPU_FLASH.forward(meta, meta, meta, cu([4]), cu([4]), 4, 4, True, 0.5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,12 +393,30 @@ def test_merge_bf16_block_into_float32_accumulator():
 # ------------------------------------------------------------------------------------------
 
 
-def test_auto_on_cpu_is_reference_singleton():
-    a = get_backend("auto", torch.device("cpu"))
-    b = get_backend("auto", "cpu")
+def test_accumulator_dtype_rule():
+    assert accumulator_dtype(torch.float64) == torch.float64
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert accumulator_dtype(torch.zeros(1, dtype=dtype)) == torch.float32
+
+
+def test_auto_on_cpu_picks_cpu_flash_for_float32_and_half_reference_for_float64():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert get_backend("auto", "cpu", dtype) is get_backend("cpu_flash", torch.device("cpu"))
+    a = get_backend("auto", torch.device("cpu"), torch.float64)
     assert isinstance(a, ReferenceBackend) and a.name == "reference"
-    assert a is b is get_backend("reference")
+    assert a is get_backend("auto", "cpu", dtype=torch.float64) is get_backend("reference")
+    assert get_backend("auto", "cpu").name == "cpu_flash"  # no dtype: torch's default, float32
     assert "flash_attn" not in sys.modules  # the CPU path never imports flash-attn
+
+
+def test_explicit_cpu_flash_refused_for_float64_and_on_cuda():
+    with pytest.raises(ValueError, match="float64.*'reference'"):
+        get_backend("cpu_flash", "cpu", torch.float64)
+    reason = backend_unavailable_reason("cpu_flash", torch.device("cuda"))
+    assert reason is not None and "cpu_flash requested but the device is cuda" in reason
+    assert "CPU tensors only" in reason and "'reference'" in reason
+    with pytest.raises(ValueError, match="cpu_flash requested but the device is cuda"):
+        get_backend("cpu_flash", "cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
@@ -372,7 +427,7 @@ def test_explicit_cuda_backend_on_cpu_raises(name):
 
 def test_flash_attn_not_installed_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", [])
+    monkeypatch.setattr(flash_attn_module, "_FLASH_ATTN_PROBE", [])
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail
     with pytest.raises(ValueError, match=r"flash_attn package is not installed.*pip install 'hf-hdp\[flash-attn\]'.*auto"):
         get_backend("flash_attn", "cuda")
@@ -380,36 +435,37 @@ def test_flash_attn_not_installed_message(monkeypatch):
 
 def test_torch_varlen_missing_api_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: "torch X lacks return_aux"))
+    monkeypatch.setattr(TorchVarlenBackend, "api_problem", staticmethod(lambda: "torch X lacks return_aux"))
     with pytest.raises(ValueError, match="torch_varlen requested but torch X lacks return_aux.*return_aux=AuxRequest"):
         get_backend("torch_varlen", "cuda")
 
 
-def test_auto_on_cuda_prefers_flash_then_torch_then_reference(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_on_cuda_prefers_flash_then_torch_then_reference(monkeypatch, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", ["not installed"])
-    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: None))
-    assert get_backend("auto", "cuda").name == "torch_varlen"
-    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", [None])
-    assert get_backend("auto", "cuda").name == "flash_attn"
-    monkeypatch.setattr(kernels, "_FLASH_ATTN_PROBE", ["not installed"])
-    monkeypatch.setattr(kernels.TorchVarlenBackend, "api_problem", staticmethod(lambda: "old torch"))
-    assert get_backend("auto", "cuda").name == "reference"
+    monkeypatch.setattr(flash_attn_module, "_FLASH_ATTN_PROBE", ["not installed"])
+    monkeypatch.setattr(TorchVarlenBackend, "api_problem", staticmethod(lambda: None))
+    assert get_backend("auto", "cuda", dtype).name == "torch_varlen"
+    monkeypatch.setattr(flash_attn_module, "_FLASH_ATTN_PROBE", [None])
+    assert get_backend("auto", "cuda", dtype).name == "flash_attn"
+    monkeypatch.setattr(flash_attn_module, "_FLASH_ATTN_PROBE", ["not installed"])
+    monkeypatch.setattr(TorchVarlenBackend, "api_problem", staticmethod(lambda: "old torch"))
+    assert get_backend("auto", "cuda", dtype).name == "reference"  # never cpu_flash on CUDA
 
 
 def test_unknown_backend_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown attention backend 'sdpa'.*'auto'.*'flash_attn'.*'torch_varlen'.*'reference'"):
+    with pytest.raises(
+        ValueError, match="unknown attention backend 'sdpa'.*'auto'.*'flash_attn'.*'torch_varlen'.*'cpu_flash'.*'reference'"
+    ):
         get_backend("sdpa", "cpu")
-    assert BACKEND_NAMES == ("flash_attn", "torch_varlen", "reference")
+    assert BACKEND_NAMES == ("flash_attn", "torch_varlen", "cpu_flash", "reference")
 
 
 def test_fused_backends_refuse_cpu_and_float32_with_advice():
-    from hf_hdp.attention.kernels import _check_fused_inputs
-
     q = torch.zeros(4, 2, 8)
     c = cu([4])
     with pytest.raises(ValueError, match="CUDA tensors only"):
-        _check_fused_inputs("torch_varlen", q, q, q, c, c, False)
+        check_fused_inputs("torch_varlen", q, q, q, c, c, False)
 
     class LooksCuda(torch.Tensor):  # reaches the dtype check without a GPU
         @property
@@ -418,7 +474,7 @@ def test_fused_backends_refuse_cpu_and_float32_with_advice():
 
     fake = q.to("meta").as_subclass(LooksCuda)
     with pytest.raises(ValueError, match="float16 or bfloat16.*bf16/fp16.*'reference'"):
-        _check_fused_inputs("flash_attn", fake, fake, fake, c, c, False)
+        check_fused_inputs("flash_attn", fake, fake, fake, c, c, False)
     odd = torch.zeros(4, 2, 12, dtype=torch.bfloat16, device="meta").as_subclass(LooksCuda)
     with pytest.raises(ValueError, match="multiple of 8"):
-        _check_fused_inputs("flash_attn", odd, odd, odd, c, c, False)
+        check_fused_inputs("flash_attn", odd, odd, odd, c, c, False)

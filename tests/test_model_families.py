@@ -61,7 +61,7 @@ def _plans():
 def _hdp_worker(rank, world_size, paths, cases, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
     from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
 
     torch.use_deterministic_algorithms(True)
     mesh = DynamicMesh()
@@ -257,12 +257,12 @@ def test_window_a_layer_keeps_to_itself_is_refused_at_the_forward():
     """Qwen2-MoE's sliding layers never pass ``sliding_window`` on; the "hdp" attention must read the layer's own."""
     from hf_hdp.attention.interface import UnsupportedAttentionError
     from hf_hdp.attention.metadata import HDPAttentionMetadata
-    from hf_hdp.trainer.trainer import enable_hdp_attention
+    from hf_hdp.trainer import enable_hdp_attention
 
     model = AutoModelForCausalLM.from_config(_raw(
         "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
         shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=8, max_window_layers=1))
     enable_hdp_attention(model)
-    meta = HDPAttentionMetadata(num_tokens=40, local_len=40, local_seqlens=[40], rings=[], backend="reference")
+    meta = HDPAttentionMetadata(num_tokens=40, local_len=40, local_seqlens=[40], rings=[]).bind(None, "reference")
     with pytest.raises(UnsupportedAttentionError, match="sliding window of 8 tokens"):
         model(input_ids=torch.randint(0, VOCAB, (1, 40)), position_ids=torch.arange(40)[None], hdp_metadata=meta)

@@ -11,10 +11,12 @@ import pytest
 
 from hf_hdp.planning import (
     PLANNERS,
+    CostModel,
     MicroBatch,
     Piece,
     PlanError,
     StepPlan,
+    get_planner,
     make_plan,
     member_token_ranges,
     plan_naive,
@@ -23,6 +25,7 @@ from hf_hdp.planning import (
     zigzag_front_back,
     zigzag_member_sizes,
 )
+from hf_hdp.planning.packing import BestFit
 from plan_helpers import random_plan
 
 
@@ -404,6 +407,41 @@ def test_make_plan_dispatches():
     assert make_plan("static", [30, 5], 2, 20) == plan_static([30, 5], 2, 20)
 
 
+def test_get_planner_binds_only_the_keywords_a_planner_takes():
+    cost = CostModel(1e-9, 1e-6, 0.0)
+    balanced = get_planner("balanced", cost, delta=0.2)
+    assert balanced.keywords == {"cost": cost, "delta": 0.2}
+    assert get_planner("naive", cost, delta=0.2) is plan_naive
+    assert get_planner("static") is plan_static
+    with pytest.raises(TypeError, match="no planner takes detla"):
+        get_planner("balanced", cost, detla=0.2)
+
+
+def test_best_fit_takes_the_tightest_bin_then_the_smallest_key():
+    bins = BestFit()
+    for key, free in (((2,), 5), ((0,), 9), ((1,), 5), ((3,), 0)):
+        bins.add(key, free)
+    assert bins.fits(9) and not bins.fits(10)
+    assert bins.take(4) == (1,)  # 5 free in bins 1 and 2: the smaller key
+    assert bins.take(6) == (0,)
+    bins.discard((2,), 5)
+    assert bins.take(1) is None and not bins.fits(1)  # bin 3 was full, so never kept
+    with pytest.raises(KeyError):
+        bins.discard((2,), 5)
+
+
 def test_planning_does_not_import_torch():
     code = "import sys, hf_hdp.planning; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_no_planning_module_imports_torch_or_matplotlib():
+    code = (
+        "import importlib, pkgutil, sys, hf_hdp.planning as p\n"
+        "for m in pkgutil.walk_packages(p.__path__, 'hf_hdp.planning.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import hf_hdp.cli\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib'))\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

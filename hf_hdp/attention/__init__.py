@@ -1,7 +1,7 @@
 """Attention for HDP: kernel backends, zigzag ring attention, and the "hdp" AttentionInterface entry."""
 
 from .interface import HDP_ATTENTION, UnsupportedAttentionError, hdp_attention_forward, register
-from .kernels import get_backend
+from .backends import get_backend
 from .metadata import HDPAttentionMetadata, RingSegment
 from .ring import ring_attention
 

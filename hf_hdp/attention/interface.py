@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .kernels import get_backend
+from .backends import get_backend
 from .metadata import HDPAttentionMetadata
 from .ring import ring_attention
 
@@ -95,7 +95,11 @@ def hdp_attention_forward(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    backend = get_backend(meta.backend, q.device)
+    if not q.dtype == k.dtype == v.dtype:  # under autocast, RoPE can leave q/k in float32 beside a bf16 v
+        common = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else \
+            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = (x.to(common) for x in (q, k, v))
+    backend = get_backend(meta.runtime.backend, q.device, q.dtype)
     parts = []
     n_local = meta.local_len
     if n_local:
@@ -110,10 +114,10 @@ def hdp_attention_forward(
         parts.append(
             ring_attention(
                 q[n_local:].contiguous(), k[n_local:].contiguous(), v[n_local:].contiguous(),
-                meta.rings, scale, backend, meta.mesh,
+                meta.rings, scale, backend, meta.runtime.mesh,
             )
         )
-    meta.attention_calls += 1
+    meta.runtime.calls += 1
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     return out.unsqueeze(0), None
 

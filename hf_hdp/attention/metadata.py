@@ -18,7 +18,7 @@ slot order this is what makes any valid plan deadlock-free (see :mod:`hf_hdp.pla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -137,6 +137,27 @@ def _gather_index(rows: list[tuple[int, int]], total: int, device: torch.device)
     return torch.tensor(idx, dtype=torch.long, device=device)
 
 
+class RingComm(Protocol):
+    """What ring attention needs from the mesh (:class:`hf_hdp.mesh.DynamicMesh` is one)."""
+
+    rank: int
+
+    def exchange(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, what: str = "") -> list: ...
+
+    def wait(self, handles: list) -> None: ...
+
+
+@dataclass
+class AttentionRuntime:
+    """What the runner supplies when a micro-batch runs (the collator builds everything else): the mesh
+    carrying the ring's P2P, the kernel backend's name, and a count of attention calls (a forward that
+    never called the ``"hdp"`` attention ignored the packing, and is refused)."""
+
+    mesh: RingComm | None = None
+    backend: str = "auto"
+    calls: int = 0
+
+
 @dataclass
 class HDPAttentionMetadata:
     """Everything the ``"hdp"`` attention needs for one micro-batch, passed to the model as the
@@ -150,11 +171,17 @@ class HDPAttentionMetadata:
     slot: int = 0
     step: int = 0
     local_samples: tuple[int, ...] = ()
-    # set by the runner: the DynamicMesh that carries the ring's P2P, and the kernel backend name
-    mesh: Any = None
-    backend: str = "auto"
-    attention_calls: int = 0
+    runtime: AttentionRuntime = field(default_factory=AttentionRuntime)
     _cu: dict = field(default_factory=dict, repr=False)
+
+    def bind(self, mesh: RingComm | None, backend: str = "auto") -> "HDPAttentionMetadata":
+        """Attach the run-time context (mesh and backend) before the micro-batch's forward; returns ``self``."""
+        self.runtime = AttentionRuntime(mesh=mesh, backend=backend)
+        return self
+
+    @property
+    def attention_calls(self) -> int:
+        return self.runtime.calls
 
     def local_cu_seqlens(self, device: torch.device) -> torch.Tensor:
         key = str(device)

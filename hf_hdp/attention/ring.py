@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import AttentionBackend, merge_attention
+from .backends import AttentionBackend, get_backend
+from .merge import accumulator_dtype, merge_attention
 from .metadata import RingSegment
-
-
-def _accumulator_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (tests); everything else accumulates in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -48,7 +44,7 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
     """Output ``[n, Hq, D]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
     n, hq, d = q.shape
     hkv = k.shape[1]
-    acc = _accumulator_dtype(q)
+    acc = accumulator_dtype(q)
     out = torch.zeros(n, hq, d, dtype=acc, device=q.device)
     lse = torch.full((n, hq), float("-inf"), dtype=acc, device=q.device)
     kv = torch.cat([k, v], dim=1)  # one message per hop
@@ -81,7 +77,7 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
 def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backend: AttentionBackend, mesh):
     """Gradients of this member's q, k, v rows, in the accumulator dtype."""
     hkv = k.shape[1]
-    acc = _accumulator_dtype(q)
+    acc = accumulator_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.cat([k, v], dim=1)
     dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # gradient of the K/V we hold
@@ -114,7 +110,7 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
 
 
 def _label(seg: RingSegment, what: str, step: int) -> str:
-    return (f"{what} (training step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
+    return (f"{what} (global step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
             f"samples {list(seg.samples)})")
 
 
@@ -150,9 +146,13 @@ class RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend, mesh):
+def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh):
     """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
 
     ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
+    ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"``
+    picks by ``q``'s device and dtype).
     """
+    if isinstance(backend, str):
+        backend = get_backend(backend, q.device, q.dtype)
     return RingAttention.apply(q, k, v, tuple(segments), scale, backend, mesh)

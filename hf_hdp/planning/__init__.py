@@ -1,15 +1,17 @@
 """Planning: turn the lengths of one global batch into a :class:`StepPlan` (pure Python, no torch).
 
 Planners are plain functions ``(lengths, world_size, tokens_per_rank) -> StepPlan`` registered by
-name in :data:`PLANNERS`; :func:`make_plan` picks one by name. To add a planner, write such a
-function and add it to the registry.
+name in :data:`PLANNERS` (:mod:`.registry`); :func:`make_plan` picks one by name. To add a planner,
+write such a function and add it to the registry.
+
+The modules, lowest first: :mod:`.layout` (zigzag chunks), :mod:`.plan` (the plan dataclasses),
+:mod:`.cost` (hardware specs, time model, calibration, memory), :mod:`.packing` (best fit),
+:mod:`.metrics` (what a plan costs), the planners :mod:`.static`, :mod:`.naive` and :mod:`.balanced`
+(its step 1 in :mod:`.groups`), :mod:`.registry`, and for analysis :mod:`.compare` (plan the same
+batches with several planners) and :mod:`.report` (format and draw the results).
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
-from typing import Callable, Sequence
 
 from .balanced import plan_balanced
 from .cost import (
@@ -31,34 +33,8 @@ from .layout import member_token_ranges, zigzag_chunk_bounds, zigzag_front_back,
 from .metrics import Interval, PlanMetrics, plan_metrics, plan_timeline
 from .naive import plan_naive
 from .plan import MicroBatch, Piece, PlanError, StepPlan, build_plan
+from .registry import PLANNERS, Planner, get_planner, make_plan
 from .static import plan_static
-
-Planner = Callable[[Sequence[int], int, int], StepPlan]
-
-# planners that take a ``cost=`` CostModel keyword use it to estimate times
-PLANNERS: dict[str, Planner] = {
-    "balanced": plan_balanced,
-    "naive": plan_naive,
-    "static": plan_static,
-}
-
-
-def get_planner(name: str, cost: CostModel | None = None) -> Planner:
-    """The planner registered as ``name``, bound to ``cost`` when it takes a cost model."""
-    try:
-        planner = PLANNERS[name]
-    except KeyError:
-        raise ValueError(f"unknown planner {name!r}; valid planners: {', '.join(sorted(PLANNERS))}") from None
-    if cost is not None and "cost" in inspect.signature(planner).parameters:
-        return functools.partial(planner, cost=cost)
-    return planner
-
-
-def make_plan(name: str, lengths: Sequence[int], world_size: int, tokens_per_rank: int,
-              cost: CostModel | None = None) -> StepPlan:
-    """Run the planner registered as ``name`` (with ``cost`` if it uses one)."""
-    return get_planner(name, cost)(lengths, world_size, tokens_per_rank)
-
 
 __all__ = [
     "CostModel",

@@ -25,7 +25,8 @@ The algorithm
    ``k <= ranks_per_node``; an intra-node ring is cheaper, so it may win with a later start); and,
    with *backfilling*, any ``k`` ranks (of one node, or anywhere) that all sit idle, waiting for
    earlier-placed groups, for the whole piece. Ties go to one node, then to backfilling.
-   Members of a group that arrive early wait; every wait is kept as a time budget.
+   Members of a group that arrive early wait; every wait is kept as a time budget. Step 1 is
+   :mod:`hf_hdp.planning.groups`; steps 2-5 are here.
 2. **Buckets and picks** (``k == 1``). Sorted longest first and cut into buckets of about equal
    cost ``u = delta * T / 4`` (``T``: the latest group finish or the mean work per rank, whichever
    is larger); a sequence costlier than ``u`` is a bucket of its own. Each pick first puts every
@@ -41,9 +42,9 @@ The algorithm
    that ends the group's members earlier (below), then step 3 runs again.
 5. **Slots.** A rank runs: the micro-batches in the wait before its first group, the group's
    piece, the micro-batches in the next wait, ..., then its tail. Whole sequences are packed best fit
-   by tokens into micro-batches of at most ``C`` tokens. Groups take slots in start-time order, each
-   one past the last slot any member used before it, so members share a slot and every rank's
-   slots increase.
+   by tokens into micro-batches of at most ``C`` tokens (a :class:`~hf_hdp.planning.packing.Segment`
+   per wait and tail). Groups take slots in start-time order, each one past the last slot any member
+   used before it, so members share a slot and every rank's slots increase.
 
 Steps 1-4 first run without backfilling. Only when that schedule ends more than ``delta / 4``
 above ``max(mean busy, longest piece)`` do they run again with it, keeping the earlier finish:
@@ -96,236 +97,59 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from dataclasses import replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .cost import CostModel
+from .groups import Group, GroupPlacement, Stamped, current_top
 from .layout import zigzag_member_sizes
 from .metrics import plan_metrics
-from .naive import ceil_div, check_lengths, longest_first, plan_naive
+from .naive import check_lengths, longest_first, plan_naive
+from .packing import BatchWork, Segment
 from .plan import Piece, StepPlan, build_plan
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
 _SLACK = 1e-9
 
 
-class _Segment:
-    """Whole sequences one rank runs back to back (a wait before a group, or its tail), packed
-    best-fit by tokens into micro-batches of at most ``cap`` tokens."""
+class _Gap(NamedTuple):
+    """Time still free in the wait of ``rank`` before group ``gid``. Sorts by that time."""
 
-    __slots__ = ("cap", "free", "bins", "work")
+    left: float
+    rank: int
+    gid: int
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.free: list[int] = []  # per micro-batch: tokens still free
-        self.bins: list[list[int]] = []  # per micro-batch: sample positions
-        self.work = 0.0  # sum of local_time of the sequences
 
-    def time(self, overhead: float) -> float:
-        return self.work + overhead * len(self.bins)
+class _CoFill(NamedTuple):
+    """A co-fill move: the micro-batch each member moves, how much the group grows, the members' new latest finish."""
 
-    def opens_bin(self, n: int) -> bool:
-        return all(f < n for f in self.free)
-
-    def add(self, sample: int, n: int, t: float) -> None:
-        best = -1
-        for i, f in enumerate(self.free):
-            if f >= n and (best < 0 or f < self.free[best]):
-                best = i
-        if best < 0:
-            self.free.append(self.cap - n)
-            self.bins.append([sample])
-        else:
-            self.free[best] -= n
-            self.bins[best].append(sample)
-        self.work += t
-
-    def remove(self, sample: int, n: int, t: float) -> None:
-        for i, b in enumerate(self.bins):
-            if sample in b:
-                b.remove(sample)
-                if b:
-                    self.free[i] += n
-                else:
-                    del self.bins[i]
-                    del self.free[i]
-                self.work -= t
-                return
-        raise KeyError(sample)
+    latest: float
+    grow: float
+    pick: dict[int, BatchWork]
 
 
 class _Balancer:
-    """One run of steps 1-4 of the module docstring; :meth:`emit` turns it into a plan (step 5)."""
+    """Steps 2-4 of the module docstring on the groups step 1 placed; :meth:`emit` turns it into a plan (step 5)."""
 
-    def __init__(self, lengths: list[int], W: int, C: int, cost: CostModel, delta: float) -> None:
-        self.lengths, self.W, self.C, self.cost, self.delta = lengths, W, C, cost, delta
-        self.overhead = cost.overhead_time()
-        self.clock = [0.0] * W  # finish of each rank's last group (its tail starts there)
-        self.groups: list[tuple[Piece, float, float]] = []  # (piece, start, finish), in placement order
-        self.holes: dict[tuple[int, int], tuple[float, float]] = {}  # (rank, next gid) -> (start, end) of a wait
-        self.gaps: dict[tuple[int, int], _Segment] = {}  # (rank, gid): sequences in the wait before group gid
+    def __init__(self, placed: GroupPlacement, delta: float) -> None:
+        self.lengths, self.W, self.C, self.cost, self.delta = placed.lengths, placed.W, placed.C, placed.cost, delta
+        self.backfill = placed.backfill
+        self.overhead = self.cost.overhead_time()
+        self.groups: list[Group] = placed.groups  # in placement order: a group's id is its index
+        self.clock = placed.clock  # finish of each rank's last group (its tail starts there)
+        self.finish = list(self.clock)  # each rank's estimated finish, its tail included
+        self.gaps: dict[tuple[int, int], Segment] = {}  # (rank, gid): sequences in the wait before group gid
         self.gap_left: dict[tuple[int, int], float] = {}  # remaining wait
-        self.gap_index: list[tuple[float, int, int]] = []  # sorted (remaining wait, rank, gid)
-        self.tails = [_Segment(C) for _ in range(W)]
+        self.gap_index: list[_Gap] = []  # sorted
+        for (r, gid), hole in sorted(placed.holes.items()):
+            self.gaps[r, gid] = Segment(self.C)
+            self.gap_left[r, gid] = hole.length
+            self.gap_index.append(_Gap(hole.length, r, gid))
+        self.gap_index.sort()
+        self.tails = [Segment(self.C) for _ in range(self.W)]
         self.local_t: dict[int, float] = {}
         self.extra: dict[tuple[int, int], list[int]] = {}  # (gid, rank): whole sequences next to a ring piece
-
-    # ------------------------------------------------------------------ step 1: groups
-    def place_groups(self, dist: list[int], backfill: bool = True) -> None:
-        """Place the distributed sequences, longest first, each where it finishes first (see the
-        module docstring): after the members' last groups, or backfilled into waits."""
-        W, C, cost = self.W, self.C, self.cost
-        self.backfill = backfill
-        rpn = max(1, int(cost.ranks_per_node))
-        multi_node = rpn < W
-        self.rpn, self.multi_node = rpn, multi_node
-        self.tail_sorted = [(0.0, r) for r in range(W)]
-        self.search: list[tuple[float, int, float, int]] = []  # holes open to groups: (start, rank, end, next gid)
-
-        shapes = []
-        for i in dist:
-            s = self.lengths[i]
-            k = ceil_div(s, C)
-            p_in = cost.piece_time(s, k, False)
-            p_span = cost.piece_time(s, k, True) if multi_node and k > 1 else p_in
-            shapes.append((s, k, p_in, p_span))
-        # shortest group time still to come: shorter holes can only take whole sequences
-        suffix_min = [0.0] * (len(shapes) + 1)
-        suffix_min[-1] = float("inf")
-        for n in range(len(shapes) - 1, -1, -1):
-            suffix_min[n] = min(suffix_min[n + 1], shapes[n][2])
-
-        # per node, its ranks' tail clocks sorted, and per group size k <= rpn a lazy heap of the
-        # nodes by their k-th earliest tail
-        node_ks = sorted({k for _, k, _, _ in shapes} & set(range(2, rpn + 1))) if multi_node else []
-        num_nodes = ceil_div(W, rpn)
-        node_sorted: list[list[tuple[float, int]]] = []
-        node_ver = [0] * num_nodes
-        node_heaps: dict[int, list[tuple[float, int, int]]] = {k: [] for k in node_ks}
-        if node_ks:
-            for n in range(num_nodes):
-                ranks = [(0.0, r) for r in range(n * rpn, min(W, (n + 1) * rpn))]
-                node_sorted.append(ranks)
-                for k in node_ks:
-                    if k <= len(ranks):
-                        node_heaps[k].append((0.0, n, 0))
-            for h in node_heaps.values():
-                heapq.heapify(h)
-
-        for pos, sample in enumerate(dist):
-            s, k, p_in, p_span = shapes[pos]
-            # (finish, spans, backfilled first, start, members as (rank, hole or None), time)
-            options = []
-            # after the members' last groups: the k earliest tails anywhere ...
-            tails = self.tail_sorted[:k]
-            start = tails[-1][0]
-            spans = multi_node and cost.group_spans_nodes([r for _, r in tails])
-            p = p_span if spans else p_in
-            options.append((start + p, spans, 1, start, [(r, None) for _, r in tails], p))
-            # ... or the k earliest of the best node
-            if spans and k in node_heaps:
-                h = node_heaps[k]
-                while h[0][2] != node_ver[h[0][1]]:
-                    heapq.heappop(h)
-                n_start, node = h[0][0], h[0][1]
-                options.append((n_start + p_in, False, 1, n_start, [(r, None) for _, r in node_sorted[node][:k]], p_in))
-            # backfilled into waits (holes), when that finishes earlier
-            if backfill and self.search:
-                if multi_node and k <= rpn:  # one node first: its ring is faster, so it bounds the rest
-                    found = self._sweep(k, p_in, min(options)[0] - p_in, rpn)
-                    if found is not None:
-                        t, members = found
-                        options.append((t + p_in, False, 0, t, members, p_in))
-                found = self._sweep(k, p_span, min(options)[0] - p_span, None)
-                if found is not None:
-                    t, members = found
-                    sp = multi_node and cost.group_spans_nodes([r for r, _ in members])
-                    p = p_span if sp else p_in
-                    options.append((t + p, sp, 0, t, members, p))
-            finish, _, _, start, members, p = min(options, key=lambda o: o[:3])
-            self._commit(sample, s, start, finish, members, suffix_min[pos + 1], node_sorted, node_ver, node_heaps)
-            if pos % 64 == 63:  # forget holes too short for any group still to come
-                floor = suffix_min[pos + 1]
-                self.search = [h for h in self.search if h[2] - h[0] >= floor]
-
-    def _sweep(self, k: int, p: float, bound: float, rpn: int | None):
-        """Earliest ``t < bound`` at which ``k`` ranks (of one node when ``rpn``) are free for ``p``
-        seconds, counting waits (holes) and tails; ``(t, [(rank, hole or None), ...])`` or None."""
-        tails = self.tail_sorted
-        hi = bisect.bisect_left(self.search, (bound,))
-        if hi == 0:
-            return None  # tails alone: the tail options already found the earliest
-        holes = [h for h in self.search[:hi] if h[2] - h[0] >= p]
-        ti = bisect.bisect_left(tails, (bound,))
-        hi = len(holes)
-        if hi + ti < k or hi == 0:
-            return None
-        active: list[tuple[float, int, tuple]] = []  # heap by hole end
-        free: list[tuple[float, int]] = []
-        count: dict[int, int] = {}
-        i = j = 0
-        while i < hi or j < ti:
-            if j >= ti or (i < hi and holes[i][0] <= tails[j][0]):
-                hole = holes[i]
-                i += 1
-                t, r = hole[0], hole[1]
-                heapq.heappush(active, (hole[2], r, hole))
-            else:
-                t, r = tails[j]
-                j += 1
-                free.append((t, r))
-            node = r // rpn if rpn else 0
-            count[node] = count.get(node, 0) + 1
-            while active and active[0][0] < t + p:
-                _, q, _ = heapq.heappop(active)
-                count[q // rpn if rpn else 0] -= 1
-            if count[node] >= k:
-                cands = [(h[0], q, h) for _, q, h in active] + [(c, q, None) for c, q in free]
-                if rpn:
-                    cands = [c for c in cands if c[1] // rpn == node]
-                cands.sort(key=lambda c: (-c[0], c[1]))
-                return t, [(q, h) for _, q, h in cands[:k]]
-        return None
-
-    def _commit(self, sample, s, start, finish, members, floor, node_sorted, node_ver, node_heaps) -> None:
-        gid = len(self.groups)
-        piece = Piece(sample=sample, length=s, group=tuple(sorted(r for r, _ in members)))
-        self.groups.append((piece, start, finish))
-        clock, rpn = self.clock, self.rpn
-        touched = set()
-        for r, hole in members:
-            if hole is None:  # from its tail
-                left = (clock[r], r, start, gid)
-                self.tail_sorted.pop(bisect.bisect_left(self.tail_sorted, (clock[r], r)))
-                clock[r] = finish
-                bisect.insort(self.tail_sorted, (finish, r))
-                touched.add(r // rpn)
-                right = None
-            else:
-                self.search.pop(bisect.bisect_left(self.search, hole))
-                del self.holes[r, hole[3]]
-                left = (hole[0], r, start, gid)
-                right = (finish, r, hole[2], hole[3])
-            for h in (left, right):
-                if h is not None and h[2] > h[0]:
-                    self.holes[h[1], h[3]] = (h[0], h[2])
-                    if h[2] - h[0] >= floor:
-                        bisect.insort(self.search, h)
-        for n in sorted(touched) if node_heaps else ():
-            node_ver[n] += 1
-            ranks = sorted((clock[r], r) for _, r in node_sorted[n])
-            node_sorted[n] = ranks
-            for kk, h in node_heaps.items():
-                if kk <= len(ranks):
-                    heapq.heappush(h, (ranks[kk - 1][0], n, node_ver[n]))
-
-    def open_gaps(self) -> None:
-        """Turn the waits left after step 1 into time budgets for whole sequences."""
-        for (r, gid), (hs, he) in sorted(self.holes.items()):
-            self.gaps[r, gid] = _Segment(self.C)
-            self.gap_left[r, gid] = he - hs
-            self.gap_index.append((he - hs, r, gid))
-        self.gap_index.sort()
 
     def _fit_gap(self, sample: int) -> bool:
         """Put ``sample`` into the tightest wait that surely holds it (its own micro-batch overhead
@@ -341,7 +165,7 @@ class _Balancer:
         left = self.gap_left[r, j] - (seg.time(self.overhead) - before)
         self.gap_left[r, j] = left
         if left > 0:
-            bisect.insort(self.gap_index, (left, r, j))
+            bisect.insort(self.gap_index, _Gap(left, r, j))
         return True
 
     # ------------------------------------------------------------------ step 2: buckets and picks
@@ -367,8 +191,7 @@ class _Balancer:
                 buckets.append([i])
                 acc = t
 
-        tails, overhead = self.tails, self.overhead
-        finish = [self.clock[r] for r in range(W)]
+        tails, overhead, finish = self.tails, self.overhead, self.finish
         heap = [(finish[r], r) for r in range(W)]
         heapq.heapify(heap)
         for bucket in buckets:
@@ -381,7 +204,6 @@ class _Balancer:
                 seg.add(i, self.lengths[i], self.local_t[i])
             finish[r] = self.clock[r] + seg.time(overhead)
             heapq.heappush(heap, (finish[r], r))
-        self.finish = finish
 
     def _group_work(self):
         cost = self.cost
@@ -396,36 +218,31 @@ class _Balancer:
             return
         tol = self.delta / 4
         ver = [0] * W
-        hi_heap = [(-finish[r], r, 0) for r in range(W)]
-        lo_heap = [(finish[r], r, 0) for r in range(W)]
+        hi_heap = [Stamped(-finish[r], r, 0) for r in range(W)]
+        lo_heap = [Stamped(finish[r], r, 0) for r in range(W)]
         heapq.heapify(hi_heap)
         heapq.heapify(lo_heap)
-
-        def top(h):
-            while h[0][2] != ver[h[0][1]]:
-                heapq.heappop(h)
-            return h[0][1]
 
         def update(r):
             finish[r] = self.clock[r] + tails[r].time(overhead)
             ver[r] += 1
-            heapq.heappush(hi_heap, (-finish[r], r, ver[r]))
-            heapq.heappush(lo_heap, (finish[r], r, ver[r]))
+            heapq.heappush(hi_heap, Stamped(-finish[r], r, ver[r]))
+            heapq.heappush(lo_heap, Stamped(finish[r], r, ver[r]))
 
         for _ in range(4 * (len(self.local_t) + W)):
-            hi, lo = top(hi_heap), top(lo_heap)
+            hi, lo = current_top(hi_heap, ver).item, current_top(lo_heap, ver).item
             f_hi, f_lo = finish[hi], finish[lo]
-            if f_hi - f_lo <= tol * f_hi or not tails[hi].bins:
+            if f_hi - f_lo <= tol * f_hi or not tails[hi].num_batches:
                 return
             seg = tails[hi]
-            items = sorted((i for b in seg.bins for i in b), key=lambda i: (-self.lengths[i], i))
+            items = sorted(seg.samples(), key=lambda i: (-self.lengths[i], i))
             # a wait anywhere that holds one of them: free time
             moved = False
             if self.gap_index:
                 for i in items:
                     need = self.local_t[i] + overhead
-                    if self.gap_index[-1][0] >= need * (1 + _SLACK):
-                        seg.remove(i, self.lengths[i], self.local_t[i])
+                    if self.gap_index[-1].left >= need * (1 + _SLACK):
+                        seg.remove(i)
                         self._fit_gap(i)
                         update(hi)
                         moved = True
@@ -437,14 +254,14 @@ class _Balancer:
             lo_seg = tails[lo]
             for i in items:
                 n, t = self.lengths[i], self.local_t[i]
-                dec = t + (overhead if _alone(seg, i) else 0.0)
+                dec = t + (overhead if seg.holds_alone(i) else 0.0)
                 inc = t + (overhead if lo_seg.opens_bin(n) else 0.0)
                 new_max = max(f_hi - dec, f_lo + inc)
                 if new_max < best_max:
                     best, best_max = i, new_max
             if best is None:
                 return
-            seg.remove(best, self.lengths[best], self.local_t[best])
+            seg.remove(best)
             lo_seg.add(best, self.lengths[best], self.local_t[best])
             update(hi)
             update(lo)
@@ -464,59 +281,54 @@ class _Balancer:
         if overhead <= 0 or not self.groups:
             return
         last = [-1] * W
-        for gid, (piece, start, finish) in enumerate(self.groups):
-            for r in piece.group:
-                if last[r] < 0 or finish > self.groups[last[r]][2] or (
-                    finish == self.groups[last[r]][2] and start >= self.groups[last[r]][1]
+        for gid, group in enumerate(self.groups):
+            for r in group.piece.group:
+                prev = self.groups[last[r]] if last[r] >= 0 else None
+                if prev is None or group.finish > prev.finish or (
+                    group.finish == prev.finish and group.start >= prev.start
                 ):
                     last[r] = gid
-        self.extra: dict[tuple[int, int], list[int]] = {}
         for gid, (piece, start, finish) in enumerate(self.groups):
             members = piece.group
             if any(last[r] != gid for r in members):
                 continue
-            spare = {r: self.C - n for r, n in zip(members, _member_sizes(piece))}
+            spare = {r: self.C - n for r, n in zip(members, zigzag_member_sizes(piece.length, piece.k))}
             while True:
-                options = {}
-                for r in members:
-                    seg = self.tails[r]
-                    options[r] = sorted(
-                        (sum(self.local_t[i] for i in b), j)
-                        for j, b in enumerate(seg.bins)
-                        if self.C - seg.free[j] <= spare[r]
-                    )
+                options = {r: self.tails[r].batches_within(spare[r]) for r in members}
                 if any(not o for o in options.values()):
                     break  # a member that moves nothing would only finish later
-                old = max(self.finish[r] for r in members)
-                best = None
-                for d in sorted({f for o in options.values() for f, _ in o}):
-                    pick = {}
-                    for r in members:
-                        o = options[r]
-                        at = bisect.bisect_right(o, (d, len(self.tails[r].bins))) - 1
-                        if at < 0:
-                            break
-                        pick[r] = o[at]
-                    else:
-                        top = max(f for f, _ in pick.values())
-                        new = max(self.finish[r] + top - pick[r][0] - overhead for r in members)
-                        if new < old * (1 - _SLACK) and (best is None or new < best[0]):
-                            best = (new, top, pick)
-                if best is None:
+                move = self._best_cofill(members, options)
+                if move is None:
                     break
-                _, top, pick = best
                 for r in members:
-                    seg = self.tails[r]
-                    j = pick[r][1]
-                    bin_ = seg.bins.pop(j)
-                    used = self.C - seg.free.pop(j)
-                    seg.work -= sum(self.local_t[i] for i in bin_)
-                    self.extra.setdefault((gid, r), []).extend(bin_)
+                    moved, used = self.tails[r].pop_batch(move.pick[r].batch)
+                    self.extra.setdefault((gid, r), []).extend(moved)
                     spare[r] -= used
-                    self.clock[r] += top
-                    self.finish[r] = self.clock[r] + seg.time(overhead)
-                finish += top
-                self.groups[gid] = (piece, start, finish)
+                    self.clock[r] += move.grow
+                    self.finish[r] = self.clock[r] + self.tails[r].time(overhead)
+                finish += move.grow
+                self.groups[gid] = Group(piece, start, finish)
+
+    def _best_cofill(self, members: tuple[int, ...], options: dict[int, list[BatchWork]]) -> _CoFill | None:
+        """The move that lowers the members' latest finish the most, None when none lowers it. For
+        each bound ``d`` on the work moved, every member moves its heaviest micro-batch of at most ``d``
+        (of ``options[member]``, sorted); the group grows by the heaviest moved."""
+        old = max(self.finish[r] for r in members)
+        best = None
+        for d in sorted({b.work for o in options.values() for b in o}):
+            pick = {}
+            for r in members:
+                o = options[r]
+                at = bisect.bisect_right(o, (d, math.inf)) - 1
+                if at < 0:
+                    break
+                pick[r] = o[at]
+            else:
+                grow = max(b.work for b in pick.values())
+                new = max(self.finish[r] + grow - pick[r].work - self.overhead for r in members)
+                if new < old * (1 - _SLACK) and (best is None or new < best.latest):
+                    best = _CoFill(new, grow, pick)
+        return best
 
     def lower_bound(self) -> float:
         """About the earliest any schedule of these sequences can end: max(mean busy time per rank,
@@ -535,20 +347,20 @@ class _Balancer:
         placements: list[tuple[int, int, list[Piece]]] = []
         nxt = [0] * W
 
-        def local_batches(r: int, seg: _Segment, first_slot: int) -> int:
+        def local_batches(r: int, seg: Segment, first_slot: int) -> int:
             # longest micro-batch first; order inside a rank does not change its time
-            for b in sorted(seg.bins, key=lambda b: (-sum(lengths[i] for i in b), min(b))):
+            for b in sorted(seg.batches(), key=lambda b: (-sum(lengths[i] for i in b), min(b))):
                 placements.append((r, first_slot, [Piece(sample=i, length=lengths[i], group=(r,)) for i in b]))
                 first_slot += 1
             return first_slot
 
         # groups in time order: on every rank that is the order of its own groups
-        for gid in sorted(range(len(self.groups)), key=lambda g: (self.groups[g][1], g)):
-            piece = self.groups[gid][0]
+        for gid in sorted(range(len(self.groups)), key=lambda g: (self.groups[g].start, g)):
+            piece = self.groups[gid].piece
             slot = 0
             for r in piece.group:
                 seg = self.gaps.get((r, gid))
-                slot = max(slot, nxt[r] + (len(seg.bins) if seg else 0))
+                slot = max(slot, nxt[r] + (seg.num_batches if seg else 0))
             for r in piece.group:
                 seg = self.gaps.get((r, gid))
                 if seg:
@@ -559,14 +371,6 @@ class _Balancer:
         for r in range(W):
             local_batches(r, self.tails[r], nxt[r])
         return build_plan(lengths, W, self.C, placements, planner="balanced", meta=meta)
-
-
-def _member_sizes(piece: Piece) -> tuple[int, ...]:
-    return zigzag_member_sizes(piece.length, piece.k)
-
-
-def _alone(seg: _Segment, sample: int) -> bool:
-    return any(b == [sample] for b in seg.bins)
 
 
 def plan_balanced(
@@ -600,9 +404,7 @@ def plan_balanced(
     local = [i for i in order if lengths[i] <= C]
 
     def schedule(backfill: bool) -> _Balancer:
-        bal = _Balancer(lengths, W, C, cost, delta)
-        bal.place_groups(dist, backfill)
-        bal.open_gaps()
+        bal = _Balancer(GroupPlacement(lengths, W, C, cost, backfill).place(dist), delta)
         bal.place_local(local)
         bal.rebalance()
         bal.cofill()

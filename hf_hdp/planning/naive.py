@@ -33,15 +33,16 @@ Naive HDP removes the static mesh's needless communication but not its imbalance
 quadratic-cost long sequences still finish last (ByteScale measured a 4.7x spread). The balance
 scheduler addresses that.
 
-The helpers :func:`check_lengths` and :class:`BestFit` are shared with the static-mesh planner.
+The helpers :func:`check_lengths` and :func:`longest_first` are shared with the other planners; the
+best-fit packing is :class:`~hf_hdp.planning.packing.BestFit`.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from typing import Sequence
 
+from .packing import BestFit
 from .plan import Piece, PlanError, StepPlan, build_plan
 
 
@@ -75,31 +76,6 @@ def check_lengths(lengths: Sequence[int], world_size: int, tokens_per_rank: int)
 def longest_first(lengths: Sequence[int]) -> list[int]:
     """Sample positions sorted by decreasing length, ties by position."""
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-
-
-class BestFit:
-    """Open bins ordered by remaining capacity, for best-fit packing in ``O(log n)`` per lookup.
-
-    A bin is identified by a sortable ``key``; among bins with the same remaining capacity the
-    smallest key wins, which keeps the packing deterministic.
-    """
-
-    def __init__(self) -> None:
-        self._bins: list[tuple[int, tuple]] = []  # sorted (remaining, key)
-
-    def add(self, key: tuple, remaining: int) -> None:
-        if remaining > 0:
-            bisect.insort(self._bins, (remaining, key))
-
-    def take(self, size: int) -> tuple | None:
-        """Remove and return the tightest bin with at least ``size`` free, or ``None``.
-
-        The caller puts the bin back with :meth:`add` and its new remaining capacity.
-        """
-        i = bisect.bisect_left(self._bins, (size,))
-        if i == len(self._bins):
-            return None
-        return self._bins.pop(i)[1]
 
 
 def plan_naive(lengths: Sequence[int], world_size: int, tokens_per_rank: int) -> StepPlan:

@@ -135,13 +135,6 @@ class StepPlan:
             sizes[p.k] = sizes.get(p.k, 0) + 1
         return dict(sorted(sizes.items()))
 
-    def tokens_per_rank_used(self) -> list[int]:
-        """Total tokens each rank runs over the whole step."""
-        used = [0] * self.world_size
-        for mb in self.micro_batches:
-            used[mb.rank] += mb.num_tokens
-        return used
-
     # ------------------------------------------------------------ validation
     def validate(self) -> "StepPlan":
         """Check the invariants of DESIGN §4; raise :class:`PlanError` naming the first broken one."""

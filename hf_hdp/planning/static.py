@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .naive import BestFit, ceil_div, check_lengths, longest_first
+from .naive import ceil_div, check_lengths, longest_first
+from .packing import BestFit
 from .plan import Piece, StepPlan, build_plan
 
 

@@ -1,7 +1,9 @@
 """HDPTrainer and its step-level data loading."""
 
-from .data import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
-from .trainer import HDPTrainer, UnsupportedModelError, enable_hdp_attention
+from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
+from ..models import UnsupportedModelError
+from .step import forward_micro_batch, hdp_loss, run_micro_batches
+from .trainer import HDPTrainer, enable_hdp_attention
 
 __all__ = [
     "HDPTrainer",
@@ -11,4 +13,7 @@ __all__ = [
     "HDPDataLoader",
     "HDPStep",
     "HDPStepDataset",
+    "forward_micro_batch",
+    "hdp_loss",
+    "run_micro_batches",
 ]

@@ -30,18 +30,45 @@ class ResumeMismatchError(ValueError):
     """The checkpoint was made with batches this run would not reproduce."""
 
 
+STATE_FORMAT = 2
+"""The newest ``hdp_state.json`` format this version reads."""
+
+# Every key of hdp_state.json: its JSON type and the first format that has it. A file of an older
+# format without a key loads it as None ("unknown"). A new key is added here, in one place.
+STATE_KEYS: dict[str, tuple[type, int]] = {
+    "format": (int, 1),
+    "global_batch_size": (int, 1),
+    "seed": (int, 1),
+    "num_samples": (int, 1),
+    "lengths_sha256": (str, 1),
+    "content_sha256": (str, 2),
+    "drop_last": (bool, 1),
+    "planner": (str, 1),
+    "tokens_per_rank": (int, 1),
+    "world_size": (int, 1),
+    "global_step": (int, 1),
+    "hdp_config": (dict, 1),
+}
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a JSON object", type(None): "null"}
+
+
 def lengths_digest(lengths: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def hdp_state(trainer) -> dict:
+    """HDP's state of ``trainer`` for ``hdp_state.json``. ``content_sha256`` covers every row's token ids,
+    labels and document boundaries, in dataset order (:attr:`~hf_hdp.data.checks.MeasuredDataset.digest`)."""
     cfg = trainer.hdp_config
+    data = trainer.hdp_train_data
     return {
-        "format": 1,
+        "format": STATE_FORMAT,
         "global_batch_size": trainer.global_batch_size,
         "seed": trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed,
-        "num_samples": int(len(trainer._train_lengths)),
-        "lengths_sha256": lengths_digest(trainer._train_lengths),
+        "num_samples": int(len(data)),
+        "lengths_sha256": lengths_digest(data.lengths),
+        "content_sha256": data.digest,
         "drop_last": bool(trainer.args.dataloader_drop_last),
         "planner": cfg.planner,
         "tokens_per_rank": cfg.tokens_per_rank,
@@ -66,23 +93,94 @@ class HDPCheckpointCallback(TrainerCallback):
                 json.dump(hdp_state(self.trainer), f, indent=1)
 
 
+class HDPStateFileError(ResumeMismatchError):
+    """A checkpoint's ``hdp_state.json`` cannot be used: unreadable, not JSON, or not the shape hf_hdp writes."""
+
+
+def _json_type(value) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is(value, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # JSON true is no integer
+
+
+def load_state(path: str) -> dict:
+    """Read and validate an ``hdp_state.json``; raise :class:`HDPStateFileError` naming the file and the fault.
+
+    Faults: unreadable, empty, not JSON (with the parse error), not a JSON object, a ``format`` newer
+    than :data:`STATE_FORMAT`, a missing key or a key of the wrong type (see :data:`STATE_KEYS`).
+    Keys newer than the file's format come back as ``None`` (a format 1 file has no ``content_sha256``).
+    """
+    def fail(problem: str) -> HDPStateFileError:
+        return HDPStateFileError(
+            f"{path}: {problem}. This file is the HDP state hf_hdp writes into each checkpoint; restore it, resume "
+            "from another checkpoint, or delete it to resume without checking that the batches match."
+        )
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise fail(f"cannot be read ({err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise fail(f"is not JSON: it is not UTF-8 text ({err})") from err
+    if not text.strip():
+        raise fail("is empty (the save was probably interrupted)")
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise fail(f"is not JSON: {err}") from err
+    if not isinstance(saved, dict):
+        raise fail(f"is not a JSON object but {_json_type(saved)}")
+    if "format" not in saved:
+        raise fail("has no key 'format'")
+    version = saved["format"]
+    if not _is(version, int) or version < 1:
+        raise fail(f"has format {_short(version)}, which is not a format number (1 to {STATE_FORMAT})")
+    if version > STATE_FORMAT:
+        raise fail(f"has format {version}, written by a newer hf_hdp (this one reads formats up to "
+                   f"{STATE_FORMAT}); upgrade hf_hdp")
+    for key, (kind, since) in STATE_KEYS.items():
+        if key not in saved:
+            if since > version:
+                saved[key] = None  # unknown: older files do not record it
+                continue
+            raise fail(f"has no key {key!r} (a format {version} file must have it)")
+        if not _is(saved[key], kind):
+            raise fail(f"has {key}={_short(saved[key])}, {_json_type(saved[key])}; it must be {_JSON_NAMES[kind]}")
+    return saved
+
+
 def check_resume(trainer, checkpoint: str) -> dict | None:
     """Compare ``checkpoint``'s HDP state with this run; raise :class:`ResumeMismatchError` if the
-    remaining batches would differ. Returns the saved state (``None`` for a non-HDP checkpoint)."""
+    remaining batches would differ (:class:`HDPStateFileError`, a subclass, if its ``hdp_state.json`` is
+    broken: see :func:`load_state`). Returns the saved state (``None`` for a non-HDP checkpoint)."""
     path = os.path.join(checkpoint, STATE_FILE)
     if not os.path.exists(path):
         logger.warning("%s has no %s: resuming without checking that the batches match.", checkpoint, STATE_FILE)
         return None
-    with open(path) as f:
-        saved = json.load(f)
+    saved = load_state(path)
     now = hdp_state(trainer)
     for key, why in (
         ("num_samples", "the dataset has a different number of samples"),
         ("lengths_sha256", "the dataset's samples differ (their lengths changed)"),
+        ("content_sha256", "the dataset's content differs (token ids, labels or row order)"),
         ("seed", "the data seed differs"),
         ("global_batch_size", "the global batch size differs"),
         ("drop_last", "dataloader_drop_last differs"),
     ):
+        if saved.get(key) is None and key == "content_sha256":  # format 1 checkpoints covered lengths only
+            logger.warning("%s predates content digests: resuming without checking the dataset's token content.",
+                           checkpoint)
+            continue
         if saved[key] != now[key]:
             raise ResumeMismatchError(
                 f"cannot resume exactly from {checkpoint}: {why} ({key}: checkpoint {saved[key]!r}, now {now[key]!r}). "

@@ -8,7 +8,7 @@
   planner and ``tokens_per_rank``), one item per global batch holding only this rank's micro-batches;
 - ``evaluation_loop`` -> :func:`hdp_evaluation_loop`: forward only, under ``torch.no_grad``, through
   the ``"hdp"`` attention (ring P2P for split samples, in slot order as in training), summing this
-  rank's token losses and label tokens; one all-reduce of ``[loss sum, label tokens]`` at the end.
+  rank's token losses and label tokens; one bounded sum of ``[loss sum, label tokens]`` over the mesh at the end.
 
 ``eval_loss`` is that sum over the count: the per-token mean over the whole eval set, which is
 what one process running every sample alone gets, whatever the placement or world size. (Stock
@@ -17,7 +17,7 @@ Trainer averages per-batch means instead, which weighs tokens of short batches m
 The global eval batch is ``per_device_eval_batch_size x world_size`` samples, Trainer's own eval
 batch. Any value gives the same loss; it only sets how many samples one plan places at once.
 Predictions are not gathered: packed and split samples have no per-sample logits to return, so
-``compute_metrics`` is refused with an explanation.
+``compute_metrics`` is refused when the trainer is built (unless ``prediction_loss_only=True``).
 """
 
 from __future__ import annotations
@@ -25,21 +25,20 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from transformers.trainer_utils import EvalLoopOutput
 
-from ..collators.hdp_collator import IGNORE_INDEX
-from .data import GlobalBatchSampler, HDPDataLoader
+from ..data.documents import IGNORE_INDEX
+from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from .step import forward_micro_batch
 
 
-def eval_dataloader(trainer, dataset, lengths, loss_tokens) -> HDPDataLoader:
+def eval_dataloader(trainer, measured) -> HDPDataLoader:
     """The eval set as HDP steps: unshuffled global batches of ``eval_batch_size x world`` samples."""
     sampler = GlobalBatchSampler(
-        len(lengths), trainer.args.per_device_eval_batch_size * trainer.mesh.world_size, shuffle=False,
+        len(measured), trainer.args.per_device_eval_batch_size * trainer.mesh.world_size, shuffle=False,
         drop_last=False,
     )
-    return trainer.hdp_step_loader(dataset, lengths, loss_tokens, sampler)
+    return trainer.hdp_step_loader(measured, sampler)
 
 
 @contextlib.contextmanager
@@ -54,12 +53,6 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
     The loss of a micro-batch comes from ``trainer.compute_loss`` with ``num_items_in_batch=1``,
     i.e. the sum of its token losses, so a ``compute_loss`` override is honoured.
     """
-    if trainer.compute_metrics is not None:
-        raise NotImplementedError(
-            "HDPTrainer evaluates the token-level loss only: samples are packed and split over ranks, so there "
-            "are no per-sample logits for compute_metrics. Drop compute_metrics (eval_loss and perplexity = "
-            "exp(eval_loss) come out as usual), or evaluate predictions with the stock Trainer."
-        )
     args, mesh = trainer.args, trainer.mesh
     model = trainer.model
     model.eval()
@@ -73,7 +66,7 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
         for inputs in dataloader:
             step = inputs["hdp_step"]
             if trainer.hdp_config.check_plan_hash:
-                mesh.check_plan(step.fingerprint, step.step)
+                mesh.check_plan(step.fingerprint, trainer.state.global_step)
             planned_tokens += step.num_loss_tokens
             for batch in step.micro_batches:
                 loss, batch = forward_micro_batch(
@@ -83,10 +76,9 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
                 loss_sum += loss.detach().double()
                 label_tokens += (batch["labels"] != IGNORE_INDEX).sum()
             trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
-    totals = torch.stack([loss_sum, label_tokens])
-    if mesh.world_size > 1:
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    total_loss, count = float(totals[0]), int(round(float(totals[1])))
+    total_loss, count = mesh.sum_scalars([float(loss_sum), float(label_tokens)], "evaluation loss sum",
+                                         trainer.state.global_step)
+    count = int(round(count))
     if count != planned_tokens:
         raise RuntimeError(
             f"HDP evaluation counted {count} label tokens over all ranks but the eval set's length columns "

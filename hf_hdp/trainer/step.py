@@ -12,23 +12,42 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..collators.hdp_collator import IGNORE_INDEX
+from ..data.documents import IGNORE_INDEX
+from ..data.loader import move_to
 from ..mesh import DynamicMesh
-from .data import move_to
 
 
-def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False):
-    """Sum of the micro-batch's token losses divided by the global batch's label count."""
+def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None):
+    """Sum of the micro-batch's token losses divided by the global batch's label count.
+
+    ``loss_func`` is a Trainer ``compute_loss_func(outputs, labels, num_items_in_batch)``. Its
+    contract is stock Trainer's: ``labels`` aligned with the inputs, which the function shifts itself
+    (``logits[:, :-1]`` against ``labels[:, 1:]``, as transformers' causal-LM loss does). HDP's
+    labels are already shifted (target ``t`` belongs to input ``t``, -100 at every document's end),
+    so the function gets them behind one leading -100 and the logits followed by one zero row: its
+    shift then pairs every logit with its own target, inside each document, and drops the zero row.
+    ``num_items_in_batch`` is the global label-token count, so the sum over micro-batches and ranks
+    is stock Trainer's loss of the whole batch on one device.
+    """
     outputs = model(
         input_ids=inputs["input_ids"],
         position_ids=inputs["position_ids"],
         hdp_metadata=inputs["hdp_metadata"],
         use_cache=False,
     )
+    targets = inputs["labels"]
+    if loss_func is not None:
+        logits = outputs.logits
+        outputs["logits"] = torch.cat([logits, logits.new_zeros(logits.shape[0], 1, logits.shape[2])], dim=1)
+        labels = torch.cat([targets.new_full((targets.shape[0], 1), IGNORE_INDEX), targets], dim=1)
+        count = torch.tensor(int(num_loss_tokens), dtype=torch.long, device=targets.device)
+        loss = loss_func(outputs, labels, num_items_in_batch=count)
+        outputs["logits"] = logits
+        return (loss, outputs) if return_outputs else loss
     logits = outputs.logits[0]
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # the loss of bf16/fp16 logits is computed in float32
-    loss = F.cross_entropy(logits, inputs["labels"][0], ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
     loss = loss / max(int(num_loss_tokens), 1)
     return (loss, outputs) if return_outputs else loss
 
@@ -40,7 +59,7 @@ def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicM
     loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
     batch = move_to(batch, device)
     meta = batch["hdp_metadata"]
-    meta.mesh, meta.backend = mesh, backend
+    meta.bind(mesh, backend)
     with context():
         loss = loss_fn(model, batch, num_items_in_batch=num_loss_tokens)
     if meta.attention_calls == 0:

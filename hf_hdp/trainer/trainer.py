@@ -1,26 +1,27 @@
 """HDPTrainer: a drop-in ``Trainer`` that trains with Hybrid Data Parallelism.
 
-It changes four things through Trainer's override points, and nothing else:
+It changes these things through Trainer's override points, and nothing else:
 
 - ``get_train_dataloader``: one item per optimizer step, holding only this rank's micro-batches of
-  the step plan (see :mod:`hf_hdp.trainer.data`).
+  the step plan (see :mod:`hf_hdp.data.loader`).
 - ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
   slot order (ranks may run different numbers, zero included), then joins exactly one gradient
-  all-reduce; the step's loss rides in the same collective.
+  all-reduce; the step's loss, P2P bytes and label count ride in the same collective.
 - ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
-  count, from labels the collator already shifted.
-- ``create_accelerator_and_postprocess``: the Accelerator becomes an :class:`~hf_hdp.mesh.HDPAccelerator`
-  (model states replicated, no DDP wrapper) carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
-
-Beside those:
-
+  count, from labels the collator already shifted (or the user's ``compute_loss_func``).
+- ``create_accelerator_and_postprocess``: Trainer's Accelerator setup, then an
+  :class:`~hf_hdp.mesh.HDPAccelerator` with its settings (model states replicated, no DDP wrapper)
+  carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
 - ``get_eval_dataloader`` / ``evaluation_loop``: HDP evaluation, the eval set's per-token mean loss
   (see :mod:`hf_hdp.trainer.evaluation`); Trainer's own ``evaluate`` runs around them.
 - ``create_optimizer``: the optimizer's ``step`` gets a guard, so that a global batch without a
   single label token skips the optimizer step for real (see :meth:`HDPTrainer.training_step`).
 
-Gradient accumulation is HDP's own: ``gradient_accumulation_steps`` only feeds the default
-global batch size and is set to 1 for Trainer's loop.
+Every other Trainer input is honoured or refused at construction (see :mod:`hf_hdp.trainer.inputs`
+and the README's table): the data collator runs per sample, padding and pre-packed rows become
+documents (:mod:`hf_hdp.data.documents`), NEFTune runs per sample (:mod:`hf_hdp.trainer.neftune`).
+HDPTrainer works on a copy of the user's ``TrainingArguments``. Gradient accumulation is HDP's own:
+``gradient_accumulation_steps`` only feeds the default global batch size and is 1 in the copy.
 
 PEFT and memory features need nothing more. A PEFT model trains its adapters only (the gradient
 all-reduce takes the parameters that require a gradient). With gradient checkpointing
@@ -35,64 +36,42 @@ accelerate as for Trainer; ring partial outputs and their merge stay in float32.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import inspect
 import logging
 import time
+import types
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
-from ..collators.hdp_collator import HDPCollator, HDPDataError
 from ..config import HDPConfig
-from ..mesh import DynamicMesh, attach_mesh
-from ..models import UnsupportedModelError, check_model_supported
+from ..data.checks import MeasuredDataset, prepare_dataset, require_map_style, rows_text
+from ..data.collator import HDPCollator
+from ..data.documents import IGNORE_INDEX, HDPDataError
+from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset
+from ..mesh import DynamicMesh, HDPAccelerator, check_distributed_setup
+from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .step import forward_micro_batch, hdp_loss, run_micro_batches  # noqa: F401  (public here too)
-from .data import (
-    GlobalBatchSampler,
-    HDPDataLoader,
-    HDPStepDataset,
-    prepare_dataset,
-    require_map_style,
-    rows_text,
-)
 from .evaluation import eval_dataloader, hdp_evaluation_loop
+from .inputs import check_columns, check_metrics_arguments, check_step_methods, row_rules
+from .neftune import PerSampleNEFTune
 from .stats import HDPStats
+from .step import hdp_loss, run_micro_batches
 
 logger = logging.getLogger(__name__)
 
 
-def _base_model(model) -> PreTrainedModel | None:
-    """The transformers model inside ``model`` (itself, or the base of a PEFT wrapper)."""
-    if not isinstance(model, PreTrainedModel) and callable(getattr(model, "get_base_model", None)):
-        # a PeftModel: its `base_model.base_model` would be the inner decoder (LlamaModel), not the LM
-        base = model.get_base_model()
-        if isinstance(base, PreTrainedModel):
-            return base
-    seen = model
-    for _ in range(4):
-        if isinstance(seen, PreTrainedModel):
-            return seen
-        seen = getattr(seen, "base_model", None) or getattr(seen, "model", None)
-        if seen is None:
-            return None
-    return seen if isinstance(seen, PreTrainedModel) else None
-
-
 def enable_hdp_attention(model) -> PreTrainedModel:
-    """Switch ``model`` to the ``"hdp"`` attention, or explain why it cannot be."""
-    base = _base_model(model)
-    name = type(model).__name__
-    if base is None:
-        raise UnsupportedModelError(
-            f"HDPTrainer needs a transformers PreTrainedModel (or a PEFT wrapper of one); got {name}."
-        )
-    config = base.config
-    if getattr(config, "is_encoder_decoder", False):
+    """Switch ``model`` (or the model inside a PEFT wrapper) to the ``"hdp"`` attention, or explain why it cannot be."""
+    base = hdp_base_model(model)
+    if getattr(base.config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{type(base).__name__} is an encoder-decoder model; HDP trains decoder-only causal LMs. "
             "Use the stock Seq2SeqTrainer for it."
@@ -108,24 +87,48 @@ def enable_hdp_attention(model) -> PreTrainedModel:
     return base
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """``datasets`` progress bars only where ``show`` (rank 0): the other ranks' bars would interleave."""
+    from datasets.utils import logging as datasets_logging
+
+    hide = not show and datasets_logging.is_progress_bar_enabled()
+    if hide:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets_logging.enable_progress_bar()
+
+
+def _positional_arguments(pos: tuple) -> dict:
+    """Trainer's positional arguments after ``args`` (``data_collator``, ``train_dataset``, ...) by name."""
+    names = list(inspect.signature(Trainer.__init__).parameters)[3:]  # self, model, args
+    if len(pos) > len(names):
+        raise TypeError(f"HDPTrainer takes at most {len(names) + 2} positional arguments, got {len(pos) + 2}")
+    return dict(zip(names, pos))
+
+
 def _guard_step(optimizer, should_skip) -> None:
     """Make ``optimizer.step()`` return at once, touching nothing, whenever ``should_skip()`` says so.
 
-    The guard is an instance attribute wrapping the bound ``step``, the way torch's LR schedulers and
-    accelerate's mixed-precision wrapper patch it: the optimizer keeps its class (``isinstance``
-    checks, ``state_dict``, checkpoints are unchanged). Idempotent.
+    The guard is a bound method set on the instance, the way torch's LR schedulers and accelerate's
+    mixed-precision wrapper patch ``step`` (a scheduler built on the optimizer later wraps it in turn,
+    which needs a bound method): the optimizer keeps its class (``isinstance`` checks,
+    ``state_dict``, checkpoints are unchanged). Idempotent.
     """
     if getattr(optimizer, "_hdp_step_guard", False):
         return
     step = optimizer.step
 
     @functools.wraps(step)
-    def guarded_step(*args, **kwargs):
+    def guarded_step(self, *args, **kwargs):
         if should_skip():
             return None
         return step(*args, **kwargs)
 
-    optimizer.step = guarded_step
+    optimizer.step = types.MethodType(guarded_step, optimizer)
     optimizer._hdp_step_guard = True
 
 
@@ -134,44 +137,65 @@ class HDPTrainer(Trainer):
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *pos, hdp_config: HDPConfig | None = None,
                  **kwargs):
-        if model is None:
-            raise ValueError("HDPTrainer needs a model (model_init is not supported).")
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError(
+                "HDPTrainer needs a model (model=...); model_init is not supported: HDP switches the model's attention "
+                "and measures the data against it when the trainer is built. Build the model and pass model=."
+            )
+        kwargs.update(_positional_arguments(pos))
+        check_step_methods(type(self), HDPTrainer)
         self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
-        if args is None:
-            args = TrainingArguments(output_dir="tmp_trainer")
+        # HDP changes a few fields for Trainer's loop: on its own copy, never on the user's object
+        args = copy.deepcopy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        check_distributed_setup(args)
         world = args.world_size
         self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
+        check_metrics_arguments(kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"),
+                                args.prediction_loss_only)
         if self.hdp_config.global_batch_size is None:
             self.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         else:
             self.global_batch_size = self.hdp_config.global_batch_size
         # HDP runs every micro-batch of a step inside one training_step
         args.gradient_accumulation_steps = 1
+        # NEFTune runs per sample (hf_hdp.trainer.neftune), not with Trainer's per-tensor hook
+        self.hdp_neftune = PerSampleNEFTune(args.neftune_noise_alpha) if args.neftune_noise_alpha else None
+        args.neftune_noise_alpha = None
         self.hdp_model = enable_hdp_attention(model)
-        super().__init__(model, args, *pos, **kwargs)
+        self.hdp_row_rules = row_rules(kwargs.get("data_collator"), self.hdp_model, args)
+        super().__init__(model, args, **kwargs)
         config = self.hdp_model.config
         self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
             self.args.device, self.hdp_model.dtype, mixed_precision=bool(self.args.bf16 or self.args.fp16),
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         )
-        self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
-        attach_mesh(self.accelerator, self.mesh)
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
         self.hdp_stats = HDPStats(self.mesh.world_size)
         self._num_params = self.hdp_model.num_parameters()
-        self._train_lengths = None
-        self._eval_measured: dict = {}  # dataset fingerprint -> (dataset, lengths, loss tokens)
+        self.hdp_train_data: MeasuredDataset | None = None
+        self._eval_measured: dict = {}  # dataset fingerprint -> MeasuredDataset
         self._skip_optimizer_step = False  # set by training_step, consumed by the optimizer's guarded step
         self._skipped_steps = 0  # since the last log
         if self.train_dataset is not None:
-            self._measure_train_dataset()
-        longest = [int(self._train_lengths.max())] if self._train_lengths is not None and len(self._train_lengths) else []
+            self.hdp_train_data = self._measure(self.train_dataset, "train_dataset")
+            self.train_dataset = self.hdp_train_data.dataset
+        longest = [int(self.hdp_train_data.doc_lengths.max())] if self.hdp_train_data is not None else []
         longest += self._measure_eval_datasets()  # bad eval samples fail now, not at the first evaluation
         longest = max(longest) if longest else self.mesh.world_size * self.hdp_config.tokens_per_rank
         self.hdp_model_support = check_model_supported(self.hdp_model, longest)
         self.cost_model = self._make_cost_model()
         self.add_callback(HDPCheckpointCallback(self))
         self.add_callback(HDPWindowCallback(self.hdp_stats))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's Accelerator setup, then an :class:`~hf_hdp.mesh.HDPAccelerator` with its settings and the mesh."""
+        super().create_accelerator_and_postprocess()
+        self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
+        self.accelerator = HDPAccelerator.like(self.accelerator, self.mesh)
+        gather = self.accelerator.gather_for_metrics
+        if "use_gather_object" in inspect.signature(gather).parameters:
+            gather = functools.partial(gather, use_gather_object=self.args.eval_use_gather_object)
+        self.gather_function = gather
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train, after checking that a checkpoint to resume from reproduces the same batches."""
@@ -183,7 +207,24 @@ class HDPTrainer(Trainer):
                     raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
             check_resume(self, path)
             resume_from_checkpoint = path
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.hdp_train_data is not None:
+            cfg = self.hdp_config
+            logger.info(
+                "***** HDP *****\n  Global batch = %d samples per optimizer step (any world size; HDP accumulates "
+                "its micro-batches itself, so Trainer's 'Gradient Accumulation steps = 1' and per-device batch "
+                "below are its loop's settings, not the batch)\n  Planner = %s, tokens per rank C = %d, world = %d, "
+                "attention backend = %s\n  Training rows = %d (%d documents, %d tokens, %d label tokens)",
+                self.global_batch_size, cfg.planner, cfg.tokens_per_rank, self.mesh.world_size, cfg.attention_backend,
+                len(self.hdp_train_data), self.hdp_train_data.doc_lengths.size, int(self.hdp_train_data.lengths.sum()),
+                int(self.hdp_train_data.loss_tokens.sum()),
+            )
+        if self.hdp_neftune is not None:
+            self.hdp_neftune.attach(self.hdp_model)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self.hdp_neftune is not None:
+                self.hdp_neftune.detach()
 
     def _make_cost_model(self) -> CostModel:
         """The cost model of this model on this hardware, for the balanced planner and the logged estimates."""
@@ -199,36 +240,34 @@ class HDPTrainer(Trainer):
             return CostModel.default()
 
     # ------------------------------------------------------------------ data
-    def _measure(self, dataset, what: str):
-        """``(dataset with length columns, lengths, loss tokens)``; refuses what HDP cannot plan."""
+    def _measure(self, dataset, what: str) -> MeasuredDataset:
+        """The dataset measured for planning; refuses what HDP cannot plan, or would not honour."""
         cfg = self.hdp_config
         require_map_style(dataset, what)
-        with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"):
-            # lengths, label tokens, token types and id ranges (cached columns), empty samples, the
-            # long-sample policy and the vocabulary range: every error names the user's row
-            return prepare_dataset(dataset, cfg, self.mesh.world_size, self.collator.vocab_size)
+        check_columns(dataset, self.hdp_row_rules, self.hdp_model, self.args, cfg.length_column, what)
+        with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"), \
+                _progress_bars(self.args.process_index == 0):
+            # documents, lengths, label tokens, token types and id ranges (cached columns), empty samples,
+            # the long-sample policy and the vocabulary range: every error names the user's row
+            return prepare_dataset(dataset, cfg, self.mesh.world_size, self.collator.vocab_size, self.hdp_row_rules)
 
-    def _measure_train_dataset(self) -> None:
-        self.train_dataset, self._train_lengths, self._train_loss_tokens = self._measure(
-            self.train_dataset, "train_dataset")
-
-    def _measure_eval_dataset(self, dataset, name: str | None = None):
+    def _measure_eval_dataset(self, dataset, name: str | None = None) -> MeasuredDataset:
         """Measured once per dataset (by its ``datasets`` fingerprint); an eval set without a label token is refused."""
         key = getattr(dataset, "_fingerprint", None) or id(dataset)
         if key not in self._eval_measured:
             what = "eval_dataset" if name is None else f"eval_dataset[{name!r}]"
-            ds, lengths, loss_tokens = self._measure(dataset, what)
-            if not int(loss_tokens.sum()):
+            measured = self._measure(dataset, what)
+            if not int(measured.loss_tokens.sum()):
                 raise HDPDataError(
                     f"{what} has no label token (every label is -100, or every sample has one token), so its "
                     "per-token loss is undefined. Evaluate on samples with labels."
                 )
-            self._eval_measured[key] = (ds, lengths, loss_tokens)
-            self._eval_measured[getattr(ds, "_fingerprint", None) or id(ds)] = (ds, lengths, loss_tokens)
+            self._eval_measured[key] = measured
+            self._eval_measured[getattr(measured.dataset, "_fingerprint", None) or id(measured.dataset)] = measured
         return self._eval_measured[key]
 
     def _measure_eval_datasets(self) -> list[int]:
-        """Measure the eval set(s) given at construction; returns their longest sample lengths."""
+        """Measure the eval set(s) given at construction; returns their longest document lengths."""
         if self.eval_dataset is None:
             return []
         if isinstance(self.eval_dataset, dict):
@@ -236,29 +275,29 @@ class HDPTrainer(Trainer):
         named = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
         longest = []
         for name, dataset in named.items():
-            ds, lengths, _ = self._measure_eval_dataset(dataset, name)
+            measured = self._measure_eval_dataset(dataset, name)
             if name is None:
-                self.eval_dataset = ds
+                self.eval_dataset = measured.dataset
             else:
-                self.eval_dataset[name] = ds
-            longest.append(int(lengths.max()))
+                self.eval_dataset[name] = measured.dataset
+            longest.append(int(measured.doc_lengths.max()))
         return longest
 
     def get_train_dataloader(self) -> HDPDataLoader:
-        if self.train_dataset is None:
+        if self.hdp_train_data is None:
             raise ValueError("HDPTrainer: training requires a train_dataset.")
         sampler = GlobalBatchSampler(
-            len(self._train_lengths),
+            len(self.hdp_train_data),
             self.global_batch_size,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             drop_last=self.args.dataloader_drop_last,
         )
-        return self.hdp_step_loader(self.train_dataset, self._train_lengths, self._train_loss_tokens, sampler)
+        return self.hdp_step_loader(self.hdp_train_data, sampler)
 
-    def hdp_step_loader(self, dataset, lengths, loss_tokens, sampler: GlobalBatchSampler) -> HDPDataLoader:
-        """A loader of this rank's HDP steps over ``dataset``, planned with this trainer's planner and cost model."""
-        steps = HDPStepDataset(
-            dataset, lengths, loss_tokens, sampler, get_planner(self.hdp_config.planner, self.cost_model),
+    def hdp_step_loader(self, measured: MeasuredDataset, sampler: GlobalBatchSampler) -> HDPDataLoader:
+        """A loader of this rank's HDP steps over ``measured``, planned with this trainer's planner and cost model."""
+        steps = HDPStepDataset.from_measured(
+            measured, sampler, get_planner(self.hdp_config.planner, self.cost_model),
             self.mesh.world_size, self.mesh.rank, self.hdp_config.tokens_per_rank, self.collator,
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
@@ -272,7 +311,7 @@ class HDPTrainer(Trainer):
             eval_dataset = self.eval_dataset[name]
         elif eval_dataset is None:
             eval_dataset = self.eval_dataset
-        return eval_dataloader(self, *self._measure_eval_dataset(eval_dataset, name))
+        return eval_dataloader(self, self._measure_eval_dataset(eval_dataset, name))
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -299,8 +338,11 @@ class HDPTrainer(Trainer):
 
     # ------------------------------------------------------------------ step
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Token-level loss: this micro-batch's summed token losses over the global batch's label count."""
-        return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs)
+        """Token-level loss: this micro-batch's summed token losses over the global batch's label count.
+
+        A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.trainer.step.hdp_loss`)."""
+        return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs,
+                        loss_func=self.compute_loss_func)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with its ``step`` guarded so that HDP can skip one step (see :meth:`training_step`)."""
@@ -328,12 +370,12 @@ class HDPTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
         if self.hdp_config.check_plan_hash:
-            self.mesh.check_plan(step.fingerprint, step.step)
+            self.mesh.check_plan(step.fingerprint, step.global_step)
         if step.num_loss_tokens == 0:
             logger.warning(
-                "step %d (HDP step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
+                "global step %d (step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
                 "label is -100), so the optimizer step was skipped: weights and optimizer state are unchanged and "
-                "the step's loss is logged as 0.", self.state.global_step + 1, step.step, step.epoch,
+                "the step's loss is logged as 0.", step.global_step, step.step, step.epoch,
                 rows_text(step.rows, 8),
             )
             for p in model.parameters():
@@ -351,8 +393,18 @@ class HDPTrainer(Trainer):
         )
         params = [p for p in model.parameters() if p.requires_grad]
         sent = self.mesh.stats.bytes_sent - bytes_before
-        # the step's loss and the P2P bytes of all ranks ride in the one gradient collective
-        total, sent_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent)])
+        labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
+        # the step's loss, the P2P bytes and the label tokens of all ranks ride in the one gradient collective
+        total, sent_all, labels_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent), labels],
+                                                                   step=step.global_step)
+        if int(round(labels_all)) != step.num_loss_tokens:
+            raise HDPDataError(
+                f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "
+                f"{int(round(labels_all))} label tokens, but measuring the dataset counted {step.num_loss_tokens}, so "
+                "the loss would be divided by the wrong count; the optimizer step was not taken. The rows gave other "
+                "labels when loaded than when measured: a data collator that is random or has state (HDP runs it "
+                "per sample, at measuring and at loading) must give the same output for the same sample."
+            )
         self.hdp_stats.record(step, self.state.global_step + 1, time.process_time() - started, sent, sent_all)
         return torch.tensor(total, dtype=torch.float32, device=self.args.device)
 

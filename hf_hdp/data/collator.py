@@ -1,6 +1,6 @@
 """The length-aware collator: packs one rank's micro-batch padding-free, with HDP attention metadata.
 
-For a micro-batch of the step plan and the samples it names, it builds
+For a micro-batch of the step plan and the documents it names (see :mod:`hf_hdp.data.documents`), it builds
 
 - ``input_ids``, ``position_ids``, ``labels``: ``[1, T]`` with no padding;
 - ``hdp_metadata``: an :class:`~hf_hdp.attention.metadata.HDPAttentionMetadata`.
@@ -21,94 +21,14 @@ Bad samples raise :class:`HDPDataError` naming the dataset row, the value and th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 
 from ..attention.metadata import HDPAttentionMetadata, RingSegment
 from ..planning import MicroBatch
 from ..planning.layout import zigzag_front_back
-
-IGNORE_INDEX = -100
-
-
-class HDPDataError(ValueError):
-    """A training sample cannot be trained on as given."""
-
-
-def _as_token_list(value, row, column: str) -> list[int]:
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        floating = value.is_floating_point() or value.is_complex() if isinstance(value, torch.Tensor) else (
-            not np.issubdtype(value.dtype, np.integer))
-        if value.ndim != 1 or floating:
-            raise HDPDataError(
-                f"sample {row}: `{column}` must be a flat sequence of integers, got a {value.dtype} array of "
-                f"shape {tuple(value.shape)}. Tokenize to a list of token ids per sample."
-            )
-        return value.tolist()
-    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise HDPDataError(
-            f"sample {row}: `{column}` must be a list of token ids, got {type(value).__name__}. "
-            "Tokenize the text first (e.g. with datasets.map and the model's tokenizer)."
-        )
-    out = list(value)
-    for t in out:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise HDPDataError(
-                f"sample {row}: `{column}` must hold integer token ids, found {t!r} ({type(t).__name__}). "
-                "Nested, float or missing token ids are not samples: flatten the lists or cast the column to int."
-            )
-    return [int(t) for t in out]
-
-
-def check_sample(row, sample: Mapping, vocab_size: int | None = None) -> tuple[list[int], list[int] | None]:
-    """Validate one dataset row; return its ``input_ids`` and ``labels`` (or ``None``) as lists."""
-    if "input_ids" not in sample:
-        raise HDPDataError(
-            f"sample {row} has no `input_ids` (columns: {sorted(sample)}). HDPTrainer trains on tokenized data: "
-            "map the dataset through the tokenizer first."
-        )
-    ids = _as_token_list(sample["input_ids"], row, "input_ids")
-    if not ids:
-        raise HDPDataError(f"sample {row} is empty (0 tokens). Filter empty samples out, e.g. ds.filter(lambda s: len(s['input_ids']) > 0).")
-    if vocab_size is not None:
-        lo, hi = min(ids), max(ids)
-        if lo < 0 or hi >= vocab_size:
-            raise HDPDataError(
-                f"sample {row}: token id {hi if hi >= vocab_size else lo} is outside the model's vocabulary "
-                f"[0, {vocab_size}). Tokenize with the model's own tokenizer, or resize the embeddings."
-            )
-    labels = sample.get("labels")
-    if labels is not None:
-        labels = _as_token_list(labels, row, "labels")
-        if len(labels) != len(ids):
-            raise HDPDataError(
-                f"sample {row}: `labels` has {len(labels)} entries but `input_ids` has {len(ids)}. "
-                "Labels must align with input_ids token for token (use -100 for tokens without loss); "
-                "HDP shifts them itself."
-            )
-        if vocab_size is not None:
-            bad = next((t for t in labels if t != IGNORE_INDEX and (t < 0 or t >= vocab_size)), None)
-            if bad is not None:
-                raise HDPDataError(
-                    f"sample {row}: label id {bad} is outside the model's vocabulary [0, {vocab_size}) and is not "
-                    f"{IGNORE_INDEX}. Labels hold target token ids, or {IGNORE_INDEX} for tokens without loss."
-                )
-    return ids, labels
-
-
-def shifted_targets(ids: list[int], labels: list[int] | None) -> list[int]:
-    """Targets aligned with the inputs: position ``t`` predicts ``labels[t + 1]``; the last gets -100."""
-    source = labels if labels is not None else ids
-    return list(source[1:]) + [IGNORE_INDEX]
-
-
-def count_loss_tokens(ids: list[int], labels: list[int] | None) -> int:
-    """Label tokens a sample contributes to the loss (after the shift)."""
-    if labels is None:
-        return max(len(ids) - 1, 0)
-    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+from .documents import HDPDataError, check_sample, shifted_targets
 
 
 class HDPCollator:

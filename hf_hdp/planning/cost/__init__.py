@@ -1,0 +1,60 @@
+"""Cost model: how long a sequence, a piece and a micro-batch take on one rank, and what fits in its memory.
+
+Pure Python, and nothing runs at import. The modules, each depending only on those above it:
+
+- :mod:`.specs`: :class:`ModelSpec` and :class:`HardwareSpec`, the shapes and rates that set the
+  cost, and their presets :data:`MODEL_PRESETS` and :data:`HARDWARE_PRESETS`;
+- :mod:`.fit`: least-squares fits of ``a·s² + b·s + c`` (:func:`fit_coefficients`), and ByteScale's
+  published per-layer times fitted that way (:func:`bytescale_fit`);
+- :mod:`.model`: :class:`CostModel`, the time of whole sequences, ring pieces and micro-batches,
+  the ring communication and the gradient all-reduce;
+- :mod:`.calibration`: :func:`calibrate`, the coefficients fitted to timings of this machine
+  (``benchmarks/calibrate.py`` does it for a real model);
+- :mod:`.memory`: peak bytes per rank, and the ``tokens_per_rank`` a memory budget allows.
+"""
+
+from .calibration import calibrate, predicted_time, relative_residuals
+from .fit import (
+    BYTESCALE_LAYER_MS,
+    bytescale_fit,
+    bytescale_hardware,
+    fit_coefficients,
+    hardware_from_coefficients,
+    length_sums,
+)
+from .memory import (
+    activation_bytes_per_token,
+    layer_activation_bytes_per_token,
+    logits_bytes_per_token,
+    memory_per_rank,
+    model_state_bytes,
+    tokens_per_rank_for_memory,
+)
+from .model import CostModel, ring_segments
+from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
+
+__all__ = [
+    "BYTESCALE_LAYER_MS",
+    "FLOAT32_BYTES",
+    "FWD_BWD",
+    "HARDWARE_PRESETS",
+    "MODEL_PRESETS",
+    "CostModel",
+    "HardwareSpec",
+    "ModelSpec",
+    "activation_bytes_per_token",
+    "bytescale_fit",
+    "bytescale_hardware",
+    "calibrate",
+    "fit_coefficients",
+    "hardware_from_coefficients",
+    "layer_activation_bytes_per_token",
+    "length_sums",
+    "logits_bytes_per_token",
+    "memory_per_rank",
+    "model_state_bytes",
+    "predicted_time",
+    "relative_residuals",
+    "ring_segments",
+    "tokens_per_rank_for_memory",
+]

@@ -1,0 +1,316 @@
+"""The time model: how long a sequence, a piece and a micro-batch take on one rank (pure Python).
+
+Per layer, a whole sequence of ``s`` tokens costs ``a·s² + b·s + c`` seconds for forward plus
+backward (the form ByteScale's balance scheduler uses): the quadratic term is causal attention,
+the linear term the projections, the MLP and (spread over the layers) the LM head, the constant
+the per-layer overheads of one forward/backward (kernel launches, norms, host work). ``c`` is
+charged once per *micro-batch*, not per sequence: a packed micro-batch runs its projections once
+over all its tokens (see :meth:`CostModel.micro_batch_time`), and one sequence alone in a
+micro-batch costs exactly :meth:`CostModel.sequence_time`.
+
+A sequence split over ``k`` ranks with zigzag chunks costs each member ``1/k`` of the compute
+(zigzag balances the causal work) plus the ring communication that compute does not hide. The
+model follows :mod:`hf_hdp.attention.ring` message by message: per layer and member,
+
+- forward: ``k-1`` hops of K/V (model dtype), each overlapped with one forward attention block;
+- backward: ``k-1`` hops of K/V overlapped with one backward block, and ``k`` hops of the dK/dV
+  accumulator in float32. ``ring.py`` sends the accumulator after the block and waits for it at
+  once, so those hops are *exposed*; set ``overlap_grad_hops=True`` to model an implementation that
+  overlaps them with the next block (ring-flash-attention, ByteScale).
+
+All the pieces of one micro-batch that share a group form ONE ring segment in ``ring.py``: they
+share every message, and their blocks add up. :meth:`CostModel.segment_time` models that.
+
+Derivation: :meth:`CostModel.from_specs` (a transformers config or :class:`~.specs.ModelSpec` and a
+:class:`~.specs.HardwareSpec`), :meth:`CostModel.bytescale` (ByteScale's published per-layer times,
+:func:`~.fit.bytescale_fit`), or :func:`~.calibration.calibrate` (timings of this machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+from ..layout import zigzag_member_sizes
+from .fit import bytescale_fit
+from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per layer for a sequence: ``a·s² + b·s + c``; plus ring communication and the gradient all-reduce.
+
+    ``a``, ``b``, ``c`` are per layer, forward + backward; every ``*_time`` method returns seconds
+    for all ``num_layers`` layers.
+    """
+
+    a: float
+    b: float
+    c: float
+    num_layers: int = 1
+    kv_bytes_per_token: float = 0.0
+    intra_bandwidth: float = float("inf")
+    intra_latency: float = 0.0
+    inter_bandwidth: float = float("inf")
+    inter_latency: float = 0.0
+    ranks_per_node: int = 1 << 30
+    value_bytes: int = 2
+    label: str = "custom"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # bytes each rank all-reduces once per optimizer step (0: not modelled)
+    grad_bytes: float = 0.0
+    # True: the backward dK/dV hops overlap the next block (not so in hf_hdp's ring.py, see module docstring)
+    overlap_grad_hops: bool = False
+
+    # ------------------------------------------------------------ derivation
+    @classmethod
+    def from_specs(cls, model: ModelSpec, hw: HardwareSpec) -> "CostModel":
+        """Roofline estimate: forward FLOPs x :data:`FWD_BWD` over the achieved FLOP/s of each kind.
+
+        ``a`` counts causal attention (``2·H·D`` forward FLOPs per ``s²`` per layer), ``b`` the
+        projections, the gated MLP and the LM head (``2·(layer_params + V·h/L)`` per token),
+        ``c`` is the hardware's per-layer overhead. The gradient all-reduce moves every parameter
+        in float32 (hf_hdp's :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` reduces in float32).
+        """
+        return cls(
+            a=FWD_BWD * model.attention_flops_per_s2 / (hw.peak_flops * hw.attention_efficiency),
+            b=FWD_BWD * model.linear_flops_per_token / (hw.peak_flops * hw.linear_efficiency),
+            c=hw.overhead_per_layer,
+            num_layers=model.num_layers,
+            kv_bytes_per_token=model.kv_bytes_per_token,
+            intra_bandwidth=hw.intra_bandwidth,
+            intra_latency=hw.intra_latency,
+            inter_bandwidth=hw.inter_bandwidth,
+            inter_latency=hw.inter_latency,
+            ranks_per_node=hw.ranks_per_node,
+            value_bytes=model.bytes_per_value,
+            label=f"{model.name} on {hw.name}",
+            grad_bytes=float(model.num_params * FLOAT32_BYTES),
+        )
+
+    @classmethod
+    def from_config(cls, config, hardware: str | HardwareSpec = "h100", bytes_per_value: int = 2,
+                    name: str | None = None) -> "CostModel":
+        """:meth:`from_specs` for a transformers config and a hardware preset name (or spec)."""
+        hw = HARDWARE_PRESETS[hardware] if isinstance(hardware, str) else hardware
+        return cls.from_specs(ModelSpec.from_config(config, name=name, bytes_per_value=bytes_per_value), hw)
+
+    @classmethod
+    def default(cls) -> "CostModel":
+        """LLaMA-7B on H100: the planners' default when no cost model is given."""
+        return cls.from_specs(MODEL_PRESETS["llama-7b"], HARDWARE_PRESETS["h100"])
+
+    @classmethod
+    def bytescale(cls) -> "CostModel":
+        """LLaMA-7B with ``a``, ``b``, ``c`` fitted to ByteScale's published per-layer times (see
+        :func:`bytescale_fit`), and the H100 preset's links for the ring and the all-reduce.
+
+        Assumptions, since the paper states neither: the published figures are the *forward* time
+        of one layer on one HDP rank, and backward costs twice forward for every term
+        (``x FWD_BWD``). The fitted forward rates are about twice the ``h100`` preset's: causal
+        attention at 895 TFLOP/s (90% of one H100's 989 TFLOP/s dense bf16 peak), the projections
+        and MLP at 1,140 TFLOP/s (115%, beyond one GPU). The figures are consistent with a rank of
+        two GPUs (tensor parallel 2) at 45% / 58% of peak, or with FP8 GEMMs. ``b`` holds no LM
+        head share (the figures are per layer). Use this preset to compare with the paper,
+        :meth:`default` for one GPU.
+        """
+        fit = bytescale_fit()
+        base = cls.default()
+        return replace(
+            base.with_coefficients(FWD_BWD * fit["a"], FWD_BWD * fit["b"], FWD_BWD * fit["c"]),
+            label="llama-7b fitted to ByteScale's per-layer times (H100 links)",
+            extra={"fit": fit},
+        )
+
+    def with_coefficients(self, a: float, b: float, c: float) -> "CostModel":
+        return replace(self, a=a, b=b, c=c)
+
+    @property
+    def grad_hop_bytes(self) -> int:
+        """Bytes per value of the ring's dK/dV accumulators: float32, or float64 for a float64 model."""
+        return max(FLOAT32_BYTES, self.value_bytes)
+
+    def to_dict(self) -> dict:
+        """The model's fields as JSON-friendly values (``extra`` left out; infinities as ``None``)."""
+        d = asdict(self)
+        d.pop("extra", None)
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+    # ----------------------------------------------------------------- terms
+    def attention_time(self, s: float) -> float:
+        """The quadratic (attention) part of a whole sequence's time, all layers."""
+        return self.num_layers * self.a * s * s
+
+    def linear_time(self, s: float) -> float:
+        """The linear part of a whole sequence's time, all layers."""
+        return self.num_layers * self.b * s
+
+    def overhead_time(self) -> float:
+        """The per-micro-batch constant, all layers: ``num_layers · c``."""
+        return self.num_layers * self.c
+
+    def sequence_time(self, s: float) -> float:
+        """Forward + backward of a whole sequence alone on one rank (all layers, overhead included)."""
+        return self.num_layers * (self.a * s * s + self.b * s + self.c)
+
+    def local_time(self, s: float) -> float:
+        """A whole sequence packed into a micro-batch with others: :meth:`sequence_time` without ``c``."""
+        return self.num_layers * (self.a * s * s + self.b * s)
+
+    def group_spans_nodes(self, group) -> bool:
+        return len({r // self.ranks_per_node for r in group}) > 1
+
+    def message_time(self, nbytes: float, spans_nodes: bool) -> float:
+        """One P2P message of ``nbytes``: latency plus bytes over the one-way bandwidth."""
+        bw, lat = (self.inter_bandwidth, self.inter_latency) if spans_nodes else (self.intra_bandwidth, self.intra_latency)
+        return lat + nbytes / bw
+
+    def hop_time(self, tokens: float, spans_nodes: bool) -> float:
+        """One ring hop of ``tokens`` tokens' K/V, all layers: forward K/V, backward K/V, and the
+        backward dK/dV in float32 (three messages, none hidden)."""
+        kv = tokens * self.kv_bytes_per_token
+        grad = kv * self.grad_hop_bytes / self.value_bytes
+        return self.num_layers * (
+            2 * self.message_time(kv, spans_nodes) + self.message_time(grad, spans_nodes)
+        )
+
+    def piece_compute_time(self, s: int, k: int) -> float:
+        """One member's compute for a sequence of ``s`` tokens on ``k`` ranks: ``1/k`` of the
+        sequence's attention and linear work (no overhead, no communication)."""
+        k = max(int(k), 1)
+        return self.num_layers * (self.a * s * s + self.b * s) / k
+
+    def segment_breakdown(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> tuple[float, float]:
+        """``(compute, exposed communication)`` of one member of a ring segment, all layers, overhead excluded.
+
+        The segment holds this member's chunks of every sequence in ``lengths``, all on the same
+        ``k`` ranks. Each ring step's block is ``1/k²`` of the segment's attention (zigzag: every
+        step of every member does the same causal work); a K/V hop carries the member's share of
+        all the sequences (``Σs/k`` tokens) in one message. Forward K/V hops overlap the forward
+        block (``1/FWD_BWD`` of it), backward K/V hops the backward block; the ``k`` dK/dV hops are
+        exposed unless ``overlap_grad_hops``.
+        """
+        lengths = [int(s) for s in lengths]
+        if k <= 1:
+            return sum(self.local_time(s) for s in lengths), 0.0
+        sum_s = float(sum(lengths))
+        sum_s2 = float(sum(s * s for s in lengths))
+        compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
+        block = self.a * sum_s2 / (k * k)
+        block_fwd = block / FWD_BWD
+        block_bwd = block - block_fwd
+        kv = (sum_s / k) * self.kv_bytes_per_token
+        t_kv = self.message_time(kv, spans_nodes)
+        t_grad = self.message_time(kv * self.grad_hop_bytes / self.value_bytes, spans_nodes)
+        exposed = (k - 1) * max(0.0, t_kv - block_fwd)
+        if self.overlap_grad_hops:
+            exposed += (k - 1) * max(0.0, t_kv + t_grad - block_bwd) + t_grad
+        else:
+            exposed += (k - 1) * max(0.0, t_kv - block_bwd) + k * t_grad
+        return compute, self.num_layers * exposed
+
+    def segment_time(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> float:
+        """Time one member spends on a ring segment (compute + exposed communication, no overhead)."""
+        compute, comm = self.segment_breakdown(lengths, k, spans_nodes)
+        return compute + comm
+
+    def piece_time(self, s: int, k: int, spans_nodes: bool = False) -> float:
+        """Time one member of a ``k``-rank group spends on a sequence of ``s`` tokens alone in its
+        micro-batch: ``1/k`` of the compute, the exposed ring communication, and the overhead.
+        ``piece_time(s, 1) == sequence_time(s)``."""
+        if k <= 1:
+            return self.sequence_time(s)
+        return self.overhead_time() + self.segment_time([s], k, spans_nodes)
+
+    def micro_batch_time(self, mb) -> float:
+        """Forward + backward of one :class:`~hf_hdp.planning.plan.MicroBatch` on its rank.
+
+        ``num_layers · c`` once, :meth:`local_time` for each whole (``k == 1``) sequence, and
+        :meth:`segment_time` for each ring segment: the distributed pieces that share a group, as
+        :mod:`hf_hdp.attention.ring` runs them. A micro-batch of one piece costs :meth:`piece_time`.
+        """
+        return self.micro_batch_breakdown(mb)[0]
+
+    def micro_batch_breakdown(self, mb, segment_cache: dict | None = None) -> tuple[float, float]:
+        """``(total time, exposed communication time)`` of a micro-batch (see :meth:`micro_batch_time`).
+
+        ``segment_cache`` (optional, any dict) memoises :meth:`segment_breakdown` by group and
+        lengths, so the ``k`` members of a large group cost one evaluation, not ``k``.
+        """
+        total = self.overhead_time()
+        comm = 0.0
+        for group, lengths in ring_segments(mb.pieces).items():
+            if len(group) <= 1:
+                total += sum(self.local_time(s) for s in lengths)
+                continue
+            key = (group, tuple(lengths))
+            found = segment_cache.get(key) if segment_cache is not None else None
+            if found is None:
+                found = self.segment_breakdown(lengths, len(group), self.group_spans_nodes(group))
+                if segment_cache is not None:
+                    segment_cache[key] = found
+            total += found[0] + found[1]
+            comm += found[1]
+        return total, comm
+
+    # ------------------------------------------------------------ communication volume
+    def ring_bytes(self, s: int, k: int) -> float:
+        """Bytes one member sends for a sequence on ``k`` ranks in one step (K/V forward and backward
+        in the model dtype, dK/dV in float32), taking the member's share as ``s / k``. Summed over
+        the ``k`` members this is exact (:meth:`segment_bytes_sent` gives each member's own figure)."""
+        if k <= 1:
+            return 0.0
+        per_hop = (s / k) * self.kv_bytes_per_token
+        grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
+        return self.num_layers * ((k - 1) * 2 * per_hop + k * grad_hop)
+
+    def segment_bytes_sent(self, lengths: Sequence[int], k: int, member: int) -> float:
+        """Exact bytes member ``member`` of a ring segment sends in one step, all layers.
+
+        In :mod:`hf_hdp.attention.ring`, member ``i`` forwards at step ``t`` the rows of member
+        ``i - t``: ``k - 1`` K/V messages in forward and again in backward (every member's rows but
+        those of ``i + 1``), and ``k`` float32 dK/dV accumulators (every member's rows once).
+        """
+        return self.segment_bytes_by_member(lengths, k)[member] if k > 1 else 0.0
+
+    def segment_bytes_by_member(self, lengths: Sequence[int], k: int) -> list[float]:
+        """:meth:`segment_bytes_sent` for every member ``0..k-1`` at once."""
+        if k <= 1:
+            return [0.0] * max(k, 1)
+        rows = [0] * k
+        for s in lengths:
+            for m, n in enumerate(zigzag_member_sizes(int(s), k)):
+                rows[m] += n
+        total = sum(rows)
+        per_row = self.num_layers * self.kv_bytes_per_token
+        grad = total * self.grad_hop_bytes / self.value_bytes
+        return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
+
+    def segment_messages(self, k: int) -> int:
+        """P2P messages one member of a ``k``-rank ring segment sends in one step, all layers:
+        ``k - 1`` forward K/V, ``k - 1`` backward K/V and ``k`` dK/dV per layer."""
+        return 0 if k <= 1 else self.num_layers * (3 * k - 2)
+
+    def allreduce_time(self, nbytes: float | None = None, world_size: int = 1) -> float:
+        """One all-reduce of ``nbytes`` (default :attr:`grad_bytes`) over ``world_size`` ranks.
+
+        Bandwidth term of a ring all-reduce, ``2·(W-1)/W · bytes / bw``, over the inter-node link
+        when the world spans nodes; latency ``2·ceil(log2 W)`` messages (NCCL switches to trees
+        at scale, where a ring's ``2(W-1)`` latencies would overstate it).
+        """
+        nbytes = self.grad_bytes if nbytes is None else nbytes
+        if world_size <= 1 or nbytes <= 0:
+            return 0.0
+        spans = world_size > self.ranks_per_node
+        bw, lat = (self.inter_bandwidth, self.inter_latency) if spans else (self.intra_bandwidth, self.intra_latency)
+        return 2.0 * (world_size - 1) / world_size * nbytes / bw + 2 * math.ceil(math.log2(world_size)) * lat
+
+
+def ring_segments(pieces) -> dict[tuple[int, ...], list[int]]:
+    """The lengths of ``pieces`` by group, as :mod:`hf_hdp.attention.ring` runs them: the key ``(rank,)``
+    of a whole local sequence groups the local pieces; every other key is one ring segment."""
+    out: dict[tuple[int, ...], list[int]] = {}
+    for p in pieces:
+        out.setdefault(tuple(p.group), []).append(int(p.length))
+    return out

@@ -1,0 +1,162 @@
+"""What sets the cost: a decoder's shapes (:class:`ModelSpec`) and a rank's hardware (:class:`HardwareSpec`),
+with named presets of each. Plain data: no time model here (that is :mod:`.model`).
+
+Figures behind the presets are named where they are defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# forward + backward of a matmul-dominated layer is about 3x its forward FLOPs (backward = 2x forward)
+FWD_BWD = 3.0
+# the dK/dV accumulators of the ring backward, and hf_hdp's gradient all-reduce, are float32
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes that set a decoder's cost (LLaMA-style: gated MLP, GQA, RMSNorm, untied head by default)."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int = 0
+    bytes_per_value: int = 2  # bf16 activations and K/V on the wire
+    tie_word_embeddings: bool = False
+    bias_params_per_layer: int = 0  # projection biases (Qwen2's q/k/v; Llama's attention_bias=True)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    @classmethod
+    def from_config(cls, config, name: str | None = None, bytes_per_value: int = 2) -> "ModelSpec":
+        """From a transformers ``PretrainedConfig`` (or anything with the same attribute names).
+
+        Multimodal configs that keep the decoder in ``text_config`` are read from there.
+        """
+        if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
+            config = config.text_config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q, kv = heads * head_dim, kv_heads * head_dim
+        if getattr(config, "attention_bias", False):  # Llama-style: q, k, v and o
+            bias = q + 2 * kv + config.hidden_size
+        elif getattr(config, "model_type", "").startswith("qwen2"):  # Qwen2: q, k, v always
+            bias = q + 2 * kv
+        else:
+            bias = 0
+        if getattr(config, "mlp_bias", False):
+            bias += 2 * config.intermediate_size + config.hidden_size
+        return cls(
+            name=name or getattr(config, "name_or_path", "") or type(config).__name__,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            head_dim=head_dim,
+            bytes_per_value=bytes_per_value,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            bias_params_per_layer=bias,
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one layer's projections and gated MLP (norms ignored)."""
+        q = self.hidden_size * self.num_heads * self.head_dim
+        kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
+        o = self.num_heads * self.head_dim * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return q + kv + o + mlp
+
+    @property
+    def num_params(self) -> int:
+        """All weights: layers (with their two RMSNorms and any biases), embedding, final norm and LM head."""
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        per_layer = self.layer_params + 2 * self.hidden_size + self.bias_params_per_layer
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's K and V in one layer (KV heads unrepeated)."""
+        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_value
+
+    # forward FLOPs, used by CostModel.from_specs and hardware_from_coefficients
+    @property
+    def attention_flops_per_s2(self) -> float:
+        """Forward FLOPs of causal attention per layer, per ``s²``: QKᵀ and PV, 2 FLOPs a MAC, half the pairs."""
+        return 2.0 * self.num_heads * self.head_dim
+
+    @property
+    def linear_flops_per_token(self) -> float:
+        """Forward FLOPs per token per layer of the projections and MLP, plus the LM head spread over the layers."""
+        return 2.0 * (self.layer_params + self.vocab_size * self.hidden_size / self.num_layers)
+
+
+# Llama presets (Touvron et al. 2023, Llama 2 configs; 30B is LLaMA-1 33B's shape)
+MODEL_PRESETS = {
+    "llama-7b": ModelSpec("llama-7b", 4096, 32, 32, 32, 11008, 32000),
+    "llama-13b": ModelSpec("llama-13b", 5120, 40, 40, 40, 13824, 32000),
+    "llama-30b": ModelSpec("llama-30b", 6656, 60, 52, 52, 17920, 32000),
+    "llama-70b": ModelSpec("llama-70b", 8192, 80, 64, 8, 28672, 32000),
+}
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One rank's compute and its links to other ranks."""
+
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s of one rank
+    attention_efficiency: float  # achieved fraction of peak in attention kernels
+    linear_efficiency: float  # achieved fraction of peak in GEMMs
+    intra_bandwidth: float  # bytes/s one way between ranks of a node
+    intra_latency: float  # seconds per message inside a node
+    inter_bandwidth: float  # bytes/s one way between nodes
+    inter_latency: float
+    ranks_per_node: int = 8
+    overhead_per_layer: float = 0.0  # seconds per layer per micro-batch (launches, norms)
+    memory_bytes: float = 80e9
+
+
+HARDWARE_PRESETS = {
+    # H100 SXM: 989 TFLOP/s dense bf16; NVLink 4 450 GB/s per direction; 400 Gb/s InfiniBand NDR per GPU.
+    # Efficiencies: FlashAttention-2/3 causal fwd+bwd reaches 40-50% of peak at long context, large bf16
+    # GEMMs 60-70%. ByteScale's per-layer LLaMA-7B times imply exactly 2x these rates (CostModel.bytescale).
+    "h100": HardwareSpec("h100", 989e12, 0.45, 0.60, 450e9, 5e-6, 50e9, 15e-6, 8, 2e-5, 80e9),
+    # This project's CPU machine (2 Xeon cores, 24 GB), ONE rank on one thread (torch.set_num_threads(1), float32,
+    # the "reference" attention), from `python benchmarks/calibrate.py --p2p` on the tiny stdlib Llama (hidden 128,
+    # 4 layers, vocab 2048): a = 9.9e-8, b = 1.39e-5, c = 1.16e-3 s per layer, residuals within 25% over 64..2048
+    # tokens and packed micro-batches. peak_flops is one thread's float32 1024^3 matmul rate (process CPU time);
+    # the efficiencies are the fitted rates over it: the reference attention reaches 3.7% (explicit, memory-bound
+    # scores), the GEMMs 50%. P2P: gloo two-way exchange between two local processes, 80 us + 2.2 GB/s.
+    "cpu": HardwareSpec("cpu", 2.12e11, 0.0365, 0.495, 2.2e9, 8e-5, 2.2e9, 8e-5, 64, 1.16e-3, 24e9),
+    # One H200 measured with `python benchmarks/calibrate.py --model llama-7b-layers` (torch 2.11, bf16, the
+    # "hdp" attention on torch_varlen, 1K-32K tokens and packed micro-batches): a = 9.32e-11, b = 3.20e-6,
+    # c = 1.35e-3 s per layer, residuals within 3.5%; a dense bf16 matmul ran at 737 TFLOP/s, attention at
+    # 264 (36%) and the GEMMs at 503 (68%). Links as the H100 preset (one GPU was lent: NVLink/IB not measured).
+    "h200": HardwareSpec("h200", 737e12, 0.358, 0.682, 450e9, 5e-6, 50e9, 15e-6, 8, 1.35e-3, 141e9),
+    # H100 links with the compute rates fitted to ByteScale's LLaMA-7B per-layer times, usable with any model:
+    # from_specs(llama-7b, HARDWARE_PRESETS["bytescale"]) equals CostModel.bytescale() (efficiencies over 989 TFLOP/s:
+    # attention about 0.90, linear about 1.18 -- above 1, see CostModel.bytescale for why). The figures are
+    # fit.bytescale_hardware(), stored so that importing runs no fit; tests/test_cost.py checks that they match it.
+    "bytescale": HardwareSpec("bytescale", 989e12, 0.9049421898371894, 1.1753512268386268, 450e9, 5e-6, 50e9, 15e-6,
+                              8, 0.0003015157858242302, 80e9),
+}
+
