@@ -1,6 +1,6 @@
 """Real HDP steps on CPU ranks: static mesh vs naive HDP vs balanced HDP, side by side in one run.
 
-    torchrun --nproc_per_node 4 benchmarks/real_ranks.py [--batches 3] [--tokens_per_rank 1024]
+    torchrun --nproc_per_node 4 benchmarks/real_ranks.py [--batches 3] [--tokens_per_rank 1024] [--attention_backend auto]
 
 Every planner runs the SAME global batches of the standard-library corpus (tokenized with a BPE
 tokenizer trained locally) through the real step: collator, "hdp" attention with ring P2P over
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--tokens_per_rank", type=int, default=1024)
     ap.add_argument("--planners", default="static,naive,balanced")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention_backend", default="auto",
+                    help="'auto' runs cpu_flash on CPU (float32); 'reference' is the explicit-score kernel")
     a = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -116,7 +118,7 @@ def main() -> None:
             seconds = {}
             for mb, batch in mine:
                 m0 = time.process_time()
-                run_micro_batches(model, [batch], n_loss, mesh, "reference", torch.device("cpu"))
+                run_micro_batches(model, [batch], n_loss, mesh, a.attention_backend, torch.device("cpu"))
                 seconds[(rank, mb.slot)] = time.process_time() - m0
             mesh.reduce_gradients(params)
             my_busy = time.process_time() - c0
@@ -139,7 +141,7 @@ def main() -> None:
     if rank == 0:
         base = results[a.planners.split(",")[0]]
         print(f"\nreal HDP steps: {world} CPU ranks (gloo), tiny Llama ({model.num_parameters() / 1e6:.2f}M), "
-              f"C = {a.tokens_per_rank}, {a.batches} global batches of {a.global_batch_size} stdlib files "
+              f"attention {a.attention_backend}, C = {a.tokens_per_rank}, {a.batches} global batches of {a.global_batch_size} stdlib files "
               f"({int(base['tokens'])} tokens), same batches for every planner")
         print(f"{'planner':<10}{'tokens/s':>10}{'x static':>9}{'crit s':>9}{'x static':>9}"
               f"{'busy max/mean':>15}{'P2P MB':>9}{'est MB':>9}")

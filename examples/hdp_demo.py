@@ -35,7 +35,7 @@ from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output_dir", default="hdp_output/demo")
-    ap.add_argument("--max_steps", type=int, default=16)
+    ap.add_argument("--max_steps", type=int, default=10)
     ap.add_argument("--global_batch_size", type=int, default=16)
     ap.add_argument("--tokens_per_rank", type=int, default=4096)
     ap.add_argument("--planner", default="balanced")

@@ -20,7 +20,7 @@ _EXPORTS = {
     "HDPCollator": "hf_hdp.collators",
     "HDPDataError": "hf_hdp.collators",
     "DynamicMesh": "hf_hdp.mesh",
-    "HDPAccelerator": "hf_hdp.mesh",
+    "HDPAccelerator": "hf_hdp.accelerator",
     "PlanMismatchError": "hf_hdp.mesh",
     "HDPCommError": "hf_hdp.mesh",
     "P2PTimeoutError": "hf_hdp.mesh",

@@ -77,6 +77,15 @@ class HDPConfig:
             "bounded by the process group's timeout (see hf_hdp.mesh.DynamicMesh)."
         },
     )
+    zero_stage: int | None = field(
+        default=None,
+        metadata={
+            "help": "ZeRO sharding over all ranks (hf_hdp.trainer.zero): 0 replicates the optimizer states; 1 shards "
+            "them (each rank keeps and updates 1/world of them, then the updated weights are all-gathered); 2 also "
+            "shards the reduced gradients (a reduce-scatter: each rank keeps its shard's gradients only). Weights "
+            "stay replicated. None (the default): 1 on several ranks, 0 on one."
+        },
+    )
     length_num_proc: int | None = field(
         default=None,
         metadata={"help": "Processes for computing the length column with datasets.map."},
@@ -88,6 +97,14 @@ class HDPConfig:
             "'error' (the default) refuses them before training; 'truncate' keeps their first world_size * "
             "tokens_per_rank tokens (input_ids and labels together); 'drop' removes them from the dataset. Both "
             "opt-in policies log how many samples they changed, which rows and how many tokens were removed."
+        },
+    )
+    loss_chunk_tokens: int | None = field(
+        default=4096,
+        metadata={
+            "help": "Tokens per chunk of the LM head and loss; None computes the full logits. The chunked loss never "
+            "holds the [tokens, vocab] float32 logits (10 GB at 16K tokens and a 152K vocabulary), only "
+            "loss_chunk_tokens rows of them; models whose head it cannot reproduce exactly compute the full logits."
         },
     )
 
@@ -121,6 +138,14 @@ class HDPConfig:
                 f"timeout), got {self.p2p_timeout_s!r}. It bounds every HDP wait; minutes (the default 600) suit "
                 "most runs."
             )
+        if self.zero_stage is not None and (
+            isinstance(self.zero_stage, bool) or not isinstance(self.zero_stage, int) or self.zero_stage not in (0, 1, 2)
+        ):
+            raise ValueError(
+                f"HDPConfig.zero_stage must be 0, 1, 2 or None, got {self.zero_stage!r}: 0 replicates the optimizer "
+                "states, 1 shards them over the ranks, 2 also shards the gradients; None picks 1 on several ranks and "
+                "0 on one. Weights are never sharded (ZeRO-3 / FSDP need equal micro-batch counts on every rank)."
+            )
         if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
             raise ValueError(
                 f"HDPConfig.hardware must be 'auto' or one of {tuple(HARDWARE_PRESETS)}, got {self.hardware!r}"
@@ -132,6 +157,14 @@ class HDPConfig:
                 f"HDPConfig.long_sample_policy must be one of {LONG_SAMPLE_POLICIES}, got {self.long_sample_policy!r}: "
                 "'error' refuses samples longer than world_size * tokens_per_rank, 'truncate' cuts them to that "
                 "length, 'drop' removes them."
+            )
+        if self.loss_chunk_tokens is not None and (
+            isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int)
+            or self.loss_chunk_tokens < 1
+        ):
+            raise ValueError(
+                f"HDPConfig.loss_chunk_tokens must be a positive integer or None (compute the full logits), got "
+                f"{self.loss_chunk_tokens!r}"
             )
 
     def check_training_args(self, args) -> None:
@@ -146,7 +179,8 @@ class HDPConfig:
         - ``auto_find_batch_size``: it shrinks ``per_device_train_batch_size`` on OOM, which under HDP
           changes the global batch (the training itself), not the memory; ``tokens_per_rank`` bounds memory;
         - ``label_smoothing_factor > 0``: HDP's token-level loss does not smooth labels;
-        - ``fsdp`` / ``deepspeed``: HDP replicates model states and reduces gradients itself;
+        - ``fsdp`` / ``deepspeed``: HDP replicates the weights, shards optimizer states and gradients
+          itself (``zero_stage``) and reduces gradients itself;
         - a ``parallelism_config`` with context, tensor, sequence or sharded data parallelism: HDP is
           the data and context parallelism;
         - ``average_tokens_across_devices=False`` on several ranks: HDP's loss is always over the
@@ -193,9 +227,11 @@ class HDPConfig:
         if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
             which = "fsdp" if getattr(args, "fsdp", None) else "deepspeed"
             raise ValueError(
-                f"TrainingArguments.{which} is set, but HDPTrainer replicates the model states on every rank and "
-                "reduces the gradients itself, once per step; sharding the model would break both. Unset "
-                f"{which}, or use the stock Trainer."
+                f"TrainingArguments.{which} is set, but HDPTrainer replicates the weights on every rank, shards the "
+                "optimizer states and gradients itself (HDPConfig.zero_stage: ZeRO stage 1 or 2) and reduces the "
+                "gradients once per step; FSDP / DeepSpeed sharding would break both (their weight gathers per layer "
+                f"deadlock when ranks run different numbers of micro-batches). Unset {which} and use "
+                "HDPConfig(zero_stage=1 or 2), or use the stock Trainer."
             )
         if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
             raise ValueError(

@@ -13,8 +13,14 @@ per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.
   bytes and messages it sends, so benchmarks report measured traffic, not estimates;
 - checks once per step, before any P2P, that every rank holds the same plan (an all-reduce of the
   plans' 63-bit fingerprints, one slot per rank) and names the disagreeing ranks if not;
-- reduces gradients: one collective per optimizer step over one flat buffer, however many
-  micro-batches a rank ran (zero included), with extra scalars riding along in the same buffer;
+- reduces gradients once per optimizer step, however many micro-batches a rank ran (zero included):
+  in buckets of at most ``bucket_bytes`` (:data:`DEFAULT_BUCKET_BYTES`, 25 MiB), each in the
+  gradients' own dtype, with extra scalars riding along in the last bucket; as all-reduces (every
+  rank gets the summed gradient) or, for ZeRO stage 2, as reduce-scatters (each rank keeps only the
+  gradients its optimizer shard updates) (:meth:`DynamicMesh.reduce_gradients`, :func:`plan_buckets`);
+- copies ZeRO's updated weights from their owners to every rank, in the same buckets
+  (:meth:`DynamicMesh.gather_parameters`), and gathers a sharded optimizer state for a checkpoint
+  (:meth:`DynamicMesh.gather_bytes`);
 - sums a few scalars for evaluation (:meth:`DynamicMesh.sum_scalars`).
 
 No rank waits forever: every one of these waits is bounded (``HDPConfig.p2p_timeout_s``, 10 minutes
@@ -22,27 +28,36 @@ by default). A peer that is late past the bound raises :class:`P2PTimeoutError` 
 :class:`CollectiveTimeoutError`; a peer whose process is gone raises :class:`PeerCrashedError`. All
 three are :class:`HDPCommError` and name this rank, the peer or the collective, and the step.
 
-:class:`HDPAccelerator` plugs the mesh into accelerate: an :class:`accelerate.Accelerator` whose
-``prepare_model`` places the model but never wraps it in DDP (HDP synchronises gradients itself,
-once per step, so DDP's per-backward reduction and its bucket memory would be wrong and wasted)
-and whose ``no_sync`` is a no-op. :func:`check_distributed_setup` refuses a launch of several
-processes that did not form a process group.
+:class:`~hf_hdp.accelerator.HDPAccelerator` plugs the mesh into accelerate; the bucket layout is
+:mod:`hf_hdp.buckets`; :mod:`hf_hdp.launch` starts the process group and refuses a launch of several
+processes that did not form one. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+
+from .buckets import Bucket, pack, plan_buckets, unpack
 
 DEFAULT_TIMEOUT_S = 600.0
 """Default bound, in seconds, on every HDP wait (``HDPConfig.p2p_timeout_s`` has the same default)."""
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+"""Default bound, in bytes, on one bucket of the gradient reduction (25 MiB, DDP's ``bucket_cap_mb``).
+
+Every collective of :meth:`DynamicMesh.reduce_gradients` and :meth:`DynamicMesh.gather_parameters`
+moves at most this many bytes per rank, and no buffer they allocate is larger, so the reduction
+needs no second copy of the model's gradients. Read when a :class:`DynamicMesh` is built without
+``bucket_bytes``: setting this module attribute changes the default of the meshes built afterwards
+(HDPTrainer builds its own). Smaller buckets mean more, smaller collectives (latency); larger ones,
+more temporary memory.
+"""
 
 
 class PlanMismatchError(RuntimeError):
@@ -85,8 +100,14 @@ def _at_step(step: int | None) -> str:
 
 @dataclass
 class CommStats:
+    """What a mesh sent. ``bytes_sent`` / ``messages_sent``: ring P2P only; ``collectives``: collectives
+    over all ranks (plan check, gradient buckets, weight all-gathers, sums); ``largest_buffer_bytes``:
+    the largest bucket buffer the gradient reduction or the weight all-gather allocated."""
+
     bytes_sent: int = 0
     messages_sent: int = 0
+    collectives: int = 0
+    largest_buffer_bytes: int = 0
 
 
 class DynamicMesh:
@@ -111,9 +132,19 @@ class DynamicMesh:
       reduction (within the bound) when the host reaches it, or, if the host blocks on the stream
       before that, at the process group's timeout: set ``TrainingArguments.ddp_timeout`` to bound
       that case too.
+
+    ``bucket_bytes`` bounds each collective of the gradient reduction and of ZeRO's weight all-gather,
+    and each buffer they allocate (default :data:`DEFAULT_BUCKET_BYTES`, read when the mesh is built).
     """
 
-    def __init__(self, device: torch.device | None = None, p2p_timeout_s: float | None = DEFAULT_TIMEOUT_S):
+    def __init__(self, device: torch.device | None = None, p2p_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 bucket_bytes: int | None = None):
+        bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"DynamicMesh(bucket_bytes=...) must be a positive number of bytes, got {bucket_bytes!r}")
+        self.bucket_bytes = bucket_bytes
+        self.current_step: int | None = None  # the global step of the last plan check / reduction, for messages
+        self.gradients_sharded = False  # the last reduction left each rank only its shard's gradients
         self.initialized = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.initialized else 0
         self.world_size = dist.get_world_size() if self.initialized else 1
@@ -195,20 +226,40 @@ class DynamicMesh:
         """SUM ``tensor`` over all ranks in place, within the bound (see the class docstring)."""
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
+        self._collective(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step)
+
+    def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
+        """``output`` = the SUM over all ranks of chunk ``rank`` of ``input`` (``world_size`` chunks), within the bound."""
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        group = dist.group.WORLD
+        start = getattr(group, "reduce_scatter_single", None) or group._reduce_scatter_base  # torch < 2.13
+        self._collective(lambda o: start(output, input, o), opts, "a reduce-scatter", what, step)
+
+    def _all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
+        """Chunk ``r`` of ``output`` = rank ``r``'s ``input``, within the bound."""
+        opts = dist.distributed_c10d.AllgatherOptions()  # not exported by torch.distributed itself
+        group = dist.group.WORLD
+        start = getattr(group, "all_gather_single", None) or group._allgather_base  # torch < 2.13
+        self._collective(lambda o: start(output, input, o), opts, "an all-gather", what, step)
+
+    def _collective(self, start, opts, kind: str, what: str, step: int | None) -> None:
+        """Start a collective with ``start(opts)`` and wait for it within the bound (see the class docstring)."""
         opts.asyncOp = True
         if self.timeout is not None and self.backend == "gloo":
             opts.timeout = self.timeout  # gloo itself gives up, so this process can still exit
         try:
-            work = dist.group.WORLD.allreduce([tensor], opts)
+            work = start(opts)
             ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
         except RuntimeError as err:
-            raise self._collective_error(err, what, step) from err
+            raise self._collective_error(err, what, step, kind) from err
         if ok is False:
             raise HDPCommError(f"rank {self.rank}: the {what}{_at_step(step)} was aborted by the backend; "
                                "see the other ranks' logs.")
+        self.stats.collectives += 1
 
-    def _collective_error(self, err: Exception, what: str, step: int | None) -> HDPCommError:
-        where = f"the {what} (an all-reduce over all {self.world_size} ranks){_at_step(step)}"
+    def _collective_error(self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce") -> HDPCommError:
+        where = f"the {what} ({kind} over all {self.world_size} ranks){_at_step(step)}"
         if _peer_crashed(err):
             peer = f"peer rank {1 - self.rank}" if self.world_size == 2 else "peer"  # else only the address is known
             return PeerCrashedError(
@@ -224,11 +275,18 @@ class DynamicMesh:
             )
         return HDPCommError(f"rank {self.rank}: {where} failed: {err}")
 
+    def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed bucket buffer (its size is recorded in ``stats.largest_buffer_bytes``)."""
+        buffer = torch.zeros(numel, dtype=dtype, device=self.device)
+        self.stats.largest_buffer_bytes = max(self.stats.largest_buffer_bytes, numel * buffer.element_size())
+        return buffer
+
     def check_plan(self, fingerprint: int, step: int) -> None:
         """Raise :class:`PlanMismatchError` unless every rank holds a plan with this fingerprint.
 
         ``step``: the global optimizer step (1-based), for the messages.
         """
+        self.current_step = step
         if self.world_size == 1:
             return
         slots = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
@@ -247,42 +305,172 @@ class DynamicMesh:
             )
 
     def reduce_gradients(self, params: list[torch.nn.Parameter], extras: list[float] | None = None,
-                         step: int | None = None) -> list[float]:
-        """Sum every parameter's gradient over all ranks in ONE collective, in place.
+                         step: int | None = None, owners: Sequence[int | None] | None = None) -> list[float]:
+        """Sum every parameter's gradient over all ranks, in place, in buckets of at most ``bucket_bytes``.
 
-        Parameters without a gradient (a rank that ran no micro-batch, or an unused weight) take
-        part with zeros, and get the summed gradient. ``extras`` are scalars summed in the same
-        collective (for example the step's loss sum); their sums are returned. ``step``: the global
-        optimizer step (1-based), for the messages.
+        Every rank issues the same collectives with the same bytes, however many micro-batches it ran
+        (zero included): the buckets (:func:`plan_buckets`) depend only on the parameters' sizes and
+        dtypes, each bucket is in its gradients' dtype, and a parameter without a gradient (a rank that
+        ran no micro-batch, or an unused weight) takes part with zeros. A bucket that is one piece of
+        one gradient is reduced in place; the others go through a buffer of at most ``bucket_bytes``,
+        so no second copy of the gradients is made.
+
+        ``extras`` are scalars summed in the last bucket of their dtype (float32, or the widest
+        parameter dtype if wider, as the loss sum always was); their sums are returned.
+
+        ``owners=None``: all-reduces, every rank gets every summed gradient. ``owners[i]``: the rank
+        that keeps ``params[i]``'s summed gradient (ZeRO stage 2): reduce-scatters, after which the
+        other ranks' gradients for it are ``None`` (``None`` in ``owners``: every rank keeps it).
+        ``step``: the global optimizer step (1-based), for the messages.
         """
-        extras = list(extras or [])
+        extras = [float(x) for x in extras or []]
+        if step is not None:
+            self.current_step = step
         if self.world_size == 1:
             return extras
-        grads = [p.grad for p in params]
-        # the buffer's dtype must not depend on which gradients exist: a rank that ran no
-        # micro-batch has none, and every rank must send the same number of bytes
-        dtype = torch.float32
+        sharded = owners is not None
+        if sharded and len(owners) != len(params):
+            raise ValueError(f"reduce_gradients: {len(owners)} owners for {len(params)} parameters")
+        # the extras' dtype must not depend on which gradients exist: every rank sends the same bytes
+        extras_dtype = torch.float32
         for p in params:
-            dtype = torch.promote_types(dtype, p.dtype)
-        sizes = [p.numel() for p in params]
-        flat = torch.zeros(sum(sizes) + len(extras), dtype=dtype, device=self.device)
-        offset = 0
-        for g, n in zip(grads, sizes):
-            if g is not None:
-                flat[offset : offset + n].copy_(g.reshape(-1))
-            offset += n
+            extras_dtype = torch.promote_types(extras_dtype, p.dtype)
+        flats: list[torch.Tensor | None] = []
+        for i, p in enumerate(params):
+            keeps = not sharded or owners[i] is None or owners[i] == self.rank
+            if p.grad is None and keeps:
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)  # it receives the sum
+            elif p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            flats.append(p.grad.view(-1) if p.grad is not None else None)
+        specs = [(p.numel(), p.dtype) for p in params]
+        holders = list(owners) if sharded else None
         if extras:
-            flat[offset:] = torch.tensor(extras, dtype=dtype, device=self.device)
-        self._all_reduce(flat, "gradient reduction", step)
-        offset = 0
-        for p, n in zip(params, sizes):
-            chunk = flat[offset : offset + n].view_as(p).to(p.dtype)
-            if p.grad is None:
-                p.grad = chunk.clone()
+            flats.append(torch.tensor(extras, dtype=extras_dtype, device=self.device))
+            specs.append((len(extras), extras_dtype))
+            if sharded:
+                holders.append(None)  # every rank gets the sums
+        buckets = plan_buckets(specs, self.bucket_bytes, holders, self.world_size)
+        received = flats
+        if sharded:  # a tensor every rank keeps lies in every rank's chunks: its sums go apart, sent values stay
+            received = [torch.zeros_like(f) if h is None and f is not None else f for f, h in zip(flats, holders)]
+        for b, bucket in enumerate(buckets):
+            what = f"gradient reduction, bucket {b + 1} of {len(buckets)}"
+            if not sharded:
+                (segments,) = bucket.chunks
+                if len(segments) == 1:  # one piece of one gradient: reduced where it lies
+                    s = segments[0]
+                    self._all_reduce(flats[s.tensor][s.start : s.stop], what, step)
+                    continue
+                buffer = self._buffer(bucket.numel, bucket.dtype)
+                pack(buffer, segments, flats)
+                self._all_reduce(buffer, what, step)
+                unpack(buffer, segments, flats)
             else:
-                p.grad.copy_(chunk)
-            offset += n
-        return flat[offset:].tolist()
+                size = bucket.chunk_numel
+                buffer = self._buffer(bucket.numel, bucket.dtype)
+                for r, segments in enumerate(bucket.chunks):
+                    pack(buffer[r * size : (r + 1) * size], segments, flats)
+                mine = self._buffer(size, bucket.dtype)
+                self._reduce_scatter(mine, buffer, what, step)
+                del buffer
+                unpack(mine, bucket.chunks[self.rank], received)
+        if sharded:
+            for p, owner, got in zip(params, owners, received):
+                if owner is None:
+                    p.grad.view(-1).copy_(got)
+                elif owner != self.rank:
+                    p.grad = None  # another rank's shard: its summed gradient lives there
+        self.gradients_sharded = sharded
+        return received[-1].tolist() if extras else []
+
+    def gather_parameters(self, params: list[torch.Tensor], owners: Sequence[int], step: int | None = None,
+                          buckets: list[Bucket] | None = None) -> None:
+        """Copy every parameter from the rank that owns it to all ranks, in place: ZeRO's weight sync.
+
+        Bucketed all-gathers (at most ``bucket_bytes`` per bucket and buffer, bounded waits); the same
+        buckets on every rank. ``buckets``: :func:`plan_buckets` of the parameters with these owners,
+        if the caller keeps them.
+        """
+        if self.world_size == 1:
+            return
+        if buckets is None:
+            buckets = plan_buckets([(p.numel(), p.dtype) for p in params], self.bucket_bytes, owners, self.world_size)
+        flats = [p.detach().view(-1) for p in params]
+        with torch.no_grad():
+            for b, bucket in enumerate(buckets):
+                size = bucket.chunk_numel
+                mine = self._buffer(size, bucket.dtype)
+                pack(mine, bucket.chunks[self.rank], flats)
+                gathered = self._buffer(bucket.numel, bucket.dtype)
+                self._all_gather(gathered, mine, f"weight all-gather (ZeRO), bucket {b + 1} of {len(buckets)}", step)
+                for r, segments in enumerate(bucket.chunks):
+                    if r != self.rank:
+                        unpack(gathered[r * size : (r + 1) * size], segments, flats)
+
+    def total_norm(self, local_norm: float, norm_type: float, step: int | None = None) -> float:
+        """The ``norm_type``-norm over all ranks of each rank's ``local_norm`` (one bounded all-reduce).
+
+        Every rank gets the same float: the norms are gathered (one slot per rank) and combined in rank order.
+        """
+        if self.world_size == 1:
+            return float(local_norm)
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        slots[self.rank] = float(local_norm)
+        self._all_reduce(slots, "gradient norm", step)
+        return float(torch.linalg.vector_norm(slots.cpu(), float(norm_type)))
+
+    def gather_bytes(self, data: bytes, receive: bool, what: str, step: int | None = None) -> list[bytes] | None:
+        """Every rank's ``data`` on each rank that passes ``receive=True``; ``None`` on the others. Call on all ranks.
+
+        One bounded all-reduce of the sizes and receivers, then point-to-point transfers in pieces of at
+        most ``bucket_bytes``, in the same (source, receiver) order on every rank, each wait bounded:
+        memory on the way is one piece. For a sharded optimizer state (a checkpoint).
+        """
+        if self.world_size == 1:
+            return [data] if receive else None
+        world = self.world_size
+        info = torch.zeros(2 * world, dtype=torch.int64, device=self.device)
+        info[self.rank] = len(data)
+        info[world + self.rank] = int(bool(receive))
+        self._all_reduce(info, f"{what} (sizes)", step)
+        sizes, wants = info[:world].tolist(), info[world:].tolist()
+        out: list[bytes] | None = [b""] * world if receive else None
+        if receive:
+            out[self.rank] = data
+        piece = self.bucket_bytes
+        mine = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+        for src in range(world):
+            for dst in (r for r in range(world) if wants[r] and r != src):
+                if self.rank == src:
+                    for a in range(0, sizes[src], piece):
+                        part = mine[a : a + piece].to(self.device)
+                        self._p2p_wait(dist.isend(part, dst), what, step, dst, True)
+                elif self.rank == dst:
+                    got = bytearray()
+                    for a in range(0, sizes[src], piece):
+                        buf = torch.empty(min(piece, sizes[src] - a), dtype=torch.uint8, device=self.device)
+                        self._p2p_wait(dist.irecv(buf, src), what, step, src, False)
+                        got += buf.cpu().numpy().tobytes()
+                    out[src] = bytes(got)
+        return out
+
+    def _p2p_wait(self, work, what: str, step: int | None, peer: int, sending: bool) -> None:
+        where = f"the {what} ({'sending to' if sending else 'receiving from'} rank {peer}){_at_step(step)}"
+        try:
+            ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
+        except RuntimeError as err:
+            if _peer_crashed(err):
+                raise PeerCrashedError(f"rank {self.rank}'s peer rank {peer} closed the connection (the process likely "
+                                       f"crashed; see its log) during {where}. {self.backend}: {err}") from err
+            if _timed_out(err):
+                raise CollectiveTimeoutError(
+                    f"rank {self.rank}: {where} did not complete within {self._bound_text()}: rank {peer} did not "
+                    f"reach it (see its log); raise HDPConfig.p2p_timeout_s if it legitimately takes longer. "
+                    f"{self.backend}: {err}") from err
+            raise HDPCommError(f"rank {self.rank}: {where} failed: {err}") from err
+        if ok is False:
+            raise HDPCommError(f"rank {self.rank}: {where} was aborted by the backend; see the other ranks' logs.")
 
     def sum_scalars(self, values: list[float], what: str, step: int) -> list[float]:
         """Sum a few scalars over all ranks in one bounded all-reduce, in float64.
@@ -297,108 +485,12 @@ class DynamicMesh:
         return totals.tolist()
 
 
-def check_distributed_setup(args) -> None:
-    """Refuse a launch of several processes that did not form one process group.
+# names that lived here before the accelerator, the launch helpers and the bucket layout got files of their own
+from .accelerator import HDPAccelerator  # noqa: E402
+from .launch import check_distributed_setup, init_process_group  # noqa: E402
 
-    ``WORLD_SIZE`` (set by torchrun and other launchers) says how many processes were started. If it
-    is above 1 but ``torch.distributed`` is not initialised, its group has another size, or the
-    ``TrainingArguments`` built their state for one process (``args.world_size == 1``), every
-    process would train its own copy of the model on its own data and write into the same
-    ``output_dir``. That happens, for example, under ``torchrun`` with ``use_cpu=False`` on a machine
-    without GPUs: accelerate joins the processes in a group, but TrainingArguments runs each one as
-    a single, non-parallel process 0. Raises a ``ValueError`` saying what was found and the fix.
-    """
-    try:
-        env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return
-    if env_world <= 1:
-        return
-    initialized = dist.is_available() and dist.is_initialized()
-    group_world = dist.get_world_size() if initialized else None
-    args_world = getattr(args, "world_size", None)
-    found = []
-    if not initialized:
-        found.append("torch.distributed is not initialized")
-    elif group_world != env_world:
-        found.append(f"the process group has {group_world} ranks")
-    if args_world != env_world:
-        found.append(f"TrainingArguments.world_size is {args_world} "
-                     f"(parallel_mode={getattr(getattr(args, 'parallel_mode', None), 'value', None)!r})")
-    if not found:
-        return
-    raise ValueError(
-        f"WORLD_SIZE={env_world} (this process has RANK={os.environ.get('RANK', '?')}) says {env_world} processes "
-        f"were launched, but {' and '.join(found)}: every process would train its own copy of the model and write "
-        f"into the same output_dir ({getattr(args, 'output_dir', None)!r}). On CPU, build "
-        "TrainingArguments(use_cpu=True), so that accelerate starts a gloo process group; on GPUs, check that every "
-        "process sees its GPU (torch.cuda.is_available()); or launch a single process (python script.py, not "
-        "torchrun)."
-    )
-
-
-def init_process_group(backend: str | None = None, timeout_s: float | None = None) -> bool:
-    """Initialise the global process group from torchrun's environment, safely across restarts.
-
-    Under ``torchrun --max-restarts`` with the default static rendezvous, the agent keeps one
-    TCPStore for every restart, so the workers of a restarted round can read the previous round's
-    (dead) peer addresses and fail to connect. This puts each round's keys under its own prefix
-    (``TORCHELASTIC_RESTART_COUNT``). Call it before building ``TrainingArguments``; accelerate and
-    Trainer then use the group as it is. Returns ``False`` (and does nothing) outside torchrun or if
-    a group already exists.
-    """
-    if dist.is_initialized() or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        return False
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else datetime.timedelta(minutes=30)
-    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(rank == 0 and not use_agent_store), timeout=timeout,
-                          multi_tenant=not use_agent_store)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"hf_hdp/attempt_{attempt}", store)
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return True
-
-
-class HDPAccelerator(Accelerator):
-    """An :class:`accelerate.Accelerator` for HDP: replicated model states, no DDP wrapper, carrying the mesh.
-
-    Gradients are reduced by :meth:`DynamicMesh.reduce_gradients`, once per optimizer step.
-    HDPTrainer builds one in its ``create_accelerator_and_postprocess`` from the Accelerator that
-    Trainer configured (:meth:`like`).
-    """
-
-    def __init__(self, *args, mesh: DynamicMesh | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mesh = mesh
-
-    @classmethod
-    def like(cls, accelerator: Accelerator, mesh: DynamicMesh) -> "HDPAccelerator":
-        """An HDPAccelerator with ``accelerator``'s settings (precision, dataloader and accumulation
-        configuration, handlers, dynamo plugin); the process state is shared, as for any Accelerator."""
-        from accelerate.utils import GradientAccumulationPlugin
-
-        handlers = [h for h in (accelerator.ddp_handler, accelerator.scaler_handler, accelerator.init_handler,
-                                accelerator.autocast_handler) if h is not None]
-        return cls(
-            mixed_precision=accelerator.state.mixed_precision,
-            dataloader_config=accelerator.dataloader_config,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(**accelerator.gradient_state.plugin_kwargs),
-            step_scheduler_with_optimizer=accelerator.step_scheduler_with_optimizer,
-            kwargs_handlers=handlers or None,
-            dynamo_plugin=accelerator.state.dynamo_plugin,
-            rng_types=accelerator.rng_types,
-            mesh=mesh,
-        )
-
-    def prepare_model(self, model, device_placement=None, evaluation_mode=False):
-        # evaluation_mode=True places the model and applies mixed precision without the DDP wrapper
-        return super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
-
-    def no_sync(self, model):
-        return contextlib.nullcontext()
+__all__ = [
+    "Bucket", "CollectiveTimeoutError", "CommStats", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "DynamicMesh",
+    "HDPAccelerator", "HDPCommError", "P2PTimeoutError", "PeerCrashedError", "PlanMismatchError",
+    "check_distributed_setup", "init_process_group", "plan_buckets",
+]

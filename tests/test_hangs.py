@@ -177,7 +177,7 @@ def test_sum_scalars_on_one_process_returns_the_values():
 
 # ------------------------------------------- several processes launched, but not one group
 def test_world_size_without_a_process_group_is_refused(monkeypatch):
-    from hf_hdp.mesh import check_distributed_setup
+    from hf_hdp.launch import check_distributed_setup
 
     args = SimpleNamespace(world_size=1, parallel_mode=None, output_dir="out")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -194,7 +194,7 @@ def test_world_size_without_a_process_group_is_refused(monkeypatch):
 
 
 def _setup_worker(rank, world_size):
-    from hf_hdp.mesh import check_distributed_setup
+    from hf_hdp.launch import check_distributed_setup
 
     os.environ["WORLD_SIZE"] = str(world_size)
     check_distributed_setup(SimpleNamespace(world_size=world_size, output_dir="out"))  # a proper group: fine
@@ -214,7 +214,7 @@ def test_a_process_group_with_single_process_training_arguments_is_refused():
 SETUP_SCRIPT = """
 import sys
 from transformers import TrainingArguments
-from hf_hdp.mesh import check_distributed_setup
+from hf_hdp.launch import check_distributed_setup
 args = TrainingArguments(output_dir=sys.argv[1], use_cpu=False, report_to=[])
 try:
     check_distributed_setup(args)

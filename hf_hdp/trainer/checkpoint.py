@@ -79,15 +79,23 @@ def hdp_state(trainer) -> dict:
 
 
 class HDPCheckpointCallback(TrainerCallback):
-    """Writes ``hdp_state.json`` into each checkpoint folder (main process)."""
+    """Writes ``hdp_state.json`` into each checkpoint folder (main process).
+
+    Before that, on every rank, a sharded (ZeRO) optimizer gathers its full state, which replaces the
+    placeholder ``optimizer.pt`` Trainer wrote (:func:`~hf_hdp.trainer.zero.save_full_optimizer_state`):
+    a checkpoint with ``hdp_state.json`` holds the full optimizer state.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        from .zero import save_full_optimizer_state
+
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        save_full_optimizer_state(self.trainer, folder)  # a collective: every rank, before the main-process check
         if not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(hdp_state(self.trainer), f, indent=1)

@@ -17,8 +17,14 @@ from ..data.loader import move_to
 from ..mesh import DynamicMesh
 
 
-def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None):
+def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None, *,
+             chunk_tokens: int | None = None):
     """Sum of the micro-batch's token losses divided by the global batch's label count.
+
+    ``chunk_tokens``: compute the LM head and the loss ``chunk_tokens`` tokens at a time, never holding
+    the full ``[T, vocab]`` float32 logits (:func:`~hf_hdp.trainer.loss.chunked_cross_entropy`), for
+    the models whose head :func:`~hf_hdp.trainer.loss.chunked_head` accepts; their ``outputs.logits``
+    is None. None (the default), a ``loss_func`` or any other model computes the full logits.
 
     ``loss_func`` is a Trainer ``compute_loss_func(outputs, labels, num_items_in_batch)``. Its
     contract is stock Trainer's: ``labels`` aligned with the inputs, which the function shifts itself
@@ -29,13 +35,24 @@ def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, 
     ``num_items_in_batch`` is the global label-token count, so the sum over micro-batches and ranks
     is stock Trainer's loss of the whole batch on one device.
     """
-    outputs = model(
-        input_ids=inputs["input_ids"],
-        position_ids=inputs["position_ids"],
-        hdp_metadata=inputs["hdp_metadata"],
-        use_cache=False,
-    )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from .loss import chunked_head
+
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive integer or None (full logits), got {chunk_tokens!r}")
+    model_inputs = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                        hdp_metadata=inputs["hdp_metadata"], use_cache=False)
     targets = inputs["labels"]
+    head = chunked_head(model) if chunk_tokens is not None and loss_func is None else None
+    if head is not None:
+        loss, outputs = head(model, targets, chunk_tokens, **model_inputs)
+        loss = loss / max(int(num_loss_tokens), 1)
+        outputs = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                                         attentions=getattr(outputs, "attentions", None))
+        return (loss, outputs) if return_outputs else loss
+    outputs = model(**model_inputs)
     if loss_func is not None:
         logits = outputs.logits
         outputs["logits"] = torch.cat([logits, logits.new_zeros(logits.shape[0], 1, logits.shape[2])], dim=1)

@@ -5,8 +5,9 @@ It changes these things through Trainer's override points, and nothing else:
 - ``get_train_dataloader``: one item per optimizer step, holding only this rank's micro-batches of
   the step plan (see :mod:`hf_hdp.data.loader`).
 - ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
-  slot order (ranks may run different numbers, zero included), then joins exactly one gradient
-  all-reduce; the step's loss, P2P bytes and label count ride in the same collective.
+  slot order (ranks may run different numbers, zero included), then joins the step's one gradient
+  reduction (the same bounded buckets on every rank; a reduce-scatter at ZeRO stage 2); the step's
+  loss, P2P bytes and label count ride in it.
 - ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
   count, from labels the collator already shifted (or the user's ``compute_loss_func``).
 - ``create_accelerator_and_postprocess``: Trainer's Accelerator setup, then an
@@ -54,7 +55,9 @@ from ..data.checks import MeasuredDataset, prepare_dataset, require_map_style, r
 from ..data.collator import HDPCollator
 from ..data.documents import IGNORE_INDEX, HDPDataError
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset
-from ..mesh import DynamicMesh, HDPAccelerator, check_distributed_setup
+from ..accelerator import HDPAccelerator
+from ..launch import check_distributed_setup
+from ..mesh import DynamicMesh
 from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
@@ -117,6 +120,9 @@ def _guard_step(optimizer, should_skip) -> None:
     mixed-precision wrapper patch ``step`` (a scheduler built on the optimizer later wraps it in turn,
     which needs a bound method): the optimizer keeps its class (``isinstance`` checks,
     ``state_dict``, checkpoints are unchanged). Idempotent.
+
+    A sharded (ZeRO) optimizer's step is a collective (its weight all-gather); every rank skips it
+    together, because ``should_skip`` comes from the step plan, which every rank holds.
     """
     if getattr(optimizer, "_hdp_step_guard", False):
         return
@@ -340,13 +346,22 @@ class HDPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level loss: this micro-batch's summed token losses over the global batch's label count.
 
-        A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.trainer.step.hdp_loss`)."""
+        A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.trainer.step.hdp_loss`);
+        otherwise the LM head and the loss run in chunks of ``HDPConfig.loss_chunk_tokens`` tokens
+        (:mod:`hf_hdp.trainer.loss`), never building the full ``[T, vocab]`` logits."""
         return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs,
-                        loss_func=self.compute_loss_func)
+                        loss_func=self.compute_loss_func, chunk_tokens=self.hdp_config.loss_chunk_tokens)
 
     def create_optimizer(self, model=None):
-        """Trainer's optimizer, with its ``step`` guarded so that HDP can skip one step (see :meth:`training_step`)."""
+        """Trainer's optimizer (its class, settings and parameter groups), sharded over the ranks at ZeRO
+        stage 1 or 2 (``HDPConfig.zero_stage``, see :mod:`hf_hdp.trainer.zero`), with its ``step``
+        guarded so that HDP can skip one step (see :meth:`training_step`)."""
+        from .zero import shard_optimizer
+
+        built_by_trainer = self.optimizer is None
         optimizer = super().create_optimizer(model)
+        optimizer = self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
+                                                     built_by_trainer=built_by_trainer)
         _guard_step(optimizer, self._consume_skip)
         return optimizer
 
@@ -355,7 +370,7 @@ class HDPTrainer(Trainer):
         return skip
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Run this rank's micro-batches of the step, then the one gradient all-reduce.
+        """Run this rank's micro-batches of the step, then the step's one (bucketed) gradient reduction.
 
         A global batch without a single label token (every label -100) has no loss to train on. All
         ranks know it from the plan (the count is global), so all of them skip the forward, the
@@ -394,9 +409,13 @@ class HDPTrainer(Trainer):
         params = [p for p in model.parameters() if p.requires_grad]
         sent = self.mesh.stats.bytes_sent - bytes_before
         labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
-        # the step's loss, the P2P bytes and the label tokens of all ranks ride in the one gradient collective
+        # the step's loss, the P2P bytes and the label tokens of all ranks ride in the gradient reduction;
+        # at ZeRO stage 2 it is a reduce-scatter: each rank keeps its optimizer shard's gradients only
+        from .zero import gradient_owners
+
         total, sent_all, labels_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent), labels],
-                                                                   step=step.global_step)
+                                                                   step=step.global_step,
+                                                                   owners=gradient_owners(self.optimizer, params))
         if int(round(labels_all)) != step.num_loss_tokens:
             raise HDPDataError(
                 f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.mesh import init_process_group
+from hf_hdp.launch import init_process_group
 
 
 def make_dataset(n: int, vocab: int, seed: int, long_every: int = 5) -> Dataset:
@@ -66,7 +66,15 @@ def main():
     ap.add_argument("--kill_at_step", type=int, default=None)
     ap.add_argument("--kill_rank", type=int, default=1)
     ap.add_argument("--resume", default=None, help="a checkpoint folder, or 'last'")
+    ap.add_argument("--zero_stage", type=int, default=None, help="HDPConfig.zero_stage (default: its own)")
+    ap.add_argument("--weight_decay", type=float, default=0.0)
+    ap.add_argument("--max_grad_norm", type=float, default=1.0)
+    ap.add_argument("--bucket_bytes", type=int, default=None, help="hf_hdp.mesh.DEFAULT_BUCKET_BYTES")
     a = ap.parse_args()
+    if a.bucket_bytes is not None:
+        import hf_hdp.mesh
+
+        hf_hdp.mesh.DEFAULT_BUCKET_BYTES = a.bucket_bytes
 
     init_process_group("gloo")  # before TrainingArguments: safe across torchrun restarts
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
@@ -79,7 +87,8 @@ def main():
         optim=a.optim,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        weight_decay=0.0,
+        weight_decay=a.weight_decay,
+        max_grad_norm=a.max_grad_norm,
         logging_steps=1,
         save_strategy="steps" if a.save_steps else "no",
         save_steps=a.save_steps or 500,
@@ -92,7 +101,8 @@ def main():
         model=model,
         args=args,
         train_dataset=ds,
-        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner),
+        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner,
+                             zero_stage=a.zero_stage),
     )
     trainer.add_callback(FaultInjection(a, trainer.args.process_index))
     resume = a.resume

@@ -70,8 +70,9 @@ class CostModel:
 
         ``a`` counts causal attention (``2·H·D`` forward FLOPs per ``s²`` per layer), ``b`` the
         projections, the gated MLP and the LM head (``2·(layer_params + V·h/L)`` per token),
-        ``c`` is the hardware's per-layer overhead. The gradient all-reduce moves every parameter
-        in float32 (hf_hdp's :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` reduces in float32).
+        ``c`` is the hardware's per-layer overhead. The gradient reduction is priced as moving every
+        parameter in float32; :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` reduces in the gradients'
+        own dtype, so bf16 gradients move half of that.
         """
         return cls(
             a=FWD_BWD * model.attention_flops_per_s2 / (hw.peak_flops * hw.attention_efficiency),
