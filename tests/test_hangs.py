@@ -212,15 +212,18 @@ def test_a_process_group_with_single_process_training_arguments_is_refused():
 
 
 SETUP_SCRIPT = """
-import sys
+import os, sys
 from transformers import TrainingArguments
 from hf_hdp.launch import check_distributed_setup
 args = TrainingArguments(output_dir=sys.argv[1], use_cpu=False, report_to=[])
 try:
     check_distributed_setup(args)
-    print("NO ERROR")
+    result = "NO ERROR"
 except ValueError as err:
-    print("REFUSED:", err)
+    result = "REFUSED: " + str(err)
+# one file per process: two processes printing to one pipe can interleave their lines
+with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+    f.write(result)
 """
 
 
@@ -231,10 +234,11 @@ def test_torchrun_with_use_cpu_false_on_a_machine_without_gpus_is_refused(tmp_pa
     script.write_text(SETUP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "out")]
+           str(script), str(tmp_path / "out"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    refusals = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED:")]
-    assert len(refusals) == 2, proc.stdout
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    refusals = [text for text in results if text.startswith("REFUSED:")]
+    assert len(refusals) == 2, results
     for line in refusals:
         assert "WORLD_SIZE=2" in line and "TrainingArguments.world_size is 1" in line and "use_cpu=True" in line
