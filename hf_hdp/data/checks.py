@@ -307,8 +307,7 @@ def apply_long_sample_policy(m: MeasuredDataset, world_size: int, tokens_per_ran
     Both opt-in policies log (a warning) how many samples they changed, which rows (the first few),
     and how many tokens and label tokens were removed.
     """
-    check_not_empty(m.lengths, m.source_rows)
-    limit = world_size * tokens_per_rank
+    limit = world_size * tokens_per_rank  # (empty rows never get here: measuring refuses them)
     longest = _longest_document(m)
     too_long = np.flatnonzero(longest > limit)
     if too_long.size == 0:

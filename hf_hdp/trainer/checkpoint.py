@@ -22,6 +22,8 @@ import os
 import numpy as np
 from transformers import TrainerCallback
 
+from .zero import save_full_optimizer_state
+
 STATE_FILE = "hdp_state.json"
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ class HDPCheckpointCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        from .zero import save_full_optimizer_state
-
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         save_full_optimizer_state(self.trainer, folder)  # a collective: every rank, before the main-process check
         if not state.is_world_process_zero:

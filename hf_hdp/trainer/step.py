@@ -11,10 +11,12 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..data.documents import IGNORE_INDEX
 from ..data.loader import move_to
 from ..mesh import DynamicMesh
+from .loss import chunked_head
 
 
 def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None, *,
@@ -35,10 +37,6 @@ def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, 
     ``num_items_in_batch`` is the global label-token count, so the sum over micro-batches and ranks
     is stock Trainer's loss of the whole batch on one device.
     """
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from .loss import chunked_head
-
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive integer or None (full logits), got {chunk_tokens!r}")

@@ -67,6 +67,7 @@ from .inputs import check_columns, check_metrics_arguments, check_step_methods, 
 from .neftune import PerSampleNEFTune
 from .stats import HDPStats
 from .step import hdp_loss, run_micro_batches
+from .zero import gradient_owners, shard_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +357,6 @@ class HDPTrainer(Trainer):
         """Trainer's optimizer (its class, settings and parameter groups), sharded over the ranks at ZeRO
         stage 1 or 2 (``HDPConfig.zero_stage``, see :mod:`hf_hdp.trainer.zero`), with its ``step``
         guarded so that HDP can skip one step (see :meth:`training_step`)."""
-        from .zero import shard_optimizer
-
         built_by_trainer = self.optimizer is None
         optimizer = super().create_optimizer(model)
         optimizer = self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
@@ -411,8 +410,6 @@ class HDPTrainer(Trainer):
         labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
         # the step's loss, the P2P bytes and the label tokens of all ranks ride in the gradient reduction;
         # at ZeRO stage 2 it is a reduce-scatter: each rank keeps its optimizer shard's gradients only
-        from .zero import gradient_owners
-
         total, sent_all, labels_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent), labels],
                                                                    step=step.global_step,
                                                                    owners=gradient_owners(self.optimizer, params))
