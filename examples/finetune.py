@@ -35,6 +35,7 @@ main process prints HDP's summary (samples per group size, micro-batches, P2P tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -303,7 +304,7 @@ def tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, fmt: str, c
 
 
 def prepare_dataset(raw: datasets.Dataset, tokenizer, data_args: DataArguments, length_column: str,
-                    max_tokens: int, is_main: bool) -> datasets.Dataset:
+                    max_tokens: int | None, is_main: bool) -> datasets.Dataset:
     """Tokenize ``raw``; leave out samples with nothing to predict and, with --drop_long_samples, those over
     ``max_tokens``. Every sample left out is counted in the log."""
     fmt = detect_format(raw.column_names, data_args)
@@ -324,7 +325,7 @@ def prepare_dataset(raw: datasets.Dataset, tokenizer, data_args: DataArguments, 
     if len(ds) < before and is_main:
         logger.warning("left out %d of %d samples with fewer than 2 tokens (empty text: nothing to predict)",
                        before - len(ds), before)
-    if data_args.drop_long_samples:
+    if data_args.drop_long_samples and max_tokens is not None:
         before = len(ds)
         ds = ds.filter(lambda n: [x <= max_tokens for x in n], input_columns=[length_column], batched=True,
                        num_proc=data_args.preprocessing_num_workers, desc="leaving out samples that fit no plan")
@@ -378,7 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               revision=model_args.revision, cache_dir=model_args.cache_dir,
                                               trust_remote_code=model_args.trust_remote_code)
-    max_tokens = world * hdp_config.tokens_per_rank
+    if hdp_config.tokens_per_rank == "auto":  # C is chosen by HDPTrainer from the memory budget: HDP drops
+        max_tokens = None
+        if data_args.drop_long_samples:
+            hdp_config = dataclasses.replace(hdp_config, long_sample_policy="drop")
+    else:
+        max_tokens = world * hdp_config.tokens_per_rank
     with training_args.main_process_first(desc="loading and tokenizing the data"):
         raw = load_raw_dataset(data_args, model_args.cache_dir)
         train_dataset = prepare_dataset(raw, tokenizer, data_args, hdp_config.length_column, max_tokens, is_main)
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  revision=model_args.revision, cache_dir=model_args.cache_dir,
                                                  trust_remote_code=model_args.trust_remote_code)
     if is_main:
-        logger.info("model %s: %.1fM parameters, %s; %d samples, %d tokens; %d ranks x %d tokens_per_rank",
+        logger.info("model %s: %.1fM parameters, %s; %d samples, %d tokens; %d ranks x %s tokens_per_rank",
                     model_args.model_name_or_path, model.num_parameters() / 1e6, model.dtype, len(train_dataset),
                     sum(train_dataset[hdp_config.length_column]), world, hdp_config.tokens_per_rank)
 

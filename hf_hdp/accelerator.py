@@ -15,6 +15,7 @@ import contextlib
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
 from .mesh import DynamicMesh
 
@@ -61,7 +62,7 @@ class HDPAccelerator(Accelerator):
     def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
         """accelerate's ``clip_grad_norm_``; with sharded gradients, the norm of the whole gradient.
 
-        After a ZeRO stage 2 reduction each rank holds only its shard's gradients, so a local norm
+        After a ZeRO stage 2 reduction (or FSDP's) each rank holds only its shard's gradients, so a local norm
         would differ per rank and clip each shard differently. Then each rank's norm over its own
         gradients is combined over all ranks (:meth:`DynamicMesh.total_norm`, one bounded all-reduce)
         into the norm of the full gradient, the same float on every rank, and every shard is scaled
@@ -71,7 +72,8 @@ class HDPAccelerator(Accelerator):
         if mesh is None or not mesh.gradients_sharded:
             return super().clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
         self.unscale_gradients()
-        grads = [p.grad for p in parameters if p.grad is not None]
+        # FSDP's gradients are DTensors: each rank's own shard (no collective hidden in the norm)
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in parameters) if g is not None]
         norm_type = float(norm_type)
         dtype = grads[0].dtype if grads else torch.float32
         local = 0.0

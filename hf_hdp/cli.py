@@ -9,6 +9,12 @@ time side by side::
     hf-hdp plan --lengths lengths.txt --world-size 256 --global-batch-tokens 8M
     hf-hdp plan --dataset ./my_ds --column input_ids --model ./my_model --json
     hf-hdp plan --plot timelines.png
+    hf-hdp plan --memory 80GB --zero-stage 1 --checkpointing   # C from a rank's memory, and its breakdown
+
+With ``--memory`` it also prints the ``C`` (tokens per rank) that much memory per rank allows, as
+``HDPConfig(tokens_per_rank="auto")`` computes it (:func:`hf_hdp.planning.cost.tokens_per_rank_for_memory`),
+with the estimated peak broken down (weights, gradients, optimizer states, activations, logits, the
+reserve), and plans with that ``C`` unless ``--tokens-per-rank`` is given.
 
 Everything here runs on the CPU with the pure-Python planners and the analytic cost model
 (:mod:`hf_hdp.planning.cost`); no GPU and no torch.distributed are involved. ``python -m hf_hdp``
@@ -25,8 +31,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields, replace
 from typing import Callable, Sequence
 
+from hf_hdp.config import HDPConfig
 from hf_hdp.planning.compare import (
     PLANNER_ORDER,
     PLANNER_TITLES,
@@ -37,7 +45,17 @@ from hf_hdp.planning.compare import (
     draw_batches,
     summarize,
 )
-from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, HardwareSpec, ModelSpec
+from hf_hdp.planning.cost import (
+    FSDP_MODES,
+    HARDWARE_PRESETS,
+    MODEL_PRESETS,
+    CostModel,
+    HardwareSpec,
+    ModelSpec,
+    memory_breakdown,
+    tokens_per_rank_for_memory,
+)
+from hf_hdp.planning.cost.memory import fmt_gb
 from hf_hdp.planning.plan import PlanError
 from hf_hdp.planning.report import INSTALL_MATPLOTLIB, MAX_PLOT_RANKS, fmt_bytes, fmt_seconds, plot_timelines
 
@@ -63,6 +81,55 @@ def parse_size(text: str) -> int:
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"expected a positive integer such as 8192, 8K or 32M, got {text!r}")
     return int(value)
+
+
+_MEMORY_UNITS = {"TB": 1e12, "GB": 1e9, "G": 1e9, "MB": 1e6, "TIB": 2.0**40, "GIB": 2.0**30, "MIB": 2.0**20}
+
+
+def parse_memory(text: str) -> float:
+    """``"80GB"`` -> 80e9 bytes, ``"141 GB"``, ``"80GiB"`` -> 80 x 2^30, ``"512MiB"`` (GB, G and MB are decimal)."""
+    t = text.strip().upper().replace(" ", "").replace("_", "")
+    for unit in sorted(_MEMORY_UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                value = float(t[: -len(unit)]) * _MEMORY_UNITS[unit]
+            except ValueError:
+                break
+            if value > 0 and value != float("inf"):
+                return value
+            break
+    raise argparse.ArgumentTypeError(f"expected a memory size with a unit, such as 80GB, 141GB or 80GiB, got {text!r}")
+
+
+def parse_ratio(text: str) -> float:
+    """A number in [0, 1] (``--offload-ratio``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def parse_chunk(text: str) -> int | None:
+    """``--loss-chunk-tokens``: a positive size (``4096``, ``4K``) or ``none`` (the full logits)."""
+    if text.strip().lower() == "none":
+        return None
+    return parse_size(text)
+
+
+# the options that only --memory uses, and their defaults (HDPConfig's where it has the setting)
+MEMORY_DEFAULTS = {"zero_stage": None, "fsdp": None, "checkpointing": False, "offload_ratio": 0.0,
+                   "loss_chunk_tokens": {f.name: f.default for f in fields(HDPConfig)}["loss_chunk_tokens"],
+                   "precision": "bf16-autocast", "reserve_fraction": 0.1}
+
+# --precision: bytes per weight, gradient and optimizer state (AdamW's two moments) and per activation value
+PRECISIONS = {
+    "bf16-autocast": (4, 4, 8, 2),  # TrainingArguments(bf16=True): float32 weights, bf16 autocast
+    "bf16": (2, 2, 4, 2),  # a model loaded in bfloat16, no autocast
+    "fp32": (4, 4, 8, 4),
+}
 
 
 def read_lengths_file(path: str) -> LengthPool:
@@ -312,11 +379,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hardware", default="h100", help=f"hardware preset: {', '.join(HARDWARE_PRESETS)} (default: h100)")
     m.add_argument("--world-size", type=int, default=64, help="number of ranks (GPUs) (default: 64)")
     m.add_argument(
-        "--tokens-per-rank", type=parse_size, default=8192, help="C, the tokens of one rank's micro-batch (default: 8K)"
+        "--tokens-per-rank", type=parse_size, default=None,
+        help="C, the tokens of one rank's micro-batch (default: what --memory allows, else 8K)",
     )
     m.add_argument(
         "--delta", type=float, default=0.05, help="the balance scheduler's tolerance, relative (default: 0.05)"
     )
+
+    mem = p.add_argument_group("memory (C from a rank's memory, as HDPConfig(tokens_per_rank='auto'))")
+    mem.add_argument("--memory", type=parse_memory, metavar="SIZE",
+                     help="memory of one rank, e.g. 80GB or 80GiB: print the C it allows and the memory breakdown")
+    mem.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=MEMORY_DEFAULTS["zero_stage"],
+                     help="ZeRO stage (default: 1 on several ranks, 0 on one, as HDPConfig)")
+    mem.add_argument("--fsdp", choices=FSDP_MODES, default=MEMORY_DEFAULTS["fsdp"],
+                     help="FSDP mode instead of ZeRO: shard_grad_op (whole weights during the step) or full_shard")
+    mem.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (each layer recomputed)")
+    mem.add_argument("--offload-ratio", type=parse_ratio, default=MEMORY_DEFAULTS["offload_ratio"], metavar="R",
+                     help="offload the saved activations of the first ceil(R x layers) layers to host memory "
+                     "(default: 0)")
+    mem.add_argument("--loss-chunk-tokens", type=parse_chunk, default=MEMORY_DEFAULTS["loss_chunk_tokens"], metavar="N",
+                     help="tokens per chunk of the LM head and loss, or 'none' for the full logits "
+                     f"(default: {MEMORY_DEFAULTS['loss_chunk_tokens']}, HDPConfig's)")
+    mem.add_argument("--precision", choices=tuple(PRECISIONS), default=MEMORY_DEFAULTS["precision"],
+                     help="bf16-autocast (float32 weights, AdamW states, bf16 activations; the default), bf16, fp32")
+    mem.add_argument("--reserve-fraction", type=float, default=MEMORY_DEFAULTS["reserve_fraction"],
+                     help="fraction of --memory kept back for the CUDA context and buffers (default: 0.1)")
 
     b = p.add_argument_group("global batch")
     g = b.add_mutually_exclusive_group()
@@ -349,10 +436,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CLIError(f"--plot writes a PNG; give a file name ending in .png, got {args.plot!r}")
     if args.dataset is None and (args.column != "length" or args.split != "train"):
         raise CLIError("--column and --split apply only with --dataset")
+    if args.memory is None:
+        given = [f"--{k.replace('_', '-')}" for k, default in MEMORY_DEFAULTS.items() if getattr(args, k) != default]
+        if given:
+            raise CLIError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --memory "
+                           "(the memory of one rank, e.g. --memory 80GB)")
 
     model = load_model_spec(args.model)
     hardware = load_hardware(args.hardware)
     cost = CostModel.from_specs(model, hardware)
+    memory = capacity_from_args(args, model) if args.memory is not None else None
+    if args.tokens_per_rank is None:
+        args.tokens_per_rank = memory["tokens_per_rank"] if memory is not None else 8192
 
     if args.lengths is not None:
         pool = read_lengths_file(args.lengths)
@@ -388,8 +483,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot write --plot {args.plot!r}: {e.strerror or e}") from None
 
     if args.json:
+        if memory is not None:
+            summary = {**summary, "memory": memory}
         print(json.dumps(summary, indent=2, sort_keys=False))
     else:
+        if memory is not None:
+            print(render_memory(memory, args.tokens_per_rank) + "\n")
         n_tokens = summary["static"]["tokens"]
         n_samples = summary["static"]["samples"]
         budget = f"{samples:,} samples" if samples is not None else f"{tokens:,} tokens"
@@ -406,6 +505,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.plot and args.json and note:
         print(f"hf-hdp: {note} in {args.plot}", file=sys.stderr)
     return 0
+
+
+def capacity_from_args(args: argparse.Namespace, model: ModelSpec) -> dict:
+    """The C ``--memory`` allows, and the breakdown of the estimated peak at it (and at ``--tokens-per-rank``)."""
+    if args.fsdp is not None and args.zero_stage is not None:
+        raise CLIError(f"--fsdp {args.fsdp} shards the optimizer states and gradients itself; drop --zero-stage")
+    if not 0 <= args.reserve_fraction < 1:
+        raise CLIError(f"--reserve-fraction must be in [0, 1), got {args.reserve_fraction}")
+    weight, grad, optimizer, value = PRECISIONS[args.precision]
+    spec = replace(model, bytes_per_value=value)
+    W = args.world_size
+    zero_stage = 0 if args.fsdp is not None or W == 1 else (1 if args.zero_stage is None else args.zero_stage)
+    settings = dict(world_size=W, zero_stage=zero_stage, fsdp=args.fsdp, checkpointing=args.checkpointing,
+                    offload_ratio=args.offload_ratio, loss_chunk_tokens=args.loss_chunk_tokens, weight_bytes=weight,
+                    grad_bytes=grad, optimizer_bytes=optimizer)
+    try:
+        c = tokens_per_rank_for_memory(spec, args.memory, reserve_fraction=args.reserve_fraction, **settings)
+    except ValueError as e:
+        raise CLIError(f"--memory {fmt_gb(args.memory)}: {e}") from None
+    reserve = args.memory * args.reserve_fraction
+    out = {"tokens_per_rank": c, "memory_bytes": args.memory, "reserve_fraction": args.reserve_fraction,
+           "precision": args.precision, "settings": settings,
+           "breakdown": memory_breakdown(spec, c, reserve=reserve, **settings).to_dict()}
+    if args.tokens_per_rank is not None:
+        out["at_tokens_per_rank"] = memory_breakdown(spec, args.tokens_per_rank, reserve=reserve, **settings).to_dict()
+    return out
+
+
+def render_memory(memory: dict, tokens_per_rank: int) -> str:
+    """The ``--memory`` lines of the text output."""
+    s = memory["settings"]
+    sharding = f"FSDP {s['fsdp']}" if s["fsdp"] else f"ZeRO stage {s['zero_stage']}"
+    chunk = "full logits" if s["loss_chunk_tokens"] is None else f"loss chunks of {s['loss_chunk_tokens']:,} tokens"
+    lines = [
+        f"memory: C = {memory['tokens_per_rank']:,} tokens per rank fit {fmt_gb(memory['memory_bytes'])} "
+        f"({memory['reserve_fraction']:.0%} kept back): {s['world_size']:,} ranks, {sharding}, "
+        f"{'checkpointing' if s['checkpointing'] else 'no checkpointing'}, offload ratio {s['offload_ratio']:g}, "
+        f"{chunk}, {memory['precision']}",
+        "  at C: " + _breakdown_text(memory["breakdown"]),
+    ]
+    at = memory.get("at_tokens_per_rank")
+    if at is not None:
+        fits = at["total"] <= memory["memory_bytes"]
+        lines.append(f"  at --tokens-per-rank {tokens_per_rank:,}: " + _breakdown_text(at)
+                     + ("" if fits else f"  -- more than {fmt_gb(memory['memory_bytes'])}"))
+    return "\n".join(lines)
+
+
+def _breakdown_text(b: dict) -> str:
+    names = ("weights", "gradients", "optimizer", "activations", "logits", "reserve", "total")
+    return ", ".join(f"{n} {fmt_gb(b[n])}" for n in names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,17 +16,29 @@ from .planning import HARDWARE_PRESETS, PLANNERS
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "cpu_flash", "reference")
 LONG_SAMPLE_POLICIES = ("error", "truncate", "drop")
 FUSED_BACKENDS = ("flash_attn", "torch_varlen")
+AUTO = "auto"
+
+# HfArgumentParser reads a field typed ``int | str`` as ``int`` (it drops ``str`` from a Union), so
+# ``--tokens_per_rank auto`` would fail. The fields that also take "auto" are typed by these aliases of
+# ``str``: the parser hands their command-line text as it is, and ``__post_init__`` turns "8192" into
+# 8192 and "0.5" into 0.5 and keeps "auto". Python callers pass an int / a float (or "auto") as usual.
+IntOrAuto = str
+FloatOrAuto = str
 
 
 @dataclass
 class HDPConfig:
     """Hybrid Data Parallelism settings (ByteScale, arXiv 2502.21231)."""
 
-    tokens_per_rank: int = field(
+    tokens_per_rank: IntOrAuto = field(
         default=8192,
         metadata={
             "help": "Capacity C: the most tokens one rank holds in one micro-batch. A sample of s tokens is split "
-            "over ceil(s / C) ranks; samples longer than world_size * C are refused (see long_sample_policy)."
+            "over ceil(s / C) ranks; samples longer than world_size * C are refused (see long_sample_policy). "
+            "'auto': the largest C whose estimated peak memory (hf_hdp.planning.memory_breakdown: model states "
+            "for the ZeRO stage / FSDP mode, activations with checkpointing and offload_ratio, the chunked loss) "
+            "fits memory_budget_gb, or on CUDA the device's free memory, less a 10 percent reserve; HDPTrainer "
+            "resolves it once, when it is built, and logs the C and the breakdown."
         },
     )
     global_batch_size: int | None = field(
@@ -99,19 +111,65 @@ class HDPConfig:
             "opt-in policies log how many samples they changed, which rows and how many tokens were removed."
         },
     )
+    overlap_grad_reduction: bool = field(
+        default=True,
+        metadata={
+            "help": "Start the gradient buckets during the last micro-batch's backward, as their gradients are final "
+            "(hf_hdp.reduction), so the reduction overlaps the rest of that backward. False: all buckets after it."
+        },
+    )
     loss_chunk_tokens: int | None = field(
-        default=4096,
+        default=1024,
         metadata={
             "help": "Tokens per chunk of the LM head and loss; None computes the full logits. The chunked loss never "
             "holds the [tokens, vocab] float32 logits (10 GB at 16K tokens and a 152K vocabulary), only "
             "loss_chunk_tokens rows of them; models whose head it cannot reproduce exactly compute the full logits."
         },
     )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "With tokens_per_rank='auto': the memory of one rank's device, in GB (1e9 bytes), that C is "
+            "sized for (10 percent of it is kept back). None: the device's free memory on CUDA (the smallest over the "
+            "ranks); on the CPU it must be given."
+        },
+    )
+    offload_ratio: FloatOrAuto = field(
+        default=0.0,
+        metadata={
+            "help": "Selective activation offloading (ByteScale; hf_hdp.trainer.offload): a number r in [0, 1] "
+            "moves the saved activations of the first ceil(r * num_layers) decoder layers of every training "
+            "micro-batch to host memory during forward and brings them back for backward (0, the default: off). "
+            "'auto': per micro-batch, the largest fraction whose copy hides behind the micro-batch's attention "
+            "compute under the trainer's cost model (whole layers, rounded down). Pieces of long sequences have "
+            "the most attention per token, so they offload the most."
+        },
+    )
 
     def __post_init__(self):
-        if isinstance(self.tokens_per_rank, bool) or not isinstance(self.tokens_per_rank, int):
-            raise ValueError(f"HDPConfig.tokens_per_rank must be an integer, got {self.tokens_per_rank!r}")
-        if self.tokens_per_rank < 1:
+        self.tokens_per_rank = _int_or_auto(self.tokens_per_rank)
+        self.offload_ratio = _offload_ratio(self.offload_ratio)
+        if self.memory_budget_gb is not None:
+            budget = self.memory_budget_gb
+            if isinstance(budget, str):
+                try:
+                    budget = float(budget)
+                except ValueError:
+                    budget = self.memory_budget_gb
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+                raise ValueError(
+                    f"HDPConfig.memory_budget_gb must be a positive number of GB (1e9 bytes) or None, got "
+                    f"{self.memory_budget_gb!r}"
+                )
+            if self.tokens_per_rank != AUTO:
+                raise ValueError(
+                    f"HDPConfig.memory_budget_gb={self.memory_budget_gb!r} is used only to size "
+                    f"tokens_per_rank='auto', but tokens_per_rank={self.tokens_per_rank}. Set tokens_per_rank='auto' "
+                    "or leave memory_budget_gb unset."
+                )
+            self.memory_budget_gb = float(budget)
+        # "auto" is resolved by HDPTrainer when it is built (hf_hdp.trainer.capacity)
+        if self.tokens_per_rank != AUTO and self.tokens_per_rank < 1:
             raise ValueError(
                 f"HDPConfig.tokens_per_rank must be at least 1, got {self.tokens_per_rank}. It is the number of tokens one "
                 "rank can hold in one micro-batch; typical values are 4096-32768 on a GPU."
@@ -144,7 +202,7 @@ class HDPConfig:
             raise ValueError(
                 f"HDPConfig.zero_stage must be 0, 1, 2 or None, got {self.zero_stage!r}: 0 replicates the optimizer "
                 "states, 1 shards them over the ranks, 2 also shards the gradients; None picks 1 on several ranks and "
-                "0 on one. Weights are never sharded (ZeRO-3 / FSDP need equal micro-batch counts on every rank)."
+                "0 on one. To shard the weights too, use TrainingArguments(fsdp='full_shard') (FSDP2, hf_hdp.trainer.fsdp)."
             )
         if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
             raise ValueError(
@@ -158,6 +216,8 @@ class HDPConfig:
                 "'error' refuses samples longer than world_size * tokens_per_rank, 'truncate' cuts them to that "
                 "length, 'drop' removes them."
             )
+        if not isinstance(self.overlap_grad_reduction, bool):
+            raise ValueError(f"HDPConfig.overlap_grad_reduction must be True or False, got {self.overlap_grad_reduction!r}")
         if self.loss_chunk_tokens is not None and (
             isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int)
             or self.loss_chunk_tokens < 1
@@ -179,8 +239,9 @@ class HDPConfig:
         - ``auto_find_batch_size``: it shrinks ``per_device_train_batch_size`` on OOM, which under HDP
           changes the global batch (the training itself), not the memory; ``tokens_per_rank`` bounds memory;
         - ``label_smoothing_factor > 0``: HDP's token-level loss does not smooth labels;
-        - ``fsdp`` / ``deepspeed``: HDP replicates the weights, shards optimizer states and gradients
-          itself (``zero_stage``) and reduces gradients itself;
+        - ``deepspeed``: HDP shards the model states itself (``zero_stage``, or FSDP2 through
+          HDPTrainer); ``fsdp`` reaching this check (HDPTrainer reads and clears it first,
+          :mod:`hf_hdp.trainer.fsdp`) is refused for the same reason;
         - a ``parallelism_config`` with context, tensor, sequence or sharded data parallelism: HDP is
           the data and context parallelism;
         - ``average_tokens_across_devices=False`` on several ranks: HDP's loss is always over the
@@ -224,14 +285,18 @@ class HDPConfig:
                 "own token-level cross-entropy over the global batch, without label smoothing. Set "
                 "label_smoothing_factor=0."
             )
-        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-            which = "fsdp" if getattr(args, "fsdp", None) else "deepspeed"
+        if getattr(args, "deepspeed", None):
             raise ValueError(
-                f"TrainingArguments.{which} is set, but HDPTrainer replicates the weights on every rank, shards the "
-                "optimizer states and gradients itself (HDPConfig.zero_stage: ZeRO stage 1 or 2) and reduces the "
-                "gradients once per step; FSDP / DeepSpeed sharding would break both (their weight gathers per layer "
-                f"deadlock when ranks run different numbers of micro-batches). Unset {which} and use "
-                "HDPConfig(zero_stage=1 or 2), or use the stock Trainer."
+                "TrainingArguments.deepspeed is set, but HDPTrainer shards the model states itself: "
+                "HDPConfig(zero_stage=1 or 2) for ZeRO stages 1 and 2, TrainingArguments(fsdp='full_shard') for "
+                "FSDP2 with sharded weights (hf_hdp.trainer.fsdp). DeepSpeed's engine reduces gradients per "
+                "micro-batch, which deadlocks when ranks run different numbers of micro-batches. Unset deepspeed."
+            )
+        if getattr(args, "fsdp", None) and getattr(args, "fsdp_plugin_args", None) is not None:
+            raise ValueError(
+                "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.trainer.fsdp), in its own "
+                "step; a custom loop must use HDPConfig(zero_stage=1 or 2) instead, or pass the arguments to "
+                "HDPTrainer."
             )
         if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
             raise ValueError(
@@ -292,3 +357,41 @@ class HDPConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _int_or_auto(value):
+    """``tokens_per_rank`` as given: an int, "auto", or a command line's text of either."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == AUTO:
+            return AUTO
+        if text.lstrip("+-").isdigit():
+            return int(text)
+        raise ValueError(
+            f"HDPConfig.tokens_per_rank must be an integer (tokens per rank, e.g. 8192) or 'auto' (sized from the "
+            f"memory: see memory_budget_gb), got {value!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"HDPConfig.tokens_per_rank must be an integer or 'auto', got {value!r}")
+    return value
+
+
+def _offload_ratio(value):
+    """``offload_ratio`` as given: a number in [0, 1] (as a float), "auto", or a command line's text of either."""
+    given = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text == AUTO:
+            return AUTO
+        try:
+            value = float(text)
+        except ValueError:
+            value = given
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            or not 0.0 <= value <= 1.0):
+        raise ValueError(
+            f"HDPConfig.offload_ratio must be a number in [0, 1] (the fraction of the decoder layers whose saved "
+            f"activations go to host memory; 0 = off) or 'auto' (per micro-batch, as much as its attention "
+            f"compute hides), got {given!r}"
+        )
+    return float(value)

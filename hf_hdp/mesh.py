@@ -15,7 +15,8 @@ per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.
   plans' 63-bit fingerprints, one slot per rank) and names the disagreeing ranks if not;
 - reduces gradients once per optimizer step, however many micro-batches a rank ran (zero included):
   in buckets of at most ``bucket_bytes`` (:data:`DEFAULT_BUCKET_BYTES`, 25 MiB), each in the
-  gradients' own dtype, with extra scalars riding along in the last bucket; as all-reduces (every
+  gradients' own dtype, with extra scalars riding along in the bucket sent last, started while the
+  last micro-batch's backward still runs (:mod:`hf_hdp.reduction`); as all-reduces (every
   rank gets the summed gradient) or, for ZeRO stage 2, as reduce-scatters (each rank keeps only the
   gradients its optimizer shard updates) (:meth:`DynamicMesh.reduce_gradients`, :func:`plan_buckets`);
 - copies ZeRO's updated weights from their owners to every rank, in the same buckets
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .buckets import Bucket, pack, plan_buckets, unpack
+from .reduction import GradientReduction
 
 DEFAULT_TIMEOUT_S = 600.0
 """Default bound, in seconds, on every HDP wait (``HDPConfig.p2p_timeout_s`` has the same default)."""
@@ -96,6 +98,16 @@ def _timed_out(err: BaseException) -> bool:
 
 def _at_step(step: int | None) -> str:
     return f" at global step {step}" if step is not None else ""
+
+
+@dataclass
+class _Pending:
+    """A started collective and what to call it in errors."""
+
+    work: object
+    kind: str
+    what: str
+    step: int | None
 
 
 @dataclass
@@ -224,17 +236,24 @@ class DynamicMesh:
     # ----------------------------------------------------------- collectives
     def _all_reduce(self, tensor: torch.Tensor, what: str, step: int | None) -> None:
         """SUM ``tensor`` over all ranks in place, within the bound (see the class docstring)."""
+        self._finish(self._start_all_reduce(tensor, what, step))
+
+    def _start_all_reduce(self, tensor: torch.Tensor, what: str, step: int | None) -> "_Pending":
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        self._collective(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step)
+        return self._begin(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step)
 
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
         """``output`` = the SUM over all ranks of chunk ``rank`` of ``input`` (``world_size`` chunks), within the bound."""
+        self._finish(self._start_reduce_scatter(output, input, what, step))
+
+    def _start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str,
+                              step: int | None) -> "_Pending":
         opts = dist.ReduceScatterOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         group = dist.group.WORLD
         start = getattr(group, "reduce_scatter_single", None) or group._reduce_scatter_base  # torch < 2.13
-        self._collective(lambda o: start(output, input, o), opts, "a reduce-scatter", what, step)
+        return self._begin(lambda o: start(output, input, o), opts, "a reduce-scatter", what, step)
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
         """Chunk ``r`` of ``output`` = rank ``r``'s ``input``, within the bound."""
@@ -245,17 +264,27 @@ class DynamicMesh:
 
     def _collective(self, start, opts, kind: str, what: str, step: int | None) -> None:
         """Start a collective with ``start(opts)`` and wait for it within the bound (see the class docstring)."""
+        self._finish(self._begin(start, opts, kind, what, step))
+
+    def _begin(self, start, opts, kind: str, what: str, step: int | None) -> "_Pending":
+        """Start a collective with ``start(opts)``, asynchronously; :meth:`_finish` waits for it."""
         opts.asyncOp = True
         if self.timeout is not None and self.backend == "gloo":
             opts.timeout = self.timeout  # gloo itself gives up, so this process can still exit
         try:
-            work = start(opts)
-            ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
+            return _Pending(start(opts), kind, what, step)
         except RuntimeError as err:
             raise self._collective_error(err, what, step, kind) from err
+
+    def _finish(self, pending: "_Pending") -> None:
+        """Wait for a started collective within the bound (see the class docstring)."""
+        try:
+            ok = pending.work.wait(self.timeout) if self.timeout is not None else pending.work.wait()
+        except RuntimeError as err:
+            raise self._collective_error(err, pending.what, pending.step, pending.kind) from err
         if ok is False:
-            raise HDPCommError(f"rank {self.rank}: the {what}{_at_step(step)} was aborted by the backend; "
-                               "see the other ranks' logs.")
+            raise HDPCommError(f"rank {self.rank}: the {pending.what}{_at_step(pending.step)} was aborted by the "
+                               "backend; see the other ranks' logs.")
         self.stats.collectives += 1
 
     def _collective_error(self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce") -> HDPCommError:
@@ -315,8 +344,11 @@ class DynamicMesh:
         one gradient is reduced in place; the others go through a buffer of at most ``bucket_bytes``,
         so no second copy of the gradients is made.
 
-        ``extras`` are scalars summed in the last bucket of their dtype (float32, or the widest
-        parameter dtype if wider, as the loss sum always was); their sums are returned.
+        ``extras`` are scalars summed in the bucket sent last, in float32 (or the widest parameter
+        dtype if wider, as the loss sum always was); their sums are returned.
+
+        The buckets go in a fixed order, the parameters' last first (:mod:`hf_hdp.reduction`, which
+        can also start them during the last backward).
 
         ``owners=None``: all-reduces, every rank gets every summed gradient. ``owners[i]``: the rank
         that keeps ``params[i]``'s summed gradient (ZeRO stage 2): reduce-scatters, after which the
@@ -324,65 +356,14 @@ class DynamicMesh:
         ``step``: the global optimizer step (1-based), for the messages.
         """
         extras = [float(x) for x in extras or []]
-        if step is not None:
-            self.current_step = step
-        if self.world_size == 1:
-            return extras
-        sharded = owners is not None
-        if sharded and len(owners) != len(params):
-            raise ValueError(f"reduce_gradients: {len(owners)} owners for {len(params)} parameters")
-        # the extras' dtype must not depend on which gradients exist: every rank sends the same bytes
-        extras_dtype = torch.float32
-        for p in params:
-            extras_dtype = torch.promote_types(extras_dtype, p.dtype)
-        flats: list[torch.Tensor | None] = []
-        for i, p in enumerate(params):
-            keeps = not sharded or owners[i] is None or owners[i] == self.rank
-            if p.grad is None and keeps:
-                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)  # it receives the sum
-            elif p.grad is not None and not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            flats.append(p.grad.view(-1) if p.grad is not None else None)
-        specs = [(p.numel(), p.dtype) for p in params]
-        holders = list(owners) if sharded else None
-        if extras:
-            flats.append(torch.tensor(extras, dtype=extras_dtype, device=self.device))
-            specs.append((len(extras), extras_dtype))
-            if sharded:
-                holders.append(None)  # every rank gets the sums
-        buckets = plan_buckets(specs, self.bucket_bytes, holders, self.world_size)
-        received = flats
-        if sharded:  # a tensor every rank keeps lies in every rank's chunks: its sums go apart, sent values stay
-            received = [torch.zeros_like(f) if h is None and f is not None else f for f, h in zip(flats, holders)]
-        for b, bucket in enumerate(buckets):
-            what = f"gradient reduction, bucket {b + 1} of {len(buckets)}"
-            if not sharded:
-                (segments,) = bucket.chunks
-                if len(segments) == 1:  # one piece of one gradient: reduced where it lies
-                    s = segments[0]
-                    self._all_reduce(flats[s.tensor][s.start : s.stop], what, step)
-                    continue
-                buffer = self._buffer(bucket.numel, bucket.dtype)
-                pack(buffer, segments, flats)
-                self._all_reduce(buffer, what, step)
-                unpack(buffer, segments, flats)
-            else:
-                size = bucket.chunk_numel
-                buffer = self._buffer(bucket.numel, bucket.dtype)
-                for r, segments in enumerate(bucket.chunks):
-                    pack(buffer[r * size : (r + 1) * size], segments, flats)
-                mine = self._buffer(size, bucket.dtype)
-                self._reduce_scatter(mine, buffer, what, step)
-                del buffer
-                unpack(mine, bucket.chunks[self.rank], received)
-        if sharded:
-            for p, owner, got in zip(params, owners, received):
-                if owner is None:
-                    p.grad.view(-1).copy_(got)
-                elif owner != self.rank:
-                    p.grad = None  # another rank's shard: its summed gradient lives there
-        self.gradients_sharded = sharded
-        return received[-1].tolist() if extras else []
+        return self.gradient_reduction(params, owners, len(extras), step).finish(extras)
+
+    def gradient_reduction(self, params: list[torch.nn.Parameter], owners: Sequence[int | None] | None = None,
+                           num_extras: int = 0, step: int | None = None) -> GradientReduction:
+        """The step's reduction of :meth:`reduce_gradients`, to start during the last backward
+        (:meth:`GradientReduction.watch`) and complete with :meth:`GradientReduction.finish`
+        (:mod:`hf_hdp.reduction`)."""
+        return GradientReduction(self, params, owners, num_extras, step)
 
     def gather_parameters(self, params: list[torch.Tensor], owners: Sequence[int], step: int | None = None,
                           buckets: list[Bucket] | None = None) -> None:

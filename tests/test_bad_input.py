@@ -332,7 +332,7 @@ def test_trainer_refuses_a_gpu_backend_on_cpu_at_construction(tiny, tmp_path):
         ({"train_sampling_strategy": "sequential"}, r"train_sampling_strategy='sequential'.*'random'"),
         ({"auto_find_batch_size": True}, r"auto_find_batch_size=True .*tokens_per_rank"),
         ({"label_smoothing_factor": 0.1}, r"label_smoothing_factor=0.1 would be ignored"),
-        ({"fsdp": True}, r"fsdp is set.*replicates"),
+        ({"fsdp": True}, r"fsdp is set: HDPTrainer applies FSDP2 itself"),
     ],
     ids=["group_by_length", "sequential", "auto_find_batch_size", "label_smoothing", "fsdp"],
 )

@@ -381,7 +381,7 @@ def test_a_compute_loss_func_gets_the_full_logits(llama_path):
 
 
 def test_loss_chunk_tokens_is_validated():
-    assert HDPConfig().loss_chunk_tokens == 4096
+    assert HDPConfig().loss_chunk_tokens == 1024
     assert HDPConfig(loss_chunk_tokens=None).loss_chunk_tokens is None
     assert HDPConfig(loss_chunk_tokens=1).loss_chunk_tokens == 1
     for bad in (0, -4, True, 4096.0, "4096"):

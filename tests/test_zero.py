@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -157,13 +158,21 @@ def _reduce_worker(rank, world, bucket_bytes):
         p.grad = torch.full_like(p, float(rank + 1))
     DynamicMesh(bucket_bytes=bucket_bytes).reduce_gradients(p32, step=3)
     out["dtypes"] = [(p.grad.dtype, float(p.grad[0])) for p in p32]
+    if world == 4:  # the reduction started inside the last backward, in the same processes
+        out["overlap"] = {sharded: _overlap_worker(rank, world, sharded) for sharded in (False, True)}
     return out
 
 
+@pytest.fixture(scope="module")
+def reduced():
+    """The bucket-reduction workers on 2 and 4 gloo ranks (1024-byte buckets), one launch each."""
+    return {world: run_distributed(_reduce_worker, world, 1024, timeout=300) for world in (2, 4)}
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world):
+def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world, reduced):
     bucket_bytes = 1024  # 128 float64 elements: the 64x64 gradient alone spans 32 buckets
-    results = run_distributed(_reduce_worker, world, bucket_bytes, timeout=240)
+    results = reduced[world]
     total = sum(p.numel() for p in _params())
     for rank, out in enumerate(results):
         diff, sums, ref_extras, collectives, largest = out["allreduce"]
@@ -183,6 +192,62 @@ def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world):
         assert out["dtypes"] == [(torch.float32, world * (world + 1) / 2), (torch.float64, world * (world + 1) / 2)]
     owned_all = sorted(i for out in results for i in out["scatter"][1])
     assert owned_all == list(range(len(_params())))
+
+
+def _overlap_worker(rank, world, sharded):
+    import torch.distributed as dist
+
+    from hf_hdp.mesh import DynamicMesh
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                                   torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).double()
+
+    g = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(5, 16, generator=g, dtype=torch.float64) for _ in range([2, 0, 1, 3][rank])]
+    # the reference: the same local gradients in a copy, summed in one flat all-reduce
+    ref_model = model()
+    for x in inputs:
+        ref_model(x).pow(2).sum().backward()
+    ref_params = list(ref_model.parameters())
+    ref, ref_extras = _reference_sum(ref_params, [rank + 0.5, 2.0])
+    # the overlapped reduction: buckets start inside the last backward
+    net = model()
+    params = list(net.parameters())
+    mesh = DynamicMesh(bucket_bytes=2048)  # 256 float64: the 64x64 weights span several buckets
+    owners = partition(params, world) if sharded else None
+    reduction = mesh.gradient_reduction(params, owners, num_extras=2, step=5)
+    for i, x in enumerate(inputs):
+        loss = net(x).pow(2).sum()
+        with reduction.watch() if i == len(inputs) - 1 else contextlib.nullcontext():
+            loss.backward()
+    early = reduction.started_in_backward
+    sums = reduction.finish([rank + 0.5, 2.0])
+    kept = [i for i, p in enumerate(params) if p.grad is not None]
+    diff = max([float((params[i].grad - ref[i]).abs().max()) for i in kept] or [0.0])
+    dist.barrier()
+    return {"early": early, "buckets": len(reduction.buckets), "sums": sums, "ref_extras": ref_extras, "diff": diff,
+            "kept": kept, "owned": [i for i, o in enumerate(owners) if o == rank] if sharded else None,
+            "collectives": mesh.stats.collectives, "largest": mesh.stats.largest_buffer_bytes,
+            "n_params": len(params)}
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_reduction_starts_during_the_last_backward_and_equals_one_flat_all_reduce(sharded, reduced):
+    results = [out["overlap"][sharded] for out in reduced[4]]
+    for rank, out in enumerate(results):
+        assert out["diff"] <= 1e-15, (rank, out["diff"])
+        assert out["sums"] == pytest.approx(out["ref_extras"], rel=1e-15) and out["sums"][1] == 8.0
+        assert out["collectives"] == results[0]["collectives"] == out["buckets"] > 4  # the same collectives
+        assert 0 < out["largest"] <= 2048
+        if sharded:
+            assert out["kept"] == out["owned"]
+        else:
+            assert out["kept"] == list(range(out["n_params"]))
+    assert results[1]["early"] == 0  # no micro-batch: every bucket starts at finish()
+    for rank in (0, 2, 3):  # all but the last-sent bucket (the extras') can start inside backward
+        assert 0 < results[rank]["early"] < results[rank]["buckets"], (rank, results[rank]["early"])
 
 
 def _optimizer_worker(rank, world, stage):
@@ -242,9 +307,21 @@ def _optimizer_worker(rank, world, stage):
     return equal, state_numel, same_state, resumed, refused, sum(p.numel() for p in params)
 
 
+def _optimizer_stages_worker(rank, world, stages):
+    return {stage: _optimizer_worker(rank, world, stage) for stage in stages}
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """The ZeroOptimizer worker: stages 1 and 2 on 4 ranks in one launch, stage 2 on 2."""
+    four = run_distributed(_optimizer_stages_worker, 4, (1, 2), timeout=300)
+    two = run_distributed(_optimizer_stages_worker, 2, (2,), timeout=300)
+    return {(4, s): [r[s] for r in four] for s in (1, 2)} | {(2, 2): [r[2] for r in two]}
+
+
 @pytest.mark.parametrize("world,stage", [(2, 2), (4, 1), (4, 2)])
-def test_zero_optimizer_steps_as_the_plain_one_and_holds_its_shard(world, stage):
-    results = run_distributed(_optimizer_worker, world, stage, timeout=240)
+def test_zero_optimizer_steps_as_the_plain_one_and_holds_its_shard(world, stage, optimized):
+    results = optimized[(world, stage)]
     total = results[0][5]
     largest = max(p.numel() for p in _params())
     numels = [r[1] for r in results]
@@ -316,7 +393,7 @@ def _rows() -> list[dict]:
 
 
 def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, max_grad_norm=1.0, save_steps=0,
-           resume=None, steps=STEPS):
+           resume=None, steps=STEPS, fsdp=None, fsdp_config=None, gradient_checkpointing=False, evaluate=False):
     """Train HDPTrainer in this process (rank of a gloo group, or alone); return what the tests compare."""
     from transformers import TrainerCallback, TrainingArguments
 
@@ -329,6 +406,8 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
         optim=optim, learning_rate=1e-2 if optim.startswith("adamw") else 0.3, weight_decay=0.1,
         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=max_grad_norm, logging_steps=1,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        **({"fsdp": fsdp, "fsdp_config": fsdp_config} if fsdp else {}),
+        **({"gradient_checkpointing": True} if gradient_checkpointing else {}),
     )
     model = load_model(model_path)
     trainer = HDPTrainer(model, args, train_dataset=Dataset.from_list(_rows()),
@@ -349,16 +428,24 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
 
     trainer.add_callback(Grads())
     trainer.train(resume_from_checkpoint=resume)
+    from hf_hdp.trainer.fsdp import full_model_state, local_tensor
+
     zero = unwrap_zero(trainer.optimizer)
     state = zero.state if zero is not None else trainer.optimizer.state
-    record["state_numel"] = sum(v.numel() for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    record["state_numel"] = sum(local_tensor(v).numel() for s in state.values() for v in s.values()
+                                if torch.is_tensor(v) and v.dim())
     record["param_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record["n_params"] = len(list(model.parameters()))
     record["owned"] = ([i for i, p in enumerate(model.parameters()) if zero.owner_of(p) == zero.mesh.rank]
                        if zero is not None else None)
     record["stage"] = None if zero is None else zero.stage
     record["grad_norms"] = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
-    record["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    record["weights"] = full_model_state(model)  # FSDP: every rank gathers the whole weights
+    record["local_param_numel"] = sum(local_tensor(p).numel() for p in model.parameters())
+    record["fsdp_modules"] = len(trainer.hdp_fsdp_modules)
+    record["fsdp_mode"] = trainer.hdp_fsdp
+    if evaluate:  # after training: with FSDP, on the sharded model
+        record["eval_loss"] = trainer.evaluate(Dataset.from_list(_rows()[:7]))["eval_loss"]
     return record
 
 
@@ -374,6 +461,17 @@ RUNS_2 = {
     "stage2": (dict(zero_stage=2), 2048),
     "from4_stage2_at_stage1": (dict(zero_stage=1, resume="stage2/checkpoint-2"), None),
     "from4_stage1_at_stage2": (dict(zero_stage=2, resume="default/checkpoint-2"), 4096),
+}
+# FSDP2 (tests/test_fsdp.py) trains in the same processes: one launch of each world for both files
+FSDP_RUNS_4 = {
+    "full_shard": (dict(fsdp="full_shard", save_steps=2, evaluate=True), None),
+    "shard_grad_op": (dict(fsdp="shard_grad_op", save_steps=2, evaluate=True), None),
+}
+FSDP_RUNS_2 = {
+    "full_shard_from4_grad_op": (dict(fsdp="full_shard", resume="shard_grad_op/checkpoint-2"), None),
+    # transformers' current spelling: fsdp=True, the strategy in fsdp_config
+    "grad_op_checkpointing": (dict(fsdp=True, fsdp_config={"reshard_after_forward": False},
+                                   gradient_checkpointing=True), None),
 }
 
 
@@ -392,15 +490,19 @@ def _trainer_worker(rank, world, model_path, base, runs):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("zero")
+def train_all(base) -> dict:
+    """Every run of this file and tests/test_fsdp.py (the ``sharded_runs`` fixture of tests/conftest.py)."""
     model = save_tiny_model("llama", str(base / "model"))
-    four = run_distributed(_trainer_worker, 4, model, str(base), RUNS_4, timeout=900)
-    two = run_distributed(_trainer_worker, 2, model, str(base), RUNS_2, timeout=600)
-    one = {"adamw": _train(model, str(base / "w1" / "adamw"), 1),
+    four = run_distributed(_trainer_worker, 4, model, str(base), {**RUNS_4, **FSDP_RUNS_4}, timeout=900)
+    two = run_distributed(_trainer_worker, 2, model, str(base), {**RUNS_2, **FSDP_RUNS_2}, timeout=600)
+    one = {"adamw": _train(model, str(base / "w1" / "adamw"), 1, save_steps=2, evaluate=True),
            "sgd_clip": _train(model, str(base / "w1" / "sgd"), 1, optim="sgd", max_grad_norm=0.05)}
     return {"base": base, 4: four, 2: two, 1: one}
+
+
+@pytest.fixture(scope="module")
+def trained(sharded_runs):
+    return sharded_runs
 
 
 def _close(a, b, what):

@@ -28,7 +28,7 @@ import torch
 from ..attention.metadata import HDPAttentionMetadata, RingSegment
 from ..planning import MicroBatch
 from ..planning.layout import zigzag_front_back
-from .documents import HDPDataError, check_sample, shifted_targets
+from .documents import IGNORE_INDEX, HDPDataError, check_sample, shifted_targets
 
 
 class HDPCollator:
@@ -41,6 +41,8 @@ class HDPCollator:
                  step: int = 0) -> dict:
         """Pack ``mb``. ``samples`` maps each sample position of the plan to its row
         (``input_ids`` and optional ``labels``); ``rows`` maps positions to dataset indices for error messages."""
+        if not mb.pieces:
+            return self.placeholder(mb.rank, mb.slot, step)
         rows = rows or {}
         ids_parts: list[list[int]] = []
         pos_parts: list[range] = []
@@ -108,8 +110,22 @@ class HDPCollator:
             local_samples=tuple(rows.get(s, s) for s in local_samples),
         )
         return {
+            "hdp_placeholder": False,
             "input_ids": flat(ids_parts),
             "position_ids": flat(pos_parts),
             "labels": flat(tgt_parts),
             "hdp_metadata": meta,
         }
+
+    @staticmethod
+    def placeholder(rank: int, slot: int, step: int = 0) -> dict:
+        """A micro-batch without work: one token (id 0, position 0) and no label, so its loss and every
+        gradient it adds are exactly zero. A rank runs it where the others run FSDP's per-layer
+        collectives and it has nothing of its own (an empty micro-batch of a lockstep plan; ZeRO-2
+        mode's final reduce-scatter): its forward and backward join them layer by layer. It is not
+        counted as a real token anywhere (``hdp_placeholder``)."""
+        meta = HDPAttentionMetadata(num_tokens=1, local_len=1, local_seqlens=(1,), rings=(), rank=rank, slot=slot,
+                                    step=step, local_samples=("placeholder",))
+        return {"hdp_placeholder": True, "input_ids": torch.zeros(1, 1, dtype=torch.long),
+                "position_ids": torch.zeros(1, 1, dtype=torch.long),
+                "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long), "hdp_metadata": meta}

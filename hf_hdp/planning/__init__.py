@@ -24,7 +24,9 @@ from .cost import (
     bytescale_fit,
     calibrate,
     fit_coefficients,
+    MemoryBreakdown,
     hardware_from_coefficients,
+    memory_breakdown,
     memory_per_rank,
     model_state_bytes,
     tokens_per_rank_for_memory,
@@ -32,7 +34,7 @@ from .cost import (
 from .layout import member_token_ranges, zigzag_chunk_bounds, zigzag_front_back, zigzag_member_sizes
 from .metrics import Interval, PlanMetrics, plan_metrics, plan_timeline
 from .naive import plan_naive
-from .plan import MicroBatch, Piece, PlanError, StepPlan, build_plan
+from .plan import MicroBatch, Piece, PlanError, StepPlan, build_plan, lockstep
 from .registry import PLANNERS, Planner, get_planner, make_plan
 from .static import plan_static
 
@@ -42,6 +44,7 @@ __all__ = [
     "HardwareSpec",
     "Interval",
     "MODEL_PRESETS",
+    "MemoryBreakdown",
     "ModelSpec",
     "PlanMetrics",
     "activation_bytes_per_token",
@@ -50,6 +53,7 @@ __all__ = [
     "fit_coefficients",
     "get_planner",
     "hardware_from_coefficients",
+    "memory_breakdown",
     "memory_per_rank",
     "model_state_bytes",
     "plan_balanced",
@@ -63,6 +67,7 @@ __all__ = [
     "Planner",
     "StepPlan",
     "build_plan",
+    "lockstep",
     "make_plan",
     "member_token_ranges",
     "plan_naive",

@@ -108,6 +108,7 @@ from .metrics import plan_metrics
 from .naive import check_lengths, longest_first, plan_naive
 from .packing import BatchWork, Segment
 from .plan import Piece, StepPlan, build_plan
+from .plan import lockstep as lockstep_plan
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
 _SLACK = 1e-9
@@ -380,6 +381,7 @@ def plan_balanced(
     cost: CostModel | None = None,
     delta: float = 0.05,
     never_worse_than_naive: bool = True,
+    lockstep: bool = False,
 ) -> StepPlan:
     """Plan one step with the balance scheduler (see the module docstring).
 
@@ -387,7 +389,10 @@ def plan_balanced(
     tolerance of the balance loop. With ``never_worse_than_naive`` (the default) the naive HDP plan
     is returned instead when its estimated step time is lower; ``plan.meta["source"]`` says which
     (``"balanced"`` or ``"naive"``) and ``plan.meta["estimated_step_time_s"]`` gives the
-    :func:`plan_metrics` step time. Raises :class:`~hf_hdp.planning.plan.PlanError` like the naive
+    :func:`plan_metrics` step time. ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.trainer.fsdp`)
+    returns a lockstep plan (:func:`~hf_hdp.planning.plan.lockstep`: the same number of micro-batches
+    on every rank, empty placeholders in the gaps), and the comparison with naive HDP is made under
+    lockstep timing, in which every slot is a barrier of all ranks. Raises :class:`~hf_hdp.planning.plan.PlanError` like the naive
     planner for samples that cannot be placed, ``ValueError`` for ``delta`` outside ``[0, 1)``.
     """
     lengths = check_lengths(lengths, world_size, tokens_per_rank)
@@ -398,6 +403,8 @@ def plan_balanced(
     meta = {"delta": delta, "cost_model": cost.label, "source": "balanced"}
     if not lengths:
         return build_plan(lengths, W, C, [], planner="balanced", meta=meta)
+    if lockstep:
+        return _best_lockstep(lengths, W, C, cost, delta, never_worse_than_naive)
 
     order = longest_first(lengths)
     dist = [i for i in order if lengths[i] > C]
@@ -442,4 +449,20 @@ def plan_balanced(
         meta = {"delta": delta, "cost_model": cost.label, "source": "naive",
                 "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
         return replace(naive, planner="balanced", meta=meta)
+    return plan
+
+
+def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: float, against_naive: bool) -> StepPlan:
+    """The balanced plan in lockstep; naive HDP's in lockstep instead when that is faster (lockstep
+    turns every slot into a barrier, so the balance of busy time matters less than the slot count)."""
+    plan = lockstep_plan(plan_balanced(lengths, W, C, cost, delta, never_worse_than_naive=False))
+    mine = plan_metrics(plan, cost).step_time_s
+    plan.meta["estimated_step_time_s"] = mine
+    if against_naive:
+        naive = lockstep_plan(plan_naive(lengths, W, C))
+        theirs = plan_metrics(naive, cost).step_time_s
+        if theirs < mine:
+            meta = {"delta": delta, "cost_model": cost.label, "source": "naive", "lockstep": True,
+                    "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
+            return replace(naive, planner="balanced", meta=meta)
     return plan

@@ -18,7 +18,13 @@ for the slowest one and joins the one gradient all-reduce
 
 The slots are not barriers: a component's start depends only on its own members' earlier
 micro-batches, which is the longest path of the real dependency graph when rings synchronise
-their members at start and end.
+their members at start and end. A *lockstep* plan (``plan.meta["lockstep"]``, from
+:func:`~hf_hdp.planning.plan.lockstep`; FSDP's ZeRO-3 mode) is the exception: FSDP's per-layer
+collectives join all ranks in every slot, so each slot is one component of all ranks (an empty
+placeholder micro-batch costs the per-micro-batch overhead), followed by the slot's weight
+all-gathers and gradient reduce-scatter (1.5 all-reduces of ``grad_bytes``, drawn as
+``"allreduce"``), and there is no reduction at the step's end. The waits this makes are the price
+of lockstep, and show in ``idle_fraction`` and the timelines.
 
 P2P traffic is counted as :mod:`hf_hdp.attention.ring` sends it and
 :class:`~hf_hdp.mesh.DynamicMesh` counts it: the distributed pieces of one micro-batch that share
@@ -143,6 +149,10 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
     sent = [0.0] * W
     messages = 0
     cache: dict = {}
+    lockstep = bool(plan.meta.get("lockstep"))
+    # lockstep (ZeRO-3 mode): every slot gathers the weights twice and reduce-scatters the gradients
+    # once (1.5 all-reduces of the model); no reduction at the step's end
+    slot_comm = 1.5 * cost.allreduce_time(None, W) if lockstep and include_allreduce else 0.0
     for slot, group in groupby(plan.micro_batches, key=lambda mb: mb.slot):
         mbs = list(group)
         times: dict[int, tuple[float, float, bool]] = {}
@@ -185,12 +195,18 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
             busy[mb.rank] += t
             exposed[mb.rank] += comm
             count[mb.rank] += 1
+        if lockstep:  # FSDP's per-layer collectives: the slot is one barrier of all ranks
+            root = find(mbs[0].rank)
+            for mb in mbs[1:]:
+                other = find(mb.rank)
+                if other != root:
+                    parent[other] = root
         components: dict[int, list[int]] = {}
         for mb in mbs:
             components.setdefault(find(mb.rank), []).append(mb.rank)
         for ranks in components.values():
             start = max(clock[r] for r in ranks)
-            end = start + max(times[r][0] for r in ranks)
+            end = start + max(times[r][0] for r in ranks) + slot_comm
             for r in ranks:
                 if timeline is not None:
                     t, comm, distributed = times[r]
@@ -200,11 +216,13 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
                     timeline.append(Interval(r, start, compute_end, "distributed" if distributed else "local", slot))
                     if comm > 0:
                         timeline.append(Interval(r, compute_end, start + t, "p2p", slot))
-                    if end > start + t:
-                        timeline.append(Interval(r, start + t, end, "wait", slot))
+                    if end - slot_comm > start + t:
+                        timeline.append(Interval(r, start + t, end - slot_comm, "wait", slot))
+                    if slot_comm > 0:
+                        timeline.append(Interval(r, end - slot_comm, end, "allreduce", slot))
                 clock[r] = end
     finish = max(clock, default=0.0)
-    allreduce = cost.allreduce_time(None, W) if include_allreduce else 0.0
+    allreduce = cost.allreduce_time(None, W) if include_allreduce and not lockstep else 0.0
     if timeline is not None:
         for r in range(W):
             if finish > clock[r]:

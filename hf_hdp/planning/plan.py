@@ -18,6 +18,10 @@ Vocabulary
   runs its micro-batches in increasing slot order; together with a fixed order of ring segments
   inside a micro-batch this makes every placement deadlock-free. A rank may have no
   micro-batch in a slot.
+- *lockstep plan* (:func:`lockstep`): every rank holds a micro-batch in every slot, an *empty* one
+  (no piece: a placeholder the rank runs as a one-token forward and backward without a label) where
+  it has no work. FSDP's ZeRO-3 mode needs it: its per-layer collectives make every slot a barrier
+  of all ranks (:mod:`hf_hdp.trainer.fsdp`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,11 @@ class StepPlan:
 
     # ----------------------------------------------------------------- queries
     @property
+    def is_lockstep(self) -> bool:
+        """Every rank holds a micro-batch (possibly an empty placeholder) in every slot."""
+        return len(self.micro_batches) == self.num_slots * self.world_size
+
+    @property
     def num_slots(self) -> int:
         return 1 + max((mb.slot for mb in self.micro_batches), default=-1)
 
@@ -154,8 +163,6 @@ class StepPlan:
                 raise PlanError("micro_batches must be sorted by (slot, rank) without repeats")
             last = (mb.slot, mb.rank)
             seen_slots.add((mb.slot, mb.rank))
-            if not mb.pieces:
-                raise PlanError(f"rank {mb.rank} slot {mb.slot}: empty micro-batch")
             if mb.num_tokens > C:
                 raise PlanError(
                     f"rank {mb.rank} slot {mb.slot} holds {mb.num_tokens} tokens, more than tokens_per_rank={C}"
@@ -235,7 +242,8 @@ def build_plan(
     planner: str,
     meta: dict | None = None,
 ) -> StepPlan:
-    """Assemble a sorted :class:`StepPlan` from ``(rank, slot, pieces)`` triples; empty ones are dropped.
+    """Assemble a sorted :class:`StepPlan` from ``(rank, slot, pieces)`` triples; empty ones are dropped
+    (:func:`lockstep` adds placeholders where a plan needs them).
 
     Pieces inside a micro-batch are ordered by sample, so that every member of a group sees the
     same order of ring segments.
@@ -254,3 +262,17 @@ def build_plan(
         planner=planner,
         meta=dict(meta or {}),
     )
+
+
+def lockstep(plan: StepPlan) -> StepPlan:
+    """``plan`` with the same number of micro-batches on every rank: slots that no rank uses are
+    dropped (the order of the others, and so every ring's shared slot, is kept), and every rank
+    without a micro-batch in a slot gets an empty one there. ``meta["lockstep"]`` is set, which
+    :func:`~hf_hdp.planning.metrics.plan_metrics` reads as "every slot is a barrier of all ranks"."""
+    used = sorted({mb.slot for mb in plan.micro_batches})
+    renumber = {slot: i for i, slot in enumerate(used)}
+    held = {(renumber[mb.slot], mb.rank): mb.pieces for mb in plan.micro_batches}
+    mbs = tuple(MicroBatch(rank=r, slot=s, pieces=held.get((s, r), ()))
+                for s in range(len(used)) for r in range(plan.world_size))
+    return StepPlan(world_size=plan.world_size, tokens_per_rank=plan.tokens_per_rank, lengths=plan.lengths,
+                    micro_batches=mbs, planner=plan.planner, meta={**plan.meta, "lockstep": True})

@@ -10,7 +10,9 @@ TensorBoard, W&B, ...) scalar entries under ``hdp/``:
 - ``hdp/micro_batches_max`` / ``_min``: micro-batches per rank in the last step;
 - ``hdp/samples_k{k}``: samples placed on a group of ``k`` ranks since the last log (``k = 1``: ran
   whole on one rank), and ``hdp/max_group_size``;
-- ``hdp/mfu_est``: model FLOPs utilisation estimated from the cost model's hardware peak.
+- ``hdp/mfu_est``: model FLOPs utilisation estimated from the cost model's hardware peak;
+- ``hdp/offloaded_bytes`` (with ``HDPConfig.offload_ratio``): bytes of saved activations this rank
+  moved to host memory per step (:mod:`hf_hdp.trainer.offload`; the same come back in backward).
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ class HDPStats:
                        "micro_batches": 0, "p2p_bytes": 0, "busy_s": 0.0}
         # the last steps run: epoch, step, dataset rows, plan fingerprint (for audits and resume tests)
         self.history: deque[dict] = deque(maxlen=1000)
+        self.offload = None  # the trainer's OffloadStats, when it offloads activations (track_offload)
         self._reset_window()
+
+    def track_offload(self, stats) -> None:
+        """Log ``hdp/offloaded_bytes`` from ``stats`` (an :class:`~hf_hdp.trainer.offload.OffloadStats`)."""
+        self.offload = stats
+        self.window["offloaded_from"] = stats.bytes_to_host
 
     def _reset_window(self) -> None:
         self.window = {"steps": 0, "tokens": 0, "p2p_bytes": 0.0, "group_sizes": Counter(), "plan": None,
-                       "started": time.perf_counter()}
+                       "started": time.perf_counter(),
+                       "offloaded_from": self.offload.bytes_to_host if self.offload is not None else 0}
 
     def restart_window_if_empty(self) -> None:
         """Start the tokens/s window now if no step ran in it yet (after setup or a save)."""
@@ -84,6 +93,8 @@ class HDPStats:
             logs["hdp/mfu_est"] = round(6 * num_params * w["tokens"] / elapsed / (peak_flops * self.world_size), 5)
         for k, n in sorted(w["group_sizes"].items()):
             logs[f"hdp/samples_k{k}"] = n
+        if self.offload is not None:
+            logs["hdp/offloaded_bytes"] = round((self.offload.bytes_to_host - w["offloaded_from"]) / w["steps"])
         self._reset_window()
         return logs
 
@@ -99,4 +110,5 @@ class HDPStats:
             "micro_batches_this_rank": t["micro_batches"],
             "p2p_bytes_this_rank": t["p2p_bytes"],
             "busy_cpu_s_this_rank": round(t["busy_s"], 3),
+            **({"offloaded_bytes_this_rank": self.offload.bytes_to_host} if self.offload is not None else {}),
         }

@@ -17,6 +17,7 @@ from ..data.documents import IGNORE_INDEX
 from ..data.loader import move_to
 from ..mesh import DynamicMesh
 from .loss import chunked_head
+from .offload import ActivationOffloader
 
 
 def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None, *,
@@ -68,14 +69,19 @@ def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, 
 
 
 def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicMesh, backend: str, device,
-                        loss_fn=None, context=contextlib.nullcontext):
+                        loss_fn=None, context=contextlib.nullcontext, offload: ActivationOffloader | None = None):
     """Move one packed micro-batch to ``device``, run its forward through the "hdp" attention and
-    return ``(loss, batch)``; refuse a model whose forward never called the "hdp" attention."""
+    return ``(loss, batch)``; refuse a model whose forward never called the "hdp" attention.
+
+    ``offload``: an :class:`~hf_hdp.trainer.offload.ActivationOffloader`; the forward then sends the
+    saved activations of the micro-batch's first decoder layers to host memory, and the backward that
+    follows brings them back (None: no offloading)."""
     loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
     batch = move_to(batch, device)
     meta = batch["hdp_metadata"]
     meta.bind(mesh, backend)
-    with context():
+    offloading = offload.offloading(model, meta, device) if offload is not None else contextlib.nullcontext()
+    with context(), offloading:
         loss = loss_fn(model, batch, num_items_in_batch=num_loss_tokens)
     if meta.attention_calls == 0:
         raise RuntimeError(
@@ -86,15 +92,23 @@ def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicM
 
 
 def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicMesh, backend: str,
-                      device, loss_fn=None, backward=None, context=contextlib.nullcontext) -> float:
+                      device, loss_fn=None, backward=None, context=contextlib.nullcontext,
+                      offload: ActivationOffloader | None = None, last_backward=None) -> float:
     """Forward and backward of this rank's micro-batches in slot order; returns the sum of their losses.
 
     Gradients accumulate locally; the caller reduces them once (:meth:`DynamicMesh.reduce_gradients`).
+    ``offload``: activation offloading of every micro-batch (see :func:`forward_micro_batch`); its
+    :class:`~hf_hdp.trainer.offload.OffloadStats` count the bytes moved. ``last_backward``: a context
+    manager factory entered around the last micro-batch's backward (the reduction's
+    :meth:`~hf_hdp.reduction.GradientReduction.watch`, which starts buckets as their gradients are final).
     """
     backward = backward or (lambda loss: loss.backward())
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro_batches:
-        loss, _ = forward_micro_batch(model, batch, num_loss_tokens, mesh, backend, device, loss_fn, context)
-        backward(loss)
+    for i, batch in enumerate(micro_batches):
+        loss, _ = forward_micro_batch(model, batch, num_loss_tokens, mesh, backend, device, loss_fn, context,
+                                      offload=offload)
+        last = last_backward is not None and i == len(micro_batches) - 1
+        with last_backward() if last else contextlib.nullcontext():
+            backward(loss)
         total += loss.detach().double()
     return float(total)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -61,10 +62,14 @@ from ..mesh import DynamicMesh
 from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
+from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
 from .evaluation import eval_dataloader, hdp_evaluation_loop
+from .fsdp import (ZERO2, ZERO3, LockstepPlanner, begin_zero2_step, end_zero2_step, fsdp_mode, full_model_state,
+                   gather_for_eval, prepare_optimizer, release_after_eval, shard_model)
 from .inputs import check_columns, check_metrics_arguments, check_step_methods, row_rules
 from .neftune import PerSampleNEFTune
+from .offload import ActivationOffloader, is_checkpointing
 from .stats import HDPStats
 from .step import hdp_loss, run_micro_batches
 from .zero import gradient_owners, shard_optimizer
@@ -156,6 +161,12 @@ class HDPTrainer(Trainer):
         args = copy.deepcopy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
         check_distributed_setup(args)
         world = args.world_size
+        # FSDP2 is HDP's own (hf_hdp.trainer.fsdp): read the mode, then take fsdp out of Trainer's hands
+        self.hdp_fsdp = fsdp_mode(args, self.hdp_config.zero_stage)
+        self._fsdp_args = types.SimpleNamespace(fsdp_config=dict(getattr(args, "fsdp_config", None) or {}))
+        self.hdp_fsdp_modules: list = []  # filled when the model is sharded (create_optimizer)
+        if self.hdp_fsdp is not None:
+            args.fsdp, args.fsdp_plugin_args = False, None
         self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
         check_metrics_arguments(kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"),
                                 args.prediction_loss_only)
@@ -183,6 +194,16 @@ class HDPTrainer(Trainer):
         self._eval_measured: dict = {}  # dataset fingerprint -> MeasuredDataset
         self._skip_optimizer_step = False  # set by training_step, consumed by the optimizer's guarded step
         self._skipped_steps = 0  # since the last log
+        # tokens_per_rank="auto": C from the memory budget, once, before the data is measured against it, into a
+        # copy of the config (hf_hdp.trainer.capacity); offload_ratio: the activation offloader (.offload)
+        self.hdp_capacity = None
+        if self.hdp_config.tokens_per_rank == "auto":
+            self.hdp_config, self.hdp_capacity = resolve_tokens_per_rank(
+                self.hdp_config, self.hdp_model, self.args, self.mesh.world_size,
+                fsdp=self.hdp_fsdp, loss_func=self.compute_loss_func)
+        self.hdp_offload = ActivationOffloader.from_config(self.hdp_config, cost_model=lambda: self.cost_model)
+        if self.hdp_offload is not None:
+            self.hdp_stats.track_offload(self.hdp_offload.stats)
         if self.train_dataset is not None:
             self.hdp_train_data = self._measure(self.train_dataset, "train_dataset")
             self.train_dataset = self.hdp_train_data.dataset
@@ -241,10 +262,16 @@ class HDPTrainer(Trainer):
         self._peak_flops = HARDWARE_PRESETS[hardware].peak_flops
         value_bytes = 2 if self.args.bf16 or self.args.fp16 else self.hdp_model.dtype.itemsize
         try:
-            return CostModel.from_config(self.hdp_model.config, hardware, bytes_per_value=value_bytes)
+            cost = CostModel.from_config(self.hdp_model.config, hardware, bytes_per_value=value_bytes)
         except (AttributeError, TypeError) as err:  # a config without the usual shape fields
             logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(self.hdp_model).__name__, err)
             return CostModel.default()
+        ratio = self.hdp_config.offload_ratio
+        if isinstance(ratio, (int, float)) and ratio > 0:  # the copies compute does not hide count in each estimate
+            recomputed = bool(getattr(self.args, "gradient_checkpointing", False)
+                              or getattr(self.args, "activation_checkpointing", False)) or is_checkpointing(self.hdp_model)
+            cost = dataclasses.replace(cost, offload_ratio=float(ratio), offload_checkpointing=recomputed)
+        return cost
 
     # ------------------------------------------------------------------ data
     def _measure(self, dataset, what: str) -> MeasuredDataset:
@@ -303,8 +330,12 @@ class HDPTrainer(Trainer):
 
     def hdp_step_loader(self, measured: MeasuredDataset, sampler: GlobalBatchSampler) -> HDPDataLoader:
         """A loader of this rank's HDP steps over ``measured``, planned with this trainer's planner and cost model."""
+        lockstep = self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1  # FSDP's per-layer collectives
+        planner = get_planner(self.hdp_config.planner, self.cost_model, **({"lockstep": True} if lockstep else {}))
+        if lockstep:
+            planner = LockstepPlanner(planner)  # any planner: the same micro-batch count on every rank
         steps = HDPStepDataset.from_measured(
-            measured, sampler, get_planner(self.hdp_config.planner, self.cost_model),
+            measured, sampler, planner,
             self.mesh.world_size, self.mesh.rank, self.hdp_config.tokens_per_rank, self.collator,
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
@@ -324,7 +355,14 @@ class HDPTrainer(Trainer):
                         metric_key_prefix="eval"):
         """HDP's forward-only loop for HDP eval loaders: ``{prefix}_loss`` is the eval set's per-token mean loss."""
         if isinstance(dataloader, HDPDataLoader):
-            return hdp_evaluation_loop(self, dataloader, metric_key_prefix)
+            gather = self.hdp_fsdp == ZERO2 and bool(self.hdp_fsdp_modules)
+            if gather:
+                gather_for_eval(self.hdp_fsdp_modules)  # ZeRO-2 mode: no collective between micro-batches
+            try:
+                return hdp_evaluation_loop(self, dataloader, metric_key_prefix)
+            finally:
+                if gather:
+                    release_after_eval(self.hdp_fsdp_modules)
         return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
@@ -333,6 +371,16 @@ class HDPTrainer(Trainer):
             "predictions. Use trainer.evaluate(test_dataset, metric_key_prefix='test') for the loss, or the stock "
             "Trainer (or model.generate) for predictions."
         )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Trainer's ``save_model``; with a sharded (FSDP) model, every rank gathers the whole weights
+        (a collective: Trainer calls this on every rank) and the saving rank writes them, loadable with
+        ``from_pretrained`` anywhere."""
+        if not self.hdp_fsdp_modules:
+            return super().save_model(output_dir, _internal_call)
+        state = full_model_state(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
 
     def get_total_train_batch_size(self, args) -> int:
         """Samples per optimizer step: HDP's global batch, whatever the world size."""
@@ -358,9 +406,15 @@ class HDPTrainer(Trainer):
         stage 1 or 2 (``HDPConfig.zero_stage``, see :mod:`hf_hdp.trainer.zero`), with its ``step``
         guarded so that HDP can skip one step (see :meth:`training_step`)."""
         built_by_trainer = self.optimizer is None
+        if self.hdp_fsdp is not None and self.mesh.world_size > 1 and built_by_trainer:
+            # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.trainer.fsdp)
+            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_args, self.hdp_fsdp, self.args.device)
         optimizer = super().create_optimizer(model)
-        optimizer = self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
-                                                     built_by_trainer=built_by_trainer)
+        if self.hdp_fsdp_modules:
+            prepare_optimizer(optimizer)  # its state is sharded like the parameters; full in checkpoints
+        else:
+            optimizer = self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
+                                                         built_by_trainer=built_by_trainer)
         _guard_step(optimizer, self._consume_skip)
         return optimizer
 
@@ -400,19 +454,32 @@ class HDPTrainer(Trainer):
             return torch.zeros((), dtype=torch.float32, device=self.args.device)
         started = time.process_time()
         bytes_before = self.mesh.stats.bytes_sent
-        loss_sum = run_micro_batches(
-            model, step.micro_batches, step.num_loss_tokens, self.mesh, self.hdp_config.attention_backend,
-            self.args.device, loss_fn=self.compute_loss, backward=self.accelerator.backward,
-            context=self.compute_loss_context_manager,
-        )
+        fsdp = self.hdp_fsdp_modules
+        if fsdp and self.hdp_fsdp == ZERO2:
+            begin_zero2_step(fsdp)  # the whole weights once; no collective inside the micro-batches
+        run = functools.partial(run_micro_batches, model, num_loss_tokens=step.num_loss_tokens, mesh=self.mesh,
+                                backend=self.hdp_config.attention_backend, device=self.args.device,
+                                loss_fn=self.compute_loss, backward=self.accelerator.backward,
+                                context=self.compute_loss_context_manager, offload=self.hdp_offload)
         params = [p for p in model.parameters() if p.requires_grad]
+        reduction = None
+        if not fsdp:  # started during the last backward (hf_hdp.reduction); ZeRO stage 2: a reduce-scatter
+            reduction = self.mesh.gradient_reduction(params, gradient_owners(self.optimizer, params), num_extras=3,
+                                                     step=step.global_step)
+        overlap = reduction.watch if reduction is not None and self.hdp_config.overlap_grad_reduction else None
+        loss_sum = run(step.micro_batches, last_backward=overlap)
+        if fsdp and self.hdp_fsdp == ZERO2:
+            end_zero2_step(fsdp)  # every rank's placeholder backward reduce-scatters the accumulated gradients
+            loss_sum += run([self.collator.placeholder(self.mesh.rank, step.plan.num_slots, step.global_step)])
         sent = self.mesh.stats.bytes_sent - bytes_before
         labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
-        # the step's loss, the P2P bytes and the label tokens of all ranks ride in the gradient reduction;
-        # at ZeRO stage 2 it is a reduce-scatter: each rank keeps its optimizer shard's gradients only
-        total, sent_all, labels_all = self.mesh.reduce_gradients(params, extras=[loss_sum, float(sent), labels],
-                                                                   step=step.global_step,
-                                                                   owners=gradient_owners(self.optimizer, params))
+        if fsdp:  # FSDP reduce-scattered the gradients itself; the step's sums go in one bounded all-reduce
+            total, sent_all, labels_all = self.mesh.sum_scalars([loss_sum, float(sent), labels],
+                                                                "step sums (loss, bytes, labels)", step.global_step)
+            self.mesh.gradients_sharded = True
+        else:
+            # the step's loss, the P2P bytes and the label tokens of all ranks ride in its last bucket
+            total, sent_all, labels_all = reduction.finish([loss_sum, float(sent), labels])
         if int(round(labels_all)) != step.num_loss_tokens:
             raise HDPDataError(
                 f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "

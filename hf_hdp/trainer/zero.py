@@ -24,8 +24,9 @@ ZeRO stages 1 and 2 need exactly that:
   during backward: HDP's micro-batches accumulate into whole local gradients, and they can be
   reduced only once the rank's last micro-batch is done, because the ranks run different counts.
 
-Weights stay replicated: ZeRO-3 / FSDP gather weights per layer per forward and need equal
-micro-batch counts on every rank (DESIGN §8).
+Weights stay replicated here. To shard them too, HDPTrainer runs FSDP2
+(``TrainingArguments(fsdp="full_shard")``, :mod:`hf_hdp.trainer.fsdp`), whose per-layer gathers
+need equal micro-batch counts on every rank: lockstep plans.
 
 The ownership is element-free (whole parameters), so any optimizer that updates each parameter from
 its own gradient and state works (AdamW, SGD, Adafactor, Lion, 8-bit Adam, ...); one that couples
@@ -312,14 +313,25 @@ def gradient_owners(optimizer, params: list[torch.Tensor]) -> list[int | None] |
 def save_full_optimizer_state(trainer, folder: str) -> None:
     """Replace the placeholder ``optimizer.pt`` Trainer wrote into ``folder`` by the full state. Call on all ranks.
 
-    A no-op unless the optimizer is sharded and the checkpoint holds the optimizer
-    (``save_only_model=False``). Written by the ranks that save (``TrainingArguments.should_save``),
+    A no-op unless the optimizer is sharded (ZeRO, or FSDP: :mod:`hf_hdp.trainer.fsdp`) and the
+    checkpoint holds the optimizer (``save_only_model=False``). Written by the ranks that save (``TrainingArguments.should_save``),
     to a temporary file first and then renamed, so the file is never half written.
     """
-    zero = unwrap_zero(getattr(trainer, "optimizer", None))
-    if zero is None or trainer.args.save_only_model:
+    if trainer.args.save_only_model:
         return
-    full = zero.full_state_dict(receive=bool(trainer.args.should_save))
+    zero = unwrap_zero(getattr(trainer, "optimizer", None))
+    if zero is not None:
+        full = zero.full_state_dict(receive=bool(trainer.args.should_save))
+    elif getattr(trainer, "hdp_fsdp_modules", None):  # FSDP: the state of sharded parameters, gathered
+        from .fsdp import full_optimizer_state  # fsdp imports this module (the placeholder key)
+
+        optimizer = trainer.optimizer
+        while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
+            optimizer = optimizer.optimizer
+        full = full_optimizer_state(optimizer)  # a collective: every rank gathers every tensor
+        full = full if trainer.args.should_save else None
+    else:
+        return
     if full is None or not os.path.isdir(folder):
         return
     path = os.path.join(folder, OPTIMIZER_FILE)

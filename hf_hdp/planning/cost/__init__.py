@@ -10,7 +10,8 @@ Pure Python, and nothing runs at import. The modules, each depending only on tho
   the ring communication and the gradient all-reduce;
 - :mod:`.calibration`: :func:`calibrate`, the coefficients fitted to timings of this machine
   (``benchmarks/calibrate.py`` does it for a real model);
-- :mod:`.memory`: peak bytes per rank, and the ``tokens_per_rank`` a memory budget allows.
+- :mod:`.memory`: peak bytes per rank by kind (:func:`memory_breakdown`), and the ``tokens_per_rank``
+  a memory budget allows.
 """
 
 from .calibration import calibrate, predicted_time, relative_residuals
@@ -23,11 +24,18 @@ from .fit import (
     length_sums,
 )
 from .memory import (
+    FSDP_MODES,
+    MemoryBreakdown,
     activation_bytes_per_token,
+    device_layers,
+    head_bytes,
     layer_activation_bytes_per_token,
+    layer_input_bytes_per_token,
     logits_bytes_per_token,
+    memory_breakdown,
     memory_per_rank,
     model_state_bytes,
+    offloaded_layers,
     tokens_per_rank_for_memory,
 )
 from .model import CostModel, ring_segments
@@ -36,23 +44,30 @@ from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, Hard
 __all__ = [
     "BYTESCALE_LAYER_MS",
     "FLOAT32_BYTES",
+    "FSDP_MODES",
     "FWD_BWD",
     "HARDWARE_PRESETS",
     "MODEL_PRESETS",
     "CostModel",
     "HardwareSpec",
+    "MemoryBreakdown",
     "ModelSpec",
     "activation_bytes_per_token",
     "bytescale_fit",
     "bytescale_hardware",
     "calibrate",
+    "device_layers",
     "fit_coefficients",
     "hardware_from_coefficients",
+    "head_bytes",
     "layer_activation_bytes_per_token",
+    "layer_input_bytes_per_token",
     "length_sums",
     "logits_bytes_per_token",
+    "memory_breakdown",
     "memory_per_rank",
     "model_state_bytes",
+    "offloaded_layers",
     "predicted_time",
     "relative_residuals",
     "ring_segments",

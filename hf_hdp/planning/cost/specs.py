@@ -133,30 +133,38 @@ class HardwareSpec:
     ranks_per_node: int = 8
     overhead_per_layer: float = 0.0  # seconds per layer per micro-batch (launches, norms)
     memory_bytes: float = 80e9
+    # bytes/s one way between the rank's device memory and pinned host memory, for activation offloading
+    # (hf_hdp.trainer.offload); 0: unknown, then offload_ratio="auto" never offloads
+    host_bandwidth: float = 0.0
 
 
 HARDWARE_PRESETS = {
     # H100 SXM: 989 TFLOP/s dense bf16; NVLink 4 450 GB/s per direction; 400 Gb/s InfiniBand NDR per GPU.
     # Efficiencies: FlashAttention-2/3 causal fwd+bwd reaches 40-50% of peak at long context, large bf16
     # GEMMs 60-70%. ByteScale's per-layer LLaMA-7B times imply exactly 2x these rates (CostModel.bytescale).
-    "h100": HardwareSpec("h100", 989e12, 0.45, 0.60, 450e9, 5e-6, 50e9, 15e-6, 8, 2e-5, 80e9),
+    # Host link: PCIe Gen5 x16, 32 GT/s x 16 lanes = 63 GB/s raw per direction; pinned-memory copies reach about
+    # 50 GB/s per direction (an assumption: the usual ~80% of raw PCIe, not measured here).
+    "h100": HardwareSpec("h100", 989e12, 0.45, 0.60, 450e9, 5e-6, 50e9, 15e-6, 8, 2e-5, 80e9, 50e9),
     # This project's CPU machine (2 Xeon cores, 24 GB), ONE rank on one thread (torch.set_num_threads(1), float32,
     # the "reference" attention), from `python benchmarks/calibrate.py --p2p` on the tiny stdlib Llama (hidden 128,
     # 4 layers, vocab 2048): a = 9.9e-8, b = 1.39e-5, c = 1.16e-3 s per layer, residuals within 25% over 64..2048
     # tokens and packed micro-batches. peak_flops is one thread's float32 1024^3 matmul rate (process CPU time);
     # the efficiencies are the fitted rates over it: the reference attention reaches 3.7% (explicit, memory-bound
-    # scores), the GEMMs 50%. P2P: gloo two-way exchange between two local processes, 80 us + 2.2 GB/s.
-    "cpu": HardwareSpec("cpu", 2.12e11, 0.0365, 0.495, 2.2e9, 8e-5, 2.2e9, 8e-5, 64, 1.16e-3, 24e9),
+    # scores), the GEMMs 50%. P2P: gloo two-way exchange between two local processes, 80 us + 2.2 GB/s. "Host"
+    # copies on a CPU rank are memory copies into freshly allocated tensors: 1.5-2.0 GB/s on one thread for 4-64 MB
+    # (measured with torch.empty_like + copy_), 1.5 GB/s taken.
+    "cpu": HardwareSpec("cpu", 2.12e11, 0.0365, 0.495, 2.2e9, 8e-5, 2.2e9, 8e-5, 64, 1.16e-3, 24e9, 1.5e9),
     # One H200 measured with `python benchmarks/calibrate.py --model llama-7b-layers` (torch 2.11, bf16, the
     # "hdp" attention on torch_varlen, 1K-32K tokens and packed micro-batches): a = 9.32e-11, b = 3.20e-6,
     # c = 1.35e-3 s per layer, residuals within 3.5%; a dense bf16 matmul ran at 737 TFLOP/s, attention at
-    # 264 (36%) and the GEMMs at 503 (68%). Links as the H100 preset (one GPU was lent: NVLink/IB not measured).
-    "h200": HardwareSpec("h200", 737e12, 0.358, 0.682, 450e9, 5e-6, 50e9, 15e-6, 8, 1.35e-3, 141e9),
+    # 264 (36%) and the GEMMs at 503 (68%). Links as the H100 preset (one GPU was lent: NVLink/IB not measured),
+    # the host link too (PCIe Gen5 x16, 50 GB/s per direction assumed, not measured).
+    "h200": HardwareSpec("h200", 737e12, 0.358, 0.682, 450e9, 5e-6, 50e9, 15e-6, 8, 1.35e-3, 141e9, 50e9),
     # H100 links with the compute rates fitted to ByteScale's LLaMA-7B per-layer times, usable with any model:
     # from_specs(llama-7b, HARDWARE_PRESETS["bytescale"]) equals CostModel.bytescale() (efficiencies over 989 TFLOP/s:
     # attention about 0.90, linear about 1.18 -- above 1, see CostModel.bytescale for why). The figures are
     # fit.bytescale_hardware(), stored so that importing runs no fit; tests/test_cost.py checks that they match it.
     "bytescale": HardwareSpec("bytescale", 989e12, 0.9049421898371894, 1.1753512268386268, 450e9, 5e-6, 50e9, 15e-6,
-                              8, 0.0003015157858242302, 80e9),
+                              8, 0.0003015157858242302, 80e9, 50e9),
 }
 
