@@ -114,12 +114,14 @@ class _Pending:
 class CommStats:
     """What a mesh sent. ``bytes_sent`` / ``messages_sent``: ring P2P only; ``collectives``: collectives
     over all ranks (plan check, gradient buckets, weight all-gathers, sums); ``largest_buffer_bytes``:
-    the largest bucket buffer the gradient reduction or the weight all-gather allocated."""
+    the largest bucket buffer the gradient reduction or the weight all-gather allocated;
+    ``buckets_started_in_backward``: gradient buckets started while the last backward still ran."""
 
     bytes_sent: int = 0
     messages_sent: int = 0
     collectives: int = 0
     largest_buffer_bytes: int = 0
+    buckets_started_in_backward: int = 0
 
 
 class DynamicMesh:
@@ -275,6 +277,11 @@ class DynamicMesh:
             return _Pending(start(opts), kind, what, step)
         except RuntimeError as err:
             raise self._collective_error(err, what, step, kind) from err
+
+    @staticmethod
+    def _done(pending: "_Pending") -> bool:
+        """Whether a started collective has completed (never waits)."""
+        return bool(pending.work.is_completed())
 
     def _finish(self, pending: "_Pending") -> None:
         """Wait for a started collective within the bound (see the class docstring)."""

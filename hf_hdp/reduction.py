@@ -20,7 +20,10 @@ is fixed by the layout, and a bucket starts only after all buckets before it. Th
 ride along (the step's loss, P2P bytes and label count) are known only after the backward, so
 the bucket that holds them is sent last (bucket 0 of an all-reduce; a reduce-scatter's last). At most :data:`MAX_IN_FLIGHT` buckets are in flight: the
 oldest is waited for before another starts, so the buffers alive at once stay a few buckets, never
-a second copy of the gradients. A bucket that is one piece of one gradient is reduced in place.
+a second copy of the gradients; inside backward nothing waits (a ring partner may need this
+rank's next P2P message before it reaches the reduction): with the buckets in flight not done yet,
+the next ones wait for a later hook or for :meth:`finish`. A bucket that is one piece of one
+gradient is reduced in place.
 
 A parameter whose gradient changes after its bucket was sent (a hook firing twice for it in one
 backward) would be reduced wrongly; that is refused at :meth:`finish`, naming the parameter, with
@@ -103,10 +106,16 @@ class GradientReduction:
             return
         for b in self.buckets_of.get(t, ()):
             self.pending[b] -= 1
-        while self.next < len(self.order) and self.pending[self.order[self.next]] <= 0:
+        # never wait inside backward: a ring partner may need this rank's next P2P before it reaches the
+        # reduction, so only buckets already done are collected here, and a bucket starts only with room
+        while self.in_flight and self.mesh._done(self.in_flight[0][3]):
+            self._complete(self.in_flight.popleft())
+        while (self.next < len(self.order) and self.pending[self.order[self.next]] <= 0
+               and len(self.in_flight) < MAX_IN_FLIGHT):
             self._start(self.order[self.next])
             self.next += 1
             self.started_in_backward += 1
+            self.mesh.stats.buckets_started_in_backward += 1
 
     # ------------------------------------------------------------ buckets
     def _keeps(self, t: int) -> bool:

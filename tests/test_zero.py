@@ -444,6 +444,7 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
     record["local_param_numel"] = sum(local_tensor(p).numel() for p in model.parameters())
     record["fsdp_modules"] = len(trainer.hdp_fsdp_modules)
     record["fsdp_mode"] = trainer.hdp_fsdp
+    record["early_buckets"] = trainer.mesh.stats.buckets_started_in_backward
     if evaluate:  # after training: with FSDP, on the sharded model
         record["eval_loss"] = trainer.evaluate(Dataset.from_list(_rows()[:7]))["eval_loss"]
     return record
@@ -530,6 +531,17 @@ def test_stages_1_and_2_train_the_same_weights_as_stage_0_and_one_process(traine
                 assert torch.equal(four[r][name]["weights"][k], w), (r, name, k)
     for r in range(2):
         _close(trained[2][r]["stage2"]["weights"], one, f"2 ranks, rank {r}")
+
+
+def test_the_trainers_reduction_started_during_the_last_backward(trained):
+    # the runs' 4 KiB buckets started inside backward on ranks with micro-batches,
+    # rings in that backward included (a 40-token sample on 3 ranks), with no hang and the weights above
+    for name in ("default", "stage2"):
+        early = [trained[4][r][name]["early_buckets"] for r in range(4)]
+        assert sum(early) > 0, (name, early)
+    # stage 0 runs with 25 MiB buckets: the tiny model is one bucket, with the extras, so it is sent last
+    assert [trained[4][r]["stage0"]["early_buckets"] for r in range(4)] == [0] * 4
+    assert trained[1]["adamw"]["early_buckets"] == 0  # one process: nothing to reduce
 
 
 def test_each_rank_holds_only_its_shard_of_the_optimizer_state(trained):

@@ -6,8 +6,12 @@ It changes these things through Trainer's override points, and nothing else:
   the step plan (see :mod:`hf_hdp.data.loader`).
 - ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
   slot order (ranks may run different numbers, zero included), then joins the step's one gradient
-  reduction (the same bounded buckets on every rank; a reduce-scatter at ZeRO stage 2); the step's
-  loss, P2P bytes and label count ride in it.
+  reduction (the same bounded buckets on every rank, started during the last backward,
+  :mod:`hf_hdp.reduction`; a reduce-scatter at ZeRO stage 2); the step's loss, P2P bytes and label
+  count ride in it. Under FSDP2 (``TrainingArguments.fsdp``) the reduction is FSDP's, in one of
+  two modes (:mod:`hf_hdp.trainer.fsdp`).
+- ``create_optimizer``: applies FSDP2 first, when asked; then Trainer's optimizer, sharded at ZeRO
+  stage 1 or 2 otherwise. ``save_model``: under FSDP2 the whole weights, gathered on every rank.
 - ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
   count, from labels the collator already shifted (or the user's ``compute_loss_func``).
 - ``create_accelerator_and_postprocess``: Trainer's Accelerator setup, then an
@@ -15,7 +19,7 @@ It changes these things through Trainer's override points, and nothing else:
   carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
 - ``get_eval_dataloader`` / ``evaluation_loop``: HDP evaluation, the eval set's per-token mean loss
   (see :mod:`hf_hdp.trainer.evaluation`); Trainer's own ``evaluate`` runs around them.
-- ``create_optimizer``: the optimizer's ``step`` gets a guard, so that a global batch without a
+- ``create_optimizer`` also guards the optimizer's ``step``, so that a global batch without a
   single label token skips the optimizer step for real (see :meth:`HDPTrainer.training_step`).
 
 Every other Trainer input is honoured or refused at construction (see :mod:`hf_hdp.trainer.inputs`
