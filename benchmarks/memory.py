@@ -6,7 +6,8 @@
 **States** (``torchrun``): one real HDPTrainer run per configuration (zero_stage 0, 1, 2; FSDP2
 ``shard_grad_op`` and ``full_shard``) of a ~60M-parameter Llama (float32, AdamW, built from a config
 and loaded with ``from_pretrained``) on the same global batches of long-tailed random-token samples,
-so every configuration runs the same plans (balanced planner; ``full_shard`` runs them in lockstep).
+so every configuration runs the same plans (balanced planner; ``full_shard`` runs them in lockstep);
+stage 1 also without starting the buckets during the last backward (``overlap_grad_reduction=False``).
 Per rank, measured after each step's gradient reduction (``on_pre_optimizer_step``):
 
 - optimizer-state bytes this rank holds (its shard's AdamW moments; DTensors by their local shard);
@@ -19,7 +20,8 @@ Per rank, measured after each step's gradient reduction (``on_pre_optimizer_step
 next to :func:`hf_hdp.planning.memory_breakdown`'s estimate for the same model, world and mode, and
 each configuration's step time (median wall seconds of the steps after the first) as a ratio to stage 0.
 Four ranks share this machine's cores: wall time mixes in contention, the ratios less so (the same
-plans, side by side in one run).
+plans, side by side in one run); the busiest rank's CPU seconds per step are printed too, a figure that
+waiting does not inflate.
 
 **Loss** (``--loss``): the peak resident memory of the LM head + cross-entropy forward and backward
 (``ru_maxrss`` of a fresh process, minus its level before the loss), for T = 4K and 16K tokens at a
@@ -45,12 +47,13 @@ import time
 import torch
 
 MB = 1024**2
-CONFIGS = [  # name, HDPConfig.zero_stage, TrainingArguments.fsdp
-    ("stage 0", 0, None),
-    ("stage 1", 1, None),
-    ("stage 2", 2, None),
-    ("FSDP2 shard_grad_op", None, "shard_grad_op"),
-    ("FSDP2 full_shard", None, "full_shard"),
+CONFIGS = [  # name, HDPConfig.zero_stage, TrainingArguments.fsdp, HDPConfig.overlap_grad_reduction
+    ("stage 0", 0, None, True),
+    ("stage 1", 1, None, True),
+    ("stage 1, no overlap", 1, None, False),
+    ("stage 2", 2, None, True),
+    ("FSDP2 shard_grad_op", None, "shard_grad_op", True),
+    ("FSDP2 full_shard", None, "full_shard", True),
 ]
 
 
@@ -102,7 +105,7 @@ def states(args) -> None:
     dist.barrier()
     data = Dataset.from_list(_rows(args.samples * (args.steps + 1)))
     results = {}
-    for name, stage, fsdp in CONFIGS:
+    for name, stage, fsdp, overlap in CONFIGS:
         model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "model"), dtype=torch.float32)
         training = TrainingArguments(
             output_dir=os.path.join(tmp, name.replace(" ", "_")), use_cpu=True, report_to=[], disable_tqdm=True,
@@ -110,19 +113,20 @@ def states(args) -> None:
             **({"fsdp": fsdp} if fsdp else {}),
         )
         hdp = HDPConfig(tokens_per_rank=args.tokens_per_rank, global_batch_size=args.samples, zero_stage=stage,
-                        hardware="cpu")
+                        hardware="cpu", overlap_grad_reduction=overlap)
         trainer = HDPTrainer(model, training, train_dataset=data, hdp_config=hdp)
-        record = {"grads": [], "optimizer": [], "times": [], "micro_batches": []}
+        record = {"grads": [], "optimizer": [], "times": [], "cpu": [], "micro_batches": []}
 
         class Measure(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
-                self.started = time.perf_counter()
+                self.started, self.cpu = time.perf_counter(), time.process_time()
 
             def on_pre_optimizer_step(self, a, state, control, **kw):
                 record["grads"].append(_bytes(p.grad for p in trainer.model.parameters()))
 
             def on_step_end(self, a, state, control, **kw):
                 record["times"].append(time.perf_counter() - self.started)
+                record["cpu"].append(time.process_time() - self.cpu)
                 opt = unwrap_zero(trainer.optimizer) or trainer.optimizer
                 record["optimizer"].append(_bytes(v for s in opt.state.values() for v in s.values()
                                                   if torch.is_tensor(v) and v.dim()))
@@ -166,6 +170,7 @@ def _print_states(results, world, bucket, args) -> None:
     replicated_opt = max(r["optimizer"][-1] for r in results["stage 0"])
     replicated_grad = max(r["grads"][-1] for r in results["stage 0"])
     base = statistics.median(t for r in results["stage 0"] for t in r["times"][1:])
+    base_cpu = statistics.median(max(r["cpu"][i] for r in results["stage 0"]) for i in range(1, args.steps))
     print(f"model: {params / 1e6:.1f}M parameters, float32, AdamW; {world} gloo ranks; C = {args.tokens_per_rank}; "
           f"{args.steps} steps of {args.samples} samples; bucket bound {bucket / MB:.0f} MiB")
     print(f"micro-batches per rank per step (stage 0): "
@@ -173,21 +178,24 @@ def _print_states(results, world, bucket, args) -> None:
           f"{[r['micro_batches'] for r in results['FSDP2 full_shard']]}")
     head = (f"{'config':20s} {'optimizer MiB/rank':>18s} {'est':>7s} {'x repl':>6s} | {'grads after step':>16s} "
             f"{'est':>7s} {'x repl':>6s} | {'weights':>7s} | {'peak states est':>15s} | {'largest buffer MiB':>30s} | "
-            f"{'step s':>6s} {'/ st.0':>6s}")
+            f"{'step s':>6s} {'/ st.0':>6s} {'cpu s':>6s} {'/ st.0':>6s}")
     print(head)
     for name, ranks in results.items():
         opt = max(r["optimizer"][-1] for r in ranks)
         grad = max(r["grads"][-1] for r in ranks)
         est = ranks[0]["estimate"]
         step = statistics.median(t for r in ranks for t in r["times"][1:])
+        cpu = statistics.median(max(r["cpu"][i] for r in ranks) for i in range(1, args.steps))
         buffer = f"{ranks[0]['buffer'] / MB:.1f} ({ranks[0]['buffer_kind']})"
         print(f"{name:20s} {opt / MB:18.1f} {est['optimizer'] / MB:7.1f} {opt / replicated_opt:6.3f} | "
               f"{grad / MB:16.1f} {est['gradients_after'] / MB:7.1f} {grad / replicated_grad:6.3f} | "
               f"{max(r['weights_local'] for r in ranks) / MB:7.1f} | {est['peak_states'] / MB:15.1f} | {buffer:>30s} | "
-              f"{step:6.2f} {step / base:6.2f}")
+              f"{step:6.2f} {step / base:6.2f} {cpu:6.2f} {cpu / base_cpu:6.2f}")
     print("columns: MiB per rank, the largest over the ranks; 'est' from hf_hdp.planning.memory_breakdown (optimizer) "
           "and P x 4 B (/ world when sharded) for the gradients; 'weights': this rank's parameters between steps; "
-          "'peak states est': memory_breakdown's weights + gradients + optimizer at the step's peak")
+          "'peak states est': memory_breakdown's weights + gradients + optimizer at the step's peak; 'step s': median "
+          "wall seconds of the steps after the first (4 ranks share the cores: contention included); 'cpu s': the "
+          "busiest rank's CPU seconds in the step, median (waiting excluded: the contention-free work)")
     print(f"targets: optimizer state per rank <= 1/{world} + 5% = {1 / world + 0.05:.3f} of replicated at stage >= 1; "
           f"gradients <= {1 / world + 0.05:.3f} at stage 2 (and FSDP2); no HDP buffer above the bucket bound")
 

@@ -35,6 +35,11 @@ def _plans():
     return plans
 
 
+def _families_worker(rank, world_size, paths: dict, plan_jsons):
+    """Every family's model in one launch of the ranks (each launch costs seconds of imports)."""
+    return {family: _hdp_worker(rank, world_size, path, plan_jsons) for family, path in paths.items()}
+
+
 def _hdp_worker(rank, world_size, model_path, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
     from hf_hdp.mesh import DynamicMesh
@@ -61,13 +66,24 @@ def _hdp_worker(rank, world_size, model_path, plan_jsons):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_hdp_gradients_equal_single_device(family, tmp_path):
-    path = save_tiny_model(family, str(tmp_path / family))
+FAMILIES = ["llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("equivalence")
+    paths = {f: save_tiny_model(f, str(base / f)) for f in FAMILIES}
+    return paths, run_distributed(_families_worker, WORLD, paths, [p.to_json() for p in _plans()])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hdp_gradients_equal_single_device(family, family_runs):
+    paths, runs = family_runs
+    path = paths[family]
     plans = _plans()
     ks = {p.k for p in plans[0].pieces()}
     assert {1, 3, 4} <= ks, ks
-    results = run_distributed(_hdp_worker, WORLD, path, [p.to_json() for p in plans])
+    results = [r[family] for r in runs]
 
     ref_loss, ref_grads = reference_step(load_model(path), _samples())
     for i, plan in enumerate(plans):

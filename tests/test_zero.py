@@ -158,21 +158,30 @@ def _reduce_worker(rank, world, bucket_bytes):
         p.grad = torch.full_like(p, float(rank + 1))
     DynamicMesh(bucket_bytes=bucket_bytes).reduce_gradients(p32, step=3)
     out["dtypes"] = [(p.grad.dtype, float(p.grad[0])) for p in p32]
-    if world == 4:  # the reduction started inside the last backward, in the same processes
+    return out
+
+
+def _mesh_worker(rank, world, bucket_bytes):
+    """Every mesh-level check of this file in one launch of the ranks (each launch costs seconds of imports):
+    the bucketed reduction, the ZeroOptimizer (stage 2; on 4 ranks stage 1 too) and, on 4 ranks, the
+    reduction started inside the last backward."""
+    out = {"reduce": _reduce_worker(rank, world, bucket_bytes),
+           "optimizer": {stage: _optimizer_worker(rank, world, stage) for stage in ((1, 2) if world == 4 else (2,))}}
+    if world == 4:
         out["overlap"] = {sharded: _overlap_worker(rank, world, sharded) for sharded in (False, True)}
     return out
 
 
 @pytest.fixture(scope="module")
-def reduced():
-    """The bucket-reduction workers on 2 and 4 gloo ranks (1024-byte buckets), one launch each."""
-    return {world: run_distributed(_reduce_worker, world, 1024, timeout=300) for world in (2, 4)}
+def meshes():
+    """:func:`_mesh_worker` on 2 and 4 gloo ranks (1024-byte buckets for the reduction checks)."""
+    return {world: run_distributed(_mesh_worker, world, 1024, timeout=400) for world in (2, 4)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world, reduced):
+def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world, meshes):
     bucket_bytes = 1024  # 128 float64 elements: the 64x64 gradient alone spans 32 buckets
-    results = reduced[world]
+    results = [out["reduce"] for out in meshes[world]]
     total = sum(p.numel() for p in _params())
     for rank, out in enumerate(results):
         diff, sums, ref_extras, collectives, largest = out["allreduce"]
@@ -234,8 +243,8 @@ def _overlap_worker(rank, world, sharded):
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-def test_the_reduction_starts_during_the_last_backward_and_equals_one_flat_all_reduce(sharded, reduced):
-    results = [out["overlap"][sharded] for out in reduced[4]]
+def test_the_reduction_starts_during_the_last_backward_and_equals_one_flat_all_reduce(sharded, meshes):
+    results = [out["overlap"][sharded] for out in meshes[4]]
     for rank, out in enumerate(results):
         assert out["diff"] <= 1e-15, (rank, out["diff"])
         assert out["sums"] == pytest.approx(out["ref_extras"], rel=1e-15) and out["sums"][1] == 8.0
@@ -307,21 +316,9 @@ def _optimizer_worker(rank, world, stage):
     return equal, state_numel, same_state, resumed, refused, sum(p.numel() for p in params)
 
 
-def _optimizer_stages_worker(rank, world, stages):
-    return {stage: _optimizer_worker(rank, world, stage) for stage in stages}
-
-
-@pytest.fixture(scope="module")
-def optimized():
-    """The ZeroOptimizer worker: stages 1 and 2 on 4 ranks in one launch, stage 2 on 2."""
-    four = run_distributed(_optimizer_stages_worker, 4, (1, 2), timeout=300)
-    two = run_distributed(_optimizer_stages_worker, 2, (2,), timeout=300)
-    return {(4, s): [r[s] for r in four] for s in (1, 2)} | {(2, 2): [r[2] for r in two]}
-
-
 @pytest.mark.parametrize("world,stage", [(2, 2), (4, 1), (4, 2)])
-def test_zero_optimizer_steps_as_the_plain_one_and_holds_its_shard(world, stage, optimized):
-    results = optimized[(world, stage)]
+def test_zero_optimizer_steps_as_the_plain_one_and_holds_its_shard(world, stage, meshes):
+    results = [out["optimizer"][stage] for out in meshes[world]]
     total = results[0][5]
     largest = max(p.numel() for p in _params())
     numels = [r[1] for r in results]
