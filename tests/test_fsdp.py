@@ -36,8 +36,9 @@ def test_both_modes_train_the_weights_of_one_process(trained):
             assert trained[4][r][name]["fsdp_modules"] > 1, name  # every decoder layer and the root
             _close(trained[4][r][name]["weights"], one, f"4 ranks, rank {r}, {name}")
     for r in range(2):
-        assert trained[2][r]["grad_op_checkpointing"]["fsdp_mode"] == "shard_grad_op"
-        _close(trained[2][r]["grad_op_checkpointing"]["weights"], one, f"2 ranks, rank {r}, checkpointing")
+        for name, mode in (("grad_op_checkpointing", "shard_grad_op"), ("full_shard_checkpointing", "full_shard")):
+            assert trained[2][r][name]["fsdp_mode"] == mode
+            _close(trained[2][r][name]["weights"], one, f"2 ranks, rank {r}, {name}")
 
 
 def test_evaluation_on_the_sharded_model_gives_one_processs_loss(trained):

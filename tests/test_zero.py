@@ -470,6 +470,7 @@ FSDP_RUNS_2 = {
     # transformers' current spelling: fsdp=True, the strategy in fsdp_config
     "grad_op_checkpointing": (dict(fsdp=True, fsdp_config={"reshard_after_forward": False},
                                    gradient_checkpointing=True), None),
+    "full_shard_checkpointing": (dict(fsdp="full_shard", gradient_checkpointing=True), None),
 }
 
 
