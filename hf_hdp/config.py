@@ -292,7 +292,7 @@ class HDPConfig:
                 "FSDP2 with sharded weights (hf_hdp.trainer.fsdp). DeepSpeed's engine reduces gradients per "
                 "micro-batch, which deadlocks when ranks run different numbers of micro-batches. Unset deepspeed."
             )
-        if getattr(args, "fsdp", None) and getattr(args, "fsdp_plugin_args", None) is not None:
+        if getattr(args, "fsdp", None):
             raise ValueError(
                 "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.trainer.fsdp), in its own "
                 "step; a custom loop must use HDPConfig(zero_stage=1 or 2) instead, or pass the arguments to "

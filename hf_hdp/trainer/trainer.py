@@ -171,6 +171,9 @@ class HDPTrainer(Trainer):
         self.hdp_fsdp_modules: list = []  # filled when the model is sharded (create_optimizer)
         if self.hdp_fsdp is not None:
             args.fsdp, args.fsdp_plugin_args = False, None
+            if world == 1:
+                logger.info("hf_hdp: fsdp=%r on one process: one shard is the whole model, so it trains unsharded.",
+                            self.hdp_fsdp)
         self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
         check_metrics_arguments(kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"),
                                 args.prediction_loss_only)
