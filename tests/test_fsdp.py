@@ -26,7 +26,7 @@ RUNS_2 = FSDP_RUNS_2
 @pytest.fixture(scope="module")
 def trained(sharded_runs):
     """The runs of tests/test_zero.py's :func:`train_all` (shared: one launch per world for both files)."""
-    return {**sharded_runs, 1: sharded_runs[1]["adamw"]}
+    return {**sharded_runs, 1: sharded_runs[1]["adamw"], "tied": sharded_runs[1]["tied"]["weights"]}
 
 
 def test_both_modes_train_the_weights_of_one_process(trained):
@@ -39,6 +39,7 @@ def test_both_modes_train_the_weights_of_one_process(trained):
         for name, mode in (("grad_op_checkpointing", "shard_grad_op"), ("full_shard_checkpointing", "full_shard")):
             assert trained[2][r][name]["fsdp_mode"] == mode
             _close(trained[2][r][name]["weights"], one, f"2 ranks, rank {r}, {name}")
+        _close(trained[2][r]["full_shard_tied"]["weights"], trained["tied"], f"2 ranks, rank {r}, tied embeddings")
 
 
 def test_evaluation_on_the_sharded_model_gives_one_processs_loss(trained):

@@ -25,12 +25,13 @@ import time
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from hf_hdp import HDPConfig
 from hf_hdp.buckets import plan_buckets
 from hf_hdp.trainer.zero import partition, resolve_zero_stage
 from tests.dist_utils import run_distributed
-from tests.models import VOCAB, save_tiny_model
+from tests.models import CONFIGS, VOCAB, save_tiny_model
 
 STEPS = 4
 GLOBAL_BATCH = 3
@@ -471,6 +472,8 @@ FSDP_RUNS_2 = {
     "grad_op_checkpointing": (dict(fsdp=True, fsdp_config={"reshard_after_forward": False},
                                    gradient_checkpointing=True), None),
     "full_shard_checkpointing": (dict(fsdp="full_shard", gradient_checkpointing=True), None),
+    # tied input and output embeddings: one parameter in FSDP's root unit
+    "full_shard_tied": (dict(fsdp="full_shard", model="tied"), None),
 }
 
 
@@ -485,17 +488,23 @@ def _trainer_worker(rank, world, model_path, base, runs):
         kwargs = dict(kwargs)
         if kwargs.get("resume"):
             kwargs["resume"] = os.path.join(base, "w4", kwargs["resume"])
-        out[name] = _train(model_path, os.path.join(base, f"w{world}", name), world, **kwargs)
+        path = os.path.join(base, kwargs.pop("model")) if "model" in kwargs else model_path
+        out[name] = _train(path, os.path.join(base, f"w{world}", name), world, **kwargs)
     return out
 
 
 def train_all(base) -> dict:
     """Every run of this file and tests/test_fsdp.py (the ``sharded_runs`` fixture of tests/conftest.py)."""
     model = save_tiny_model("llama", str(base / "model"))
+    tied = CONFIGS["llama"]()
+    tied.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tied).save_pretrained(str(base / "tied"))
     four = run_distributed(_trainer_worker, 4, model, str(base), {**RUNS_4, **FSDP_RUNS_4}, timeout=900)
     two = run_distributed(_trainer_worker, 2, model, str(base), {**RUNS_2, **FSDP_RUNS_2}, timeout=600)
     one = {"adamw": _train(model, str(base / "w1" / "adamw"), 1, save_steps=2, evaluate=True),
-           "sgd_clip": _train(model, str(base / "w1" / "sgd"), 1, optim="sgd", max_grad_norm=0.05)}
+           "sgd_clip": _train(model, str(base / "w1" / "sgd"), 1, optim="sgd", max_grad_norm=0.05),
+           "tied": _train(str(base / "tied"), str(base / "w1" / "tied"), 1)}
     return {"base": base, 4: four, 2: two, 1: one}
 
 
