@@ -70,6 +70,7 @@ class GradientReduction:
         members = [sorted({s.tensor for chunk in b.chunks for s in chunk}) for b in self.buckets]
         backwards = list(range(len(self.buckets)))[::-1]  # the extras' bucket(s) last: known only at the end
         self.order = [b for b in backwards if 0 not in members[b]] + [b for b in backwards if 0 in members[b]]
+        self.position = {b: i for i, b in enumerate(self.order)}
         self.pending = [len(m) for m in members]  # tensors of each bucket whose gradient is not final yet
         self.buckets_of: dict[int, list[int]] = {}
         for b, tensors in enumerate(members):
@@ -137,7 +138,7 @@ class GradientReduction:
         self.received[t] = torch.zeros_like(self.flats[t]) if shared and self.flats[t] is not None else self.flats[t]
 
     def _what(self, b: int) -> str:
-        return f"gradient reduction, bucket {self.order.index(b) + 1} of {len(self.buckets)}"
+        return f"gradient reduction, bucket {self.position[b] + 1} of {len(self.buckets)}"
 
     def _start(self, b: int) -> None:
         if len(self.in_flight) >= MAX_IN_FLIGHT:

@@ -114,6 +114,16 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"zero_stage=1 and TrainingArguments.fsdp"):
         HDPTrainer(model, args, hdp_config=HDPConfig(zero_stage=1))
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
+                             fsdp_config={"transformer_layer_cls_to_wrap": ["NoSuchLayer"]})
+    with pytest.raises(ValueError, match=r"names \['NoSuchLayer'\], which LlamaForCausalLM does not contain"):
+        HDPTrainer(model, args)  # at construction, not when training starts
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(load_model(str(tmp_path / "m")), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"does not apply FSDP to a PEFT model"):
+        HDPTrainer(lora, TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[],
+                                           fsdp="full_shard"))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
                              load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
     with pytest.raises(ValueError, match=r"load_best_model_at_end"):
         HDPTrainer(model, args)

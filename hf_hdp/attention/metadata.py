@@ -171,6 +171,7 @@ class HDPAttentionMetadata:
     slot: int = 0
     step: int = 0
     local_samples: tuple[int, ...] = ()
+    placeholder: bool = False  # a micro-batch without work (HDPCollator.placeholder): no real token
     runtime: AttentionRuntime = field(default_factory=AttentionRuntime)
     _cu: dict = field(default_factory=dict, repr=False)
 

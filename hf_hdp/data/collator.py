@@ -110,7 +110,6 @@ class HDPCollator:
             local_samples=tuple(rows.get(s, s) for s in local_samples),
         )
         return {
-            "hdp_placeholder": False,
             "input_ids": flat(ids_parts),
             "position_ids": flat(pos_parts),
             "labels": flat(tgt_parts),
@@ -123,9 +122,9 @@ class HDPCollator:
         gradient it adds are exactly zero. A rank runs it where the others run FSDP's per-layer
         collectives and it has nothing of its own (an empty micro-batch of a lockstep plan; ZeRO-2
         mode's final reduce-scatter): its forward and backward join them layer by layer. It is not
-        counted as a real token anywhere (``hdp_placeholder``)."""
+        counted as a real token anywhere (its metadata's ``placeholder``)."""
         meta = HDPAttentionMetadata(num_tokens=1, local_len=1, local_seqlens=(1,), rings=(), rank=rank, slot=slot,
-                                    step=step, local_samples=("placeholder",))
-        return {"hdp_placeholder": True, "input_ids": torch.zeros(1, 1, dtype=torch.long),
+                                    step=step, local_samples=("placeholder",), placeholder=True)
+        return {"input_ids": torch.zeros(1, 1, dtype=torch.long),
                 "position_ids": torch.zeros(1, 1, dtype=torch.long),
                 "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long), "hdp_metadata": meta}

@@ -178,7 +178,7 @@ class HDPStepDataset(Dataset):
             micro_batches=micro,
             num_loss_tokens=int(sum(int(self.loss_tokens[r]) for r in rows)),
             num_tokens=int(sum(int(self.lengths[r]) for r in rows)),
-            local_tokens=sum(int(m["input_ids"].shape[1]) for m in micro if not m.get("hdp_placeholder")),
+            local_tokens=sum(int(m["input_ids"].shape[1]) for m in micro if not m["hdp_metadata"].placeholder),
             global_step=global_step,
         )
 

@@ -33,7 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from ..planning.cost import MemoryBreakdown, ModelSpec, memory_breakdown, tokens_per_rank_for_memory
+from ..models import hdp_base_model
 from ..planning.cost.memory import fmt_gb
+from .loss import chunked_head
+from .offload import run_recomputes_layers
+from .zero import resolve_zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +112,6 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     ``config`` itself is not changed. A budget that holds no token is refused naming the model states'
     size and what would shrink them (:func:`~hf_hdp.planning.cost.tokens_per_rank_for_memory`).
     """
-    from ..models import hdp_base_model
-    from .loss import chunked_head
-    from .offload import is_checkpointing
-    from .zero import resolve_zero_stage
-
     base = hdp_base_model(model)
     device = torch.device(args.device)
     budget, source = memory_budget_bytes(config, device, world_size)
@@ -134,8 +133,7 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     zero_stage = 0 if fsdp is not None else resolve_zero_stage(config.zero_stage, world_size)
     chunk = config.loss_chunk_tokens if loss_func is None and chunked_head(model) is not None else None
     settings = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp,
-                    checkpointing=bool(getattr(args, "activation_checkpointing", None)
-                                       or getattr(args, "gradient_checkpointing", False) or is_checkpointing(model)),
+                    checkpointing=run_recomputes_layers(args, model),
                     offload_ratio=0.0 if config.offload_ratio == "auto" else float(config.offload_ratio),
                     loss_chunk_tokens=chunk, weight_bytes=weight_bytes, grad_bytes=grad_bytes,
                     optimizer_bytes=optimizer_state_bytes(args.optim, grad_bytes, getattr(args, "optim_args", None)),

@@ -59,7 +59,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..planning.plan import lockstep
-from .zero import PLACEHOLDER_KEY
+from .zero import PLACEHOLDER_KEY, _hyper
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,14 @@ def fsdp_mode(args, zero_stage: int | None) -> str | None:
     return ZERO3 if plugin.get("reshard_after_forward", True) else ZERO2
 
 
-def layer_classes(model, args) -> tuple[type, ...]:
+def layer_classes(model, fsdp_config: dict | None) -> tuple[type, ...]:
     """The module classes to shard one by one: ``fsdp_config['transformer_layer_cls_to_wrap']`` or the
-    model's ``_no_split_modules`` (its decoder layer), as transformers' auto wrap picks them."""
-    config = getattr(args, "fsdp_config", None) or {}
+    model's ``_no_split_modules`` (its decoder layer), as transformers' auto wrap picks them. Checked
+    when the trainer is built: a PEFT model, or a class name the model does not contain, is refused."""
+    if getattr(model, "peft_config", None) is not None:
+        raise ValueError("HDPTrainer does not apply FSDP to a PEFT model; train the adapters without fsdp "
+                         "(they are small: ZeRO stage 1 shards their optimizer state).")
+    config = fsdp_config or {}
     names = config.get("transformer_layer_cls_to_wrap") or list(getattr(model, "_no_split_modules", None) or [])
     found = {type(m).__name__: type(m) for m in model.modules() if type(m).__name__ in set(names)}
     missing = [n for n in names if n not in found]
@@ -123,20 +127,16 @@ def layer_classes(model, args) -> tuple[type, ...]:
     return tuple(found.values())
 
 
-def shard_model(model, args, mode: str, device: torch.device) -> list:
-    """Apply FSDP2 to ``model`` in place (each layer of :func:`layer_classes`, then the whole model)
-    over all ranks; returns its FSDP modules, root last. Gradients are summed, not averaged: HDP's loss
+def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.device) -> list:
+    """Apply FSDP2 to ``model`` in place (each module of ``classes``, from :func:`layer_classes`, then
+    the whole model) over all ranks; returns its FSDP modules, root last. Gradients are summed, not averaged: HDP's loss
     is already divided by the global batch's label count."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return fsdp_modules(model)
-    if getattr(model, "peft_config", None) is not None:
-        raise ValueError("HDPTrainer does not apply FSDP to a PEFT model; train the adapters without fsdp "
-                         "(they are small: ZeRO stage 1 shards their optimizer state).")
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    classes = layer_classes(model, args)
     reshard = mode == ZERO3
     for module in list(model.modules()):
         if classes and isinstance(module, classes):
@@ -208,7 +208,7 @@ def full_optimizer_state(optimizer) -> dict:
                                 if torch.is_tensor(v) else v for k, v in values.items()}
             ids.append(index)
             index += 1
-        groups.append({**{k: v for k, v in group.items() if k not in ("params", "param_names")}, "params": ids})
+        groups.append({**_hyper(group), "params": ids})
     return {"state": state, "param_groups": groups}
 
 

@@ -109,6 +109,13 @@ def is_checkpointing(model) -> bool:
     return False
 
 
+def run_recomputes_layers(args, model) -> bool:
+    """Whether a run recomputes its layers in backward: ``TrainingArguments.activation_checkpointing`` /
+    ``gradient_checkpointing`` (Trainer turns it on when training starts), or a model that has it on."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+                or is_checkpointing(model))
+
+
 def micro_batch_attention_time(cost: CostModel, meta) -> float:
     """The attention part of a packed micro-batch's time (forward and backward, all layers) under ``cost``,
     from its :class:`~hf_hdp.attention.metadata.HDPAttentionMetadata`: each whole local sequence's

@@ -70,10 +70,10 @@ from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
 from .evaluation import eval_dataloader, hdp_evaluation_loop
 from .fsdp import (ZERO2, ZERO3, LockstepPlanner, begin_zero2_step, end_zero2_step, fsdp_mode, full_model_state,
-                   gather_for_eval, prepare_optimizer, release_after_eval, shard_model)
+                   gather_for_eval, layer_classes, prepare_optimizer, release_after_eval, shard_model)
 from .inputs import check_columns, check_metrics_arguments, check_step_methods, row_rules
 from .neftune import PerSampleNEFTune
-from .offload import ActivationOffloader, is_checkpointing
+from .offload import ActivationOffloader, run_recomputes_layers
 from .stats import HDPStats
 from .step import hdp_loss, run_micro_batches
 from .zero import gradient_owners, shard_optimizer
@@ -167,9 +167,9 @@ class HDPTrainer(Trainer):
         world = args.world_size
         # FSDP2 is HDP's own (hf_hdp.trainer.fsdp): read the mode, then take fsdp out of Trainer's hands
         self.hdp_fsdp = fsdp_mode(args, self.hdp_config.zero_stage)
-        self._fsdp_args = types.SimpleNamespace(fsdp_config=dict(getattr(args, "fsdp_config", None) or {}))
         self.hdp_fsdp_modules: list = []  # filled when the model is sharded (create_optimizer)
         if self.hdp_fsdp is not None:
+            self._fsdp_layers = layer_classes(model, getattr(args, "fsdp_config", None))  # refusals now, not at train()
             args.fsdp, args.fsdp_plugin_args = False, None
             if world == 1:
                 logger.info("hf_hdp: fsdp=%r on one process: one shard is the whole model, so it trains unsharded.",
@@ -275,9 +275,8 @@ class HDPTrainer(Trainer):
             return CostModel.default()
         ratio = self.hdp_config.offload_ratio
         if isinstance(ratio, (int, float)) and ratio > 0:  # the copies compute does not hide count in each estimate
-            recomputed = bool(getattr(self.args, "gradient_checkpointing", False)
-                              or getattr(self.args, "activation_checkpointing", False)) or is_checkpointing(self.hdp_model)
-            cost = dataclasses.replace(cost, offload_ratio=float(ratio), offload_checkpointing=recomputed)
+            cost = dataclasses.replace(cost, offload_ratio=float(ratio),
+                                       offload_checkpointing=run_recomputes_layers(self.args, self.hdp_model))
         return cost
 
     # ------------------------------------------------------------------ data
@@ -415,7 +414,7 @@ class HDPTrainer(Trainer):
         built_by_trainer = self.optimizer is None
         if self.hdp_fsdp is not None and self.mesh.world_size > 1 and built_by_trainer:
             # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.trainer.fsdp)
-            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_args, self.hdp_fsdp, self.args.device)
+            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device)
         optimizer = super().create_optimizer(model)
         if self.hdp_fsdp_modules:
             prepare_optimizer(optimizer)  # its state is sharded like the parameters; full in checkpoints
