@@ -1,95 +1,113 @@
-"""Head-parallel (Ulysses) attention pieces (:mod:`hf_hdp.attention.ulysses`) against one process's
-causal attention of the whole sequence: output and dQ/dK/dV of every member's rows (float64, the
-reference backend), degrees 2 and 4, MHA, GQA with K/V heads replicated, and a K/V grouping that does
-not align with the split; the P2P bytes each member sends equal the all-to-alls' sizes."""
+"""Head-parallel (Ulysses) and hybrid attention segments (:mod:`hf_hdp.attention.ulysses`, run through the
+one autograd node of :mod:`hf_hdp.attention.segments`) against one process's causal attention of each
+whole sequence: output and dQ/dK/dV of every member's rows (float64, the reference backend).
+
+Cases: Ulysses degrees 2 and 4, hybrid 2 x 2 (ranks in any order), MHA, GQA with fewer K/V heads than
+the degree (replicated), a K/V grouping that does not align with the split, lengths not divisible by
+the degree, several documents in one segment, and a ring and a hybrid segment of the same group in
+one micro-batch. The P2P bytes each member sends equal the cost model's count
+(:meth:`~hf_hdp.planning.cost.CostModel.segment_bytes_by_member`), which is what plans estimate."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_hdp.attention.ulysses import head_split
+from hf_hdp.planning.cost import CostModel
+from hf_hdp.planning.layout import head_split, hybrid_token_ranges
 from tests.dist_utils import run_distributed
 
-CASES = [  # (group, Hq, Hkv, shards)
-    ((0, 1, 2, 3), 8, 8, (10, 9, 9, 9)),
-    ((0, 1, 2, 3), 8, 2, (1, 12, 7, 17)),  # fewer K/V heads than the degree: replicated
-    ((0, 1, 2, 3), 8, 1, (9, 9, 9, 10)),
-    ((0, 1, 2, 3), 12, 6, (5, 6, 7, 8)),  # 3 query heads per member over pairs: one K/V head per query head
-    ((3, 1), 4, 2, (13, 8)),  # degree 2 on ranks 3 and 1, in that order
+# (Hq, Hkv, segments): each segment (group, Ulysses degree, document lengths)
+CASES = [
+    (8, 8, [((0, 1, 2, 3), 4, (37,))]),
+    (8, 2, [((0, 1, 2, 3), 4, (13, 6))]),  # fewer K/V heads than the degree: replicated
+    (8, 1, [((0, 1, 2, 3), 4, (35,))]),
+    (12, 6, [((0, 1, 2, 3), 4, (26,))]),  # 3 query heads per member over pairs: one K/V head per query head
+    (4, 2, [((3, 1), 2, (21,))]),  # degree 2 on ranks 3 and 1, in that order
+    (4, 1, [((0, 1, 2, 3), 2, (19, 5))]),  # hybrid: Ulysses 2 x ring 2, GQA
+    (8, 8, [((2, 3, 0, 1), 2, (10,))]),  # hybrid with the positions' ranks in another order
+    (4, 2, [((0, 1, 2, 3), 1, (17,)), ((0, 1, 2, 3), 2, (12, 3))]),  # a ring, then a hybrid, one micro-batch
+    (6, 2, [((0, 2), 2, (4,)), ((1, 3), 2, (2,))]),  # tiny documents: empty slices
 ]
 D = 8
 
 
+def _cost(hq, hkv) -> CostModel:
+    return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * hkv * D * 8, value_bytes=8,
+                     num_heads=hq, num_kv_heads=hkv)
+
+
+def _worker(rank, world):
+    from hf_hdp.attention.backends import get_backend
+    from hf_hdp.attention.segments import distributed_attention
+    from hf_hdp.data.collator import segment_for
+    from hf_hdp.mesh import DynamicMesh
+
+    backend = get_backend("reference", torch.device("cpu"), torch.float64)
+    mesh = DynamicMesh()
+    out = []
+    for c, (hq, hkv, segments) in enumerate(CASES):
+        g = torch.Generator().manual_seed(c)
+        docs = []  # per segment, per document: q, k, v, w and the reference output and gradients
+        for group, u, lengths in segments:
+            per = []
+            for s in lengths:
+                q, k, v = (torch.randn(s, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+                w = torch.randn(s, hq, D, generator=g, dtype=torch.float64)
+                qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+                cu = torch.tensor([0, s], dtype=torch.int32)
+                o = backend.varlen(qr, kr, vr, cu, cu, s, s, True, D**-0.5)
+                (o * w).sum().backward()
+                per.append((q, k, v, w, o.detach(), qr.grad, kr.grad, vr.grad))
+            docs.append(per)
+        mine = [i for i, (group, _, _) in enumerate(segments) if rank in group]
+        if not mine:
+            out.append(None)
+            continue
+        rows, segs, cursor = [], [], 0
+        for i in mine:
+            group, u, lengths = segments[i]
+            start = cursor
+            for d, s in enumerate(lengths):
+                for a, b in hybrid_token_ranges(s, len(group), group.index(rank), u):
+                    rows.append((i, d, a, b))
+                    cursor += b - a
+            segs.append(segment_for(list(lengths), group, u, rank, start, cursor, tuple(range(len(lengths)))))
+
+        def take(field):
+            return torch.cat([docs[i][d][field][a:b] for i, d, a, b in rows])
+
+        ql, kl, vl = (take(f).clone().requires_grad_() for f in range(3))
+        before = mesh.stats.bytes_sent
+        o = distributed_attention(ql, kl, vl, tuple(segs), D**-0.5, backend, mesh)
+        (o * take(3)).sum().backward()
+        sent = mesh.stats.bytes_sent - before
+        diffs = [float((x - take(f)).abs().max()) for x, f in ((o, 4), (ql.grad, 5), (kl.grad, 6), (vl.grad, 7))]
+        out.append((diffs, sent))
+    return out
+
+
 def test_head_split_gives_each_member_its_heads_and_the_kv_heads_they_use():
     mha = head_split(8, 8, 4)
-    assert [(s.q_start, s.q_stop, s.kv_heads) for s in mha] == [(0, 2, (0, 1)), (2, 4, (2, 3)), (4, 6, (4, 5)),
-                                                                 (6, 8, (6, 7))]
+    assert [(s.q_start, s.q_stop) for s in mha] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert [s.kv_heads for s in mha] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     assert [s.kv_heads for s in head_split(8, 2, 4)] == [(0,), (0,), (1,), (1,)]  # replicated
     assert [s.kv_heads for s in head_split(12, 6, 4)] == [(0, 0, 1), (1, 2, 2), (3, 3, 4), (4, 5, 5)]
     with pytest.raises(ValueError, match="must divide the 8 query heads"):
         head_split(8, 2, 3)
 
 
-def _worker(rank, world):
-    from hf_hdp.attention.backends import get_backend
-    from hf_hdp.attention.ulysses import ulysses_attention
-    from hf_hdp.mesh import DynamicMesh
-
-    backend = get_backend("reference", torch.device("cpu"), torch.float64)
-    mesh = DynamicMesh()
-    out = []
-    for c, (group, hq, hkv, shards) in enumerate(CASES):
-        g = torch.Generator().manual_seed(c)
-        s = sum(shards)
-        q, k, v = (torch.randn(s, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
-        w = torch.randn(s, hq, D, generator=g, dtype=torch.float64)
-        # one process's attention of the whole sequence
-        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-        cu = torch.tensor([0, s], dtype=torch.int32)
-        (backend.varlen(qr, kr, vr, cu, cu, s, s, True, D**-0.5) * w).sum().backward()
-        ref_out = backend.varlen(q, k, v, cu, cu, s, s, True, D**-0.5)
-        if rank not in group:
-            out.append(None)
-            continue
-        member = group.index(rank)
-        a = sum(shards[:member])
-        rows = slice(a, a + shards[member])
-        ql, kl, vl = (t[rows].clone().requires_grad_() for t in (q, k, v))
-        before = mesh.stats.bytes_sent
-        o = ulysses_attention(ql, kl, vl, group, member, shards, D**-0.5, backend, mesh)
-        (o * w[rows]).sum().backward()
-        sent = mesh.stats.bytes_sent - before
-        diffs = [float((x - y).abs().max()) for x, y in
-                 ((o, ref_out[rows]), (ql.grad, qr.grad[rows]), (kl.grad, kr.grad[rows]), (vl.grad, vr.grad[rows]))]
-        out.append((diffs, sent))
-    return out
-
-
-def _expected_bytes(group, hq, hkv, shards, member):
-    """What member ``member`` sends: to each other member, its rows of their Q heads, K/V heads and dO
-    heads, and their rows of its own heads' output, dQ and dK/dV."""
-    splits = head_split(hq, hkv, len(group))
-    n, mine = shards[member], splits[member]
-    total = 0
-    for j, sp in enumerate(splits):
-        if j == member:
-            continue
-        total += n * sp.num_q * D * 2  # Q forward, dO backward
-        total += n * 2 * len(sp.kv_heads) * D  # K and V
-        total += shards[j] * mine.num_q * D * 2  # output forward, dQ backward
-        total += shards[j] * 2 * len(mine.kv_heads) * D  # dK and dV
-    return total * 8  # float64
-
-
-def test_ulysses_pieces_equal_one_process_and_send_what_the_all_to_alls_hold():
+def test_ulysses_and_hybrid_segments_equal_one_process_and_send_what_the_cost_model_counts():
     results = run_distributed(_worker, 4, timeout=240)
-    for c, (group, hq, hkv, shards) in enumerate(CASES):
+    for c, (hq, hkv, segments) in enumerate(CASES):
+        cost = _cost(hq, hkv)
         for rank in range(4):
             got = results[rank][c]
-            if rank not in group:
+            held = [(g, u, ls) for g, u, ls in segments if rank in g]
+            if not held:
                 assert got is None
                 continue
             diffs, sent = got
             assert max(diffs) <= 1e-12, (c, rank, diffs)
-            assert sent == _expected_bytes(group, hq, hkv, shards, group.index(rank)), (c, rank)
+            expected = sum(cost.segment_bytes_by_member(ls, len(g), u)[g.index(rank)] for g, u, ls in held)
+            assert sent == expected, (c, rank, sent, expected)

@@ -4,7 +4,8 @@ transformers calls ``hdp_attention_forward(module, query, key, value, attention_
 every attention layer of a model whose ``config._attn_implementation == "hdp"``, passing on the
 keyword arguments of the model's forward (``TransformersKwargs``). HDP passes the micro-batch's
 :class:`~hf_hdp.attention.metadata.HDPAttentionMetadata` as ``hdp_metadata``: whole local sequences
-then run one varlen kernel, distributed pieces run zigzag ring attention.
+then run one varlen kernel, distributed pieces run zigzag ring attention, head-parallel (Ulysses)
+or hybrid attention, as their split says (:mod:`hf_hdp.attention.segments`).
 
 Called without ``hdp_metadata`` (generation, a plain forward on a padded batch) the function
 behaves like PyTorch SDPA with a causal (and padding) mask, so a model switched to ``"hdp"`` stays
@@ -23,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .backends import get_backend
 from .metadata import HDPAttentionMetadata
-from .ring import ring_attention
+from .segments import distributed_attention
 
 HDP_ATTENTION = "hdp"
 
@@ -112,7 +113,7 @@ def hdp_attention_forward(
         )
     if meta.rings:
         parts.append(
-            ring_attention(
+            distributed_attention(
                 q[n_local:].contiguous(), k[n_local:].contiguous(), v[n_local:].contiguous(),
                 meta.rings, scale, backend, meta.runtime.mesh,
             )

@@ -11,6 +11,10 @@ A packed micro-batch of ``T`` tokens is laid out as::
   group. For each of its documents (in sample order) the segment holds ``front`` then ``back``
   chunk rows. The segment runs zigzag ring attention with the group members only.
 
+A *head-parallel segment* (:class:`UlyssesSegment`) holds this rank's rows of the pieces of Ulysses
+degree ``u > 1`` that share one group: for each document, its slice of its ring position's rows. It
+runs :mod:`hf_hdp.attention.ulysses` (all-to-all to heads, the ring over the positions, all-to-all back).
+
 Segments are ordered by their first sample, which is the same order on every member: together with
 slot order this is what makes any valid plan deadlock-free (see :mod:`hf_hdp.planning.plan`).
 """
@@ -67,6 +71,14 @@ class RingSegment:
         """Rows member ``m`` holds in this segment (the size of the KV it sends)."""
         return sum(f + b for f, b in self.layout[m])
 
+    def doc_lengths(self) -> tuple[int, ...]:
+        """The whole length of each document of the segment."""
+        return tuple(sum(sum(self.layout[m][d]) for m in range(self.k)) for d in range(len(self.samples)))
+
+    def rows_per_doc(self) -> tuple[int, ...]:
+        """The rows this member holds of each document, in row order."""
+        return tuple(f + b for f, b in self.layout[self.member])
+
     @property
     def next_rank(self) -> int:
         return self.group[(self.member + 1) % self.k]
@@ -122,6 +134,83 @@ class RingSegment:
         )
 
 
+@dataclass
+class UlyssesSegment:
+    """The rows of a micro-batch that run head-parallel attention (Ulysses degree ``ulysses``) over one group.
+
+    ``group`` in member order: member ``m`` is sub-member ``m % u`` of ring position ``m // u``
+    (:mod:`hf_hdp.planning.layout`). ``shards[j][d]``: the rows of document ``d`` that sub-member ``j`` of
+    this member's position holds; this member's rows are, per document in order, its own ``shards``.
+    ``ring``: the ring over the positions that this member runs for its slice of the heads, after the
+    all-to-all; its rows per document are the position's whole rows, front chunk then back chunk.
+    """
+
+    start: int
+    end: int
+    group: tuple[int, ...]
+    member: int
+    ulysses: int
+    samples: tuple[int, ...]
+    shards: tuple[tuple[int, ...], ...]
+    ring: RingSegment
+    slot: int = 0
+    step: int = 0
+    _index: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def k(self) -> int:
+        return len(self.group)
+
+    @property
+    def sub_member(self) -> int:
+        return self.member % self.ulysses
+
+    @property
+    def subgroup(self) -> tuple[int, ...]:
+        """The ranks of this member's position, in sub-member order (the all-to-alls' group)."""
+        p = self.member // self.ulysses
+        return self.group[p * self.ulysses : (p + 1) * self.ulysses]
+
+    def rows_from(self, j: int) -> int:
+        """Rows sub-member ``j`` holds in this segment."""
+        return sum(self.shards[j])
+
+    def doc_lengths(self) -> tuple[int, ...]:
+        return self.ring.doc_lengths()
+
+    def rows_per_doc(self) -> tuple[int, ...]:
+        return tuple(self.shards[self.sub_member])
+
+    def position_index(self, device: torch.device) -> torch.Tensor | None:
+        """Rows received from the sub-members (sub-member 0's rows of every document, then 1's, ...) to the
+        position's row order (per document, sub-member 0's slice, then 1's, ...); ``None`` when equal."""
+        key = ("gather", str(device))
+        if key not in self._index:
+            u, docs = self.ulysses, len(self.samples)
+            offset = [[0] * docs for _ in range(u)]
+            at = 0
+            for j in range(u):
+                for d in range(docs):
+                    offset[j][d] = at
+                    at += self.shards[j][d]
+            rows = [(offset[j][d], self.shards[j][d]) for d in range(docs) for j in range(u)]
+            self._index[key] = _gather_index(rows, at, device)
+        return self._index[key]
+
+    def concat_index(self, device: torch.device) -> torch.Tensor | None:
+        """The inverse of :meth:`position_index`: position rows back to received order."""
+        key = ("scatter", str(device))
+        if key not in self._index:
+            gather = self.position_index(device)
+            if gather is None:
+                self._index[key] = None
+            else:
+                inverse = torch.empty_like(gather)
+                inverse[gather] = torch.arange(gather.numel(), device=device)
+                self._index[key] = inverse
+        return self._index[key]
+
+
 def _cumsum(lengths: list[int], device: torch.device) -> torch.Tensor:
     out = [0]
     for n in lengths:
@@ -166,7 +255,7 @@ class HDPAttentionMetadata:
     num_tokens: int
     local_len: int
     local_seqlens: tuple[int, ...]
-    rings: tuple[RingSegment, ...]
+    rings: tuple["RingSegment | UlyssesSegment", ...]
     rank: int = 0
     slot: int = 0
     step: int = 0
@@ -199,8 +288,7 @@ class HDPAttentionMetadata:
         """The longest whole sequence this micro-batch touches (for window checks)."""
         longest = self.local_max_seqlen
         for seg in self.rings:
-            for d in range(len(seg.samples)):
-                longest = max(longest, sum(sum(seg.layout[m][d]) for m in range(seg.k)))
+            longest = max((longest, *seg.doc_lengths()))
         return longest
 
     def describe(self) -> str:

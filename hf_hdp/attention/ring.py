@@ -1,9 +1,9 @@
 """Zigzag ring attention over a per-sample group of ranks, with P2P on the one global group.
 
 Read top to bottom: :func:`ring_forward` and :func:`ring_backward` are the algorithm for one
-ring segment (see :mod:`hf_hdp.attention.metadata` for the row layout), :class:`RingAttention`
-wraps every segment of a micro-batch in one autograd Function, :func:`ring_attention` is the
-public entry point.
+ring segment (see :mod:`hf_hdp.attention.metadata` for the row layout); :mod:`.segments` wraps
+every segment of a micro-batch in one autograd Function, and :func:`ring_attention` is the public
+entry point for rings.
 
 Forward, for member ``i`` of a group of ``k``: at step ``t`` it holds the K/V rows of member
 ``j = i - t (mod k)``; it starts passing them on to ``i + 1`` while it computes the block
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import AttentionBackend, get_backend
+from .backends import AttentionBackend
 from .merge import accumulator_dtype, merge_attention
 from .metadata import RingSegment
 
@@ -114,45 +114,13 @@ def _label(seg: RingSegment, what: str, step: int) -> str:
             f"samples {list(seg.samples)})")
 
 
-class RingAttention(torch.autograd.Function):
-    """All ring segments of one micro-batch's attention layer, in metadata order."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, segments, scale, backend, mesh):
-        outs, lses = [], []
-        base = segments[0].start
-        for seg in segments:
-            sl = slice(seg.start - base, seg.end - base)
-            o, l = ring_forward(q[sl], k[sl], v[sl], seg, scale, backend, mesh)
-            outs.append(o)
-            lses.append(l)
-        out = torch.cat(outs).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, torch.cat(lses))
-        ctx.segments, ctx.scale, ctx.backend, ctx.mesh = segments, scale, backend, mesh
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        base = ctx.segments[0].start
-        for seg in ctx.segments:
-            sl = slice(seg.start - base, seg.end - base)
-            sq, sk, sv = ring_backward(
-                dout[sl], q[sl], k[sl], v[sl], out[sl], lse[sl], seg, ctx.scale, ctx.backend, ctx.mesh
-            )
-            dq[sl], dk[sl], dv[sl] = sq, sk, sv
-        return dq, dk, dv, None, None, None, None
-
-
 def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh):
     """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
 
     ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
-    ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"``
-    picks by ``q``'s device and dtype).
+    ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"`` picks by
+    ``q``'s device and dtype). The one autograd node of every segment is :mod:`.segments`'.
     """
-    if isinstance(backend, str):
-        backend = get_backend(backend, q.device, q.dtype)
-    return RingAttention.apply(q, k, v, tuple(segments), scale, backend, mesh)
+    from .segments import distributed_attention  # it runs head-parallel segments too, which import this module
+
+    return distributed_attention(q, k, v, segments, scale, backend, mesh)

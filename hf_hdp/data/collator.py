@@ -25,10 +25,30 @@ from collections.abc import Mapping
 
 import torch
 
-from ..attention.metadata import HDPAttentionMetadata, RingSegment
+from ..attention.metadata import HDPAttentionMetadata, RingSegment, UlyssesSegment
 from ..planning import MicroBatch
-from ..planning.layout import zigzag_front_back
+from ..planning.layout import even_split, head_rings, zigzag_front_back
 from .documents import IGNORE_INDEX, HDPDataError, check_sample, shifted_targets
+
+
+def segment_for(lengths, group: tuple[int, ...], ulysses: int, rank: int, start: int, end: int,
+                samples: tuple, slot: int = 0, step: int = 0) -> RingSegment | UlyssesSegment:
+    """The attention segment of ``rank`` for documents of ``lengths`` that share ``group`` and Ulysses degree
+    ``ulysses``, held in rows ``[start, end)`` of its micro-batch (laid out as
+    :func:`~hf_hdp.planning.layout.hybrid_token_ranges` says, document after document)."""
+    member = group.index(rank)
+    if ulysses == 1:
+        layout = tuple(tuple(zigzag_front_back(s, len(group))[m] for s in lengths) for m in range(len(group)))
+        return RingSegment(start=start, end=end, group=group, member=member, samples=samples, layout=layout,
+                           slot=slot, step=step)
+    r = len(group) // ulysses
+    p, j = divmod(member, ulysses)
+    positions = tuple(tuple(zigzag_front_back(s, r)[q] for s in lengths) for q in range(r))
+    ring = RingSegment(start=0, end=sum(f + b for f, b in positions[p]), group=head_rings(group, ulysses)[j],
+                       member=p, samples=samples, layout=positions, slot=slot, step=step)
+    shards = tuple(tuple(even_split(f + b, ulysses)[i] for f, b in positions[p]) for i in range(ulysses))
+    return UlyssesSegment(start=start, end=end, group=group, member=member, ulysses=ulysses, samples=samples,
+                          shards=shards, ring=ring, slot=slot, step=step)
 
 
 class HDPCollator:
@@ -71,12 +91,12 @@ class HDPCollator:
             local_samples.append(p.sample)
         local_len = sum(local_lens)
 
-        by_group: dict[tuple[int, ...], list] = {}
+        by_group: dict[tuple[tuple[int, ...], int], list] = {}
         for p in sorted(distributed, key=lambda p: p.sample):
-            by_group.setdefault(p.group, []).append(p)
+            by_group.setdefault((p.group, p.ulysses), []).append(p)
         segments = []
         cursor = local_len
-        for group, pieces in sorted(by_group.items(), key=lambda kv: kv[1][0].sample):
+        for (group, ulysses), pieces in sorted(by_group.items(), key=lambda kv: kv[1][0].sample):
             start = cursor
             for p in pieces:
                 ids, tgt = load(p)
@@ -85,16 +105,9 @@ class HDPCollator:
                     pos_parts.append(range(a, b))
                     tgt_parts.append(tgt[a:b])
                     cursor += b - a
-            layout = tuple(
-                tuple(zigzag_front_back(p.length, len(group))[m] for p in pieces) for m in range(len(group))
-            )
-            segments.append(
-                RingSegment(
-                    start=start, end=cursor, group=group, member=group.index(mb.rank),
-                    samples=tuple(rows.get(p.sample, p.sample) for p in pieces), layout=layout,
-                    slot=mb.slot, step=step,
-                )
-            )
+            names = tuple(rows.get(p.sample, p.sample) for p in pieces)
+            segments.append(segment_for([p.length for p in pieces], group, ulysses, mb.rank, start, cursor,
+                                        names, mb.slot, step))
 
         def flat(parts):
             return torch.tensor([t for part in parts for t in part], dtype=torch.long).unsqueeze(0)

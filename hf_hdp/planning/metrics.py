@@ -24,12 +24,17 @@ collectives join all ranks in every slot, so each slot is one component of all r
 placeholder micro-batch costs the per-micro-batch overhead), followed by the slot's weight
 all-gathers and gradient reduce-scatter (1.5 all-reduces of ``grad_bytes``, drawn as
 ``"allreduce"``), and there is no reduction at the step's end. The waits this makes are the price
-of lockstep, and show in ``idle_fraction`` and the timelines.
+of lockstep, and show in ``idle_fraction`` and the timelines. A plan with ``plan.meta["slot_barrier"]``
+(a scheduler's rounds with a barrier between them, as Megatron-core's hybrid-CP scheduler runs them;
+see ``benchmarks/peer_planners.py``) makes every slot such a barrier too, without the weight traffic.
 
 P2P traffic is counted as :mod:`hf_hdp.attention.ring` sends it and
 :class:`~hf_hdp.mesh.DynamicMesh` counts it: the distributed pieces of one micro-batch that share
 a group form ONE ring segment, and per layer each member sends ``k-1`` forward K/V, ``k-1``
-backward K/V and ``k`` dK/dV messages for the whole segment. Gradient checkpointing repeats the
+backward K/V and ``k`` dK/dV messages for the whole segment. A head-parallel segment (Ulysses
+degree ``u``) adds its all-to-alls, counted as :mod:`hf_hdp.attention.ulysses` sends them
+(:meth:`~hf_hdp.planning.cost.CostModel.segment_bytes_by_member`); ``splits`` says how many samples
+each split kind holds. Gradient checkpointing repeats the
 forward ring during backward; that is not counted.
 """
 
@@ -90,6 +95,8 @@ class PlanMetrics:
     num_samples: int
     cost_label: str = ""
     extra: dict = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)  # split kind -> samples ("local", "ring", "ulysses", "hybrid")
+    ulysses_degrees: dict[int, int] = field(default_factory=dict)  # u -> head-parallel samples of Ulysses degree u
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,6 +130,8 @@ class PlanMetrics:
             "p2p_messages": self.p2p_messages,
             "num_slots": self.num_slots,
             "group_sizes": {str(k): v for k, v in self.group_sizes.items()},
+            "splits": dict(self.splits),
+            "ulysses_degrees": {str(u): v for u, v in self.ulysses_degrees.items()},
             "tokens": self.tokens,
             "num_samples": self.num_samples,
             "tokens_per_s": self.tokens_per_s,
@@ -150,6 +159,9 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
     messages = 0
     cache: dict = {}
     lockstep = bool(plan.meta.get("lockstep"))
+    # a barrier plan (plan.meta["slot_barrier"]: rounds of a scheduler that synchronises all ranks between
+    # them, e.g. Megatron-core's hybrid-CP rounds) starts each slot when the last rank of the world is free
+    barrier = lockstep or bool(plan.meta.get("slot_barrier"))
     # lockstep (ZeRO-3 mode): every slot gathers the weights twice and reduce-scatters the gradients
     # once (1.5 all-reduces of the model); no reduction at the step's end
     slot_comm = 1.5 * cost.allreduce_time(None, W) if lockstep and include_allreduce else 0.0
@@ -171,18 +183,18 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
             t, comm = cost.micro_batch_breakdown(mb, cache)
             segments = ring_segments(mb.pieces)
             distributed = False
-            for g, lengths in segments.items():
+            for (g, ulysses), lengths in segments.items():
                 k = len(g)
                 if k <= 1:
                     continue
                 distributed = True
                 member = g.index(mb.rank)
-                key = ("bytes", g, tuple(lengths))
+                key = ("bytes", g, ulysses, tuple(lengths))
                 per_member = cache.get(key)
                 if per_member is None:
-                    per_member = cache[key] = cost.segment_bytes_by_member(lengths, k)
+                    per_member = cache[key] = cost.segment_bytes_by_member(lengths, k, ulysses)
                 sent[mb.rank] += per_member[member]
-                messages += cost.segment_messages(k)
+                messages += cost.segment_messages(k, ulysses)
                 if g in merged:
                     continue  # every member holds the segment: couple its ranks once, not k times
                 merged.add(g)
@@ -195,17 +207,14 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
             busy[mb.rank] += t
             exposed[mb.rank] += comm
             count[mb.rank] += 1
-        if lockstep:  # FSDP's per-layer collectives: the slot is one barrier of all ranks
-            root = find(mbs[0].rank)
-            for mb in mbs[1:]:
-                other = find(mb.rank)
-                if other != root:
-                    parent[other] = root
         components: dict[int, list[int]] = {}
         for mb in mbs:
             components.setdefault(find(mb.rank), []).append(mb.rank)
+        if barrier:  # one component: every rank of the world waits for the slot's last micro-batch
+            free = max(clock, default=0.0)
+            components = {0: [mb.rank for mb in mbs]}
         for ranks in components.values():
-            start = max(clock[r] for r in ranks)
+            start = free if barrier else max(clock[r] for r in ranks)
             end = start + max(times[r][0] for r in ranks) + slot_comm
             for r in ranks:
                 if timeline is not None:
@@ -221,6 +230,12 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
                     if slot_comm > 0:
                         timeline.append(Interval(r, end - slot_comm, end, "allreduce", slot))
                 clock[r] = end
+        if barrier:
+            for r in range(W):
+                if clock[r] < end:
+                    if timeline is not None and end > clock[r]:
+                        timeline.append(Interval(r, clock[r], end, "wait", slot))
+                    clock[r] = end
     finish = max(clock, default=0.0)
     allreduce = cost.allreduce_time(None, W) if include_allreduce and not lockstep else 0.0
     if timeline is not None:
@@ -256,10 +271,20 @@ def plan_metrics(plan: StepPlan, cost: CostModel | None = None, include_allreduc
         num_slots=plan.num_slots,
         micro_batches_per_rank=count,
         group_sizes=plan.group_sizes(),
+        splits=plan.splits(),
+        ulysses_degrees=_degrees(plan),
         tokens=sum(plan.lengths),
         num_samples=len(plan.lengths),
         cost_label=cost.label,
     )
+
+
+def _degrees(plan: StepPlan) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in plan.pieces():
+        if p.ulysses > 1:
+            out[p.ulysses] = out.get(p.ulysses, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def plan_timeline(plan: StepPlan, cost: CostModel | None = None, include_allreduce: bool = True) -> list[Interval]:

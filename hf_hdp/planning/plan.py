@@ -11,7 +11,11 @@ Vocabulary
 - *piece*: one sample placed on a group of ``k`` ranks. With ``k == 1`` the rank holds the
   whole sequence and attention needs no communication. With ``k > 1`` the sequence is cut into
   ``2k`` zigzag chunks (see :mod:`hf_hdp.planning.layout`); member ``i`` of ``group`` holds
-  chunks ``i`` and ``2k-1-i`` and runs ring attention with the other members.
+  chunks ``i`` and ``2k-1-i`` and runs ring attention with the other members. A piece may instead
+  be *head-parallel*, of Ulysses degree ``u`` (``Piece.ulysses``, dividing ``k``): a zigzag ring over
+  ``r = k / u`` positions, each a sub-group of ``u`` ranks that splits the attention heads with
+  all-to-alls (:mod:`hf_hdp.attention.ulysses`). Its *split* is ``"ring"`` (``u = 1``), ``"ulysses"``
+  (``u = k``) or ``"hybrid"``; the layout is :func:`~hf_hdp.planning.layout.hybrid_token_ranges`.
 - *micro-batch*: what one rank runs in one forward/backward: the pieces it holds in one slot,
   at most ``tokens_per_rank`` tokens in all.
 - *slot*: a time index. All members of a piece's group hold it in the same slot, and every rank
@@ -31,7 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .layout import member_token_ranges, zigzag_member_sizes
+from .layout import check_degree, hybrid_member_sizes, hybrid_token_ranges
 
 
 class PlanError(ValueError):
@@ -42,13 +46,23 @@ class PlanError(ValueError):
 class Piece:
     """One sample placed on an ordered group of ranks.
 
-    ``group[i]`` holds zigzag chunks ``i`` and ``2k-1-i`` of the sequence, where
-    ``k = len(group)``. For ``k == 1`` the single member holds the whole sequence.
+    With ``ulysses == 1`` (a ring), ``group[i]`` holds zigzag chunks ``i`` and ``2k-1-i`` of the
+    sequence, where ``k = len(group)``. For ``k == 1`` the single member holds the whole sequence.
+    With ``ulysses = u > 1``, ``group[p*u + j]`` is sub-member ``j`` of ring position ``p`` (see the
+    module docstring).
     """
 
     sample: int
     length: int
     group: tuple[int, ...]
+    ulysses: int = 1
+
+    @property
+    def split(self) -> str:
+        """``"local"`` (one rank), ``"ring"``, ``"ulysses"`` (heads only) or ``"hybrid"`` (heads x ring)."""
+        if len(self.group) <= 1:
+            return "local"
+        return "ring" if self.ulysses == 1 else "ulysses" if self.ulysses == len(self.group) else "hybrid"
 
     @property
     def k(self) -> int:
@@ -67,18 +81,22 @@ class Piece:
 
     def tokens_on(self, rank: int) -> int:
         """How many of the sequence's tokens ``rank`` holds."""
-        return zigzag_member_sizes(self.length, self.k)[self.member(rank)]
+        return hybrid_member_sizes(self.length, self.k, self.ulysses)[self.member(rank)]
 
     def token_ranges(self, rank: int) -> list[tuple[int, int]]:
-        """The ``[start, end)`` token ranges of the sequence that ``rank`` holds, in sequence order."""
-        return member_token_ranges(self.length, self.k, self.member(rank))
+        """The ``[start, end)`` token ranges of the sequence that ``rank`` holds, in row order."""
+        return hybrid_token_ranges(self.length, self.k, self.member(rank), self.ulysses)
 
     def to_dict(self) -> dict:
-        return {"sample": self.sample, "length": self.length, "group": list(self.group)}
+        d = {"sample": self.sample, "length": self.length, "group": list(self.group)}
+        if self.ulysses != 1:  # a ring's dict (and so every ring plan's fingerprint) is unchanged
+            d["ulysses"] = self.ulysses
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Piece":
-        return cls(sample=int(d["sample"]), length=int(d["length"]), group=tuple(int(r) for r in d["group"]))
+        return cls(sample=int(d["sample"]), length=int(d["length"]), group=tuple(int(r) for r in d["group"]),
+                   ulysses=int(d.get("ulysses", 1)))
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,13 @@ class StepPlan:
                 seen.setdefault(p.sample, p)
         return [seen[s] for s in sorted(seen)]
 
+    def splits(self) -> dict[str, int]:
+        """How many samples each split kind holds (``"local"``, ``"ring"``, ``"ulysses"``, ``"hybrid"``)."""
+        out: dict[str, int] = {}
+        for p in self.pieces():
+            out[p.split] = out.get(p.split, 0) + 1
+        return out
+
     def group_sizes(self) -> dict[int, int]:
         """How many samples were placed on a group of each size ``k``."""
         sizes: dict[int, int] = {}
@@ -145,8 +170,11 @@ class StepPlan:
         return dict(sorted(sizes.items()))
 
     # ------------------------------------------------------------ validation
-    def validate(self) -> "StepPlan":
-        """Check the invariants of DESIGN §4; raise :class:`PlanError` naming the first broken one."""
+    def validate(self, num_heads: int | None = None) -> "StepPlan":
+        """Check the invariants of DESIGN §4; raise :class:`PlanError` naming the first broken one.
+
+        ``num_heads`` (the model's query heads; the trainer passes it before any P2P): every
+        head-parallel piece's Ulysses degree must divide it."""
         W, C = self.world_size, self.tokens_per_rank
         if W < 1 or C < 1:
             raise PlanError(f"world_size ({W}) and tokens_per_rank ({C}) must be at least 1")
@@ -179,6 +207,20 @@ class StepPlan:
                     )
                 if len(set(p.group)) != len(p.group) or not all(0 <= r < W for r in p.group):
                     raise PlanError(f"sample {p.sample}: group {p.group} repeats a rank or leaves the world")
+                if p.ulysses != 1:
+                    try:
+                        check_degree(p.k, p.ulysses)
+                    except ValueError:
+                        raise PlanError(
+                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide its group of {p.k} "
+                            "ranks; the group must be whole sub-groups of that degree"
+                        ) from None
+                    if num_heads is not None and num_heads % p.ulysses:
+                        raise PlanError(
+                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide the model's "
+                            f"{num_heads} query heads. Plan it with a degree that divides them (the planners "
+                            "never make such a piece; attention_split='ring' avoids head parallelism)"
+                        )
                 if mb.rank not in p.group:
                     raise PlanError(f"sample {p.sample} is on rank {mb.rank}, which is not in its group {p.group}")
                 if p.sample in placed:

@@ -17,10 +17,8 @@ def token_sample_lengths(meta) -> torch.Tensor:
     """For each row of a packed micro-batch, the length of the whole sample (document) it belongs to."""
     parts = [torch.full((n,), n, dtype=torch.float32) for n in meta.local_seqlens]
     for seg in meta.rings:
-        mine = seg.layout[seg.member]
-        for d, (front, back) in enumerate(mine):
-            total = sum(sum(seg.layout[m][d]) for m in range(seg.k))
-            parts.append(torch.full((front + back,), total, dtype=torch.float32))
+        for rows, total in zip(seg.rows_per_doc(), seg.doc_lengths()):
+            parts.append(torch.full((rows,), total, dtype=torch.float32))
     return torch.cat(parts) if parts else torch.zeros(0)
 
 

@@ -123,9 +123,7 @@ def micro_batch_attention_time(cost: CostModel, meta) -> float:
     split over ``k`` ranks. Equals :meth:`CostModel.micro_batch_attention_time` of the plan's micro-batch."""
     total = sum(cost.attention_time(s) for s in meta.local_seqlens)
     for seg in meta.rings:
-        for d in range(len(seg.samples)):
-            length = sum(sum(seg.layout[m][d]) for m in range(seg.k))
-            total += cost.attention_time(length) / seg.k
+        total += sum(cost.attention_time(length) for length in seg.doc_lengths()) / seg.k
     return total
 
 

@@ -21,6 +21,15 @@ model follows :mod:`hf_hdp.attention.ring` message by message: per layer and mem
 All the pieces of one micro-batch that share a group form ONE ring segment in ``ring.py``: they
 share every message, and their blocks add up. :meth:`CostModel.segment_time` models that.
 
+A head-parallel piece of Ulysses degree ``u`` on ``k = u·r`` ranks (:mod:`hf_hdp.attention.ulysses`)
+costs each member the same ``1/k`` of the compute, plus, per layer, six all-to-alls inside its
+position's sub-group (forward Q, K/V and output; backward dO, dQ and dK/dV), each ``u - 1``
+sequential pairwise rounds that nothing hides, and a zigzag ring over the ``r`` positions for its
+``1/u`` of the heads: ``r - 1`` hops whose blocks are ``u`` times those of a ring of ``k`` (each
+position attends its whole share for its heads) and whose messages carry ``1/u`` of the K/V heads
+(more where GQA replicates them). So per-member ring traffic falls by ``u``, which is what takes a
+long sample past the ring's wire-time floor. :meth:`CostModel.split_breakdown` prices every split.
+
 Derivation: :meth:`CostModel.from_specs` (a transformers config or :class:`~.specs.ModelSpec` and a
 :class:`~.specs.HardwareSpec`), :meth:`CostModel.bytescale` (ByteScale's published per-layer times,
 :func:`~.fit.bytescale_fit`), or :func:`~.calibration.calibrate` (timings of this machine).
@@ -32,7 +41,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
-from ..layout import zigzag_member_sizes
+from ..layout import even_split, head_rings, head_split, ring_positions, zigzag_member_sizes
 from .fit import bytescale_fit
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
@@ -73,6 +82,9 @@ class CostModel:
     # the copy time compute does not hide (offload_exposed_time); "auto" hides its copies by construction
     offload_ratio: float = 0.0
     offload_checkpointing: bool = False
+    # attention heads (0: unknown, and no head-parallel piece is priced or planned)
+    num_heads: int = 0
+    num_kv_heads: int = 0
 
     # ------------------------------------------------------------ derivation
     @classmethod
@@ -102,6 +114,8 @@ class CostModel:
             host_bandwidth=hw.host_bandwidth,
             layer_saved_bytes_per_token=layer_activation_bytes_per_token(model),
             layer_input_bytes_per_token=layer_input_bytes_per_token(model),
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads,
         )
 
     @classmethod
@@ -212,10 +226,16 @@ class CostModel:
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
         compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-        block = self.a * sum_s2 / (k * k)
+        exposed = self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * self.kv_bytes_per_token, spans_nodes)
+        return compute, self.num_layers * exposed
+
+    def _ring_exposed(self, k: int, block: float, kv: float, spans_nodes: bool) -> float:
+        """Exposed seconds, one layer, of a ``k``-hop ring whose blocks take ``block`` (forward + backward)
+        and whose K/V messages are ``kv`` bytes (see :meth:`segment_breakdown`)."""
+        if k <= 1:
+            return 0.0
         block_fwd = block / FWD_BWD
         block_bwd = block - block_fwd
-        kv = (sum_s / k) * self.kv_bytes_per_token
         t_kv = self.message_time(kv, spans_nodes)
         t_grad = self.message_time(kv * self.grad_hop_bytes / self.value_bytes, spans_nodes)
         exposed = (k - 1) * max(0.0, t_kv - block_fwd)
@@ -223,7 +243,56 @@ class CostModel:
             exposed += (k - 1) * max(0.0, t_kv + t_grad - block_bwd) + t_grad
         else:
             exposed += (k - 1) * max(0.0, t_kv - block_bwd) + k * t_grad
+        return exposed
+
+    # ------------------------------------------------------------ head-parallel pieces
+    @property
+    def head_bytes(self) -> float:
+        """Bytes of one token's one head (K, V or Q) in the model dtype: ``head_dim · value_bytes``."""
+        return self.kv_bytes_per_token / (2 * self.num_kv_heads) if self.num_kv_heads else 0.0
+
+    def ulysses_degrees(self, k: int, ranks_per_node: int | None = None) -> list[int]:
+        """The Ulysses degrees ``u > 1`` a group of ``k`` ranks can take: ``u`` divides ``k`` and the query
+        heads, and a sub-group of ``u`` fits in one node. Empty when the heads are unknown."""
+        rpn = self.ranks_per_node if ranks_per_node is None else ranks_per_node
+        if not self.num_heads:
+            return []
+        return [u for u in range(2, min(k, rpn, self.num_heads) + 1) if k % u == 0 and self.num_heads % u == 0]
+
+    def split_breakdown(self, lengths: Sequence[int], group: Sequence[int], ulysses: int = 1) -> tuple[float, float]:
+        """``(compute, exposed communication)`` of one member of a segment of ``lengths`` on ``group`` with
+        Ulysses degree ``ulysses``, all layers, overhead excluded (see the module docstring). ``ulysses=1``
+        is :meth:`segment_breakdown`."""
+        group = tuple(group)
+        k = len(group)
+        if ulysses <= 1 or k <= 1:
+            return self.segment_breakdown(lengths, k, self.group_spans_nodes(group))
+        u, r = ulysses, k // ulysses
+        lengths = [int(s) for s in lengths]
+        sum_s = float(sum(lengths))
+        sum_s2 = float(sum(s * s for s in lengths))
+        compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
+        a2a_spans = any(self.group_spans_nodes(g) for g in ring_positions(group, u))
+        ring_spans = any(self.group_spans_nodes(g) for g in head_rings(group, u))
+        splits = head_split(self.num_heads, self.num_kv_heads, u)
+        kv_heads = max(len(sp.kv_heads) for sp in splits)
+        hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
+        rows = sum_s / k  # this member's rows; each round sends one sub-member's heads of them
+        q_msg = rows * (self.num_heads / u) * hb
+        kv_msg = rows * 2 * kv_heads * hb
+        rounds = (self.message_time(q_msg, a2a_spans) * (2 + acc + 1)  # Q, output, dQ (accumulator), dO
+                  + self.message_time(kv_msg, a2a_spans) * (1 + acc))  # K/V, dK/dV (accumulator)
+        exposed = (u - 1) * rounds
+        ring_kv = (sum_s / r) * 2 * kv_heads * hb  # a position's rows of this member's K/V heads
+        exposed += self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
         return compute, self.num_layers * exposed
+
+    def split_piece_time(self, s: int, group: Sequence[int], ulysses: int = 1) -> float:
+        """:meth:`piece_time` of a sequence alone in its micro-batch on ``group`` with Ulysses degree ``ulysses``."""
+        if len(group) <= 1:
+            return self.sequence_time(s)
+        compute, comm = self.split_breakdown([s], group, ulysses)
+        return self.overhead_time() + compute + comm
 
     def segment_time(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> float:
         """Time one member spends on a ring segment (compute + exposed communication, no overhead)."""
@@ -255,14 +324,14 @@ class CostModel:
         """
         total = self.overhead_time()
         comm = 0.0
-        for group, lengths in ring_segments(mb.pieces).items():
+        for (group, ulysses), lengths in ring_segments(mb.pieces).items():
             if len(group) <= 1:
                 total += sum(self.local_time(s) for s in lengths)
                 continue
-            key = (group, tuple(lengths))
+            key = (group, ulysses, tuple(lengths))
             found = segment_cache.get(key) if segment_cache is not None else None
             if found is None:
-                found = self.segment_breakdown(lengths, len(group), self.group_spans_nodes(group))
+                found = self.split_breakdown(lengths, group, ulysses)
                 if segment_cache is not None:
                     segment_cache[key] = found
             total += found[0] + found[1]
@@ -340,10 +409,14 @@ class CostModel:
         """
         return self.segment_bytes_by_member(lengths, k)[member] if k > 1 else 0.0
 
-    def segment_bytes_by_member(self, lengths: Sequence[int], k: int) -> list[float]:
-        """:meth:`segment_bytes_sent` for every member ``0..k-1`` at once."""
+    def segment_bytes_by_member(self, lengths: Sequence[int], k: int, ulysses: int = 1) -> list[float]:
+        """:meth:`segment_bytes_sent` for every member ``0..k-1`` at once; with ``ulysses > 1``, the exact
+        bytes of a head-parallel segment (:mod:`hf_hdp.attention.ulysses`: its all-to-alls, with K/V heads
+        replicated under GQA, and its ring over the positions)."""
         if k <= 1:
             return [0.0] * max(k, 1)
+        if ulysses > 1:
+            return self._ulysses_bytes_by_member([int(s) for s in lengths], k, ulysses)
         rows = [0] * k
         for s in lengths:
             for m, n in enumerate(zigzag_member_sizes(int(s), k)):
@@ -353,10 +426,45 @@ class CostModel:
         grad = total * self.grad_hop_bytes / self.value_bytes
         return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
 
-    def segment_messages(self, k: int) -> int:
-        """P2P messages one member of a ``k``-rank ring segment sends in one step, all layers:
-        ``k - 1`` forward K/V, ``k - 1`` backward K/V and ``k`` dK/dV per layer."""
-        return 0 if k <= 1 else self.num_layers * (3 * k - 2)
+    def _ulysses_bytes_by_member(self, lengths: list[int], k: int, u: int) -> list[float]:
+        if not self.num_heads:
+            raise ValueError("pricing a head-parallel piece needs the model's heads (CostModel.num_heads)")
+        r = k // u
+        splits = head_split(self.num_heads, self.num_kv_heads, u)
+        hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
+        q_heads = self.num_heads // u
+        pos = [0] * r  # rows of each position, all documents
+        mine = [[0] * u for _ in range(r)]  # rows of each sub-member
+        for s in lengths:
+            for p, n in enumerate(zigzag_member_sizes(s, r)):
+                pos[p] += n
+                for j, m in enumerate(even_split(n, u)):
+                    mine[p][j] += m
+        total = sum(pos)
+        out = []
+        for m in range(k):
+            p, j = divmod(m, u)
+            n, others = mine[p][j], pos[p] - mine[p][j]
+            kv_j = len(splits[j].kv_heads)
+            sent = n * (u - 1) * q_heads * hb * 2  # Q forward, dO backward
+            sent += n * sum(2 * len(splits[i].kv_heads) for i in range(u) if i != j) * hb  # K/V forward
+            sent += others * q_heads * hb * (1 + acc)  # output forward, dQ backward (accumulator dtype)
+            sent += others * 2 * kv_j * hb * acc  # dK/dV backward (accumulator dtype)
+            if r > 1:  # the ring over the positions for this member's heads
+                per_row = 2 * kv_j * hb
+                sent += per_row * (2 * (total - pos[(p + 1) % r]) + total * acc)
+            out.append(self.num_layers * sent)
+        return out
+
+    def segment_messages(self, k: int, ulysses: int = 1) -> int:
+        """P2P messages one member of a ``k``-rank segment sends in one step, all layers: for a ring,
+        ``k - 1`` forward K/V, ``k - 1`` backward K/V and ``k`` dK/dV per layer; with Ulysses degree
+        ``u``, six all-to-alls of ``u - 1`` rounds and that ring over the ``k / u`` positions."""
+        if k <= 1:
+            return 0
+        r = k // max(ulysses, 1)
+        ring = 3 * r - 2 if r > 1 else 0
+        return self.num_layers * (6 * (ulysses - 1) + ring)
 
     def allreduce_time(self, nbytes: float | None = None, world_size: int = 1) -> float:
         """One all-reduce of ``nbytes`` (default :attr:`grad_bytes`) over ``world_size`` ranks.
@@ -373,10 +481,10 @@ class CostModel:
         return 2.0 * (world_size - 1) / world_size * nbytes / bw + 2 * math.ceil(math.log2(world_size)) * lat
 
 
-def ring_segments(pieces) -> dict[tuple[int, ...], list[int]]:
-    """The lengths of ``pieces`` by group, as :mod:`hf_hdp.attention.ring` runs them: the key ``(rank,)``
-    of a whole local sequence groups the local pieces; every other key is one ring segment."""
-    out: dict[tuple[int, ...], list[int]] = {}
+def ring_segments(pieces) -> dict[tuple[tuple[int, ...], int], list[int]]:
+    """The lengths of ``pieces`` by ``(group, Ulysses degree)``, as the attention runs them: the key
+    ``((rank,), 1)`` of whole local sequences groups the local pieces; every other key is one segment."""
+    out: dict[tuple[tuple[int, ...], int], list[int]] = {}
     for p in pieces:
-        out.setdefault(tuple(p.group), []).append(int(p.length))
+        out.setdefault((tuple(p.group), getattr(p, "ulysses", 1)), []).append(int(p.length))
     return out
