@@ -57,6 +57,7 @@ from hf_hdp.planning.cost import (
 )
 from hf_hdp.planning.cost.memory import fmt_gb
 from hf_hdp.planning.plan import PlanError
+from hf_hdp.planning.splits import SPLITS
 from hf_hdp.planning.report import INSTALL_MATPLOTLIB, MAX_PLOT_RANKS, fmt_bytes, fmt_seconds, plot_timelines
 
 
@@ -300,6 +301,13 @@ def fmt_groups(groups: dict[str, int], limit: int = 5) -> str:
     return ", ".join(items)
 
 
+def fmt_splits(d: dict) -> str:
+    """``{"ring": 3, "hybrid": 2}`` and ``{"8": 2}`` -> ``"ring:3, hybrid:2 (u=8:2)"``; distributed pieces only."""
+    kinds = [f"{kind}:{n}" for kind, n in d.get("splits", {}).items() if kind != "local"]
+    degrees = ", ".join(f"u={u}:{n}" for u, n in d.get("ulysses_degrees", {}).items())
+    return (", ".join(kinds) or "-") + (f" ({degrees})" if degrees else "")
+
+
 def _mesh(d: dict) -> str:
     cps = [c for c in d.get("cp_per_step", []) if c is not None]
     if cps and min(cps) != max(cps):
@@ -326,6 +334,7 @@ def render_table(summary: dict[str, dict], header: str) -> str:
             f" (mean {d['micro_batches_per_rank']['mean']:.1f})",
         ),
         ("group sizes", lambda n, d: fmt_groups(d["group_sizes"], limit=3)),
+        ("splits (samples)", lambda n, d: fmt_splits(d)),
         ("planning time", lambda n, d: fmt_seconds(d["planning_time_s"])),
     ]
     names = [n for n in PLANNER_ORDER if n in summary]
@@ -385,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--delta", type=float, default=0.05, help="the balance scheduler's tolerance, relative (default: 0.05)"
     )
+    m.add_argument("--attention-split", choices=SPLITS, default="auto",
+                   help="how the balanced planner splits a long sample's attention: 'auto' (per sample, whichever of "
+                   "ring, Ulysses and hybrid ends the step earliest), or one of them for every sample (default: auto)")
+    m.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                   help="ranks per node, where the fast links end (default: the hardware preset's)")
 
     mem = p.add_argument_group("memory (C from a rank's memory, as HDPConfig(tokens_per_rank='auto'))")
     mem.add_argument("--memory", type=parse_memory, metavar="SIZE",
@@ -445,6 +459,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = load_model_spec(args.model)
     hardware = load_hardware(args.hardware)
     cost = CostModel.from_specs(model, hardware)
+    if args.ranks_per_node is not None:
+        if args.ranks_per_node < 1:
+            raise CLIError(f"--ranks-per-node must be at least 1, got {args.ranks_per_node}")
+        cost = replace(cost, ranks_per_node=args.ranks_per_node)
     memory = capacity_from_args(args, model) if args.memory is not None else None
     if args.tokens_per_rank is None:
         args.tokens_per_rank = memory["tokens_per_rank"] if memory is not None else 8192
@@ -468,7 +486,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     show = args.progress or sys.stderr.isatty()
     try:
-        runs = compare_planners(batches, W, C, cost, delta=args.delta, progress=show)
+        runs = compare_planners(batches, W, C, cost, delta=args.delta, progress=show,
+                                attention_split=args.attention_split)
     except PlanError as e:
         raise CLIError(str(e)) from None
     summary = summarize(runs)

@@ -66,12 +66,22 @@ def step_time(plan: StepPlan, cost: CostModel) -> float:
 def test_random_mixes_give_valid_plans(seed):
     lengths, world, C, cost = random_case(seed)
     for guard in (True, False):
-        plan = plan_balanced(lengths, world, C, cost=cost, never_worse_than_naive=guard)
+        plan = plan_balanced(lengths, world, C, cost=cost, never_worse_than_naive=guard, attention_split="ring")
         check_plan(plan)  # validate(), every token once, no micro-batch over C, members share a slot
         assert plan.planner == "balanced"
         for p in plan.pieces():
-            assert p.k == ceil_div(p.length, C)
+            assert p.k == ceil_div(p.length, C) and p.ulysses == 1
             assert list(p.group) == sorted(p.group)
+        # the default ("auto"): groups at least as wide as the minimum, head-parallel degrees that divide the
+        # heads and the group, sub-groups inside one node
+        plan = plan_balanced(lengths, world, C, cost=cost, never_worse_than_naive=guard)
+        check_plan(plan)
+        plan.validate(num_heads=cost.num_heads or None)
+        for p in plan.pieces():
+            assert p.k >= ceil_div(p.length, C)
+            if p.ulysses > 1:
+                assert cost.num_heads % p.ulysses == 0 and p.k % p.ulysses == 0
+                assert p.ulysses <= cost.ranks_per_node
 
 
 @pytest.mark.parametrize("world", [8, 64])
@@ -92,7 +102,7 @@ def test_whole_stdlib_on_eight_ranks():
 def test_any_group_size_not_only_powers_of_two():
     C = 100
     lengths = [250, 450, 30, 70, 120, 15, 60, 99, 5, 40]  # 250 -> k=3, 450 -> k=5
-    plan = plan_balanced(lengths, 8, C)
+    plan = plan_balanced(lengths, 8, C, attention_split="ring")
     check_plan(plan)
     ks = {p.sample: p.k for p in plan.pieces()}
     assert ks[0] == 3 and ks[1] == 5
@@ -104,7 +114,8 @@ def test_small_groups_backfill_into_a_wait():
     # from 0 to A's end. One of the three 2-rank sequences runs in that wait, beside A; the other two
     # run on ranks 4 and 5 after A, beside B: the step ends at A + 2 x (2-rank piece), not later.
     C, cost = 1000, H100_7B
-    plan = plan_balanced([6000, 5500, 1500, 1500, 1500], 8, C, cost=cost, never_worse_than_naive=False)
+    plan = plan_balanced([6000, 5500, 1500, 1500, 1500], 8, C, cost=cost, never_worse_than_naive=False,
+                         attention_split="ring")
     check_plan(plan)
     assert plan.meta["backfill"] is True
     pieces = plan.pieces()
@@ -320,7 +331,9 @@ def test_plans_equal_the_recorded_fingerprints(case):
     seed, n, world, C, lo, hi = case
     lengths = heavy_tailed(seed, n, world * C, lo, hi)
     got = [plan_static(lengths, world, C).fingerprint(), plan_naive(lengths, world, C).fingerprint()]
-    got += [plan_balanced(lengths, world, C, cost=cost).fingerprint() for cost in FINGERPRINT_COSTS]
+    # attention_split="ring" is the first wave's planner exactly: its plans are unchanged
+    got += [plan_balanced(lengths, world, C, cost=cost, attention_split="ring").fingerprint()
+            for cost in FINGERPRINT_COSTS]
     assert tuple(got) == RECORDED_FINGERPRINTS[case]
 
 

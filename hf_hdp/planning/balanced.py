@@ -103,12 +103,13 @@ from typing import NamedTuple, Sequence
 
 from .cost import CostModel
 from .groups import Group, GroupPlacement, Stamped, current_top
-from .layout import zigzag_member_sizes
-from .metrics import plan_metrics
+from .layout import hybrid_member_sizes
+from .metrics import estimated_step_time
 from .naive import check_lengths, longest_first, plan_naive
 from .packing import BatchWork, Segment
 from .plan import Piece, StepPlan, build_plan
 from .plan import lockstep as lockstep_plan
+from .splits import check_split
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
 _SLACK = 1e-9
@@ -209,8 +210,7 @@ class _Balancer:
     def _group_work(self):
         cost = self.cost
         for piece, _, _ in self.groups:
-            spans = cost.group_spans_nodes(piece.group)
-            yield piece.k * cost.piece_time(piece.length, piece.k, spans)
+            yield piece.k * cost.split_piece_time(piece.length, piece.group, piece.ulysses)
 
     # ------------------------------------------------------------------ step 3: rebalance
     def rebalance(self) -> None:
@@ -293,7 +293,7 @@ class _Balancer:
             members = piece.group
             if any(last[r] != gid for r in members):
                 continue
-            spare = {r: self.C - n for r, n in zip(members, zigzag_member_sizes(piece.length, piece.k))}
+            spare = {r: self.C - n for r, n in zip(members, hybrid_member_sizes(piece.length, piece.k, piece.ulysses))}
             while True:
                 options = {r: self.tails[r].batches_within(spare[r]) for r in members}
                 if any(not o for o in options.values()):
@@ -382,6 +382,7 @@ def plan_balanced(
     delta: float = 0.05,
     never_worse_than_naive: bool = True,
     lockstep: bool = False,
+    attention_split: str = "auto",
 ) -> StepPlan:
     """Plan one step with the balance scheduler (see the module docstring).
 
@@ -392,26 +393,35 @@ def plan_balanced(
     :func:`plan_metrics` step time. ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.trainer.fsdp`)
     returns a lockstep plan (:func:`~hf_hdp.planning.plan.lockstep`: the same number of micro-batches
     on every rank, empty placeholders in the gaps), and the comparison with naive HDP is made under
-    lockstep timing, in which every slot is a barrier of all ranks. Raises :class:`~hf_hdp.planning.plan.PlanError` like the naive
+    lockstep timing, in which every slot is a barrier of all ranks. ``attention_split`` (``"auto"``,
+    ``"ring"``, ``"ulysses"``, ``"hybrid"``; :mod:`hf_hdp.planning.splits`) says how each distributed
+    sequence's attention is split and how wide its group is; head-parallel splits need the model's heads
+    in ``cost`` (``"auto"`` plans rings without them). Raises :class:`~hf_hdp.planning.plan.PlanError` like the naive
     planner for samples that cannot be placed, ``ValueError`` for ``delta`` outside ``[0, 1)``.
     """
     lengths = check_lengths(lengths, world_size, tokens_per_rank)
     if not 0 <= delta < 1:
         raise ValueError(f"delta is a fraction of the slowest rank's time and must be in [0, 1), got {delta}")
     cost = cost or CostModel.default()
+    check_split(attention_split)
+    if attention_split in ("ulysses", "hybrid") and not cost.num_heads:
+        raise ValueError(f"attention_split={attention_split!r} needs the model's attention heads in the cost model "
+                         "(CostModel.num_heads); build it with CostModel.from_config or from_specs")
     W, C = world_size, tokens_per_rank
-    meta = {"delta": delta, "cost_model": cost.label, "source": "balanced"}
+    meta = {"delta": delta, "cost_model": cost.label, "source": "balanced", "attention_split": attention_split}
     if not lengths:
         return build_plan(lengths, W, C, [], planner="balanced", meta=meta)
     if lockstep:
-        return _best_lockstep(lengths, W, C, cost, delta, never_worse_than_naive)
+        return _best_lockstep(lengths, W, C, cost, delta, never_worse_than_naive, attention_split)
 
     order = longest_first(lengths)
     dist = [i for i in order if lengths[i] > C]
     local = [i for i in order if lengths[i] <= C]
 
+    target = sum(cost.local_time(s) for s in lengths) / W  # mean compute per rank: wider groups beyond it
+
     def schedule(backfill: bool) -> _Balancer:
-        bal = _Balancer(GroupPlacement(lengths, W, C, cost, backfill).place(dist), delta)
+        bal = _Balancer(GroupPlacement(lengths, W, C, cost, backfill, attention_split, target).place(dist), delta)
         bal.place_local(local)
         bal.rebalance()
         bal.cofill()
@@ -433,7 +443,7 @@ def plan_balanced(
     if not never_worse_than_naive:
         return plan
 
-    mine = plan_metrics(plan, cost).step_time_s
+    mine = meta["planned_step_time_s"]  # the metric's step time: the planner keeps its clocks (tested)
     plan.meta["estimated_step_time_s"] = mine
     naive = plan_naive(lengths, W, C)
     # Naive's step time is at least its busiest rank's work plus the all-reduce (the metric's clocks
@@ -444,7 +454,7 @@ def plan_balanced(
         busy[mb.rank] += cost.micro_batch_breakdown(mb, cache)[0]
     if mine <= max(busy) + cost.allreduce_time(None, W):
         return plan
-    theirs = plan_metrics(naive, cost).step_time_s
+    theirs = estimated_step_time(naive, cost)
     if theirs < mine:
         meta = {"delta": delta, "cost_model": cost.label, "source": "naive",
                 "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
@@ -452,15 +462,17 @@ def plan_balanced(
     return plan
 
 
-def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: float, against_naive: bool) -> StepPlan:
+def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: float, against_naive: bool,
+                   attention_split: str) -> StepPlan:
     """The balanced plan in lockstep; naive HDP's in lockstep instead when that is faster (lockstep
     turns every slot into a barrier, so the balance of busy time matters less than the slot count)."""
-    plan = lockstep_plan(plan_balanced(lengths, W, C, cost, delta, never_worse_than_naive=False))
-    mine = plan_metrics(plan, cost).step_time_s
+    plan = lockstep_plan(plan_balanced(lengths, W, C, cost, delta, never_worse_than_naive=False,
+                                       attention_split=attention_split))
+    mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
     if against_naive:
         naive = lockstep_plan(plan_naive(lengths, W, C))
-        theirs = plan_metrics(naive, cost).step_time_s
+        theirs = estimated_step_time(naive, cost)
         if theirs < mine:
             meta = {"delta": delta, "cost_model": cost.label, "source": "naive", "lockstep": True,
                     "estimated_step_time_s": theirs, "balanced_step_time_s": mine}

@@ -129,11 +129,12 @@ def compare_planners(
     delta: float = 0.05,
     progress: bool = False,
     planners: Sequence[str] = PLANNER_ORDER,
+    attention_split: str = "auto",
 ) -> dict[str, PlannerRuns]:
-    """Plan every batch with every planner (the balanced one with ``cost`` and ``delta``) and
-    measure each plan with ``cost``; ``progress`` shows a bar on stderr."""
+    """Plan every batch with every planner (the balanced one with ``cost``, ``delta`` and
+    ``attention_split``) and measure each plan with ``cost``; ``progress`` shows a bar on stderr."""
     runs = {name: PlannerRuns(name) for name in planners}
-    plan_with = {name: get_planner(name, cost, delta=delta) for name in planners}
+    plan_with = {name: get_planner(name, cost, delta=delta, attention_split=attention_split) for name in planners}
     bar = _progress_bar(len(batches) * len(planners), progress)
     try:
         for lengths in batches:
@@ -191,9 +192,15 @@ def summarize(runs: dict[str, PlannerRuns]) -> dict[str, dict]:
         ms = r.metrics
         total = sum(m.step_time_s for m in ms)
         groups: dict[int, int] = {}
+        splits: dict[str, int] = {}
+        degrees: dict[int, int] = {}
         for m in ms:
             for k, n in dict(m.group_sizes).items():
                 groups[int(k)] = groups.get(int(k), 0) + int(n)
+            for kind, n in m.splits.items():
+                splits[kind] = splits.get(kind, 0) + n
+            for u, n in m.ulysses_degrees.items():
+                degrees[u] = degrees.get(u, 0) + n
         mbs = [n for m in ms for n in m.micro_batches_per_rank]
         tokens = _mean(m.tokens for m in ms)
         d = {
@@ -209,6 +216,8 @@ def summarize(runs: dict[str, PlannerRuns]) -> dict[str, dict]:
             "num_slots": _mean(m.num_slots for m in ms),
             "micro_batches_per_rank": {"min": min(mbs), "mean": _mean(mbs), "max": max(mbs)},
             "group_sizes": {str(k): groups[k] for k in sorted(groups)},
+            "splits": {kind: splits[kind] for kind in ("local", "ring", "ulysses", "hybrid") if kind in splits},
+            "ulysses_degrees": {str(u): degrees[u] for u in sorted(degrees)},
             "planning_time_s": _mean(r.seconds),
             "tokens": tokens,
             "samples": _mean(len(p.lengths) for p in r.plans),

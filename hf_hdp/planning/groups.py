@@ -9,7 +9,11 @@
 - with *backfilling*, any ``k`` ranks (of one node, or anywhere) that all sit idle for the whole
   piece, in *holes*: the waits of members that arrived early at earlier-placed groups.
 
-Ties go to one node, then to backfilling. What is left for the later steps: the :class:`Group` s with
+Ties go to one node, then to backfilling. Each sequence's group size and attention split come first,
+from :func:`~hf_hdp.planning.splits.choose_shape` (possibly wider than ``ceil(s / C)``). A head-parallel
+piece (Ulysses degree ``u > 1``) goes to the ``u`` earliest-free ranks of each of the ``r = k / u`` nodes
+whose ``u``-th rank frees first (pure Ulysses: the one such node), so its all-to-alls stay inside
+nodes; it is not backfilled. What is left for the later steps: the :class:`Group` s with
 their start and finish, each rank's clock (the finish of its last group, where its tail starts) and
 the holes, which steps 2-4 fill with whole sequences.
 """
@@ -23,6 +27,7 @@ from typing import NamedTuple, Sequence
 from .cost import CostModel
 from .naive import ceil_div
 from .plan import Piece
+from .splits import Shape, choose_shape
 
 
 class Group(NamedTuple):
@@ -75,15 +80,6 @@ def current_top(heap: list[Stamped], versions: Sequence[int]) -> Stamped:
     return heap[0]
 
 
-class _Shape(NamedTuple):
-    """A distributed sequence: its length, group size and piece time within one node and across nodes."""
-
-    length: int
-    k: int
-    time_in_node: float
-    time_spanning: float
-
-
 class _Open(NamedTuple):
     """A hole a sweep has reached, open until ``end``. Sorts by end."""
 
@@ -108,6 +104,7 @@ class _Option(NamedTuple):
     from_tails: int  # 0 when backfilled into holes, 1 when the members start from their tails
     start: float
     members: list[Member]
+    ulysses: int = 1  # > 1: members in group order (positions' sub-groups), not sorted
 
     @property
     def rank_key(self) -> tuple[float, bool, int]:
@@ -122,9 +119,10 @@ class GroupPlacement:
     """
 
     def __init__(self, lengths: Sequence[int], world_size: int, tokens_per_rank: int, cost: CostModel,
-                 backfill: bool) -> None:
+                 backfill: bool, attention_split: str = "ring", target: float = 0.0) -> None:
         W = world_size
         self.lengths, self.W, self.C, self.cost, self.backfill = lengths, W, tokens_per_rank, cost, backfill
+        self.split, self.target = attention_split, target
         self.rpn = max(1, int(cost.ranks_per_node))
         self.multi_node = self.rpn < W
         self.groups: list[Group] = []
@@ -141,20 +139,16 @@ class GroupPlacement:
     def place(self, dist: Sequence[int]) -> "GroupPlacement":
         """Place the sequences ``dist`` (positions, longest first)."""
         cost, multi_node = self.cost, self.multi_node
-        shapes = []
-        for i in dist:
-            s = self.lengths[i]
-            k = ceil_div(s, self.C)
-            p_in = cost.piece_time(s, k, False)
-            p_span = cost.piece_time(s, k, True) if multi_node and k > 1 else p_in
-            shapes.append(_Shape(s, k, p_in, p_span))
+        shapes = [choose_shape(cost, self.lengths[i], ceil_div(self.lengths[i], self.C), self.W, self.split,
+                               self.target) for i in dist]
         # shortest group time still to come: shorter holes can only take whole sequences
         suffix_min = [0.0] * (len(shapes) + 1)
         suffix_min[-1] = float("inf")
         for n in range(len(shapes) - 1, -1, -1):
             suffix_min[n] = min(suffix_min[n + 1], shapes[n].time_in_node)
         if multi_node:
-            self._index_nodes(sorted({shape.k for shape in shapes} & set(range(2, self.rpn + 1))))
+            sizes = {shape.k if shape.ulysses in (1, shape.k) else shape.ulysses for shape in shapes}
+            self._index_nodes(sorted(sizes & set(range(2, self.rpn + 1))))
 
         for pos, sample in enumerate(dist):
             best = min(self._options(shapes[pos]), key=lambda o: o.rank_key)
@@ -178,8 +172,38 @@ class GroupPlacement:
         for h in self.node_heaps.values():
             heapq.heapify(h)
 
-    def _options(self, shape: _Shape) -> list[_Option]:
+    def _head_parallel_option(self, shape: Shape) -> _Option:
+        """Where a piece of Ulysses degree ``u > 1`` goes: the ``u`` earliest-free ranks of each of the ``r``
+        nodes whose ``u``-th rank frees first (the ``k`` earliest anywhere when the nodes cannot hold it)."""
+        k, u, cost = shape.k, shape.ulysses, self.cost
+        r = k // u
+        size = k if r == 1 else u
+        chosen = []
+        heap = self.node_heaps.get(size) if self.multi_node else None
+        if heap is not None:
+            while len(chosen) < r and heap:
+                top = heapq.heappop(heap)
+                if top.version == self.node_version[top.item] and top.item not in {c.item for c in chosen}:
+                    chosen.append(top)
+            for top in chosen:  # put back: the commit refreshes the nodes it uses
+                heapq.heappush(heap, top)
+        if heap is not None and len(chosen) == r:
+            chosen.sort(key=lambda t: t.item)
+            ranks = [f.rank for t in chosen for f in sorted(self.node_tails[t.item][:size], key=lambda f: f.rank)]
+            start = max(t.key for t in chosen)
+        else:
+            tails = sorted(self.tails[:k], key=lambda f: (f.rank // self.rpn, f.rank))
+            ranks = [f.rank for f in tails]
+            start = max(f.time for f in tails)
+        group = tuple(ranks)
+        spans = cost.group_spans_nodes(group)
+        finish = start + cost.split_piece_time(shape.length, group, u)
+        return _Option(finish, spans, 1, start, [Member(rank, None) for rank in group], u)
+
+    def _options(self, shape: Shape) -> list[_Option]:
         """Where the group of ``shape`` could go (see the module docstring)."""
+        if shape.ulysses > 1:
+            return [self._head_parallel_option(shape)]
         k, p_in, p_span = shape.k, shape.time_in_node, shape.time_spanning
         cost, multi_node = self.cost, self.multi_node
         # after the members' last groups: the k earliest tails anywhere ...
@@ -252,7 +276,9 @@ class GroupPlacement:
         ``floor`` seconds open to later groups."""
         gid = len(self.groups)
         start, finish = option.start, option.finish
-        piece = Piece(sample=sample, length=s, group=tuple(sorted(m.rank for m in option.members)))
+        ranks = [m.rank for m in option.members]
+        piece = Piece(sample=sample, length=s, group=tuple(ranks if option.ulysses > 1 else sorted(ranks)),
+                      ulysses=option.ulysses)
         self.groups.append(Group(piece, start, finish))
         clock, rpn = self.clock, self.rpn
         touched = set()

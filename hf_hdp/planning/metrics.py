@@ -149,7 +149,8 @@ class PlanMetrics:
         return d
 
 
-def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None):
+def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None,
+              count_bytes: bool = True):
     W = plan.world_size
     clock = [0.0] * W
     busy = [0.0] * W
@@ -188,13 +189,13 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
                 if k <= 1:
                     continue
                 distributed = True
-                member = g.index(mb.rank)
-                key = ("bytes", g, ulysses, tuple(lengths))
-                per_member = cache.get(key)
-                if per_member is None:
-                    per_member = cache[key] = cost.segment_bytes_by_member(lengths, k, ulysses)
-                sent[mb.rank] += per_member[member]
-                messages += cost.segment_messages(k, ulysses)
+                if count_bytes:
+                    key = ("bytes", g, ulysses, tuple(lengths))
+                    per_member = cache.get(key)
+                    if per_member is None:
+                        per_member = cache[key] = cost.segment_bytes_by_member(lengths, k, ulysses)
+                    sent[mb.rank] += per_member[g.index(mb.rank)]
+                    messages += cost.segment_messages(k, ulysses)
                 if g in merged:
                     continue  # every member holds the segment: couple its ranks once, not k times
                 merged.add(g)
@@ -277,6 +278,12 @@ def plan_metrics(plan: StepPlan, cost: CostModel | None = None, include_allreduc
         num_samples=len(plan.lengths),
         cost_label=cost.label,
     )
+
+
+def estimated_step_time(plan: StepPlan, cost: CostModel, include_allreduce: bool = True) -> float:
+    """:func:`plan_metrics`' ``step_time_s`` alone, without counting the traffic (what planners compare)."""
+    finish, allreduce, *_ = _simulate(plan, cost, include_allreduce, None, count_bytes=False)
+    return finish + allreduce
 
 
 def _degrees(plan: StepPlan) -> dict[int, int]:

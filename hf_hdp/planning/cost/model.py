@@ -267,15 +267,20 @@ class CostModel:
         k = len(group)
         if ulysses <= 1 or k <= 1:
             return self.segment_breakdown(lengths, k, self.group_spans_nodes(group))
+        a2a_spans = any(self.group_spans_nodes(g) for g in ring_positions(group, ulysses))
+        ring_spans = any(self.group_spans_nodes(g) for g in head_rings(group, ulysses))
+        return self.head_parallel_breakdown(lengths, k, ulysses, a2a_spans, ring_spans)
+
+    def head_parallel_breakdown(self, lengths: Sequence[int], k: int, ulysses: int, a2a_spans: bool,
+                                ring_spans: bool) -> tuple[float, float]:
+        """:meth:`split_breakdown` for ``ulysses > 1``, given whether the sub-groups' all-to-alls and the
+        positions' rings cross nodes."""
         u, r = ulysses, k // ulysses
         lengths = [int(s) for s in lengths]
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
         compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-        a2a_spans = any(self.group_spans_nodes(g) for g in ring_positions(group, u))
-        ring_spans = any(self.group_spans_nodes(g) for g in head_rings(group, u))
-        splits = head_split(self.num_heads, self.num_kv_heads, u)
-        kv_heads = max(len(sp.kv_heads) for sp in splits)
+        kv_heads = max(len(sp.kv_heads) for sp in head_split(self.num_heads, self.num_kv_heads, u))
         hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
         rows = sum_s / k  # this member's rows; each round sends one sub-member's heads of them
         q_msg = rows * (self.num_heads / u) * hb
