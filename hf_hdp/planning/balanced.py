@@ -443,7 +443,7 @@ def plan_balanced(
     if not never_worse_than_naive:
         return plan
 
-    mine = meta["planned_step_time_s"]  # the metric's step time: the planner keeps its clocks (tested)
+    mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
     naive = plan_naive(lengths, W, C)
     # Naive's step time is at least its busiest rank's work plus the all-reduce (the metric's clocks
