@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .planning import HARDWARE_PRESETS, PLANNERS
+from .planning.splits import SPLITS
 
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "cpu_flash", "reference")
 LONG_SAMPLE_POLICIES = ("error", "truncate", "drop")
@@ -53,6 +54,25 @@ class HDPConfig:
         metadata={
             "help": "How samples are placed on ranks: 'balanced' HDP (ByteScale's balance scheduler, the default), "
             "'naive' HDP, or the 'static' DP x CP mesh baseline."
+        },
+    )
+    attention_split: Literal["auto", "ring", "ulysses", "hybrid"] = field(
+        default="auto",
+        metadata={
+            "help": "How the attention of a sample split over several ranks runs: 'auto' (the balanced planner picks, "
+            "per sample, whichever of ring, Ulysses and hybrid its cost model says ends the step earliest, and may "
+            "give the longest samples wider groups), 'ring' (zigzag ring attention, groups of ceil(length / "
+            "tokens_per_rank) ranks), 'ulysses' (head-parallel all-to-alls; a sample whose group size does not divide "
+            "the heads gets the next size that does, or a ring) or 'hybrid' (Ulysses inside nodes x ring across "
+            "them). The naive and static planners place rings: with them only 'auto' (meaning rings) and 'ring' apply."
+        },
+    )
+    ranks_per_node: int | None = field(
+        default=None,
+        metadata={
+            "help": "Ranks per node, where the fast links end: Ulysses sub-groups stay inside a node and the cost model "
+            "prices links by it. Default: the launcher's LOCAL_WORLD_SIZE (torchrun, accelerate), else the hardware "
+            "preset's."
         },
     )
     hardware: str = field(
@@ -183,6 +203,20 @@ class HDPConfig:
             )
         if self.planner not in PLANNERS:
             raise ValueError(f"HDPConfig.planner must be one of {tuple(PLANNERS)}, got {self.planner!r}")
+        if self.attention_split not in SPLITS:
+            raise ValueError(f"HDPConfig.attention_split must be one of {SPLITS}, got {self.attention_split!r}")
+        if self.attention_split in ("ulysses", "hybrid") and self.planner != "balanced":
+            raise ValueError(
+                f"HDPConfig.attention_split={self.attention_split!r} needs planner='balanced': the {self.planner!r} "
+                "planner places ring pieces only. Use planner='balanced', or attention_split='ring'."
+            )
+        if self.ranks_per_node is not None and (
+            isinstance(self.ranks_per_node, bool) or not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
+        ):
+            raise ValueError(
+                f"HDPConfig.ranks_per_node must be a positive integer or None (the launcher's LOCAL_WORLD_SIZE), got "
+                f"{self.ranks_per_node!r}"
+            )
         if self.attention_backend not in BACKEND_CHOICES:
             raise ValueError(
                 f"HDPConfig.attention_backend must be one of {BACKEND_CHOICES}, got {self.attention_backend!r}"

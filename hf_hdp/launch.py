@@ -82,3 +82,12 @@ def init_process_group(backend: str | None = None, timeout_s: float | None = Non
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return True
+
+
+def launcher_ranks_per_node(configured: int | None) -> int | None:
+    """Ranks per node: ``HDPConfig.ranks_per_node`` when set, else the launcher's ``LOCAL_WORLD_SIZE``
+    (torchrun and accelerate set it on every rank), else ``None`` (the hardware preset's)."""
+    if configured is not None:
+        return int(configured)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(local) if local and local.isdigit() and int(local) > 0 else None

@@ -458,3 +458,11 @@ __all__ = [
     "check_model_supported",
     "hdp_base_model",
 ]
+
+
+def model_heads(config) -> int | None:
+    """The query heads of a decoder's attention (``text_config`` for multimodal configs); ``None`` when unknown."""
+    if not hasattr(config, "num_attention_heads") and getattr(config, "text_config", None) is not None:
+        config = config.text_config
+    heads = getattr(config, "num_attention_heads", None)
+    return int(heads) if isinstance(heads, int) and heads > 0 else None

@@ -106,7 +106,7 @@ class HDPStepDataset(Dataset):
     def __init__(self, dataset, lengths: np.ndarray, loss_tokens: np.ndarray, sampler: GlobalBatchSampler,
                  planner: Callable[..., StepPlan], world_size: int, rank: int, tokens_per_rank: int,
                  collator: HDPCollator, doc_offsets: np.ndarray | None = None, doc_lengths: np.ndarray | None = None,
-                 rules: RowRules = RowRules()):
+                 rules: RowRules = RowRules(), num_heads: int | None = None):
         if rules.collator is not None:
             keep = [c for c in dataset.column_names
                     if not c.startswith("hdp_") and (rules.collator_columns is None or c in rules.collator_columns)]
@@ -126,12 +126,13 @@ class HDPStepDataset(Dataset):
         self.rank = rank
         self.tokens_per_rank = tokens_per_rank
         self.collator = collator
+        self.num_heads = num_heads  # the model's query heads: every plan is checked against them before any P2P
 
     @classmethod
     def from_measured(cls, m: MeasuredDataset, sampler, planner, world_size: int, rank: int, tokens_per_rank: int,
-                      collator: HDPCollator) -> "HDPStepDataset":
+                      collator: HDPCollator, num_heads: int | None = None) -> "HDPStepDataset":
         return cls(m.dataset, m.lengths, m.loss_tokens, sampler, planner, world_size, rank, tokens_per_rank,
-                   collator, m.doc_offsets, m.doc_lengths, m.rules)
+                   collator, m.doc_offsets, m.doc_lengths, m.rules, num_heads)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -143,7 +144,10 @@ class HDPStepDataset(Dataset):
     def plan(self, epoch: int, step: int) -> tuple[list[int], StepPlan]:
         rows = self.sampler.batch_rows(epoch, step)
         lengths = [int(self.doc_lengths[self.doc_offsets[rows[i]] + d]) for i, d in self.documents(rows)]
-        return rows, self.planner(lengths, self.world_size, self.tokens_per_rank)
+        plan = self.planner(lengths, self.world_size, self.tokens_per_rank)
+        if any(p.ulysses != 1 for mb in plan.micro_batches for p in mb.pieces):
+            plan.validate(num_heads=self.num_heads)  # a head-parallel degree must divide the heads: refused here
+        return rows, plan
 
     def __getitem__(self, key) -> HDPStep:
         epoch, step = key

@@ -390,7 +390,8 @@ def plan_balanced(
     tolerance of the balance loop. With ``never_worse_than_naive`` (the default) the naive HDP plan
     is returned instead when its estimated step time is lower; ``plan.meta["source"]`` says which
     (``"balanced"`` or ``"naive"``) and ``plan.meta["estimated_step_time_s"]`` gives the
-    :func:`plan_metrics` step time. ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.trainer.fsdp`)
+    :func:`plan_metrics` step time (not under a forced ``"ulysses"`` or ``"hybrid"`` split, which naive
+    HDP's rings would not honour). ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.trainer.fsdp`)
     returns a lockstep plan (:func:`~hf_hdp.planning.plan.lockstep`: the same number of micro-batches
     on every rank, empty placeholders in the gaps), and the comparison with naive HDP is made under
     lockstep timing, in which every slot is a barrier of all ranks. ``attention_split`` (``"auto"``,
@@ -440,8 +441,8 @@ def plan_balanced(
     meta["backfill"] = bal.backfill
     meta["planned_step_time_s"] = max(bal.finish) + cost.allreduce_time(None, W)
     plan = bal.emit(meta)
-    if not never_worse_than_naive:
-        return plan
+    if not never_worse_than_naive or attention_split in ("ulysses", "hybrid"):
+        return plan  # a forced split is the user's: naive HDP's rings would not honour it
 
     mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
@@ -470,7 +471,7 @@ def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: f
                                        attention_split=attention_split))
     mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
-    if against_naive:
+    if against_naive and attention_split not in ("ulysses", "hybrid"):
         naive = lockstep_plan(plan_naive(lengths, W, C))
         theirs = estimated_step_time(naive, cost)
         if theirs < mine:

@@ -191,6 +191,21 @@ class StepPlan:
                 raise PlanError("micro_batches must be sorted by (slot, rank) without repeats")
             last = (mb.slot, mb.rank)
             seen_slots.add((mb.slot, mb.rank))
+            for p in mb.pieces:
+                if p.ulysses != 1:
+                    try:
+                        check_degree(p.k, p.ulysses)
+                    except ValueError:
+                        raise PlanError(
+                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide its group of {p.k} "
+                            "ranks; the group must be whole sub-groups of that degree"
+                        ) from None
+                    if num_heads is not None and num_heads % p.ulysses:
+                        raise PlanError(
+                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide the model's "
+                            f"{num_heads} query heads. Plan it with a degree that divides them (the planners "
+                            "never make such a piece; attention_split='ring' avoids head parallelism)"
+                        )
             if mb.num_tokens > C:
                 raise PlanError(
                     f"rank {mb.rank} slot {mb.slot} holds {mb.num_tokens} tokens, more than tokens_per_rank={C}"
@@ -207,20 +222,6 @@ class StepPlan:
                     )
                 if len(set(p.group)) != len(p.group) or not all(0 <= r < W for r in p.group):
                     raise PlanError(f"sample {p.sample}: group {p.group} repeats a rank or leaves the world")
-                if p.ulysses != 1:
-                    try:
-                        check_degree(p.k, p.ulysses)
-                    except ValueError:
-                        raise PlanError(
-                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide its group of {p.k} "
-                            "ranks; the group must be whole sub-groups of that degree"
-                        ) from None
-                    if num_heads is not None and num_heads % p.ulysses:
-                        raise PlanError(
-                            f"sample {p.sample}: a Ulysses degree of {p.ulysses} does not divide the model's "
-                            f"{num_heads} query heads. Plan it with a degree that divides them (the planners "
-                            "never make such a piece; attention_split='ring' avoids head parallelism)"
-                        )
                 if mb.rank not in p.group:
                     raise PlanError(f"sample {p.sample} is on rank {mb.rank}, which is not in its group {p.group}")
                 if p.sample in placed:

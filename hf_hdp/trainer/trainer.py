@@ -61,9 +61,9 @@ from ..data.collator import HDPCollator
 from ..data.documents import IGNORE_INDEX, HDPDataError
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset
 from ..accelerator import HDPAccelerator
-from ..launch import check_distributed_setup
+from ..launch import check_distributed_setup, launcher_ranks_per_node
 from ..mesh import DynamicMesh
-from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
+from ..models import UnsupportedModelError, check_model_supported, hdp_base_model, model_heads
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .callbacks import HDPWindowCallback
 from .capacity import resolve_tokens_per_rank
@@ -248,9 +248,9 @@ class HDPTrainer(Trainer):
                 "***** HDP *****\n  Global batch = %d samples per optimizer step (any world size; HDP accumulates "
                 "its micro-batches itself, so Trainer's 'Gradient Accumulation steps = 1' and per-device batch "
                 "below are its loop's settings, not the batch)\n  Planner = %s, tokens per rank C = %d, world = %d, "
-                "attention backend = %s\n  Training rows = %d (%d documents, %d tokens, %d label tokens)",
+                "attention backend = %s, attention split = %s, ranks per node = %d\n  Training rows = %d (%d documents, %d tokens, %d label tokens)",
                 self.global_batch_size, cfg.planner, cfg.tokens_per_rank, self.mesh.world_size, cfg.attention_backend,
-                len(self.hdp_train_data), self.hdp_train_data.doc_lengths.size, int(self.hdp_train_data.lengths.sum()),
+                cfg.attention_split, min(self.cost_model.ranks_per_node, self.mesh.world_size), len(self.hdp_train_data), self.hdp_train_data.doc_lengths.size, int(self.hdp_train_data.lengths.sum()),
                 int(self.hdp_train_data.loss_tokens.sum()),
             )
         if self.hdp_neftune is not None:
@@ -273,6 +273,9 @@ class HDPTrainer(Trainer):
         except (AttributeError, TypeError) as err:  # a config without the usual shape fields
             logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(self.hdp_model).__name__, err)
             return CostModel.default()
+        rpn = launcher_ranks_per_node(self.hdp_config.ranks_per_node)
+        if rpn is not None:  # where the fast links end: Ulysses sub-groups stay inside a node
+            cost = dataclasses.replace(cost, ranks_per_node=rpn)
         ratio = self.hdp_config.offload_ratio
         if isinstance(ratio, (int, float)) and ratio > 0:  # the copies compute does not hide count in each estimate
             cost = dataclasses.replace(cost, offload_ratio=float(ratio),
@@ -337,12 +340,14 @@ class HDPTrainer(Trainer):
     def hdp_step_loader(self, measured: MeasuredDataset, sampler: GlobalBatchSampler) -> HDPDataLoader:
         """A loader of this rank's HDP steps over ``measured``, planned with this trainer's planner and cost model."""
         lockstep = self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1  # FSDP's per-layer collectives
-        planner = get_planner(self.hdp_config.planner, self.cost_model, **({"lockstep": True} if lockstep else {}))
+        planner = get_planner(self.hdp_config.planner, self.cost_model, attention_split=self.hdp_config.attention_split,
+                              **({"lockstep": True} if lockstep else {}))
         if lockstep:
             planner = LockstepPlanner(planner)  # any planner: the same micro-batch count on every rank
         steps = HDPStepDataset.from_measured(
             measured, sampler, planner,
             self.mesh.world_size, self.mesh.rank, self.hdp_config.tokens_per_rank, self.collator,
+            num_heads=model_heads(self.hdp_model.config),
         )
         return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
 
