@@ -124,6 +124,31 @@ def test_config_errors_say_what_to_do():
         HDPConfig(tokens_per_rank=0)
     with pytest.raises(ValueError, match="planner must be one of"):
         HDPConfig(planner="magic")
+    with pytest.raises(ValueError, match="attention_split must be one of"):
+        HDPConfig(attention_split="heads")
+    with pytest.raises(ValueError, match=r"attention_split='ulysses' needs planner='balanced'.*attention_split='ring'"):
+        HDPConfig(attention_split="ulysses", planner="naive")
+    with pytest.raises(ValueError, match="ranks_per_node must be a positive integer"):
+        HDPConfig(ranks_per_node=0)
+
+
+def test_ranks_per_node_comes_from_the_config_or_the_launcher(monkeypatch):
+    from hf_hdp.launch import launcher_ranks_per_node
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launcher_ranks_per_node(None) == 2
+    assert launcher_ranks_per_node(4) == 4  # the config wins
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert launcher_ranks_per_node(None) is None  # the hardware preset's
+
+
+def test_the_trainer_plans_with_the_configured_split_and_nodes(tiny, tmp_path):
+    trainer = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list([{"input_ids": [1, 2]}] * 4),
+                         hdp_config=HDPConfig(tokens_per_rank=64, attention_split="hybrid", ranks_per_node=3))
+    assert trainer.cost_model.ranks_per_node == 3 and trainer.cost_model.num_heads == trainer.model.config.num_attention_heads
+    steps = trainer.get_train_dataloader().dataset
+    assert steps.num_heads == trainer.model.config.num_attention_heads
+    assert steps.planner.keywords["attention_split"] == "hybrid"
 
 
 def test_global_batch_and_gradient_accumulation_cannot_both_be_set(tiny, tmp_path):
