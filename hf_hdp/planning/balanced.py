@@ -62,7 +62,8 @@ The paper's gaps, filled
 - *Which ranks a k-rank sequence takes*: the earliest-finishing of the candidates of step 1; among
   the idle ranks of a backfill window, the ones whose idle stretch began latest (the window wastes
   the least of it), then the lowest rank ids. Members are listed in ascending rank order (member
-  ``i`` holds zigzag chunks ``i`` and ``2k-1-i``). ``k`` is never raised above ``ceil(s / C)``:
+  ``i`` holds zigzag chunks ``i`` and ``2k-1-i``). Under ``attention_split="ring"`` ``k`` is never raised
+  above ``ceil(s / C)`` (``"auto"`` may widen head-parallel groups, :mod:`hf_hdp.planning.splits`):
   once a ring hop outlasts its attention block, a member's exposed ring time
   ``(k-1)·(hop - block)`` stays near ``s`` times the per-token wire time whatever ``k`` (a 210K-token
   sequence costs each member 9.34 s on 26 ranks and 9.07 s on 104 under the default model).
