@@ -5,6 +5,7 @@ forward + backward times of a real transformers Llama.
     python benchmarks/calibrate.py --p2p              # also gloo P2P bandwidth/latency between 2 processes
     python benchmarks/calibrate.py --json             # coefficients as JSON (last line of stdout)
     python benchmarks/calibrate.py --model llama-7b-layers   # on a GPU: LLaMA-7B's layer shape, bf16
+    python benchmarks/calibrate.py --links h100-ib --reference-tokens 1024   # H100 links scaled to this machine
 
 What is timed is what HDPTrainer runs: one sequence of ``s`` tokens as a single-rank micro-batch
 (``plan_naive([s], 1, s)``), packed by the HDP collator and run by
@@ -15,7 +16,11 @@ embedding, LM head and loss, as ``CostModel.from_specs`` does.
 
 Printed: each length's time, the fit's prediction and relative residual; a, b, c; the measured
 dense matmul rate; and the ``HardwareSpec`` that reproduces the fit through ``from_specs`` (what
-the ``cpu`` preset in ``hf_hdp/planning/cost/specs.py`` holds). Figures only; nothing is asserted.
+the ``cpu`` preset in ``hf_hdp/planning/cost/specs.py`` holds). With ``--links PRESET``, also the
+preset's links scaled to this machine's compute (:meth:`hf_hdp.links.LinkEmulator.scaled`: bandwidth x
+scale, latency / scale, scale = this machine's achieved throughput over the H100 preset's), which
+``benchmarks/real_ranks.py --emulate-links`` emulates. :func:`calibrate_model` is the calibration itself,
+for other benchmarks. Figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_hdp.collators import HDPCollator, count_loss_tokens
+from hf_hdp.links import LINK_PRESETS, LinkEmulator
 from hf_hdp.mesh import DynamicMesh
 from hf_hdp.planning import plan_naive
 from hf_hdp.planning.cost import (
@@ -131,6 +137,26 @@ def make_measure(model, device: torch.device, backend: str, vocab: int, seed: in
     return measure
 
 
+def calibrate_model(model, config, device: torch.device, dtype: torch.dtype, backend: str = "auto",
+                    lengths: list | None = None, repeats: int = 2, warmup: int = 2, stat: str = "min",
+                    name: str | None = None) -> tuple[CostModel, ModelSpec]:
+    """Time ``model`` (a transformers causal LM with the "hdp" attention enabled, of ``config``) on this
+    machine and fit ``a, b, c``: ``(cost model, model spec)``. ``lengths`` as :func:`parse_lengths` gives
+    them (default :data:`DEFAULT_LENGTHS` of the device); ``warmup`` unrecorded runs of the shortest
+    length first; ``stat`` (``"min"`` or ``"median"``) of ``repeats`` runs counts. Everything but
+    ``a, b, c`` comes from the ``cpu`` (or, on CUDA, ``h100``) preset. Leaves gradients behind."""
+    lengths = lengths or parse_lengths(DEFAULT_LENGTHS[device.type])
+    spec = ModelSpec.from_config(config, name=name, bytes_per_value=torch.finfo(dtype).bits // 8)
+    base_hw = HARDWARE_PRESETS["cpu" if device.type == "cpu" else "h100"]
+    measure = make_measure(model, device, backend, config.vocab_size)
+    for _ in range(warmup):
+        measure(min(lengths, key=_tokens))
+    kwargs = {"statistic": min} if stat == "min" else {}
+    cost = calibrate(measure, lengths, base=CostModel.from_specs(spec, base_hw), num_layers=config.num_hidden_layers,
+                     repeats=repeats, warmup=0, **kwargs)
+    return cost, spec
+
+
 # ------------------------------------------------------------------------------------ gloo P2P
 
 
@@ -195,6 +221,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: one rank per core, as the CPU ranks run)")
     ap.add_argument("--backend", default="auto", help="attention backend of the 'hdp' attention")
     ap.add_argument("--p2p", action="store_true", help="also measure gloo P2P between two local processes (CPU)")
+    ap.add_argument("--links", default=None, choices=sorted(LINK_PRESETS),
+                    help="also print this link preset scaled to this machine's compute (hf_hdp.links)")
+    ap.add_argument("--reference-tokens", "--reference_tokens", dest="reference_tokens", type=int, default=None,
+                    help="--links: the sequence length whose FLOP mix sets the scale (default: where attention = linear)")
+    ap.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=None,
+                    help="--links: ranks per emulated node (default: LOCAL_WORLD_SIZE, else the preset's)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = ap.parse_args(argv)
 
@@ -214,17 +246,11 @@ def main(argv=None) -> dict:
         model = LlamaForCausalLM(config).to(dtype=dtype)
     model.train()
     enable_hdp_attention(model)
-    spec = ModelSpec.from_config(config, name=args.model, bytes_per_value=torch.finfo(dtype).bits // 8)
     base_hw = HARDWARE_PRESETS["cpu" if device.type == "cpu" else "h100"]
 
     started = time.perf_counter()
-    measure = make_measure(model, device, args.backend, config.vocab_size)
-    for _ in range(args.warmup):
-        measure(min(lengths, key=_tokens))
-    stat = min if args.stat == "min" else None
-    kwargs = {"statistic": stat} if stat else {}
-    cost = calibrate(measure, lengths, base=CostModel.from_specs(spec, base_hw), num_layers=config.num_hidden_layers,
-                     repeats=args.repeats, warmup=0, **kwargs)
+    cost, spec = calibrate_model(model, config, device, dtype, args.backend, lengths, args.repeats, args.warmup,
+                                 args.stat, name=args.model)
     timing_s = time.perf_counter() - started
     cal = cost.extra["calibration"]
     peak = matmul_rate(device, dtype)
@@ -267,6 +293,15 @@ def main(argv=None) -> dict:
           f"{hw.attention_efficiency:.3g}, {hw.linear_efficiency:.3g}, {hw.intra_bandwidth:.3g}, {hw.intra_latency:.3g}, "
           f"{hw.inter_bandwidth:.3g}, {hw.inter_latency:.3g}, {hw.ranks_per_node}, {hw.overhead_per_layer:.3g}, "
           f"{hw.memory_bytes:.3g})")
+    links = None
+    if args.links:
+        links = LinkEmulator.scaled(args.links, cost, spec, args.reference_tokens, args.ranks_per_node)
+        d = links.derivation
+        print(f"links {args.links} scaled to this machine: achieved attention {d['this_attention_flops'] / 1e9:,.1f} "
+              f"GFLOP/s vs {d['ref_attention_flops'] / 1e12:,.0f} TFLOP/s ({d['attention_ratio']:.3g}), linear "
+              f"{d['this_linear_flops'] / 1e9:,.1f} GFLOP/s vs {d['ref_linear_flops'] / 1e12:,.0f} TFLOP/s "
+              f"({d['linear_ratio']:.3g}); scale at {d['reference_tokens']:,.0f} tokens = {d['scale']:.4g}")
+        print(links.describe())
     print(f"timing took {timing_s:.1f} s")
     result = {
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "model": args.model,
@@ -276,6 +311,9 @@ def main(argv=None) -> dict:
         "max_abs_residual": worst, "matmul_flops": peak,
         "hardware": {k: getattr(hw, k) for k in hw.__dataclass_fields__}, "p2p": p2p and {
             "latency_s": p2p["latency_s"], "bandwidth_Bps": p2p["bandwidth_Bps"]},
+        "links": links and {**{k: getattr(links, k) for k in ("name", "intra_bandwidth", "intra_latency",
+                                                              "inter_bandwidth", "inter_latency", "ranks_per_node")},
+                            "derivation": links.derivation},
     }
     if args.json:
         print(json.dumps(result))

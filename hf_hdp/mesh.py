@@ -22,7 +22,10 @@ per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.
 - copies ZeRO's updated weights from their owners to every rank, in the same buckets
   (:meth:`DynamicMesh.gather_parameters`), and gathers a sharded optimizer state for a checkpoint
   (:meth:`DynamicMesh.gather_bytes`);
-- sums a few scalars for evaluation (:meth:`DynamicMesh.sum_scalars`).
+- sums a few scalars for evaluation (:meth:`DynamicMesh.sum_scalars`);
+- for benchmarks only, and only when asked (``DynamicMesh(links=LinkEmulator(...))``; off by default):
+  makes every P2P exchange and collective last as long as it would on the emulated links
+  (:mod:`hf_hdp.links`), by sleeping (see :class:`DynamicMesh`).
 
 No rank waits forever: every one of these waits is bounded (``HDPConfig.p2p_timeout_s``, 10 minutes
 by default). A peer that is late past the bound raises :class:`P2PTimeoutError` (ring) or
@@ -45,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .buckets import Bucket, pack, plan_buckets, unpack
+from .links import LinkEmulator
 from .reduction import GradientReduction
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -96,8 +100,23 @@ def _timed_out(err: BaseException) -> bool:
     return "timed out" in str(err).lower()
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _at_step(step: int | None) -> str:
     return f" at global step {step}" if step is not None else ""
+
+
+@dataclass
+class _Wire:
+    """An emulated transfer (``DynamicMesh(links=...)``): when it started, on the wall clock and in this
+    process's CPU time, and how long the emulated link takes for it."""
+
+    start: float  # time.monotonic() when the transfer was started
+    cpu_start: float  # time.process_time() then
+    delay: float  # emulated wire seconds
+    seen: float | None = None  # when this rank first saw the real transfer complete, if it had to look for it
 
 
 @dataclass
@@ -108,6 +127,11 @@ class _Pending:
     kind: str
     what: str
     step: int | None
+    wire: _Wire | None = None
+
+
+# DynamicMesh's names of the collectives -> LinkEmulator.collective_delay's
+_EMULATED_KIND = {"an all-reduce": "all_reduce", "a reduce-scatter": "reduce_scatter", "an all-gather": "all_gather"}
 
 
 @dataclass
@@ -115,13 +139,24 @@ class CommStats:
     """What a mesh sent. ``bytes_sent`` / ``messages_sent``: ring P2P only; ``collectives``: collectives
     over all ranks (plan check, gradient buckets, weight all-gathers, sums); ``largest_buffer_bytes``:
     the largest bucket buffer the gradient reduction or the weight all-gather allocated;
-    ``buckets_started_in_backward``: gradient buckets started while the last backward still ran."""
+    ``buckets_started_in_backward``: gradient buckets started while the last backward still ran.
+
+    With a link emulator only (``DynamicMesh(links=...)``; all three stay 0 without one):
+    ``emulated_wire_s``: the emulated link seconds of every P2P exchange and collective this rank ran
+    (the formulas' sum); ``emulated_wait_s``: the part of it this rank actually slept (what the real
+    transfer and the compute between start and wait did not already cover); ``emulated_exposed_s``: the
+    part this rank's own CPU time between start and wait does not cover, ``max(0, delay - CPU s)`` per
+    transfer: the wire time a rank with a core of its own would wait (for critical paths built from CPU
+    times, as ``benchmarks/real_ranks.py`` does)."""
 
     bytes_sent: int = 0
     messages_sent: int = 0
     collectives: int = 0
     largest_buffer_bytes: int = 0
     buckets_started_in_backward: int = 0
+    emulated_wire_s: float = 0.0
+    emulated_wait_s: float = 0.0
+    emulated_exposed_s: float = 0.0
 
 
 class DynamicMesh:
@@ -149,10 +184,25 @@ class DynamicMesh:
 
     ``bucket_bytes`` bounds each collective of the gradient reduction and of ZeRO's weight all-gather,
     and each buffer they allocate (default :data:`DEFAULT_BUCKET_BYTES`, read when the mesh is built).
+
+    ``links`` (default ``None``: nothing changes, in behaviour or timing): a
+    :class:`~hf_hdp.links.LinkEmulator`, for benchmarks on one machine, where loopback P2P is nearly
+    free. Then every transfer of the mesh is "delivered" at its start plus the emulated delay
+    (:meth:`~hf_hdp.links.LinkEmulator.exchange_delay` for a P2P exchange, ``collective_delay`` for a
+    collective, ``p2p_delay`` for :meth:`gather_bytes`' messages), and the wait for it SLEEPS (never
+    spins: the ranks of a benchmark share a few cores) only for what is left of that deadline once the
+    real transfer is done. So compute between :meth:`exchange` and :meth:`wait` (the ring's block)
+    overlaps the wire time as on a real link, and a transfer waited for at once costs its whole delay.
+    The start counts from the later of this rank's start and, when this rank had to block (or poll) for
+    the real transfer, the moment it completed: a partner (or, for a collective, the last rank) that
+    joins late starts the wire late, as it would on a real link. Seconds are counted in
+    :class:`CommStats` (``emulated_*``). The bytes moved are the real ones, unchanged. gloo only in
+    practice: with NCCL the sleep delays the host, not the GPU stream. ``mesh.links`` may be set or
+    cleared between steps (a benchmark's warm-up runs without it).
     """
 
     def __init__(self, device: torch.device | None = None, p2p_timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 bucket_bytes: int | None = None):
+                 bucket_bytes: int | None = None, links: LinkEmulator | None = None):
         bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"DynamicMesh(bucket_bytes=...) must be a positive number of bytes, got {bucket_bytes!r}")
@@ -169,6 +219,24 @@ class DynamicMesh:
         self.timeout_s = float(p2p_timeout_s) if p2p_timeout_s else None
         self.timeout = datetime.timedelta(seconds=self.timeout_s) if self.timeout_s else None
         self.stats = CommStats()
+        if links is not None and not isinstance(links, LinkEmulator):
+            raise TypeError("DynamicMesh(links=...) takes a hf_hdp.links.LinkEmulator or None, "
+                            f"got {type(links).__name__}")
+        self.links = links
+
+    # ------------------------------------------------------------ link emulation
+    def _wire(self, delay: float, start: float | None = None) -> _Wire:
+        self.stats.emulated_wire_s += delay
+        return _Wire(time.monotonic() if start is None else start, time.process_time(), delay)
+
+    def _arrive(self, wire: _Wire, cpu_at_wait: float) -> None:
+        """Sleep until an emulated transfer's deadline, after its real transfer is done; count the seconds."""
+        self.stats.emulated_exposed_s += max(0.0, wire.delay - (cpu_at_wait - wire.cpu_start))
+        begin = wire.start if wire.seen is None else max(wire.start, wire.seen)
+        left = begin + wire.delay - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+            self.stats.emulated_wait_s += left
 
     def _bound_text(self) -> str:
         return f"{self.timeout_s:g} s" if self.timeout_s else "the process group's timeout"
@@ -188,16 +256,26 @@ class DynamicMesh:
             return []
         send = send.contiguous()
         ops = [dist.P2POp(dist.isend, send, dst), dist.P2POp(dist.irecv, recv, src)]
-        self.stats.bytes_sent += send.numel() * send.element_size()
+        send_bytes = send.numel() * send.element_size()
+        self.stats.bytes_sent += send_bytes
         self.stats.messages_sent += 1
-        return list(dist.batch_isend_irecv(ops)) + [(what, dst, src)]
+        started = time.monotonic() if self.links is not None else None
+        works = list(dist.batch_isend_irecv(ops))
+        wire = None
+        if self.links is not None:
+            delay = self.links.exchange_delay(self.rank, send_bytes, dst, recv.numel() * recv.element_size(), src)
+            wire = self._wire(delay, started)
+        return works + [(what, dst, src, wire)]
 
     def wait(self, handles: list) -> None:
         """Complete an :meth:`exchange`; raise :class:`P2PTimeoutError` past the bound (send and
         receive together), :class:`PeerCrashedError` if the partner's process is gone."""
         if not handles:
             return
-        *works, (what, dst, src) = handles
+        *works, (what, dst, src, wire) = handles
+        if wire is not None:
+            cpu_at_wait = time.process_time()
+            blocked = not all(w.is_completed() for w in works)
         # gloo returns one work per op (send to dst, receive from src); NCCL one coalesced work
         if len(works) == 2:
             peers = [f"rank {dst}", f"rank {src}"]
@@ -218,6 +296,10 @@ class DynamicMesh:
                     f"rank {self.rank}: P2P exchange {what} (send to rank {dst}, receive from rank {src}) was aborted "
                     "by the backend; see the other ranks' logs."
                 )
+        if wire is not None:
+            if blocked:
+                wire.seen = time.monotonic()
+            self._arrive(wire, cpu_at_wait)
 
     def _p2p_error(self, err: Exception, what: str, dst: int, src: int, peer: str) -> HDPCommError:
         where = f"P2P exchange {what} (send to rank {dst}, receive from rank {src})"
@@ -243,7 +325,8 @@ class DynamicMesh:
     def _start_all_reduce(self, tensor: torch.Tensor, what: str, step: int | None) -> "_Pending":
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        return self._begin(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step)
+        return self._begin(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step,
+                           _nbytes(tensor))
 
     def _reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
         """``output`` = the SUM over all ranks of chunk ``rank`` of ``input`` (``world_size`` chunks), within the bound."""
@@ -255,36 +338,57 @@ class DynamicMesh:
         opts.reduceOp = dist.ReduceOp.SUM
         group = dist.group.WORLD
         start = getattr(group, "reduce_scatter_single", None) or group._reduce_scatter_base  # torch < 2.13
-        return self._begin(lambda o: start(output, input, o), opts, "a reduce-scatter", what, step)
+        return self._begin(lambda o: start(output, input, o), opts, "a reduce-scatter", what, step, _nbytes(input))
 
     def _all_gather(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> None:
         """Chunk ``r`` of ``output`` = rank ``r``'s ``input``, within the bound."""
         opts = dist.distributed_c10d.AllgatherOptions()  # not exported by torch.distributed itself
         group = dist.group.WORLD
         start = getattr(group, "all_gather_single", None) or group._allgather_base  # torch < 2.13
-        self._collective(lambda o: start(output, input, o), opts, "an all-gather", what, step)
+        self._collective(lambda o: start(output, input, o), opts, "an all-gather", what, step, _nbytes(output))
 
-    def _collective(self, start, opts, kind: str, what: str, step: int | None) -> None:
+    def _collective(self, start, opts, kind: str, what: str, step: int | None, nbytes: int = 0) -> None:
         """Start a collective with ``start(opts)`` and wait for it within the bound (see the class docstring)."""
-        self._finish(self._begin(start, opts, kind, what, step))
+        self._finish(self._begin(start, opts, kind, what, step, nbytes))
 
-    def _begin(self, start, opts, kind: str, what: str, step: int | None) -> "_Pending":
-        """Start a collective with ``start(opts)``, asynchronously; :meth:`_finish` waits for it."""
+    def _begin(self, start, opts, kind: str, what: str, step: int | None, nbytes: int = 0) -> "_Pending":
+        """Start a collective with ``start(opts)``, asynchronously; :meth:`_finish` waits for it.
+
+        ``nbytes`` (the all-reduced tensor, a reduce-scatter's whole input, an all-gather's whole output)
+        prices it on the emulated links, if any."""
         opts.asyncOp = True
         if self.timeout is not None and self.backend == "gloo":
             opts.timeout = self.timeout  # gloo itself gives up, so this process can still exit
+        started = time.monotonic() if self.links is not None else None
         try:
-            return _Pending(start(opts), kind, what, step)
+            pending = _Pending(start(opts), kind, what, step)
         except RuntimeError as err:
             raise self._collective_error(err, what, step, kind) from err
+        if self.links is not None:
+            delay = self.links.collective_delay(nbytes, self.world_size, _EMULATED_KIND[kind])
+            pending.wire = self._wire(delay, started)
+        return pending
 
     @staticmethod
     def _done(pending: "_Pending") -> bool:
-        """Whether a started collective has completed (never waits)."""
-        return bool(pending.work.is_completed())
+        """Whether a started collective has completed (never waits); with a link emulator, also its emulated
+        delay (counted from when this rank first saw the real collective complete)."""
+        if not pending.work.is_completed():
+            return False
+        wire = pending.wire
+        if wire is None:
+            return True
+        now = time.monotonic()
+        if wire.seen is None:
+            wire.seen = now
+        return now >= max(wire.start, wire.seen) + wire.delay
 
     def _finish(self, pending: "_Pending") -> None:
         """Wait for a started collective within the bound (see the class docstring)."""
+        wire = pending.wire
+        if wire is not None:
+            cpu_at_wait = time.process_time()
+            blocked = wire.seen is None and not pending.work.is_completed()
         try:
             ok = pending.work.wait(self.timeout) if self.timeout is not None else pending.work.wait()
         except RuntimeError as err:
@@ -293,6 +397,10 @@ class DynamicMesh:
             raise HDPCommError(f"rank {self.rank}: the {pending.what}{_at_step(pending.step)} was aborted by the "
                                "backend; see the other ranks' logs.")
         self.stats.collectives += 1
+        if wire is not None:
+            if blocked:
+                wire.seen = time.monotonic()
+            self._arrive(wire, cpu_at_wait)
 
     def _collective_error(self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce") -> HDPCommError:
         where = f"the {what} ({kind} over all {self.world_size} ranks){_at_step(step)}"
@@ -433,18 +541,27 @@ class DynamicMesh:
                 if self.rank == src:
                     for a in range(0, sizes[src], piece):
                         part = mine[a : a + piece].to(self.device)
-                        self._p2p_wait(dist.isend(part, dst), what, step, dst, True)
+                        self._p2p_wait(self._p2p_wire(part.numel(), self.rank, dst), dist.isend(part, dst), what,
+                                       step, dst, True)
                 elif self.rank == dst:
                     got = bytearray()
                     for a in range(0, sizes[src], piece):
                         buf = torch.empty(min(piece, sizes[src] - a), dtype=torch.uint8, device=self.device)
-                        self._p2p_wait(dist.irecv(buf, src), what, step, src, False)
+                        self._p2p_wait(self._p2p_wire(buf.numel(), src, self.rank), dist.irecv(buf, src), what,
+                                       step, src, False)
                         got += buf.cpu().numpy().tobytes()
                     out[src] = bytes(got)
         return out
 
-    def _p2p_wait(self, work, what: str, step: int | None, peer: int, sending: bool) -> None:
+    def _p2p_wire(self, nbytes: int, src: int, dst: int) -> _Wire | None:
+        """The emulated transfer of one blocking message of :meth:`gather_bytes` (None without an emulator)."""
+        return None if self.links is None else self._wire(self.links.p2p_delay(nbytes, src, dst))
+
+    def _p2p_wait(self, wire: _Wire | None, work, what: str, step: int | None, peer: int, sending: bool) -> None:
         where = f"the {what} ({'sending to' if sending else 'receiving from'} rank {peer}){_at_step(step)}"
+        if wire is not None:
+            cpu_at_wait = time.process_time()
+            blocked = not work.is_completed()
         try:
             ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
         except RuntimeError as err:
@@ -459,6 +576,10 @@ class DynamicMesh:
             raise HDPCommError(f"rank {self.rank}: {where} failed: {err}") from err
         if ok is False:
             raise HDPCommError(f"rank {self.rank}: {where} was aborted by the backend; see the other ranks' logs.")
+        if wire is not None:
+            if blocked:
+                wire.seen = time.monotonic()
+            self._arrive(wire, cpu_at_wait)
 
     def sum_scalars(self, values: list[float], what: str, step: int) -> list[float]:
         """Sum a few scalars over all ranks in one bounded all-reduce, in float64.
@@ -479,6 +600,6 @@ from .launch import check_distributed_setup, init_process_group  # noqa: E402
 
 __all__ = [
     "Bucket", "CollectiveTimeoutError", "CommStats", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "DynamicMesh",
-    "HDPAccelerator", "HDPCommError", "P2PTimeoutError", "PeerCrashedError", "PlanMismatchError",
+    "HDPAccelerator", "HDPCommError", "LinkEmulator", "P2PTimeoutError", "PeerCrashedError", "PlanMismatchError",
     "check_distributed_setup", "init_process_group", "plan_buckets",
 ]

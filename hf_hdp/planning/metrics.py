@@ -43,7 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from .cost import CostModel, ring_segments
+from .cost import CostModel
+from .cost.model import segments_of
 from .plan import StepPlan
 
 #: interval kinds of :func:`plan_timeline`
@@ -170,7 +171,7 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
         mbs = list(group)
         times: dict[int, tuple[float, float, bool]] = {}
         parent = {mb.rank: mb.rank for mb in mbs}
-        merged: set[tuple[int, ...]] = set()
+        merged: set[tuple] = set()
 
         def find(r: int) -> int:
             root = r
@@ -181,24 +182,24 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
             return root
 
         for mb in mbs:
-            t, comm = cost.micro_batch_breakdown(mb, cache)
-            segments = ring_segments(mb.pieces)
+            segments = segments_of(mb.pieces)
+            t, comm = cost.micro_batch_breakdown(mb, cache, segments)
             distributed = False
-            for (g, ulysses), lengths in segments.items():
-                k = len(g)
+            for seg in segments:
+                g, k = seg.group, len(seg.group)
                 if k <= 1:
                     continue
                 distributed = True
                 if count_bytes:
-                    key = ("bytes", g, ulysses, tuple(lengths))
-                    per_member = cache.get(key)
+                    per_member = cache.get(("bytes", seg.key))
                     if per_member is None:
-                        per_member = cache[key] = cost.segment_bytes_by_member(lengths, k, ulysses)
-                    sent[mb.rank] += per_member[g.index(mb.rank)]
-                    messages += cost.segment_messages(k, ulysses)
-                if g in merged:
+                        per_member = cache["bytes", seg.key] = cost.segment_bytes_by_member(seg.lengths, k, seg.ulysses)
+                        cache["member", seg.key] = {r: i for i, r in enumerate(g)}
+                    sent[mb.rank] += per_member[cache["member", seg.key][mb.rank]]
+                    messages += cost.segment_messages(k, seg.ulysses)
+                if seg.key in merged:
                     continue  # every member holds the segment: couple its ranks once, not k times
-                merged.add(g)
+                merged.add(seg.key)
                 root = find(g[0])
                 for r in g[1:]:
                     other = find(r)

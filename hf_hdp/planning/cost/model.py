@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from ..layout import even_split, head_rings, head_split, ring_positions, zigzag_member_sizes
 from .fit import bytescale_fit
@@ -321,24 +321,24 @@ class CostModel:
         """
         return self.micro_batch_breakdown(mb)[0]
 
-    def micro_batch_breakdown(self, mb, segment_cache: dict | None = None) -> tuple[float, float]:
+    def micro_batch_breakdown(self, mb, segment_cache: dict | None = None, segments=None) -> tuple[float, float]:
         """``(total time, exposed communication time)`` of a micro-batch (see :meth:`micro_batch_time`).
 
-        ``segment_cache`` (optional, any dict) memoises :meth:`segment_breakdown` by group and
-        lengths, so the ``k`` members of a large group cost one evaluation, not ``k``.
+        ``segment_cache`` (optional, a dict serving ONE plan) memoises :meth:`split_breakdown` by the
+        segment's samples, so the ``k`` members of a large group cost one evaluation, not ``k``.
+        ``segments``: :func:`segments_of` of ``mb.pieces``, when the caller has it already.
         """
         total = self.overhead_time()
         comm = 0.0
-        for (group, ulysses), lengths in ring_segments(mb.pieces).items():
-            if len(group) <= 1:
-                total += sum(self.local_time(s) for s in lengths)
+        for seg in segments_of(mb.pieces) if segments is None else segments:
+            if len(seg.group) <= 1:
+                total += sum(self.local_time(s) for s in seg.lengths)
                 continue
-            key = (group, ulysses, tuple(lengths))
-            found = segment_cache.get(key) if segment_cache is not None else None
+            found = segment_cache.get(seg.key) if segment_cache is not None else None
             if found is None:
-                found = self.split_breakdown(lengths, group, ulysses)
+                found = self.split_breakdown(seg.lengths, seg.group, seg.ulysses)
                 if segment_cache is not None:
-                    segment_cache[key] = found
+                    segment_cache[seg.key] = found
             total += found[0] + found[1]
             comm += found[1]
         if self.offload_ratio > 0 and mb.pieces:
@@ -484,6 +484,46 @@ class CostModel:
         spans = world_size > self.ranks_per_node
         bw, lat = (self.inter_bandwidth, self.inter_latency) if spans else (self.intra_bandwidth, self.intra_latency)
         return 2.0 * (world_size - 1) / world_size * nbytes / bw + 2 * math.ceil(math.log2(world_size)) * lat
+
+
+class SegmentOf(NamedTuple):
+    """The pieces of a micro-batch that run as one segment: their ``group``, Ulysses degree, lengths and
+    samples; ``key`` (the samples, with the degree) names the segment within its plan without hashing the
+    group (a wide group's members would otherwise hash it ``k`` times each)."""
+
+    group: tuple[int, ...]
+    ulysses: int
+    lengths: list[int]
+    samples: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple:
+        return (self.ulysses, self.samples)
+
+
+def segments_of(pieces) -> list[SegmentOf]:
+    """The segments of a micro-batch's ``pieces`` as the attention runs them: one of the whole local
+    sequences (group of one rank), and one per ``(group, Ulysses degree)`` of the distributed pieces, in
+    sample order. A micro-batch with at most one distributed piece needs no grouping."""
+    local = [p for p in pieces if len(p.group) <= 1]
+    shared = [p for p in pieces if len(p.group) > 1]
+    out = []
+    if local:
+        out.append(SegmentOf(tuple(local[0].group), 1, [int(p.length) for p in local], tuple(p.sample for p in local)))
+    if len(shared) == 1:
+        p = shared[0]
+        out.append(SegmentOf(tuple(p.group), getattr(p, "ulysses", 1), [int(p.length)], (p.sample,)))
+    elif shared:
+        for (group, ulysses), ps in _by_group(shared).items():
+            out.append(SegmentOf(group, ulysses, [int(p.length) for p in ps], tuple(p.sample for p in ps)))
+    return out
+
+
+def _by_group(pieces) -> dict:
+    out: dict = {}
+    for p in pieces:
+        out.setdefault((tuple(p.group), getattr(p, "ulysses", 1)), []).append(p)
+    return out
 
 
 def ring_segments(pieces) -> dict[tuple[tuple[int, ...], int], list[int]]:
