@@ -273,6 +273,8 @@ class HDPConfig:
         - ``auto_find_batch_size``: it shrinks ``per_device_train_batch_size`` on OOM, which under HDP
           changes the global batch (the training itself), not the memory; ``tokens_per_rank`` bounds memory;
         - ``label_smoothing_factor > 0``: HDP's token-level loss does not smooth labels;
+        - ``use_liger_kernel``: Liger's fused loss would replace HDP's global-batch loss (and its kernels
+          are unverified under packed, split sequences);
         - ``deepspeed``: HDP shards the model states itself (``zero_stage``, or FSDP2 through
           HDPTrainer); ``fsdp`` reaching this check (HDPTrainer reads and clears it first,
           :mod:`hf_hdp.trainer.fsdp`) is refused for the same reason;
@@ -318,6 +320,15 @@ class HDPConfig:
                 f"TrainingArguments.label_smoothing_factor={smoothing} would be ignored: HDPTrainer computes its "
                 "own token-level cross-entropy over the global batch, without label smoothing. Set "
                 "label_smoothing_factor=0."
+            )
+        if getattr(args, "use_liger_kernel", False):
+            raise ValueError(
+                "TrainingArguments.use_liger_kernel=True is not supported by HDPTrainer: Liger's fused linear "
+                "cross-entropy replaces the model's forward and divides by its own batch's label count, while "
+                "HDP calls the model without labels and computes a chunked cross-entropy over the GLOBAL batch's "
+                "label count itself (HDPConfig.loss_chunk_tokens: the full logits never exist either); Liger's "
+                "other kernels need CUDA and triton and have not been verified under HDP's packed, split "
+                "sequences. Set use_liger_kernel=False."
             )
         if getattr(args, "deepspeed", None):
             raise ValueError(

@@ -132,6 +132,11 @@ def test_config_errors_say_what_to_do():
         HDPConfig(ranks_per_node=0)
 
 
+def test_liger_kernels_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match=r"use_liger_kernel=True is not supported.*GLOBAL batch.*use_liger_kernel=False"):
+        HDPConfig().check_training_args(_args(tmp_path, use_liger_kernel=True))
+
+
 def test_ranks_per_node_comes_from_the_config_or_the_launcher(monkeypatch):
     from hf_hdp.launch import launcher_ranks_per_node
 
