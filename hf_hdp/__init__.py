@@ -16,11 +16,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "HDPTrainer": "hf_hdp.trainer",
+    "HDPStep": "hf_hdp.trainer",
+    "run_micro_batches": "hf_hdp.trainer",
     "HDPConfig": "hf_hdp.config",
+    "HDPTrainingArguments": "hf_hdp.training_args",
     "HDPCollator": "hf_hdp.collators",
     "HDPDataError": "hf_hdp.collators",
     "DynamicMesh": "hf_hdp.mesh",
     "HDPAccelerator": "hf_hdp.accelerator",
+    "HDPSFTTrainer": "hf_hdp.integrations.trl",
     "PlanMismatchError": "hf_hdp.mesh",
     "HDPCommError": "hf_hdp.mesh",
     "P2PTimeoutError": "hf_hdp.mesh",

@@ -2,36 +2,101 @@
 
 HDP synchronises gradients itself, once per step and in the same bucketed collectives on every
 rank however many micro-batches each ran (:class:`~hf_hdp.mesh.DynamicMesh`), so the Accelerator
-must not wrap the model in DDP (whose per-backward reduction and bucket memory would be wrong and
-wasted). :class:`HDPAccelerator` places the model and applies mixed precision without the wrapper,
-makes ``no_sync`` a no-op, and takes the norm of the whole gradient for clipping when each rank
-holds only a shard of it (ZeRO stage 2). HDPTrainer builds one from the Accelerator Trainer
-configured (:meth:`HDPAccelerator.like`); a custom loop can build one directly.
+must not wrap the model in DDP (whose per-backward reduction would hang when ranks run different
+micro-batch counts, and whose bucket memory would be wasted). :class:`HDPAccelerator` places the
+model and applies mixed precision without the wrapper, makes ``no_sync`` a no-op, and takes the norm
+of the whole gradient for clipping when each rank holds only a shard of it (ZeRO stage 2).
+HDPTrainer builds one from the Accelerator Trainer configured (:meth:`HDPAccelerator.like`).
+
+A custom accelerate loop uses it directly (``examples/custom_loop.py``)::
+
+    accelerator = HDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=8192, global_batch_size=64),
+                                 mixed_precision="bf16")
+    model, optimizer = accelerator.prepare(model, optimizer)  # no DDP; the "hdp" attention switched on
+    for batch in accelerator.hdp_steps(dataset):              # this rank's planned HDP steps
+        loss = accelerator.hdp_backward(model, batch)         # micro-batches + the one gradient reduction
+        optimizer.step()
+        optimizer.zero_grad()
+
+It starts the process group itself under ``torchrun`` (:func:`~hf_hdp.launch.init_process_group`;
+gloo on the CPU, NCCL on GPUs) and builds the mesh on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from .mesh import DynamicMesh
+from .config import HDPConfig
+
+if TYPE_CHECKING:
+    from .mesh import DynamicMesh
 
 
 class HDPAccelerator(Accelerator):
     """An :class:`accelerate.Accelerator` for HDP: replicated model states, no DDP wrapper, carrying the mesh.
 
+    ``hdp_config``: the HDP settings of a custom loop (planner, ``tokens_per_rank``, ``global_batch_size``,
+    attention backend, ZeRO stage, ...; default ``HDPConfig()``). ``mesh``: a
+    :class:`~hf_hdp.mesh.DynamicMesh` to use; by default one is built over the global process group,
+    which is initialised first under ``torchrun`` if nobody did (on a machine without CUDA the
+    Accelerator then runs on the CPU, ``cpu=True``). Every other argument is accelerate's.
+
+    Custom-loop API: :meth:`prepare` (the model: no wrapper, ``"hdp"`` attention; the optimizer:
+    sharded at ``hdp_config.zero_stage``), :meth:`hdp_steps` (this rank's planned steps of a
+    dataset) and :meth:`hdp_backward` (one step's micro-batches and its one gradient reduction).
+
     Gradients are reduced by :meth:`DynamicMesh.reduce_gradients`, once per optimizer step; after a
     reduction that left each rank only its shard's gradients (ZeRO stage 2), :meth:`clip_grad_norm_`
-    takes the norm of the whole gradient over all ranks. HDPTrainer builds one in its ``create_accelerator_and_postprocess`` from the Accelerator that
-    Trainer configured (:meth:`like`).
+    takes the norm of the whole gradient over all ranks. HDPTrainer builds one in its
+    ``create_accelerator_and_postprocess`` from the Accelerator that Trainer configured (:meth:`like`).
     """
 
-    def __init__(self, *args, mesh: DynamicMesh | None = None, **kwargs):
+    def __init__(self, *args, hdp_config: HDPConfig | None = None, mesh: DynamicMesh | None = None, **kwargs):
+        if hdp_config is not None and not isinstance(hdp_config, HDPConfig):
+            raise TypeError(f"HDPAccelerator(hdp_config=...) takes an hf_hdp.HDPConfig, got {type(hdp_config).__name__}")
+        self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
+        if self.hdp_config.tokens_per_rank == "auto":
+            raise ValueError(
+                "HDPAccelerator needs an integer HDPConfig.tokens_per_rank; 'auto' is resolved by HDPTrainer from its "
+                "TrainingArguments. Give the capacity (hf_hdp.planning.tokens_per_rank_for_memory estimates one)."
+            )
+        self._mesh_problem = None
+        # HDPTrainer (like()) switched the attention and checked the backend against its own config at construction
+        self._custom_loop = hdp_config is not None or mesh is None
+        if mesh is None:
+            from .launch import init_process_group
+
+            env_world = _env_world_size()
+            init_process_group()  # under torchrun, if nobody did: restart-safe (hf_hdp.launch)
+            problem = _group_problem(env_world)
+            if problem is not None:
+                raise RuntimeError(f"HDPAccelerator: {problem}.")
+            if env_world > 1 and "cpu" not in kwargs and not torch.cuda.is_available():
+                kwargs["cpu"] = True  # accelerate counts the gloo ranks only with cpu=True
         super().__init__(*args, **kwargs)
+        if mesh is None:
+            mesh = self._build_mesh()
         self.mesh = mesh
+        self._hdp_models: list = []  # the models prepare() switched to the "hdp" attention
+        self._hdp_cost = None
+        self._hdp_offload = None
+
+    def _build_mesh(self) -> DynamicMesh | None:
+        from .mesh import DynamicMesh  # mesh.py re-exports this module's class: imported here, not at the top
+
+        self._mesh_problem = _group_problem(_env_world_size())
+        if self._mesh_problem is not None:
+            return None
+        device = self.device
+        if device.type == "cpu":
+            device = torch.device("cpu")
+        return DynamicMesh(device=device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
 
     @classmethod
     def like(cls, accelerator: Accelerator, mesh: DynamicMesh) -> "HDPAccelerator":
@@ -53,8 +118,192 @@ class HDPAccelerator(Accelerator):
         )
 
     def prepare_model(self, model, device_placement=None, evaluation_mode=False):
+        """accelerate's ``prepare_model`` without the DDP wrapper (device placement and mixed precision
+        only), after switching the model (or the model inside a PEFT wrapper) to the ``"hdp"`` attention.
+        A model already wrapped in DDP (or DataParallel, or anything that is not a transformers model or a
+        PEFT wrapper of one) is refused."""
+        from .trainer.step import refuse_wrapped
+
+        refuse_wrapped(model, "HDPAccelerator.prepare")
+        if self._custom_loop:
+            from .trainer.trainer import enable_hdp_attention
+
+            base = enable_hdp_attention(model)  # UnsupportedModelError names what the model lacks
+            config = base.config
+            self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
+                self.device, base.dtype, mixed_precision=self.mixed_precision in ("bf16", "fp16"),
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            )
         # evaluation_mode=True places the model and applies mixed precision without the DDP wrapper
-        return super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+        prepared = super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+        if all(m is not prepared for m in self._hdp_models):
+            self._hdp_models.append(prepared)
+        self._hdp_cost = None
+        return prepared
+
+    def prepare_optimizer(self, optimizer, device_placement=None):
+        """accelerate's ``prepare_optimizer``; on several ranks, first sharded at ``hdp_config.zero_stage``
+        (ZeRO 1 by default, :mod:`hf_hdp.trainer.zero`; ``zero_stage=0`` keeps it whole). Its ``step()`` is
+        then a collective: call it on every rank after :meth:`hdp_backward`."""
+        from types import SimpleNamespace
+
+        from .trainer.zero import shard_optimizer
+
+        if (self._custom_loop and self.mesh is not None and self.mesh.world_size > 1
+                and isinstance(optimizer, torch.optim.Optimizer)):  # HDPTrainer shards its optimizer itself
+            args = SimpleNamespace(optim="", fp16=self.mixed_precision == "fp16")
+            optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, args)
+        return super().prepare_optimizer(optimizer, device_placement=device_placement)
+
+    # ------------------------------------------------------------ custom loops
+    def _require_mesh(self, what: str) -> DynamicMesh:
+        if self.mesh is None:
+            raise RuntimeError(f"HDPAccelerator.{what}: no dynamic mesh: {self._mesh_problem or 'mesh=None'}.")
+        return self.mesh
+
+    def _hdp_model(self, model=None, what: str = "hdp_steps"):
+        """The prepared model ``model`` (or the one prepared model), refusing one prepare() never saw."""
+        from .trainer.step import refuse_wrapped
+
+        if model is not None:
+            refuse_wrapped(model, f"HDPAccelerator.{what}")
+            if any(m is model for m in self._hdp_models):
+                return model
+            raise ValueError(
+                f"HDPAccelerator.{what}: this {type(model).__name__} was not prepared by this accelerator, so it may "
+                "not run the 'hdp' attention or sit on the right device. Call `model = accelerator.prepare(model)` "
+                "(or `model, optimizer = accelerator.prepare(model, optimizer)`) first, and pass the model it returns."
+            )
+        if len(self._hdp_models) == 1:
+            return self._hdp_models[0]
+        raise ValueError(
+            f"HDPAccelerator.{what}: " + ("no model was prepared; call `model = accelerator.prepare(model)` first"
+                                          if not self._hdp_models else
+                                          f"{len(self._hdp_models)} models were prepared; pass model=")
+        )
+
+    def hdp_cost_model(self, model=None):
+        """The balanced planner's cost model of the prepared model (:func:`~hf_hdp.trainer.step.hdp_cost_model`)."""
+        from .trainer.offload import is_checkpointing
+        from .trainer.step import hdp_cost_model
+
+        model = self._hdp_model(model, "hdp_cost_model")
+        if self._hdp_cost is None or self._hdp_cost[0] is not model:
+            from .models import hdp_base_model
+
+            base = hdp_base_model(model)
+            cost, _ = hdp_cost_model(base, self.hdp_config, self.device, self.mixed_precision in ("bf16", "fp16"),
+                                     is_checkpointing(base))
+            self._hdp_cost = (model, cost)
+        return self._hdp_cost[1]
+
+    def hdp_steps(self, dataset, global_batch_size: int | None = None, *, model=None, seed: int = 0,
+                  shuffle: bool = True, drop_last: bool = False, data_collator=None, num_workers: int = 0):
+        """This rank's HDP steps over ``dataset``: an :class:`~hf_hdp.data.loader.HDPDataLoader` of
+        ``{"hdp_step": HDPStep, ...}`` items, one per optimizer step (call ``.set_epoch(epoch)`` per epoch).
+
+        ``dataset``: a tokenized map-style ``datasets.Dataset`` (``input_ids``, optional ``labels``,
+        ``attention_mask`` padding and ``position_ids`` packing, as for HDPTrainer). It is measured and
+        checked once (every error names a row; ``hdp_config.long_sample_policy``), then each global
+        batch of ``global_batch_size`` rows (default ``hdp_config.global_batch_size``), drawn in an
+        order that depends on ``seed`` and the epoch only, never the world size, is planned with
+        ``hdp_config.planner`` (balanced by default) and the prepared model's cost model
+        (:meth:`hdp_cost_model`). ``data_collator``: a per-sample collator, run as HDPTrainer runs one.
+        Call :meth:`prepare` on the model first.
+        """
+        from .data.checks import prepare_dataset, require_map_style
+        from .data.collator import HDPCollator
+        from .data.loader import GlobalBatchSampler
+        from .models import check_model_supported, hdp_base_model
+        from .trainer.inputs import check_columns, row_rules
+        from .trainer.step import hdp_step_loader
+        from types import SimpleNamespace
+
+        mesh = self._require_mesh("hdp_steps")
+        model = self._hdp_model(model, "hdp_steps")
+        cfg = self.hdp_config
+        batch = global_batch_size if global_batch_size is not None else cfg.global_batch_size
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(
+                f"HDPAccelerator.hdp_steps needs the global batch (samples per optimizer step, any world size): pass "
+                f"global_batch_size= or set HDPConfig.global_batch_size; got {batch!r}."
+            )
+        base = hdp_base_model(model)
+        require_map_style(dataset, "the dataset of hdp_steps")
+        args = SimpleNamespace(remove_unused_columns=True, label_names=None)  # what stock Trainer hands the model
+        rules = row_rules(data_collator, base, args)
+        check_columns(dataset, rules, base, args, cfg.length_column, "the dataset of hdp_steps")
+        collator = HDPCollator(vocab_size=base.get_input_embeddings().num_embeddings)
+        from .trainer.trainer import _progress_bars
+
+        with self.main_process_first(), _progress_bars(mesh.rank == 0):  # measuring may write datasets cache files
+            measured = prepare_dataset(dataset, cfg, mesh.world_size, collator.vocab_size, rules)
+        check_model_supported(base, int(measured.doc_lengths.max()))
+        sampler = GlobalBatchSampler(len(measured), batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        return hdp_step_loader(measured, sampler, cfg, self.hdp_cost_model(model), mesh.world_size, mesh.rank,
+                               collator, base, num_workers=num_workers)
+
+    def hdp_backward(self, model, step, optimizer=None) -> float:
+        """Run one HDP step of this rank: its micro-batches in slot order, then the step's one gradient reduction.
+
+        ``step``: an item of :meth:`hdp_steps` (or its ``HDPStep``). Each micro-batch runs through the
+        ``"hdp"`` attention with the mesh and ``hdp_config.attention_backend`` bound; its summed token
+        losses are divided by the label-token count of the whole global batch and backpropagated
+        (:meth:`backward`: mixed precision's loss scaling applies). Then every rank, also one with no
+        micro-batch, joins the same bucketed gradient reduction once, after which every rank holds the
+        gradient one device computes on the whole global batch (at ZeRO stage 2 its shard of it): call
+        ``optimizer.step()`` on every rank next. A global batch without a label token leaves every
+        gradient ``None`` (torch optimizers then skip every parameter). Returns the step's loss, the same
+        float on every rank. ``optimizer``: only needed when several optimizers were prepared (ZeRO 2).
+        """
+        from .data.checks import rows_text
+        from .data.documents import IGNORE_INDEX, HDPDataError
+        from .data.loader import HDPStep
+        from .trainer.offload import ActivationOffloader
+        from .trainer.step import hdp_loss, refuse_wrapped, run_micro_batches
+        from .trainer.zero import gradient_owners
+
+        refuse_wrapped(model, "HDPAccelerator.hdp_backward")
+        mesh = self._require_mesh("hdp_backward")
+        model = self._hdp_model(model, "hdp_backward")
+        if isinstance(step, dict) and isinstance(step.get("hdp_step"), HDPStep):
+            step = step["hdp_step"]
+        if not isinstance(step, HDPStep):
+            raise TypeError(
+                f"HDPAccelerator.hdp_backward takes an item of accelerator.hdp_steps(dataset) (or its HDPStep), got "
+                f"{type(step).__name__}: HDP steps are planned for all ranks together, not batches of a DataLoader."
+            )
+        cfg = self.hdp_config
+        if cfg.check_plan_hash:
+            mesh.check_plan(step.fingerprint, step.global_step)
+        mesh.current_step = step.global_step
+        params = [p for p in model.parameters() if p.requires_grad]
+        if step.num_loss_tokens == 0:  # known from the plan on every rank: all skip together
+            for p in params:
+                p.grad = None
+            return 0.0
+        if cfg.offload_ratio != 0 and self._hdp_offload is None:
+            self._hdp_offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model(model))
+        owners = None
+        for opt in ([optimizer] if optimizer is not None else self._optimizers):
+            owners = gradient_owners(opt, params) if owners is None else owners
+        reduction = mesh.gradient_reduction(params, owners, num_extras=2, step=step.global_step)
+        loss_fn = lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch,  # noqa: E731
+                                                            chunk_tokens=cfg.loss_chunk_tokens)
+        loss_sum = run_micro_batches(model, step.micro_batches, step.num_loss_tokens, mesh, cfg.attention_backend,
+                                     mesh.device, loss_fn=loss_fn, backward=self.backward, context=self.autocast,
+                                     offload=self._hdp_offload,
+                                     last_backward=reduction.watch if cfg.overlap_grad_reduction else None)
+        labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
+        total, labels_all = reduction.finish([loss_sum, labels])
+        if int(round(labels_all)) != step.num_loss_tokens:
+            raise HDPDataError(
+                f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "
+                f"{int(round(labels_all))} label tokens, but measuring the dataset counted {step.num_loss_tokens}, so "
+                "the loss would be divided by the wrong count. A data collator that is random or has state must give "
+                "the same output for the same sample."
+            )
+        return float(total)
 
     def no_sync(self, model):
         return contextlib.nullcontext()
@@ -85,3 +334,25 @@ class HDPAccelerator(Accelerator):
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
         return total
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def _group_problem(env_world: int) -> str | None:
+    """Why the launched processes cannot share one mesh (``WORLD_SIZE`` > 1 without a matching process group)."""
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    group = dist.get_world_size() if initialized else 1
+    if env_world <= 1 or group == env_world:
+        return None
+    found = "torch.distributed is not initialized" if not initialized else f"the process group has {group} ranks"
+    return (f"WORLD_SIZE={env_world} processes were launched but {found}, so the ranks cannot share one step plan "
+            "and one gradient reduction (each would train its own copy, or a step would hang). Launch with torchrun "
+            "(it sets RANK, MASTER_ADDR and MASTER_PORT, and HDPAccelerator starts the group), or initialise "
+            "torch.distributed with all the processes before building HDPAccelerator")

@@ -197,18 +197,15 @@ def test_evaluation_refuses_what_it_cannot_compute(tiny, tmp_path):
     no_labels = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100] * 3}, {"input_ids": [4]}])
     with pytest.raises(HDPDataError, match=r"eval_dataset has no label token"):
         HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=no_labels, hdp_config=HDPConfig(tokens_per_rank=8))
-    # compute_metrics / preprocess_logits_for_metrics: refused when the trainer is built, not at the first evaluate()
-    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
-        with pytest.raises(ValueError, match=rf"HDPTrainer\({name}=\.\.\.\) is not supported.*prediction_loss_only=True"):
-            HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=Dataset.from_list(_rows(4)),
-                       hdp_config=HDPConfig(tokens_per_rank=64), **{name: lambda *a: {}})
-    # ...and accepted with prediction_loss_only=True, where stock Trainer does not call them either
+    # compute_metrics / preprocess_logits_for_metrics are honoured (tests/test_eval_metrics.py); with
+    # prediction_loss_only=True stock Trainer calls neither, and neither does HDP: the loss only, no predictions
+    calls = []
     trainer = HDPTrainer(load_model(tiny), _args(tmp_path, prediction_loss_only=True),
-                         eval_dataset=Dataset.from_list(_rows(4)), compute_metrics=lambda p: {},
+                         eval_dataset=Dataset.from_list(_rows(4)), compute_metrics=lambda p: calls.append(p) or {},
                          hdp_config=HDPConfig(tokens_per_rank=64))
     assert math.isfinite(trainer.evaluate()["eval_loss"])
-    with pytest.raises(NotImplementedError, match=r"predict is not supported"):
-        trainer.predict(Dataset.from_list(_rows(2)))
+    result = trainer.predict(Dataset.from_list(_rows(2)))
+    assert result.predictions is None and math.isfinite(result.metrics["test_loss"]) and calls == []
 
 
 # ------------------------------------------------------------------ a global batch with no label token

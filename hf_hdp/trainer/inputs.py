@@ -8,9 +8,9 @@ This module holds those decisions, so that the trainer itself stays a thin list 
   (``class T(SFTTrainer, HDPTrainer)``) would train with that Trainer's loss and hang in evaluation;
   refused, naming the order that works. A subclass of HDPTrainer may override ``compute_loss`` (it
   is called per micro-batch) but not ``prediction_step``, which HDP's evaluation never calls.
-- :func:`check_metrics_arguments`: ``compute_metrics`` / ``preprocess_logits_for_metrics`` need
-  per-sample logits, which packed and split samples do not have; refused at construction, unless
-  ``prediction_loss_only=True`` (where stock Trainer does not call them either).
+- :func:`check_metrics_arguments`: ``compute_metrics`` / ``preprocess_logits_for_metrics`` are honoured
+  (HDP's evaluation reassembles per-sample predictions, :mod:`hf_hdp.trainer.evaluation`); refused at
+  construction: ``include_for_metrics`` with ``"loss"``, and ``"inputs"`` with ``batch_eval_metrics``.
 - :func:`row_rules`: the user's data collator, checked (:func:`check_collator`) and run per sample
   (see :mod:`hf_hdp.data.documents`), with the columns stock Trainer would give it.
 - :func:`check_columns`: a dataset column that stock Trainer would pass to the model and HDP does
@@ -50,7 +50,7 @@ def check_step_methods(cls, hdp_cls) -> None:
             f"HDP's step would be bypassed (the loss would be {owner.__name__}'s over one micro-batch, and "
             f"evaluation would wait forever on ranks that hold no sample). Put HDPTrainer first: "
             f"class {cls.__name__}({order}): ..."
-            + (" For TRL's SFTTrainer, use hf_hdp's own integration when it is available."
+            + (" For TRL's SFTTrainer, use hf_hdp.integrations.trl.HDPSFTTrainer (pip install 'hf-hdp[trl]')."
                if owner.__name__ == "SFTTrainer" else "")
         )
     for name in UNUSED_METHODS:
@@ -64,20 +64,36 @@ def check_step_methods(cls, hdp_cls) -> None:
             )
 
 
-def check_metrics_arguments(compute_metrics, preprocess_logits_for_metrics, prediction_loss_only: bool) -> None:
-    """Refuse metric callbacks that need per-sample predictions, unless ``prediction_loss_only`` disables them."""
-    if prediction_loss_only:
-        return  # stock Trainer computes no predictions then, so it calls neither
-    for name, value in (("compute_metrics", compute_metrics),
-                        ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
-        if value is not None:
-            raise ValueError(
-                f"HDPTrainer({name}=...) is not supported: HDP evaluates the token-level loss of packed micro-batches "
-                "whose long samples are split over ranks, so there are no per-sample logits to hand it. Drop "
-                f"{name} (eval_loss, and perplexity = exp(eval_loss), come out as usual), set "
-                "TrainingArguments(prediction_loss_only=True) (stock Trainer then does not call it either), or "
-                "evaluate predictions with the stock Trainer."
-            )
+def check_metrics_arguments(compute_metrics, preprocess_logits_for_metrics, prediction_loss_only: bool,
+                            args=None) -> None:
+    """Refuse the metric settings HDP cannot honour exactly, when the trainer is built.
+
+    ``compute_metrics`` and ``preprocess_logits_for_metrics`` are honoured: HDP's evaluation gathers
+    per-sample predictions (see :mod:`hf_hdp.trainer.evaluation`), as are ``eval_do_concat_batches``,
+    ``batch_eval_metrics`` and ``include_for_metrics=["inputs"]``. Refused (``args``, the
+    ``TrainingArguments``, when given): ``include_for_metrics`` with ``"loss"``, and ``"inputs"`` together
+    with ``batch_eval_metrics=True``. Nothing is refused under ``prediction_loss_only=True``, where
+    stock Trainer gathers no predictions and calls neither function.
+    """
+    if prediction_loss_only or args is None:
+        return
+    include = list(getattr(args, "include_for_metrics", None) or [])
+    if "loss" in include:
+        raise ValueError(
+            "TrainingArguments(include_for_metrics=[..., 'loss']) is not supported by HDPTrainer: stock Trainer hands "
+            "compute_metrics each eval batch's mean loss repeated for every sample of the batch, which depends on how "
+            "its batches are padded and composed; HDP packs and splits samples over ranks. Remove 'loss' from "
+            "include_for_metrics (eval_loss is the eval set's per-token mean as usual), or compute a per-sample loss "
+            "from the predictions (preprocess_logits_for_metrics can return each token's log-probability of its "
+            "label: logits.log_softmax(-1) gathered at labels[:, 1:])."
+        )
+    if "inputs" in include and getattr(args, "batch_eval_metrics", False):
+        raise ValueError(
+            "TrainingArguments(include_for_metrics=['inputs'], batch_eval_metrics=True) is not supported by "
+            "HDPTrainer: stock Trainer then hands compute_metrics each process's raw, ungathered input batch, and an "
+            "HDP batch is a packed plan step with no such rows. Set batch_eval_metrics=False (compute_metrics then "
+            "gets every sample's input_ids rows in EvalPrediction.inputs), or drop 'inputs' from include_for_metrics."
+        )
 
 
 def check_collator(collator) -> None:

@@ -3,21 +3,93 @@
 Shared by :class:`~hf_hdp.trainer.HDPTrainer`'s training step, its evaluation loop, the tests and
 the benchmarks. The loss is token-level: a micro-batch's summed token losses over the label-token
 count of the whole global batch, computed from labels the collator already shifted.
+
+Also the pieces HDPTrainer and :class:`~hf_hdp.accelerator.HDPAccelerator` (a custom accelerate loop)
+share to plan: :func:`hdp_cost_model` (the balanced planner's cost model of a model) and
+:func:`hdp_step_loader` (a loader of one rank's HDP steps over a measured dataset).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..data.checks import MeasuredDataset
+from ..data.collator import HDPCollator
 from ..data.documents import IGNORE_INDEX
-from ..data.loader import move_to
+from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset, move_to
+from ..launch import launcher_ranks_per_node
 from ..mesh import DynamicMesh
+from ..models import model_heads
+from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .loss import chunked_head
 from .offload import ActivationOffloader
+
+logger = logging.getLogger(__name__)
+
+
+def hdp_cost_model(model, config, device, low_precision: bool = False,
+                   checkpointing: bool = False) -> tuple[CostModel, float]:
+    """``(cost model, peak FLOP/s)`` of ``model`` on ``config.hardware`` ("auto": h100 on CUDA, else cpu).
+
+    The balanced planner's estimate of each sequence's time and the logged MFU's peak. ``low_precision``:
+    bf16/fp16 autocast (2-byte activations), else the model's dtype; ``checkpointing``: the layers are
+    recomputed in backward (priced with ``config.offload_ratio``). A config without the usual shape
+    fields plans with LLaMA-7B's cost model (logged).
+    """
+    hardware = config.hardware
+    if hardware == "auto":
+        hardware = "h100" if torch.device(device).type == "cuda" else "cpu"
+    peak = HARDWARE_PRESETS[hardware].peak_flops
+    value_bytes = 2 if low_precision else model.dtype.itemsize
+    try:
+        cost = CostModel.from_config(model.config, hardware, bytes_per_value=value_bytes)
+    except (AttributeError, TypeError) as err:  # a config without the usual shape fields
+        logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(model).__name__, err)
+        return CostModel.default(), peak
+    rpn = launcher_ranks_per_node(config.ranks_per_node)
+    if rpn is not None:  # where the fast links end: Ulysses sub-groups stay inside a node
+        cost = dataclasses.replace(cost, ranks_per_node=rpn)
+    ratio = config.offload_ratio
+    if isinstance(ratio, (int, float)) and ratio > 0:  # the copies compute does not hide count in each estimate
+        cost = dataclasses.replace(cost, offload_ratio=float(ratio), offload_checkpointing=bool(checkpointing))
+    return cost, peak
+
+
+def hdp_step_loader(measured: MeasuredDataset, sampler: GlobalBatchSampler, config, cost_model: CostModel,
+                    world_size: int, rank: int, collator: HDPCollator, model, num_workers: int = 0,
+                    lockstep: bool = False) -> HDPDataLoader:
+    """A loader of this rank's HDP steps over ``measured``: ``config.planner`` with ``cost_model``.
+
+    ``lockstep``: every rank runs the same number of micro-batches (FSDP's per-layer collectives,
+    :class:`~hf_hdp.trainer.fsdp.LockstepPlanner`). Each item is ``{"hdp_step": HDPStep, ...}``.
+    """
+    planner = get_planner(config.planner, cost_model, attention_split=config.attention_split,
+                          **({"lockstep": True} if lockstep else {}))
+    if lockstep:
+        from .fsdp import LockstepPlanner
+
+        planner = LockstepPlanner(planner)  # any planner: the same micro-batch count on every rank
+    steps = HDPStepDataset.from_measured(measured, sampler, planner, world_size, rank, config.tokens_per_rank,
+                                         collator, num_heads=model_heads(model.config))
+    return HDPDataLoader(steps, num_workers=num_workers)
+
+
+def refuse_wrapped(model, where: str = "HDP") -> None:
+    """Refuse a model in DDP (or DataParallel): its per-backward all-reduce would hang when ranks run
+    different numbers of micro-batches, and HDP reduces the gradients itself, once per step."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        raise TypeError(
+            f"{where}: the model is wrapped in {type(model).__name__}, whose gradient all-reduce runs in every "
+            "backward: HDP ranks run different numbers of micro-batches, so it would hang, and HDP reduces the "
+            "gradients itself, once per step. Pass the bare model (model.module) to HDPAccelerator.prepare, "
+            "not a model prepared by a plain accelerate.Accelerator or wrapped in DistributedDataParallel."
+        )
 
 
 def hdp_loss(model, inputs, num_loss_tokens: int, return_outputs: bool = False, loss_func=None, *,
@@ -76,6 +148,14 @@ def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicM
     ``offload``: an :class:`~hf_hdp.trainer.offload.ActivationOffloader`; the forward then sends the
     saved activations of the micro-batch's first decoder layers to host memory, and the backward that
     follows brings them back (None: no offloading)."""
+    if not isinstance(mesh, DynamicMesh):
+        raise RuntimeError(
+            f"HDP micro-batches need the dynamic mesh (hf_hdp.DynamicMesh) for their ring P2P and the step's one "
+            f"gradient reduction, got {type(mesh).__name__}. In a custom loop build hf_hdp.HDPAccelerator(...) "
+            "(it makes the mesh; a plain accelerate.Accelerator has none) and run each step with "
+            "accelerator.hdp_backward(model, step)."
+        )
+    refuse_wrapped(model)
     loss_fn = loss_fn or (lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch))
     batch = move_to(batch, device)
     meta = batch["hdp_metadata"]

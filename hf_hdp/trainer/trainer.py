@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import logging
@@ -56,26 +55,27 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
 from ..config import HDPConfig
+from ..training_args import hdp_config_from_args, warn_if_uniform_lengths
 from ..data.checks import MeasuredDataset, prepare_dataset, require_map_style, rows_text
 from ..data.collator import HDPCollator
 from ..data.documents import IGNORE_INDEX, HDPDataError
-from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset
+from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..accelerator import HDPAccelerator
-from ..launch import check_distributed_setup, launcher_ranks_per_node
+from ..launch import check_distributed_setup
 from ..mesh import DynamicMesh
-from ..models import UnsupportedModelError, check_model_supported, hdp_base_model, model_heads
-from ..planning import HARDWARE_PRESETS, CostModel, get_planner
+from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
+from ..planning import CostModel
 from .callbacks import HDPWindowCallback
 from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
-from .evaluation import eval_dataloader, hdp_evaluation_loop
-from .fsdp import (ZERO2, ZERO3, LockstepPlanner, begin_zero2_step, end_zero2_step, fsdp_mode, full_model_state,
+from .evaluation import eval_dataloader, hdp_evaluation_loop, hdp_predict
+from .fsdp import (ZERO2, ZERO3, begin_zero2_step, end_zero2_step, fsdp_mode, full_model_state,
                    gather_for_eval, layer_classes, prepare_optimizer, release_after_eval, shard_model)
 from .inputs import check_columns, check_metrics_arguments, check_step_methods, row_rules
 from .neftune import PerSampleNEFTune
 from .offload import ActivationOffloader, run_recomputes_layers
 from .stats import HDPStats
-from .step import hdp_loss, run_micro_batches
+from .step import hdp_cost_model, hdp_loss, hdp_step_loader, run_micro_batches
 from .zero import gradient_owners, shard_optimizer
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class HDPTrainer(Trainer):
             )
         kwargs.update(_positional_arguments(pos))
         check_step_methods(type(self), HDPTrainer)
-        self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
+        self.hdp_config = hdp_config_from_args(args, hdp_config)  # HDPTrainingArguments carry one too
         # HDP changes a few fields for Trainer's loop: on its own copy, never on the user's object
         args = copy.deepcopy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
         check_distributed_setup(args)
@@ -176,7 +176,7 @@ class HDPTrainer(Trainer):
                             self.hdp_fsdp)
         self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
         check_metrics_arguments(kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"),
-                                args.prediction_loss_only)
+                                args.prediction_loss_only, args)
         if self.hdp_config.global_batch_size is None:
             self.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         else:
@@ -214,6 +214,8 @@ class HDPTrainer(Trainer):
         if self.train_dataset is not None:
             self.hdp_train_data = self._measure(self.train_dataset, "train_dataset")
             self.train_dataset = self.hdp_train_data.dataset
+            if self.args.process_index == 0:  # equal blocks (run_clm's group_texts): nothing for HDP to balance
+                warn_if_uniform_lengths(self.hdp_train_data.doc_lengths, logger)
         longest = [int(self.hdp_train_data.doc_lengths.max())] if self.hdp_train_data is not None else []
         longest += self._measure_eval_datasets()  # bad eval samples fail now, not at the first evaluation
         longest = max(longest) if longest else self.mesh.world_size * self.hdp_config.tokens_per_rank
@@ -263,23 +265,9 @@ class HDPTrainer(Trainer):
 
     def _make_cost_model(self) -> CostModel:
         """The cost model of this model on this hardware, for the balanced planner and the logged estimates."""
-        hardware = self.hdp_config.hardware
-        if hardware == "auto":
-            hardware = "h100" if self.args.device.type == "cuda" else "cpu"
-        self._peak_flops = HARDWARE_PRESETS[hardware].peak_flops
-        value_bytes = 2 if self.args.bf16 or self.args.fp16 else self.hdp_model.dtype.itemsize
-        try:
-            cost = CostModel.from_config(self.hdp_model.config, hardware, bytes_per_value=value_bytes)
-        except (AttributeError, TypeError) as err:  # a config without the usual shape fields
-            logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(self.hdp_model).__name__, err)
-            return CostModel.default()
-        rpn = launcher_ranks_per_node(self.hdp_config.ranks_per_node)
-        if rpn is not None:  # where the fast links end: Ulysses sub-groups stay inside a node
-            cost = dataclasses.replace(cost, ranks_per_node=rpn)
-        ratio = self.hdp_config.offload_ratio
-        if isinstance(ratio, (int, float)) and ratio > 0:  # the copies compute does not hide count in each estimate
-            cost = dataclasses.replace(cost, offload_ratio=float(ratio),
-                                       offload_checkpointing=run_recomputes_layers(self.args, self.hdp_model))
+        cost, self._peak_flops = hdp_cost_model(self.hdp_model, self.hdp_config, self.args.device,
+                                                bool(self.args.bf16 or self.args.fp16),
+                                                run_recomputes_layers(self.args, self.hdp_model))
         return cost
 
     # ------------------------------------------------------------------ data
@@ -339,17 +327,10 @@ class HDPTrainer(Trainer):
 
     def hdp_step_loader(self, measured: MeasuredDataset, sampler: GlobalBatchSampler) -> HDPDataLoader:
         """A loader of this rank's HDP steps over ``measured``, planned with this trainer's planner and cost model."""
-        lockstep = self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1  # FSDP's per-layer collectives
-        planner = get_planner(self.hdp_config.planner, self.cost_model, attention_split=self.hdp_config.attention_split,
-                              **({"lockstep": True} if lockstep else {}))
-        if lockstep:
-            planner = LockstepPlanner(planner)  # any planner: the same micro-batch count on every rank
-        steps = HDPStepDataset.from_measured(
-            measured, sampler, planner,
-            self.mesh.world_size, self.mesh.rank, self.hdp_config.tokens_per_rank, self.collator,
-            num_heads=model_heads(self.hdp_model.config),
-        )
-        return HDPDataLoader(steps, num_workers=self.args.dataloader_num_workers)
+        return hdp_step_loader(measured, sampler, self.hdp_config, self.cost_model, self.mesh.world_size,
+                               self.mesh.rank, self.collator, self.hdp_model,
+                               num_workers=self.args.dataloader_num_workers,
+                               lockstep=self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1)
 
     def get_eval_dataloader(self, eval_dataset=None) -> HDPDataLoader:
         """The eval set planned in unshuffled global batches (see :mod:`hf_hdp.trainer.evaluation`)."""
@@ -364,24 +345,24 @@ class HDPTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        """HDP's forward-only loop for HDP eval loaders: ``{prefix}_loss`` is the eval set's per-token mean loss."""
+        """HDP's forward-only loop for HDP eval loaders: ``{prefix}_loss`` is the eval set's per-token mean loss,
+        and per-sample predictions and ``compute_metrics`` unless ``prediction_loss_only`` (see
+        :mod:`hf_hdp.trainer.evaluation`)."""
         if isinstance(dataloader, HDPDataLoader):
             gather = self.hdp_fsdp == ZERO2 and bool(self.hdp_fsdp_modules)
             if gather:
                 gather_for_eval(self.hdp_fsdp_modules)  # ZeRO-2 mode: no collective between micro-batches
             try:
-                return hdp_evaluation_loop(self, dataloader, metric_key_prefix)
+                return hdp_evaluation_loop(self, dataloader, metric_key_prefix, prediction_loss_only, description)
             finally:
                 if gather:
                     release_after_eval(self.hdp_fsdp_modules)
         return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
-        raise NotImplementedError(
-            "HDPTrainer.predict is not supported: HDP packs and splits samples over ranks, so it has no per-sample "
-            "predictions. Use trainer.evaluate(test_dataset, metric_key_prefix='test') for the loss, or the stock "
-            "Trainer (or model.generate) for predictions."
-        )
+        """Trainer's ``predict`` on HDP's evaluation: ``PredictionOutput(predictions, label_ids, metrics)`` with
+        one row per sample in dataset order, padded with -100 (see :mod:`hf_hdp.trainer.evaluation`)."""
+        return hdp_predict(self, test_dataset, ignore_keys, metric_key_prefix)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Trainer's ``save_model``; with a sharded (FSDP) model, every rank gathers the whole weights

@@ -1,0 +1,7 @@
+"""Trainers of other libraries built on HDP's pieces.
+
+- :mod:`hf_hdp.integrations.trl`: :class:`~hf_hdp.integrations.trl.HDPSFTTrainer`, TRL's ``SFTTrainer``
+  with Hybrid Data Parallelism (``pip install "hf-hdp[trl]"``).
+
+Nothing is imported here, so ``import hf_hdp.integrations`` never needs the optional libraries.
+"""
