@@ -74,3 +74,33 @@ def mixed_batch(seed: int = 0, vocab: int = VOCAB) -> list[dict]:
             s["labels"] = [-100] * (n // 3) + ids[n // 3:]
         samples.append(s)
     return samples
+
+
+def stdlib_text(name: str) -> str:
+    """A file of the Python standard library (real, long-tailed text on every machine)."""
+    import os
+    import sysconfig
+
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:
+        return f.read()
+
+
+def save_bpe_llama(path: str, files: tuple[str, ...], max_positions: int = 4096) -> str:
+    """A byte-level BPE tokenizer (512 tokens) trained on stdlib ``files`` and a tiny Llama, both saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([stdlib_text(f) for f in files], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

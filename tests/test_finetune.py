@@ -8,14 +8,14 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_hdp import HDPDataError
 from tests.dist_utils import free_port
+from tests.models import save_bpe_llama, stdlib_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
@@ -35,31 +35,10 @@ finetune = _load_script()
 
 
 # ------------------------------------------------------------------ fixtures
-def _stdlib(name: str) -> str:
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:
-        return f.read()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few stdlib files and a tiny Llama, both save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = str(tmp_path_factory.mktemp("tiny") / "llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_stdlib(f) for f in ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py")], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_bpe_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py"), max_positions=4096)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +55,7 @@ def _write_jsonl(path, rows) -> str:
 
 def _texts() -> list[str]:
     """Short snippets (one rank each), medium ones (split over both ranks) and one too long for 2 x 64 tokens."""
-    src = _stdlib("string.py")
+    src = stdlib_text("string.py")
     texts = []
     for i in range(14):
         size = 170 if i % 3 == 0 else 30 + 4 * i  # chars; ~2 chars per token with this small vocabulary

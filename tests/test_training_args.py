@@ -11,16 +11,16 @@ import os
 import pickle
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import HfArgumentParser, LlamaForCausalLM, TrainingArguments
 
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.training_args import HDP_FIELDS, HDPTrainingArguments, hdp_config_from_args, warn_if_uniform_lengths
 from tests.dist_utils import free_port
+from tests.models import save_bpe_llama, stdlib_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CLM = os.path.join(ROOT, "examples", "run_clm.py")
@@ -121,31 +121,10 @@ def test_uniform_lengths_warn(caplog):
 
 
 # ------------------------------------------------------------------ training
-def _stdlib(name: str) -> str:
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as f:
-        return f.read()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few stdlib files and a tiny Llama, both save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = str(tmp_path_factory.mktemp("tiny") / "llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_stdlib(f) for f in ("textwrap.py", "bisect.py", "heapq.py")], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_bpe_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), ("textwrap.py", "bisect.py", "heapq.py"), max_positions=1024)
 
 
 def test_hdp_trainer_trains_with_hdp_training_arguments(model_dir, tmp_path):
@@ -174,7 +153,7 @@ def _write_text(path, lines) -> str:
 def test_run_clm_under_torchrun_trains_and_evaluates_local_files(model_dir, tmp_path, mode):
     """keep_documents: one sample per line, with the accuracy metric; group_texts: the stock 32-token blocks,
     evaluated with --no_compute_accuracy (the loss and perplexity only)."""
-    source = [ln for ln in _stdlib("string.py").splitlines() + _stdlib("colorsys.py").splitlines() if ln.strip()]
+    source = [ln for ln in stdlib_text("string.py").splitlines() + stdlib_text("colorsys.py").splitlines() if ln.strip()]
     docs = [" ".join(source[i: i + 1 + i % 5]) for i in range(0, 180, 3)]  # documents of uneven length
     train = _write_text(tmp_path / "train.txt", docs[:48])
     valid = _write_text(tmp_path / "valid.txt", docs[48:])
