@@ -40,8 +40,8 @@ WORDS = ["hello", "how", "does", "the", "ring", "attention", "split", "a", "long
          "short", "ones", "stay", "on", "one", "rank", "yes", "no", "why", "because", "tokens", "balance"]
 
 
-def build_tiny_model(path: str) -> str:
-    """A character-level tokenizer with the chat template and a tiny Llama, saved with save_pretrained."""
+def save_chat_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """A fast character-level tokenizer (its offsets give TRL the assistant masks) with the chat template."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -53,6 +53,12 @@ def build_tiny_model(path: str) -> str:
                                    unk_token="[UNK]")
     fast.chat_template = TEMPLATE
     fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: str) -> str:
+    """A character-level tokenizer with the chat template and a tiny Llama, saved with save_pretrained."""
+    fast = save_chat_tokenizer(path)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,

@@ -19,7 +19,6 @@ import torch
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from tests.dist_utils import run_distributed  # noqa: E402
 from tests.models import load_model, save_tiny_model  # noqa: E402
@@ -29,29 +28,19 @@ C = 128  # tokens per rank: the 3-turn conversations (about 200 tokens) run spli
 STEPS = 2
 ROWS = 8
 
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
-    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!:'\n"
+def _load_example():
+    """examples/sft_chat.py as a module: its chat template and tokenizer are the ones tested here."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "sft_chat.py")
+    spec = importlib.util.spec_from_file_location("sft_chat_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def save_chat_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """A fast character-level tokenizer (its offsets give TRL the assistant masks) with the chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + list(CHARS) + ["[UNK]"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    return fast
+sft_chat = _load_example()
+save_chat_tokenizer = sft_chat.save_chat_tokenizer
 
 
 def conversations(n: int = ROWS, seed: int = 0) -> list[dict]:
