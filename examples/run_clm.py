@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 # HDP swap, relative to transformers' examples/pytorch/language-modeling/run_clm.py (lines marked "# HDP"):
-#   1. the import:  from hf_hdp import HDPTrainer (and HDPTrainingArguments, from hf_hdp.training_args)
-#   2. the parser:  HfArgumentParser((ModelArguments, DataTrainingArguments, HDPTrainingArguments))
-#                   (TrainingArguments -> HDPTrainingArguments: --tokens_per_rank, --planner, ... on the command line)
-#   3. the trainer: Trainer(...) -> HDPTrainer(...), same arguments
+#   1. one import line after transformers' imports:
+#          from hf_hdp import HDPTrainer, HDPTrainingArguments as TrainingArguments
+#      (the script's own HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments)) then
+#      parses --tokens_per_rank, --planner, --attention_split, ... with no other change)
+#   2. the trainer: Trainer(...) -> HDPTrainer(...), same arguments
 # and two flags that are not in the stock script: --keep_documents (one document per sample, no group_texts:
 # what HDP is for) and --no_compute_accuracy (evaluate the loss / perplexity only, no accuracy metric).
 """Causal language modelling on a text/json/csv file or a dataset, with HDPTrainer: transformers' run_clm.py.
@@ -56,7 +57,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_hdp import HDPTrainer, HDPTrainingArguments  # HDP (1): the import
+from hf_hdp import HDPTrainer, HDPTrainingArguments as TrainingArguments  # HDP (1): the import
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class DataTrainingArguments:
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, HDPTrainingArguments))  # HDP (2): the parser
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:
@@ -321,7 +322,7 @@ def main():
             return {"accuracy": float((preds[scored] == labels[scored]).mean()) if scored.any() else float("nan")}
 
     metrics_on = training_args.do_eval and not is_torch_xla_available() and data_args.compute_accuracy
-    trainer = HDPTrainer(  # HDP (3): Trainer -> HDPTrainer
+    trainer = HDPTrainer(  # HDP (2): Trainer -> HDPTrainer
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
