@@ -104,7 +104,7 @@ def stock_run(model_path: str, out: str, case: str):
     return history, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def _hdp_worker(rank, world_size, model_path, out):
+def _hdp_worker(rank, world_size, model_path, out, cases=tuple(CASES)):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     from transformers import AutoTokenizer
@@ -113,7 +113,8 @@ def _hdp_worker(rank, world_size, model_path, out):
     from hf_hdp.integrations.trl import HDPSFTTrainer
 
     results = {}
-    for case, kw in CASES.items():
+    for case in cases:
+        kw = CASES[case]
         tok = AutoTokenizer.from_pretrained(model_path)
         trainer = HDPSFTTrainer(load_model(model_path), sft_config(os.path.join(out, case), ROWS // world_size, **kw),
                                 processing_class=tok, train_dataset=Dataset.from_list(conversations()),
@@ -135,17 +136,26 @@ def hdp_runs(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hdp_sft_on_2_ranks_equals_stock_sft(case, tiny, hdp_runs, tmp_path):
+    _check_against_stock(case, tiny, hdp_runs, WORLD, tmp_path)
+
+
+def test_hdp_sft_on_4_ranks_equals_stock_sft(tiny, tmp_path):
+    runs = run_distributed(_hdp_worker, 4, tiny, str(tmp_path / "hdp4"), ("assistant_only",))
+    _check_against_stock("assistant_only", tiny, runs, 4, tmp_path)
+
+
+def _check_against_stock(case, tiny, hdp_runs, world, tmp_path):
     stock_history, stock_weights = stock_run(tiny, str(tmp_path / "stock"), case)
     if case == "assistant_only":  # evaluation: the same loss and SFT metrics, per token over the eval set
         stock_eval = stock_history.pop()
-        for rank in range(WORLD):
+        for rank in range(world):
             got = hdp_runs[rank][case][0][-1]
             for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
                 assert got[key] == pytest.approx(stock_eval[key], rel=1e-6), (rank, key, got, stock_eval)
     assert len(stock_history) == STEPS
     initial = load_model(tiny).state_dict()
     assert any(not torch.equal(initial[k], stock_weights[k]) for k in initial), "training changed nothing"
-    for rank in range(WORLD):
+    for rank in range(world):
         history, weights, summary = hdp_runs[rank][case]
         history = history[:STEPS]
         assert len(history) == STEPS, history
@@ -156,7 +166,7 @@ def test_hdp_sft_on_2_ranks_equals_stock_sft(case, tiny, hdp_runs, tmp_path):
             assert got["num_tokens"] == want["num_tokens"]
         for k, w in stock_weights.items():
             torch.testing.assert_close(weights[k], w, rtol=1e-6, atol=1e-7, msg=lambda m: f"{case} {k}: {m}")
-    # the long conversations really ran split over both ranks
+    # the long conversations really ran split over two ranks
     assert "2" in {str(k) for k in hdp_runs[0][case][2]["group_sizes"]}, hdp_runs[0][case][2]
 
 
