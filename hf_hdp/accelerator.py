@@ -66,6 +66,17 @@ class HDPAccelerator(Accelerator):
                 "HDPAccelerator needs an integer HDPConfig.tokens_per_rank; 'auto' is resolved by HDPTrainer from its "
                 "TrainingArguments. Give the capacity (hf_hdp.planning.tokens_per_rank_for_memory estimates one)."
             )
+        accum = kwargs.get("gradient_accumulation_steps", 1)
+        plugin = kwargs.get("gradient_accumulation_plugin")
+        if plugin is not None:
+            accum = getattr(plugin, "num_steps", accum)
+        if (hdp_config is not None or mesh is None) and accum not in (None, 1):
+            raise ValueError(
+                f"HDPAccelerator(gradient_accumulation_steps={accum}): HDP accumulates a step's micro-batches itself "
+                "(hdp_backward runs all of them and reduces once), so accelerate's accumulation would skip optimizer "
+                "steps HDP has already reduced for. Leave it at 1 and set HDPConfig.global_batch_size to the samples "
+                "per optimizer step."
+            )
         self._mesh_problem = None
         # HDPTrainer (like()) switched the attention and checked the backend against its own config at construction
         self._custom_loop = hdp_config is not None or mesh is None

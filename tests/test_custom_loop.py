@@ -186,3 +186,11 @@ def test_example_runs_on_one_process_and_a_launch_without_group_is_refused():
     proc = _run([sys.executable, "-c", code], {"WORLD_SIZE": "2"})
     assert proc.returncode != 0
     assert "WORLD_SIZE=2 processes were launched but torch.distributed is not initialized" in proc.stderr, proc.stderr
+
+
+def test_accelerate_gradient_accumulation_is_refused():
+    """HDP accumulates its micro-batches itself: accelerate's accumulation would skip reduced steps."""
+    from hf_hdp import HDPAccelerator, HDPConfig
+
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4.*HDPConfig.global_batch_size"):
+        HDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=64), gradient_accumulation_steps=4)
