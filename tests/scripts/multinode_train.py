@@ -4,8 +4,8 @@ Meant for ``torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d ...`` (te
 two such agents on one machine). ``HDPConfig.ranks_per_node`` is left unset: the trainer must take it from the
 launcher's ``LOCAL_WORLD_SIZE``.
 
-The data and the TrainingArguments are tests/scripts/train_steps.py's (its ``make_dataset``, SGD, lr 0.5,
-constant schedule, clipping at 1.0, seed 0), so that ``tests.dist_utils.run_train_steps(1, ...)`` is the
+The data and the TrainingArguments are tests/scripts/train_steps.py's (its ``make_dataset`` and
+``training_arguments``: SGD, lr 0.5, constant schedule, clipping at 1.0, seed 0), so that ``tests.dist_utils.run_train_steps(1, ...)`` is the
 one-process reference of this run.
 
 Every rank writes ``rank{RANK}.json`` (its launcher environment). Rank 0 also writes ``plan.json``: the plan of
@@ -13,16 +13,15 @@ every step it ran (each piece's sample, length, group, Ulysses degree and split)
 ``ranks_per_node``; and the final weights with ``trainer.save_model(<out>/final)``.
 """
 
-import argparse
 import json
 import os
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_steps import make_dataset  # noqa: E402  (the reference's data)
+from train_steps import base_parser, make_dataset, training_arguments  # noqa: E402  (the reference's)
 
 from hf_hdp import HDPConfig, HDPTrainer  # noqa: E402
 from hf_hdp.launch import init_process_group  # noqa: E402
@@ -32,12 +31,7 @@ ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GR
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--global_batch_size", type=int, default=8)
-    ap.add_argument("--tokens_per_rank", type=int, default=16)
+    ap = base_parser()
     ap.add_argument("--attention_split", default="hybrid")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -48,11 +42,7 @@ def main():
         json.dump({k: os.environ.get(k) for k in ENV}, f)
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float64)
-    args = TrainingArguments(  # train_steps.py's defaults (its --optim sgd)
-        output_dir=os.path.join(a.out, "trainer"), use_cpu=True, max_steps=a.steps, learning_rate=0.5, optim="sgd",
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
-    )
+    args = training_arguments(a.out, a.steps)  # train_steps.py's defaults (its --optim sgd)
     trainer = HDPTrainer(
         model=model, args=args, train_dataset=make_dataset(40, model.config.vocab_size, seed=1),
         # ranks_per_node deliberately unset: LOCAL_WORLD_SIZE

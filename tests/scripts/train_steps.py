@@ -51,13 +51,42 @@ class FaultInjection(TrainerCallback):
             control.should_training_stop = True
 
 
-def main():
+def base_parser() -> argparse.ArgumentParser:
+    """The arguments every training script of the tests shares (tests/scripts/multinode_train.py too)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--global_batch_size", type=int, default=8)
     ap.add_argument("--tokens_per_rank", type=int, default=16)
+    return ap
+
+
+def training_arguments(out: str, steps: int, optim: str = "sgd", weight_decay: float = 0.0,
+                       max_grad_norm: float = 1.0, save_steps: int = 0) -> TrainingArguments:
+    """This script's TrainingArguments: the reference every run of tests.dist_utils.run_train_steps compares with."""
+    return TrainingArguments(
+        output_dir=os.path.join(out, "trainer"),
+        use_cpu=True,
+        max_steps=steps,
+        learning_rate=0.5 if optim == "sgd" else 1e-2,
+        optim=optim,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_only_model=False,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+    )
+
+
+def main():
+    ap = base_parser()
     ap.add_argument("--planner", default="naive")
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--optim", default="sgd")
@@ -79,24 +108,7 @@ def main():
     init_process_group("gloo")  # before TrainingArguments: safe across torchrun restarts
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
     ds = make_dataset(40, model.config.vocab_size, seed=1)
-    args = TrainingArguments(
-        output_dir=os.path.join(a.out, "trainer"),
-        use_cpu=True,
-        max_steps=a.steps,
-        learning_rate=0.5 if a.optim == "sgd" else 1e-2,
-        optim=a.optim,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=a.weight_decay,
-        max_grad_norm=a.max_grad_norm,
-        logging_steps=1,
-        save_strategy="steps" if a.save_steps else "no",
-        save_steps=a.save_steps or 500,
-        save_only_model=False,
-        report_to=[],
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = training_arguments(a.out, a.steps, a.optim, a.weight_decay, a.max_grad_norm, a.save_steps)
     trainer = HDPTrainer(
         model=model,
         args=args,

@@ -514,22 +514,16 @@ def segments_of(pieces) -> list[SegmentOf]:
         p = shared[0]
         out.append(SegmentOf(tuple(p.group), getattr(p, "ulysses", 1), [int(p.length)], (p.sample,)))
     elif shared:
-        for (group, ulysses), ps in _by_group(shared).items():
+        by_group: dict = {}
+        for p in shared:
+            by_group.setdefault((tuple(p.group), getattr(p, "ulysses", 1)), []).append(p)
+        for (group, ulysses), ps in by_group.items():
             out.append(SegmentOf(group, ulysses, [int(p.length) for p in ps], tuple(p.sample for p in ps)))
-    return out
-
-
-def _by_group(pieces) -> dict:
-    out: dict = {}
-    for p in pieces:
-        out.setdefault((tuple(p.group), getattr(p, "ulysses", 1)), []).append(p)
     return out
 
 
 def ring_segments(pieces) -> dict[tuple[tuple[int, ...], int], list[int]]:
     """The lengths of ``pieces`` by ``(group, Ulysses degree)``, as the attention runs them: the key
-    ``((rank,), 1)`` of whole local sequences groups the local pieces; every other key is one segment."""
-    out: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    for p in pieces:
-        out.setdefault((tuple(p.group), getattr(p, "ulysses", 1)), []).append(int(p.length))
-    return out
+    ``((rank,), 1)`` of whole local sequences groups the local pieces; every other key is one segment
+    (:func:`segments_of`, as a mapping)."""
+    return {(seg.group, seg.ulysses): seg.lengths for seg in segments_of(pieces)}
