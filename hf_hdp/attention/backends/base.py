@@ -38,6 +38,24 @@ Conventions (all backends)
 * Sequences of length 0 work: a query row with no keys gets ``out = 0``, ``lse = -inf`` and no
   gradient, and nothing is NaN.
 * Output dtype = ``q.dtype``; gradients in the dtypes of ``q``/``k``/``v``.
+
+Layer features (keyword-only, every method, every backend; :func:`check_features` validates them)
+-------------------------------------------------------------------------------------------------
+``positions``
+    ``None``, or per sequence ``(q_start, k_start)``: the positions (within the sample) of its first
+    query row and first key row. With ``positions``, ``causal`` means key position ``<=`` query
+    position and the lengths need not agree; ring blocks of windowed or chunked layers use this for
+    their pairs of zigzag chunks (:mod:`hf_hdp.planning.reach`). ``None`` is ``(0, 0)`` for all.
+``window``
+    ``None``, or a sliding window of ``w`` tokens (causal only): key position ``p_k`` is visible from
+    query position ``p_q`` iff ``0 <= p_q - p_k < w``, transformers' ``sliding_window`` semantics.
+``softcap``
+    ``None``, or a cap ``c > 0``: the scaled score ``s`` becomes ``c * tanh(s / c)`` before the
+    mask and the softmax (Gemma 2's ``attn_logit_softcapping``), forward and backward (``dS`` is
+    multiplied by ``1 - tanh²``). The log-sum-exp merge is unchanged: capping is per score.
+Chunked attention and sinks are not backend features: chunked layers cut their sequences at chunk
+boundaries (local sequences into chunks, ring pairs by :func:`~hf_hdp.planning.reach.visible_pairs`)
+and sinks join the merged log-sum-exp once per row (:mod:`hf_hdp.attention.sinks`).
 """
 
 from __future__ import annotations
@@ -74,8 +92,40 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
         )
 
 
+def check_features(window: int | None, softcap: float | None, positions, causal: bool, n_seqs: int | None = None) -> None:
+    """Raise ``ValueError`` unless the layer features of the contract are well formed."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"a sliding window must be a positive number of tokens, got {window!r}")
+        if not causal:
+            raise ValueError("a sliding window needs causal attention")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"an attention soft-cap must be a positive number, got {softcap!r}")
+    if positions is not None and n_seqs is not None and len(positions) != n_seqs:
+        raise ValueError(f"positions must give (q_start, k_start) for each of the {n_seqs} sequences, got {len(positions)}")
+
+
+def visible(q_start: int, k_start: int, rows: int, keys: int, causal: bool, window: int | None,
+            device: torch.device) -> Tensor | None:
+    """Bool ``[rows, keys]``: which keys each query row sees (``None``: all of them), for query rows at positions
+    ``q_start ...`` and keys at ``k_start ...`` under the contract's ``causal``/``window``."""
+    if not causal:
+        return None
+    qp = torch.arange(q_start, q_start + rows, device=device)[:, None]
+    kp = torch.arange(k_start, k_start + keys, device=device)[None, :]
+    ok = kp <= qp
+    if window is not None:
+        ok &= qp - kp < window
+    return ok
+
+
+def capped(s: Tensor, softcap: float | None) -> Tensor:
+    """Scores after soft-capping: ``c * tanh(s / c)`` (``s`` itself without a cap)."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
 def sequence_bounds(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, positions=None,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """``[((q_start, q_end), (k_start, k_end)), ...]`` per sequence, after validating everything.
 
@@ -89,7 +139,10 @@ def sequence_bounds(
         if b[0] != 0 or b[-1] != total or any(b1 < b0 for b0, b1 in zip(b, b[1:])):
             raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}; got {b}")
     seqs = list(zip(zip(bq, bq[1:]), zip(bk, bk[1:])))
-    if causal:
+    if positions is not None and len(positions) != len(seqs):
+        raise ValueError(f"positions must give (q_start, k_start) for each of the {len(seqs)} sequences, "
+                         f"got {len(positions)}")
+    if causal and positions is None:
         bad = [i for i, ((qs, qe), (ks, ke)) in enumerate(seqs) if qe - qs != ke - ks]
         if bad:
             raise ValueError(
@@ -135,19 +188,19 @@ class BlockAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float, backend: AttentionBackend,
+        causal: bool, scale: float, backend: AttentionBackend, features: dict,
     ) -> Tensor:
-        out, lse = backend.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+        out, lse = backend.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **features)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, scale, backend)
+        ctx.args = (max_q, max_k, causal, scale, backend, features)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):  # type: ignore[override]
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, backend = ctx.args
-        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        max_q, max_k, causal, scale, backend, features = ctx.args
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, **features)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class AttentionBackend:
@@ -164,24 +217,26 @@ class AttentionBackend:
 
     def varlen(
         self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float,
+        causal: bool, scale: float, *, window: int | None = None, softcap: float | None = None, positions=None,
     ) -> Tensor:
         """Autograd-enabled attention of whole packed sequences; returns ``out`` ``[Tq, Hq, D]``.
 
         By default the autograd Function of this backend's own ``forward`` and ``backward``.
         """
-        return BlockAttentionFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, self)
+        features = dict(window=window, softcap=softcap, positions=positions)
+        return BlockAttentionFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, self, features)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float,
+        causal: bool, scale: float, *, window: int | None = None, softcap: float | None = None, positions=None,
     ) -> tuple[Tensor, Tensor]:
         """Attention without autograd; returns ``(out [Tq, Hq, D], lse [Tq, Hq])``."""
         raise NotImplementedError
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-        cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+        cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float, *, window: int | None = None,
+        softcap: float | None = None, positions=None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """This key block's contribution ``(dq, dk, dv)`` given the (possibly merged) ``out``/``lse``."""
         raise NotImplementedError
