@@ -244,41 +244,60 @@ class DynamicMesh:
     # ------------------------------------------------------------------ P2P
     def exchange(
         self,
-        send: torch.Tensor,
+        send: torch.Tensor | None,
         dst: int,
-        recv: torch.Tensor,
+        recv: torch.Tensor | None,
         src: int,
         what: str = "",
     ) -> list:
-        """Start sending ``send`` to ``dst`` and receiving into ``recv`` from ``src``; returns handles for :meth:`wait`."""
-        if dst == self.rank and src == self.rank:
-            recv.copy_(send)
+        """Start sending ``send`` to ``dst`` and receiving into ``recv`` from ``src``; returns handles for :meth:`wait`.
+
+        Either side may be ``None`` (nothing to send, or nothing to receive): windowed layers skip the messages
+        a window does not reach, and both partners know it from the same metadata. Both ``None``: no-op."""
+        if send is None and recv is None:
             return []
-        send = send.contiguous()
-        ops = [dist.P2POp(dist.isend, send, dst), dist.P2POp(dist.irecv, recv, src)]
-        send_bytes = send.numel() * send.element_size()
-        self.stats.bytes_sent += send_bytes
-        self.stats.messages_sent += 1
+        if dst == self.rank and src == self.rank:
+            if send is not None and recv is not None:
+                recv.copy_(send)
+            return []
+        ops = []
+        send_bytes = recv_bytes = 0
+        if send is not None:
+            send = send.contiguous()
+            ops.append(dist.P2POp(dist.isend, send, dst))
+            send_bytes = send.numel() * send.element_size()
+            self.stats.bytes_sent += send_bytes
+            self.stats.messages_sent += 1
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv, src))
+            recv_bytes = recv.numel() * recv.element_size()
         started = time.monotonic() if self.links is not None else None
         works = list(dist.batch_isend_irecv(ops))
         wire = None
         if self.links is not None:
-            delay = self.links.exchange_delay(self.rank, send_bytes, dst, recv.numel() * recv.element_size(), src)
+            if send is not None and recv is not None:
+                delay = self.links.exchange_delay(self.rank, send_bytes, dst, recv_bytes, src)
+            else:
+                delay = (self.links.p2p_delay(send_bytes, self.rank, dst) if send is not None
+                         else self.links.p2p_delay(recv_bytes, src, self.rank))
             wire = self._wire(delay, started)
-        return works + [(what, dst, src, wire)]
+        sides = ("send" if send is not None else "") + ("recv" if recv is not None else "")
+        return works + [(what, dst, src, wire, sides)]
 
     def wait(self, handles: list) -> None:
         """Complete an :meth:`exchange`; raise :class:`P2PTimeoutError` past the bound (send and
         receive together), :class:`PeerCrashedError` if the partner's process is gone."""
         if not handles:
             return
-        *works, (what, dst, src, wire) = handles
+        *works, (what, dst, src, wire, sides) = handles
         if wire is not None:
             cpu_at_wait = time.process_time()
             blocked = not all(w.is_completed() for w in works)
         # gloo returns one work per op (send to dst, receive from src); NCCL one coalesced work
         if len(works) == 2:
             peers = [f"rank {dst}", f"rank {src}"]
+        elif sides in ("send", "recv"):
+            peers = [f"rank {dst}" if sides == "send" else f"rank {src}"] * len(works)
         else:
             peers = [f"rank {dst}" if dst == src else f"rank {dst} or {src}"] * len(works)
         bounded = self.timeout is not None and self.backend == "gloo"  # NCCL: see the class docstring

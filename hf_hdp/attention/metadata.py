@@ -26,12 +26,16 @@ from typing import Protocol
 
 import torch
 
+from ..planning.reach import LayerMask, member_pairs, needed_count, needed_rows
+
 
 @dataclass(frozen=True)
 class RingBlock:
     """One step of the ring for one member: which local query rows attend to which source KV rows.
 
-    ``q_index``/``kv_index`` are ``None`` when all rows are used in order.
+    ``q_index``/``kv_index`` are ``None`` when all rows are used in order. ``positions``: ``None``, or per
+    packed sequence the positions of its first query and key row (the blocks of windowed and chunked layers,
+    :meth:`RingSegment.reach_blocks`; the backend contract's ``positions``).
     """
 
     source: int  # member index whose KV this step uses
@@ -42,6 +46,7 @@ class RingBlock:
     cu_k: torch.Tensor
     max_q: int
     max_k: int
+    positions: tuple[tuple[int, int], ...] | None = None
 
     @property
     def empty(self) -> bool:
@@ -90,6 +95,14 @@ class RingSegment:
     def source_at(self, step: int) -> int:
         return (self.member - step) % self.k
 
+    def next_at(self, step: int) -> int:
+        """The rank ``step`` members after us (the windowed exchange's destination in round ``step``)."""
+        return self.group[(self.member + step) % self.k]
+
+    def prev_at(self, step: int) -> int:
+        """The rank ``step`` members before us (the windowed exchange's source in round ``step``)."""
+        return self.group[(self.member - step) % self.k]
+
     def block(self, step: int, device: torch.device) -> RingBlock:
         """The attention block of ring step ``step`` (cached per device).
 
@@ -132,6 +145,68 @@ class RingSegment:
             max_q=max((n for _, n in q_rows), default=0),
             max_k=max((n for _, n in kv_rows), default=0),
         )
+
+
+    # ------------------------------------------------ windowed and chunked layers (hf_hdp.planning.reach)
+    def layer_mask(self, mask: LayerMask) -> LayerMask:
+        """``mask`` without the parts this segment's documents are too short to feel (a full mask: the relay ring)."""
+        return mask.for_length(max(self.doc_lengths(), default=0))
+
+    def reach_send(self, step: int, mask: LayerMask, device: torch.device) -> torch.Tensor | None:
+        """The rows of ours that member ``member + step`` needs under ``mask`` (``None``: none, nothing is sent)."""
+        key = ("send", step, mask, str(device))
+        if key not in self._blocks:
+            rows = needed_rows(self.layout, (self.member + step) % self.k, self.member, mask)
+            self._blocks[key] = _gather_index(list((a, b - a) for a, b in rows), -1, device) if rows else None
+        return self._blocks[key]
+
+    def reach_recv(self, step: int, mask: LayerMask) -> int:
+        """How many rows of member ``member - step`` we need under ``mask`` (0: nothing is received)."""
+        return needed_count(self.layout, self.member, self.source_at(step), mask)
+
+    def reach_blocks(self, step: int, mask: LayerMask, device: torch.device) -> list[RingBlock]:
+        """The blocks our rows compute with the K/V of member ``member - step`` under ``mask``.
+
+        Step 0 uses our own rows; any other step the compact buffer of the rows :meth:`reach_recv` counts, in
+        their order. Each block holds the pairs of one chunk of the source (front, then back), so no query row
+        repeats within a block and a block merges like the relay ring's; pairs carry their positions.
+        """
+        key = ("reach", step, mask, str(device))
+        if key not in self._blocks:
+            self._blocks[key] = self._make_reach_blocks(step, mask, device)
+        return self._blocks[key]
+
+    def _make_reach_blocks(self, step: int, mask: LayerMask, device: torch.device) -> list[RingBlock]:
+        j = self.source_at(step)
+        pairs = member_pairs(self.layout, self.member, j, mask)
+        if step == 0:
+            compact = None
+        else:  # source row -> row of the received buffer
+            compact, at = {}, 0
+            for a, b in needed_rows(self.layout, self.member, j, mask):
+                compact[a] = at
+                at += b - a
+        blocks = []
+        for chunk in (0, 1):
+            mine = [p for p in pairs if p.k_chunk == chunk]
+            if not mine:
+                continue
+            q_rows = [(p.q_row, p.q_len) for p in mine]
+            kv_rows = [(p.k_row if compact is None else _compact_row(compact, p.k_row), p.k_len) for p in mine]
+            blocks.append(RingBlock(
+                source=j, causal=True,
+                q_index=_gather_index(q_rows, -1, device), kv_index=_gather_index(kv_rows, -1, device),
+                cu_q=_cumsum([p.q_len for p in mine], device), cu_k=_cumsum([p.k_len for p in mine], device),
+                max_q=max(p.q_len for p in mine), max_k=max(p.k_len for p in mine),
+                positions=tuple((p.q_pos, p.k_pos) for p in mine),
+            ))
+        return blocks
+
+
+def _compact_row(compact: dict[int, int], row: int) -> int:
+    """A source row's place in the compact buffer of its needed ranges (``compact``: range start -> offset)."""
+    start = max(a for a in compact if a <= row)
+    return compact[start] + row - start
 
 
 @dataclass

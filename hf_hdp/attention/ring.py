@@ -18,6 +18,10 @@ its exact share of the full attention gradient.
 
 Every segment of a micro-batch runs inside one autograd node, in the order of the metadata, the
 same order on every member, so no placement can deadlock (DESIGN §4).
+
+Layer features (:mod:`.features`): soft-capping goes into every block's kernel call. A layer whose
+sliding window or attention chunk is shorter than a document of the segment does not run the relay
+ring: it exchanges only the rows its window reaches (:mod:`.halo`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 import torch
 
 from .backends import AttentionBackend
+from .features import PLAIN, LayerFeatures
+from .halo import halo_backward, halo_forward
 from .merge import accumulator_dtype, merge_attention
 from .metadata import RingSegment
 
@@ -40,8 +46,13 @@ def _accumulate(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tens
         acc.index_add_(0, index, value.to(acc.dtype))
 
 
-def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh):
+def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh,
+                 features: LayerFeatures = PLAIN):
     """Output ``[n, Hq, D]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
+    mask = seg.layer_mask(features.mask)
+    if not mask.full:
+        return halo_forward(q, k, v, seg, mask, scale, backend, mesh, features.softcap)
+    kernel = features.kernel(window=False)
     n, hq, d = q.shape
     hkv = k.shape[1]
     acc = accumulator_dtype(q)
@@ -58,7 +69,7 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
             src = _rows(kv, block.kv_index)
             b_out, b_lse = backend.forward(
                 _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
-                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale,
+                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
             )
             if block.q_index is None:
                 out, lse = merge_attention(out, lse, b_out, b_lse)
@@ -74,8 +85,13 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backend: AttentionBackend, mesh):
+def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backend: AttentionBackend, mesh,
+                  features: LayerFeatures = PLAIN):
     """Gradients of this member's q, k, v rows, in the accumulator dtype."""
+    mask = seg.layer_mask(features.mask)
+    if not mask.full:
+        return halo_backward(dout, q, k, v, out, lse, seg, mask, scale, backend, mesh, features.softcap)
+    kernel = features.kernel(window=False)
     hkv = k.shape[1]
     acc = accumulator_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -92,7 +108,7 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
             b_dq, b_dk, b_dv = backend.backward(
                 _rows(dout, block.q_index), _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
                 _rows(out, block.q_index), _rows(lse, block.q_index),
-                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale,
+                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
             )
             _accumulate(dq, block.q_index, b_dq)
             _accumulate(dkv, block.kv_index, torch.cat([b_dk, b_dv], dim=1))
@@ -114,7 +130,8 @@ def _label(seg: RingSegment, what: str, step: int) -> str:
             f"samples {list(seg.samples)})")
 
 
-def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh):
+def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh,
+                   features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
     """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
 
     ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
@@ -123,4 +140,4 @@ def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, bac
     """
     from .segments import distributed_attention  # it runs head-parallel segments too, which import this module
 
-    return distributed_attention(q, k, v, segments, scale, backend, mesh)
+    return distributed_attention(q, k, v, segments, scale, backend, mesh, features, sinks)

@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 
 from ..planning.layout import head_split
+from .features import PLAIN, LayerFeatures
 from .merge import accumulator_dtype
 from .metadata import UlyssesSegment
 from .ring import ring_backward, ring_forward
+from .sinks import merge_sinks, sink_grad
 
 
 def all_to_all(mesh, group: tuple[int, ...], member: int, sends: list[torch.Tensor],
@@ -85,8 +87,12 @@ def _to_rows(seg: UlyssesSegment, x: torch.Tensor, widths: list[int], what: str,
     return back
 
 
-def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh):
-    """This member's output rows ``[n, Hq, D]`` (``q``'s dtype), and what :func:`ulysses_backward` needs."""
+def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh, features: LayerFeatures = PLAIN,
+                    sinks: torch.Tensor | None = None):
+    """This member's output rows ``[n, Hq, D]`` (``q``'s dtype), and what :func:`ulysses_backward` needs.
+
+    The ring over the positions runs the layer's ``features`` (a windowed layer exchanges only what its
+    window reaches); ``sinks`` (``[Hq]``) are merged into this member's head slice after it."""
     hq, hkv = q.shape[1], k.shape[1]
     splits = head_split(hq, hkv, seg.ulysses)
     mine = splits[seg.sub_member]
@@ -97,14 +103,18 @@ def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh):
                                                          _kv_heads(x[:, hkv:], splits[i].kv_heads)], dim=1),
                        2 * nkv, "forward K/V", mesh)
     k_pos, v_pos = kv_pos[:, :nkv].contiguous(), kv_pos[:, nkv:].contiguous()
-    out_pos, lse_pos = ring_forward(q_pos, k_pos, v_pos, seg.ring, scale, backend, mesh)
+    out_pos, lse_pos = ring_forward(q_pos, k_pos, v_pos, seg.ring, scale, backend, mesh, features)
+    if sinks is not None:
+        out_pos, lse_pos = merge_sinks(out_pos, lse_pos, sinks[mine.q_start : mine.q_stop])
     out_pos = out_pos.to(q.dtype)
     back = _to_rows(seg, out_pos, [sp.num_q for sp in splits], "forward output", mesh)
     return torch.cat(back, dim=1), (q_pos, k_pos, v_pos, out_pos, lse_pos)
 
 
-def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, mesh, num_kv_heads: int):
-    """Gradients of this member's q, k, v rows, in the accumulator dtype."""
+def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, mesh, num_kv_heads: int,
+                     features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
+    """Gradients of this member's q, k, v rows, in the accumulator dtype, and of the sinks (``None`` without):
+    this member's head slice's share, zero for the other heads."""
     q_pos, k_pos, v_pos, out_pos, lse_pos = saved
     hq = dout.shape[1]
     splits = head_split(hq, num_kv_heads, seg.ulysses)
@@ -112,7 +122,11 @@ def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, me
     dout_pos = _to_heads(seg, dout, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], mine.num_q,
                          "backward dO", mesh)
     dq_pos, dk_pos, dv_pos = ring_backward(dout_pos, q_pos, k_pos, v_pos, out_pos, lse_pos, seg.ring, scale,
-                                           backend, mesh)
+                                           backend, mesh, features)
+    d_sinks = None
+    if sinks is not None:
+        d_sinks = torch.zeros_like(sinks)
+        d_sinks[mine.q_start : mine.q_stop] = sink_grad(dout_pos, out_pos, lse_pos, sinks[mine.q_start : mine.q_stop])
     dq = torch.cat(_to_rows(seg, dq_pos, [sp.num_q for sp in splits], "backward dQ", mesh), dim=1)
     got = _to_rows(seg, torch.cat([dk_pos, dv_pos], dim=1), [2 * len(sp.kv_heads) for sp in splits],
                    "backward dK/dV", mesh)
@@ -125,4 +139,4 @@ def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, me
         m = len(sp.kv_heads)
         dk.index_add_(1, index, g[:, :m].to(acc))  # a replicated K/V head's gradients are summed onto it
         dv.index_add_(1, index, g[:, m:].to(acc))
-    return dq, dk, dv
+    return dq, dk, dv, d_sinks
