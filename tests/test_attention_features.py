@@ -190,3 +190,69 @@ def test_a_windowed_ring_piece_sends_far_less_than_the_relay_ring(window, chunk)
         full = cost.segment_bytes_by_member(lengths, k)[m]
         halo = _halo_bytes(lengths, k, m, mask, 2 * 2 * D * 8)
         assert halo < 0.1 * full, (m, halo, full)
+
+
+class _Layer(torch.nn.Module):
+    """What the "hdp" attention reads from a transformers attention module: its index, causality, window and the
+    config's layer types and attention chunk."""
+
+    def __init__(self, window=None, chunk=None, heads=4, kv_heads=2):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.layer_idx, self.is_causal, self.sliding_window = 0, True, window
+        self.num_key_value_groups = heads // kv_heads
+        types = ["chunked_attention" if chunk else "full_attention"]
+        self.config = PretrainedConfig(num_hidden_layers=1, layer_types=types, attention_chunk_size=chunk,
+                                       num_attention_heads=heads)
+
+
+LOCAL = [(3, None, None, False), (None, 4, None, True), (2, None, 1.5, True), (None, None, 3.0, False),
+         (5, 8, None, True)]
+
+
+@pytest.mark.parametrize("window,chunk,softcap,with_sinks", LOCAL)
+def test_local_sequences_and_the_padded_fallback_honour_every_feature(window, chunk, softcap, with_sinks):
+    """A micro-batch of whole local sequences (one varlen call; chunked layers cut at chunk boundaries, sinks in
+    their own autograd node), and a call without HDP metadata on a right-padded batch (generation, evaluation),
+    both equal the dense attention of each sequence, outputs and gradients (sinks' included)."""
+    from hf_hdp.attention.interface import hdp_attention_forward
+    from hf_hdp.attention.metadata import HDPAttentionMetadata
+
+    g = torch.Generator().manual_seed(7)
+    lengths, hq, hkv = (13, 1, 20, 6), 4, 2
+    layer = _Layer(window, chunk, hq, hkv)
+    sinks = torch.randn(hq, generator=g, dtype=torch.float64, requires_grad=True) if with_sinks else None
+    T = sum(lengths)
+    q, k, v = (torch.randn(1, h, T, D, generator=g, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
+    w = torch.randn(T, hq, D, generator=g, dtype=torch.float64)
+    meta = HDPAttentionMetadata(num_tokens=T, local_len=T, local_seqlens=lengths, rings=()).bind(None, "reference")
+    kwargs = {"sliding_window": window, "softcap": softcap, "s_aux": sinks}
+    out, _ = hdp_attention_forward(layer, q, k, v, None, scaling=D**-0.5, hdp_metadata=meta, **kwargs)
+    grads = torch.autograd.grad((out[0] * w).sum(), [q, k, v] + ([sinks] if with_sinks else []))
+    ref, at = [], 0
+    for s in lengths:
+        piece = [x[0, :, at : at + s].transpose(0, 1) for x in (q, k, v)]
+        ref.append(dense(*piece, window, chunk, softcap, sinks, D**-0.5))
+        at += s
+    ref = torch.cat(ref)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [q, k, v] + ([sinks] if with_sinks else []))
+    torch.testing.assert_close(out[0], ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    # the same sequences as a right-padded batch, without metadata
+    longest = max(lengths)
+    pad = torch.zeros(len(lengths), longest, dtype=torch.long)
+    qb, kb, vb = (torch.zeros(len(lengths), x.shape[1], longest, D, dtype=torch.float64) for x in (q, k, v))
+    at = 0
+    for i, s in enumerate(lengths):
+        pad[i, :s] = 1
+        for dst, src in ((qb, q), (kb, k), (vb, v)):
+            dst[i, :, :s] = src[0, :, at : at + s].detach()
+        at += s
+    padded, _ = hdp_attention_forward(layer, qb, kb, vb, pad, scaling=D**-0.5, **kwargs)
+    at = 0
+    for i, s in enumerate(lengths):
+        torch.testing.assert_close(padded[i, :s], ref[at : at + s].detach(), rtol=1e-12, atol=1e-12)
+        at += s
