@@ -1,7 +1,9 @@
-"""Attention for HDP: kernel backends, zigzag ring attention, and the "hdp" AttentionInterface entry."""
+"""Attention for HDP: kernel backends, zigzag ring attention, head-parallel pieces, the windowed exchange of sliding
+and chunked layers, sinks, and the "hdp" AttentionInterface entry."""
 
 from .interface import HDP_ATTENTION, UnsupportedAttentionError, hdp_attention_forward, register
 from .backends import get_backend
+from .features import LayerFeatures
 from .metadata import HDPAttentionMetadata, RingSegment
 from .ring import ring_attention
 
@@ -11,6 +13,7 @@ __all__ = [
     "hdp_attention_forward",
     "register",
     "get_backend",
+    "LayerFeatures",
     "HDPAttentionMetadata",
     "RingSegment",
     "ring_attention",

@@ -11,6 +11,9 @@ chunks therefore differ by at most one token, and lengths not divisible by ``2k`
 padding. A chunk may be empty when ``s < 2k``; the attention code handles empty chunks.
 
 In sequence order the chunks are ``front_0, front_1, ..., front_{k-1}, back_{k-1}, ..., back_0``.
+
+The same layout serves sliding-window and chunked layers, whose work per row does not depend on where
+the row lies: they are balanced by the equal row counts (see :mod:`hf_hdp.planning.reach`).
 """
 
 from __future__ import annotations
