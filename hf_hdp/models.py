@@ -1,32 +1,59 @@
 """Which transformers model families HDP trains correctly, and the checks that refuse the rest.
 
 HDP packs several samples into one row and splits long samples over ranks. Its ``"hdp"`` attention
-(:mod:`hf_hdp.attention.interface`) keeps samples apart and runs causal attention over each whole
+(:mod:`hf_hdp.attention.interface`) keeps samples apart and runs causal attention within each
 sample, so a model trains exactly as on one device when every part of it that mixes tokens is that
 attention, and everything else works token by token (norms, MLPs, per-token MoE routing, RoPE from
-global ``position_ids``). :func:`check_model_supported` inspects the config and the attention
-modules for the features that break this, and raises :class:`UnsupportedModelError` naming the
-model, the layer feature and what to do instead. It never lets a model train silently wrong:
+global ``position_ids``).
 
-- **sliding window** smaller than the longest sample (HDP's kernels attend over the whole sample);
-  a window at least as long as every sample is plain causal attention and is accepted;
-- **chunked attention** (Llama 4's ``attention_chunk_size``), the same way;
-- **attention logit soft-capping** (Gemma 2's ``attn_logit_softcapping``); the *final* logit
-  soft-capping works on each token's logits and is fine;
-- **attention sinks** (gpt-oss and others: a ``sinks`` parameter per attention layer);
-- **non-causal attention** (encoder-decoder models, bidirectional attention, encoders);
-- **attention dropout** > 0 (HDP's kernels have no dropout); other dropouts are per token and fine;
-- **layers that are not attention** but mix tokens (linear attention, Mamba, convolutions), which
-  would carry state from one packed sample into the next and lose it where a sample is split;
+The attention implements, locally, in ring pieces and in head-parallel pieces alike:
+
+- **sliding windows** of any length (``sliding_window`` on the layers ``layer_types`` or
+  ``use_sliding_window`` make slide): a window is counted in positions of the sample, so a split
+  sample's window runs across rank boundaries, and ring pieces exchange only the rows a window
+  reaches (:mod:`hf_hdp.planning.reach`);
+- **chunked attention** (Llama 4's ``attention_chunk_size``), chunks counted from each sample's first
+  token;
+- **attention logit soft-capping** (Gemma 2's ``attn_logit_softcapping``: ``c·tanh(s/c)`` on the
+  scaled scores, before the mask); the *final* logit soft-capping works on each token's logits;
+- **attention sinks** (gpt-oss's ``sinks``, passed to the attention as ``s_aux``): one learned logit
+  per head joining each row's softmax denominator.
+
+:func:`check_model_supported` records those and inspects the config and the attention modules for
+the features that break HDP's assumptions, raising :class:`UnsupportedModelError` naming the model,
+the layer feature, why it breaks and what to do instead. It never lets a model train silently wrong:
+
+- **non-causal attention** (encoder-decoder models, bidirectional attention, encoders): HDP's kernels
+  are causal; supporting it would take bidirectional kernels per sample (and, for encoder-decoders,
+  cross-attention with its own packing of the encoder side);
+- **attention dropout** > 0: HDP's kernels have no dropout, and a dropout mask that matches one
+  process's would need the same random stream per (sample, head, query, key) on every rank; other
+  dropouts are per token and fine;
+- **layers that are not attention** but mix tokens: linear attention (Gated DeltaNet in qwen3_next,
+  lightning attention in minimax), Mamba / state-space layers, short convolutions (lfm2). They carry
+  a recurrent state (or a convolution window) along the sequence: packing would need the state reset
+  at every sample boundary, and splitting a sample would need the state (or the convolution's last
+  ``kernel - 1`` rows, a halo) passed from rank to rank in order, a scan over the group. That is a
+  different kernel family from attention's, not implemented;
 - **RoPE whose frequencies depend on the batch** (``dynamic`` NTK, ``longrope``) once a sample is
-  longer than the original context: they pick frequencies from the largest position in the
-  micro-batch, which under HDP mixes samples and holds only parts of a split one;
+  longer than the original context: transformers picks the frequencies from the largest position in
+  the forward's ``position_ids``, which under HDP is the longest sample part of the packed row (other
+  samples' and other ranks' lengths). Supporting it would need each token's frequencies chosen from
+  its own sample's full length, passed per token into the rotary embedding;
 - **MoE router auxiliary loss** (``output_router_logits=True``): the load-balancing loss is a
   product of batch-wide averages, not a sum over tokens, so it does not split over micro-batches
-  and ranks; HDP trains the token-level LM loss only, which is also what transformers trains with
-  ``output_router_logits=False`` (the default). MoE routing itself is per token (top-k over each
-  token's router logits, no expert capacity), so packing does not change it.
-- **multimodal** models (vision/audio towers, M-RoPE position ids): HDP packs text tokens only.
+  and ranks; it would need the per-expert token counts and router probabilities all-reduced over the
+  step before the product. HDP trains the token-level LM loss only, which is also what transformers
+  trains with ``output_router_logits=False`` (the default). MoE routing itself is per token (top-k
+  over each token's router logits, no expert capacity), so packing does not change it; an **expert
+  capacity** would (tokens dropped depend on the batch) and is refused;
+- **Llama 4's attention temperature tuning** (``attn_temperature_tuning=True``, on its NoPE layers):
+  it scales each query by ``1 + attn_scale·log1p(floor((i + 1) / floor_scale))`` with ``i`` the row
+  index of the forward's input (``torch.arange`` of the row), not ``position_ids``, so packing and
+  splitting change the scale of every token past ``floor_scale - 1`` rows. Supporting it would need
+  transformers to take ``i`` from ``position_ids``;
+- **multimodal** models (vision/audio towers, M-RoPE position ids): HDP packs text tokens with 1-D
+  positions only; it would need the image/audio tokens placed and the 3-D positions packed with them.
 
 :data:`SUPPORTED_FAMILIES` records what ``tests/test_model_families.py`` verified: 4 CPU ranks
 against one process, loss and every gradient, float64. A family not listed there is allowed when
@@ -57,7 +84,7 @@ class FamilySupport:
       process's (4 gloo ranks, float64); the usual checkpoints of the family pass every check.
     - ``"conditional"``: verified the same way, but the family's usual checkpoints use a feature
       :func:`check_model_supported` refuses beyond some sample length, or unless turned off (the
-      note says which).
+      note says which: Phi-3's longrope past its original context, Llama 4's temperature tuning).
     - ``"refused"``: the family needs a feature HDP does not implement.
     """
 
@@ -70,58 +97,83 @@ _AUX = "output_router_logits must stay False (the router aux loss is refused)"
 
 SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     # --- verified by tests/test_model_families.py: loss and every gradient, 4 gloo ranks vs 1 process,
-    # float64, within 1e-9 of each gradient's largest element
+    # float64, within 1e-9 of each gradient's largest element; windows and chunks of 8 tokens over samples of
+    # up to 60 (split over 3 and 4 ranks), soft-capping and sinks that change the output
     "llama": FamilySupport(_V, "GQA; static RoPE scaling (llama3, linear, yarn)"),
-    "qwen2": FamilySupport(_V, "GQA, q/k/v bias; sliding layers (use_sliding_window) need samples within the window"),
-    "qwen3": FamilySupport(_V, "GQA, per-head q/k RMSNorm; sliding layers need samples within the window"),
-    "mistral": FamilySupport(
-        _C, "GQA; sliding_window (4096 in Mistral 7B v0.1, None from v0.2) must be None or at least the longest sample"
-    ),
-    "ministral": FamilySupport(_C, "GQA; every layer slides: samples must fit within sliding_window"),
+    "qwen2": FamilySupport(_V, "GQA, q/k/v bias; sliding layers (use_sliding_window, from max_window_layers on)"),
+    "qwen3": FamilySupport(_V, "GQA, per-head q/k RMSNorm; sliding layers (use_sliding_window)"),
+    "mistral": FamilySupport(_V, "GQA; sliding_window (4096 in Mistral 7B v0.1, None from v0.2) on every layer"),
+    "ministral": FamilySupport(_V, "GQA; every layer slides over sliding_window"),
     "gemma": FamilySupport(_V, "GQA, sqrt(hidden) embedding scale, head_dim apart from hidden size, tied embeddings"),
     "gemma2": FamilySupport(
-        _C,
-        "only with attn_logit_softcapping=None (its 50.0 is refused) and samples within sliding_window (4096); "
-        "the final logit soft-capping is per token and fine",
+        _V, "attention logit soft-capping (50.0) and sliding layers (4096) alternating with full ones; final logit "
+        "soft-capping (30.0) per token",
     ),
     "gemma3_text": FamilySupport(
-        _C, "q/k norm, local-layer RoPE; samples must fit within sliding_window (1024 in the released checkpoints, "
-        "512 in Gemma 3 1B)"
+        _V, "q/k norm, local-layer RoPE; sliding layers (1024 in the released checkpoints, 512 in Gemma 3 1B)"
     ),
     "phi3": FamilySupport(
-        _C, "fused qkv, partial rotary; samples within sliding_window (2047 in Phi-3-mini-4k) and, with longrope "
-        "(the 128k models), within original_max_position_embeddings (4096)",
+        _C, "fused qkv, partial rotary, sliding_window (2047 in Phi-3-mini-4k); with longrope (the 128k models) "
+        "samples must stay within original_max_position_embeddings (4096)",
     ),
     "olmo2": FamilySupport(_V, "GQA, q/k RMSNorm over all heads, post-norm blocks"),
-    "olmo3": FamilySupport(_C, "sliding layers: samples must fit within sliding_window (4096)"),
+    "olmo3": FamilySupport(_V, "sliding layers (4096) alternating with full ones"),
     "mixtral": FamilySupport(_V, f"MoE, top-2 per token (also float32 with grouped_mm experts); {_AUX}"),
     "qwen2_moe": FamilySupport(_V, f"MoE with a gated shared expert, per token; {_AUX}"),
     "qwen3_moe": FamilySupport(_V, f"MoE, q/k norm, per token; {_AUX}"),
     "olmoe": FamilySupport(_V, f"MoE, q/k norm, per token; {_AUX}"),
-    "starcoder2": FamilySupport(
-        _V, "GQA, biases, LayerNorm; sliding_window must be None or at least the longest sample"
-    ),
+    "starcoder2": FamilySupport(_V, "GQA, biases, LayerNorm; sliding_window on every layer"),
     "cohere": FamilySupport(_V, "parallel attention/MLP block, q/k LayerNorm, logit scale, tied embeddings"),
     "granite": FamilySupport(_V, "embedding, residual, attention and logit multipliers"),
     "phi": FamilySupport(_V, "partial rotary, q/k LayerNorm, parallel block, biases"),
     "gpt_neox": FamilySupport(_V, "fused qkv, partial rotary, parallel residual (no GQA)"),
     "glm": FamilySupport(_V, "partial rotary, fused gate/up"),
     "smollm3": FamilySupport(_V, "NoPE layers (no rotary on every 4th layer)"),
-    # --- refused: the feature is built into the family
-    "gpt_oss": FamilySupport(_R, "attention sinks in every layer (and a 128-token sliding window)"),
-    "granite_swa": FamilySupport(_R, "attention sinks"),
-    "granitemoe_swa": FamilySupport(_R, "attention sinks"),
-    "mimo_v2_flash": FamilySupport(_R, "attention sinks"),
-    "deepseek_v4": FamilySupport(_R, "attention sinks and compressed/indexed attention"),
-    "vaultgemma": FamilySupport(_R, "attention logit soft-capping (50.0) by default, like Gemma 2"),
-    "qwen3_next": FamilySupport(_R, "linear-attention (Gated DeltaNet) layers carry state across tokens"),
-    "minimax": FamilySupport(_R, "lightning (linear) attention layers carry state across tokens"),
-    "lfm2": FamilySupport(_R, "short convolution layers mix neighbouring tokens outside attention"),
-    "t5gemma": FamilySupport(_R, "encoder-decoder"),
-    "llama4_text": FamilySupport(
-        _R, "the attention temperature tuning of its NoPE layers takes positions from the row index, not "
-        "position_ids, so packing and splitting change it; chunked attention (8192) besides"
+    "gpt_oss": FamilySupport(
+        _V, f"attention sinks in every layer, sliding layers (128) alternating with full ones, MoE (biased top-k "
+        f"router, clamped SwiGLU experts) per token, static yarn RoPE; {_AUX}",
     ),
+    "llama4_text": FamilySupport(
+        _C, "chunked attention (8192) on its RoPE layers, NoPE full layers, q/k L2 norm, MoE with a shared expert "
+        "(sigmoid top-k router) per token; only with attn_temperature_tuning=False: the released checkpoints' "
+        "temperature tuning of the NoPE layers takes positions from the packed row index, not position_ids "
+        "(refused; it is a no-op while every sample and packed row stays under floor_scale=8192 tokens, so "
+        "setting it False then changes nothing)",
+    ),
+    # --- refused: the feature is built into the family, or the family is not verified by the tests (an entry
+    # here keeps it from the generic "unverified" path: each note says why)
+    "granite_swa": FamilySupport(
+        _R, "not verified: its sinks (a post-attention sigmoid(lse - sink) scale, the same maths as a denominator "
+        "logit) and sliding layers are what HDP implements, but no test compares it with one process yet",
+    ),
+    "granitemoe_swa": FamilySupport(_R, "not verified: sinks and sliding layers as granite_swa, plus MoE; no test yet"),
+    "mimo_v2_flash": FamilySupport(
+        _R, "not verified: sinks on its sliding layers only, which have twice the K/V heads of its full layers, and "
+        "q/k and v head dims that differ; no test yet",
+    ),
+    "deepseek_v4": FamilySupport(
+        _R, "compressed/indexed attention (a learned selection of which keys each query reads, over the whole "
+        "sequence): not HDP's attention, it would need the indexer run over the sample's keys across ranks",
+    ),
+    "vaultgemma": FamilySupport(
+        _R, "not verified: Gemma 2's attention (soft-capping, sliding layers), which HDP implements, but no test "
+        "compares it with one process yet (it is trained with DP-SGD: per-sample gradient clipping, which HDP "
+        "does not do)",
+    ),
+    "qwen3_next": FamilySupport(
+        _R, "Gated DeltaNet (linear attention) layers carry a recurrent state along the sequence: packing would need "
+        "it reset at sample boundaries and splitting would need it passed between ranks (a scan over the group), "
+        "a different kernel family",
+    ),
+    "minimax": FamilySupport(
+        _R, "lightning (linear) attention layers carry a recurrent state along the sequence: packing would need it "
+        "reset at sample boundaries and splitting would need it passed between ranks (a scan over the group)",
+    ),
+    "lfm2": FamilySupport(
+        _R, "short convolution layers mix each token with the previous kernel - 1: packing would need the "
+        "convolution cut at sample boundaries and splitting would need those rows passed between ranks (a halo)",
+    ),
+    "t5gemma": FamilySupport(_R, "encoder-decoder: a bidirectional encoder and cross-attention, not causal attention"),
 }
 
 # layer_types HDP runs: its own causal attention, with or without a window or chunk HDP can check
@@ -213,23 +265,6 @@ def _layers(indices: list, one: str = "", many: str = "") -> str:
     return f"layers {shown} {many}".rstrip()
 
 
-def _sliding_layers(config) -> dict[int, int]:
-    """Layer -> sliding window, from the config (``layer_types``, else ``use_sliding_window``).
-
-    The config is the source of truth: transformers builds the sliding masks from it. Layer modules
-    are no guide (Exaone 4 keeps ``sliding_window`` on its full-attention layers too).
-    """
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        return {}
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return {i: window for i, t in enumerate(layer_types) if t == "sliding_attention"}
-    if getattr(config, "use_sliding_window", True) is False:
-        return {}
-    return {i: window for i in range(getattr(config, "num_hidden_layers", None) or 1)}
-
-
 def _rope_thresholds(config) -> list[tuple[str, str, int]]:
     """``(where, rope_type, longest sample it stays static for)`` of every batch-dependent RoPE."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
@@ -258,8 +293,9 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
     ``model``: a transformers ``PreTrainedModel``, a PEFT wrapper of one, or a ``PretrainedConfig``
     (then only the config is inspected). ``max_sequence_length``: the longest sample HDP will see
     (HDPTrainer passes the longest sample of the training set, or ``world_size * tokens_per_rank``
-    without one); sliding windows, chunked attention and batch-dependent RoPE are accepted when no
-    sample reaches past them.
+    without one); batch-dependent RoPE is accepted when no sample reaches past its original context.
+    Sliding windows, chunked attention, soft-capping and sinks are implemented by the attention and
+    recorded in ``checked``.
 
     Raises :class:`UnsupportedModelError` listing every problem found, each with the layers
     concerned and what to do instead.
@@ -306,14 +342,17 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
         idx = [i for i, t in enumerate(layer_types) if t not in _ATTENTION_LAYER_TYPES]
         problems.append(
             f"{_layers(idx, 'is', 'are')} of type {others}: they mix tokens outside the attention interface "
-            "(linear attention, state-space or convolution layers), so packed samples would leak into each other "
-            f"and a sample split over ranks would lose its state. {_STOCK_S}."
+            "(linear attention, state-space or convolution layers) and carry a recurrent state (or a convolution "
+            "window) along the sequence, so packed samples would leak into each other and a sample split over ranks "
+            "would lose its state. Supporting them would need the state reset at sample boundaries and passed "
+            f"between ranks (a scan over the group), a different kernel family from attention. {_STOCK_S}."
         )
     hybrid = [k for k in _HYBRID_KEYS if getattr(config, k, None)]
     if hybrid:
         problems.append(
             f"config.{hybrid[0]} declares non-attention (hybrid) layers that mix tokens outside the attention "
-            f"interface. {_STOCK_S}."
+            "interface and carry a recurrent state along the sequence (packing would need it reset at sample "
+            f"boundaries, splitting would need it passed between ranks). {_STOCK_S}."
         )
     checked.append("every layer that mixes tokens is attention")
 
@@ -331,47 +370,55 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
         )
     checked.append("causal attention")
 
-    # --- sliding window / chunked attention
-    windows = _sliding_layers(config)
-    short = sorted(k for k, w in windows.items() if w < L)
-    if short:
-        w = min(windows[k] for k in short)
-        problems.append(
-            f"{_layers(short, 'uses', 'use')} sliding-window attention with a window of {w} tokens but samples reach "
-            f"{L} tokens; HDP's kernels attend over the whole sample and would train these layers wrongly. Keep "
-            f"every sample within {w} tokens "
-            "(truncate or filter the dataset), or " + _STOCK + ". (Setting config.sliding_window=None changes the "
-            "model's attention: only do it if the model was trained with full attention at this length.)"
-        )
-    elif windows:
-        checked.append(f"sliding windows ({min(windows.values())}+ tokens) cover every sample of up to {L} tokens")
-    chunk = getattr(config, "attention_chunk_size", None)
-    if isinstance(chunk, int) and chunk > 0 and chunk < L:
-        problems.append(
-            f"it uses chunked attention (attention_chunk_size={chunk}) but samples reach {L} tokens; HDP attends "
-            f"over whole samples. Keep every sample within {chunk} tokens, or " + _STOCK + "."
-        )
+    # --- sliding windows, chunked attention, soft-capping, sinks: implemented by the "hdp" attention
+    # the config is the source of truth (transformers builds the masks from it; layer modules are no guide:
+    # Exaone 4 keeps sliding_window on its full layers too), read the way the attention and the planner read it
+    from hf_hdp.planning.reach import layer_masks
 
-    # --- soft-capping, sinks
+    masks = layer_masks(config)
+    for kind, attr, verb in (("window", "window", ("slides", "slide")), ("chunk", "chunk", ("attends", "attend"))):
+        by_size: dict[int, list[int]] = {}
+        for i, m in enumerate(masks):
+            if getattr(m, attr) is not None:
+                by_size.setdefault(getattr(m, attr), []).append(i)
+        for size, idx in sorted(by_size.items()):
+            what = f"over {size} tokens" if kind == "window" else (
+                f"within chunks of {size} tokens (counted from each sample's first token)")
+            if size < L:
+                checked.append(f"{_layers(idx, *verb)} {what}: {kind}ed kernels, and ring pieces exchange only the "
+                               f"rows a {kind} reaches")
+            else:
+                checked.append(f"{_layers(idx, *verb)} {what}, which covers every sample of up to {L} tokens "
+                               "(plain causal attention)")
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is not None:
-        problems.append(
-            f"its attention uses logit soft-capping (config.attn_logit_softcapping={softcap}), which HDP's kernels do "
-            "not implement. Train it with the stock Trainer and attn_implementation='eager', or set "
-            "attn_logit_softcapping=None (this changes the model)."
-        )
-    else:
-        checked.append("no attention logit soft-capping")
+        checked.append(f"attention logit soft-capping (attn_logit_softcapping={softcap}) in every kernel")
     if getattr(config, "final_logit_softcapping", None) is not None:
         notes.append("final logit soft-capping works on each token's logits and is honoured")
     sinks = [_layer_index(n) for n, m in modules if getattr(m, "sinks", None) is not None]
     if sinks:
-        problems.append(
-            f"attention {_layers(sinks, 'has', 'have')} attention sinks (a learned `sinks` logit per head), which "
-            "HDP's kernels do not implement. Train it with the stock Trainer and attn_implementation='eager'."
+        checked.append(
+            f"attention sinks on {_layers(sinks)} (a learned logit per head in each row's softmax denominator, "
+            "counted once per row however the row's keys are split)"
         )
-    else:
-        checked.append("no attention sinks")
+
+    # --- Llama 4's attention temperature tuning: scales queries by the row index of the forward's input
+    nope = [i for i, r in enumerate(getattr(config, "no_rope_layers", None) or []) if not r]
+    if getattr(config, "attn_temperature_tuning", False) and nope:
+        floor = getattr(config, "floor_scale", None)
+        problems.append(
+            f"config.attn_temperature_tuning=True: the NoPE {_layers(nope)} scale each query by "
+            f"1 + attn_scale*log1p(floor((i + 1) / floor_scale)) with i the row index of the forward's input "
+            "(transformers takes torch.arange of the row, not position_ids). HDP packs several samples into a row "
+            "and splits long ones over ranks, so i is not the token's position in its sample and the scale would "
+            f"be wrong. Set config.attn_temperature_tuning=False (this changes the model for tokens at positions "
+            f"{(floor or 1) - 1} and beyond; it is the same model while every sample and every packed row stays "
+            f"under floor_scale={floor} tokens), or " + _STOCK + "."
+        )
+    elif getattr(config, "attn_temperature_tuning", None) is False:
+        checked.append("no attention temperature tuning (attn_temperature_tuning=False)")
+    elif hasattr(config, "attn_temperature_tuning"):
+        checked.append("attention temperature tuning applies to NoPE layers only, and there are none")
 
     # --- dropout
     drops = {k: getattr(config, k) for k in _DROPOUT_KEYS if isinstance(getattr(config, k, None), (int, float))}
@@ -383,7 +430,8 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
     if bad:
         k, v = next(iter(bad.items()))
         problems.append(
-            f"it uses attention dropout ({k}={v}) in training, which HDP's kernels do not implement. "
+            f"it uses attention dropout ({k}={v}) in training, which HDP's kernels do not implement (matching one "
+            "process would need the same random mask per sample, head, query and key on every rank). "
             f"Set config.{k.split('.')[-1]} = 0.0 (the usual value for fine-tuning) before building the trainer."
         )
     else:
@@ -395,7 +443,8 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             problems.append(
                 f"its RoPE{where} is {rope_type!r}, whose frequencies depend on the largest position in the batch once "
                 f"it passes {limit}; samples reach {L} tokens, and under HDP a micro-batch mixes samples and holds "
-                f"only parts of a split one, so positions past {limit} would get the wrong frequencies. Keep samples "
+                f"only parts of a split one, so positions past {limit} would get the wrong frequencies (it would need "
+                f"each token's frequencies chosen from its own sample's length). Keep samples "
                 f"within {limit} tokens, use a static scaling (rope_type 'linear', 'yarn' or 'llama3'), or {_STOCK}."
             )
         else:
@@ -407,7 +456,9 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
         problems.append(
             f"config.output_router_logits=True asks for the MoE router auxiliary loss (router_aux_loss_coef={coef}). "
             "That load-balancing loss is a product of batch-wide averages, so it does not split into a sum over "
-            "HDP's micro-batches and ranks, and HDP would drop it. Set config.output_router_logits=False (HDP then "
+            "HDP's micro-batches and ranks (it would need the per-expert counts and router probabilities "
+            "all-reduced over the whole step before the product), and HDP would drop it. Set "
+            "config.output_router_logits=False (HDP then "
             "trains the token-level LM loss, as transformers does with the default), or " + _STOCK + "."
         )
     elif hasattr(config, "output_router_logits"):

@@ -7,15 +7,23 @@ samples on one rank with samples split over 3 and 4 ranks) the ranks pack their 
 the real collator, run the registered ``"hdp"`` attention with the ``"reference"`` backend, and join
 the single gradient all-reduce. The reference is one process running each sample alone with the
 family's stock SDPA attention, in float64 (tolerance 1e-9 of each gradient's largest element; the
-few norm weights whose gradient the model itself computes in float32 get 1e-5). Mixtral also runs
+few norm weights whose gradient the model itself computes in float32 get 1e-5).
+
+The same spawn runs the feature cases of ``tests/family_models.py`` (FEATURES, gpt-oss and Llama 4):
+sliding windows and attention chunks of 8 tokens, so every test sample longer than 8 is several
+windows long and the samples split over 3 and 4 ranks have windows crossing rank boundaries;
+Gemma 2's attention logit soft-capping and gpt-oss's attention sinks. Their single-process side is
+the dense float64 attention ``DENSE_REFERENCE`` over transformers' own per-layer masks;
+:func:`test_dense_reference_matches_stock_attention` checks it against transformers' SDPA or eager
+attention of each family, and that each feature changes the model. Mixtral also runs
 in float32 with transformers' default grouped_mm experts (1e-5). The MoE families passing shows
 their routing is per token: packing other samples beside a token, or splitting its sample over
 ranks, does not change which experts it gets. Neither side adds the router auxiliary loss (the
 models are built with ``output_router_logits=False``; ``True`` is refused, see below).
 
 Refusals: :func:`hf_hdp.models.check_model_supported` on the configurations HDP cannot train
-(sliding window shorter than a sample, attention soft-capping, sinks, non-causal attention,
-attention dropout, batch-dependent RoPE, router aux loss, non-attention token mixers, multimodal).
+(non-causal attention, attention dropout, batch-dependent RoPE, router aux loss, non-attention token
+mixers, multimodal, Llama 4's row-indexed attention temperature tuning).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from hf_hdp.models import SUPPORTED_FAMILIES, UnsupportedModelError, check_model
 from hf_hdp.planning import StepPlan, plan_naive
 from tests.dist_utils import run_distributed
 from tests.family_models import (
-    FAMILIES, FLOAT32_INTERNAL, REQUIRED, VOCAB, family_config, load_family_model, save_family_model,
+    DENSE_REFERENCE, FAMILIES, FEATURES, FLOAT32_INTERNAL, MODELS, REQUIRED, VOCAB, build_family_model,
+    family_config, load_family_model, model_type_of, save_family_model,
 )
 from tests.models import MIXED_LENGTHS, mixed_batch, reference_step
 from tests.plan_helpers import random_plan
@@ -44,9 +53,9 @@ LOSS_RTOL, GRAD_TOL = 1e-12, 1e-9  # float64
 GRAD_TOL_FLOAT32_INTERNAL = 1e-5  # parameters the model computes in float32 itself (see FLOAT32_INTERNAL)
 LOSS_RTOL_FP32, GRAD_TOL_FP32 = 1e-6, 1e-5  # float32 cases
 
-# case -> (family, dtype): every family in float64, plus the MoE path users run in float32/bf16, whose
-# default experts kernel (torch grouped_mm) has no float64
-CASES = {family: (family, torch.float64) for family in FAMILIES}
+# case -> (model of family_models.MODELS, dtype): every family and feature case in float64, plus the MoE path
+# users run in float32/bf16, whose default experts kernel (torch grouped_mm) has no float64
+CASES = {name: (name, torch.float64) for name in MODELS}
 CASES["mixtral-float32-grouped_mm"] = ("mixtral", torch.float32)
 
 
@@ -125,6 +134,7 @@ def test_family_hdp_gradients_equal_single_device(case, hdp_runs):
     paths, plans, results = hdp_runs
     family, dtype = CASES[case]
     fp64 = dtype == torch.float64
+    float32_internal = FLOAT32_INTERNAL.get(model_type_of(family))
     loss_rtol = LOSS_RTOL if fp64 else LOSS_RTOL_FP32
     model = load_family_model(paths[family], family, dtype=dtype)
     check_model_supported(model, max(LENGTHS))  # the construction-time check accepts it
@@ -136,7 +146,7 @@ def test_family_hdp_gradients_equal_single_device(case, hdp_runs):
         assert loss == pytest.approx(ref_loss, rel=loss_rtol), (case, plan.planner)
         assert set(grads) == names
         for name, g in ref_grads.items():
-            fp32 = family in FLOAT32_INTERNAL and FLOAT32_INTERNAL[family].search(name)
+            fp32 = float32_internal is not None and float32_internal.search(name)
             tol = GRAD_TOL if fp64 and not fp32 else GRAD_TOL_FLOAT32_INTERNAL if fp64 else GRAD_TOL_FP32
             torch.testing.assert_close(
                 grads[name], g, rtol=tol, atol=tol * float(g.abs().max()),
@@ -153,7 +163,62 @@ def test_table_matches_the_tests():
     assert set(REQUIRED) <= set(FAMILIES)
     claimed = {k for k, v in SUPPORTED_FAMILIES.items() if v.status != "refused"}
     assert claimed == set(FAMILIES), claimed ^ set(FAMILIES)
+    assert {model_type for model_type, _, _ in FEATURES.values()} <= set(FAMILIES)
     assert any(v.status == "refused" for v in SUPPORTED_FAMILIES.values())
+
+
+# ------------------------------------------------------------------ the feature cases' reference side
+
+# model -> the feature switches to turn off (config overrides, or sinks at -inf), each of which must change it
+_FEATURE_OFF = {
+    "gpt_oss": {"window": dict(sliding_window=4096), "sinks": "sinks"},
+    "llama4_text": {"chunk": dict(attention_chunk_size=4096)},
+    "gemma3_text-window8": {"window": dict(sliding_window=4096)},
+    "gemma2-softcap-window8": {"window": dict(sliding_window=4096), "softcap": dict(attn_logit_softcapping=None)},
+    "mistral-window8": {"window": dict(sliding_window=4096)},
+    "qwen2-window8": {"window": dict(sliding_window=4096)},
+}
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    logits.pow(2).sum().backward()  # a scalar every logit and every parameter reaches
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("name", [n for n, v in MODELS.items() if v[2] == DENSE_REFERENCE])
+def test_dense_reference_matches_stock_attention(name, tmp_path):
+    """The single-process side of the feature cases is right: it equals transformers' own attention of the family
+    (SDPA where the family allows it, float64-exact; else eager, which is float64 for gpt-oss and Llama 4 and takes
+    the softmax in float32 for Gemma 2), and every feature it implements changes the model at the test lengths."""
+    assert set(_FEATURE_OFF) == {n for n, v in MODELS.items() if v[2] == DENSE_REFERENCE}
+    path = save_family_model(name, str(tmp_path / name))
+    ids = torch.randint(0, VOCAB, (1, max(LENGTHS)), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = _logits_and_grads(load_family_model(path, name), ids)
+    stock = "eager" if model_type_of(name) in ("gemma2", "gpt_oss") else "sdpa"  # the two refuse SDPA
+    tol = 1e-6 if model_type_of(name) == "gemma2" else 1e-12
+    logits, grads = _logits_and_grads(load_family_model(path, name, attn=stock), ids)
+    assert _rel(ref_logits, logits) < tol
+    assert set(grads) == set(ref_grads)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=tol, atol=tol * float(g.abs().max()), msg=lambda m: f"{n}: {m}")
+    for feature, off in _FEATURE_OFF[name].items():
+        if off == "sinks":
+            model = load_family_model(path, name)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith(".sinks"):
+                        p.fill_(float("-inf"))
+        else:
+            extra = {"experts_implementation": "eager"} if model_type_of(name) == "gpt_oss" else {}
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float64, attn_implementation=DENSE_REFERENCE, **off, **extra)
+        assert _rel(ref_logits, _logits_and_grads(model, ids)[0]) > 1e-2, f"{name}: {feature} changes nothing"
 
 
 # ---------------------------------------------------------------------------------------- refusals
@@ -174,25 +239,10 @@ _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 
 # (case id, builder, max_sequence_length, fragments the message must contain)
 REFUSED = [
-    ("gemma2-softcap", lambda: _tiny("gemma2", attn_logit_softcapping=50.0), 60,
-     ["Gemma2ForCausalLM", "soft-capping", "attn_logit_softcapping=50.0", "attn_implementation='eager'"]),
-    ("gemma2-default-long", lambda: _tiny("gemma2", attn_logit_softcapping=50.0, sliding_window=4096), 8192,
-     ["soft-capping", "window of 4096", "layer 0 uses", "8192"]),
-    ("mistral-window", lambda: _tiny("mistral", sliding_window=32), 60,
-     ["MistralForCausalLM", "window of 32", "layers 0, 1", "within 32 tokens"]),
-    ("qwen2-window", lambda: _tiny("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=1), 60,
-     ["Qwen2ForCausalLM", "layer 1 uses", "window of 32"]),
-    ("qwen2_moe-window", lambda: AutoModelForCausalLM.from_config(_raw(
-        "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=32, max_window_layers=1)), 60,
-     ["Qwen2MoeForCausalLM", "window of 32"]),
-    ("gemma3-window", lambda: _tiny("gemma3_text", sliding_window=512), 4096,
-     ["Gemma3ForCausalLM", "layer 0 uses", "window of 512", "4096"]),
     ("gemma3-bidirectional", lambda: _tiny("gemma3_text", use_bidirectional_attention=True), 60,
      ["use_bidirectional_attention", "causal"]),
-    ("gpt_oss-sinks", lambda: AutoModelForCausalLM.from_config(_raw(
-        "gpt_oss", **_SMALL, num_local_experts=2, num_experts_per_tok=1, sliding_window=128)), 60,
-     ["GptOssForCausalLM", "attention sinks", "layers 0, 1", "attn_implementation='eager'"]),
+    ("gpt_oss-router-aux-loss", lambda: _tiny("gpt_oss", output_router_logits=True), 60,
+     ["GptOssForCausalLM", "output_router_logits=True", "auxiliary loss"]),
     ("llama-attention-dropout", lambda: _tiny("llama", attention_dropout=0.1), 60,
      ["LlamaForCausalLM", "attention dropout", "attention_dropout=0.1", "= 0.0"]),
     ("mixtral-router-aux-loss", lambda: _tiny("mixtral", output_router_logits=True), 60,
@@ -209,9 +259,16 @@ REFUSED = [
      ["linear_attention", "qwen3_next family is not supported"]),
     ("lfm2-conv", lambda: _raw("lfm2", num_hidden_layers=2, layer_types=["conv", "full_attention"]), 60,
      ["conv", "mix tokens outside the attention interface"]),
-    ("llama4-temperature-tuning", lambda: _raw("llama4_text", **_SMALL), 60, ["llama4_text family is not supported"]),
-    ("llama4-chunked", lambda: _raw("llama4_text", **_SMALL, attention_chunk_size=32), 60,
-     ["chunked attention (attention_chunk_size=32)"]),
+    # the released Llama 4 config: NoPE layers (every 4th) with temperature tuning on
+    ("llama4-temperature-tuning", lambda: _raw("llama4_text", **dict(_SMALL, num_hidden_layers=4)), 60,
+     ["attn_temperature_tuning=True", "layer 3", "row index", "position_ids", "attn_temperature_tuning=False",
+      "floor_scale"]),
+    ("llama4-temperature-tuning-model", lambda: _tiny("llama4_text", attn_temperature_tuning=True), 60,
+     ["Llama4ForCausalLM", "attn_temperature_tuning=True", "layer 1"]),
+    ("qwen3_next-why", lambda: _raw("qwen3_next", **_SMALL), 60,
+     ["recurrent state", "sample boundaries", "between ranks"]),
+    ("minimax-lightning", lambda: _raw("minimax", **_SMALL, num_local_experts=2, num_experts_per_tok=1), 60,
+     ["minimax family is not supported", "recurrent state"]),
     ("gemma3-multimodal", lambda: _raw("gemma3"), 60, ["multimodal", "text_config", "Gemma3ForCausalLM"]),
     ("bloom-no-attention-interface", lambda: AutoModelForCausalLM.from_config(_raw(
         "bloom", vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)), 60,
@@ -230,19 +287,34 @@ def test_refused_at_construction(case):
         assert fragment in msg, f"{fragment!r} not in:\n{msg}"
 
 
-def test_window_and_rope_limits_are_exact():
-    """A window (or original context) as long as the longest sample is plain causal attention: accepted."""
-    mistral = _tiny("mistral", sliding_window=32)
-    assert check_model_supported(mistral, 32).family == "conditional"
-    with pytest.raises(UnsupportedModelError, match="window of 32"):
-        check_model_supported(mistral, 33)
+def test_rope_limit_is_exact():
+    """A batch-dependent RoPE stays static up to its original context: accepted exactly that far."""
     phi3 = _tiny("phi3")
     check_model_supported(phi3, 1024)
     with pytest.raises(UnsupportedModelError, match="longrope"):
         check_model_supported(phi3, 1025)
-    # Gemma 2 with attention soft-capping off and a window covering the samples trains (final soft-capping on)
+
+
+@pytest.mark.parametrize("name, fragments", [
+    ("mistral-window8", ["layers 0, 1 slide over 8 tokens"]),
+    ("qwen2-window8", ["layer 1 slides over 8 tokens"]),
+    ("gemma3_text-window8", ["layer 0 slides over 8 tokens"]),
+    ("gemma2-softcap-window8", ["layer 0 slides over 8 tokens", "soft-capping (attn_logit_softcapping=2.0)"]),
+    ("gpt_oss", ["layer 0 slides over 8 tokens", "attention sinks", "layers 0, 1"]),
+    ("llama4_text", ["layer 0 attends within chunks of 8 tokens", "attn_temperature_tuning=False"]),
+])
+def test_attention_features_are_accepted(name, fragments):
+    """Sliding windows, chunks, soft-capping and sinks far shorter than the samples are accepted and reported."""
+    summary = check_model_supported(build_family_model(name), 4096)
+    text = str(summary)
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in:\n{text}"
+    # the released configs of the families: Gemma 2's 50.0 cap and 4096 window, Mistral 7B v0.1's window
+    assert check_model_supported(_tiny("gemma2", attn_logit_softcapping=50.0, sliding_window=4096), 8192)
+    assert check_model_supported(_tiny("mistral", sliding_window=32), 4096).family == "verified"
+    # Gemma 2 with attention soft-capping off (final soft-capping on)
     summary = check_model_supported(_tiny("gemma2"), 64)
-    assert summary.family == "conditional" and any("final logit" in n for n in summary.notes)
+    assert summary.family == "verified" and any("final logit" in n for n in summary.notes)
 
 
 def test_unverified_family_is_allowed_with_a_warning(caplog):
@@ -253,16 +325,24 @@ def test_unverified_family_is_allowed_with_a_warning(caplog):
     assert "not verified" in caplog.text and "helium" in caplog.text
 
 
-def test_window_a_layer_keeps_to_itself_is_refused_at_the_forward():
-    """Qwen2-MoE's sliding layers never pass ``sliding_window`` on; the "hdp" attention must read the layer's own."""
-    from hf_hdp.attention.interface import UnsupportedAttentionError
+def test_window_a_layer_keeps_to_itself_is_honoured_at_the_forward():
+    """Qwen2-MoE's sliding layers never pass ``sliding_window`` on; the "hdp" attention must read the layer's own
+    window (from the config) and equal the dense reference on one packed row of two samples."""
     from hf_hdp.attention.metadata import HDPAttentionMetadata
     from hf_hdp.trainer import enable_hdp_attention
 
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_raw(
         "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=8, max_window_layers=1))
+        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+        output_router_logits=False), experts_implementation="eager").double()
+    ids = torch.randint(0, VOCAB, (1, 40))
+    model.config._attn_implementation = DENSE_REFERENCE
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=ids[:, :30]).logits, model(input_ids=ids[:, 30:]).logits], dim=1)
     enable_hdp_attention(model)
-    meta = HDPAttentionMetadata(num_tokens=40, local_len=40, local_seqlens=[40], rings=[]).bind(None, "reference")
-    with pytest.raises(UnsupportedAttentionError, match="sliding window of 8 tokens"):
-        model(input_ids=torch.randint(0, VOCAB, (1, 40)), position_ids=torch.arange(40)[None], hdp_metadata=meta)
+    meta = HDPAttentionMetadata(num_tokens=40, local_len=40, local_seqlens=[30, 10], rings=[]).bind(None, "reference")
+    positions = torch.cat([torch.arange(30), torch.arange(10)])[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=positions, hdp_metadata=meta).logits
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -18,6 +18,15 @@ empty sequences). In the order ``get_backend("auto", device, dtype)`` tries them
 So ``"auto"`` picks flash_attn, then torch_varlen on CUDA (whatever the dtype: those refuse float32
 at the first call, with the fix), and on the CPU cpu_flash for float32/bf16/fp16, reference for
 float64.
+
+Layer features (``window``, ``positions``, ``softcap``; :mod:`.base`): every backend takes them.
+reference computes them literally. flash_attn runs windows/positions as FlashAttention-2
+``window_size=(left, right)`` (one kernel call per group of sequences sharing one) and ``softcap`` in
+the kernel. torch_varlen runs windows/positions the same way (refused with a ``ValueError`` by a torch
+whose ``varlen_attn`` has no ``window_size``) and hands soft-capped calls to reference. cpu_flash runs
+windowed and offset sequences over tiles of rows with banded explicit masks and hands soft-capped calls
+to reference. The CUDA backends also hand reference the rare blocks their kernels cannot express (keys
+after the last query row, or rows at the end that see no key), with a warning.
 """
 
 from __future__ import annotations

@@ -9,18 +9,54 @@ without rows or keys itself, makes the last dimension contiguous and ``cu_*`` in
 log-sum-exp between the kernel's layout and the contract's ``[Tq, Hq]`` float32 (``+inf`` vs
 ``-inf`` for rows without keys), casts a merged float32 ``out`` to the input dtype for the backward
 kernel and zeroes the rows without keys. A subclass only calls its library: ``_kernel_varlen``,
-``_kernel_forward`` (returning the kernel's own lse) and ``_kernel_backward``.
+``_kernel_forward`` (returning the kernel's own lse) and ``_kernel_backward``, each given the
+FlashAttention-2 ``window_size=(left, right)`` and ``softcap`` of the call.
+
+Layer features (the contract's ``window``, ``positions``, ``softcap``)
+----------------------------------------------------------------------
+FlashAttention-2 aligns every sequence bottom-right: query ``i`` (0-based in its sequence of ``nq``
+rows and ``nk`` keys) attends keys ``j`` in ``[i + nk - nq - left, i + nk - nq + right]``, ``-1``
+meaning unbounded; ``causal`` is ``(-1, 0)``. A sequence with positions ``(q0, k0)`` and our window
+``w`` is exactly ``right = (q0 + nq) - (k0 + nk)``, ``left = w - 1 - right`` (``-1`` without a
+window); :func:`flash_window` computes that per sequence, normalised so that the kernels' own
+rewriting (a ``left``/``right`` of at least ``max_seqlen_k`` is read as unbounded) never changes the
+mask: a ``left`` that reaches before every row's first key becomes ``-1``, a sequence whose rows all
+see all keys becomes ``(-1, -1)``, and the call's ``max_seqlen_k`` is raised above its ``right``
+(``max_seqlen_k`` is only an upper bound of the key lengths for the kernels). Sequences the kernel
+cannot express are those with keys after the last query row (``right < 0``) or, with a window,
+query rows at the end that see no key (``left < 0``); :func:`~hf_hdp.planning.reach.visible_pairs`
+never builds them, and a call holding one is computed by the ``"reference"`` backend (exact, slow,
+with a warning), as is a soft-capped call on a library without ``softcap``.
+
+One kernel call takes one ``(left, right)``: :func:`window_groups` groups the sequences by it and
+each group runs as one call over its rows and keys (gathered with ``index_select``, results scattered
+back; dK/dV with ``index_copy``, each key row belonging to one sequence). One group holding every
+sequence (a local batch under a window: ``(w - 1, 0)``; non-causal: ``(-1, -1)``) runs on the packed
+tensors as they are. Without ``positions`` nothing is read on the host: local sequences take one call
+with ``(w - 1, 0)`` or, without features, exactly the call they always took.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
+import logging
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .base import NEG_INF, POS_INF, AttentionBackend, NoAttention, check_shapes, empty_backward, empty_forward
+from .base import (
+    NEG_INF, POS_INF, AttentionBackend, NoAttention, check_features, check_shapes, empty_backward, empty_forward,
+    sequence_bounds,
+)
+
+log = logging.getLogger(__name__)
+
+#: A FlashAttention-2 ``window_size``: ``(left, right)``, ``-1`` unbounded.
+Window = tuple[int, int]
+FULL_WINDOW: Window = (-1, -1)
+CAUSAL_WINDOW: Window = (-1, 0)
 
 
 def _signature_target(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,7 +164,7 @@ def _rows_without_keys(cu_q: Tensor, cu_k: Tensor, total_q: int) -> Tensor:
 
 
 def check_fused_inputs(
-    backend: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool
+    backend: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, positions=None,
 ) -> None:
     """Raise ``ValueError`` (with the fix) unless a fused CUDA kernel can take these inputs."""
     check_shapes(q, k, v, cu_q, cu_k)
@@ -151,7 +187,7 @@ def check_fused_inputs(
             f"most 256 (same for q/k/v), got {head_dim} (v: {v.shape[-1]}); use attention_backend="
             f"'reference'"
         )
-    if causal and q.shape[0] != k.shape[0]:
+    if causal and positions is None and q.shape[0] != k.shape[0]:
         raise ValueError(
             f"causal attention needs equal query and key lengths per sequence, but Tq={q.shape[0]} != "
             f"Tk={k.shape[0]}"
@@ -166,6 +202,95 @@ def _last_dim_contiguous(*tensors: Tensor) -> list[Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+# -- windows: the pure arithmetic -------------------------------------------------------------
+
+def flash_window(q0: int, k0: int, nq: int, nk: int, causal: bool, window: int | None) -> Window | None:
+    """FlashAttention-2's ``window_size=(left, right)`` for one sequence of ``nq`` query rows at positions
+    ``q0 ...`` and ``nk`` keys at ``k0 ...`` under the contract's ``causal``/``window``, or ``None`` if no
+    ``(left, right)`` gives exactly its mask (keys after the last row, or rows at the end that see no
+    key under the window). ``nq`` and ``nk`` must be positive.
+
+    Normalised so that the kernels' own rewriting cannot change the mask: a ``left`` of ``nk`` or more
+    (every row reaches back past the first key) becomes ``-1``; rows that all see all keys give
+    ``(-1, -1)``. A ``right`` of ``nk`` or more stays: the call's ``max_seqlen_k`` must then exceed it
+    (:func:`call_max_k`).
+    """
+    if not causal:
+        return FULL_WINDOW  # positions do not matter; a window needs causal (check_features)
+    d = q0 - k0  # row i sees keys j <= i + d (and j > i + d - window)
+    last_row_reaches_first_key = window is None or (nq - 1) + d - window + 1 <= 0
+    if d >= nk - 1 and last_row_reaches_first_key:
+        return FULL_WINDOW  # every row sees every key
+    right = (q0 + nq) - (k0 + nk)
+    if right < 0:
+        return None  # keys after the last row's position: no right bound below the bottom-right diagonal
+    if window is None:
+        return (-1, right)
+    left = window - 1 - right
+    if left < 0:
+        return None  # the last rows see no key: left = -1 would read as unbounded
+    if left >= nk:
+        left = -1  # every row's window reaches before the first key (the kernels read it so too)
+    return (left, right)
+
+
+def call_max_k(max_k: int, window_size: Window) -> int:
+    """The ``max_seqlen_k`` to pass a kernel for sequences whose longest key length is ``max_k``: above
+    ``right`` (FlashAttention-2 reads a bound of at least ``max_seqlen_k`` as unbounded)."""
+    right = window_size[1]
+    return max(max_k, right + 1) if right >= 0 and window_size != CAUSAL_WINDOW else max_k
+
+
+def window_groups(
+    lengths: list[tuple[int, int]], positions, causal: bool, window: int | None,
+) -> dict[Window, list[int]] | None:
+    """The sequences (indices) grouped by their :func:`flash_window`, in order of first appearance, or
+    ``None`` if some sequence has none. ``lengths`` are ``(nq, nk)`` per sequence; ``positions`` ``None``
+    or ``(q0, k0)`` per sequence. Sequences without rows or keys join the first group (the kernels and
+    :func:`_rows_without_keys` answer them), or ``(-1, -1)`` when there is none."""
+    groups: dict[Window, list[int]] = {}
+    empty: list[int] = []
+    for i, (nq, nk) in enumerate(lengths):
+        if nq == 0 or nk == 0:
+            empty.append(i)
+            continue
+        q0, k0 = positions[i] if positions is not None else (0, 0)
+        ws = flash_window(q0, k0, nq, nk, causal, window)
+        if ws is None:
+            return None
+        groups.setdefault(ws, []).append(i)
+    if empty:
+        first = next(iter(groups), FULL_WINDOW)
+        groups[first] = sorted(groups.get(first, []) + empty)
+    return groups
+
+
+class _Group:
+    """One kernel call of a grouped (featured) call: its window, the rows and keys it reads (``None``:
+    all, in place) and their ``cu_*``/``max_*``."""
+
+    def __init__(self, window_size: Window, seqs, members: list[int], device: torch.device, whole: bool) -> None:
+        self.window_size = window_size
+        nq = [seqs[i][0][1] - seqs[i][0][0] for i in members]
+        nk = [seqs[i][1][1] - seqs[i][1][0] for i in members]
+        self.max_q = max(nq, default=0)
+        self.max_k = call_max_k(max(nk, default=0), window_size)
+        if whole:
+            self.rows = self.keys = None
+            self.cu_q = self.cu_k = None  # the call's own
+            return
+
+        def index(bounds) -> Tensor:
+            return torch.tensor([r for a, b in bounds for r in range(a, b)], dtype=torch.long, device=device)
+
+        def cumulative(lengths: list[int]) -> Tensor:
+            return torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int32, device=device)
+
+        self.rows = index([seqs[i][0] for i in members])
+        self.keys = index([seqs[i][1] for i in members])
+        self.cu_q, self.cu_k = cumulative(nq), cumulative(nk)
+
+
 class FusedBackend(AttentionBackend):
     """A FlashAttention-2 varlen kernel on CUDA; subclasses implement the three ``_kernel_*`` calls.
 
@@ -174,6 +299,7 @@ class FusedBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._lse_layout = "ht"
+        self._warned_reference = False
 
     # -- availability ------------------------------------------------------------------------
     @classmethod
@@ -197,54 +323,162 @@ class FusedBackend(AttentionBackend):
         return cls.library_problem()
 
     # -- what a subclass implements ----------------------------------------------------------
-    def _kernel_varlen(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> Tensor:
+    def _has_softcap(self) -> bool:
+        """Whether this library's kernels take ``softcap`` (else soft-capped calls go to the reference)."""
+        return False
+
+    def _window_problem(self) -> str | None:
+        """``None`` if this library's kernels take a ``window_size`` other than causal/full, else why not."""
+        return None
+
+    def _kernel_varlen(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window,
+                       softcap: float) -> Tensor:
         raise NotImplementedError
 
     def _kernel_forward(
-        self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float
+        self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window, softcap: float,
     ) -> tuple[Tensor, Tensor]:
-        """``(out, lse)`` with the kernel's own lse (any layout :func:`_detect_lse_layout` knows)."""
+        """``(out, lse)`` with the kernel's own lse (any layout :func:`_detect_lse_layout` knows).
+        ``window_size`` is ``(left, right)`` (``(-1, 0)`` causal, ``(-1, -1)`` full); ``softcap`` 0.0 is off."""
         raise NotImplementedError
 
     def _kernel_backward(
-        self, dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float
+        self, dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window,
+        softcap: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)``; ``dout``/``out`` are in the input dtype, ``lse`` in the kernel's layout."""
         raise NotImplementedError
 
+    # -- routing -------------------------------------------------------------------------------
+    def _reference(self, why: str):
+        from .reference import ReferenceBackend  # the ground truth, for what the kernels cannot express
+
+        if not self._warned_reference:
+            log.warning("attention backend %s: %s; computing such calls with the 'reference' backend (slow)", self.name, why)
+            self._warned_reference = True
+        return ReferenceBackend()
+
+    def _require_window(self, window_size: Window) -> None:
+        if window_size in (CAUSAL_WINDOW, FULL_WINDOW):
+            return
+        problem = self._window_problem()
+        if problem is not None:
+            raise ValueError(
+                f"the {self.name!r} attention backend cannot run a sliding window or offset positions: {problem}; "
+                f"upgrade it, or use attention_backend='flash_attn' or 'reference'"
+            )
+
+    def _route(self, q, k, v, cu_q, cu_k, causal, window, softcap, positions):
+        """How a call runs: ``("reference", backend)``; ``("single", window_size)``: one kernel call on the
+        packed tensors, no host sync; or ``("groups", [_Group, ...])``."""
+        check_features(window, softcap, positions, causal)
+        check_fused_inputs(self.name, q, k, v, cu_q, cu_k, causal, positions)
+        if softcap is not None and not self._has_softcap():
+            return "reference", self._reference("this library's kernels take no softcap")
+        if positions is None:
+            ws = ((window - 1) if window is not None else -1, 0) if causal else FULL_WINDOW
+            self._require_window(ws)
+            return "single", ws
+        seqs = sequence_bounds(q, k, v, cu_q, cu_k, causal, positions)
+        groups = window_groups([(qe - qs, ke - ks) for (qs, qe), (ks, ke) in seqs], positions, causal, window)
+        if groups is None:
+            return "reference", self._reference(
+                "a sequence's positions give no FlashAttention window (keys after its last row, or rows that "
+                "see no key)"
+            )
+        for ws in groups:
+            self._require_window(ws)
+        whole = len(groups) == 1
+        return "groups", [_Group(ws, seqs, members, q.device, whole) for ws, members in groups.items()]
+
     # -- the contract ------------------------------------------------------------------------
-    def varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        check_fused_inputs(self.name, q, k, v, cu_q, cu_k, causal)
+    def varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None, softcap=None, positions=None):
+        how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
+        if how == "reference":
+            return what.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
+                               positions=positions)
+        if how == "groups":  # the autograd Function of forward/backward, which run the groups
+            return super().varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
+                                  positions=positions)
         if q.shape[0] == 0 or k.shape[0] == 0:
             return NoAttention.apply(q, k, v)
         q, k, v = _last_dim_contiguous(q, k, v)
         out = self._kernel_varlen(
-            q, k, v, _as_int32(cu_q), _as_int32(cu_k), int(max_q), int(max_k), bool(causal), float(scale)
+            q, k, v, _as_int32(cu_q), _as_int32(cu_k), int(max_q), call_max_k(int(max_k), what), float(scale),
+            what, float(softcap or 0.0),
         )
         return out.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0)
 
-    @torch.no_grad()
-    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        check_fused_inputs(self.name, q, k, v, cu_q, cu_k, causal)
-        if q.shape[0] == 0 or k.shape[0] == 0:
-            return empty_forward(q, v)
-        q, k, v = _last_dim_contiguous(q, k, v)
-        cu_q, cu_k = _as_int32(cu_q), _as_int32(cu_k)
-        out, lse = self._kernel_forward(q, k, v, cu_q, cu_k, int(max_q), int(max_k), bool(causal), float(scale))
+    def _forward_call(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
+        """One kernel call: ``(out, lse)`` in our layout, rows without keys zeroed."""
+        out, lse = self._kernel_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap)
         self._lse_layout = _detect_lse_layout(lse, q.shape[0], q.shape[1])
         lse = _lse_from_kernel(lse, self._lse_layout, cu_q, q.shape[0])
         return out.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), lse
 
     @torch.no_grad()
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-        check_fused_inputs(self.name, q, k, v, cu_q, cu_k, causal)
+    def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None, softcap=None, positions=None):
+        how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
+        if how == "reference":
+            return what.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
+                                positions=positions)
+        if q.shape[0] == 0 or k.shape[0] == 0:
+            return empty_forward(q, v)
+        q, k, v = _last_dim_contiguous(q, k, v)
+        cu_q, cu_k = _as_int32(cu_q), _as_int32(cu_k)
+        cap = float(softcap or 0.0)
+        if how == "single":
+            return self._forward_call(q, k, v, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what), float(scale),
+                                      what, cap)
+        out, lse = empty_forward(q, v)
+        for g in what:
+            if g.rows is not None and (g.rows.numel() == 0 or g.keys.numel() == 0):
+                continue  # only sequences without rows or keys: out 0, lse -inf
+            if g.rows is None:  # one group holds every sequence: the packed tensors as they are
+                return self._forward_call(q, k, v, cu_q, cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap)
+            o, l = self._forward_call(
+                q.index_select(0, g.rows), k.index_select(0, g.keys), v.index_select(0, g.keys),
+                g.cu_q, g.cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap,
+            )
+            out.index_copy_(0, g.rows, o.to(out.dtype))
+            lse.index_copy_(0, g.rows, l.to(lse.dtype))
+        return out, lse
+
+    def _backward_call(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
+        dq, dk, dv = self._kernel_backward(
+            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
+            _lse_to_kernel(lse, self._lse_layout, cu_q, max_q), cu_q, cu_k, max_q, max_k, scale, window_size, softcap,
+        )
+        return dq.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), dk, dv
+
+    @torch.no_grad()
+    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None,
+                 softcap=None, positions=None):
+        how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
+        if how == "reference":
+            return what.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window=window,
+                                 softcap=softcap, positions=positions)
         if q.shape[0] == 0 or k.shape[0] == 0:
             return empty_backward(q, k, v)
         q, k, v = _last_dim_contiguous(q, k, v)
         cu_q, cu_k = _as_int32(cu_q), _as_int32(cu_k)
-        dq, dk, dv = self._kernel_backward(
-            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
-            _lse_to_kernel(lse, self._lse_layout, cu_q, int(max_q)),
-            cu_q, cu_k, int(max_q), int(max_k), bool(causal), float(scale),
-        )
-        return dq.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), dk, dv
+        cap = float(softcap or 0.0)
+        if how == "single":
+            return self._backward_call(dout, q, k, v, out, lse, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what),
+                                       float(scale), what, cap)
+        dq, dk, dv = empty_backward(q, k, v)
+        for g in what:
+            if g.rows is not None and (g.rows.numel() == 0 or g.keys.numel() == 0):
+                continue  # no gradient
+            if g.rows is None:
+                return self._backward_call(dout, q, k, v, out, lse, cu_q, cu_k, g.max_q, g.max_k, float(scale),
+                                           g.window_size, cap)
+            gq, gk, gv = self._backward_call(
+                dout.index_select(0, g.rows), q.index_select(0, g.rows), k.index_select(0, g.keys),
+                v.index_select(0, g.keys), out.index_select(0, g.rows), lse.index_select(0, g.rows),
+                g.cu_q, g.cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap,
+            )
+            dq.index_copy_(0, g.rows, gq.to(dq.dtype))
+            dk.index_copy_(0, g.keys, gk.to(dk.dtype))  # each key row belongs to one sequence, one group
+            dv.index_copy_(0, g.keys, gv.to(dv.dtype))
+        return dq, dk, dv
