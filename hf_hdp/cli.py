@@ -10,6 +10,13 @@ time side by side::
     hf-hdp plan --dataset ./my_ds --column input_ids --model ./my_model --json
     hf-hdp plan --plot timelines.png
     hf-hdp plan --memory 80GB --zero-stage 1 --checkpointing   # C from a rank's memory, and its breakdown
+    hf-hdp plan --model-config gemma3/config.json              # its sliding layers priced as such
+    hf-hdp plan --sliding-window 1024 --sliding-layers 5:1      # a preset with Gemma 3's layer pattern
+
+Sliding-window and chunked layers are priced by what they compute (``s·w``, not ``s²``) and by the direct
+exchange a split sample's windowed layer does instead of the relay ring
+(:mod:`hf_hdp.planning.cost.model`): a model config's ``layer_types``, ``sliding_window`` and
+``attention_chunk_size`` give them, or ``--sliding-window`` / ``--attention-chunk`` with ``--sliding-layers``.
 
 With ``--memory`` it also prints the ``C`` (tokens per rank) that much memory per rank allows, as
 ``HDPConfig(tokens_per_rank="auto")`` computes it (:func:`hf_hdp.planning.cost.tokens_per_rank_for_memory`),
@@ -56,6 +63,7 @@ from hf_hdp.planning.cost import (
     tokens_per_rank_for_memory,
 )
 from hf_hdp.planning.cost.memory import fmt_gb
+from hf_hdp.planning.cost.windows import pattern_masks
 from hf_hdp.planning.plan import PlanError
 from hf_hdp.planning.splits import SPLITS
 from hf_hdp.planning.report import INSTALL_MATPLOTLIB, MAX_PLOT_RANKS, fmt_bytes, fmt_seconds, plot_timelines
@@ -385,6 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preset (llama-7b, llama-13b, llama-30b, llama-70b), a folder with a transformers config.json, "
         "or a Hub id (default: llama-7b)",
     )
+    m.add_argument("--model-config", metavar="CONFIG", default=None,
+                   help="a transformers config.json (or a folder holding one) instead of --model; its layer_types, "
+                   "sliding_window and attention_chunk_size price the sliding-window and chunked layers")
+    m.add_argument("--sliding-window", type=parse_size, metavar="W", default=None,
+                   help="price the layers --sliding-layers names as sliding-window layers of W tokens "
+                   "(overrides the config's)")
+    m.add_argument("--attention-chunk", type=parse_size, metavar="C", default=None,
+                   help="price the layers --sliding-layers names as chunked attention of C tokens (Llama 4's "
+                   "attention_chunk_size; overrides the config's)")
+    m.add_argument("--sliding-layers", metavar="SPEC", default=None,
+                   help="which layers --sliding-window / --attention-chunk apply to: 'all' (the default), a count "
+                   "such as 40, or a pattern restricted:full such as 5:1 (Gemma 3) or 1:1 (gpt-oss)")
     m.add_argument("--hardware", default="h100", help=f"hardware preset: {', '.join(HARDWARE_PRESETS)} (default: h100)")
     m.add_argument("--world-size", type=int, default=64, help="number of ranks (GPUs) (default: 64)")
     m.add_argument(
@@ -456,7 +476,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CLIError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --memory "
                            "(the memory of one rank, e.g. --memory 80GB)")
 
-    model = load_model_spec(args.model)
+    model = model_from_args(args)
     hardware = load_hardware(args.hardware)
     cost = CostModel.from_specs(model, hardware)
     if args.ranks_per_node is not None:
@@ -504,6 +524,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         if memory is not None:
             summary = {**summary, "memory": memory}
+        if cost.layer_masks:
+            summary = {**summary, "layers": {"description": cost.describe_layers(),
+                                             "masks": cost.to_dict()["layer_masks"]}}
         print(json.dumps(summary, indent=2, sort_keys=False))
     else:
         if memory is not None:
@@ -511,8 +534,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         n_tokens = summary["static"]["tokens"]
         n_samples = summary["static"]["samples"]
         budget = f"{samples:,} samples" if samples is not None else f"{tokens:,} tokens"
+        layers = f"layers: {cost.describe_layers()} (sliding and chunked layers priced as such)\n" \
+            if cost.layer_masks else ""
         header = (
-            f"hf-hdp plan: {cost.label}; {W:,} ranks x {C:,} tokens (C)\n"
+            f"hf-hdp plan: {cost.label}; {W:,} ranks x {C:,} tokens (C)\n{layers}"
             f"lengths from {pool.source}; global batch {budget} "
             f"(mean {n_samples:,.0f} samples, {n_tokens:,.0f} tokens), "
             f"{args.steps} step{'s' if args.steps > 1 else ''}, seed {args.seed}"
@@ -524,6 +549,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.plot and args.json and note:
         print(f"hf-hdp: {note} in {args.plot}", file=sys.stderr)
     return 0
+
+
+def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The model of ``--model`` / ``--model-config``, with ``--sliding-window`` / ``--attention-chunk`` applied."""
+    if args.model_config is not None:
+        if args.model != "llama-7b":
+            raise CLIError("give --model or --model-config, not both")
+        if not os.path.exists(args.model_config):
+            raise CLIError(f"--model-config {args.model_config!r}: no such file or folder")
+        model = load_model_spec(args.model_config)
+    else:
+        model = load_model_spec(args.model)
+    window, chunk = args.sliding_window, args.attention_chunk
+    if window is None and chunk is None:
+        if args.sliding_layers is not None:
+            raise CLIError("--sliding-layers applies only with --sliding-window or --attention-chunk")
+        return model
+    try:
+        masks = pattern_masks(model.num_layers, window, chunk, args.sliding_layers)
+    except ValueError as e:
+        raise CLIError(f"--sliding-layers: {e}") from None
+    return replace(model, layer_masks=masks)
 
 
 def capacity_from_args(args: argparse.Namespace, model: ModelSpec) -> dict:

@@ -121,14 +121,16 @@ def _worker(rank, world):
     return out
 
 
-def _cost(hq, hkv) -> CostModel:
+def _cost(hq, hkv, mask: LayerMask | None = None) -> CostModel:
+    """The planner's cost model of one float64 layer of these heads, with the layer's mask."""
     return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * hkv * D * 8, value_bytes=8,
-                     num_heads=hq, num_kv_heads=hkv)
+                     num_heads=hq, num_kv_heads=hkv, layer_masks=(mask,) if mask is not None else ())
 
 
 def _halo_bytes(lengths, k, member, mask, row_bytes) -> int:
-    """What the protocol of :mod:`hf_hdp.attention.halo` sends: K/V twice to every member that needs our rows,
-    the dK/dV of every member's rows we needed back to it (float64 here: the accumulator is the model dtype)."""
+    """What the protocol of :mod:`hf_hdp.attention.halo` sends, counted here from the rows each member needs:
+    K/V twice to every member that needs our rows, the dK/dV of every member's rows we needed back to it
+    (float64 here: the accumulator is the model dtype)."""
     layout = tuple(tuple(zigzag_front_back(s, k)[m] for s in lengths) for m in range(k))
     out = sum(2 * needed_count(layout, m, member, mask) for m in range(k) if m != member)
     back = sum(needed_count(layout, member, j, mask) for j in range(k) if j != member)
@@ -136,29 +138,14 @@ def _halo_bytes(lengths, k, member, mask, row_bytes) -> int:
 
 
 def _expected_bytes(hq, hkv, group, u, lengths, rank, window, chunk) -> int:
-    """Bytes ``rank`` sends for one segment: the relay ring's (the cost model) for a full layer, the halo
-    protocol's for a windowed or chunked one (over the positions' ring for head-parallel pieces)."""
-    cost = _cost(hq, hkv)
-    mask = LayerMask(window, chunk).for_length(max(lengths))
+    """Bytes ``rank`` sends for one segment, as the plan estimates them (the cost model with the layer's mask);
+    for a windowed ring piece, also counted directly from the rows each member needs."""
+    mask = LayerMask(window, chunk)
     member = group.index(rank)
-    if mask.full:
-        return int(cost.segment_bytes_by_member(lengths, len(group), u)[member])
-    if u == 1:
-        return _halo_bytes(lengths, len(group), member, mask, 2 * hkv * D * 8)
-    # head-parallel: the all-to-alls of a one-position piece, plus the halo over the positions for our heads
-    from hf_hdp.planning.layout import head_split
-
-    r = len(group) // u
-    p, j = divmod(member, u)
-    a2a = int(cost.segment_bytes_by_member(lengths, len(group), u)[member])
-    if r > 1:  # take the relay ring over the positions out of the cost model's figure, and put the halo in
-        kv_j = len(head_split(hq, hkv, u)[j].kv_heads)
-        per_row = 2 * kv_j * D * 8
-        pos = [sum(zigzag_front_back(s, r)[x][0] + zigzag_front_back(s, r)[x][1] for s in lengths) for x in range(r)]
-        total = sum(pos)
-        a2a -= per_row * (2 * (total - pos[(p + 1) % r]) + total)
-        a2a += _halo_bytes(lengths, r, p, mask, per_row)
-    return a2a
+    estimate = _cost(hq, hkv, mask).segment_bytes_by_member(lengths, len(group), u)[member]
+    if u == 1 and mask.restricts(max(lengths)):
+        assert estimate == _halo_bytes(lengths, len(group), member, mask.for_length(max(lengths)), 2 * hkv * D * 8)
+    return int(estimate)
 
 
 def test_features_in_distributed_segments_equal_dense_attention_and_send_only_what_windows_reach():
@@ -184,11 +171,11 @@ def test_features_in_distributed_segments_equal_dense_attention_and_send_only_wh
 @pytest.mark.parametrize("window,chunk", [(16, None), (None, 64), (1, None)])
 def test_a_windowed_ring_piece_sends_far_less_than_the_relay_ring(window, chunk):
     lengths, k = [4096], 4
-    cost = _cost(4, 2)
     mask = LayerMask(window, chunk)
     for m in range(k):
-        full = cost.segment_bytes_by_member(lengths, k)[m]
-        halo = _halo_bytes(lengths, k, m, mask, 2 * 2 * D * 8)
+        full = _cost(4, 2).segment_bytes_by_member(lengths, k)[m]
+        halo = _cost(4, 2, mask).segment_bytes_by_member(lengths, k)[m]
+        assert halo == _halo_bytes(lengths, k, m, mask, 2 * 2 * D * 8)
         assert halo < 0.1 * full, (m, halo, full)
 
 

@@ -195,8 +195,11 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
                     if per_member is None:
                         per_member = cache["bytes", seg.key] = cost.segment_bytes_by_member(seg.lengths, k, seg.ulysses)
                         cache["member", seg.key] = {r: i for i, r in enumerate(g)}
-                    sent[mb.rank] += per_member[cache["member", seg.key][mb.rank]]
-                    messages += cost.segment_messages(k, seg.ulysses)
+                        # sliding/chunked layers send only the messages that carry rows: per member, exactly
+                        cache["messages", seg.key] = cost.segment_messages_by_member(seg.lengths, k, seg.ulysses)
+                    i = cache["member", seg.key][mb.rank]
+                    sent[mb.rank] += per_member[i]
+                    messages += cache["messages", seg.key][i]
                 if seg.key in merged:
                     continue  # every member holds the segment: couple its ranks once, not k times
                 merged.add(seg.key)

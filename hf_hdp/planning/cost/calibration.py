@@ -47,7 +47,8 @@ def calibrate(measure: Callable, lengths: Iterable, *, base: CostModel | None = 
             measure(s)
         seconds.append(float(statistic([measure(s) for _ in range(max(1, repeats))])))
     a, b, c = fit_coefficients(lengths, seconds, num_layers, relative=relative)
-    fitted = replace(base, a=a, b=b, c=c, num_layers=num_layers)
+    masks = base.layer_masks if num_layers == base.num_layers else ()  # per-layer masks cannot follow another count
+    fitted = replace(base, a=a, b=b, c=c, num_layers=num_layers, layer_masks=masks)
     residuals = relative_residuals(fitted, lengths, seconds)
     return replace(
         fitted,

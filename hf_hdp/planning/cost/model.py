@@ -30,6 +30,33 @@ position attends its whole share for its heads) and whose messages carry ``1/u``
 (more where GQA replicates them). So per-member ring traffic falls by ``u``, which is what takes a
 long sample past the ring's wire-time floor. :meth:`CostModel.split_breakdown` prices every split.
 
+Sliding-window and chunked layers (:attr:`CostModel.layer_masks`, one
+:class:`~hf_hdp.planning.reach.LayerMask` per layer; empty: every layer full causal, and every figure
+is exactly that of the uniform model). Identical layers are grouped (:func:`~.windows.group_masks`), and
+every attention term is priced per layer kind: a layer's work for a sample of ``s`` tokens is
+``a·mask_pairs(s, mask)`` (:func:`~hf_hdp.planning.reach.mask_pairs`: ``s²`` full, ``2·s·w - w²`` for a
+window ``w < s``, ``Σ chunk²`` chunked), one member of a split sample doing ``1/k`` of it (zigzag keeps
+the row counts equal, and a windowed row's work does not depend on where it lies). A layer kind whose
+mask restricts the segment's longest document is a *direct* layer of a ring piece; any other is full
+for every document and keeps the relay ring above. In a direct layer (:mod:`hf_hdp.attention.ring`)
+member ``i`` sends, in ONE message per destination, exactly the rows each other member needs
+(:func:`~hf_hdp.planning.reach.needed_rows`; a message of no rows is not sent):
+
+- forward: to each ``m != i`` its needed rows of ``i``'s K/V (model dtype);
+- backward: the same K/V messages again, and to each source ``j`` the dK/dV of the rows received from
+  it (accumulator dtype, :attr:`CostModel.grad_hop_bytes` per value).
+
+Timing of a direct layer, per member (:meth:`CostModel._direct_exposed`): its messages go out one after
+another (each ``latency + bytes / bandwidth``, as the all-to-all rounds are priced), the time of the
+exchange being the larger of what it sends and what it receives. The forward K/V exchange overlaps
+the member's *own-rows block* (its rows with its own keys: the exact visible pairs, ``≈ 1/k`` of the
+layer's work for windows much shorter than the zigzag chunks), the backward K/V exchange the
+backward of that block; the dK/dV messages are exposed (with ``overlap_grad_hops``, they overlap the
+backward of the blocks with received rows, all but the shortest message). The segment waits for its
+slowest member, so a direct layer's exposed time is the maximum over the members. A head-parallel
+piece's ring over its ``r`` positions does the same over the positions' zigzag layout, each message
+carrying the member's ``1/u`` of the K/V heads, its own-rows block ``1/u`` of its position's.
+
 Derivation: :meth:`CostModel.from_specs` (a transformers config or :class:`~.specs.ModelSpec` and a
 :class:`~.specs.HardwareSpec`), :meth:`CostModel.bytescale` (ByteScale's published per-layer times,
 :func:`~.fit.bytescale_fit`), or :func:`~.calibration.calibrate` (timings of this machine).
@@ -39,12 +66,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property, lru_cache
 from typing import NamedTuple, Sequence
 
 from ..layout import even_split, head_rings, head_split, ring_positions, zigzag_member_sizes
+from ..reach import LayerMask, mask_pairs
 from .fit import bytescale_fit
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
+from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange
+
+
+@lru_cache(maxsize=65536)
+def _restricted_pairs(groups: tuple, s) -> float | None:
+    """``Σ_layers mask_pairs(s, mask)`` for the grouped masks, or ``None`` when no layer restricts ``s`` tokens."""
+    if not any(m.restricts(s) for m, _ in groups):
+        return None
+    n = int(s)
+    return float(sum(count * mask_pairs(n, m) for m, count in groups))
 
 
 @dataclass(frozen=True)
@@ -85,6 +124,46 @@ class CostModel:
     # attention heads (0: unknown, and no head-parallel piece is priced or planned)
     num_heads: int = 0
     num_kv_heads: int = 0
+    # one LayerMask per layer (hf_hdp.planning.reach.layer_masks of the model's config): sliding-window and
+    # chunked layers; empty: every layer full causal (see the module docstring)
+    layer_masks: tuple = ()
+
+    def __post_init__(self) -> None:
+        masks = tuple(LayerMask(**m) if isinstance(m, dict) else m for m in self.layer_masks)
+        if any(not isinstance(m, LayerMask) for m in masks):
+            raise TypeError("CostModel.layer_masks must hold hf_hdp.planning.reach.LayerMask values")
+        if masks and len(masks) != self.num_layers:
+            raise ValueError(f"CostModel.layer_masks has {len(masks)} masks for {self.num_layers} layers")
+        object.__setattr__(self, "layer_masks", masks)
+
+    @cached_property
+    def mask_groups(self) -> tuple[tuple[LayerMask, int], ...]:
+        """``(mask, layers)`` per distinct layer mask; ``()`` when every layer is full causal."""
+        return group_masks(self.layer_masks)
+
+    def with_layer_masks(self, masks) -> "CostModel":
+        """This model with one :class:`~hf_hdp.planning.reach.LayerMask` per layer (``()``: all full)."""
+        masks = tuple(masks)
+        return replace(self, layer_masks=() if all(m.full for m in masks) else masks)
+
+    def describe_layers(self) -> str:
+        """``"40 sliding (w=1024), 8 full"``; ``"32 full"`` for a uniform model."""
+        return describe_layer_masks(self.layer_masks, self.num_layers)
+
+    def _pairs(self, s) -> float | None:
+        """All layers' ``mask_pairs(s, mask)``, or ``None`` when every layer is full causal for ``s`` tokens
+        (the caller then uses the uniform formulas, so that those figures stay exactly as they were)."""
+        return _restricted_pairs(self.mask_groups, s) if self.mask_groups else None
+
+    def _segment_kinds(self, lengths: Sequence[int]):
+        """The layer groups of a segment of ``lengths``, or ``None`` when no layer restricts its longest document."""
+        groups = self.mask_groups
+        if not groups or not lengths:
+            return None
+        longest = max(lengths)
+        if not any(m.restricts(longest) for m, _ in groups):
+            return None
+        return [(m, count, m.restricts(longest)) for m, count in groups]
 
     # ------------------------------------------------------------ derivation
     @classmethod
@@ -116,6 +195,7 @@ class CostModel:
             layer_input_bytes_per_token=layer_input_bytes_per_token(model),
             num_heads=model.num_heads,
             num_kv_heads=model.num_kv_heads,
+            layer_masks=model.layer_masks,
         )
 
     @classmethod
@@ -164,12 +244,16 @@ class CostModel:
         """The model's fields as JSON-friendly values (``extra`` left out; infinities as ``None``)."""
         d = asdict(self)
         d.pop("extra", None)
+        d["layer_masks"] = [{"window": m.window, "chunk": m.chunk} for m in self.layer_masks]
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
     # ----------------------------------------------------------------- terms
     def attention_time(self, s: float) -> float:
-        """The quadratic (attention) part of a whole sequence's time, all layers."""
-        return self.num_layers * self.a * s * s
+        """The quadratic (attention) part of a whole sequence's time, all layers: ``a·Σ_layers mask_pairs(s, mask)``."""
+        pairs = self._pairs(s)
+        if pairs is None:
+            return self.num_layers * self.a * s * s
+        return self.a * pairs
 
     def linear_time(self, s: float) -> float:
         """The linear part of a whole sequence's time, all layers."""
@@ -181,11 +265,17 @@ class CostModel:
 
     def sequence_time(self, s: float) -> float:
         """Forward + backward of a whole sequence alone on one rank (all layers, overhead included)."""
-        return self.num_layers * (self.a * s * s + self.b * s + self.c)
+        pairs = self._pairs(s)
+        if pairs is None:
+            return self.num_layers * (self.a * s * s + self.b * s + self.c)
+        return self.a * pairs + self.num_layers * (self.b * s + self.c)
 
     def local_time(self, s: float) -> float:
         """A whole sequence packed into a micro-batch with others: :meth:`sequence_time` without ``c``."""
-        return self.num_layers * (self.a * s * s + self.b * s)
+        pairs = self._pairs(s)
+        if pairs is None:
+            return self.num_layers * (self.a * s * s + self.b * s)
+        return self.a * pairs + self.num_layers * self.b * s
 
     def group_spans_nodes(self, group) -> bool:
         return len({r // self.ranks_per_node for r in group}) > 1
@@ -197,7 +287,8 @@ class CostModel:
 
     def hop_time(self, tokens: float, spans_nodes: bool) -> float:
         """One ring hop of ``tokens`` tokens' K/V, all layers: forward K/V, backward K/V, and the
-        backward dK/dV in float32 (three messages, none hidden)."""
+        backward dK/dV in float32 (three messages, none hidden). A relay-ring hop: sliding and chunked
+        layers exchange directly instead (:meth:`segment_bytes_by_member`)."""
         kv = tokens * self.kv_bytes_per_token
         grad = kv * self.grad_hop_bytes / self.value_bytes
         return self.num_layers * (
@@ -208,7 +299,10 @@ class CostModel:
         """One member's compute for a sequence of ``s`` tokens on ``k`` ranks: ``1/k`` of the
         sequence's attention and linear work (no overhead, no communication)."""
         k = max(int(k), 1)
-        return self.num_layers * (self.a * s * s + self.b * s) / k
+        pairs = self._pairs(s)
+        if pairs is None:
+            return self.num_layers * (self.a * s * s + self.b * s) / k
+        return (self.a * pairs + self.num_layers * self.b * s) / k
 
     def segment_breakdown(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> tuple[float, float]:
         """``(compute, exposed communication)`` of one member of a ring segment, all layers, overhead excluded.
@@ -225,9 +319,59 @@ class CostModel:
             return sum(self.local_time(s) for s in lengths), 0.0
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
-        compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-        exposed = self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * self.kv_bytes_per_token, spans_nodes)
-        return compute, self.num_layers * exposed
+        kinds = self._segment_kinds(lengths)
+        if kinds is None:
+            compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
+            exposed = self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * self.kv_bytes_per_token,
+                                         spans_nodes)
+            return compute, self.num_layers * exposed
+        pairs_all, exposed = 0.0, 0.0
+        docs = tuple(sorted(lengths))
+        for mask, count, direct in kinds:
+            if direct:
+                pairs = float(sum(mask_pairs(s, mask) for s in lengths))
+                exposed += count * self._direct_exposed(segment_exchange(docs, k, mask), self.a * pairs / k,
+                                                        self.kv_bytes_per_token, spans_nodes)
+            else:
+                pairs = sum_s2
+                exposed += count * self._ring_exposed(k, self.a * sum_s2 / (k * k),
+                                                      (sum_s / k) * self.kv_bytes_per_token, spans_nodes)
+            pairs_all += count * pairs
+        return (self.a * pairs_all + self.num_layers * self.b * sum_s) / k, exposed
+
+    def _direct_exposed(self, ex: SegmentExchange, block: float, row_bytes: float, spans_nodes: bool,
+                        share: int = 1) -> float:
+        """Exposed seconds, one layer, of a direct (sliding or chunked) exchange ``ex``: the slowest member's.
+
+        ``block``: one member's attention of the layer, forward + backward (seconds); ``row_bytes``: bytes of
+        one row's K and V on the wire; ``share``: the member's fraction ``1/share`` of the heads (Ulysses), which
+        divides its own-rows block (see the module docstring).
+        """
+        acc = self.grad_hop_bytes / self.value_bytes
+        bw, lat = (self.inter_bandwidth, self.inter_latency) if spans_nodes else (self.intra_bandwidth, self.intra_latency)
+
+        def burst(count: int, rows: int, per_row: float) -> float:  # count messages one after another
+            return count * lat + rows * per_row / bw if count else 0.0
+
+        worst = 0.0
+        for i in range(len(ex.own)):
+            n_out, n_in = ex.sent_messages[i], ex.received_messages[i]
+            if not n_out and not n_in:
+                continue
+            t_kv = max(burst(n_out, ex.sent_rows[i], row_bytes), burst(n_in, ex.received_rows[i], row_bytes))
+            # dK/dV go back to the sources (n_in messages) and come from the destinations (n_out)
+            t_grad = max(burst(n_in, ex.received_rows[i], row_bytes * acc), burst(n_out, ex.sent_rows[i], row_bytes * acc))
+            own = 2.0 * self.a * ex.own[i] / share  # forward + backward of its rows with its own keys
+            own_fwd = own / FWD_BWD
+            own_bwd = own - own_fwd
+            exposed = max(0.0, t_kv - own_fwd) + max(0.0, t_kv - own_bwd)
+            if self.overlap_grad_hops and t_grad > 0:
+                remote_bwd = max(0.0, block * (1.0 - 1.0 / FWD_BWD) - own_bwd)
+                exposed += max(t_grad / max(n_in, n_out), t_grad - remote_bwd)  # the last message is exposed
+            else:
+                exposed += t_grad
+            worst = max(worst, exposed)
+        return worst
 
     def _ring_exposed(self, k: int, block: float, kv: float, spans_nodes: bool) -> float:
         """Exposed seconds, one layer, of a ``k``-hop ring whose blocks take ``block`` (forward + backward)
@@ -279,6 +423,7 @@ class CostModel:
         lengths = [int(s) for s in lengths]
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
+        kinds = self._segment_kinds(lengths)
         compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
         kv_heads = max(len(sp.kv_heads) for sp in head_split(self.num_heads, self.num_kv_heads, u))
         hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
@@ -289,8 +434,23 @@ class CostModel:
                   + self.message_time(kv_msg, a2a_spans) * (1 + acc))  # K/V, dK/dV (accumulator)
         exposed = (u - 1) * rounds
         ring_kv = (sum_s / r) * 2 * kv_heads * hb  # a position's rows of this member's K/V heads
-        exposed += self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
-        return compute, self.num_layers * exposed
+        if kinds is None:
+            exposed += self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
+            return compute, self.num_layers * exposed
+        pairs_all, ring = 0.0, 0.0
+        docs = tuple(sorted(lengths))
+        for mask, count, direct in kinds:
+            pairs = float(sum(mask_pairs(s, mask) for s in lengths)) if direct else sum_s2
+            pairs_all += count * pairs
+            if r <= 1:
+                continue
+            if direct:  # the positions exchange directly: position layout, this member's K/V heads
+                ring += count * self._direct_exposed(segment_exchange(docs, r, mask), self.a * pairs / k,
+                                                     2 * kv_heads * hb, ring_spans, share=u)
+            else:
+                ring += count * self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
+        compute = (self.a * pairs_all + self.num_layers * self.b * sum_s) / k
+        return compute, self.num_layers * exposed + ring
 
     def split_piece_time(self, s: int, group: Sequence[int], ulysses: int = 1) -> float:
         """:meth:`piece_time` of a sequence alone in its micro-batch on ``group`` with Ulysses degree ``ulysses``."""
@@ -401,6 +561,8 @@ class CostModel:
         the ``k`` members this is exact (:meth:`segment_bytes_sent` gives each member's own figure)."""
         if k <= 1:
             return 0.0
+        if self._segment_kinds([s]) is not None:  # sliding/chunked layers: the mean of the exact figures
+            return sum(self.segment_bytes_by_member([int(s)], k)) / k
         per_hop = (s / k) * self.kv_bytes_per_token
         grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
         return self.num_layers * ((k - 1) * 2 * per_hop + k * grad_hop)
@@ -427,9 +589,23 @@ class CostModel:
             for m, n in enumerate(zigzag_member_sizes(int(s), k)):
                 rows[m] += n
         total = sum(rows)
-        per_row = self.num_layers * self.kv_bytes_per_token
-        grad = total * self.grad_hop_bytes / self.value_bytes
-        return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
+        kinds = self._segment_kinds([int(s) for s in lengths])
+        if kinds is None:
+            per_row = self.num_layers * self.kv_bytes_per_token
+            grad = total * self.grad_hop_bytes / self.value_bytes
+            return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
+        acc = self.grad_hop_bytes / self.value_bytes
+        out = [0.0] * k
+        for mask, count, direct in kinds:
+            per_row = count * self.kv_bytes_per_token
+            if direct:
+                ex = segment_exchange(tuple(sorted(int(s) for s in lengths)), k, mask)
+                for i in range(k):
+                    out[i] += per_row * (2 * ex.sent_rows[i] + acc * ex.received_rows[i])
+            else:
+                for i in range(k):
+                    out[i] += per_row * (2 * (total - rows[(i + 1) % k]) + total * acc)
+        return out
 
     def _ulysses_bytes_by_member(self, lengths: list[int], k: int, u: int) -> list[float]:
         if not self.num_heads:
@@ -446,6 +622,11 @@ class CostModel:
                 for j, m in enumerate(even_split(n, u)):
                     mine[p][j] += m
         total = sum(pos)
+        kinds = self._segment_kinds(lengths)
+        exchanges = {}
+        if kinds is not None and r > 1:
+            docs = tuple(sorted(lengths))
+            exchanges = {mask: segment_exchange(docs, r, mask) for mask, _, direct in kinds if direct}
         out = []
         for m in range(k):
             p, j = divmod(m, u)
@@ -455,21 +636,68 @@ class CostModel:
             sent += n * sum(2 * len(splits[i].kv_heads) for i in range(u) if i != j) * hb  # K/V forward
             sent += others * q_heads * hb * (1 + acc)  # output forward, dQ backward (accumulator dtype)
             sent += others * 2 * kv_j * hb * acc  # dK/dV backward (accumulator dtype)
-            if r > 1:  # the ring over the positions for this member's heads
-                per_row = 2 * kv_j * hb
-                sent += per_row * (2 * (total - pos[(p + 1) % r]) + total * acc)
-            out.append(self.num_layers * sent)
+            per_row = 2 * kv_j * hb
+            ring_full = per_row * (2 * (total - pos[(p + 1) % r]) + total * acc) if r > 1 else 0.0
+            if kinds is None:
+                out.append(self.num_layers * (sent + ring_full))  # the ring over the positions for its heads
+                continue
+            ring = 0.0
+            for mask, count, direct in kinds:
+                if r <= 1:
+                    break
+                if direct:  # direct exchange between the positions (position layout)
+                    ex = exchanges[mask]
+                    ring += count * per_row * (2 * ex.sent_rows[p] + acc * ex.received_rows[p])
+                else:
+                    ring += count * ring_full
+            out.append(self.num_layers * sent + ring)
         return out
 
-    def segment_messages(self, k: int, ulysses: int = 1) -> int:
+    def segment_messages(self, k: int, ulysses: int = 1, lengths: Sequence[int] | None = None,
+                         member: int | None = None) -> int:
         """P2P messages one member of a ``k``-rank segment sends in one step, all layers: for a ring,
         ``k - 1`` forward K/V, ``k - 1`` backward K/V and ``k`` dK/dV per layer; with Ulysses degree
-        ``u``, six all-to-alls of ``u - 1`` rounds and that ring over the ``k / u`` positions."""
+        ``u``, six all-to-alls of ``u - 1`` rounds and that ring over the ``k / u`` positions.
+
+        Sliding and chunked layers send only the messages that carry rows, which depends on the segment:
+        give its ``lengths`` (and a ``member``; without one, the busiest member's count) for the exact figure
+        (:meth:`segment_messages_by_member`). Without ``lengths`` every layer is counted as a relay ring."""
         if k <= 1:
             return 0
+        if lengths is not None and self._segment_kinds([int(s) for s in lengths]) is not None:
+            per = self.segment_messages_by_member(lengths, k, ulysses)
+            return per[member] if member is not None else max(per)
         r = k // max(ulysses, 1)
         ring = 3 * r - 2 if r > 1 else 0
         return self.num_layers * (6 * (ulysses - 1) + ring)
+
+    def segment_messages_by_member(self, lengths: Sequence[int], k: int, ulysses: int = 1) -> list[int]:
+        """:meth:`segment_messages` of every member ``0..k-1`` of a segment of ``lengths``: a direct (sliding or
+        chunked) layer sends, per member, one forward and one backward K/V message to each member that needs
+        rows of it, and one dK/dV message to each member it received rows from."""
+        if k <= 1:
+            return [0] * max(k, 1)
+        lengths = [int(s) for s in lengths]
+        u = max(ulysses, 1)
+        r = k // u
+        kinds = self._segment_kinds(lengths)
+        if kinds is None:
+            return [self.segment_messages(k, u)] * k
+        a2a = self.num_layers * 6 * (u - 1)
+        out = [a2a] * k
+        if r <= 1:
+            return out
+        docs = tuple(sorted(lengths))
+        for mask, count, direct in kinds:
+            if direct:
+                ex = segment_exchange(docs, r, mask)
+                for m in range(k):
+                    p = m // u
+                    out[m] += count * (2 * ex.sent_messages[p] + ex.received_messages[p])
+            else:
+                for m in range(k):
+                    out[m] += count * (3 * r - 2)
+        return out
 
     def allreduce_time(self, nbytes: float | None = None, world_size: int = 1) -> float:
         """One all-reduce of ``nbytes`` (default :attr:`grad_bytes`) over ``world_size`` ranks.

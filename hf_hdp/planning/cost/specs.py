@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..reach import FULL
+from ..reach import layer_masks as config_layer_masks
+
 # forward + backward of a matmul-dominated layer is about 3x its forward FLOPs (backward = 2x forward)
 FWD_BWD = 3.0
 # the dK/dV accumulators of the ring backward, and hf_hdp's gradient all-reduce, are float32
@@ -29,17 +32,26 @@ class ModelSpec:
     bytes_per_value: int = 2  # bf16 activations and K/V on the wire
     tie_word_embeddings: bool = False
     bias_params_per_layer: int = 0  # projection biases (Qwen2's q/k/v; Llama's attention_bias=True)
+    # one hf_hdp.planning.reach.LayerMask per layer (sliding-window / chunked layers); () when all are full causal
+    layer_masks: tuple = ()
 
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        masks = tuple(self.layer_masks)
+        if masks and len(masks) != self.num_layers:
+            raise ValueError(f"ModelSpec.layer_masks has {len(masks)} masks for {self.num_layers} layers")
+        object.__setattr__(self, "layer_masks", () if all(m.full for m in masks) else masks)
 
     @classmethod
     def from_config(cls, config, name: str | None = None, bytes_per_value: int = 2) -> "ModelSpec":
         """From a transformers ``PretrainedConfig`` (or anything with the same attribute names).
 
-        Multimodal configs that keep the decoder in ``text_config`` are read from there.
+        Multimodal configs that keep the decoder in ``text_config`` are read from there. The layers'
+        sliding windows and attention chunks come from :func:`hf_hdp.planning.reach.layer_masks`
+        (``layer_types``, ``sliding_window``, ``attention_chunk_size``).
         """
+
         if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
             config = config.text_config
         heads = config.num_attention_heads
@@ -54,6 +66,8 @@ class ModelSpec:
             bias = 0
         if getattr(config, "mlp_bias", False):
             bias += 2 * config.intermediate_size + config.hidden_size
+        masks = tuple(config_layer_masks(config))[: config.num_hidden_layers]
+        masks += (FULL,) * (config.num_hidden_layers - len(masks))
         return cls(
             name=name or getattr(config, "name_or_path", "") or type(config).__name__,
             hidden_size=config.hidden_size,
@@ -66,6 +80,7 @@ class ModelSpec:
             bytes_per_value=bytes_per_value,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             bias_params_per_layer=bias,
+            layer_masks=masks,
         )
 
     @property
