@@ -23,6 +23,8 @@ Refused loudly rather than ignored: attention dropout during training and non-ca
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -79,7 +81,7 @@ def layer_features(module, meta: HDPAttentionMetadata, kwargs: dict) -> tuple[La
         if not softcap > 0:
             raise UnsupportedAttentionError(f"{_where(module)} passes softcap={softcap}; expected a positive cap")
     sinks = kwargs.get("s_aux")
-    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != module_heads(module, sinks)):
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != _module_heads(module, sinks)):
         raise UnsupportedAttentionError(
             f"{_where(module)} passes attention sinks of shape {tuple(sinks.shape)}; expected one logit per query head"
         )
@@ -87,7 +89,8 @@ def layer_features(module, meta: HDPAttentionMetadata, kwargs: dict) -> tuple[La
     return LayerFeatures(mask, softcap), sinks
 
 
-def module_heads(module, sinks: torch.Tensor) -> int:
+def _module_heads(module, sinks: torch.Tensor) -> int:
+    """The layer's query heads (as its config says), or the sinks' own length when the module does not say."""
     heads = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
     return int(heads) if isinstance(heads, int) else sinks.shape[0]
 
@@ -106,7 +109,7 @@ def _local_attention(q, k, v, meta: HDPAttentionMetadata, features: LayerFeature
         cu, longest = meta.local_cu_seqlens(q.device), meta.local_max_seqlen
     else:
         pieces = _chunked_cu(meta.local_seqlens, features.mask.chunk)
-        cu = torch.tensor([0, *torch.tensor(pieces).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+        cu = torch.tensor([0, *accumulate(pieces)], dtype=torch.int32, device=q.device)
         longest = max(pieces, default=0)
     kernel = features.kernel()
     if sinks is None:
