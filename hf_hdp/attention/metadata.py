@@ -162,7 +162,10 @@ class RingSegment:
 
     def reach_recv(self, step: int, mask: LayerMask) -> int:
         """How many rows of member ``member - step`` we need under ``mask`` (0: nothing is received)."""
-        return needed_count(self.layout, self.member, self.source_at(step), mask)
+        key = ("recv", step, mask)
+        if key not in self._blocks:
+            self._blocks[key] = needed_count(self.layout, self.member, self.source_at(step), mask)
+        return self._blocks[key]
 
     def reach_blocks(self, step: int, mask: LayerMask, device: torch.device) -> list[RingBlock]:
         """The blocks our rows compute with the K/V of member ``member - step`` under ``mask``.
