@@ -35,8 +35,10 @@ Sliding-window and chunked layers (:attr:`CostModel.layer_masks`, one
 is exactly that of the uniform model). Identical layers are grouped (:func:`~.windows.group_masks`), and
 every attention term is priced per layer kind: a layer's work for a sample of ``s`` tokens is
 ``a·mask_pairs(s, mask)`` (:func:`~hf_hdp.planning.reach.mask_pairs`: ``s²`` full, ``2·s·w - w²`` for a
-window ``w < s``, ``Σ chunk²`` chunked), one member of a split sample doing ``1/k`` of it (zigzag keeps
-the row counts equal, and a windowed row's work does not depend on where it lies). A layer kind whose
+window ``w < s``, ``Σ chunk²`` chunked). A member of a split sample does ``1/k`` of a full layer (zigzag) and,
+of a sliding or chunked layer, the visible pairs of its own rows (:func:`~.windows.member_work`: zigzag
+keeps the row counts equal, but the rows at the start of a sample or of an attention chunk see fewer keys);
+the piece is priced by its slowest member, which the others wait for at each layer's exchange. A layer kind whose
 mask restricts the segment's longest document is a *direct* layer of a ring piece; any other is full
 for every document and keeps the relay ring above. In a direct layer (:mod:`hf_hdp.attention.ring`)
 member ``i`` sends, in ONE message per destination, exactly the rows each other member needs
@@ -74,7 +76,7 @@ from ..reach import LayerMask, mask_pairs
 from .fit import bytescale_fit
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
-from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange
+from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange, slowest_member_pairs
 
 
 @lru_cache(maxsize=65536)
@@ -302,7 +304,11 @@ class CostModel:
         pairs = self._pairs(s)
         if pairs is None:
             return self.num_layers * (self.a * s * s + self.b * s) / k
-        return (self.a * pairs + self.num_layers * self.b * s) / k
+        if k == 1:
+            return self.a * pairs + self.num_layers * self.b * s
+        attention = sum(count * (slowest_member_pairs((s,), k, m) if m.restricts(s) else s * s / k)
+                        for m, count in self.mask_groups)
+        return self.a * attention + self.num_layers * self.b * s / k
 
     def segment_breakdown(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> tuple[float, float]:
         """``(compute, exposed communication)`` of one member of a ring segment, all layers, overhead excluded.
@@ -325,19 +331,19 @@ class CostModel:
             exposed = self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * self.kv_bytes_per_token,
                                          spans_nodes)
             return compute, self.num_layers * exposed
-        pairs_all, exposed = 0.0, 0.0
+        member, exposed = 0.0, 0.0  # the slowest member's attention, in mask_pairs units
         docs = tuple(sorted(lengths))
         for mask, count, direct in kinds:
             if direct:
                 pairs = float(sum(mask_pairs(s, mask) for s in lengths))
                 exposed += count * self._direct_exposed(segment_exchange(docs, k, mask), self.a * pairs / k,
                                                         self.kv_bytes_per_token, spans_nodes)
+                member += count * slowest_member_pairs(docs, k, mask)
             else:
-                pairs = sum_s2
                 exposed += count * self._ring_exposed(k, self.a * sum_s2 / (k * k),
                                                       (sum_s / k) * self.kv_bytes_per_token, spans_nodes)
-            pairs_all += count * pairs
-        return (self.a * pairs_all + self.num_layers * self.b * sum_s) / k, exposed
+                member += count * sum_s2 / k
+        return self.a * member + self.num_layers * self.b * sum_s / k, exposed
 
     def _direct_exposed(self, ex: SegmentExchange, block: float, row_bytes: float, spans_nodes: bool,
                         share: int = 1) -> float:
@@ -437,11 +443,11 @@ class CostModel:
         if kinds is None:
             exposed += self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
             return compute, self.num_layers * exposed
-        pairs_all, ring = 0.0, 0.0
+        member, ring = 0.0, 0.0  # the slowest member's attention (its position's, for its 1/u of the heads)
         docs = tuple(sorted(lengths))
         for mask, count, direct in kinds:
             pairs = float(sum(mask_pairs(s, mask) for s in lengths)) if direct else sum_s2
-            pairs_all += count * pairs
+            member += count * (slowest_member_pairs(docs, r, mask) / u if direct else sum_s2 / k)
             if r <= 1:
                 continue
             if direct:  # the positions exchange directly: position layout, this member's K/V heads
@@ -449,7 +455,7 @@ class CostModel:
                                                      2 * kv_heads * hb, ring_spans, share=u)
             else:
                 ring += count * self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
-        compute = (self.a * pairs_all + self.num_layers * self.b * sum_s) / k
+        compute = self.a * member + self.num_layers * self.b * sum_s / k
         return compute, self.num_layers * exposed + ring
 
     def split_piece_time(self, s: int, group: Sequence[int], ulysses: int = 1) -> float:

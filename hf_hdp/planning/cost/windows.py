@@ -10,6 +10,12 @@ computes per-member totals document by document in ``O(k log k)`` from the zigza
 
 Rows of different documents never overlap, so a segment's counts are the sums of its documents'
 (:func:`segment_exchange`), and everything is cached per ``(length, k, mask)``.
+
+Work: zigzag gives every member the same number of rows, but a windowed or chunked row's keys depend on
+where it lies (the first ``w - 1`` rows of a sample, and of each attention chunk, see fewer), so the
+members of a piece do not quite do the same work: :func:`member_work` counts each member's visible pairs
+in closed form, and the cost model prices a direct layer of a piece by its slowest member (the others
+wait for it at the layer's exchange).
 """
 
 from __future__ import annotations
@@ -177,6 +183,48 @@ def doc_exchange(length: int, k: int, mask: LayerMask) -> DocExchange:
         run_b += cover_b[j]
         out_sent[j] = sent[j] + run_f * fb[j][0] + run_b * fb[j][1]
     return DocExchange(tuple(received), tuple(out_sent), tuple(sources), tuple(own))
+
+
+def _sum_min(t0: int, t1: int, w: int | None) -> int:
+    """``Σ_{t=t0}^{t1-1} min(t + 1, w)`` (``w=None``: ``Σ (t + 1)``)."""
+    if t1 <= t0:
+        return 0
+
+    def tri(n: int) -> int:
+        return n * (n + 1) // 2
+
+    if w is None:
+        return tri(t1) - tri(t0)
+    cut = min(max(w - 1, t0), t1)
+    return tri(cut) - tri(t0) + (t1 - cut) * w
+
+
+def span_work(a: int, b: int, mask: LayerMask) -> int:
+    """Visible (query, key) pairs of the query rows at positions ``[a, b)`` of a sample under ``mask``, causal:
+    ``Σ_q visible_keys(q)`` (:func:`~hf_hdp.planning.reach.visible_keys`) in closed form per attention chunk."""
+    if mask.chunk is None:
+        return _sum_min(a, b, mask.window)
+    c, total = mask.chunk, 0
+    for c0 in range(a - a % c, b, c):
+        total += _sum_min(max(a, c0) - c0, min(b, c0 + c) - c0, mask.window)
+    return total
+
+
+@lru_cache(maxsize=65536)
+def member_work(length: int, k: int, mask: LayerMask) -> tuple[int, ...]:
+    """Each member's visible (query, key) pairs for one document of ``length`` tokens zigzagged over ``k``."""
+    bounds = zigzag_chunk_bounds(length, k)
+    return tuple(span_work(*bounds[m], mask) + span_work(*bounds[2 * k - 1 - m], mask) for m in range(k))
+
+
+def slowest_member_pairs(lengths, k: int, mask: LayerMask) -> float:
+    """The slowest member's attention of a segment of ``lengths`` on ``k`` members, one layer, in the units of
+    :func:`~hf_hdp.planning.reach.mask_pairs` (``s²`` for a whole full layer: twice the visible pairs)."""
+    totals = [0] * k
+    for s in lengths:
+        for i, w in enumerate(member_work(int(s), k, mask)):
+            totals[i] += w
+    return 2.0 * max(totals)
 
 
 class SegmentExchange(NamedTuple):
