@@ -51,7 +51,6 @@ class ModelSpec:
         sliding windows and attention chunks come from :func:`hf_hdp.planning.reach.layer_masks`
         (``layer_types``, ``sliding_window``, ``attention_chunk_size``).
         """
-
         if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
             config = config.text_config
         heads = config.num_attention_heads
