@@ -29,7 +29,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..planning.reach import LayerMask, layer_masks
+from ..planning.reach import LayerMask, layer_mask
 from .backends import get_backend
 from .features import LayerFeatures
 from .metadata import HDPAttentionMetadata
@@ -63,8 +63,7 @@ def _layer_chunk(module) -> int | None:
     config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
     if config is None or not isinstance(idx, int) or not getattr(config, "attention_chunk_size", None):
         return None
-    masks = layer_masks(config)
-    return masks[idx].chunk if idx < len(masks) else None
+    return layer_mask(config, idx).chunk
 
 
 def layer_features(module, meta: HDPAttentionMetadata, kwargs: dict) -> tuple[LayerFeatures, torch.Tensor | None]:

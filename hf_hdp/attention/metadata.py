@@ -77,8 +77,11 @@ class RingSegment:
         return sum(f + b for f, b in self.layout[m])
 
     def doc_lengths(self) -> tuple[int, ...]:
-        """The whole length of each document of the segment."""
-        return tuple(sum(sum(self.layout[m][d]) for m in range(self.k)) for d in range(len(self.samples)))
+        """The whole length of each document of the segment (every layer asks: computed once)."""
+        if "lengths" not in self._blocks:
+            self._blocks["lengths"] = tuple(sum(sum(self.layout[m][d]) for m in range(self.k))
+                                            for d in range(len(self.samples)))
+        return self._blocks["lengths"]
 
     def rows_per_doc(self) -> tuple[int, ...]:
         """The rows this member holds of each document, in row order."""
@@ -340,7 +343,7 @@ class HDPAttentionMetadata:
     local_samples: tuple[int, ...] = ()
     placeholder: bool = False  # a micro-batch without work (HDPCollator.placeholder): no real token
     runtime: AttentionRuntime = field(default_factory=AttentionRuntime)
-    _cu: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # per micro-batch: cu_seqlens per device, max_seqlen
 
     def bind(self, mesh: RingComm | None, backend: str = "auto") -> "HDPAttentionMetadata":
         """Attach the run-time context (mesh and backend) before the micro-batch's forward; returns ``self``."""
@@ -353,9 +356,9 @@ class HDPAttentionMetadata:
 
     def local_cu_seqlens(self, device: torch.device) -> torch.Tensor:
         key = str(device)
-        if key not in self._cu:
-            self._cu[key] = _cumsum(list(self.local_seqlens), device)
-        return self._cu[key]
+        if key not in self._cache:
+            self._cache[key] = _cumsum(list(self.local_seqlens), device)
+        return self._cache[key]
 
     @property
     def local_max_seqlen(self) -> int:
@@ -363,11 +366,12 @@ class HDPAttentionMetadata:
 
     @property
     def max_seqlen(self) -> int:
-        """The longest whole sequence this micro-batch touches (for window checks)."""
-        longest = self.local_max_seqlen
-        for seg in self.rings:
-            longest = max((longest, *seg.doc_lengths()))
-        return longest
+        """The longest whole sequence this micro-batch touches (which windows and chunks can restrict; every
+        layer asks: computed once)."""
+        if "max_seqlen" not in self._cache:
+            docs = (n for seg in self.rings for n in seg.doc_lengths())
+            self._cache["max_seqlen"] = max((self.local_max_seqlen, *docs))
+        return self._cache["max_seqlen"]
 
     def describe(self) -> str:
         return f"rank {self.rank}, step {self.step}, slot {self.slot}"

@@ -199,7 +199,14 @@ def needed_count(layout: Layout, member: int, source: int, mask: LayerMask) -> i
 
 
 def layer_masks(config) -> tuple[LayerMask, ...]:
-    """Every decoder layer's :class:`LayerMask`, from a transformers config (``text_config`` for multimodal ones).
+    """Every decoder layer's :class:`LayerMask` (:func:`layer_mask` of each)."""
+    if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
+        config = config.text_config
+    return tuple(layer_mask(config, i) for i in range(int(getattr(config, "num_hidden_layers", None) or 1)))
+
+
+def layer_mask(config, index: int) -> LayerMask:
+    """Decoder layer ``index``'s :class:`LayerMask`, from a transformers config (``text_config`` for multimodal ones).
 
     Sliding layers: ``layer_types`` entries ``"sliding_attention"`` get ``config.sliding_window``; without
     ``layer_types`` every layer slides when ``sliding_window`` is set and ``use_sliding_window`` is not False.
@@ -209,19 +216,18 @@ def layer_masks(config) -> tuple[LayerMask, ...]:
     """
     if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
         config = config.text_config
-    n = int(getattr(config, "num_hidden_layers", None) or 1)
     window = getattr(config, "sliding_window", None)
     window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     chunk = getattr(config, "attention_chunk_size", None)
     chunk = chunk if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0 else None
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        return tuple(
-            LayerMask(window=window) if t == "sliding_attention" and window is not None
-            else LayerMask(chunk=chunk) if t == "chunked_attention" and chunk is not None
-            else FULL
-            for t in list(layer_types)[:n]
-        )
+        kind = layer_types[index] if index < len(layer_types) else None
+        if kind == "sliding_attention" and window is not None:
+            return LayerMask(window=window)
+        if kind == "chunked_attention" and chunk is not None:
+            return LayerMask(chunk=chunk)
+        return FULL
     if window is not None and getattr(config, "use_sliding_window", True) is not False:
-        return (LayerMask(window=window),) * n
-    return (FULL,) * n
+        return LayerMask(window=window)
+    return FULL

@@ -92,8 +92,9 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
         )
 
 
-def check_features(window: int | None, softcap: float | None, positions, causal: bool, n_seqs: int | None = None) -> None:
-    """Raise ``ValueError`` unless the layer features of the contract are well formed."""
+def check_features(window: int | None, softcap: float | None, positions, causal: bool) -> None:
+    """Raise ``ValueError`` unless the layer features of the contract are well formed (:func:`sequence_bounds`
+    checks that ``positions`` has one entry per sequence)."""
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"a sliding window must be a positive number of tokens, got {window!r}")
@@ -101,8 +102,6 @@ def check_features(window: int | None, softcap: float | None, positions, causal:
             raise ValueError("a sliding window needs causal attention")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
         raise ValueError(f"an attention soft-cap must be a positive number, got {softcap!r}")
-    if positions is not None and n_seqs is not None and len(positions) != n_seqs:
-        raise ValueError(f"positions must give (q_start, k_start) for each of the {n_seqs} sequences, got {len(positions)}")
 
 
 def visible(q_start: int, k_start: int, rows: int, keys: int, causal: bool, window: int | None,
