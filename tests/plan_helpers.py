@@ -53,3 +53,23 @@ def random_plan(lengths: Sequence[int], world_size: int, tokens_per_rank: int, r
 
     placements = ((r, slot, ps) for (r, slot), ps in pieces.items())
     return build_plan(lengths, W, C, placements, planner="random")
+
+
+def segment_rows(segments, rank: int):
+    """``(rows, segs)`` of ``rank`` for hand-written attention segments ``[(group, ulysses, lengths), ...]`` (those
+    without ``rank`` skipped): ``rows`` lists ``(segment, document, start, end)`` in the rank's row order, ``segs``
+    the metadata segments the collator would build for those rows (:func:`hf_hdp.data.collator.segment_for`)."""
+    from hf_hdp.data.collator import segment_for
+    from hf_hdp.planning.layout import hybrid_token_ranges
+
+    rows, segs, cursor = [], [], 0
+    for i, (group, u, lengths) in enumerate(segments):
+        if rank not in group:
+            continue
+        start = cursor
+        for d, s in enumerate(lengths):
+            for a, b in hybrid_token_ranges(s, len(group), group.index(rank), u):
+                rows.append((i, d, a, b))
+                cursor += b - a
+        segs.append(segment_for(list(lengths), group, u, rank, start, cursor, tuple(range(len(lengths)))))
+    return rows, segs

@@ -18,9 +18,10 @@ import torch
 
 from hf_hdp.attention.features import LayerFeatures
 from hf_hdp.planning.cost import CostModel
-from hf_hdp.planning.layout import hybrid_token_ranges, zigzag_front_back
+from hf_hdp.planning.layout import zigzag_front_back
 from hf_hdp.planning.reach import LayerMask, needed_count
 from tests.dist_utils import run_distributed
+from tests.plan_helpers import segment_rows
 
 D = 8
 WORLD = 5
@@ -71,7 +72,6 @@ def dense(q, k, v, window, chunk, softcap, sinks, scale):
 def _worker(rank, world):
     from hf_hdp.attention.backends import get_backend
     from hf_hdp.attention.segments import distributed_attention
-    from hf_hdp.data.collator import segment_for
     from hf_hdp.mesh import DynamicMesh
 
     backend = get_backend("reference", torch.device("cpu"), torch.float64)
@@ -92,19 +92,10 @@ def _worker(rank, world):
                 (o * w).sum().backward()
                 per.append((q, k, v, w, o.detach(), qr.grad, kr.grad, vr.grad))
             docs.append(per)
-        mine = [i for i, (group, _, _) in enumerate(segments) if rank in group]
-        if not mine:
+        rows, segs = segment_rows(segments, rank)
+        if not segs:
             out.append(None)
             continue
-        rows, segs, cursor = [], [], 0
-        for i in mine:
-            group, u, lengths = segments[i]
-            start = cursor
-            for d, s in enumerate(lengths):
-                for a, b in hybrid_token_ranges(s, len(group), group.index(rank), u):
-                    rows.append((i, d, a, b))
-                    cursor += b - a
-            segs.append(segment_for(list(lengths), group, u, rank, start, cursor, tuple(range(len(lengths)))))
 
         def take(field):
             return torch.cat([docs[i][d][field][a:b] for i, d, a, b in rows])

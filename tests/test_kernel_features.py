@@ -68,13 +68,7 @@ def dense(q, k, v, q_lens, k_lens, causal, scale, window=None, softcap=None, pos
         s = qq @ kk.transpose(-1, -2) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        pq = torch.arange(q0, q0 + nq)[:, None]
-        pk = torch.arange(k0, k0 + nk)[None, :]
-        ok = torch.ones(nq, nk, dtype=torch.bool)
-        if causal:
-            ok &= pk <= pq
-        if window is not None:
-            ok &= pq - pk < window
+        ok = contract_visible(q0, k0, nq, nk, causal, window)
         s = s.masked_fill(~ok, float("-inf"))
         has = ok.any(dim=-1)  # [nq]
         lse = torch.logsumexp(s, dim=-1)  # -inf where no key
