@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and cluster")
     m.add_argument(
         "--model",
-        default="llama-7b",
+        default=None,
         help="a preset (llama-7b, llama-13b, llama-30b, llama-70b), a folder with a transformers config.json, "
         "or a Hub id (default: llama-7b)",
     )
@@ -554,13 +554,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def model_from_args(args: argparse.Namespace) -> ModelSpec:
     """The model of ``--model`` / ``--model-config``, with ``--sliding-window`` / ``--attention-chunk`` applied."""
     if args.model_config is not None:
-        if args.model != "llama-7b":
+        if args.model is not None:
             raise CLIError("give --model or --model-config, not both")
         if not os.path.exists(args.model_config):
             raise CLIError(f"--model-config {args.model_config!r}: no such file or folder")
         model = load_model_spec(args.model_config)
     else:
-        model = load_model_spec(args.model)
+        model = load_model_spec(args.model or "llama-7b")
     window, chunk = args.sliding_window, args.attention_chunk
     if window is None and chunk is None:
         if args.sliding_layers is not None:

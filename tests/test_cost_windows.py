@@ -303,4 +303,6 @@ def test_the_cli_reads_a_model_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layers: 5 sliding (w=512), 1 full" in out
     assert main(args + ["--model-config", str(tmp_path / "config.json"), "--model", "llama-13b"]) == 2
-    capsys.readouterr()
+    # the default preset named explicitly is an input too: refused beside a config, not silently dropped
+    assert main(args + ["--model-config", str(tmp_path / "config.json"), "--model", "llama-7b"]) == 2
+    assert "not both" in capsys.readouterr().err
