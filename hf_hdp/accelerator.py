@@ -137,13 +137,14 @@ class HDPAccelerator(Accelerator):
 
         refuse_wrapped(model, "HDPAccelerator.prepare")
         if self._custom_loop:
+            from .planning.layers import kernel_head_dim
             from .trainer.trainer import enable_hdp_attention
 
             base = enable_hdp_attention(model)  # UnsupportedModelError names what the model lacks
             config = base.config
             self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
                 self.device, base.dtype, mixed_precision=self.mixed_precision in ("bf16", "fp16"),
-                head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
             )
         # evaluation_mode=True places the model and applies mixed precision without the DDP wrapper
         prepared = super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)

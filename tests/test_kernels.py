@@ -478,3 +478,153 @@ def test_fused_backends_refuse_cpu_and_float32_with_advice():
     odd = torch.zeros(4, 2, 12, dtype=torch.bfloat16, device="meta").as_subclass(LooksCuda)
     with pytest.raises(ValueError, match="multiple of 8"):
         check_fused_inputs("flash_attn", odd, odd, odd, c, c, False)
+
+
+# ------------------------------------------------------------------------------------------
+# multi-head latent attention: q/k heads wider than v heads (DeepSeek-V3: 192 and 128)
+# ------------------------------------------------------------------------------------------
+
+MLA_DIMS = (24, 16)  # q/k head size, v head size (nope 16 + rope 8, v 16)
+
+
+def make_mla_inputs(q_lens, k_lens, hq, hkv, dims=MLA_DIMS, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dk, dv = dims
+    q = torch.randn(sum(q_lens), hq, dk, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(sum(k_lens), hkv, dk, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(sum(k_lens), hkv, dv, generator=g, dtype=torch.float64).to(dtype)
+    dout = torch.randn(sum(q_lens), hq, dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, dout
+
+
+@pytest.mark.parametrize("dims", [(24, 16), (16, 24)], ids=["qk-wider", "v-wider"])
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
+@pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", [
+    pytest.param([5, 0, 7, 1, 3], [5, 0, 7, 1, 3], True, 4, 2, id="causal-gqa"),
+    pytest.param([9, 4], [9, 4], True, 4, 4, id="causal-mha"),
+    pytest.param([3, 0, 6, 2], [4, 5, 0, 7], False, 4, 1, id="cross-mqa"),
+])
+def test_mla_head_sizes_forward_backward_varlen_match_dense(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol,
+                                                            dims):
+    """q/k and v of different head sizes: forward (out at v's size, lse), backward from the merged out/lse, and the
+    autograd varlen, every CPU backend against the float64 dense attention."""
+    q, k, v, dout = make_mla_inputs(q_lens, k_lens, hq, hkv, dims, dtype=dtype, seed=7)
+    scale = dims[0] ** -0.5
+    cq, ck, mq, mk = cu(q_lens), cu(k_lens), max(q_lens), max(k_lens)
+    out, lse = backend.forward(q, k, v, cq, ck, mq, mk, causal, scale)
+    want_out, want_lse = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
+    assert out.shape == (sum(q_lens), hq, dims[1]) and out.dtype == dtype
+    assert_close(out, want_out, tol, "out")
+    ok = ~torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(lse), ~ok)
+    assert_close(lse[ok], want_lse[ok], tol, "lse")
+    want = dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)
+    grads = backend.backward(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, scale)
+    for name, got, exp, ref in zip(("dq", "dk", "dv"), grads, want, (q, k, v)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert_close(got, exp, tol, name)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    (backend.varlen(qq, kk, vv, cq, ck, mq, mk, causal, scale) * dout).sum().backward()
+    for name, got, exp in zip(("varlen dq", "varlen dk", "varlen dv"), (qq.grad, kk.grad, vv.grad), want):
+        assert_close(got, exp, tol, name)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", KERNELS)
+def test_mla_windowed_and_offset_blocks_match_dense(backend, dtype, tol):
+    """The blocks a windowed ring exchange runs (offset positions, a window) with v narrower than q/k."""
+    window, scale = 5, 0.3
+    q, k, v, dout = make_mla_inputs([6], [9], 4, 2, dtype=dtype, seed=11)
+    positions = [(10, 4)]  # rows at positions 10..15, keys at 4..12
+    c_q, c_k = cu([6]), cu([9])
+    out, lse = backend.forward(q, k, v, c_q, c_k, 6, 9, True, scale, window=window, positions=positions)
+    qp = torch.arange(10, 16)[:, None]
+    kp = torch.arange(4, 13)[None, :]
+    allowed = (kp <= qp) & (qp - kp < window)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    s = torch.einsum("qhd,khd->hqk", q64, k64.repeat_interleave(2, 1)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    want_out = torch.einsum("hqk,khd->qhd", s.softmax(-1), v64.repeat_interleave(2, 1))
+    assert_close(out, want_out.detach(), tol, "out")
+    assert_close(lse, torch.logsumexp(s, -1).t().detach(), tol, "lse")
+    (want_out * dout.double()).sum().backward()
+    grads = backend.backward(dout, q, k, v, out, lse, c_q, c_k, 6, 9, True, scale, window=window, positions=positions)
+    for name, got, exp in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
+        assert_close(got, exp, tol, name)
+
+
+def test_fused_backends_pad_mla_head_sizes_for_one_size_kernels(monkeypatch):
+    """The CUDA backends (flash_attn, torch_varlen) share FusedBackend, whose kernels take one head size: q/k and v
+    of different sizes reach the kernel zero-padded to the larger, and come back exact at their own sizes. Checked
+    on the CPU with a stand-in library whose kernels refuse unequal head sizes and compute in float64."""
+    import hf_hdp.attention.backends._fused as fused
+
+    calls = []
+
+    class OneSizeKernels(fused.FusedBackend):
+        name = "one_size"
+
+        @classmethod
+        def library_problem(cls):
+            return None
+
+        def _check(self, q, k, v):
+            assert q.shape[-1] == k.shape[-1] == v.shape[-1], "the kernel takes one head size"
+            calls.append(q.shape[-1])
+
+        def _kernel_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
+            self._check(q, k, v)
+            causal = tuple(window_size) == fused.CAUSAL_WINDOW
+            return REF.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)  # lse [Tq, Hq]: the "th" layout
+
+        def _kernel_backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
+            self._check(q, k, v)
+            causal = tuple(window_size) == fused.CAUSAL_WINDOW
+            lse = lse.double().masked_fill(lse == float("inf"), float("-inf"))
+            return REF.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+
+    def cpu_inputs(backend, q, k, v, cu_q, cu_k, causal, positions=None):  # the stand-in runs float64 on the CPU
+        base_check_shapes(q, k, v, cu_q, cu_k)
+        head = max(q.shape[-1], v.shape[-1])
+        if head % 8 or head > 256:
+            raise ValueError("multiple of 8")
+
+    from hf_hdp.attention.backends.base import check_shapes as base_check_shapes
+
+    monkeypatch.setattr(fused, "check_fused_inputs", cpu_inputs)
+    backend = OneSizeKernels()
+    lens = [7, 0, 5, 9]
+    q, k, v, dout = make_mla_inputs(lens, lens, 4, 2, seed=13)
+    scale = 24 ** -0.5
+    c = cu(lens)
+    out, lse = backend.forward(q, k, v, c, c, 9, 9, True, scale)
+    want_out, want_lse = dense_attention(q, k, v, lens, lens, True, scale)
+    assert out.shape == (sum(lens), 4, 16)
+    assert_close(out, want_out, 1e-6, "out")  # the fused path keeps its lse in float32
+    grads = backend.backward(dout, q, k, v, out, lse, c, c, 9, 9, True, scale)
+    for name, got, exp, ref in zip(("dq", "dk", "dv"), grads, dense_grads(q, k, v, dout, lens, lens, True, scale),
+                                   (q, k, v)):
+        assert got.shape == ref.shape, name
+        assert_close(got, exp, 1e-6, name)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    (backend.varlen(qq, kk, vv, c, c, 9, 9, True, scale) * dout).sum().backward()
+    assert_close(vv.grad, dense_grads(q, k, v, dout, lens, lens, True, scale)[2], 1e-6, "varlen dv")
+    assert calls and set(calls) == {24}  # every kernel call padded to the q/k size
+
+
+def test_fused_head_size_check_takes_the_padded_size():
+    class LooksCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    c = cu([4])
+
+    def fake(d, heads=2):
+        return torch.zeros(4, heads, d, dtype=torch.bfloat16, device="meta").as_subclass(LooksCuda)
+
+    check_fused_inputs("flash_attn", fake(24), fake(24), fake(16), c, c, False)  # MLA: padded to 24
+    check_fused_inputs("flash_attn", fake(192), fake(192), fake(128), c, c, False)  # DeepSeek-V3
+    with pytest.raises(ValueError, match="24 for q/k and 264 for v"):
+        check_fused_inputs("flash_attn", fake(24), fake(24), fake(264), c, c, False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_fused_inputs("flash_attn", fake(12), fake(12), fake(4), c, c, False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..planning.reach import LayerMask
+from .kv import KVLayout, pack_kv, unpack_kv
 from .merge import accumulator_dtype, merge_attention
 from .metadata import RingSegment
 
@@ -47,20 +48,20 @@ def _exchange_kv(seg: RingSegment, kv: torch.Tensor, step: int, mask: LayerMask,
     send_index = seg.reach_send(step, mask, kv.device)
     n_in = seg.reach_recv(step, mask)
     send = None if send_index is None else kv.index_select(0, send_index)
-    recv = None if n_in == 0 else kv.new_empty(n_in, *kv.shape[1:])
+    recv = None if n_in == 0 else kv.new_empty(n_in, *kv.shape[1:])  # packed rows (:mod:`.kv`)
     handles = mesh.exchange(send, seg.next_at(step), recv, seg.prev_at(step), what=_label(seg, what, step))
     return handles, recv
 
 
 def halo_forward(q, k, v, seg: RingSegment, mask: LayerMask, scale: float, backend, mesh, softcap: float | None):
-    """Output ``[n, Hq, D]`` and log-sum-exp ``[n, Hq]`` of this member's rows under ``mask``, accumulator dtype."""
+    """Output ``[n, Hq, Dv]`` and log-sum-exp ``[n, Hq]`` of this member's rows under ``mask``, accumulator dtype."""
     kernel = {"window": mask.window, "softcap": softcap}
-    n, hq, d = q.shape
-    hkv = k.shape[1]
+    n, hq = q.shape[:2]
+    layout = KVLayout.of(k, v)
     acc = accumulator_dtype(q)
-    out = torch.zeros(n, hq, d, dtype=acc, device=q.device)
+    out = torch.zeros(n, hq, layout.v_dim, dtype=acc, device=q.device)
     lse = torch.full((n, hq), float("-inf"), dtype=acc, device=q.device)
-    kv = torch.cat([k, v], dim=1)
+    kv = pack_kv(k, v)
     buffer, pending = kv, []
     for step in range(seg.k):
         nxt, nxt_buffer = [], None
@@ -68,9 +69,9 @@ def halo_forward(q, k, v, seg: RingSegment, mask: LayerMask, scale: float, backe
             nxt, nxt_buffer = _exchange_kv(seg, kv, step + 1, mask, mesh, "forward K/V")
         if buffer is not None:
             for block in seg.reach_blocks(step, mask, q.device):
-                src = _rows(buffer, block.kv_index)
+                src_k, src_v = unpack_kv(_rows(buffer, block.kv_index), layout)
                 b_out, b_lse = backend.forward(
-                    _rows(q, block.q_index), src[:, :hkv], src[:, hkv:], block.cu_q, block.cu_k, block.max_q,
+                    _rows(q, block.q_index), src_k, src_v, block.cu_q, block.cu_k, block.max_q,
                     block.max_k, True, scale, positions=block.positions, **kernel,
                 )
                 m_out, m_lse = merge_attention(out.index_select(0, block.q_index), lse.index_select(0, block.q_index),
@@ -86,10 +87,10 @@ def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, sc
                   softcap: float | None):
     """Gradients of this member's q, k, v rows under ``mask``, in the accumulator dtype."""
     kernel = {"window": mask.window, "softcap": softcap}
-    hkv = k.shape[1]
+    layout = KVLayout.of(k, v)
     acc = accumulator_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.cat([k, v], dim=1)
+    kv = pack_kv(k, v)
     dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
     for step in range(seg.k):
         if step == 0:
@@ -100,14 +101,14 @@ def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, sc
             d_buffer = None if buffer is None else torch.zeros(buffer.shape, dtype=acc, device=kv.device)
         if buffer is not None:
             for block in seg.reach_blocks(step, mask, q.device):
-                src = _rows(buffer, block.kv_index)
+                src_k, src_v = unpack_kv(_rows(buffer, block.kv_index), layout)
                 b_dq, b_dk, b_dv = backend.backward(
-                    _rows(dout, block.q_index), _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
+                    _rows(dout, block.q_index), _rows(q, block.q_index), src_k, src_v,
                     _rows(out, block.q_index), _rows(lse, block.q_index), block.cu_q, block.cu_k, block.max_q,
                     block.max_k, True, scale, positions=block.positions, **kernel,
                 )
                 dq.index_add_(0, block.q_index, b_dq.to(acc))
-                d_buffer.index_add_(0, block.kv_index, torch.cat([b_dk, b_dv], dim=1).to(acc))
+                d_buffer.index_add_(0, block.kv_index, pack_kv(b_dk, b_dv).to(acc))
         if step == 0:
             continue
         # the dK/dV of the rows we received go back to their owner; ours come back from those we sent rows to
@@ -118,4 +119,4 @@ def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, sc
                                 what=_label(seg, "backward dK/dV", step)))
         if back is not None:
             dkv.index_add_(0, send_index, back)
-    return dq, dkv[:, :hkv], dkv[:, hkv:]
+    return (dq, *unpack_kv(dkv, layout))

@@ -8,7 +8,8 @@ entry point for rings.
 Forward, for member ``i`` of a group of ``k``: at step ``t`` it holds the K/V rows of member
 ``j = i - t (mod k)``; it starts passing them on to ``i + 1`` while it computes the block
 (see :meth:`RingSegment.block`), and merges the block into its running output with the
-log-sum-exp rule. K and V travel as one message, with their KV heads unrepeated (GQA).
+log-sum-exp rule. K and V travel as one message, with their KV heads unrepeated (GQA), each at its own head
+size (:mod:`.kv`: multi-head latent attention's K heads are wider than its V heads).
 
 Backward follows ring-flash-attention's scheme: the K/V rows go round again, and with them an
 accumulator of their gradient. Each member adds its block's dK/dV to the accumulator it holds and
@@ -31,6 +32,7 @@ import torch
 from .backends import AttentionBackend
 from .features import PLAIN, LayerFeatures
 from .halo import halo_backward, halo_forward
+from .kv import KVLayout, pack_kv, unpack_kv
 from .merge import accumulator_dtype, merge_attention
 from .metadata import RingSegment
 
@@ -48,27 +50,27 @@ def _accumulate(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tens
 
 def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh,
                  features: LayerFeatures = PLAIN):
-    """Output ``[n, Hq, D]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
+    """Output ``[n, Hq, Dv]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
     mask = seg.layer_mask(features.mask)
     if not mask.full:
         return halo_forward(q, k, v, seg, mask, scale, backend, mesh, features.softcap)
     kernel = features.kernel(window=False)
-    n, hq, d = q.shape
-    hkv = k.shape[1]
+    n, hq = q.shape[:2]
+    layout = KVLayout.of(k, v)
     acc = accumulator_dtype(q)
-    out = torch.zeros(n, hq, d, dtype=acc, device=q.device)
+    out = torch.zeros(n, hq, layout.v_dim, dtype=acc, device=q.device)
     lse = torch.full((n, hq), float("-inf"), dtype=acc, device=q.device)
-    kv = torch.cat([k, v], dim=1)  # one message per hop
+    kv = pack_kv(k, v)  # one message per hop
     for step in range(seg.k):
         pending = []
         if step + 1 < seg.k:
-            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), 2 * hkv, d, dtype=kv.dtype, device=kv.device)
+            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), layout.width, dtype=kv.dtype, device=kv.device)
             pending = mesh.exchange(kv, seg.next_rank, incoming, seg.prev_rank, what=_label(seg, "forward K/V", step))
         block = seg.block(step, q.device)
         if not block.empty:
-            src = _rows(kv, block.kv_index)
+            src_k, src_v = unpack_kv(_rows(kv, block.kv_index), layout)
             b_out, b_lse = backend.forward(
-                _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
+                _rows(q, block.q_index), src_k, src_v,
                 block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
             )
             if block.q_index is None:
@@ -92,26 +94,26 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
     if not mask.full:
         return halo_backward(dout, q, k, v, out, lse, seg, mask, scale, backend, mesh, features.softcap)
     kernel = features.kernel(window=False)
-    hkv = k.shape[1]
+    layout = KVLayout.of(k, v)
     acc = accumulator_dtype(q)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.cat([k, v], dim=1)
-    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # gradient of the K/V we hold
+    kv = pack_kv(k, v)
+    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # gradient of the K/V we hold (packed the same way)
     for step in range(seg.k):
         pending = []
         if step + 1 < seg.k:
-            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), 2 * hkv, kv.shape[-1], dtype=kv.dtype, device=kv.device)
+            incoming = torch.empty(seg.rows_of(seg.source_at(step + 1)), layout.width, dtype=kv.dtype, device=kv.device)
             pending = mesh.exchange(kv, seg.next_rank, incoming, seg.prev_rank, what=_label(seg, "backward K/V", step))
         block = seg.block(step, q.device)
         if not block.empty:
-            src = _rows(kv, block.kv_index)
+            src_k, src_v = unpack_kv(_rows(kv, block.kv_index), layout)
             b_dq, b_dk, b_dv = backend.backward(
-                _rows(dout, block.q_index), _rows(q, block.q_index), src[:, :hkv], src[:, hkv:],
+                _rows(dout, block.q_index), _rows(q, block.q_index), src_k, src_v,
                 _rows(out, block.q_index), _rows(lse, block.q_index),
                 block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
             )
             _accumulate(dq, block.q_index, b_dq)
-            _accumulate(dkv, block.kv_index, torch.cat([b_dk, b_dv], dim=1))
+            _accumulate(dkv, block.kv_index, pack_kv(b_dk, b_dv))
         if pending:
             mesh.wait(pending)
             kv = incoming
@@ -119,10 +121,10 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
             # pass the accumulator on with the K/V it belongs to; receive the one for our next K/V
             # (after the last hop that is the complete gradient of our own K/V)
             nxt = seg.source_at(step + 1)
-            dkv_in = torch.empty(seg.rows_of(nxt), 2 * hkv, kv.shape[-1], dtype=acc, device=kv.device)
+            dkv_in = torch.empty(seg.rows_of(nxt), layout.width, dtype=acc, device=kv.device)
             mesh.wait(mesh.exchange(dkv, seg.next_rank, dkv_in, seg.prev_rank, what=_label(seg, "backward dK/dV", step)))
             dkv = dkv_in
-    return dq, dkv[:, :hkv], dkv[:, hkv:]
+    return (dq, *unpack_kv(dkv, layout))
 
 
 def _label(seg: RingSegment, what: str, step: int) -> str:
@@ -134,7 +136,7 @@ def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, bac
                    features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
     """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
 
-    ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
+    ``q``/``k``: ``[n, Hq or Hkv, Dk]``, ``v``: ``[n, Hkv, Dv]`` holding exactly those rows (contiguous).
     ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"`` picks by
     ``q``'s device and dtype). The one autograd node of every segment is :mod:`.segments`'.
     """

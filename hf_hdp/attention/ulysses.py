@@ -18,8 +18,8 @@ Read top to bottom:
 
 - :func:`all_to_all`: ``u - 1`` rounds of pairwise exchanges (round ``t``: send to sub-member
   ``j + t``, receive from ``j - t``), every member in the same order, over the mesh's bounded P2P.
-- :func:`ulysses_forward`: rows to heads (Q, then K/V as one message), the ring over the positions,
-  heads back to rows (the output).
+- :func:`ulysses_forward`: rows to heads (Q, then K/V as one message, each at its own head size:
+  :mod:`.kv`), the ring over the positions, heads back to rows (the output, at V's head size).
 - :func:`ulysses_backward`: dO to heads, the ring's backward, dQ and dK/dV back to rows in the
   accumulator dtype; the gradients of replicated K/V heads are summed back onto the head they copy.
 
@@ -33,6 +33,7 @@ import torch
 
 from ..planning.layout import head_split
 from .features import PLAIN, LayerFeatures
+from .kv import KVLayout, pack_kv, unpack_kv
 from .merge import accumulator_dtype
 from .metadata import UlyssesSegment
 from .ring import ring_backward, ring_forward
@@ -63,18 +64,19 @@ def _label(seg: UlyssesSegment, what: str) -> str:
             f"{list(seg.group)}, samples {list(seg.samples)})")
 
 
-def _to_heads(seg: UlyssesSegment, x: torch.Tensor, pick, width: int, what: str, mesh) -> torch.Tensor:
+def _to_heads(seg: UlyssesSegment, x: torch.Tensor, pick, shape: tuple[int, ...], what: str, mesh) -> torch.Tensor:
     """This member's rows ``x`` to its position's rows of its own heads: sub-member ``j`` gets ``pick(x, j)``
-    (``width`` heads for this member), received in sub-member order, then put in position row order."""
+    (rows of ``shape`` for this member), received in sub-member order, then put in position row order."""
     j, u = seg.sub_member, seg.ulysses
-    parts = [x.new_empty(seg.rows_from(i), width, x.shape[-1]) for i in range(u)]
+    parts = [x.new_empty(seg.rows_from(i), *shape) for i in range(u)]
     all_to_all(mesh, seg.subgroup, j, [pick(x, i).contiguous() for i in range(u)], parts, _label(seg, what))
     return _rows(torch.cat(parts), seg.position_index(x.device))
 
 
-def _to_rows(seg: UlyssesSegment, x: torch.Tensor, widths: list[int], what: str, mesh) -> list[torch.Tensor]:
+def _to_rows(seg: UlyssesSegment, x: torch.Tensor, shapes: list[tuple[int, ...]], what: str,
+             mesh) -> list[torch.Tensor]:
     """The position's rows ``x`` of this member's heads back to their sub-members; returns, per sub-member
-    ``i``, this member's rows of ``i``'s heads (``widths[i]`` of them)."""
+    ``i``, this member's rows of ``i``'s heads (rows of ``shapes[i]``)."""
     j, u = seg.sub_member, seg.ulysses
     x = _rows(x, seg.concat_index(x.device))
     sends, at = [], 0
@@ -82,32 +84,32 @@ def _to_rows(seg: UlyssesSegment, x: torch.Tensor, widths: list[int], what: str,
         sends.append(x[at : at + seg.rows_from(i)].contiguous())
         at += seg.rows_from(i)
     n = seg.rows_from(j)
-    back = [x.new_empty(n, widths[i], x.shape[-1]) for i in range(u)]
+    back = [x.new_empty(n, *shapes[i]) for i in range(u)]
     all_to_all(mesh, seg.subgroup, j, sends, back, _label(seg, what))
     return back
 
 
 def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh, features: LayerFeatures = PLAIN,
                     sinks: torch.Tensor | None = None):
-    """This member's output rows ``[n, Hq, D]`` (``q``'s dtype), and what :func:`ulysses_backward` needs.
+    """This member's output rows ``[n, Hq, Dv]`` (``q``'s dtype), and what :func:`ulysses_backward` needs.
 
     The ring over the positions runs the layer's ``features`` (a windowed layer exchanges only what its
     window reaches); ``sinks`` (``[Hq]``) are merged into this member's head slice after it."""
-    hq, hkv = q.shape[1], k.shape[1]
-    splits = head_split(hq, hkv, seg.ulysses)
+    hq, dq_dim = q.shape[1:]
+    layout = KVLayout.of(k, v)
+    splits = head_split(hq, layout.heads, seg.ulysses)
     mine = splits[seg.sub_member]
-    nkv = len(mine.kv_heads)
-    q_pos = _to_heads(seg, q, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], mine.num_q, "forward Q", mesh)
-    kv = torch.cat([k, v], dim=1)
-    kv_pos = _to_heads(seg, kv, lambda x, i: torch.cat([_kv_heads(x[:, :hkv], splits[i].kv_heads),
-                                                         _kv_heads(x[:, hkv:], splits[i].kv_heads)], dim=1),
-                       2 * nkv, "forward K/V", mesh)
-    k_pos, v_pos = kv_pos[:, :nkv].contiguous(), kv_pos[:, nkv:].contiguous()
+    mine_kv = layout.with_heads(len(mine.kv_heads))
+    q_pos = _to_heads(seg, q, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, dq_dim),
+                      "forward Q", mesh)
+    kv_pos = _to_heads(seg, k, lambda x, i: pack_kv(_kv_heads(k, splits[i].kv_heads), _kv_heads(v, splits[i].kv_heads)),
+                       (mine_kv.width,), "forward K/V", mesh)
+    k_pos, v_pos = (t.contiguous() for t in unpack_kv(kv_pos, mine_kv))
     out_pos, lse_pos = ring_forward(q_pos, k_pos, v_pos, seg.ring, scale, backend, mesh, features)
     if sinks is not None:
         out_pos, lse_pos = merge_sinks(out_pos, lse_pos, sinks[mine.q_start : mine.q_stop])
     out_pos = out_pos.to(q.dtype)
-    back = _to_rows(seg, out_pos, [sp.num_q for sp in splits], "forward output", mesh)
+    back = _to_rows(seg, out_pos, [(sp.num_q, layout.v_dim) for sp in splits], "forward output", mesh)
     return torch.cat(back, dim=1), (q_pos, k_pos, v_pos, out_pos, lse_pos)
 
 
@@ -116,10 +118,11 @@ def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, me
     """Gradients of this member's q, k, v rows, in the accumulator dtype, and of the sinks (``None`` without):
     this member's head slice's share, zero for the other heads."""
     q_pos, k_pos, v_pos, out_pos, lse_pos = saved
-    hq = dout.shape[1]
+    hq, v_dim = dout.shape[1:]
+    layout = KVLayout(num_kv_heads, k_pos.shape[2], v_pos.shape[2])
     splits = head_split(hq, num_kv_heads, seg.ulysses)
     mine = splits[seg.sub_member]
-    dout_pos = _to_heads(seg, dout, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], mine.num_q,
+    dout_pos = _to_heads(seg, dout, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, v_dim),
                          "backward dO", mesh)
     dq_pos, dk_pos, dv_pos = ring_backward(dout_pos, q_pos, k_pos, v_pos, out_pos, lse_pos, seg.ring, scale,
                                            backend, mesh, features)
@@ -127,16 +130,16 @@ def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, me
     if sinks is not None:
         d_sinks = torch.zeros_like(sinks)
         d_sinks[mine.q_start : mine.q_stop] = sink_grad(dout_pos, out_pos, lse_pos, sinks[mine.q_start : mine.q_stop])
-    dq = torch.cat(_to_rows(seg, dq_pos, [sp.num_q for sp in splits], "backward dQ", mesh), dim=1)
-    got = _to_rows(seg, torch.cat([dk_pos, dv_pos], dim=1), [2 * len(sp.kv_heads) for sp in splits],
+    dq = torch.cat(_to_rows(seg, dq_pos, [(sp.num_q, layout.k_dim) for sp in splits], "backward dQ", mesh), dim=1)
+    got = _to_rows(seg, pack_kv(dk_pos, dv_pos), [(layout.with_heads(len(sp.kv_heads)).width,) for sp in splits],
                    "backward dK/dV", mesh)
-    n, d = dout.shape[0], dout.shape[2]
+    n = dout.shape[0]
     acc = accumulator_dtype(dout)
-    dk = torch.zeros(n, num_kv_heads, d, dtype=acc, device=dout.device)
-    dv = torch.zeros_like(dk)
+    dk = torch.zeros(n, num_kv_heads, layout.k_dim, dtype=acc, device=dout.device)
+    dv = torch.zeros(n, num_kv_heads, layout.v_dim, dtype=acc, device=dout.device)
     for sp, g in zip(splits, got):
         index = torch.tensor(sp.kv_heads, device=dout.device)
-        m = len(sp.kv_heads)
-        dk.index_add_(1, index, g[:, :m].to(acc))  # a replicated K/V head's gradients are summed onto it
-        dv.index_add_(1, index, g[:, m:].to(acc))
+        g_k, g_v = unpack_kv(g, layout.with_heads(len(sp.kv_heads)))
+        dk.index_add_(1, index, g_k.to(acc))  # a replicated K/V head's gradients are summed onto it
+        dv.index_add_(1, index, g_v.to(acc))
     return dq, dk, dv, d_sinks

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+from .layers import is_heterogeneous
+
 Layout = tuple[tuple[tuple[int, int], ...], ...]  # layout[m][d] = (front_len, back_len) of document d on member m
 
 
@@ -212,10 +214,12 @@ def layer_mask(config, index: int) -> LayerMask:
     ``layer_types`` every layer slides when ``sliding_window`` is set and ``use_sliding_window`` is not False.
     Chunked layers: ``"chunked_attention"`` entries get ``config.attention_chunk_size``. The config is the source
     of truth, as for transformers' masks (layer modules are no guide: Exaone 4 keeps ``sliding_window`` on its
-    full layers too).
+    full layers too). A heterogeneous config (``per_layer_config``) is read from the layer's own config.
     """
     if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
         config = config.text_config
+    if is_heterogeneous(config):
+        config = config.per_layer_config[index]
     window = getattr(config, "sliding_window", None)
     window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
     chunk = getattr(config, "attention_chunk_size", None)

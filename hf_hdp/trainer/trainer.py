@@ -65,6 +65,7 @@ from ..launch import check_distributed_setup
 from ..mesh import DynamicMesh
 from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
 from ..planning import CostModel
+from ..planning.layers import kernel_head_dim
 from .callbacks import HDPWindowCallback
 from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
@@ -192,7 +193,7 @@ class HDPTrainer(Trainer):
         config = self.hdp_model.config
         self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
             self.args.device, self.hdp_model.dtype, mixed_precision=bool(self.args.bf16 or self.args.fp16),
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
         )
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
         self.hdp_stats = HDPStats(self.mesh.world_size)

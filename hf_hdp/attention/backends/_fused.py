@@ -1,7 +1,9 @@
 """What the two CUDA backends (``flash_attn``, ``torch_varlen``) share: :class:`FusedBackend`.
 
 Both run FlashAttention-2 varlen kernels that need fp16 or bf16 inputs and a head dimension that is
-a multiple of 8 (at most 256). They never change precision silently: other dtypes raise a
+a multiple of 8 (at most 256), one for q, k and v: multi-head latent attention's wider q/k heads (192 beside
+v's 128 in DeepSeek-V3) run with v zero-padded to the q/k size, and the padded output columns and their
+gradients dropped (exact; only the kernel call is padded, never the messages between ranks). They never change precision silently: other dtypes raise a
 ``ValueError`` telling the user to cast to bf16/fp16 or to use the ``"reference"`` backend.
 
 :class:`FusedBackend` holds the calling convention once: it checks the inputs, answers sequences
@@ -48,7 +50,7 @@ from torch import Tensor
 
 from .base import (
     NEG_INF, POS_INF, AttentionBackend, NoAttention, check_features, check_shapes, empty_backward, empty_forward,
-    sequence_bounds,
+    pad_head, pad_head_dims, sequence_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -180,12 +182,11 @@ def check_fused_inputs(
             f"silently: load the model in bf16/fp16 (torch_dtype=torch.bfloat16), or use "
             f"attention_backend='reference' for float32/float64"
         )
-    head_dim = q.shape[-1]
-    if head_dim % 8 != 0 or head_dim > 256 or v.shape[-1] != head_dim:
+    head_dim = max(q.shape[-1], v.shape[-1])  # q/k and v of different sizes run zero-padded to the larger
+    if head_dim % 8 != 0 or head_dim > 256:
         raise ValueError(
             f"the {backend!r} attention backend needs a head dimension that is a multiple of 8 and at "
-            f"most 256 (same for q/k/v), got {head_dim} (v: {v.shape[-1]}); use attention_backend="
-            f"'reference'"
+            f"most 256, got {q.shape[-1]} for q/k and {v.shape[-1]} for v; use attention_backend='reference'"
         )
     if causal and positions is None and q.shape[0] != k.shape[0]:
         raise ValueError(
@@ -402,6 +403,9 @@ class FusedBackend(AttentionBackend):
                                   positions=positions)
         if q.shape[0] == 0 or k.shape[0] == 0:
             return NoAttention.apply(q, k, v)
+        if v.shape[-1] != q.shape[-1]:  # padded head sizes: the autograd Function of forward/backward, which pad
+            return super().varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
+                                  positions=positions)
         q, k, v = _last_dim_contiguous(q, k, v)
         out = self._kernel_varlen(
             q, k, v, _as_int32(cu_q), _as_int32(cu_k), int(max_q), call_max_k(int(max_k), what), float(scale),
@@ -410,8 +414,13 @@ class FusedBackend(AttentionBackend):
         return out.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0)
 
     def _forward_call(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
-        """One kernel call: ``(out, lse)`` in our layout, rows without keys zeroed."""
+        """One kernel call: ``(out, lse)`` in our layout, rows without keys zeroed. Different q/k and v head
+        sizes run zero-padded to the larger (FlashAttention-2 takes one head size), the padded columns dropped."""
+        v_dim = v.shape[-1]
+        if v_dim != q.shape[-1]:
+            _, (q, k, v) = pad_head_dims(q, k, v)
         out, lse = self._kernel_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap)
+        out = out[..., :v_dim]
         self._lse_layout = _detect_lse_layout(lse, q.shape[0], q.shape[1])
         lse = _lse_from_kernel(lse, self._lse_layout, cu_q, q.shape[0])
         return out.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), lse
@@ -445,10 +454,15 @@ class FusedBackend(AttentionBackend):
         return out, lse
 
     def _backward_call(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
+        qk_dim, v_dim = q.shape[-1], v.shape[-1]
+        if v_dim != qk_dim:  # as _forward_call: zero-padded, the padding's gradients dropped
+            dim, (q, k, v) = pad_head_dims(q, k, v)
+            dout, out = pad_head(dout, dim), pad_head(out, dim)
         dq, dk, dv = self._kernel_backward(
             dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
             _lse_to_kernel(lse, self._lse_layout, cu_q, max_q), cu_q, cu_k, max_q, max_k, scale, window_size, softcap,
         )
+        dq, dk, dv = dq[..., :qk_dim], dk[..., :qk_dim], dv[..., :v_dim]
         return dq.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), dk, dv
 
     @torch.no_grad()

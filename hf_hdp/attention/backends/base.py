@@ -25,8 +25,11 @@ Every attention call in hf_hdp goes through an :class:`AttentionBackend`:
 
 Conventions (all backends)
 --------------------------
-* Packed varlen layout: ``q`` is ``[Tq, Hq, D]``, ``k`` and ``v`` are ``[Tk, Hkv, D]`` with
-  ``Hq % Hkv == 0``. K/V come in *unrepeated* (GQA); query head ``h`` uses K/V head
+* Packed varlen layout: ``q`` is ``[Tq, Hq, Dk]``, ``k`` is ``[Tk, Hkv, Dk]`` and ``v`` is
+  ``[Tk, Hkv, Dv]`` with ``Hq % Hkv == 0``; ``out`` and ``dout`` are ``[Tq, Hq, Dv]``. The value head size may
+  differ from the query/key one (multi-head latent attention: 192 and 128 in DeepSeek-V3); kernels that need
+  one head size get K/V zero-padded to the larger (:func:`pad_head_dims`), which is exact: zero columns add
+  nothing to a score, and zero value columns give output columns that are dropped. K/V come in *unrepeated* (GQA); query head ``h`` uses K/V head
   ``h // (Hq // Hkv)``; ``dk``/``dv`` come back with ``Hkv`` heads.
 * ``cu_q``, ``cu_k``: int32 ``[N + 1]`` cumulative lengths; query sequence ``i`` attends only to key
   sequence ``i``. ``max_q``/``max_k`` are the longest lengths (Python ints).
@@ -90,6 +93,19 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
             f"cu_q and cu_k must both be [N + 1] cumulative lengths; got {tuple(cu_q.shape)} and "
             f"{tuple(cu_k.shape)}"
         )
+
+
+def pad_head(x: Tensor, dim: int) -> Tensor:
+    """``x`` with its last dimension zero-padded to ``dim`` (``x`` itself when it has that size)."""
+    return x if x.shape[-1] == dim else torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
+
+
+def pad_head_dims(*tensors: Tensor) -> tuple[int, list[Tensor]]:
+    """``(D, tensors zero-padded to D)`` with ``D`` the largest last dimension among them: how a kernel that needs
+    one head size for q, k and v runs multi-head latent attention exactly (padded q/k columns add 0 to every
+    score, padded v columns make output columns the caller drops; the gradients of the padding are dropped)."""
+    dim = max(t.shape[-1] for t in tensors)
+    return dim, [pad_head(t, dim) for t in tensors]
 
 
 def check_features(window: int | None, softcap: float | None, positions, causal: bool) -> None:

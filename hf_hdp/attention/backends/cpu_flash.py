@@ -28,6 +28,9 @@ Layer features (the contract's ``window``, ``positions`` and ``softcap``):
   each part's share exact), adds each part's dQ into its rows and accumulates dK/dV (in float32)
   over the overlapping key ranges of the tiles. Rows that see no key at all get out 0, lse -inf and
   no gradient. So a long windowed sequence costs about ``s * (tile + w)`` scores, not ``s²``.
+* Different q/k and v head sizes (multi-head latent attention): the kernel needs one head size, so q, k and v
+  are zero-padded to the larger (``dout`` and ``out`` too in backward) and the output and gradients sliced back;
+  exact, since zero columns add nothing to a score and padded value columns only fill dropped output columns.
 * ``softcap``: the CPU kernel has no score transform, so soft-capped calls are computed exactly with
   explicit scores by the ``"reference"`` backend's ``forward``/``backward`` (float32 arithmetic for
   float32/bf16/fp16 inputs, results in the input dtype), after this backend's own input checks.
@@ -40,7 +43,10 @@ import torch
 from torch import Tensor
 
 from ..merge import merge_attention
-from .base import NEG_INF, POS_INF, AttentionBackend, check_features, empty_backward, empty_forward, sequence_bounds, visible
+from .base import (
+    NEG_INF, POS_INF, AttentionBackend, check_features, empty_backward, empty_forward, pad_head, pad_head_dims,
+    sequence_bounds, visible,
+)
 from .reference import ReferenceBackend
 
 #: The input dtypes the CPU flash kernel runs.
@@ -86,11 +92,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, c
     problem = _dtype_problem(q.dtype)
     if problem is not None:
         raise ValueError(problem)
-    if v.dim() == 3 and v.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"the 'cpu_flash' attention backend needs one head dimension for q/k/v, got {q.shape[-1]} "
-            f"and v {v.shape[-1]}; use attention_backend='reference'"
-        )
     check_features(window, softcap, positions, causal)
     return sequence_bounds(q, k, v, cu_q, cu_k, causal, positions)
 
@@ -186,6 +187,14 @@ class CpuFlashBackend(AttentionBackend):
         if softcap is not None:  # no score transform in the kernel: explicit scores
             return _REFERENCE.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=softcap,
                                       window=window, positions=positions)
+        v_dim = v.shape[-1]
+        if v_dim != q.shape[-1]:  # one head size for the kernel: zero-pad, then drop the padded output columns
+            _, (q, k, v) = pad_head_dims(q, k, v)
+            out, lse = self._forward(q, k, v, seqs, causal, scale, window, positions)
+            return out[..., :v_dim].contiguous(), lse
+        return self._forward(q, k, v, seqs, causal, scale, window, positions)
+
+    def _forward(self, q, k, v, seqs, causal, scale, window, positions):
         groups = q.shape[1] // k.shape[1]
         out, lse = empty_forward(q, v)
         kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -225,6 +234,15 @@ class CpuFlashBackend(AttentionBackend):
         if softcap is not None:  # no score transform in the kernel: explicit scores
             return _REFERENCE.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
                                        window=window, softcap=softcap, positions=positions)
+        qk_dim, v_dim = q.shape[-1], v.shape[-1]
+        if v_dim != qk_dim:  # as forward: zero-padded to one head size, the padding's gradients dropped
+            dim, (q, k, v) = pad_head_dims(q, k, v)
+            dq, dk, dv = self._backward(pad_head(dout, dim), q, k, v, pad_head(out, dim), lse, seqs, causal, scale,
+                                        window, positions)
+            return dq[..., :qk_dim].contiguous(), dk[..., :qk_dim].contiguous(), dv[..., :v_dim].contiguous()
+        return self._backward(dout, q, k, v, out, lse, seqs, causal, scale, window, positions)
+
+    def _backward(self, dout, q, k, v, out, lse, seqs, causal, scale, window, positions):
         hkv = k.shape[1]
         groups = q.shape[1] // hkv
         dq, dk, dv = empty_backward(q, k, v)

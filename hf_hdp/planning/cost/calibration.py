@@ -47,8 +47,9 @@ def calibrate(measure: Callable, lengths: Iterable, *, base: CostModel | None = 
             measure(s)
         seconds.append(float(statistic([measure(s) for _ in range(max(1, repeats))])))
     a, b, c = fit_coefficients(lengths, seconds, num_layers, relative=relative)
-    masks = base.layer_masks if num_layers == base.num_layers else ()  # per-layer masks cannot follow another count
-    fitted = replace(base, a=a, b=b, c=c, num_layers=num_layers, layer_masks=masks)
+    same = num_layers == base.num_layers  # per-layer masks and heads cannot follow another count
+    masks, heads = (base.layer_masks, base.layer_heads) if same else ((), ())
+    fitted = replace(base, a=a, b=b, c=c, num_layers=num_layers, layer_masks=masks, layer_heads=heads)
     residuals = relative_residuals(fitted, lengths, seconds)
     return replace(
         fitted,

@@ -50,14 +50,15 @@ def layer_activation_bytes_per_token(model: ModelSpec) -> float:
     layer (RMSNorm, GQA, SwiGLU MLP, no dropout), in the model dtype of ``bytes_per_value``:
 
     - attention: norm input ``h``, norm output ``h``, Q after RoPE ``H·D``, K and V ``2·Hkv·D``,
-      attention output ``H·D`` (the O projection's input), plus the float32 log-sum-exp ``4·H`` bytes;
+      attention output ``H·D`` (the O projection's input), plus the float32 log-sum-exp ``4·H`` bytes
+      (with multi-head latent attention Q and K at the q/k head size, V and the output at the v one);
     - MLP: norm input ``h``, norm output ``h``, gate, up, SiLU(gate) and their product ``4·i``.
 
     LLaMA-7B: ``2·(8h + 4i) + 4H = 153,728`` bytes, about ``37.5·h``. HF's eager RMSNorm also
     keeps a float32 copy of its input (``+4h`` each, ~20% more): leave headroom (``reserve_fraction``).
     """
     h, i = model.hidden_size, model.intermediate_size
-    values = 4 * h + 2 * model.q_dim + 2 * model.kv_dim + 4 * i
+    values = 4 * h + model.q_dim + model.attention_out_dim + 2 * model.kv_dim + 4 * i
     return float(model.bytes_per_value * values + FLOAT32_BYTES * model.num_heads)
 
 

@@ -59,6 +59,14 @@ slowest member, so a direct layer's exposed time is the maximum over the members
 piece's ring over its ``r`` positions does the same over the positions' zigzag layout, each message
 carrying the member's ``1/u`` of the K/V heads, its own-rows block ``1/u`` of its position's.
 
+K/V heads and head sizes per layer (:attr:`CostModel.layer_heads`, one ``(num_kv_heads, qk_head_dim,
+v_head_dim)`` per layer; empty: every layer has :attr:`CostModel.num_kv_heads` heads and K and V of
+``kv_bytes_per_token / 2`` bytes each). Every message is priced with its layer's own shapes: K rows at the
+q/k head size and V rows at the v head size (multi-head latent attention: 192 and 128 in DeepSeek-V3),
+Ulysses' Q and dQ at the q/k size and its output and dO at the v size, and each layer's own K/V heads
+(Gemma 4's full layers have wider heads and other K/V heads than its sliding ones). Layers are grouped by
+``(mask, heads)`` (:attr:`CostModel.layer_kinds`), so a uniform model's figures are exactly those of one group.
+
 Derivation: :meth:`CostModel.from_specs` (a transformers config or :class:`~.specs.ModelSpec` and a
 :class:`~.specs.HardwareSpec`), :meth:`CostModel.bytescale` (ByteScale's published per-layer times,
 :func:`~.fit.bytescale_fit`), or :func:`~.calibration.calibrate` (timings of this machine).
@@ -72,11 +80,21 @@ from functools import cached_property, lru_cache
 from typing import NamedTuple, Sequence
 
 from ..layout import even_split, head_rings, head_split, ring_positions, zigzag_member_sizes
-from ..reach import LayerMask, mask_pairs
+from ..reach import FULL, LayerMask, mask_pairs
 from .fit import bytescale_fit
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange, slowest_member_pairs
+
+
+class LayerKV(NamedTuple):
+    """What one layer's attention moves per token: ``heads`` K/V heads, ``k`` bytes per K head (a Q head is as
+    wide), ``v`` bytes per V head (an output head is as wide), ``row`` bytes of all its K and V."""
+
+    heads: int
+    k: float
+    v: float
+    row: float
 
 
 @lru_cache(maxsize=65536)
@@ -129,6 +147,9 @@ class CostModel:
     # one LayerMask per layer (hf_hdp.planning.reach.layer_masks of the model's config): sliding-window and
     # chunked layers; empty: every layer full causal (see the module docstring)
     layer_masks: tuple = ()
+    # one (num_kv_heads, qk_head_dim, v_head_dim) per layer, K/V priced at value_bytes per value (see the module
+    # docstring); empty: every layer num_kv_heads heads of kv_bytes_per_token / (2 num_kv_heads) bytes for K and V
+    layer_heads: tuple = ()
 
     def __post_init__(self) -> None:
         masks = tuple(LayerMask(**m) if isinstance(m, dict) else m for m in self.layer_masks)
@@ -137,6 +158,36 @@ class CostModel:
         if masks and len(masks) != self.num_layers:
             raise ValueError(f"CostModel.layer_masks has {len(masks)} masks for {self.num_layers} layers")
         object.__setattr__(self, "layer_masks", masks)
+        heads = tuple(tuple(int(x) for x in h) for h in self.layer_heads)
+        if heads and (len(heads) != self.num_layers or any(len(h) != 3 or min(h) < 1 for h in heads)):
+            raise ValueError(f"CostModel.layer_heads needs one (num_kv_heads, qk_head_dim, v_head_dim) of positive "
+                             f"ints per layer ({self.num_layers}), got {self.layer_heads!r}")
+        object.__setattr__(self, "layer_heads", heads)
+
+    @cached_property
+    def layer_kvs(self) -> tuple[LayerKV, ...]:
+        """:class:`LayerKV` of every layer (:attr:`layer_heads`, or the uniform figures)."""
+        if not self.layer_heads:
+            hb = self.kv_bytes_per_token / (2 * self.num_kv_heads) if self.num_kv_heads else self.kv_bytes_per_token / 2
+            return (LayerKV(self.num_kv_heads, hb, hb, self.kv_bytes_per_token),) * self.num_layers
+        vb = self.value_bytes
+        return tuple(LayerKV(h, qk * vb, v * vb, h * (qk + v) * vb) for h, qk, v in self.layer_heads)
+
+    @cached_property
+    def kv_groups(self) -> tuple[tuple[LayerKV, int], ...]:
+        """``(LayerKV, layers)`` per distinct layer shape, in first-seen order."""
+        counts: dict = {}
+        for kv in self.layer_kvs:
+            counts[kv] = counts.get(kv, 0) + 1
+        return tuple(counts.items())
+
+    @cached_property
+    def layer_kinds(self) -> tuple[tuple[LayerMask, LayerKV, int], ...]:
+        """``(mask, LayerKV, layers)`` per distinct pair, in first-seen order."""
+        counts: dict = {}
+        for mask, kv in zip(self.layer_masks or (FULL,) * self.num_layers, self.layer_kvs):
+            counts[mask, kv] = counts.get((mask, kv), 0) + 1
+        return tuple((m, kv, n) for (m, kv), n in counts.items())
 
     @cached_property
     def mask_groups(self) -> tuple[tuple[LayerMask, int], ...]:
@@ -158,14 +209,15 @@ class CostModel:
         return _restricted_pairs(self.mask_groups, s) if self.mask_groups else None
 
     def _segment_kinds(self, lengths: Sequence[int]):
-        """The layer groups of a segment of ``lengths``, or ``None`` when no layer restricts its longest document."""
+        """``[(mask, count, direct, LayerKV), ...]``: the layer groups of a segment of ``lengths``, or ``None`` when no
+        layer restricts its longest document."""
         groups = self.mask_groups
         if not groups or not lengths:
             return None
         longest = max(lengths)
         if not any(m.restricts(longest) for m, _ in groups):
             return None
-        return [(m, count, m.restricts(longest)) for m, count in groups]
+        return [(m, count, m.restricts(longest), kv) for m, kv, count in self.layer_kinds]
 
     # ------------------------------------------------------------ derivation
     @classmethod
@@ -198,6 +250,8 @@ class CostModel:
             num_heads=model.num_heads,
             num_kv_heads=model.num_kv_heads,
             layer_masks=model.layer_masks,
+            layer_heads=() if not model.layer_heads and model.v_head_dim == model.head_dim else
+            tuple(tuple(h) for h in model.heads_per_layer),
         )
 
     @classmethod
@@ -247,6 +301,7 @@ class CostModel:
         d = asdict(self)
         d.pop("extra", None)
         d["layer_masks"] = [{"window": m.window, "chunk": m.chunk} for m in self.layer_masks]
+        d["layer_heads"] = [list(h) for h in self.layer_heads]
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
     # ----------------------------------------------------------------- terms
@@ -291,11 +346,12 @@ class CostModel:
         """One ring hop of ``tokens`` tokens' K/V, all layers: forward K/V, backward K/V, and the
         backward dK/dV in float32 (three messages, none hidden). A relay-ring hop: sliding and chunked
         layers exchange directly instead (:meth:`segment_bytes_by_member`)."""
-        kv = tokens * self.kv_bytes_per_token
-        grad = kv * self.grad_hop_bytes / self.value_bytes
-        return self.num_layers * (
-            2 * self.message_time(kv, spans_nodes) + self.message_time(grad, spans_nodes)
-        )
+        total = 0.0
+        for layer, count in self.kv_groups:
+            kv = tokens * layer.row
+            grad = kv * self.grad_hop_bytes / self.value_bytes
+            total += count * (2 * self.message_time(kv, spans_nodes) + self.message_time(grad, spans_nodes))
+        return total
 
     def piece_compute_time(self, s: int, k: int) -> float:
         """One member's compute for a sequence of ``s`` tokens on ``k`` ranks: ``1/k`` of the
@@ -328,20 +384,19 @@ class CostModel:
         kinds = self._segment_kinds(lengths)
         if kinds is None:
             compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-            exposed = self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * self.kv_bytes_per_token,
-                                         spans_nodes)
-            return compute, self.num_layers * exposed
+            exposed = sum(count * self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * kv.row, spans_nodes)
+                          for kv, count in self.kv_groups)
+            return compute, exposed
         member, exposed = 0.0, 0.0  # the slowest member's attention, in mask_pairs units
         docs = tuple(sorted(lengths))
-        for mask, count, direct in kinds:
+        for mask, count, direct, kv in kinds:
             if direct:
                 pairs = float(sum(mask_pairs(s, mask) for s in lengths))
                 exposed += count * self._direct_exposed(segment_exchange(docs, k, mask), self.a * pairs / k,
-                                                        self.kv_bytes_per_token, spans_nodes)
+                                                        kv.row, spans_nodes)
                 member += count * slowest_member_pairs(docs, k, mask)
             else:
-                exposed += count * self._ring_exposed(k, self.a * sum_s2 / (k * k),
-                                                      (sum_s / k) * self.kv_bytes_per_token, spans_nodes)
+                exposed += count * self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * kv.row, spans_nodes)
                 member += count * sum_s2 / k
         return self.a * member + self.num_layers * self.b * sum_s / k, exposed
 
@@ -398,8 +453,9 @@ class CostModel:
     # ------------------------------------------------------------ head-parallel pieces
     @property
     def head_bytes(self) -> float:
-        """Bytes of one token's one head (K, V or Q) in the model dtype: ``head_dim · value_bytes``."""
-        return self.kv_bytes_per_token / (2 * self.num_kv_heads) if self.num_kv_heads else 0.0
+        """Bytes of one token's one K (or Q) head of the first layer in the model dtype: ``head_dim · value_bytes``
+        (each layer's own figures: :attr:`layer_kvs`)."""
+        return self.layer_kvs[0].k if self.num_kv_heads and self.layer_kvs else 0.0
 
     def ulysses_degrees(self, k: int, ranks_per_node: int | None = None) -> list[int]:
         """The Ulysses degrees ``u > 1`` a group of ``k`` ranks can take: ``u`` divides ``k`` and the query
@@ -431,32 +487,41 @@ class CostModel:
         sum_s2 = float(sum(s * s for s in lengths))
         kinds = self._segment_kinds(lengths)
         compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-        kv_heads = max(len(sp.kv_heads) for sp in head_split(self.num_heads, self.num_kv_heads, u))
-        hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
+        acc = self.grad_hop_bytes / self.value_bytes
         rows = sum_s / k  # this member's rows; each round sends one sub-member's heads of them
-        q_msg = rows * (self.num_heads / u) * hb
-        kv_msg = rows * 2 * kv_heads * hb
-        rounds = (self.message_time(q_msg, a2a_spans) * (2 + acc + 1)  # Q, output, dQ (accumulator), dO
-                  + self.message_time(kv_msg, a2a_spans) * (1 + acc))  # K/V, dK/dV (accumulator)
-        exposed = (u - 1) * rounds
-        ring_kv = (sum_s / r) * 2 * kv_heads * hb  # a position's rows of this member's K/V heads
+
+        def member_kv_row(kv: LayerKV) -> float:  # one row of the member's K/V heads (the most any member holds)
+            return max(len(sp.kv_heads) for sp in head_split(self.num_heads, kv.heads, u)) * (kv.k + kv.v)
+
+        def a2a(kv: LayerKV) -> float:  # one layer's six all-to-alls, (u - 1) rounds each
+            q_msg, o_msg = rows * (self.num_heads / u) * kv.k, rows * (self.num_heads / u) * kv.v
+            rounds = (self.message_time(q_msg, a2a_spans) * (1 + acc)  # Q, dQ (accumulator)
+                      + self.message_time(o_msg, a2a_spans) * 2  # output, dO
+                      + self.message_time(rows * member_kv_row(kv), a2a_spans) * (1 + acc))  # K/V, dK/dV (acc.)
+            return (u - 1) * rounds
+
         if kinds is None:
-            exposed += self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
-            return compute, self.num_layers * exposed
-        member, ring = 0.0, 0.0  # the slowest member's attention (its position's, for its 1/u of the heads)
+            exposed = 0.0
+            for kv, count in self.kv_groups:  # a position's rows of this member's K/V heads go round the ring
+                ring_kv = (sum_s / r) * member_kv_row(kv)
+                exposed += count * (a2a(kv) + self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans))
+            return compute, exposed
+        member, exposed = 0.0, 0.0  # the slowest member's attention (its position's, for its 1/u of the heads)
         docs = tuple(sorted(lengths))
-        for mask, count, direct in kinds:
+        for mask, count, direct, kv in kinds:
             pairs = float(sum(mask_pairs(s, mask) for s in lengths)) if direct else sum_s2
             member += count * (slowest_member_pairs(docs, r, mask) / u if direct else sum_s2 / k)
+            exposed += count * a2a(kv)
             if r <= 1:
                 continue
             if direct:  # the positions exchange directly: position layout, this member's K/V heads
-                ring += count * self._direct_exposed(segment_exchange(docs, r, mask), self.a * pairs / k,
-                                                     2 * kv_heads * hb, ring_spans, share=u)
+                exposed += count * self._direct_exposed(segment_exchange(docs, r, mask), self.a * pairs / k,
+                                                        member_kv_row(kv), ring_spans, share=u)
             else:
-                ring += count * self._ring_exposed(r, self.a * sum_s2 / (r * r * u), ring_kv, ring_spans)
+                exposed += count * self._ring_exposed(r, self.a * sum_s2 / (r * r * u), (sum_s / r) * member_kv_row(kv),
+                                                      ring_spans)
         compute = self.a * member + self.num_layers * self.b * sum_s / k
-        return compute, self.num_layers * exposed + ring
+        return compute, exposed
 
     def split_piece_time(self, s: int, group: Sequence[int], ulysses: int = 1) -> float:
         """:meth:`piece_time` of a sequence alone in its micro-batch on ``group`` with Ulysses degree ``ulysses``."""
@@ -569,9 +634,9 @@ class CostModel:
             return 0.0
         if self._segment_kinds([s]) is not None:  # sliding/chunked layers: the mean of the exact figures
             return sum(self.segment_bytes_by_member([int(s)], k)) / k
-        per_hop = (s / k) * self.kv_bytes_per_token
+        per_hop = (s / k) * sum(count * kv.row for kv, count in self.kv_groups)  # all layers
         grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
-        return self.num_layers * ((k - 1) * 2 * per_hop + k * grad_hop)
+        return (k - 1) * 2 * per_hop + k * grad_hop
 
     def segment_bytes_sent(self, lengths: Sequence[int], k: int, member: int) -> float:
         """Exact bytes member ``member`` of a ring segment sends in one step, all layers.
@@ -597,13 +662,13 @@ class CostModel:
         total = sum(rows)
         kinds = self._segment_kinds([int(s) for s in lengths])
         if kinds is None:
-            per_row = self.num_layers * self.kv_bytes_per_token
+            per_row = sum(count * kv.row for kv, count in self.kv_groups)  # one row's K/V, all layers
             grad = total * self.grad_hop_bytes / self.value_bytes
             return [per_row * (2 * (total - rows[(i + 1) % k]) + grad) for i in range(k)]
         acc = self.grad_hop_bytes / self.value_bytes
         out = [0.0] * k
-        for mask, count, direct in kinds:
-            per_row = count * self.kv_bytes_per_token
+        for mask, count, direct, kv in kinds:
+            per_row = count * kv.row
             if direct:
                 ex = segment_exchange(tuple(sorted(int(s) for s in lengths)), k, mask)
                 for i in range(k):
@@ -617,8 +682,7 @@ class CostModel:
         if not self.num_heads:
             raise ValueError("pricing a head-parallel piece needs the model's heads (CostModel.num_heads)")
         r = k // u
-        splits = head_split(self.num_heads, self.num_kv_heads, u)
-        hb, acc = self.head_bytes, self.grad_hop_bytes / self.value_bytes
+        acc = self.grad_hop_bytes / self.value_bytes
         q_heads = self.num_heads // u
         pos = [0] * r  # rows of each position, all documents
         mine = [[0] * u for _ in range(r)]  # rows of each sub-member
@@ -629,34 +693,33 @@ class CostModel:
                     mine[p][j] += m
         total = sum(pos)
         kinds = self._segment_kinds(lengths)
+        if kinds is None:  # every layer a relay ring over the positions
+            kinds = [(FULL, count, False, kv) for kv, count in self.kv_groups]
         exchanges = {}
-        if kinds is not None and r > 1:
+        if r > 1:
             docs = tuple(sorted(lengths))
-            exchanges = {mask: segment_exchange(docs, r, mask) for mask, _, direct in kinds if direct}
+            exchanges = {mask: segment_exchange(docs, r, mask) for mask, _, direct, _ in kinds if direct}
+        kv_heads = {kv.heads: [len(sp.kv_heads) for sp in head_split(self.num_heads, kv.heads, u)] for _, _, _, kv in kinds}
         out = []
         for m in range(k):
             p, j = divmod(m, u)
             n, others = mine[p][j], pos[p] - mine[p][j]
-            kv_j = len(splits[j].kv_heads)
-            sent = n * (u - 1) * q_heads * hb * 2  # Q forward, dO backward
-            sent += n * sum(2 * len(splits[i].kv_heads) for i in range(u) if i != j) * hb  # K/V forward
-            sent += others * q_heads * hb * (1 + acc)  # output forward, dQ backward (accumulator dtype)
-            sent += others * 2 * kv_j * hb * acc  # dK/dV backward (accumulator dtype)
-            per_row = 2 * kv_j * hb
-            ring_full = per_row * (2 * (total - pos[(p + 1) % r]) + total * acc) if r > 1 else 0.0
-            if kinds is None:
-                out.append(self.num_layers * (sent + ring_full))  # the ring over the positions for its heads
-                continue
-            ring = 0.0
-            for mask, count, direct in kinds:
-                if r <= 1:
-                    break
-                if direct:  # direct exchange between the positions (position layout)
+            total_m = 0.0
+            for mask, count, direct, kv in kinds:
+                heads = kv_heads[kv.heads]
+                row = kv.k + kv.v  # one K/V head of one row: K at the q/k head size, V at the v one
+                sent = n * (u - 1) * q_heads * (kv.k + kv.v)  # Q forward (q/k size), dO backward (v size)
+                sent += n * sum(heads[i] for i in range(u) if i != j) * row  # K/V forward
+                sent += others * q_heads * (kv.v + acc * kv.k)  # output forward, dQ backward (accumulator dtype)
+                sent += others * heads[j] * row * acc  # dK/dV backward (accumulator dtype)
+                per_row = heads[j] * row  # the ring over the positions for its heads
+                if r > 1 and direct:  # direct exchange between the positions (position layout)
                     ex = exchanges[mask]
-                    ring += count * per_row * (2 * ex.sent_rows[p] + acc * ex.received_rows[p])
-                else:
-                    ring += count * ring_full
-            out.append(self.num_layers * sent + ring)
+                    sent += per_row * (2 * ex.sent_rows[p] + acc * ex.received_rows[p])
+                elif r > 1:
+                    sent += per_row * (2 * (total - pos[(p + 1) % r]) + total * acc)
+                total_m += count * sent
+            out.append(total_m)
         return out
 
     def segment_messages(self, k: int, ulysses: int = 1, lengths: Sequence[int] | None = None,
@@ -694,7 +757,7 @@ class CostModel:
         if r <= 1:
             return out
         docs = tuple(sorted(lengths))
-        for mask, count, direct in kinds:
+        for mask, count, direct, _kv in kinds:
             if direct:
                 ex = segment_exchange(docs, r, mask)
                 for m in range(k):

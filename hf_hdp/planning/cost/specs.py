@@ -7,7 +7,9 @@ Figures behind the presets are named where they are defined.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from ..layers import layer_attention_shapes
 from ..reach import FULL
 from ..reach import layer_masks as config_layer_masks
 
@@ -17,9 +19,29 @@ FWD_BWD = 3.0
 FLOAT32_BYTES = 4
 
 
+def _integral(x: float) -> int | float:
+    """``x`` as an int when it is a whole number (so uniform models keep their exact integer counts)."""
+    return int(x) if float(x).is_integer() else x
+
+
+class LayerHeads(NamedTuple):
+    """One attention layer's K/V heads and head sizes: q/k heads of ``qk_head_dim``, v heads of ``v_head_dim``
+    (they differ under multi-head latent attention: 192 and 128 in DeepSeek-V3)."""
+
+    num_kv_heads: int
+    qk_head_dim: int
+    v_head_dim: int
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shapes that set a decoder's cost (LLaMA-style: gated MLP, GQA, RMSNorm, untied head by default)."""
+    """The shapes that set a decoder's cost (LLaMA-style: gated MLP, GQA, RMSNorm, untied head by default).
+
+    ``head_dim`` is the q/k head size and ``v_head_dim`` the v head size (0: ``head_dim``). A model whose
+    layers differ (Gemma 4: wider heads, and other K/V heads, on its full-attention layers) gives one
+    :class:`LayerHeads` per layer in ``layer_heads``; the per-token figures are then means over the layers,
+    and :class:`~.model.CostModel` prices each layer's exchange with its own heads.
+    """
 
     name: str
     hidden_size: int
@@ -34,14 +56,33 @@ class ModelSpec:
     bias_params_per_layer: int = 0  # projection biases (Qwen2's q/k/v; Llama's attention_bias=True)
     # one hf_hdp.planning.reach.LayerMask per layer (sliding-window / chunked layers); () when all are full causal
     layer_masks: tuple = ()
+    v_head_dim: int = 0
+    # one LayerHeads per layer; () when every layer has num_kv_heads, head_dim and v_head_dim
+    layer_heads: tuple = ()
 
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.v_head_dim == 0:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
         masks = tuple(self.layer_masks)
         if masks and len(masks) != self.num_layers:
             raise ValueError(f"ModelSpec.layer_masks has {len(masks)} masks for {self.num_layers} layers")
         object.__setattr__(self, "layer_masks", () if all(m.full for m in masks) else masks)
+        heads = tuple(LayerHeads(*h) for h in self.layer_heads)
+        if heads and len(heads) != self.num_layers:
+            raise ValueError(f"ModelSpec.layer_heads has {len(heads)} entries for {self.num_layers} layers")
+        uniform = LayerHeads(self.num_kv_heads, self.head_dim, self.v_head_dim)
+        object.__setattr__(self, "layer_heads", () if all(h == uniform for h in heads) else heads)
+
+    @property
+    def heads_per_layer(self) -> tuple[LayerHeads, ...]:
+        """:class:`LayerHeads` of every layer (the uniform ones repeated when ``layer_heads`` is empty)."""
+        return self.layer_heads or (LayerHeads(self.num_kv_heads, self.head_dim, self.v_head_dim),) * self.num_layers
+
+    def _mean(self, per_layer) -> float:
+        values = [per_layer(h) for h in self.heads_per_layer]
+        return sum(values) / len(values) if values else 0
 
     @classmethod
     def from_config(cls, config, name: str | None = None, bytes_per_value: int = 2) -> "ModelSpec":
@@ -54,9 +95,13 @@ class ModelSpec:
         if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
             config = config.text_config
         heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        q, kv = heads * head_dim, kv_heads * head_dim
+        # K/V heads and head sizes per layer (hf_hdp.planning.layers): Gemma 4 keeps them per layer, multi-head
+        # latent attention has wider q/k heads than v heads
+        layer_heads = tuple(LayerHeads(*h) for h in layer_attention_shapes(config))
+        first = layer_heads[0]
+        kv_heads, head_dim, v_head_dim = first
+        q = _integral(sum(heads * h.qk_head_dim for h in layer_heads) / len(layer_heads))
+        kv = _integral(sum(h.num_kv_heads * (h.qk_head_dim + h.v_head_dim) for h in layer_heads) / (2 * len(layer_heads)))
         if getattr(config, "attention_bias", False):  # Llama-style: q, k, v and o
             bias = q + 2 * kv + config.hidden_size
         elif getattr(config, "model_type", "").startswith("qwen2"):  # Qwen2: q, k, v always
@@ -80,24 +125,41 @@ class ModelSpec:
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             bias_params_per_layer=bias,
             layer_masks=masks,
+            v_head_dim=v_head_dim,
+            layer_heads=layer_heads,
         )
 
     @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
+    def q_dim(self) -> float:
+        """Query values per token per layer, ``H·Dqk`` (mean over the layers)."""
+        if not self.layer_heads:
+            return self.num_heads * self.head_dim
+        return _integral(self._mean(lambda h: self.num_heads * h.qk_head_dim))
 
     @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    def kv_dim(self) -> float:
+        """Half the K and V values per token per layer, ``Hkv·(Dqk + Dv) / 2`` (``Hkv·D`` with one head size;
+        mean over the layers)."""
+        if not self.layer_heads and self.v_head_dim == self.head_dim:
+            return self.num_kv_heads * self.head_dim
+        return _integral(self._mean(lambda h: h.num_kv_heads * (h.qk_head_dim + h.v_head_dim) / 2))
+
+    @property
+    def attention_out_dim(self) -> float:
+        """Attention output values per token per layer, ``H·Dv`` (mean over the layers)."""
+        if not self.layer_heads:
+            return self.num_heads * self.v_head_dim
+        return _integral(self._mean(lambda h: self.num_heads * h.v_head_dim))
 
     @property
     def layer_params(self) -> int:
-        """Weights of one layer's projections and gated MLP (norms ignored)."""
-        q = self.hidden_size * self.num_heads * self.head_dim
-        kv = 2 * self.hidden_size * self.num_kv_heads * self.head_dim
-        o = self.num_heads * self.head_dim * self.hidden_size
+        """Weights of one layer's projections and gated MLP (norms ignored; mean over the layers when they differ;
+        multi-head latent attention's low-rank projections are counted as plain q/k/v projections)."""
+        q = self.hidden_size * self.q_dim
+        kv = 2 * self.hidden_size * self.kv_dim
+        o = self.attention_out_dim * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
-        return q + kv + o + mlp
+        return _integral(q + kv + o + mlp)
 
     @property
     def num_params(self) -> int:
@@ -107,15 +169,19 @@ class ModelSpec:
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of one token's K and V in one layer (KV heads unrepeated)."""
-        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_value
+    def kv_bytes_per_token(self) -> int | float:
+        """Bytes of one token's K and V in one layer (KV heads unrepeated; K at the q/k head size, V at the v
+        head size; mean over the layers when they differ)."""
+        return 2 * self.kv_dim * self.bytes_per_value
 
     # forward FLOPs, used by CostModel.from_specs and hardware_from_coefficients
     @property
     def attention_flops_per_s2(self) -> float:
-        """Forward FLOPs of causal attention per layer, per ``s²``: QKᵀ and PV, 2 FLOPs a MAC, half the pairs."""
-        return 2.0 * self.num_heads * self.head_dim
+        """Forward FLOPs of causal attention per layer, per ``s²``: QKᵀ (``Dqk``) and PV (``Dv``), 2 FLOPs a MAC,
+        half the pairs (mean over the layers when they differ)."""
+        if not self.layer_heads:
+            return 1.0 * self.num_heads * (self.head_dim + self.v_head_dim)
+        return self._mean(lambda h: 1.0 * self.num_heads * (h.qk_head_dim + h.v_head_dim))
 
     @property
     def linear_flops_per_token(self) -> float:
