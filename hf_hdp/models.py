@@ -140,6 +140,16 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
         "(refused; it is a no-op while every sample and packed row stays under floor_scale=8192 tokens, so "
         "setting it False then changes nothing)",
     ),
+    "deepseek_v3": FamilySupport(
+        _V, "multi-head latent attention (q/k heads of qk_nope_head_dim + qk_rope_head_dim = 192, v heads of "
+        f"v_head_dim = 128: every kernel and split carries K and V at their own sizes), low-rank q/kv projections, "
+        f"MoE with grouped top-k sigmoid routing and a shared expert per token (Kimi K2 shares the family); {_AUX}",
+    ),
+    "gemma4_text": FamilySupport(
+        _V, "per-layer heads (global_head_dim and num_global_key_value_heads on the full layers, read per layer), "
+        "attention_k_eq_v, K/V shared across layers (num_kv_shared_layers: the reusing layers attend the same rows' "
+        "K/V), per-layer input embeddings (per token), sliding layers (512) beside full ones",
+    ),
     # --- refused: the feature is built into the family, or the family is not verified by the tests (an entry
     # here keeps it from the generic "unverified" path: each note says why)
     "granite_swa": FamilySupport(

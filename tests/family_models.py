@@ -83,6 +83,10 @@ AttentionMaskInterface.register(DENSE_REFERENCE, sdpa_mask)  # sliding / chunked
 
 _BASE = dict(TINY_CONFIG, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=False)
+# DeepSeek-V3's multi-head latent attention at the tiny scale, and its MoE (top-2 of 4 in 2 groups, a shared expert)
+_DEEPSEEK = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                 moe_intermediate_size=32, first_k_dense_replace=2, output_router_logits=False)
 
 # model_type -> (config kwargs, reference attention implementation)
 FAMILIES: dict[str, tuple[dict, str]] = {
@@ -130,6 +134,18 @@ FAMILIES: dict[str, tuple[dict, str]] = {
                          intermediate_size_mlp=128, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
                          attention_chunk_size=SMALL, attn_temperature_tuning=False, use_qk_norm=True,
                          output_router_logits=False), DENSE_REFERENCE),
+    # DeepSeek-V3 (multi-head latent attention): q/k heads of 24 (nope 16 + rope 8, interleaved RoPE) beside v heads
+    # of 16, low-rank q and kv projections; both layers dense here (first_k_dense_replace=2): its MoE router takes
+    # float32 gates, see the "deepseek_v3-moe" feature case
+    "deepseek_v3": (dict(_BASE, num_key_value_heads=4, **_DEEPSEEK), "sdpa"),
+    # Gemma 4 (text): per-layer heads (sliding layers 2 K/V heads of 16, the full layers 1 K/V head of 32 with
+    # attention_k_eq_v: V is K's projection), the last layer reusing the full layer's K/V (num_kv_shared_layers),
+    # per-layer input embeddings, a window of 8 tokens (far shorter than the samples), proportional partial RoPE
+    "gemma4_text": (dict(_BASE, num_hidden_layers=3, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                         attention_k_eq_v=True, num_kv_shared_layers=1, sliding_window=SMALL,
+                         layer_types=["sliding_attention", "full_attention", "full_attention"],
+                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                         hidden_activation="gelu_pytorch_tanh"), "sdpa"),
 }
 
 # feature case -> (model_type, config kwargs, reference attention): the families' features at lengths where they
@@ -141,6 +157,8 @@ FEATURES: dict[str, tuple[str, dict, str]] = {
     "mistral-window8": ("mistral", dict(_BASE, sliding_window=SMALL), DENSE_REFERENCE),
     "qwen2-window8": ("qwen2", dict(_BASE, use_sliding_window=True, sliding_window=SMALL, max_window_layers=1),
                       DENSE_REFERENCE),
+    # DeepSeek-V3 with its MoE layer (layer 1): sigmoid router in float32, grouped top-k, a shared expert
+    "deepseek_v3-moe": ("deepseek_v3", dict(FAMILIES["deepseek_v3"][0], first_k_dense_replace=1), "sdpa"),
 }
 
 # every model the tests build: name -> (model_type, config kwargs, reference attention)
@@ -181,7 +199,7 @@ PREPARE = {"gemma2-softcap-window8": _scale_qk(4.0), "gpt_oss": _random_sinks}
 # Keyed by model_type (feature cases of a family share its entry). (gpt-oss normalises in float32 too, but
 # multiplies by the float64 weight, so its norm weights' gradients are float64 sums and need no entry.)
 FLOAT32_INTERNAL = {
-    fam: re.compile(r"norm\.weight$") for fam in ("gemma", "gemma2", "gemma3_text", "cohere")
+    fam: re.compile(r"norm\.weight$") for fam in ("gemma", "gemma2", "gemma3_text", "gemma4_text", "cohere")
 }
 # Families whose forward rounds a value that the whole model depends on to float32, so their loss and every gradient
 # are float32-accurate rather than float64-accurate. model_type -> relative tolerance of the loss and of every
@@ -194,6 +212,15 @@ FLOAT32_INTERNAL = {
 # taken in float64 instead, Llama 4 matches at the float64 tolerances. 8 float32 ulps (about 1e-6) bounds a
 # relative gate error of a few ulps, and a chunked-attention fault (1e-2) is still far outside it.
 FLOAT32_GATES = {"llama4_text": 8 * torch.finfo(torch.float32).eps}
+# DeepSeek-V3's router takes its sigmoid gates in float32 too (F.linear and sigmoid on float32 copies), keyed by case:
+# its dense case stays at the float64 tolerances
+FLOAT32_GATES["deepseek_v3-moe"] = FLOAT32_GATES["llama4_text"]
+# Gemma 4 normalises every hidden state and every q/k/v head in float32 (Gemma4RMSNorm: hidden.float(), mean of
+# squares, pow(-0.5), back to the model dtype), so the float64 model is float32-accurate throughout: packing two
+# samples into one row on ONE process, with no split at all, already moves its gradients by ~1e-7 of their size (the
+# loss stays within 1e-12). HDP's own attention is float64-exact (deepseek_v3 and the kernel tests); a wrong mask,
+# head size or shared K/V would show at 1e-2.
+FLOAT32_GATES["gemma4_text"] = FLOAT32_GATES["llama4_text"]
 
 # families whose equivalence the issue names explicitly
 REQUIRED = ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "olmo2", "mixtral", "qwen2_moe")
@@ -226,7 +253,7 @@ def save_family_model(family: str, path: str, seed: int = 0) -> str:
 
 
 # torch's grouped_mm (transformers' default MoE experts kernel) has no float64: the tests run the eager experts
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
 
 
 def load_family_model(path: str, family: str, dtype=torch.float64, attn: str | None = None):
