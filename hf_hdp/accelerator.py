@@ -140,7 +140,7 @@ class HDPAccelerator(Accelerator):
             from .planning.layers import kernel_head_dim
             from .trainer.trainer import enable_hdp_attention
 
-            base = enable_hdp_attention(model)  # UnsupportedModelError names what the model lacks
+            base = enable_hdp_attention(model, self.hdp_config.state_split)  # UnsupportedModelError names what the model lacks
             config = base.config
             self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
                 self.device, base.dtype, mixed_precision=self.mixed_precision in ("bf16", "fp16"),

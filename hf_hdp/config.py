@@ -67,6 +67,16 @@ class HDPConfig:
             "them). The naive and static planners place rings: with them only 'auto' (meaning rings) and 'ring' apply."
         },
     )
+    state_split: Literal["auto", "heads", "scan"] = field(
+        default="auto",
+        metadata={
+            "help": "How the state-carrying layers (Gated DeltaNet in Qwen3.5 and Qwen3-Next) of a sample split over "
+            "several ranks run: 'heads' (all-to-all to head shards, the whole recurrence per head shard, all-to-all "
+            "back; needs the group size to divide the value heads, else the scan runs), 'scan' (each member from a "
+            "zero state, one exchange of chunk transitions and states, an exact correction) or 'auto' (per sample, "
+            "whichever hf_hdp.planning.cost.recurrent prices cheaper). Never a serial chain over the members."
+        },
+    )
     ranks_per_node: int | None = field(
         default=None,
         metadata={
@@ -205,6 +215,8 @@ class HDPConfig:
             raise ValueError(f"HDPConfig.planner must be one of {tuple(PLANNERS)}, got {self.planner!r}")
         if self.attention_split not in SPLITS:
             raise ValueError(f"HDPConfig.attention_split must be one of {SPLITS}, got {self.attention_split!r}")
+        if self.state_split not in ("auto", "heads", "scan"):
+            raise ValueError(f"HDPConfig.state_split must be one of ('auto', 'heads', 'scan'), got {self.state_split!r}")
         if self.attention_split in ("ulysses", "hybrid") and self.planner != "balanced":
             raise ValueError(
                 f"HDPConfig.attention_split={self.attention_split!r} needs planner='balanced': the {self.planner!r} "

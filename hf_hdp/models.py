@@ -170,10 +170,18 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
         "compares it with one process yet (it is trained with DP-SGD: per-sample gradient clipping, which HDP "
         "does not do)",
     ),
+    # --- verified by tests/test_linear_families.py (4 gloo ranks vs 1 process, float64, the same tolerances): Gated
+    # DeltaNet layers restart their state and convolution at every sample; split samples run head-parallel or the
+    # state scan (hf_hdp.attention.recurrent), both forced in the tests
+    "qwen3_5_text": FamilySupport(
+        _V, "Gated DeltaNet layers (3 of every 4 in the released models) with their causal convolution, gated "
+        "attention layers with q/k norm and partial M-RoPE (text positions only)",
+    ),
+    "qwen3_5_moe_text": FamilySupport(
+        _V, f"Qwen3.5's Gated DeltaNet and gated attention layers, MoE with a gated shared expert per token; {_AUX}"
+    ),
     "qwen3_next": FamilySupport(
-        _R, "Gated DeltaNet (linear attention) layers carry a recurrent state along the sequence: packing would need "
-        "it reset at sample boundaries and splitting would need it passed between ranks (a scan over the group), "
-        "a different kernel family",
+        _V, f"Gated DeltaNet layers (fused qkvz/ba projections) and gated attention, MoE with a shared expert; {_AUX}"
     ),
     "minimax": FamilySupport(
         _R, "lightning (linear) attention layers carry a recurrent state along the sequence: packing would need it "
@@ -188,6 +196,8 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
 
 # layer_types HDP runs: its own causal attention, with or without a window or chunk HDP can check
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+# state-carrying layer types HDP runs, per family with an adapter (hf_hdp.attention.recurrent.adapters)
+_STATE_LAYER_TYPES = {f: {"linear_attention"} for f in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")}
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
 _HYBRID_KEYS = ("layers_block_type", "hybrid_override_pattern", "layer_block_types", "block_types")
 _MULTIMODAL_KEYS = ("vision_config", "audio_config", "text_config", "vision_tower_config")
@@ -255,6 +265,15 @@ def _attention_modules(base) -> list[tuple[str, object]]:
         ):
             found.append((name, module))
     return found
+
+
+def routes_attention(base) -> bool:
+    """Whether every attention layer of ``base`` calls transformers' AttentionInterface: the class says so
+    (``_supports_attention_backend``), or it is a hybrid family whose attention layers do and whose
+    state-carrying layers HDP's adapters run (transformers leaves the flag off for those: not every token mixer
+    is attention)."""
+    return bool(getattr(base, "_supports_attention_backend", False)) or \
+        getattr(base.config, "model_type", None) in _STATE_LAYER_TYPES
 
 
 def _layer_index(name: str) -> str:
@@ -337,7 +356,7 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             f"it is a composite (multimodal) model ({', '.join(multimodal)}); HDP packs text tokens with 1-D positions "
             "only. Load the text-only causal LM of the family (e.g. Gemma3ForCausalLM), or " + _STOCK + "."
         )
-    if base is not None and not getattr(base, "_supports_attention_backend", False):
+    if base is not None and not routes_attention(base):
         problems.append(
             f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
             "cannot keep packed samples apart or split them over ranks. Use a model class that sets "
@@ -347,7 +366,14 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
 
     # --- layers that mix tokens outside attention
     layer_types = list(getattr(config, "layer_types", None) or [])
-    others = sorted({str(t) for t in layer_types} - _ATTENTION_LAYER_TYPES)
+    stateful = _STATE_LAYER_TYPES.get(model_type, set())
+    others = sorted({str(t) for t in layer_types} - _ATTENTION_LAYER_TYPES - stateful)
+    linear = [i for i, t in enumerate(layer_types) if t in stateful]
+    if linear:
+        checked.append(
+            f"Gated DeltaNet on {_layers(linear)}: the state and the convolution restart at every sample, and a split "
+            "sample passes its state head-parallel or by a state scan (hf_hdp.attention.recurrent)"
+        )
     if others:
         idx = [i for i, t in enumerate(layer_types) if t not in _ATTENTION_LAYER_TYPES]
         problems.append(
@@ -364,7 +390,7 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             "interface and carry a recurrent state along the sequence (packing would need it reset at sample "
             f"boundaries, splitting would need it passed between ranks). {_STOCK_S}."
         )
-    checked.append("every layer that mixes tokens is attention")
+    checked.append("every layer that mixes tokens is attention or a state-carrying layer HDP runs")
 
     # --- causality
     if getattr(config, "use_bidirectional_attention", None):

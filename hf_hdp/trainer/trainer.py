@@ -54,6 +54,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..attention.interface import HDP_ATTENTION
+from ..attention.recurrent import enable_hdp_mixers
 from ..config import HDPConfig
 from ..training_args import hdp_config_from_args, warn_if_uniform_lengths
 from ..data.checks import MeasuredDataset, prepare_dataset, require_map_style, rows_text
@@ -63,7 +64,7 @@ from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..accelerator import HDPAccelerator
 from ..launch import check_distributed_setup
 from ..mesh import DynamicMesh
-from ..models import UnsupportedModelError, check_model_supported, hdp_base_model
+from ..models import UnsupportedModelError, check_model_supported, hdp_base_model, routes_attention
 from ..planning import CostModel
 from ..planning.layers import kernel_head_dim
 from .callbacks import HDPWindowCallback
@@ -82,15 +83,16 @@ from .zero import gradient_owners, shard_optimizer
 logger = logging.getLogger(__name__)
 
 
-def enable_hdp_attention(model) -> PreTrainedModel:
-    """Switch ``model`` (or the model inside a PEFT wrapper) to the ``"hdp"`` attention, or explain why it cannot be."""
+def enable_hdp_attention(model, state_split: str = "auto") -> PreTrainedModel:
+    """Switch ``model`` (or the model inside a PEFT wrapper) to the ``"hdp"`` attention, and its state-carrying
+    layers to HDP's (split by ``state_split``, :class:`~hf_hdp.config.HDPConfig`), or explain why it cannot be."""
     base = hdp_base_model(model)
     if getattr(base.config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{type(base).__name__} is an encoder-decoder model; HDP trains decoder-only causal LMs. "
             "Use the stock Seq2SeqTrainer for it."
         )
-    if not getattr(base, "_supports_attention_backend", False):
+    if not routes_attention(base):
         raise UnsupportedModelError(
             f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
             "cannot split its sequences over ranks; packing would let tokens attend across samples. "
@@ -98,6 +100,7 @@ def enable_hdp_attention(model) -> PreTrainedModel:
             "or the stock Trainer."
         )
     base.set_attn_implementation(HDP_ATTENTION)
+    enable_hdp_mixers(base, state_split)  # Gated DeltaNet layers: HDP's packed and split recurrence (hf_hdp.attention.recurrent)
     return base
 
 
@@ -187,7 +190,7 @@ class HDPTrainer(Trainer):
         # NEFTune runs per sample (hf_hdp.trainer.neftune), not with Trainer's per-tensor hook
         self.hdp_neftune = PerSampleNEFTune(args.neftune_noise_alpha) if args.neftune_noise_alpha else None
         args.neftune_noise_alpha = None
-        self.hdp_model = enable_hdp_attention(model)
+        self.hdp_model = enable_hdp_attention(model, self.hdp_config.state_split)
         self.hdp_row_rules = row_rules(kwargs.get("data_collator"), self.hdp_model, args)
         super().__init__(model, args, **kwargs)
         config = self.hdp_model.config

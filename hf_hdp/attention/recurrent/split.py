@@ -1,0 +1,394 @@
+"""A Gated DeltaNet layer over one micro-batch: whole local samples, and samples split over a group of ranks.
+
+Input, one packed row of ``T`` tokens: the convolution's input channels ``x`` (``[T, C]``: the query and
+key channels of every key head, then the value channels), the log-decays ``g`` and write strengths
+``beta`` (``[T, Hv]``). Output: the recurrence's output ``[T, Hv, dv]`` (before the gated norm).
+
+- **Local samples** (``meta.local_seqlens``): the depthwise causal convolution and the state restart at
+  every sample's first token: exact packing, no communication.
+- **Split samples**, per segment, one of two methods (:func:`choose_split`), never a serial chain:
+
+  - ``"heads"`` (head-parallel): an all-to-all moves each member's rows of the channels, decays and
+    strengths of member ``j``'s heads to member ``j``; every member runs the convolution (per channel: it
+    moves with its heads) and the whole recurrence of every document for its ``Hv / k`` heads, and an
+    all-to-all sends each member its rows of every head's output back. Heads are split as Ulysses splits
+    them (:func:`~hf_hdp.planning.layout.head_split`): the degree must divide the value heads.
+  - ``"scan"`` (state scan): each member first receives its pieces' convolution halos (the ``kernel - 1``
+    rows before each piece, in sample order; with the zigzag layout they live on other members), runs
+    its pieces from the zero state and computes each piece's transition ``M`` and final state ``B``
+    (:mod:`.delta_rule`); one all-gather of ``(M, B)``; then each piece's true incoming state
+    ``S = M_j (... (M_1 B_0 + B_1) ...) + B_j`` over the pieces before it, and the exact correction of its
+    outputs from ``S``.
+
+All messages are P2P on the one global group (:mod:`.exchange`), bounded by the mesh, in three phases on
+every member: (1) halos and rows to heads, (2) states, (3) heads back to rows; backward runs them in the
+reverse order. The compute dtype is the input's, at least float32 (what the families' own kernels use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.activations import ACT2FN
+
+from ...planning.layout import head_split
+from ..metadata import HDPAttentionMetadata, UlyssesSegment
+from .delta_rule import chunk_quantities, delta_rule, l2norm, read_state, run_chunks, transition
+from .exchange import Move, exchange, group_rounds
+from .pieces import halo_index, halo_rows, member_rows, segment_pieces
+
+SPLITS = ("auto", "heads", "scan")
+
+
+@dataclass(frozen=True)
+class DeltaNetShape:
+    """A Gated DeltaNet layer's heads and convolution (channels: queries and keys of the ``key_heads``,
+    then values of the ``value_heads``)."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    kernel: int
+    activation: str | None = "silu"
+
+    @property
+    def channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+def _ulysses(seg) -> int:
+    return seg.ulysses if isinstance(seg, UlyssesSegment) else 1
+
+
+def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = "cpu") -> str:
+    """The method of one segment: a pure function of the segment and the layer, so every member picks the same.
+
+    ``"heads"`` needs the group size to divide the value heads (else the scan runs). ``"auto"``: heads when it
+    can, since it adds no compute, unless its all-to-all bytes per member exceed the scan's by more than the
+    scan's extra compute is worth (:func:`hf_hdp.planning.cost.state_split_costs` prices both)."""
+    if mode not in SPLITS:
+        raise ValueError(f"the split of state-carrying layers must be one of {SPLITS}, got {mode!r}")
+    k = seg.k
+    can_heads = shape.value_heads % k == 0
+    if mode == "scan" or not can_heads:
+        return "scan"
+    if mode == "heads":
+        return "heads"
+    from ...planning.cost.recurrent import state_split_costs
+
+    costs = state_split_costs(seg.doc_lengths(), k, shape.key_heads, shape.key_dim, shape.value_heads,
+                              shape.value_dim, shape.kernel, hardware)
+    return min(costs, key=lambda m: (costs[m].seconds, m))
+
+
+# ----------------------------------------------------------------------------------- per-token pieces
+def causal_conv(x: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, bias, activation) -> torch.Tensor:
+    """Depthwise causal convolution of rows ``x`` (``[n, C]``) whose sample positions are ``pos``: row ``t``
+    sees rows ``t - j`` only where ``pos[t] >= j`` (the same sample; rows of a sample are consecutive).
+    ``weight``: ``[C, K]``, the last tap on the row itself."""
+    kernel = weight.shape[1]
+    out = x * weight[:, kernel - 1]
+    for j in range(1, min(kernel, x.shape[0] + 1)):
+        shifted = torch.nn.functional.pad(x[:-j], (0, 0, j, 0))
+        out = out + shifted * (pos >= j).unsqueeze(1).to(x.dtype) * weight[:, kernel - 1 - j]
+    if bias is not None:
+        out = out + bias
+    return ACT2FN[activation](out) if activation else out
+
+
+def _positions(lengths, device) -> torch.Tensor:
+    if not lengths:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(n, device=device) for n in lengths])
+
+
+def _recurrence_inputs(conv_rows, g, beta, key_heads: int, key_dim: int, value_heads: int, value_dim: int):
+    """Heads-first ``q`` (normalised, scaled), ``k`` (normalised), ``v``, ``g``, ``beta`` of some rows; query
+    and key heads repeated to the value heads."""
+    n = conv_rows.shape[0]
+    q, k, v = conv_rows.split([key_heads * key_dim, key_heads * key_dim, value_heads * value_dim], dim=1)
+    q, k = (l2norm(x.reshape(n, key_heads, key_dim)) for x in (q, k))
+    q = q * key_dim ** -0.5
+    if value_heads != key_heads:
+        q, k = (x.repeat_interleave(value_heads // key_heads, dim=1) for x in (q, k))
+    v = v.reshape(n, value_heads, value_dim)
+    return (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.transpose(0, 1), beta.transpose(0, 1))
+
+
+def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim) -> torch.Tensor:
+    """Every document of ``lengths`` (consecutive rows) from the zero state; ``[n, Hv, dv]``."""
+    q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim)
+    outs, at = [], 0
+    for n in lengths:
+        o, _ = delta_rule(q[:, at:at + n], k[:, at:at + n], v[:, at:at + n], gg[:, at:at + n], bb[:, at:at + n])
+        outs.append(o)
+        at += n
+    if not outs:
+        return conv_rows.new_zeros(0, value_heads, value_dim)
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+# --------------------------------------------------------------------------------- segment methods
+class _Scan:
+    """The state scan of one segment (see the module docstring)."""
+
+    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, mesh):
+        self.seg, self.shape, self.x, self.g, self.beta, self.weight, self.bias = seg, shape, x, g, beta, weight, bias
+        self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
+        self.width = shape.kernel - 1
+        self.pieces = [p for doc in segment_pieces(*self.key) for p in doc if p.member == seg.member]
+
+    def _label(self, what: str) -> str:
+        s = self.seg
+        return f"Gated DeltaNet {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, samples " \
+               f"{list(s.samples)})"
+
+    def halo_moves(self, sends: list, at: int) -> list[Move]:
+        seg, moves = self.seg, []
+        for dst, src in group_rounds(seg.group, seg.member):
+            rows = halo_rows(*self.key, self.width, dst, seg.member)
+            need = len(halo_rows(*self.key, self.width, seg.member, src))
+            send = None
+            if rows:
+                sends.append(self.x[list(rows)])
+                send = at + len(sends) - 1
+            moves.append(Move(seg.group[dst], send, seg.group[src], (need, self.x.shape[1]) if need else None,
+                              self._label("convolution halo")))
+        return _kept(moves, seg)
+
+    def local_pass(self, received: list) -> None:
+        """Convolution with halos, then each piece from the zero state: outputs, transition, final state."""
+        seg = self.seg
+        got = dict(received)
+        bufs = []
+        for src in range(seg.k):
+            rows = halo_rows(*self.key, self.width, seg.member, src)
+            if src == seg.member:
+                bufs.append(self.x[list(rows)] if rows else self.x[:0])
+            else:
+                bufs.append(got.get(src, self.x[:0]))
+        halo = torch.cat(bufs) if bufs else self.x[:0]
+        sh = self.shape
+        self.outputs, self.chunks, states = [], [], []
+        for p, idx in halo_index(*self.key, self.width, seg.member):
+            rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]]) if idx else \
+                self.x[p.row : p.row + p.length]
+            pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
+            conv = causal_conv(rows, pos, self.weight, self.bias, sh.activation)[len(idx):]
+            sl = slice(p.row, p.row + p.length)
+            q, k, v, g, b = _recurrence_inputs(conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim,
+                                               sh.value_heads, sh.value_dim)
+            ch = chunk_quantities(q, k, v, g, b)
+            o, final = run_chunks(ch, None)
+            self.outputs.append(o)
+            self.chunks.append(ch)
+            states.append(torch.cat([transition(ch).flatten(1), final.flatten(1)], dim=1))
+        self.states = torch.stack(states) if states else None  # [pieces, Hv, dk*dk + dk*dv]
+
+    def state_moves(self, sends: list, at: int) -> list[Move]:
+        seg, moves = self.seg, []
+        pieces = segment_pieces(*self.key)
+        width = self.shape.value_heads, self.shape.key_dim * (self.shape.key_dim + self.shape.value_dim)
+        count = [sum(1 for doc in pieces for p in doc if p.member == m) for m in range(seg.k)]
+        send = None
+        if self.states is not None:
+            sends.append(self.states)
+            send = at + len(sends) - 1
+        for dst, src in group_rounds(seg.group, seg.member):
+            moves.append(Move(seg.group[dst], send, seg.group[src], (count[src], *width) if count[src] else None,
+                              self._label("chunk states")))
+        return _kept(moves, seg)
+
+    def correct(self, received: list) -> torch.Tensor:
+        """Every piece's outputs from its true incoming state; this member's rows ``[n, Hv, dv]``."""
+        seg, sh = self.seg, self.shape
+        dk, dv, h = sh.key_dim, sh.value_dim, sh.value_heads
+        by_member = dict(received)
+        by_member[seg.member] = self.states
+        pieces = segment_pieces(*self.key)
+        index = {}
+        for m in range(seg.k):
+            mine = [p for doc in pieces for p in doc if p.member == m]
+            for i, p in enumerate(mine):
+                index[p] = (m, i)
+        outs = []
+        for p, o, ch in zip(self.pieces, self.outputs, self.chunks):
+            state = None
+            for before in pieces[p.doc]:
+                if before.start >= p.start:
+                    break
+                m, i = index[before]
+                packed = by_member[m][i]
+                trans = packed[:, : dk * dk].reshape(h, dk, dk)
+                final = packed[:, dk * dk :].reshape(h, dk, dv)
+                state = final if state is None else trans @ state + final
+            if state is not None:
+                o = o + read_state(ch, state)
+            outs.append(o)
+        if not outs:
+            return self.x.new_zeros(0, h, dv)
+        return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+class _Heads:
+    """Head-parallel: all-to-all to head shards, whole documents locally, all-to-all back."""
+
+    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, mesh):
+        self.seg, self.shape, self.weight, self.bias = seg, shape, weight, bias
+        self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
+        sh = shape
+        self.splits = head_split(sh.value_heads, sh.key_heads, seg.k)
+        self.inputs = torch.cat([x, g, beta], dim=1)
+
+    def _label(self, what: str) -> str:
+        s = self.seg
+        return f"Gated DeltaNet head-parallel {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, " \
+               f"samples {list(s.samples)})"
+
+    def _columns(self, j: int) -> list[int]:
+        """Member ``j``'s columns of ``[x | g | beta]``: its key heads' query and key channels, its value heads'
+        channels, decays and strengths."""
+        sh, sp = self.shape, self.splits[j]
+        kd, c = sh.key_heads * sh.key_dim, sh.channels
+        cols = [h * sh.key_dim + i for h in sp.kv_heads for i in range(sh.key_dim)]
+        cols += [kd + h * sh.key_dim + i for h in sp.kv_heads for i in range(sh.key_dim)]
+        cols += list(range(2 * kd + sp.q_start * sh.value_dim, 2 * kd + sp.q_stop * sh.value_dim))
+        cols += [c + h for h in range(sp.q_start, sp.q_stop)]
+        cols += [c + sh.value_heads + h for h in range(sp.q_start, sp.q_stop)]
+        return cols
+
+    def to_heads_moves(self, sends: list, at: int) -> list[Move]:
+        seg, moves = self.seg, []
+        pieces = segment_pieces(*self.key)
+        width = len(self._columns(seg.member))
+        self.own = self.inputs[:, self._columns(seg.member)]
+        for dst, src in group_rounds(seg.group, seg.member):
+            n_src = member_rows(pieces, src)
+            send = None
+            if self.inputs.shape[0]:
+                sends.append(self.inputs[:, self._columns(dst)])
+                send = at + len(sends) - 1
+            moves.append(Move(seg.group[dst], send, seg.group[src], (n_src, width) if n_src else None,
+                              self._label("rows to heads")))
+        return _kept(moves, seg)
+
+    def local_pass(self, received: list) -> None:
+        seg, sh, sp = self.seg, self.shape, self.splits[self.seg.member]
+        pieces = segment_pieces(*self.key)
+        bufs = dict(received)
+        bufs[seg.member] = self.own
+        rows = torch.cat([bufs[p.member][p.row : p.row + p.length] for doc in pieces for p in doc])
+        nk, nv = len(sp.kv_heads), sp.num_q
+        c = 2 * nk * sh.key_dim + nv * sh.value_dim
+        x, g, beta = rows[:, :c], rows[:, c : c + nv], rows[:, c + nv :]
+        lengths = self.key[0]
+        channels = self._columns(seg.member)[:c]
+        weight = self.weight[channels]
+        bias = None if self.bias is None else self.bias[channels]
+        conv = causal_conv(x, _positions(lengths, x.device), weight, bias, sh.activation)
+        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim).flatten(1)  # [L, nv*dv]
+
+    def to_rows_moves(self, sends: list, at: int) -> list[Move]:
+        seg, moves = self.seg, []
+        pieces = segment_pieces(*self.key)
+        starts, at_row = {}, 0
+        for doc in pieces:
+            for p in doc:
+                starts[p] = at_row
+                at_row += p.length
+        per_member = {m: [p for doc in pieces for p in doc if p.member == m] for m in range(seg.k)}
+
+        def rows_of(m):
+            mine = per_member[m]
+            return torch.cat([self.out[starts[p] : starts[p] + p.length] for p in mine]) if mine else self.out[:0]
+
+        self.own_back = rows_of(seg.member)
+        n_me = member_rows(pieces, seg.member)
+        for dst, src in group_rounds(seg.group, seg.member):
+            send = None
+            if member_rows(pieces, dst):
+                sends.append(rows_of(dst))
+                send = at + len(sends) - 1
+            width = self.splits[src].num_q * self.shape.value_dim
+            moves.append(Move(seg.group[dst], send, seg.group[src], (n_me, width) if n_me else None,
+                              self._label("heads to rows")))
+        return _kept(moves, seg)
+
+    def assemble(self, received: list) -> torch.Tensor:
+        seg = self.seg
+        n_me = self.own_back.shape[0]
+        if not n_me:
+            return self.own_back.new_zeros(0, self.shape.value_heads, self.shape.value_dim)
+        got = dict(received)
+        got[seg.member] = self.own_back
+        return torch.cat([got[m] for m in range(seg.k)], dim=1).reshape(n_me, self.shape.value_heads,
+                                                                         self.shape.value_dim)
+
+
+def _kept(moves: list[Move], seg) -> list[Move]:
+    """The moves that send or receive something (both partners drop the same empty rounds)."""
+    return [m for m in moves if m.send is not None or m.shape is not None]
+
+
+def _phase(runs, make, mesh, after):
+    """One phase's moves of every segment in metadata order, one exchange: per segment, the received tensors by
+    source member; all of them; and the exchange's zero scalar (``None`` when this member has no move)."""
+    sends, moves, sources = [], [], []
+    for r in runs:
+        ms = make(r)(sends, 0) if make(r) is not None else []
+        moves.extend(ms)
+        sources.append([r.seg.group.index(m.src) for m in ms if m.shape is not None])
+    if not moves:
+        return [{} for _ in runs], (), None
+    *got, token = exchange(moves, sends, mesh, after=after)
+    out, at = [], 0
+    for src in sources:  # per segment: source member -> what it sent us
+        out.append(dict(zip(src, got[at : at + len(src)])))
+        at += len(src)
+    return out, tuple(got), token
+
+
+def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAttentionMetadata, mesh,
+                    split: str = "auto") -> torch.Tensor:
+    """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``weight``: the
+    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, g, beta, weight = (t.to(dtype) for t in (x, g, beta, weight))
+    bias = None if bias is None else bias.to(dtype)
+    sh = shape
+    parts = []
+    n_local = meta.local_len
+    if n_local:
+        conv = causal_conv(x[:n_local], _positions(meta.local_seqlens, x.device), weight, bias, sh.activation)
+        parts.append(_run_docs(conv, g[:n_local], beta[:n_local], meta.local_seqlens, sh.key_heads, sh.key_dim,
+                               sh.value_heads, sh.value_dim))
+    if meta.rings:
+        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, shape, meta, mesh, split))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _segments(x, g, beta, weight, bias, shape, meta, mesh, split) -> torch.Tensor:
+    base = meta.rings[0].start
+    runs = []
+    for seg in meta.rings:
+        sl = slice(seg.start - base, seg.end - base)
+        hardware = "h100" if x.is_cuda else "cpu"
+        kind = _Heads if choose_split(seg, shape, split, hardware) == "heads" else _Scan
+        runs.append(kind(seg, shape, x[sl], g[sl], beta[sl], weight, bias, mesh))
+    # phase 1: halos (scan) and rows to heads (heads)
+    first, _, t1 = _phase(runs, lambda r: r.halo_moves if isinstance(r, _Scan) else r.to_heads_moves, mesh, (x,))
+    for r, got in zip(runs, first):
+        r.local_pass(got)
+    # phase 2: chunk states (scan)
+    second, states, t2 = _phase(runs, lambda r: r.state_moves if isinstance(r, _Scan) else None, mesh, (x,))
+    # phase 3: heads back to rows; after phase 2, so that its backward runs first on every member
+    third, _, t3 = _phase(runs, lambda r: r.to_rows_moves if isinstance(r, _Heads) else None, mesh,
+                          (x, *states, *([t2] if t2 is not None else [])))
+    outs = [r.correct(s) if isinstance(r, _Scan) else r.assemble(t) for r, s, t in zip(runs, second, third)]
+    out = torch.cat(outs)
+    for token in (t1, t2, t3):
+        if token is not None:
+            out = out + 0 * token
+    return out
