@@ -380,8 +380,9 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             f"{_layers(idx, 'is', 'are')} of type {others}: they mix tokens outside the attention interface "
             "(linear attention, state-space or convolution layers) and carry a recurrent state (or a convolution "
             "window) along the sequence, so packed samples would leak into each other and a sample split over ranks "
-            "would lose its state. Supporting them would need the state reset at sample boundaries and passed "
-            f"between ranks (a scan over the group), a different kernel family from attention. {_STOCK_S}."
+            f"would lose its state. HDP resets and passes such state (hf_hdp.attention.recurrent) only for the "
+            f"layers it has an adapter for (Gated DeltaNet: {', '.join(sorted(_STATE_LAYER_TYPES))}); the "
+            f"{model_type} family has no adapter for these layers yet. {_STOCK_S}."
         )
     hybrid = [k for k in _HYBRID_KEYS if getattr(config, k, None)]
     if hybrid:
