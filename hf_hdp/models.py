@@ -183,6 +183,18 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "qwen3_next": FamilySupport(
         _V, f"Gated DeltaNet layers (fused qkvz/ba projections) and gated attention, MoE with a shared expert; {_AUX}"
     ),
+    # Mamba-2 (state space dual) mixers, the same two splits (tests/test_linear_families.py)
+    "nemotron_h": FamilySupport(
+        _V, "Mamba-2 layers (grouped B/C, conv bias, D skip, grouped gated RMSNorm), attention, MLP-only and MoE layers; "
+        "its logits are float32 (lm_head(...).float()), as in transformers",
+    ),
+    "bamba": FamilySupport(_V, "Mamba-2 layers with attention layers at attn_layer_indices"),
+    "granitemoehybrid": FamilySupport(
+        _V, f"Granite 4 hybrid: Mamba-2 layers and attention layers, Granite's multipliers, MoE per token; {_AUX}"
+    ),
+    "falcon_h1": FamilySupport(
+        _V, "attention and a Mamba-2 mixer side by side in every layer, with Falcon-H1's input and mup multipliers"
+    ),
     "minimax": FamilySupport(
         _R, "lightning (linear) attention layers carry a recurrent state along the sequence: packing would need it "
         "reset at sample boundaries and splitting would need it passed between ranks (a scan over the group)",
@@ -197,7 +209,16 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
 # layer_types HDP runs: its own causal attention, with or without a window or chunk HDP can check
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 # state-carrying layer types HDP runs, per family with an adapter (hf_hdp.attention.recurrent.adapters)
-_STATE_LAYER_TYPES = {f: {"linear_attention"} for f in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")}
+_STATE_LAYER_TYPES = {
+    **{f: {"linear_attention"} for f in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")},  # Gated DeltaNet
+    # Mamba-2 (state space dual) mixers; Nemotron-H also has layers that are only an MLP or MoE (no token mixing),
+    # Falcon-H1's "hybrid" layers run attention and a Mamba-2 mixer side by side, Zamba 2's a shared attention block
+    "nemotron_h": {"linear_attention", "mlp", "moe"},
+    "bamba": {"linear_attention"},
+    "granitemoehybrid": {"linear_attention"},
+    "falcon_h1": {"hybrid"},
+    "zamba2": {"linear_attention", "hybrid"},
+}
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
 _HYBRID_KEYS = ("layers_block_type", "hybrid_override_pattern", "layer_block_types", "block_types")
 _MULTIMODAL_KEYS = ("vision_config", "audio_config", "text_config", "vision_tower_config")
@@ -368,10 +389,10 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
     layer_types = list(getattr(config, "layer_types", None) or [])
     stateful = _STATE_LAYER_TYPES.get(model_type, set())
     others = sorted({str(t) for t in layer_types} - _ATTENTION_LAYER_TYPES - stateful)
-    linear = [i for i, t in enumerate(layer_types) if t in stateful]
+    linear = [i for i, t in enumerate(layer_types) if t in stateful and t not in ("mlp", "moe")]
     if linear:
         checked.append(
-            f"Gated DeltaNet on {_layers(linear)}: the state and the convolution restart at every sample, and a split "
+            f"state-carrying {_layers(linear)}: the state and the convolution restart at every sample, and a split "
             "sample passes its state head-parallel or by a state scan (hf_hdp.attention.recurrent)"
         )
     if others:
@@ -381,11 +402,11 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             "(linear attention, state-space or convolution layers) and carry a recurrent state (or a convolution "
             "window) along the sequence, so packed samples would leak into each other and a sample split over ranks "
             f"would lose its state. HDP resets and passes such state (hf_hdp.attention.recurrent) only for the "
-            f"layers it has an adapter for (Gated DeltaNet: {', '.join(sorted(_STATE_LAYER_TYPES))}); the "
+            f"layers it has an adapter for (Gated DeltaNet and Mamba-2: {', '.join(sorted(_STATE_LAYER_TYPES))}); the "
             f"{model_type} family has no adapter for these layers yet. {_STOCK_S}."
         )
     hybrid = [k for k in _HYBRID_KEYS if getattr(config, k, None)]
-    if hybrid:
+    if hybrid and model_type not in _STATE_LAYER_TYPES:  # those families' layer_types say what each layer is
         problems.append(
             f"config.{hybrid[0]} declares non-attention (hybrid) layers that mix tokens outside the attention "
             "interface and carry a recurrent state along the sequence (packing would need it reset at sample "

@@ -39,11 +39,28 @@ _BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attent
              layer_types=["linear_attention", "full_attention"], num_hidden_layers=2, **_LINEAR)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
             output_router_logits=False)
+# Mamba-2: a Mamba-2 layer then an attention layer; 12 heads of 4 (Nemotron-H) or 16 heads of 4 (intermediate = 1 x hidden:
+# group sizes of 3 then run the scan even when "heads" is asked) over 2 groups of state size 8
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_hidden_layers=2)
+_M2 = dict(mamba_n_heads=16, mamba_d_head=4, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=1,
+           mamba_conv_bias=True, mamba_proj_bias=False)
 LINEAR_FAMILIES = {
     "qwen3_5_text": dict(_BASE),
     "qwen3_5_moe_text": dict(_BASE, **_MOE),
     "qwen3_next": dict(_BASE, **_MOE, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
+    "nemotron_h": dict(_SMALL, head_dim=16, layer_types=["mamba", "attention"], mamba_num_heads=12, mamba_head_dim=4,
+                       ssm_state_size=8, n_groups=2, conv_kernel=4, use_conv_bias=True, chunk_size=16),
+    "bamba": dict(_SMALL, attn_layer_indices=[1], **_M2),
+    "granitemoehybrid": dict(_SMALL, layer_types=["mamba", "attention"], **_M2, num_local_experts=0,
+                             shared_intermediate_size=64),
+    "falcon_h1": dict(_SMALL, head_dim=16, **_M2, mamba_d_ssm=64),
 }
+MAMBA2 = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")
+# NemotronHForCausalLM rounds its logits to float32 (`self.lm_head(hidden_states).float()`), so its loss and gradients
+# are float32-accurate on both sides (measured with packing alone on one process: loss 3.6e-8, gradients 1.4e-7 of
+# their size): 8 float32 ulps, as tests/family_models.py's FLOAT32_GATES; a wrong halo or state would show at 1e-2
+FLOAT32_LOGITS = {"nemotron_h": 8 * torch.finfo(torch.float32).eps}
 SPLITS = ("heads", "scan")
 
 
@@ -55,8 +72,14 @@ def _save(family: str, path: str) -> str:
             if hasattr(m, "A_log") and hasattr(m, "dt_bias"):
                 m.A_log.copy_(torch.linspace(-3.0, -1.0, m.A_log.numel()))
                 m.dt_bias.normal_()
+            if isinstance(getattr(m, "D", None), torch.nn.Parameter):
+                m.D.normal_()
     model.save_pretrained(path)
     return path
+
+
+def _is_mixer(m) -> bool:
+    return type(m).__name__.endswith("GatedDeltaNet") or hasattr(m, "A_log") and hasattr(m, "ssm_state_size")
 
 
 def _load(path: str, dtype=torch.float64):
@@ -101,35 +124,77 @@ def dense_delta_net_forward(m, hidden_states, cache=None, attention_mask=None, *
     return m.out_proj(out)
 
 
-def _rms_norm_in_dtype(m, x):
-    """The families' zero-centred RMSNorm, ``x / rms(x) * (1 + w)``, in the model's dtype."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps) * (1.0 + m.weight)
+def _rms(x, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _gated_norm_in_dtype(m, x, gate):
-    """The Gated DeltaNet output norm, ``w * x / rms(x) * silu(gate)``, in the model's dtype."""
-    return m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)) * F.silu(gate)
+def _norm_in_dtype(m, x, gate=None):
+    """The families' RMSNorms in the model's dtype: Qwen's zero-centred ``x / rms(x) * (1 + w)`` and its Gated
+    DeltaNet norm ``w * x / rms(x) * silu(gate)``; the Mamba-2 gated norms (``silu(gate)`` first unless
+    ``norm_before_gate``, then per group of ``group_size`` channels); the plain ``w * x / rms(x)``."""
+    name = type(m).__name__
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if name.startswith("Qwen3"):
+        return m.weight * _rms(x, eps) * F.silu(gate) if name.endswith("Gated") else _rms(x, eps) * (1.0 + m.weight)
+    if not name.endswith("Gated"):
+        return m.weight * _rms(x, eps)
+    before = getattr(m, "norm_before_gate", False)
+    if gate is not None and not before:
+        x = x * F.silu(gate)
+    size = getattr(m, "group_size", None) or x.shape[-1] // m.n_groups
+    y = _rms(x.reshape(*x.shape[:-1], -1, size), eps).reshape(x.shape)
+    y = m.weight * y
+    return y * F.silu(gate) if gate is not None and before else y
 
 
 def exact_norms(model):
     """These families round every RMSNorm's output to float32 (``x.float()`` inside), so a float64 model is only
-    float32-accurate: any 1e-16 difference of order flips a float32 rounding somewhere (measured: loss within 3e-11,
-    gradients within 1e-7 of their size, the same for both split methods). Both sides of the equivalence test
-    compute the norms in float64 instead, so the comparison is float64-tight and isolates HDP's packing and splits;
-    :func:`test_stock_norms_agree_to_float32` runs the stock norms."""
+    float32-accurate: any 1e-16 difference of order flips a float32 rounding somewhere (measured for Qwen3.5: loss
+    within 3e-11, gradients within 1e-7 of their size, the same for both split methods). Both sides of the
+    equivalence test compute the norms in float64 instead, so the comparison is float64-tight and isolates HDP's
+    packing and splits; :func:`test_float64_norms_are_the_stock_norms` checks each replacement against the stock
+    norm and :func:`test_stock_norms_agree_to_float32` runs the stock norms."""
     for m in model.modules():
-        name = type(m).__name__
-        if name.endswith("RMSNormGated"):
-            m.forward = lambda x, gate, _m=m: _gated_norm_in_dtype(_m, x, gate)
-        elif name.endswith("RMSNorm") and name.startswith("Qwen3"):
-            m.forward = lambda x, _m=m: _rms_norm_in_dtype(_m, x)
+        if type(m).__name__.endswith(("RMSNorm", "RMSNormGated")):
+            m.forward = lambda x, gate=None, _m=m: _norm_in_dtype(_m, x, gate)
     return model
+
+
+def dense_mamba2_forward(m, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """A Mamba-2 mixer's forward, one unpadded sample, in the model's dtype: the selective state space recurrence
+    token by token (S_t = exp(dt_t A) S + dt_t x_t B_t^T, y_t = S_t C_t + D x_t) after an explicit causal F.conv1d."""
+    b, t, _ = hidden_states.shape
+    h = hidden_states * m.ssm_in_multiplier if hasattr(m, "ssm_in_multiplier") else hidden_states
+    p = m.in_proj(h)
+    if getattr(m, "mup_vector", None) is not None:
+        p = p * m.mup_vector
+    gate, xbc, dt = p.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+    kernel = m.conv1d.weight.shape[-1]
+    xbc = F.silu(F.conv1d(xbc.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=kernel - 1,
+                          groups=m.conv_dim)[..., :t]).transpose(1, 2)
+    gn = m.n_groups * m.ssm_state_size
+    x, bb, cc = xbc.split([m.intermediate_size, gn, gn], dim=-1)
+    heads, groups = m.num_heads, m.n_groups
+    x = x.reshape(b, t, heads, m.head_dim)
+    bb, cc = (y.reshape(b, t, groups, m.ssm_state_size).repeat_interleave(heads // groups, dim=2) for y in (bb, cc))
+    dt = torch.clamp(F.softplus(dt + m.dt_bias), *m.time_step_limit)
+    a = -m.A_log.exp()
+    s = hidden_states.new_zeros(b, heads, m.head_dim, m.ssm_state_size)
+    ys = []
+    for i in range(t):
+        s = s * (dt[:, i] * a).exp()[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * bb[:, i, :, None, :]
+        ys.append((s * cc[:, i, :, None, :]).sum(-1) + m.D[:, None] * x[:, i])
+    y = torch.stack(ys, dim=1).reshape(b, t, -1)
+    y = m.norm(y, gate) if getattr(m, "mamba_rms_norm", True) else y * F.silu(gate)
+    return m.out_proj(y)
 
 
 def use_dense_reference(model):
     for m in model.modules():
         if type(m).__name__.endswith("GatedDeltaNet"):
             m.forward = lambda *a, _m=m, **kw: dense_delta_net_forward(_m, *a, **kw)
+        elif _is_mixer(m):
+            m.forward = lambda *a, _m=m, **kw: dense_mamba2_forward(_m, *a, **kw)
     return model
 
 
@@ -194,11 +259,12 @@ def test_hybrid_family_gradients_equal_single_device(family, split, hdp_runs):
     ref_loss, ref_grads = reference_step(model, mixed_batch(0))
     names = {n for n, _ in model.named_parameters()}
     assert set(ref_grads) == names
+    loss_rtol, grad_tol = (FLOAT32_LOGITS[family],) * 2 if family in FLOAT32_LOGITS else (LOSS_RTOL, GRAD_TOL)
     for i, plan in enumerate(plans):
         loss, grads, _ = results[0][(family, split)][i]
-        assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL), (family, split, plan.planner)
+        assert loss == pytest.approx(ref_loss, rel=loss_rtol), (family, split, plan.planner)
         for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=GRAD_TOL, atol=GRAD_TOL * float(g.abs().max()),
+            torch.testing.assert_close(grads[name], g, rtol=grad_tol, atol=grad_tol * float(g.abs().max()),
                                        msg=lambda m: f"{family} {split} {plan.planner} {name}: {m}")
         for r in range(1, WORLD):
             assert results[r][(family, split)][i][0] == pytest.approx(loss, rel=1e-12)
@@ -234,12 +300,32 @@ def test_dense_reference_matches_the_stock_layer(family, tmp_path):
     """The float64 dense reference is the family's layer: equal to the stock forward (whose kernels compute in
     float32) on one sample, to float32 accuracy."""
     model = _load(_save(family, str(tmp_path / family)), dtype=torch.float32)
-    layer = next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    layer = next(m for m in model.modules() if _is_mixer(m))
     hidden = torch.randn(1, 37, 64, generator=torch.Generator().manual_seed(1))
+    dense_forward = dense_mamba2_forward if family in MAMBA2 else dense_delta_net_forward
     with torch.no_grad():
         stock = layer(hidden)
-        dense = dense_delta_net_forward(layer, hidden)
+        dense = dense_forward(layer, hidden)
     torch.testing.assert_close(dense, stock, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(LINEAR_FAMILIES))
+def test_float64_norms_are_the_stock_norms(family, tmp_path):
+    """:func:`exact_norms` computes each family's norms as the stock ones do (float32 inputs: equal to rounding)."""
+    model = _load(_save(family, str(tmp_path / family)), dtype=torch.float32)
+    norms = [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "RMSNormGated"))]
+    assert norms
+    gen = torch.Generator().manual_seed(2)
+    for m in norms:
+        with torch.no_grad():
+            m.weight.normal_(generator=gen)
+        x = torch.randn(1, 5, m.weight.numel(), generator=gen)
+        gated = type(m).__name__.endswith("Gated")
+        gate = torch.randn(x.shape, generator=gen) if gated else None
+        with torch.no_grad():
+            stock = m(x, gate) if gated else m(x)
+            ours = _norm_in_dtype(m, x.double(), None if gate is None else gate.double())
+        torch.testing.assert_close(ours.float(), stock, rtol=1e-5, atol=1e-5, msg=lambda e: f"{type(m).__name__}: {e}")
 
 
 def test_unknown_gated_delta_net_is_refused():
@@ -260,7 +346,7 @@ def test_a_changed_layer_is_refused(tmp_path):
     from hf_hdp.attention.recurrent import UnsupportedLayerError, enable_hdp_mixers
 
     model = _load(_save("qwen3_5_text", str(tmp_path / "m")), dtype=torch.float32)
-    layer = next(m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet"))
+    layer = next(m for m in model.modules() if _is_mixer(m))
     stock = layer.forward
     layer.forward = lambda *a, **kw: 2 * stock(*a, **kw)
     with pytest.raises(UnsupportedLayerError, match="does not reproduce"):
@@ -269,6 +355,6 @@ def test_a_changed_layer_is_refused(tmp_path):
 
 def test_other_state_space_families_are_refused():
     """Families whose state-carrying layers have no adapter yet stay refused, with the reason."""
-    for family in ("lfm2", "minimax"):
+    for family in ("lfm2", "minimax", "kimi_linear"):
         with pytest.raises(UnsupportedModelError):
             check_model_supported(AutoConfig.for_model(family), 64)

@@ -16,6 +16,7 @@ and the transformers version, rather than trained wrongly.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,8 +50,12 @@ def _qwen3_next_inputs(module, hidden):
 class DeltaNetAdapter:
     family: str
     classes: tuple[str, ...]
-    inputs: Callable
+    inputs: Callable | None
     attributes: tuple[str, ...]
+    forward: Callable | None = None  # the layer's HDP forward; None: hdp_delta_net_forward with ``inputs``
+
+    def run(self, module, hidden, meta, split):
+        return (self.forward or hdp_delta_net_forward)(module, self, hidden, meta, split)
 
 
 _COMMON = ("conv1d", "A_log", "dt_bias", "norm", "out_proj", "num_k_heads", "num_v_heads", "head_k_dim",
@@ -60,6 +65,52 @@ ADAPTERS = (
                     _COMMON + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
     DeltaNetAdapter("qwen3_next", ("Qwen3NextGatedDeltaNet",), _qwen3_next_inputs,
                     _COMMON + ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering")),
+)
+_MAMBA2 = ("in_proj", "conv1d", "A_log", "dt_bias", "D", "norm", "out_proj", "num_heads", "head_dim", "n_groups",
+           "ssm_state_size", "intermediate_size", "conv_dim", "time_step_limit", "activation")
+
+
+def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: str):
+    """A Mamba-2 mixer (Nemotron-H, Bamba, Granite 4 hybrid, Falcon-H1, Zamba 2): ``in_proj`` to the gate ``z``, the
+    convolution's ``x, B, C`` and ``dt``; ``dt = clamp(softplus(dt + dt_bias))``; the state space dual recurrence with
+    ``A = -exp(A_log)`` per head and the skip ``D x``; the gated RMSNorm (or Falcon-H1's plain ``silu(z)`` gate
+    without it) and ``out_proj``. Falcon-H1's ``ssm_in_multiplier`` and ``mup_vector`` scale the input and the
+    projection."""
+    if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
+        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
+                         f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})")
+    t = hidden.shape[1]
+    h = hidden * module.ssm_in_multiplier if hasattr(module, "ssm_in_multiplier") else hidden
+    projected = module.in_proj(h)
+    if getattr(module, "mup_vector", None) is not None:
+        projected = projected * module.mup_vector
+    gate, xbc, dt = projected[0].split([module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    lo, hi = module.time_step_limit
+    dt = torch.clamp(F.softplus(dt.to(dtype) + module.dt_bias.to(dtype)), min=lo, max=hi)
+    g = -module.A_log.to(dtype).exp() * dt
+    inner, bc = module.intermediate_size, module.n_groups * module.ssm_state_size
+    # HDP's channel order: queries (C), keys (B), values (x)
+    order = torch.cat([torch.arange(inner + bc, inner + 2 * bc), torch.arange(inner, inner + bc),
+                       torch.arange(inner)]).to(xbc.device)
+    conv = module.conv1d
+    bias = None if conv.bias is None else conv.bias[order]
+    shape = DeltaNetShape(module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim,
+                          conv.kernel_size[0], module.activation, kind="ssd")
+    core = gated_delta_net(xbc[:, order], g, dt, conv.weight[order, 0, :], bias, shape, meta, meta.runtime.mesh,
+                           split, skip=module.D)
+    meta.runtime.calls += 1
+    y = core.reshape(1, t, inner).to(hidden.dtype)
+    if getattr(module, "mamba_rms_norm", True):
+        y = module.norm(y, gate[None])
+    else:
+        y = y * F.silu(gate[None])
+    return module.out_proj(y.to(hidden.dtype))
+
+
+ADAPTERS = ADAPTERS + (
+    DeltaNetAdapter("mamba2", ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
+                               "Zamba2MambaMixer"), None, _MAMBA2, _mamba2_forward),
 )
 DELTA_NET_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
 
@@ -87,23 +138,44 @@ def hdp_delta_net_forward(module, adapter: DeltaNetAdapter, hidden, meta: HDPAtt
     return module.out_proj(out)
 
 
+def _original_forward(module):
+    """The module's own forward: the one it had when the adapter was installed (a bound method of this module, or
+    the class's forward when the instance had none of its own)."""
+    own = module.__dict__.get("_hdp_original_forward")
+    return own if own is not None else types.MethodType(type(module).forward, module)
+
+
+def _hdp_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """The forward an installed adapter gives the module: HDP's for a call carrying ``hdp_metadata``, else the
+    module's own. Set on the instance as a method bound to it (never a closure over it), so that ``copy.deepcopy``
+    of the model binds the copy's forward to the copy's own weights, and FSDP2's ``fully_shard`` (hooks around
+    ``__call__``, a subclass without a forward of its own) keeps it."""
+    meta = kwargs.get("hdp_metadata")
+    if meta is None:
+        return _original_forward(self)(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    if cache is not None:
+        raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): HDP training runs without a "
+                         "cache; call the model with use_cache=False")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): a packed HDP micro-batch has no "
+                         "padding, but an attention_mask with zeros was passed")
+    return self._hdp_adapter.run(self, hidden_states, meta, self._hdp_split)
+
+
 def _install(module, adapter: DeltaNetAdapter, split: str) -> None:
-    original = module.forward
-
-    def forward(hidden_states, cache=None, attention_mask=None, **kwargs):
-        meta = kwargs.get("hdp_metadata")
-        if meta is None:
-            return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
-        if cache is not None:
-            raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}): HDP training runs without a "
-                             "cache; call the model with use_cache=False")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}): a packed HDP micro-batch has no "
-                             "padding, but an attention_mask with zeros was passed")
-        return hdp_delta_net_forward(module, adapter, hidden_states, meta, module._hdp_split)
-
-    module.forward = forward
+    # an instance-level forward the module already had (bound to it, or any callable) stays its own forward
+    module._hdp_original_forward = module.__dict__.get("forward")
     module._hdp_adapter, module._hdp_split = adapter, split
+    module.forward = types.MethodType(_hdp_forward, module)
+
+
+def _uninstall(module) -> None:
+    own = module.__dict__.pop("_hdp_original_forward", None)
+    if own is not None:
+        module.forward = own
+    else:
+        module.__dict__.pop("forward", None)
+    module._hdp_adapter = None
 
 
 def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
@@ -115,8 +187,8 @@ def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
     hidden = torch.randn(1, 12, module.hidden_size, generator=gen).to(param.device, param.dtype)
     meta = HDPAttentionMetadata(num_tokens=12, local_len=12, local_seqlens=(12,), rings=())
     with torch.no_grad():
-        ours = hdp_delta_net_forward(module, adapter, hidden, meta, "auto").double()
-        theirs = module.forward.__wrapped_original__(hidden, cache=None, attention_mask=None).double()
+        ours = adapter.run(module, hidden, meta, "auto").double()
+        theirs = _original_forward(module)(hidden, cache=None, attention_mask=None).double()
     tol = 1e-3 if param.dtype in (torch.float16, torch.bfloat16) else 1e-4
     if not torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max().clamp_min(1e-6))):
         raise UnsupportedLayerError(
@@ -127,9 +199,14 @@ def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
         )
 
 
+_STATE_SUFFIXES = ("GatedDeltaNet", "Mamba2Mixer", "MambaMixer", "MambaLayer", "ShortConv")
+
+
 def delta_net_modules(model) -> list[tuple[str, torch.nn.Module]]:
-    """The model's modules that look like Gated DeltaNet layers (by class name)."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("GatedDeltaNet")]
+    """The model's state-carrying token mixers: modules an adapter knows, or whose class name says they are one
+    (Gated DeltaNet, Mamba mixers, short convolutions), which are then refused."""
+    return [(n, m) for n, m in model.named_modules()
+            if type(m).__name__ in DELTA_NET_CLASSES or type(m).__name__.endswith(_STATE_SUFFIXES)]
 
 
 def enable_hdp_mixers(model, split: str = "auto") -> int:
@@ -157,14 +234,11 @@ def enable_hdp_mixers(model, split: str = "auto") -> int:
                 "transformers version changed the layer. Use a tested transformers version (README) or the stock "
                 "Trainer."
             )
-        original = module.forward
         _install(module, adapter, split)
-        module.forward.__wrapped_original__ = original
         try:
             _self_check(module, adapter, name)
         except Exception:
-            module.forward = original
-            module._hdp_adapter = None
+            _uninstall(module)
             raise
         count += 1
     return count

@@ -44,7 +44,7 @@ class Chunks:
     qd: torch.Tensor  # [H, N, C, dk]  exp(c) * q
     attn: torch.Tensor  # [H, N, C, C]  (q k^T) * G, causal (diagonal included)
     u: torch.Tensor  # [H, N, C, dv]
-    w: torch.Tensor  # [H, N, C, dk]
+    w: torch.Tensor | None  # [H, N, C, dk]; None: no delta rule (Mamba-2's SSD, linear attention with decay)
     kd: torch.Tensor  # [H, N, C, dk]  exp(c_C - c) * k
     decay: torch.Tensor  # [H, N, 1, 1]  exp(c_C)
     length: int
@@ -84,36 +84,62 @@ def chunk_quantities(q, k, v, g, beta, chunk: int = CHUNK) -> Chunks:
     )
 
 
+def linear_chunk_quantities(q, k, v, g, chunk: int = CHUNK) -> Chunks:
+    """The chunk quantities of the rule without the delta (``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T
+    q_t``): Mamba-2's state space dual form (Dao and Gu, arXiv 2405.21060) with ``q = C``, ``k = B``,
+    ``v = dt x``, ``g = dt A``. The same as :func:`chunk_quantities` with ``T = I`` and no ``W``."""
+    h, n = q.shape[0], q.shape[1]
+    pad = (-n) % chunk
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = torch.nn.functional.pad(g, (0, pad))
+    q, k, v = (x.reshape(h, -1, chunk, x.shape[-1]) for x in (q, k, v))
+    c = g.reshape(h, -1, chunk).cumsum(-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    gap = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
+    last = c[..., -1:]
+    return Chunks(qd=q * c.exp().unsqueeze(-1), attn=(q @ k.transpose(-1, -2)) * gap, u=v, w=None,
+                  kd=k * (last - c).exp().unsqueeze(-1), decay=last.exp().unsqueeze(-1), length=n)
+
+
 def run_chunks(ch: Chunks, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs ``[H, T, dv]`` and final state ``[H, dk, dv]`` from ``state`` (``None``: zero)."""
-    h, dk, dv = ch.u.shape[0], ch.w.shape[-1], ch.u.shape[-1]
+    h, dk, dv = ch.u.shape[0], ch.kd.shape[-1], ch.u.shape[-1]
     s = state if state is not None else ch.u.new_zeros(h, dk, dv)
     outs = []
     for i in range(ch.num):
-        v_new = ch.u[:, i] - ch.w[:, i] @ s
+        v_new = ch.u[:, i] if ch.w is None else ch.u[:, i] - ch.w[:, i] @ s
         outs.append(ch.qd[:, i] @ s + ch.attn[:, i] @ v_new)
         s = ch.decay[:, i] * s + ch.kd[:, i].transpose(-1, -2) @ v_new
     return torch.cat(outs, dim=1)[:, : ch.length], s
 
 
+def _step(ch: Chunks, i: int, eye: torch.Tensor) -> torch.Tensor:
+    """Chunk ``i``'s map of the incoming state: ``exp(c_C) I - (exp(c_C - c) K)^T W``."""
+    if ch.w is None:
+        return ch.decay[:, i] * eye
+    return ch.decay[:, i] * eye - ch.kd[:, i].transpose(-1, -2) @ ch.w[:, i]
+
+
 def transition(ch: Chunks) -> torch.Tensor:
     """``M`` (``[H, dk, dk]``): the final state from an incoming state ``S`` is ``M S + B``."""
-    dk = ch.w.shape[-1]
-    eye = torch.eye(dk, dtype=ch.w.dtype, device=ch.w.device)
-    m = eye.expand(ch.w.shape[0], dk, dk)
+    h, dk = ch.kd.shape[0], ch.kd.shape[-1]
+    eye = torch.eye(dk, dtype=ch.kd.dtype, device=ch.kd.device)
+    m = eye.expand(h, dk, dk)
     for i in range(ch.num):
-        m = (ch.decay[:, i] * eye - ch.kd[:, i].transpose(-1, -2) @ ch.w[:, i]) @ m
+        m = _step(ch, i, eye) @ m
     return m
 
 
 def read_state(ch: Chunks, state: torch.Tensor) -> torch.Tensor:
     """What an incoming ``state`` adds to the outputs (``[H, T, dv]``): the outputs from ``state`` with no
     values written, the part of ``run_chunks(ch, state)`` that ``run_chunks(ch, None)`` lacks."""
-    eye = torch.eye(ch.w.shape[-1], dtype=ch.w.dtype, device=ch.w.device)
+    eye = torch.eye(ch.kd.shape[-1], dtype=ch.kd.dtype, device=ch.kd.device)
     outs, s = [], state
     for i in range(ch.num):
-        outs.append((ch.qd[:, i] - ch.attn[:, i] @ ch.w[:, i]) @ s)
-        s = (ch.decay[:, i] * eye - ch.kd[:, i].transpose(-1, -2) @ ch.w[:, i]) @ s
+        read = ch.qd[:, i] if ch.w is None else ch.qd[:, i] - ch.attn[:, i] @ ch.w[:, i]
+        outs.append(read @ s)
+        s = _step(ch, i, eye) @ s
     return torch.cat(outs, dim=1)[:, : ch.length]
 
 

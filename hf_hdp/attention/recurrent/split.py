@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 
 from ...planning.layout import head_split
 from ..metadata import HDPAttentionMetadata, UlyssesSegment
-from .delta_rule import chunk_quantities, delta_rule, l2norm, read_state, run_chunks, transition
+from .delta_rule import chunk_quantities, l2norm, linear_chunk_quantities, read_state, run_chunks, transition
 from .exchange import Move, exchange, group_rounds
 from .pieces import halo_index, halo_rows, member_rows, segment_pieces
 
@@ -43,8 +43,13 @@ SPLITS = ("auto", "heads", "scan")
 
 @dataclass(frozen=True)
 class DeltaNetShape:
-    """A Gated DeltaNet layer's heads and convolution (channels: queries and keys of the ``key_heads``,
-    then values of the ``value_heads``)."""
+    """A state-carrying layer's heads and convolution. Channels, in this order: queries and keys of the
+    ``key_heads``, then values of the ``value_heads`` (an adapter puts its family's channels in this order).
+
+    ``kind``: ``"delta"``, Gated DeltaNet (queries and keys L2-normalised, queries scaled, the delta rule; the two
+    gates are the log-decay ``g`` and the write strength ``beta``), or ``"ssd"``, Mamba-2 (queries ``C``, keys
+    ``B``, values ``x``; the gates are ``g = dt A`` and ``dt``, which scales the values; no delta; a per-head
+    skip ``D x`` added to the output)."""
 
     key_heads: int
     key_dim: int
@@ -52,6 +57,7 @@ class DeltaNetShape:
     value_dim: int
     kernel: int
     activation: str | None = "silu"
+    kind: str = "delta"
 
     @property
     def channels(self) -> int:
@@ -79,7 +85,7 @@ def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = 
     from ...planning.cost.recurrent import state_split_costs
 
     costs = state_split_costs(seg.doc_lengths(), k, shape.key_heads, shape.key_dim, shape.value_heads,
-                              shape.value_dim, shape.kernel, hardware)
+                              shape.value_dim, shape.kernel, hardware, ulysses=_ulysses(seg))
     return min(costs, key=lambda m: (costs[m].seconds, m))
 
 
@@ -104,38 +110,60 @@ def _positions(lengths, device) -> torch.Tensor:
     return torch.cat([torch.arange(n, device=device) for n in lengths])
 
 
-def _recurrence_inputs(conv_rows, g, beta, key_heads: int, key_dim: int, value_heads: int, value_dim: int):
-    """Heads-first ``q`` (normalised, scaled), ``k`` (normalised), ``v``, ``g``, ``beta`` of some rows; query
-    and key heads repeated to the value heads."""
+def _recurrence_inputs(conv_rows, g, beta, key_heads: int, key_dim: int, value_heads: int, value_dim: int,
+                       kind: str = "delta"):
+    """Heads-first ``q``, ``k``, ``v``, ``g``, ``beta`` of some rows (Gated DeltaNet: ``q`` normalised and scaled,
+    ``k`` normalised; Mamba-2: ``v`` scaled by ``dt``, the second gate); query and key heads repeated to the value
+    heads (value head ``h`` reads key head ``h // (Hv / Hk)``)."""
     n = conv_rows.shape[0]
     q, k, v = conv_rows.split([key_heads * key_dim, key_heads * key_dim, value_heads * value_dim], dim=1)
-    q, k = (l2norm(x.reshape(n, key_heads, key_dim)) for x in (q, k))
-    q = q * key_dim ** -0.5
+    q, k = (x.reshape(n, key_heads, key_dim) for x in (q, k))
+    v = v.reshape(n, value_heads, value_dim)
+    if kind == "delta":
+        q, k = l2norm(q) * key_dim ** -0.5, l2norm(k)
+    else:
+        v = v * beta.unsqueeze(-1)
     if value_heads != key_heads:
         q, k = (x.repeat_interleave(value_heads // key_heads, dim=1) for x in (q, k))
-    v = v.reshape(n, value_heads, value_dim)
     return (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.transpose(0, 1), beta.transpose(0, 1))
 
 
-def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim) -> torch.Tensor:
+def _chunks(q, k, v, g, beta, kind: str):
+    return chunk_quantities(q, k, v, g, beta) if kind == "delta" else linear_chunk_quantities(q, k, v, g)
+
+
+def _skip(conv_rows, skip, key_heads: int, key_dim: int, value_heads: int, value_dim: int) -> torch.Tensor:
+    """Mamba-2's ``D x`` of some rows, ``[n, Hv, dv]`` (``skip``: ``D`` of the value heads)."""
+    x = conv_rows[:, 2 * key_heads * key_dim :].reshape(-1, value_heads, value_dim)
+    return x * skip.to(x.dtype)[None, :, None]
+
+
+def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim, kind="delta",
+              skip=None) -> torch.Tensor:
     """Every document of ``lengths`` (consecutive rows) from the zero state; ``[n, Hv, dv]``."""
-    q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim)
+    q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
     outs, at = [], 0
     for n in lengths:
-        o, _ = delta_rule(q[:, at:at + n], k[:, at:at + n], v[:, at:at + n], gg[:, at:at + n], bb[:, at:at + n])
-        outs.append(o)
+        sl = slice(at, at + n)
+        if n:
+            o, _ = run_chunks(_chunks(q[:, sl], k[:, sl], v[:, sl], gg[:, sl], bb[:, sl], kind), None)
+            outs.append(o)
         at += n
     if not outs:
         return conv_rows.new_zeros(0, value_heads, value_dim)
-    return torch.cat(outs, dim=1).transpose(0, 1)
+    out = torch.cat(outs, dim=1).transpose(0, 1)
+    if skip is not None:
+        out = out + _skip(conv_rows, skip, key_heads, key_dim, value_heads, value_dim)
+    return out
 
 
 # --------------------------------------------------------------------------------- segment methods
 class _Scan:
     """The state scan of one segment (see the module docstring)."""
 
-    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, mesh):
+    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh):
         self.seg, self.shape, self.x, self.g, self.beta, self.weight, self.bias = seg, shape, x, g, beta, weight, bias
+        self.skip = skip
         self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
         self.width = shape.kernel - 1
         self.pieces = [p for doc in segment_pieces(*self.key) for p in doc if p.member == seg.member]
@@ -179,9 +207,11 @@ class _Scan:
             conv = causal_conv(rows, pos, self.weight, self.bias, sh.activation)[len(idx):]
             sl = slice(p.row, p.row + p.length)
             q, k, v, g, b = _recurrence_inputs(conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim,
-                                               sh.value_heads, sh.value_dim)
-            ch = chunk_quantities(q, k, v, g, b)
+                                               sh.value_heads, sh.value_dim, sh.kind)
+            ch = _chunks(q, k, v, g, b, sh.kind)
             o, final = run_chunks(ch, None)
+            if self.skip is not None:
+                o = o + _skip(conv, self.skip, sh.key_heads, sh.key_dim, sh.value_heads, sh.value_dim).transpose(0, 1)
             self.outputs.append(o)
             self.chunks.append(ch)
             states.append(torch.cat([transition(ch).flatten(1), final.flatten(1)], dim=1))
@@ -235,8 +265,8 @@ class _Scan:
 class _Heads:
     """Head-parallel: all-to-all to head shards, whole documents locally, all-to-all back."""
 
-    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, mesh):
-        self.seg, self.shape, self.weight, self.bias = seg, shape, weight, bias
+    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh):
+        self.seg, self.shape, self.weight, self.bias, self.skip = seg, shape, weight, bias, skip
         self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
         sh = shape
         self.splits = head_split(sh.value_heads, sh.key_heads, seg.k)
@@ -288,7 +318,8 @@ class _Heads:
         weight = self.weight[channels]
         bias = None if self.bias is None else self.bias[channels]
         conv = causal_conv(x, _positions(lengths, x.device), weight, bias, sh.activation)
-        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim).flatten(1)  # [L, nv*dv]
+        skip = None if self.skip is None else self.skip[sp.q_start : sp.q_stop]
+        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip).flatten(1)
 
     def to_rows_moves(self, sends: list, at: int) -> list[Move]:
         seg, moves = self.seg, []
@@ -351,32 +382,33 @@ def _phase(runs, make, mesh, after):
 
 
 def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAttentionMetadata, mesh,
-                    split: str = "auto") -> torch.Tensor:
+                    split: str = "auto", skip: torch.Tensor | None = None) -> torch.Tensor:
     """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``weight``: the
-    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``."""
+    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``; ``skip``: Mamba-2's ``D`` (``[Hv]``)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, g, beta, weight = (t.to(dtype) for t in (x, g, beta, weight))
     bias = None if bias is None else bias.to(dtype)
+    skip = None if skip is None else skip.to(dtype)
     sh = shape
     parts = []
     n_local = meta.local_len
     if n_local:
         conv = causal_conv(x[:n_local], _positions(meta.local_seqlens, x.device), weight, bias, sh.activation)
         parts.append(_run_docs(conv, g[:n_local], beta[:n_local], meta.local_seqlens, sh.key_heads, sh.key_dim,
-                               sh.value_heads, sh.value_dim))
+                               sh.value_heads, sh.value_dim, sh.kind, skip))
     if meta.rings:
-        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, shape, meta, mesh, split))
+        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _segments(x, g, beta, weight, bias, shape, meta, mesh, split) -> torch.Tensor:
+def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split) -> torch.Tensor:
     base = meta.rings[0].start
     runs = []
     for seg in meta.rings:
         sl = slice(seg.start - base, seg.end - base)
         hardware = "h100" if x.is_cuda else "cpu"
         kind = _Heads if choose_split(seg, shape, split, hardware) == "heads" else _Scan
-        runs.append(kind(seg, shape, x[sl], g[sl], beta[sl], weight, bias, mesh))
+        runs.append(kind(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh))
     # phase 1: halos (scan) and rows to heads (heads)
     first, _, t1 = _phase(runs, lambda r: r.halo_moves if isinstance(r, _Scan) else r.to_heads_moves, mesh, (x,))
     for r, got in zip(runs, first):
