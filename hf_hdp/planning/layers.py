@@ -20,11 +20,32 @@ the trainer checks the kernels against every head size. Pure Python: no torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
-    "attention_head_dims", "is_heterogeneous", "kernel_head_dim", "layer_attention_shapes", "layer_attr", "layer_configs",
+    "GATED_DELTANET_FAMILIES", "StateShape", "attention_head_dims", "is_heterogeneous", "kernel_head_dim",
+    "layer_attention_shapes", "layer_attr", "layer_configs", "layer_state_shapes",
 ]
+
+#: model types whose ``layer_types`` entries ``"linear_attention"`` are Gated DeltaNet layers
+#: (:mod:`hf_hdp.attention.recurrent`); other families' linear layers are not priced as such
+GATED_DELTANET_FAMILIES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
+class StateShape(NamedTuple):
+    """A Gated DeltaNet layer's shapes: ``key_heads`` query/key heads of ``key_dim``, ``value_heads`` value heads of
+    ``value_dim``, and the depthwise convolution's ``kernel``. Its convolution runs over :attr:`channels`."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    kernel: int
+
+    @property
+    def channels(self) -> int:
+        """The convolution's channels ``C = 2·Hk·dk + Hv·dv`` (queries, keys, values)."""
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
 
 _MISSING = object()
 
@@ -90,3 +111,19 @@ def kernel_head_dim(config) -> int:
     not a multiple of 8 if there is one, else the largest (what ``HDPConfig.check_attention_backend`` checks)."""
     sizes = [max(qk, v) for _, qk, v in layer_attention_shapes(config)]
     return next((d for d in sizes if d % 8), max(sizes))
+
+
+def layer_state_shapes(config) -> list[StateShape | None]:
+    """Per decoder layer, the :class:`StateShape` of a Gated DeltaNet layer (``layer_types[i] == "linear_attention"``
+    in a family of :data:`GATED_DELTANET_FAMILIES`), ``None`` for an attention layer. Multimodal configs are read from
+    their ``text_config``."""
+    if not hasattr(config, "num_hidden_layers") and getattr(config, "text_config", None) is not None:
+        config = config.text_config
+    n = _num_layers(config)
+    types = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "model_type", None) not in GATED_DELTANET_FAMILIES or "linear_attention" not in types:
+        return [None] * n
+    shape = StateShape(int(config.linear_num_key_heads), int(config.linear_key_head_dim),
+                       int(config.linear_num_value_heads), int(config.linear_value_head_dim),
+                       int(config.linear_conv_kernel_dim))
+    return [shape if i < len(types) and types[i] == "linear_attention" else None for i in range(n)]

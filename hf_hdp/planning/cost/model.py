@@ -82,7 +82,10 @@ from typing import NamedTuple, Sequence
 from ..layout import even_split, head_rings, head_split, ring_positions, zigzag_member_sizes
 from ..reach import FULL, LayerMask, mask_pairs
 from .fit import bytescale_fit
+from ..layers import StateShape
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
+from .recurrent import MODES as STATE_SPLITS
+from .recurrent import local_state_flops, resolve_method, state_segment_time, state_split_loads
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange, slowest_member_pairs
 
@@ -150,6 +153,15 @@ class CostModel:
     # one (num_kv_heads, qk_head_dim, v_head_dim) per layer, K/V priced at value_bytes per value (see the module
     # docstring); empty: every layer num_kv_heads heads of kv_bytes_per_token / (2 num_kv_heads) bytes for K and V
     layer_heads: tuple = ()
+    # one entry per layer: () for an attention layer, a hf_hdp.planning.layers.StateShape (key_heads, key_dim,
+    # value_heads, value_dim, kernel) for a Gated DeltaNet layer; empty: every layer attention. A state layer has no
+    # attention term (its mask and heads are ignored): its convolution and recurrence cost state_rate FLOP/s, and a
+    # split sample its exchange (see "State layers" in the module docstring)
+    layer_states: tuple = ()
+    # achieved FLOP/s of the state layers' convolution and recurrence (needed when layer_states has a state layer)
+    state_rate: float = 0.0
+    # HDPConfig.state_split: how a split sample's state layers run ("auto": the faster, priced per segment)
+    state_split: str = "auto"
 
     def __post_init__(self) -> None:
         masks = tuple(LayerMask(**m) if isinstance(m, dict) else m for m in self.layer_masks)
@@ -163,15 +175,66 @@ class CostModel:
             raise ValueError(f"CostModel.layer_heads needs one (num_kv_heads, qk_head_dim, v_head_dim) of positive "
                              f"ints per layer ({self.num_layers}), got {self.layer_heads!r}")
         object.__setattr__(self, "layer_heads", heads)
+        states = tuple(StateShape(*(int(x) for x in st)) if st else () for st in self.layer_states)
+        if states and len(states) != self.num_layers:
+            raise ValueError(f"CostModel.layer_states has {len(states)} entries for {self.num_layers} layers")
+        states = states if any(states) else ()
+        object.__setattr__(self, "layer_states", states)
+        if states and not self.state_rate > 0:
+            raise ValueError("CostModel.state_rate (FLOP/s of the state layers) must be positive when layer_states "
+                             "has a Gated DeltaNet layer")
+        if self.state_split not in STATE_SPLITS:
+            raise ValueError(f"CostModel.state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
+
+    @cached_property
+    def attention_layer_index(self) -> tuple[int, ...]:
+        """The layers that are attention (all but the Gated DeltaNet ones)."""
+        return tuple(i for i in range(self.num_layers) if not self.layer_states or not self.layer_states[i])
+
+    @cached_property
+    def attention_layers(self) -> int:
+        """How many layers are attention: the ``a`` term counts these only."""
+        return len(self.attention_layer_index)
+
+    @cached_property
+    def state_kinds(self) -> tuple[tuple[StateShape, int], ...]:
+        """``(StateShape, layers)`` per distinct Gated DeltaNet layer shape; ``()`` when there is none."""
+        counts: dict = {}
+        for st in self.layer_states:
+            if st:
+                counts[st] = counts.get(st, 0) + 1
+        return tuple(counts.items())
+
+    @property
+    def state_value_bytes(self) -> int:
+        """Bytes per value of the state layers' messages: they compute in float32 at least (the model's dtype if
+        wider)."""
+        return max(FLOAT32_BYTES, self.value_bytes)
+
+    @cached_property
+    def attention_model(self) -> "CostModel":
+        """This model's attention layers alone: no state layers and no linear term (``b = 0``). A hybrid model prices
+        its attention terms with it, then adds ``b`` over all its layers and the state layers (:meth:`state_breakdown`)."""
+        if not self.layer_states:
+            return replace(self, b=0.0)
+        return replace(self, num_layers=self.attention_layers, b=0.0, layer_states=(), state_rate=0.0,
+                       layer_masks=self._attention_masks() if self.layer_masks else (),
+                       layer_heads=tuple(self.layer_heads[i] for i in self.attention_layer_index)
+                       if self.layer_heads else ())
+
+    def _attention_masks(self) -> tuple:
+        masks = self.layer_masks or (FULL,) * self.num_layers
+        return tuple(masks[i] for i in self.attention_layer_index)
 
     @cached_property
     def layer_kvs(self) -> tuple[LayerKV, ...]:
-        """:class:`LayerKV` of every layer (:attr:`layer_heads`, or the uniform figures)."""
+        """:class:`LayerKV` of every attention layer (:attr:`layer_heads`, or the uniform figures)."""
         if not self.layer_heads:
             hb = self.kv_bytes_per_token / (2 * self.num_kv_heads) if self.num_kv_heads else self.kv_bytes_per_token / 2
-            return (LayerKV(self.num_kv_heads, hb, hb, self.kv_bytes_per_token),) * self.num_layers
+            return (LayerKV(self.num_kv_heads, hb, hb, self.kv_bytes_per_token),) * self.attention_layers
         vb = self.value_bytes
-        return tuple(LayerKV(h, qk * vb, v * vb, h * (qk + v) * vb) for h, qk, v in self.layer_heads)
+        return tuple(LayerKV(h, qk * vb, v * vb, h * (qk + v) * vb)
+                     for h, qk, v in (self.layer_heads[i] for i in self.attention_layer_index))
 
     @cached_property
     def kv_groups(self) -> tuple[tuple[LayerKV, int], ...]:
@@ -185,14 +248,14 @@ class CostModel:
     def layer_kinds(self) -> tuple[tuple[LayerMask, LayerKV, int], ...]:
         """``(mask, LayerKV, layers)`` per distinct pair, in first-seen order."""
         counts: dict = {}
-        for mask, kv in zip(self.layer_masks or (FULL,) * self.num_layers, self.layer_kvs):
+        for mask, kv in zip(self._attention_masks(), self.layer_kvs):
             counts[mask, kv] = counts.get((mask, kv), 0) + 1
         return tuple((m, kv, n) for (m, kv), n in counts.items())
 
     @cached_property
     def mask_groups(self) -> tuple[tuple[LayerMask, int], ...]:
-        """``(mask, layers)`` per distinct layer mask; ``()`` when every layer is full causal."""
-        return group_masks(self.layer_masks)
+        """``(mask, layers)`` per distinct attention layer mask; ``()`` when every attention layer is full causal."""
+        return group_masks(self._attention_masks()) if self.layer_masks else ()
 
     def with_layer_masks(self, masks) -> "CostModel":
         """This model with one :class:`~hf_hdp.planning.reach.LayerMask` per layer (``()``: all full)."""
@@ -200,8 +263,14 @@ class CostModel:
         return replace(self, layer_masks=() if all(m.full for m in masks) else masks)
 
     def describe_layers(self) -> str:
-        """``"40 sliding (w=1024), 8 full"``; ``"32 full"`` for a uniform model."""
-        return describe_layer_masks(self.layer_masks, self.num_layers)
+        """``"40 sliding (w=1024), 8 full"``; ``"32 full"`` for a uniform model; ``"24 Gated DeltaNet (16x128 key,
+        32x128 value heads, kernel 4), 8 full"`` with state layers."""
+        masks = describe_layer_masks(self._attention_masks() if self.layer_masks else (), self.attention_layers)
+        if not self.state_kinds:
+            return masks
+        states = [f"{n} Gated DeltaNet ({st.key_heads}x{st.key_dim} key, {st.value_heads}x{st.value_dim} value heads, "
+                  f"kernel {st.kernel})" for st, n in self.state_kinds]
+        return ", ".join(states + ([masks] if self.attention_layers else []))
 
     def _pairs(self, s) -> float | None:
         """All layers' ``mask_pairs(s, mask)``, or ``None`` when every layer is full causal for ``s`` tokens
@@ -252,6 +321,8 @@ class CostModel:
             layer_masks=model.layer_masks,
             layer_heads=() if not model.layer_heads and model.v_head_dim == model.head_dim else
             tuple(tuple(h) for h in model.heads_per_layer),
+            layer_states=tuple(tuple(st) if st else () for st in model.layer_states),
+            state_rate=hw.peak_flops * hw.linear_efficiency if model.layer_states else 0.0,
         )
 
     @classmethod
@@ -302,6 +373,7 @@ class CostModel:
         d.pop("extra", None)
         d["layer_masks"] = [{"window": m.window, "chunk": m.chunk} for m in self.layer_masks]
         d["layer_heads"] = [list(h) for h in self.layer_heads]
+        d["layer_states"] = [list(st) for st in self.layer_states]
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
     # ----------------------------------------------------------------- terms
@@ -309,7 +381,7 @@ class CostModel:
         """The quadratic (attention) part of a whole sequence's time, all layers: ``a·Σ_layers mask_pairs(s, mask)``."""
         pairs = self._pairs(s)
         if pairs is None:
-            return self.num_layers * self.a * s * s
+            return self.attention_layers * self.a * s * s
         return self.a * pairs
 
     def linear_time(self, s: float) -> float:
@@ -322,6 +394,8 @@ class CostModel:
 
     def sequence_time(self, s: float) -> float:
         """Forward + backward of a whole sequence alone on one rank (all layers, overhead included)."""
+        if self.layer_states:
+            return self.local_time(s) + self.overhead_time()
         pairs = self._pairs(s)
         if pairs is None:
             return self.num_layers * (self.a * s * s + self.b * s + self.c)
@@ -329,10 +403,62 @@ class CostModel:
 
     def local_time(self, s: float) -> float:
         """A whole sequence packed into a micro-batch with others: :meth:`sequence_time` without ``c``."""
+        if self.layer_states:
+            return self.attention_time(s) + self.num_layers * self.b * s + self.state_local_time(s)
         pairs = self._pairs(s)
         if pairs is None:
             return self.num_layers * (self.a * s * s + self.b * s)
         return self.a * pairs + self.num_layers * self.b * s
+
+    # ------------------------------------------------------------ state (Gated DeltaNet) layers
+    def state_local_time(self, s: float) -> float:
+        """Forward + backward of the state layers' convolution and recurrence over a whole sequence on one rank, all
+        state layers (their projections are in ``b``); 0 without state layers."""
+        if not self.state_kinds:
+            return 0.0
+        return FWD_BWD * sum(n * local_state_flops(int(s), st) for st, n in self.state_kinds) / self.state_rate
+
+    def _state_links(self, spans_nodes: bool) -> tuple[float, float]:
+        return (self.inter_bandwidth, self.inter_latency) if spans_nodes else (self.intra_bandwidth, self.intra_latency)
+
+    def state_breakdown(self, lengths: Sequence[int], k: int, ulysses: int = 1,
+                        spans_nodes: bool = False) -> tuple[float, float]:
+        """``(compute, exchange)`` of the state layers of a segment of ``lengths`` on ``k`` ranks (its rows laid out
+        for Ulysses degree ``ulysses``): per layer shape, its slowest member's, by the method :attr:`state_split`
+        gives (:func:`~.recurrent.state_segment_time`); all state layers. ``k == 1``: :meth:`state_local_time`."""
+        if not self.state_kinds:
+            return 0.0, 0.0
+        if k <= 1:
+            return sum(self.state_local_time(s) for s in lengths), 0.0
+        bw, lat = self._state_links(spans_nodes)
+        docs = tuple(sorted(int(s) for s in lengths))
+        compute = comm = 0.0
+        for st, n in self.state_kinds:
+            _, c, e = state_segment_time(docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat,
+                                         self.state_value_bytes)
+            compute += n * c
+            comm += n * e
+        return compute, comm
+
+    def state_methods(self, lengths: Sequence[int], k: int, ulysses: int = 1,
+                      spans_nodes: bool | None = None) -> dict:
+        """``{StateShape: "heads" | "scan"}``: how each state layer shape runs a segment of ``lengths`` on ``k`` ranks
+        (``spans_nodes`` ``None``: the inter-node links when ``k`` exceeds :attr:`ranks_per_node`, as
+        :func:`hf_hdp.attention.recurrent.split.choose_split` assumes)."""
+        if k <= 1:
+            return {}
+        spans = k > self.ranks_per_node if spans_nodes is None else spans_nodes
+        bw, lat = self._state_links(spans)
+        docs = tuple(sorted(int(s) for s in lengths))
+        return {st: state_segment_time(docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat,
+                                       self.state_value_bytes)[0] for st, _ in self.state_kinds}
+
+    def _state_loads(self, lengths: Sequence[int], k: int, ulysses: int):
+        """``[(layers, per-member MemberLoad), ...]`` of the state layers of a segment, by :meth:`state_methods`."""
+        docs = tuple(sorted(int(s) for s in lengths))
+        u = max(ulysses, 1)
+        return [(n, state_split_loads(docs, k, u, st, method))
+                for (st, n), method in zip(self.state_kinds, self.state_methods(docs, k, u).values())]
 
     def group_spans_nodes(self, group) -> bool:
         return len({r // self.ranks_per_node for r in group}) > 1
@@ -357,6 +483,9 @@ class CostModel:
         """One member's compute for a sequence of ``s`` tokens on ``k`` ranks: ``1/k`` of the
         sequence's attention and linear work (no overhead, no communication)."""
         k = max(int(k), 1)
+        if self.layer_states:
+            return (self.attention_model.piece_compute_time(s, k) + self.num_layers * self.b * s / k
+                    + self.state_breakdown([s], k)[0])
         pairs = self._pairs(s)
         if pairs is None:
             return self.num_layers * (self.a * s * s + self.b * s) / k
@@ -379,6 +508,10 @@ class CostModel:
         lengths = [int(s) for s in lengths]
         if k <= 1:
             return sum(self.local_time(s) for s in lengths), 0.0
+        if self.layer_states:  # the attention layers as below, plus the state layers' compute and exchange
+            compute, exposed = self.attention_model.segment_breakdown(lengths, k, spans_nodes)
+            st_compute, st_comm = self.state_breakdown(lengths, k, 1, spans_nodes)
+            return compute + self.num_layers * self.b * sum(lengths) / k + st_compute, exposed + st_comm
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
         kinds = self._segment_kinds(lengths)
@@ -483,6 +616,10 @@ class CostModel:
         positions' rings cross nodes."""
         u, r = ulysses, k // ulysses
         lengths = [int(s) for s in lengths]
+        if self.layer_states:
+            compute, exposed = self.attention_model.head_parallel_breakdown(lengths, k, u, a2a_spans, ring_spans)
+            st_compute, st_comm = self.state_breakdown(lengths, k, u, a2a_spans or ring_spans)
+            return compute + self.num_layers * self.b * sum(lengths) / k + st_compute, exposed + st_comm
         sum_s = float(sum(lengths))
         sum_s2 = float(sum(s * s for s in lengths))
         kinds = self._segment_kinds(lengths)
@@ -632,7 +769,7 @@ class CostModel:
         the ``k`` members this is exact (:meth:`segment_bytes_sent` gives each member's own figure)."""
         if k <= 1:
             return 0.0
-        if self._segment_kinds([s]) is not None:  # sliding/chunked layers: the mean of the exact figures
+        if self.layer_states or self._segment_kinds([s]) is not None:  # the mean of the exact figures
             return sum(self.segment_bytes_by_member([int(s)], k)) / k
         per_hop = (s / k) * sum(count * kv.row for kv, count in self.kv_groups)  # all layers
         grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
@@ -653,6 +790,11 @@ class CostModel:
         replicated under GQA, and its ring over the positions)."""
         if k <= 1:
             return [0.0] * max(k, 1)
+        if self.layer_states:  # attention layers, plus each state layer's exact bytes (state_split_bytes)
+            out = self.attention_model.segment_bytes_by_member(lengths, k, ulysses)
+            for n, loads in self._state_loads(lengths, k, ulysses):
+                out = [b + n * ld.sent * self.state_value_bytes for b, ld in zip(out, loads)]
+            return out
         if ulysses > 1:
             return self._ulysses_bytes_by_member([int(s) for s in lengths], k, ulysses)
         rows = [0] * k
@@ -733,12 +875,13 @@ class CostModel:
         (:meth:`segment_messages_by_member`). Without ``lengths`` every layer is counted as a relay ring."""
         if k <= 1:
             return 0
-        if lengths is not None and self._segment_kinds([int(s) for s in lengths]) is not None:
+        if lengths is not None and (self.layer_states or self._segment_kinds([int(s) for s in lengths]) is not None):
             per = self.segment_messages_by_member(lengths, k, ulysses)
             return per[member] if member is not None else max(per)
         r = k // max(ulysses, 1)
         ring = 3 * r - 2 if r > 1 else 0
-        return self.num_layers * (6 * (ulysses - 1) + ring)
+        # without the lengths, a state layer is counted as its head-parallel all-to-alls: 4 (k - 1) messages
+        return self.attention_layers * (6 * (ulysses - 1) + ring) + (self.num_layers - self.attention_layers) * 4 * (k - 1)
 
     def segment_messages_by_member(self, lengths: Sequence[int], k: int, ulysses: int = 1) -> list[int]:
         """:meth:`segment_messages` of every member ``0..k-1`` of a segment of ``lengths``: a direct (sliding or
@@ -747,6 +890,11 @@ class CostModel:
         if k <= 1:
             return [0] * max(k, 1)
         lengths = [int(s) for s in lengths]
+        if self.layer_states:  # attention layers, plus each state layer's messages (state_split_messages)
+            out = self.attention_model.segment_messages_by_member(lengths, k, ulysses)
+            for n, loads in self._state_loads(lengths, k, ulysses):
+                out = [c + n * ld.messages for c, ld in zip(out, loads)]
+            return out
         u = max(ulysses, 1)
         r = k // u
         kinds = self._segment_kinds(lengths)

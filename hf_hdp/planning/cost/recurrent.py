@@ -1,71 +1,279 @@
-"""The cost of a state-carrying layer's split over a group (pure Python): head-parallel against the state scan.
+"""The cost of a Gated DeltaNet layer (pure Python): its recurrence's FLOPs, and a split sample's exchange, exact.
 
-A Gated DeltaNet layer's work is linear in the sample's length ``s``. Split over ``k`` members:
+A Gated DeltaNet layer (:mod:`hf_hdp.attention.recurrent`; Qwen3.5, Qwen3-Next) costs ``O(s)``: its projections
+(in :class:`~.specs.ModelSpec`'s per-token linear term), a depthwise causal convolution over ``C = 2·Hk·dk + Hv·dv``
+channels, and the chunked gated delta rule (:func:`delta_rule_flops`, counted from
+:mod:`hf_hdp.attention.recurrent.delta_rule`: every sequence is padded to whole chunks of :data:`CHUNK` rows).
 
-- **heads**: no extra compute (each member runs ``Hv / k`` heads over the whole sample); per member it sends
-  ``(k - 1) / k`` of its rows' convolution channels, decays and strengths, and gets back ``(k - 1) / k`` of
-  its rows' outputs: about ``n (C + 2 Hv + Hv dv) (k - 1) / k`` values, ``n = s / k``.
-- **scan**: each member runs its rows from the zero state, then the transition (``[dk, dk]`` per chunk) and
-  the read-out of the incoming state (about 60% more arithmetic than the recurrence alone for
-  ``dk = dv = 128``); it sends ``kernel - 1`` halo rows per piece and its pieces' ``(M, B)`` to every other
-  member: ``pieces · Hv (dk² + dk dv) (k - 1)`` values, independent of ``s``.
+A sample split over ``k`` members runs the layer, per segment (the split samples of one micro-batch that share a
+group), by one of two methods (:mod:`hf_hdp.attention.recurrent.split`), and this module counts exactly what each
+member computes and sends (:func:`state_split_loads`), message by message as :mod:`~hf_hdp.attention.recurrent.split`
+and :mod:`~hf_hdp.attention.recurrent.exchange` send them; the backward of every exchange sends each received tensor's
+gradient back to its sender, so a member sends in backward exactly what it received in forward:
 
-So the scan wins when ``s / k`` is small beside ``Hv dk (dk + dv) k`` (short pieces, wide states, many
-members) or the links are slow; head-parallel wins on long pieces and fast links. Forward and backward
-are priced together (backward moves the same bytes again and does twice the forward's arithmetic).
+- ``"heads"`` (``k`` must divide ``Hv``): member ``m`` holds ``n_m`` rows and gets heads ``q_m`` of the value heads
+  and ``h_m`` key heads (:func:`~hf_hdp.planning.layout.head_split`). Forward, it sends each other member ``j``
+  its rows of ``j``'s columns ``w_j = 2·h_j·dk + q_j·dv + 2·q_j`` (channels, decays, strengths), then each other
+  member ``j`` the ``n_j`` rows of its ``q_m·dv`` output columns. No extra compute: the whole recurrence of every
+  document for ``q_m`` heads.
+- ``"scan"``: forward, member ``m`` sends the ``kernel - 1`` convolution halo rows (``C`` values each) that other
+  members' pieces need of its rows, then its pieces' transitions and final states
+  (``Hv·dk·(dk + dv)`` values each) to every other member. Its compute: each piece's recurrence from the zero
+  state, the piece's transition, and for every piece with an incoming state the read-out of that state
+  (:func:`transition_flops`, :func:`read_state_flops`).
+
+Time of a member: forward + backward compute (:data:`~.specs.FWD_BWD` times the forward FLOPs) over the state
+layers' FLOP rate, plus its exchange, nothing hidden (each phase waits for its messages): per pass, one latency per
+round and the larger of what it sends and receives over the bandwidth. A segment waits for its slowest member.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
-from ..layout import hybrid_token_ranges
+from ..layers import StateShape
+from ..layout import head_split, hybrid_member_sizes, hybrid_token_ranges
 from .specs import FWD_BWD, HARDWARE_PRESETS, HardwareSpec
 
 CHUNK = 64  # hf_hdp.attention.recurrent.delta_rule.CHUNK
+METHODS = ("heads", "scan")
+MODES = ("auto", *METHODS)
+
+__all__ = [
+    "CHUNK", "MODES", "MemberLoad", "SplitCost", "StateShape", "conv_flops", "delta_rule_flops", "local_state_flops",
+    "read_state_flops", "resolve_method", "segment_layout", "state_segment_time", "state_split_bytes",
+    "state_split_costs", "state_split_loads", "state_split_messages", "transition_flops",
+]
+
+
+def _chunks(tokens: int) -> int:
+    return -(-int(tokens) // CHUNK) if tokens > 0 else 0
+
+
+def delta_rule_flops(tokens: int, heads: int, dk: int, dv: int, scan: bool = False) -> float:
+    """Forward FLOPs of the chunked gated delta rule over ONE sequence of ``tokens`` rows and ``heads`` heads, padded
+    to whole chunks of ``c =`` :data:`CHUNK` rows. Per chunk and head: ``K Kᵀ`` and ``Q Kᵀ`` (``2·c²·dk`` each), the
+    unit-triangular solve for ``U`` and ``W`` (``c²·(dk + dv)``), then ``W S``, ``Qd S`` and ``Kdᵀ V'``
+    (``2·c·dk·dv`` each) and ``A V'`` (``2·c²·dv``). ``scan`` adds :func:`transition_flops` and
+    :func:`read_state_flops` (a piece that has an incoming state)."""
+    c, n = CHUNK, _chunks(tokens)
+    flops = n * heads * (5 * c * c * dk + 3 * c * c * dv + 6 * c * dk * dv)
+    if scan:
+        flops += transition_flops(tokens, heads, dk) + read_state_flops(tokens, heads, dk, dv)
+    return float(flops)
+
+
+def transition_flops(tokens: int, heads: int, dk: int) -> float:
+    """Forward FLOPs of a piece's transition ``M`` (``delta_rule.transition``): per chunk, ``Kdᵀ W`` (``2·c·dk²``) and
+    its product with ``M`` (``2·dk³``)."""
+    return float(_chunks(tokens) * heads * (2 * CHUNK * dk * dk + 2 * dk ** 3))
+
+
+def read_state_flops(tokens: int, heads: int, dk: int, dv: int) -> float:
+    """Forward FLOPs of what an incoming state adds to a piece's outputs (``delta_rule.read_state``): per chunk,
+    ``A W`` (``2·c²·dk``), ``(Qd - A W) S`` (``2·c·dk·dv``), the chunk's transition again (``2·c·dk²``) and its
+    product with ``S`` (``2·dk²·dv``)."""
+    c = CHUNK
+    return float(_chunks(tokens) * heads * (2 * c * c * dk + 2 * c * dk * dv + 2 * c * dk * dk + 2 * dk * dk * dv))
+
+
+def conv_flops(rows: int, channels: int, kernel: int) -> float:
+    """Forward FLOPs of the depthwise causal convolution: a multiply-add per tap, channel and row."""
+    return float(2 * kernel * channels * rows)
+
+
+def local_state_flops(length: int, shape: StateShape) -> float:
+    """Forward FLOPs of one whole sample of ``length`` tokens in one Gated DeltaNet layer (projections excluded)."""
+    return (delta_rule_flops(length, shape.value_heads, shape.key_dim, shape.value_dim)
+            + conv_flops(length, shape.channels, shape.kernel))
+
+
+@lru_cache(maxsize=4096)
+def segment_layout(lengths: tuple[int, ...], k: int, ulysses: int = 1) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """Per document, its pieces ``(member, start, end)`` in sample order: the ranges
+    :func:`~hf_hdp.planning.layout.hybrid_token_ranges` gives each member (the layout of
+    :func:`hf_hdp.attention.recurrent.pieces.segment_pieces`)."""
+    out = []
+    for n in lengths:
+        pieces = [(m, a, b) for m in range(k) for a, b in hybrid_token_ranges(int(n), k, m, ulysses) if b > a]
+        out.append(tuple(sorted(pieces, key=lambda p: p[1])))
+    return tuple(out)
+
+
+class MemberLoad(NamedTuple):
+    """What one member of a split segment does in one Gated DeltaNet layer: forward FLOPs; values sent and received,
+    forward and backward; messages sent, forward and backward; exchange rounds of one pass; and ``wire``, the larger of
+    the values it sends and receives in one pass."""
+
+    flops: float
+    sent: int
+    received: int
+    messages: int
+    rounds: int
+    wire: int
+
+
+def resolve_method(mode: str, k: int, shape: StateShape) -> str | None:
+    """The method a segment of ``k`` members runs under ``mode`` (``HDPConfig.state_split``): ``"scan"`` where ``k``
+    does not divide the value heads (as :func:`hf_hdp.attention.recurrent.split.choose_split`), else the forced
+    method, or ``None`` for ``"auto"`` (priced: :func:`state_segment_time`)."""
+    if mode not in MODES:
+        raise ValueError(f"the split of state-carrying layers must be one of {MODES}, got {mode!r}")
+    if mode == "scan" or shape.value_heads % k:
+        return "scan"
+    return "heads" if mode == "heads" else None
+
+
+@lru_cache(maxsize=8192)
+def state_split_loads(lengths: tuple[int, ...], k: int, ulysses: int, shape: StateShape,
+                      method: str) -> tuple[MemberLoad, ...]:
+    """:class:`MemberLoad` of every member ``0..k-1`` of a segment of documents ``lengths`` (see the module
+    docstring for what each method sends)."""
+    lengths = tuple(int(n) for n in lengths)
+    if method == "heads":
+        return _heads_loads(lengths, k, ulysses, shape)
+    if method == "scan":
+        return _scan_loads(lengths, k, ulysses, shape)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _heads_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
+    if sh.value_heads % k:
+        raise ValueError(f"head-parallel needs the group size ({k}) to divide the value heads ({sh.value_heads})")
+    splits = head_split(sh.value_heads, sh.key_heads, k)
+    q = [sp.num_q for sp in splits]
+    kv = [len(sp.kv_heads) for sp in splits]
+    width = [2 * kv[j] * sh.key_dim + q[j] * sh.value_dim + 2 * q[j] for j in range(k)]  # columns of [x | g | beta]
+    out_w = [q[j] * sh.value_dim for j in range(k)]
+    rows = [0] * k
+    for n in lengths:
+        for m, r in enumerate(hybrid_member_sizes(n, k, ulysses)):
+            rows[m] += r
+    total_rows, total_w, total_o = sum(rows), sum(width), sum(out_w)
+    holders = sum(1 for r in rows if r)
+    loads = []
+    for m in range(k):
+        n_m, others = rows[m], total_rows - rows[m]
+        fwd_sent = n_m * (total_w - width[m]) + out_w[m] * others
+        fwd_recv = width[m] * others + n_m * (total_o - out_w[m])
+        mine = 1 if n_m else 0
+        messages = 2 * ((k - 1) * mine + holders - mine)
+        flops = sum(delta_rule_flops(n, q[m], sh.key_dim, sh.value_dim) for n in lengths)
+        flops += conv_flops(total_rows, 2 * kv[m] * sh.key_dim + out_w[m], sh.kernel)
+        total = fwd_sent + fwd_recv
+        loads.append(MemberLoad(flops, total, total, messages, 2 * (k - 1), max(fwd_sent, fwd_recv)))
+    return tuple(loads)
+
+
+def _scan_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
+    width, hv, dk, dv = sh.kernel - 1, sh.value_heads, sh.key_dim, sh.value_dim
+    state = hv * dk * (dk + dv)  # one piece's transition and final state
+    halo_out, halo_in = [0] * k, [0] * k
+    sends_to: list[set] = [set() for _ in range(k)]
+    recv_from: list[set] = [set() for _ in range(k)]
+    count = [0] * k
+    flops = [0.0] * k
+    for doc in segment_layout(lengths, k, ulysses):
+        for i, (m, a, b) in enumerate(doc):
+            count[m] += 1
+            n = b - a
+            lo = max(0, a - width)
+            j, pos = i - 1, a - 1
+            while pos >= lo:  # the halo's rows, by owner (walking back through the pieces before this one)
+                om, oa, _ = doc[j]
+                take = pos - max(oa, lo) + 1
+                if om != m:
+                    halo_out[om] += take
+                    halo_in[m] += take
+                    sends_to[om].add(m)
+                    recv_from[m].add(om)
+                pos -= take
+                j -= 1
+            f = delta_rule_flops(n, hv, dk, dv) + transition_flops(n, hv, dk) + conv_flops(n + a - lo, sh.channels,
+                                                                                             sh.kernel)
+            if i:  # an incoming state: its read-out, and the state from the i pieces before (i - 1 products)
+                f += read_state_flops(n, hv, dk, dv) + (i - 1) * hv * 2 * dk * dk * dv
+            flops[m] += f
+    pieces = sum(count)
+    holders = sum(1 for c in count if c)
+    loads = []
+    for m in range(k):
+        fwd_sent = sh.channels * halo_out[m] + ((k - 1) * count[m] * state)
+        fwd_recv = sh.channels * halo_in[m] + (pieces - count[m]) * state
+        mine = 1 if count[m] else 0
+        messages = len(sends_to[m]) + len(recv_from[m]) + (k - 1) * mine + holders - mine
+        halo_rounds = len({(d - m) % k for d in sends_to[m]} | {(m - s) % k for s in recv_from[m]})
+        total = fwd_sent + fwd_recv
+        loads.append(MemberLoad(flops[m], total, total, messages, halo_rounds + (k - 1 if pieces else 0),
+                                max(fwd_sent, fwd_recv)))
+    return tuple(loads)
+
+
+def state_split_bytes(lengths, k: int, ulysses: int, shape: StateShape, method: str, member: int,
+                      bytes_per_value: int = 4) -> int:
+    """Exact bytes member ``member`` of a segment of documents ``lengths`` on ``k`` ranks (Ulysses degree ``ulysses``
+    of its attention: the rows' layout) sends in one Gated DeltaNet layer, forward and backward, by ``method``."""
+    if k <= 1:
+        return 0
+    return state_split_loads(tuple(int(n) for n in lengths), k, ulysses, shape, method)[member].sent * bytes_per_value
+
+
+def state_split_messages(lengths, k: int, ulysses: int, shape: StateShape, method: str, member: int) -> int:
+    """P2P messages member ``member`` sends in one Gated DeltaNet layer, forward and backward (see
+    :func:`state_split_bytes`)."""
+    if k <= 1:
+        return 0
+    return state_split_loads(tuple(int(n) for n in lengths), k, ulysses, shape, method)[member].messages
+
+
+def _member_time(load: MemberLoad, rate: float, bandwidth: float, latency: float, bpv: int) -> tuple[float, float]:
+    return FWD_BWD * load.flops / rate, 2 * (load.rounds * latency + load.wire * bpv / bandwidth)
+
+
+@lru_cache(maxsize=65536)
+def state_segment_time(lengths: tuple[int, ...], k: int, ulysses: int, shape: StateShape, mode: str, rate: float,
+                       bandwidth: float, latency: float, bytes_per_value: int) -> tuple[str, float, float]:
+    """``(method, compute, exchange)`` seconds of one Gated DeltaNet layer of a segment on its slowest member, forward
+    and backward; the method is ``mode``'s (:func:`resolve_method`), for ``"auto"`` the faster (``"heads"`` on a
+    tie)."""
+    method = resolve_method(mode, k, shape)
+    best = None
+    for m in ((method,) if method else METHODS):
+        loads = state_split_loads(lengths, k, ulysses, shape, m)
+        times = [_member_time(ld, rate, bandwidth, latency, bytes_per_value) for ld in loads]
+        compute, comm = max(times, key=lambda t: t[0] + t[1])
+        if best is None or compute + comm < best[1] + best[2]:
+            best = (m, compute, comm)
+    return best
 
 
 @dataclass(frozen=True)
 class SplitCost:
-    seconds: float
+    seconds: float  # the slowest member's, forward and backward
     bytes_sent: int  # by the busiest member, forward and backward
     flops: float  # by the busiest member, forward and backward
 
 
-def delta_rule_flops(tokens: int, heads: int, dk: int, dv: int, scan: bool = False) -> float:
-    """Forward FLOPs of the chunked gated delta rule over ``tokens`` rows of ``heads`` heads; ``scan`` adds the
-    transition and the read-out of an incoming state."""
-    c = CHUNK
-    per_token = 2 * c * dk * 2 + c * (dk + dv) + 6 * dk * dv + 2 * c * dv
-    if scan:
-        per_token += 2 * dk * dk + 2 * dk ** 3 / c + 2 * c * dk + 2 * dk * dv + 2 * dk * dk * dv / c
-    return float(per_token * tokens * heads)
-
-
 def state_split_costs(lengths: tuple[int, ...], k: int, key_heads: int, key_dim: int, value_heads: int,
                       value_dim: int, kernel: int, hardware: HardwareSpec | str = "cpu",
-                      bytes_per_value: int = 4) -> dict[str, SplitCost]:
-    """Time of one segment's layer (its documents ``lengths``) on its busiest member, per method; ``"heads"`` only
-    when ``k`` divides the value heads."""
+                      bytes_per_value: int = 4, ulysses: int = 1) -> dict[str, SplitCost]:
+    """One segment's layer (its documents ``lengths``) priced per method on ``hardware`` (the links inside a node when
+    the group fits one); ``"heads"`` only when ``k`` divides the value heads. The state layers run at the hardware's
+    GEMM efficiency (their work is batched matrix products of :data:`CHUNK` rows)."""
     hw = HARDWARE_PRESETS[hardware] if isinstance(hardware, str) else hardware
     rate = hw.peak_flops * hw.linear_efficiency
     bw, lat = (hw.intra_bandwidth, hw.intra_latency) if k <= hw.ranks_per_node else (hw.inter_bandwidth,
                                                                                         hw.inter_latency)
-    channels = 2 * key_heads * key_dim + value_heads * value_dim
-    rows = max(sum(sum(b - a for a, b in hybrid_token_ranges(n, k, m)) for n in lengths) for m in range(k))
-    pieces = max(sum(len(hybrid_token_ranges(n, k, m)) for n in lengths) for m in range(k))
-    total = sum(lengths)
+    shape = StateShape(key_heads, key_dim, value_heads, value_dim, kernel)
+    lengths = tuple(int(n) for n in lengths)
     out = {}
-    conv = 2 * kernel * channels
-    if value_heads % k == 0:
-        flops = FWD_BWD * (delta_rule_flops(total, value_heads // k, key_dim, value_dim) + conv * total / k)
-        values = 2 * rows * (channels + 2 * value_heads + value_heads * value_dim) * (k - 1) / k
-        messages = 4 * (k - 1)
-        out["heads"] = SplitCost(flops / rate + values * bytes_per_value / bw + messages * lat,
-                                 int(values * bytes_per_value), flops)
-    flops = FWD_BWD * (delta_rule_flops(rows, value_heads, key_dim, value_dim, scan=True) + conv * rows)
-    values = 2 * (pieces * (kernel - 1) * channels + pieces * value_heads * key_dim * (key_dim + value_dim) * (k - 1))
-    messages = 4 * (k - 1)
-    out["scan"] = SplitCost(flops / rate + values * bytes_per_value / bw + messages * lat,
-                            int(values * bytes_per_value), flops)
+    for method in METHODS:
+        if method == "heads" and value_heads % k:
+            continue
+        loads = state_split_loads(lengths, k, ulysses, shape, method)
+        seconds = max(sum(_member_time(ld, rate, bw, lat, bytes_per_value)) for ld in loads)
+        out[method] = SplitCost(seconds, max(ld.sent for ld in loads) * bytes_per_value,
+                                FWD_BWD * max(ld.flops for ld in loads))
     return out

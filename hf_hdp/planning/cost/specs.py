@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..layers import layer_attention_shapes
+from ..layers import StateShape, layer_attention_shapes, layer_state_shapes
 from ..reach import FULL
 from ..reach import layer_masks as config_layer_masks
 
@@ -59,6 +59,14 @@ class ModelSpec:
     v_head_dim: int = 0
     # one LayerHeads per layer; () when every layer has num_kv_heads, head_dim and v_head_dim
     layer_heads: tuple = ()
+    # one entry per layer: a hf_hdp.planning.layers.StateShape for a Gated DeltaNet layer, None for an attention
+    # layer; () when every layer is attention
+    layer_states: tuple = ()
+    # the full-attention layers gate their output by a second query-sized projection (Qwen3.5, Qwen3-Next)
+    attention_output_gate: bool = False
+    # weights that cost no FLOPs per token: a mixture of experts' experts a token does not use, per layer
+    # (intermediate_size is then the active experts' and shared experts' total)
+    inactive_params_per_layer: int = 0
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -74,6 +82,20 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.layer_heads has {len(heads)} entries for {self.num_layers} layers")
         uniform = LayerHeads(self.num_kv_heads, self.head_dim, self.v_head_dim)
         object.__setattr__(self, "layer_heads", () if all(h == uniform for h in heads) else heads)
+        states = tuple(None if not st else StateShape(*st) for st in self.layer_states)
+        if states and len(states) != self.num_layers:
+            raise ValueError(f"ModelSpec.layer_states has {len(states)} entries for {self.num_layers} layers")
+        object.__setattr__(self, "layer_states", states if any(states) else ())
+
+    @property
+    def num_state_layers(self) -> int:
+        """Gated DeltaNet layers (priced linear in ``s``: :mod:`.recurrent`)."""
+        return sum(1 for st in self.layer_states if st)
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Attention layers (full, sliding or chunked; priced by their pairs)."""
+        return self.num_layers - self.num_state_layers
 
     @property
     def heads_per_layer(self) -> tuple[LayerHeads, ...]:
@@ -108,8 +130,9 @@ class ModelSpec:
             bias = q + 2 * kv
         else:
             bias = 0
+        intermediate, inactive = _mlp_sizes(config)
         if getattr(config, "mlp_bias", False):
-            bias += 2 * config.intermediate_size + config.hidden_size
+            bias += 2 * intermediate + config.hidden_size
         masks = tuple(config_layer_masks(config))[: config.num_hidden_layers]
         masks += (FULL,) * (config.num_hidden_layers - len(masks))
         return cls(
@@ -118,7 +141,7 @@ class ModelSpec:
             num_layers=config.num_hidden_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=intermediate,
             vocab_size=config.vocab_size,
             head_dim=head_dim,
             bytes_per_value=bytes_per_value,
@@ -127,6 +150,10 @@ class ModelSpec:
             layer_masks=masks,
             v_head_dim=v_head_dim,
             layer_heads=layer_heads,
+            layer_states=tuple(layer_state_shapes(config)),
+            attention_output_gate=bool(getattr(config, "attn_output_gate", False))
+            or getattr(config, "model_type", "") in _GATED_ATTENTION,
+            inactive_params_per_layer=inactive,
         )
 
     @property
@@ -154,18 +181,30 @@ class ModelSpec:
     @property
     def layer_params(self) -> int:
         """Weights of one layer's projections and gated MLP (norms ignored; mean over the layers when they differ;
-        multi-head latent attention's low-rank projections are counted as plain q/k/v projections)."""
-        q = self.hidden_size * self.q_dim
+        multi-head latent attention's low-rank projections are counted as plain q/k/v projections). A Gated DeltaNet
+        layer has :meth:`state_layer_params` instead of the attention's projections."""
+        q = self.hidden_size * self.q_dim * (2 if self.attention_output_gate else 1)
         kv = 2 * self.hidden_size * self.kv_dim
         o = self.attention_out_dim * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
-        return _integral(q + kv + o + mlp)
+        if not self.layer_states:
+            return _integral(q + kv + o + mlp)
+        mixers = self.num_attention_layers * (q + kv + o) + sum(self.state_layer_params(st) for st in self.layer_states
+                                                                if st)
+        return _integral(mixers / self.num_layers + mlp)
+
+    def state_layer_params(self, shape: StateShape) -> int:
+        """Weights of a Gated DeltaNet layer's mixer: ``in_proj_qkv`` (``h -> C``), ``in_proj_z`` (``h -> Hv·dv``),
+        ``in_proj_b`` and ``in_proj_a`` (``h -> Hv`` each), ``out_proj`` (``Hv·dv -> h``) and the depthwise
+        convolution (``C·kernel``); Qwen3-Next's fused ``in_proj_qkvz``/``in_proj_ba`` hold the same weights."""
+        h, vd = self.hidden_size, shape.value_heads * shape.value_dim
+        return h * shape.channels + h * vd + 2 * h * shape.value_heads + vd * h + shape.channels * shape.kernel
 
     @property
     def num_params(self) -> int:
         """All weights: layers (with their two RMSNorms and any biases), embedding, final norm and LM head."""
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        per_layer = self.layer_params + 2 * self.hidden_size + self.bias_params_per_layer
+        per_layer = self.layer_params + 2 * self.hidden_size + self.bias_params_per_layer + self.inactive_params_per_layer
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     @property
@@ -185,8 +224,29 @@ class ModelSpec:
 
     @property
     def linear_flops_per_token(self) -> float:
-        """Forward FLOPs per token per layer of the projections and MLP, plus the LM head spread over the layers."""
+        """Forward FLOPs per token per layer of the projections and MLP, plus the LM head spread over the layers (a
+        Gated DeltaNet layer's projections included; its convolution and recurrence are priced apart,
+        :mod:`.recurrent`)."""
         return 2.0 * (self.layer_params + self.vocab_size * self.hidden_size / self.num_layers)
+
+
+# attention layers with a sigmoid output gate from a doubled q_proj
+_GATED_ATTENTION = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+
+
+def _mlp_sizes(config) -> tuple[int, int]:
+    """``(intermediate size a token uses, inactive weights per layer)``: a dense MLP's ``intermediate_size``; for a
+    mixture of experts (``num_experts`` and ``moe_intermediate_size``), the ``num_experts_per_tok`` routed experts plus
+    the shared expert, and the other experts' weights (and the router's) as inactive."""
+    experts = int(getattr(config, "num_experts", 0) or getattr(config, "n_routed_experts", 0) or 0)
+    moe = getattr(config, "moe_intermediate_size", None)
+    dense = getattr(config, "intermediate_size", None)
+    if experts and moe and (dense is None or getattr(config, "model_type", "") in _GATED_ATTENTION):
+        top = int(getattr(config, "num_experts_per_tok", 1) or 1)
+        shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        h = int(config.hidden_size)
+        return top * int(moe) + shared, 3 * h * int(moe) * (experts - top) + h * experts
+    return int(dense), 0
 
 
 # Llama presets (Touvron et al. 2023, Llama 2 configs; 30B is LLaMA-1 33B's shape)
