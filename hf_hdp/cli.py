@@ -59,6 +59,7 @@ from hf_hdp.planning.cost import (
     CostModel,
     HardwareSpec,
     ModelSpec,
+    layer_type_times,
     memory_breakdown,
     tokens_per_rank_for_memory,
 )
@@ -417,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention-split", choices=SPLITS, default="auto",
                    help="how the balanced planner splits a long sample's attention: 'auto' (per sample, whichever of "
                    "ring, Ulysses and hybrid ends the step earliest), or one of them for every sample (default: auto)")
+    m.add_argument("--state-split", choices=("auto", "heads", "scan"), default="auto",
+                   help="how a split sample's Gated DeltaNet layers run (HDPConfig.state_split): 'auto' (per segment, "
+                   "the faster), 'heads' (head-parallel all-to-alls) or 'scan' (state scan) (default: auto)")
     m.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
                    help="ranks per node, where the fast links end (default: the hardware preset's)")
 
@@ -479,6 +483,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     hardware = load_hardware(args.hardware)
     cost = CostModel.from_specs(model, hardware)
+    if args.state_split != "auto":
+        cost = replace(cost, state_split=args.state_split)
     if args.ranks_per_node is not None:
         if args.ranks_per_node < 1:
             raise CLIError(f"--ranks-per-node must be at least 1, got {args.ranks_per_node}")
@@ -524,9 +530,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         if memory is not None:
             summary = {**summary, "memory": memory}
-        if cost.layer_masks:
+        if cost.layer_masks or cost.layer_states:
             summary = {**summary, "layers": {"description": cost.describe_layers(),
-                                             "masks": cost.to_dict()["layer_masks"]}}
+                                             "masks": cost.to_dict()["layer_masks"],
+                                             "state_split": cost.state_split, "reference_tokens": C,
+                                             "types": layer_type_times(model, cost, C)}}
         print(json.dumps(summary, indent=2, sort_keys=False))
     else:
         if memory is not None:
@@ -534,8 +542,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         n_tokens = summary["static"]["tokens"]
         n_samples = summary["static"]["samples"]
         budget = f"{samples:,} samples" if samples is not None else f"{tokens:,} tokens"
-        layers = f"layers: {cost.describe_layers()} (sliding and chunked layers priced as such)\n" \
-            if cost.layer_masks else ""
+        layers = render_layer_types(model, cost, C) if cost.layer_masks or cost.layer_states else ""
         header = (
             f"hf-hdp plan: {cost.label}; {W:,} ranks x {C:,} tokens (C)\n{layers}"
             f"lengths from {pool.source}; global batch {budget} "
@@ -549,6 +556,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.plot and args.json and note:
         print(f"hf-hdp: {note} in {args.plot}", file=sys.stderr)
     return 0
+
+
+def render_layer_types(model: ModelSpec, cost: CostModel, tokens: int) -> str:
+    """The ``layers:`` lines of the text output: each layer type's count, and one layer's forward + backward time for
+    a ``tokens``-token sample alone on a rank, split into its parts."""
+    kinds = [k for k, present in (("sliding and chunked", cost.layer_masks), ("Gated DeltaNet", cost.layer_states))
+             if present]
+    lines = [f"layers: {cost.describe_layers()} ({' and '.join(kinds)} layers priced as such"
+             + (f", split samples' Gated DeltaNet layers by {cost.state_split!r}" if cost.layer_states else "") + ")",
+             f"  one layer, forward + backward, a {tokens:,}-token sample alone on a rank:"]
+    for t in layer_type_times(model, cost, tokens):
+        parts = [f"projections and MLP {fmt_seconds(t['linear'])}"]
+        if t["quadratic"]:
+            parts.append(f"attention {fmt_seconds(t['quadratic'])}")
+        if t["state"]:
+            parts.append(f"convolution and recurrence {fmt_seconds(t['state'])}")
+        lines.append(f"    {t['layers']} x {t['layer']}: {fmt_seconds(t['seconds'])} ({', '.join(parts)})")
+    return "\n".join(lines) + "\n"
 
 
 def model_from_args(args: argparse.Namespace) -> ModelSpec:

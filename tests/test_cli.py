@@ -254,3 +254,51 @@ def test_python_dash_m(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert list(json.loads(proc.stdout)) == ["static", "naive", "balanced"]
+
+
+def _hybrid_config(tmp_path, layer_types, name):
+    cfg = {"model_type": "qwen3_5_text", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000,
+           "linear_num_key_heads": 2, "linear_key_head_dim": 32, "linear_num_value_heads": 8,
+           "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "layer_types": layer_types}
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_model_config_prices_each_layer_type(tmp_path, capsys):
+    """A Qwen3.5 config's Gated DeltaNet layers are listed and priced beside its attention layers; the same shapes with
+    attention everywhere plan a slower step; the split method of the linear layers is an option."""
+    hybrid = _hybrid_config(tmp_path, ["linear_attention"] * 3 + ["full_attention"], "hybrid.json")
+    dense = _hybrid_config(tmp_path, ["full_attention"] * 4, "dense.json")
+    args = ["--lengths", write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"), "--world-size", "8",
+            "--tokens-per-rank", "8192"]
+    rc, out, err = run_cli(capsys, "--model-config", hybrid, *args)
+    assert rc == 0, err
+    assert "layers: 3 Gated DeltaNet (2x32 key, 8x32 value heads, kernel 4), 1 full" in out
+    assert "one layer, forward + backward, a 8,192-token sample alone on a rank:" in out
+    gdn = next(line for line in out.splitlines() if line.strip().startswith("3 x Gated DeltaNet"))
+    full = next(line for line in out.splitlines() if line.strip().startswith("1 x full"))
+    assert "convolution and recurrence" in gdn and "attention" not in gdn.split(":", 1)[1] and "attention" in full
+    rc, out_dense, err = run_cli(capsys, "--model-config", dense, *args)
+    assert rc == 0, err
+    assert "Gated DeltaNet" not in out_dense and "layers:" not in out_dense
+
+    def step(path, *extra):
+        rc, out, err = run_cli(capsys, "--model-config", path, *args, *extra, "--json")
+        assert rc == 0, err
+        return json.loads(out)
+
+    h, d = step(hybrid), step(dense)
+    assert "layers" not in d
+    types = {t["layer"]: t for t in h["layers"]["types"]}
+    assert types["full"]["layers"] == 1 and types["full"]["quadratic"] > 0
+    linear = types["Gated DeltaNet (2x32 key, 8x32 value heads, kernel 4)"]
+    assert linear["layers"] == 3 and linear["quadratic"] == 0 and linear["state"] > 0
+    assert h["layers"]["reference_tokens"] == 8192 and h["layers"]["state_split"] == "auto"
+    for planner in ("static", "balanced"):
+        assert h[planner]["step_time_s"] < d[planner]["step_time_s"]
+    # the split method of the linear layers moves different bytes (static: groups of 8, which divide 8 value heads)
+    heads, scan = step(hybrid, "--state-split", "heads"), step(hybrid, "--state-split", "scan")
+    assert heads["layers"]["state_split"] == "heads"
+    assert heads["static"]["p2p_bytes"] != scan["static"]["p2p_bytes"]

@@ -38,7 +38,7 @@ from .memory import (
     offloaded_layers,
     tokens_per_rank_for_memory,
 )
-from .model import CostModel, ring_segments
+from .model import CostModel, layer_type_times, ring_segments
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "hardware_from_coefficients",
     "head_bytes",
     "layer_activation_bytes_per_token",
+    "layer_type_times",
     "layer_input_bytes_per_token",
     "length_sums",
     "logits_bytes_per_token",

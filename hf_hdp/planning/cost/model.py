@@ -931,6 +931,36 @@ class CostModel:
         return 2.0 * (world_size - 1) / world_size * nbytes / bw + 2 * math.ceil(math.log2(world_size)) * lat
 
 
+def layer_type_times(model: ModelSpec, cost: CostModel, s: int) -> list[dict]:
+    """Per layer type of ``model``, one layer's forward + backward seconds for a whole sample of ``s`` tokens alone on one
+    rank: its projections and MLP (``linear``: the layer type's own weights, with its share of the LM head, at the rate
+    ``cost.b`` implies), attention's pairs (``quadratic``), a state layer's convolution and recurrence (``state``), and
+    the per-layer overhead ``c``. Attention types by mask (``"full"``, ``"sliding (w=4,096)"``, ...), state layers by
+    shape. What ``hf-hdp plan`` prints beside the plan."""
+    head = model.vocab_size * model.hidden_size / model.num_layers
+    mlp = 3 * model.hidden_size * model.intermediate_size
+    q = model.hidden_size * model.q_dim * (2 if model.attention_output_gate else 1)
+    attention_params = q + 2 * model.hidden_size * model.kv_dim + model.attention_out_dim * model.hidden_size
+    per_param = cost.b / (model.layer_params + head)  # seconds per weight per token, forward + backward
+    out = []
+    for st, n in cost.state_kinds:
+        linear = per_param * (model.state_layer_params(st) + mlp + head) * s
+        state = FWD_BWD * local_state_flops(int(s), st) / cost.state_rate
+        out.append({"layer": f"Gated DeltaNet ({st.key_heads}x{st.key_dim} key, {st.value_heads}x{st.value_dim} value "
+                             f"heads, kernel {st.kernel})", "layers": n, "linear": linear, "quadratic": 0.0,
+                    "state": state, "seconds": linear + state + cost.c})
+    masks = cost._attention_masks() if cost.layer_masks else (FULL,) * cost.attention_layers
+    counts: dict = {}
+    for m in masks:
+        counts[m] = counts.get(m, 0) + 1
+    for m, n in counts.items():
+        linear = per_param * (attention_params + mlp + head) * s
+        quadratic = cost.a * mask_pairs(int(s), m)
+        out.append({"layer": describe_layer_masks((m,), 1).split(" ", 1)[1], "layers": n, "linear": linear,
+                    "quadratic": quadratic, "state": 0.0, "seconds": linear + quadratic + cost.c})
+    return out
+
+
 class SegmentOf(NamedTuple):
     """The pieces of a micro-batch that run as one segment: their ``group``, Ulysses degree, lengths and
     samples; ``key`` (the samples, with the degree) names the segment within its plan without hashing the
