@@ -67,6 +67,17 @@ Ulysses' Q and dQ at the q/k size and its output and dO at the v size, and each 
 (Gemma 4's full layers have wider heads and other K/V heads than its sliding ones). Layers are grouped by
 ``(mask, heads)`` (:attr:`CostModel.layer_kinds`), so a uniform model's figures are exactly those of one group.
 
+State layers (:attr:`CostModel.layer_states`: Gated DeltaNet, Qwen3.5 and Qwen3-Next's ``"linear_attention"``
+layers). The ``a`` term counts the attention layers only (:attr:`CostModel.attention_layers`; their masks and heads
+as above), ``b`` every layer (the mean per-token projections, a state layer's own included:
+:meth:`~.specs.ModelSpec.state_layer_params`), and each state layer adds its convolution and chunked recurrence,
+linear in ``s`` (:func:`~.recurrent.local_state_flops` at :attr:`CostModel.state_rate`). A split segment's state layers
+run by :attr:`CostModel.state_split` (``"auto"``: per segment, the faster of head-parallel and the state scan on the
+segment's links), each priced by its slowest member's compute and exchange (:func:`~.recurrent.state_segment_time`);
+their bytes and messages per member are exact (:func:`~.recurrent.state_split_loads`, in the state layers' compute
+dtype: float32, or the model's dtype if wider) and are added to :meth:`CostModel.segment_bytes_by_member` and
+:meth:`CostModel.segment_messages_by_member`. A model without state layers keeps every figure exactly.
+
 Derivation: :meth:`CostModel.from_specs` (a transformers config or :class:`~.specs.ModelSpec` and a
 :class:`~.specs.HardwareSpec`), :meth:`CostModel.bytescale` (ByteScale's published per-layer times,
 :func:`~.fit.bytescale_fit`), or :func:`~.calibration.calibrate` (timings of this machine).
