@@ -195,13 +195,12 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "falcon_h1": FamilySupport(
         _V, "attention and a Mamba-2 mixer side by side in every layer, with Falcon-H1's input and mup multipliers"
     ),
+    "lfm2": FamilySupport(_V, "gated short convolutions (kernel 3) restarted per sample, halos across ranks; attention"),
+    "lfm2_moe": FamilySupport(_V, f"LFM2's short convolutions and attention, MoE per token; {_AUX}"),
+    "lfm3": FamilySupport(_V, "LFM2's gated short convolutions and attention"),
     "minimax": FamilySupport(
         _R, "lightning (linear) attention layers carry a recurrent state along the sequence: packing would need it "
         "reset at sample boundaries and splitting would need it passed between ranks (a scan over the group)",
-    ),
-    "lfm2": FamilySupport(
-        _R, "short convolution layers mix each token with the previous kernel - 1: packing would need the "
-        "convolution cut at sample boundaries and splitting would need those rows passed between ranks (a halo)",
     ),
     "t5gemma": FamilySupport(_R, "encoder-decoder: a bidirectional encoder and cross-attention, not causal attention"),
 }
@@ -218,6 +217,8 @@ _STATE_LAYER_TYPES = {
     "granitemoehybrid": {"linear_attention"},
     "falcon_h1": {"hybrid"},
     "zamba2": {"linear_attention", "hybrid"},
+    # LFM2's gated short convolutions (a convolution only: a split sample passes its halo, no state)
+    **{f: {"conv"} for f in ("lfm2", "lfm2_moe", "lfm3")},
 }
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
 _HYBRID_KEYS = ("layers_block_type", "hybrid_override_pattern", "layer_block_types", "block_types")
@@ -402,7 +403,8 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             "(linear attention, state-space or convolution layers) and carry a recurrent state (or a convolution "
             "window) along the sequence, so packed samples would leak into each other and a sample split over ranks "
             f"would lose its state. HDP resets and passes such state (hf_hdp.attention.recurrent) only for the "
-            f"layers it has an adapter for (Gated DeltaNet and Mamba-2: {', '.join(sorted(_STATE_LAYER_TYPES))}); the "
+            f"layers it has an adapter for (Gated DeltaNet, Mamba-2, short convolutions: "
+            f"{', '.join(sorted(_STATE_LAYER_TYPES))}); the "
             f"{model_type} family has no adapter for these layers yet. {_STOCK_S}."
         )
     hybrid = [k for k in _HYBRID_KEYS if getattr(config, k, None)]

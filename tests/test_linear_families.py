@@ -55,7 +55,13 @@ LINEAR_FAMILIES = {
     "granitemoehybrid": dict(_SMALL, layer_types=["mamba", "attention"], **_M2, num_local_experts=0,
                              shared_intermediate_size=64),
     "falcon_h1": dict(_SMALL, head_dim=16, **_M2, mamba_d_ssm=64),
+    # gated short convolutions (kernel 3) then attention
+    "lfm2": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, conv_bias=True),
+    "lfm2_moe": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, num_dense_layers=1, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32),
+    "lfm3": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3),
 }
+SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3")
 MAMBA2 = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")
 # NemotronHForCausalLM rounds its logits to float32 (`self.lm_head(hidden_states).float()`), so its loss and gradients
 # are float32-accurate on both sides (measured with packing alone on one process: loss 3.6e-8, gradients 1.4e-7 of
@@ -79,7 +85,8 @@ def _save(family: str, path: str) -> str:
 
 
 def _is_mixer(m) -> bool:
-    return type(m).__name__.endswith("GatedDeltaNet") or hasattr(m, "A_log") and hasattr(m, "ssm_state_size")
+    name = type(m).__name__
+    return name.endswith(("GatedDeltaNet", "ShortConv")) or hasattr(m, "A_log") and hasattr(m, "ssm_state_size")
 
 
 def _load(path: str, dtype=torch.float64):
@@ -189,9 +196,22 @@ def dense_mamba2_forward(m, hidden_states, cache=None, attention_mask=None, **kw
     return m.out_proj(y)
 
 
+def dense_short_conv_forward(m, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """LFM2's gated short convolution, one unpadded sample: ``out_proj(C * conv(B * x))`` with an explicit causal
+    F.conv1d."""
+    t = hidden_states.shape[1]
+    b, c, x = m.in_proj(hidden_states).chunk(3, dim=-1)
+    kernel = m.conv.weight.shape[-1]
+    conv = F.conv1d((b * x).transpose(1, 2), m.conv.weight, m.conv.bias, padding=kernel - 1,
+                    groups=x.shape[-1])[..., :t]
+    return m.out_proj(c * conv.transpose(1, 2))
+
+
 def use_dense_reference(model):
     for m in model.modules():
-        if type(m).__name__.endswith("GatedDeltaNet"):
+        if type(m).__name__.endswith("ShortConv"):
+            m.forward = lambda *a, _m=m, **kw: dense_short_conv_forward(_m, *a, **kw)
+        elif type(m).__name__.endswith("GatedDeltaNet"):
             m.forward = lambda *a, _m=m, **kw: dense_delta_net_forward(_m, *a, **kw)
         elif _is_mixer(m):
             m.forward = lambda *a, _m=m, **kw: dense_mamba2_forward(_m, *a, **kw)
@@ -287,9 +307,10 @@ def test_stock_norms_agree_to_float32(tmp_path):
 
 
 def test_split_methods_move_different_bytes(hdp_runs):
-    """The two methods really ran: the state scan's messages are not the head-parallel all-to-alls."""
+    """The two methods really ran: the state scan's messages are not the head-parallel all-to-alls (short
+    convolutions have no state: their split is the halo either way)."""
     _, _, results = hdp_runs
-    for family in LINEAR_FAMILIES:
+    for family in set(LINEAR_FAMILIES) - set(SHORT_CONV):
         heads = sum(results[r][(family, "heads")][0][2] for r in range(WORLD))
         scan = sum(results[r][(family, "scan")][0][2] for r in range(WORLD))
         assert heads > 0 and scan > 0 and heads != scan, (family, heads, scan)
@@ -302,7 +323,8 @@ def test_dense_reference_matches_the_stock_layer(family, tmp_path):
     model = _load(_save(family, str(tmp_path / family)), dtype=torch.float32)
     layer = next(m for m in model.modules() if _is_mixer(m))
     hidden = torch.randn(1, 37, 64, generator=torch.Generator().manual_seed(1))
-    dense_forward = dense_mamba2_forward if family in MAMBA2 else dense_delta_net_forward
+    dense_forward = dense_mamba2_forward if family in MAMBA2 else dense_short_conv_forward if family in SHORT_CONV \
+        else dense_delta_net_forward
     with torch.no_grad():
         stock = layer(hidden)
         dense = dense_forward(layer, hidden)
@@ -355,6 +377,6 @@ def test_a_changed_layer_is_refused(tmp_path):
 
 def test_other_state_space_families_are_refused():
     """Families whose state-carrying layers have no adapter yet stay refused, with the reason."""
-    for family in ("lfm2", "minimax", "kimi_linear"):
+    for family in ("minimax", "kimi_linear"):
         with pytest.raises(UnsupportedModelError):
             check_model_supported(AutoConfig.for_model(family), 64)

@@ -265,8 +265,8 @@ REFUSED = [
      ["encoder-decoder", "Seq2SeqTrainer"]),
     ("kimi_linear-linear-attention", lambda: _raw("kimi_linear", **_SMALL), 60,
      ["linear_attention", "kimi_linear"]),
-    ("lfm2-conv", lambda: _raw("lfm2", num_hidden_layers=2, layer_types=["conv", "full_attention"]), 60,
-     ["conv", "mix tokens outside the attention interface"]),
+    ("kimi_linear-conv", lambda: _raw("kimi_linear", **_SMALL), 60,
+     ["mix tokens outside the attention interface", "no adapter"]),
     # the released Llama 4 config: NoPE layers (every 4th) with temperature tuning on
     ("llama4-temperature-tuning", lambda: _raw("llama4_text", **dict(_SMALL, num_hidden_layers=4)), 60,
      ["attn_temperature_tuning=True", "layer 3", "row index", "position_ids", "attn_temperature_tuning=False",

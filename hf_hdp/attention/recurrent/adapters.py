@@ -3,10 +3,12 @@
 transformers routes these layers' kernels through its hub-kernel decorators, which pick an implementation
 when the model file is imported and keep only the keywords that implementation names, so HDP's metadata
 cannot reach a kernel registered there. The layer's module is the seam instead: :func:`enable_hdp_mixers`
-gives each Gated DeltaNet module of the model (this instance only; the class is untouched) a forward that,
-when the call carries ``hdp_metadata``, runs the module's own projections, gates and norm around HDP's
-convolution and recurrence (:func:`~.split.gated_delta_net`), and otherwise runs the module's own forward
-(generation, evaluation on padded batches).
+gives each Gated DeltaNet module of the model (this instance only: it becomes an instance of a same-named
+subclass of its family class, :func:`_hdp_class`, which outlasts ``model.train()``/``eval()`` re-kernelizing and
+``copy.deepcopy``; the family class is untouched) a forward that, when the call carries ``hdp_metadata``, runs
+the module's own projections, gates and norm around HDP's convolution and recurrence
+(:func:`~.split.gated_delta_net`), and otherwise runs the module's own forward (generation, evaluation on padded
+batches).
 
 An adapter knows one family's projections; before it is installed it checks the module's structure and
 that, on a small random input, it reproduces the module's own forward (float32, one sample). A module
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metadata import HDPAttentionMetadata
-from .split import SPLITS, DeltaNetShape, gated_delta_net
+from .split import SPLITS, DeltaNetShape, gated_delta_net, short_conv
 
 
 class UnsupportedLayerError(ValueError):
@@ -112,6 +114,25 @@ ADAPTERS = ADAPTERS + (
     DeltaNetAdapter("mamba2", ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
                                "Zamba2MambaMixer"), None, _MAMBA2, _mamba2_forward),
 )
+
+
+def _short_conv_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: str):
+    """LFM2's gated short convolution: ``in_proj`` to ``B, C, x``; ``y = C * conv(B * x)`` (depthwise, causal, no
+    activation); ``out_proj``. Only the convolution mixes tokens: its halo is the one message of a split sample."""
+    if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
+        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
+                         f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})")
+    b, c, x = module.in_proj(hidden)[0].chunk(3, dim=-1)
+    conv = module.conv
+    mixed = short_conv(b * x, conv.weight[:, 0, :], conv.bias, None, meta, meta.runtime.mesh)
+    meta.runtime.calls += 1
+    return module.out_proj((c * mixed.to(hidden.dtype))[None])
+
+
+ADAPTERS = ADAPTERS + (
+    DeltaNetAdapter("short_conv", ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"), None,
+                    ("in_proj", "conv", "out_proj", "layer_idx"), _short_conv_forward),
+)
 DELTA_NET_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
 
 
@@ -139,17 +160,15 @@ def hdp_delta_net_forward(module, adapter: DeltaNetAdapter, hidden, meta: HDPAtt
 
 
 def _original_forward(module):
-    """The module's own forward: the one it had when the adapter was installed (a bound method of this module, or
-    the class's forward when the instance had none of its own)."""
+    """The module's own forward: an instance-level forward it had when the adapter was installed (kept bound to
+    this module), else its family class's forward."""
     own = module.__dict__.get("_hdp_original_forward")
-    return own if own is not None else types.MethodType(type(module).forward, module)
+    return own if own is not None else types.MethodType(module._hdp_base_class.forward, module)
 
 
 def _hdp_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-    """The forward an installed adapter gives the module: HDP's for a call carrying ``hdp_metadata``, else the
-    module's own. Set on the instance as a method bound to it (never a closure over it), so that ``copy.deepcopy``
-    of the model binds the copy's forward to the copy's own weights, and FSDP2's ``fully_shard`` (hooks around
-    ``__call__``, a subclass without a forward of its own) keeps it."""
+    """The forward of a module with an installed adapter: HDP's for a call carrying ``hdp_metadata``, else the
+    module's own (generation, evaluation on padded batches)."""
     meta = kwargs.get("hdp_metadata")
     if meta is None:
         return _original_forward(self)(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
@@ -162,19 +181,46 @@ def _hdp_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs)
     return self._hdp_adapter.run(self, hidden_states, meta, self._hdp_split)
 
 
+def _keep_own_forward(module) -> bool:
+    """The ``kernel_condition`` the ``kernels`` library reads: never replace the forward of a layer HDP runs."""
+    return False
+
+
+_HDP_CLASSES: dict[type, type] = {}
+
+
+def _hdp_class(cls: type) -> type:
+    """The family class with HDP's forward, one per family class, under the same name (so that everything that
+    knows the layer by its class name, and ``isinstance``, still does).
+
+    The forward lives on the class, not on the instance, because an instance-level forward does not last: with the
+    ``kernels`` package installed, transformers kernelizes models at ``from_pretrained`` and again on every
+    ``model.train()`` / ``model.eval()`` that changes its mode, and ``kernels`` then drops the instance-level
+    forward of every layer with a hub-kernel name (``Qwen3_5GatedDeltaNet`` is one), or replaces it with a hub
+    kernel that knows nothing of HDP's packing, silently. ``kernel_condition`` keeps ``kernels`` off these modules.
+    ``copy.deepcopy`` keeps the class (the copy runs its own weights), and FSDP2's ``fully_shard`` subclasses it."""
+    sub = _HDP_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {
+            "forward": _hdp_forward, "kernel_condition": staticmethod(_keep_own_forward), "_hdp_base_class": cls,
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__name__} with HDP's packed and split recurrence (hf_hdp.attention.recurrent)."})
+        _HDP_CLASSES[cls] = sub
+    return sub
+
+
 def _install(module, adapter: DeltaNetAdapter, split: str) -> None:
-    # an instance-level forward the module already had (bound to it, or any callable) stays its own forward
-    module._hdp_original_forward = module.__dict__.get("forward")
+    # an instance-level forward the module already had (a hub kernel's, a user's) stays its own forward
+    module._hdp_original_forward = module.__dict__.pop("forward", None)
     module._hdp_adapter, module._hdp_split = adapter, split
-    module.forward = types.MethodType(_hdp_forward, module)
+    module.__class__ = _hdp_class(type(module))
 
 
 def _uninstall(module) -> None:
+    module.__class__ = module._hdp_base_class
     own = module.__dict__.pop("_hdp_original_forward", None)
     if own is not None:
         module.forward = own
-    else:
-        module.__dict__.pop("forward", None)
     module._hdp_adapter = None
 
 
@@ -184,7 +230,8 @@ def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
 
     param = next(module.parameters())
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 12, module.hidden_size, generator=gen).to(param.device, param.dtype)
+    width = getattr(module, "hidden_size", None) or module.in_proj.in_features
+    hidden = torch.randn(1, 12, width, generator=gen).to(param.device, param.dtype)
     meta = HDPAttentionMetadata(num_tokens=12, local_len=12, local_seqlens=(12,), rings=())
     with torch.no_grad():
         ours = adapter.run(module, hidden, meta, "auto").double()
@@ -224,7 +271,7 @@ def enable_hdp_mixers(model, split: str = "auto") -> int:
         adapter = DELTA_NET_CLASSES.get(type(module).__name__)
         if adapter is None:
             raise UnsupportedLayerError(
-                f"{name} is a {type(module).__name__}, a Gated DeltaNet layer of a family HDP has no adapter for "
+                f"{name} is a {type(module).__name__}, a state-carrying layer of a family HDP has no adapter for "
                 f"(known: {', '.join(sorted(DELTA_NET_CLASSES))}); train this model with the stock Trainer."
             )
         missing = [a for a in adapter.attributes if not hasattr(module, a)]

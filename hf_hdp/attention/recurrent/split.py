@@ -401,6 +401,51 @@ def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAtt
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+class _Conv(_Scan):
+    """A short convolution's split segment (LFM2): the halo exchange, then each piece's convolution; no state."""
+
+    def local_pass(self, received: dict) -> None:
+        seg = self.seg
+        bufs = []
+        for src in range(seg.k):
+            rows = halo_rows(*self.key, self.width, seg.member, src)
+            bufs.append((self.x[list(rows)] if rows else self.x[:0]) if src == seg.member
+                        else received.get(src, self.x[:0]))
+        halo = torch.cat(bufs)
+        outs = []
+        for p, idx in halo_index(*self.key, self.width, seg.member):
+            rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]])
+            pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
+            outs.append(causal_conv(rows, pos, self.weight, self.bias, self.shape.activation)[len(idx):])
+        self.out = torch.cat(outs) if outs else self.x[:0]
+
+
+def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentionMetadata, mesh) -> torch.Tensor:
+    """A depthwise causal convolution of a packed row ``x`` (``[T, C]``; ``weight``: ``[C, K]``): restarted at every
+    sample, and on split samples fed the ``K - 1`` rows before each piece from the members holding them (one halo
+    exchange, in the same bounded P2P phase as the recurrences'). Returns ``[T, C]`` in the compute dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    parts = []
+    n_local = meta.local_len
+    if n_local:
+        parts.append(causal_conv(x[:n_local], _positions(meta.local_seqlens, x.device), weight, bias,
+                                 kernel_activation))
+    if meta.rings:
+        rest = x[n_local:]
+        base = meta.rings[0].start
+        shape = DeltaNetShape(0, 0, 0, 0, weight.shape[1], kernel_activation, kind="conv")
+        runs = [_Conv(seg, shape, rest[seg.start - base : seg.end - base], None, None, weight, bias, None, mesh)
+                for seg in meta.rings]
+        got, _, token = _phase(runs, lambda r: r.halo_moves, mesh, (rest,))
+        for r, received in zip(runs, got):
+            r.local_pass(received)
+        out = torch.cat([r.out for r in runs])
+        parts.append(out if token is None else out + 0 * token)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split) -> torch.Tensor:
     base = meta.rings[0].start
     runs = []
