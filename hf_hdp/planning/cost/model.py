@@ -96,7 +96,7 @@ from .fit import bytescale_fit
 from ..layers import StateShape
 from .memory import layer_activation_bytes_per_token, layer_input_bytes_per_token, offloaded_layers
 from .recurrent import MODES as STATE_SPLITS
-from .recurrent import local_state_flops, resolve_method, state_segment_time, state_split_loads
+from .recurrent import local_state_flops, state_segment_time, state_split_loads
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 from .windows import SegmentExchange, describe_layer_masks, group_masks, segment_exchange, slowest_member_pairs
 
