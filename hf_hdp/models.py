@@ -195,6 +195,9 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "falcon_h1": FamilySupport(
         _V, "attention and a Mamba-2 mixer side by side in every layer, with Falcon-H1's input and mup multipliers"
     ),
+    "zamba2": FamilySupport(
+        _V, "Mamba-2 layers and hybrid layers (the shared attention block beside a Mamba-2 mixer), one memory block"
+    ),
     "lfm2": FamilySupport(_V, "gated short convolutions (kernel 3) restarted per sample, halos across ranks; attention"),
     "lfm2_moe": FamilySupport(_V, f"LFM2's short convolutions and attention, MoE per token; {_AUX}"),
     "lfm3": FamilySupport(_V, "LFM2's gated short convolutions and attention"),

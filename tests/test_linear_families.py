@@ -60,9 +60,13 @@ LINEAR_FAMILIES = {
     "lfm2_moe": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, num_dense_layers=1, num_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=32),
     "lfm3": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3),
+    # Zamba 2: a Mamba-2 layer, then a hybrid layer (the shared attention block beside a Mamba-2 mixer)
+    "zamba2": dict(_SMALL, mamba_headdim=4, n_mamba_heads=16, mamba_d_state=8, mamba_ngroups=2, mamba_d_conv=4, mamba_expand=1,
+                   layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], attention_head_dim=16,
+                   use_shared_attention_adapter=False, num_mem_blocks=1),
 }
 SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3")
-MAMBA2 = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1")
+MAMBA2 = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
 # NemotronHForCausalLM rounds its logits to float32 (`self.lm_head(hidden_states).float()`), so its loss and gradients
 # are float32-accurate on both sides (measured with packing alone on one process: loss 3.6e-8, gradients 1.4e-7 of
 # their size): 8 float32 ulps, as tests/family_models.py's FLOAT32_GATES; a wrong halo or state would show at 1e-2
@@ -259,10 +263,17 @@ def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
     return out
 
 
+def _selected_families(request) -> list[str]:
+    """The families the equivalence tests of this session ask for (so ``-k zamba2`` spawns for zamba2 only)."""
+    chosen = {item.callspec.params["family"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_hybrid_family_gradients_equal_single_device"}
+    return [f for f in LINEAR_FAMILIES if f in chosen] or list(LINEAR_FAMILIES)
+
+
 @pytest.fixture(scope="module")
-def hdp_runs(tmp_path_factory):
+def hdp_runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
-    paths = {f: _save(f, str(root / f)) for f in LINEAR_FAMILIES}
+    paths = {f: _save(f, str(root / f)) for f in _selected_families(request)}
     plans = _plans()
     for plan in plans:
         assert {1, 3, 4} <= {p.k for p in plan.pieces()}, plan.planner
@@ -310,7 +321,7 @@ def test_split_methods_move_different_bytes(hdp_runs):
     """The two methods really ran: the state scan's messages are not the head-parallel all-to-alls (short
     convolutions have no state: their split is the halo either way)."""
     _, _, results = hdp_runs
-    for family in set(LINEAR_FAMILIES) - set(SHORT_CONV):
+    for family in {f for f, _ in results[0]} - set(SHORT_CONV):
         heads = sum(results[r][(family, "heads")][0][2] for r in range(WORLD))
         scan = sum(results[r][(family, "scan")][0][2] for r in range(WORLD))
         assert heads > 0 and scan > 0 and heads != scan, (family, heads, scan)
