@@ -52,6 +52,8 @@ def hdp_cost_model(model, config, device, low_precision: bool = False,
     except (AttributeError, TypeError) as err:  # a config without the usual shape fields
         logger.warning("hf_hdp: no cost model for %s (%s); planning with LLaMA-7B's.", type(model).__name__, err)
         return CostModel.default(), peak
+    if cost.layer_states:  # the method the trainer runs for split state-carrying layers
+        cost = dataclasses.replace(cost, state_split=config.state_split)
     rpn = launcher_ranks_per_node(config.ranks_per_node)
     if rpn is not None:  # where the fast links end: Ulysses sub-groups stay inside a node
         cost = dataclasses.replace(cost, ranks_per_node=rpn)

@@ -68,12 +68,15 @@ def _ulysses(seg) -> int:
     return seg.ulysses if isinstance(seg, UlyssesSegment) else 1
 
 
-def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = "cpu") -> str:
-    """The method of one segment: a pure function of the segment and the layer, so every member picks the same.
+def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = "cpu",
+                 bytes_per_value: int = 4) -> str:
+    """The method of one segment: a pure function of the segment, the layer and the dtype, so every member picks
+    the same.
 
-    ``"heads"`` needs the group size to divide the value heads (else the scan runs). ``"auto"``: heads when it
-    can, since it adds no compute, unless its all-to-all bytes per member exceed the scan's by more than the
-    scan's extra compute is worth (:func:`hf_hdp.planning.cost.state_split_costs` prices both)."""
+    ``"heads"`` needs the group size to divide the value heads (else the scan runs). ``"auto"``: whichever
+    :func:`hf_hdp.planning.cost.recurrent.state_split_costs` prices faster: head-parallel adds no compute but its
+    bytes grow with the rows per member; the scan adds the transition and read-out arithmetic and sends a fixed
+    ``(M, B)`` per piece, so it wins on long pieces (Qwen3.5's shapes: past about ``128 (k - 1)`` rows per member)."""
     if mode not in SPLITS:
         raise ValueError(f"the split of state-carrying layers must be one of {SPLITS}, got {mode!r}")
     k = seg.k
@@ -85,7 +88,7 @@ def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = 
     from ...planning.cost.recurrent import state_split_costs
 
     costs = state_split_costs(seg.doc_lengths(), k, shape.key_heads, shape.key_dim, shape.value_heads,
-                              shape.value_dim, shape.kernel, hardware, ulysses=_ulysses(seg))
+                              shape.value_dim, shape.kernel, hardware, bytes_per_value, ulysses=_ulysses(seg))
     return min(costs, key=lambda m: (costs[m].seconds, m))
 
 
@@ -452,7 +455,7 @@ def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split) -> torch
     for seg in meta.rings:
         sl = slice(seg.start - base, seg.end - base)
         hardware = "h100" if x.is_cuda else "cpu"
-        kind = _Heads if choose_split(seg, shape, split, hardware) == "heads" else _Scan
+        kind = _Heads if choose_split(seg, shape, split, hardware, x.element_size()) == "heads" else _Scan
         runs.append(kind(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh))
     # phase 1: halos (scan) and rows to heads (heads)
     first, _, t1 = _phase(runs, lambda r: r.halo_moves if isinstance(r, _Scan) else r.to_heads_moves, mesh, (x,))
