@@ -114,32 +114,35 @@ def run_chunks(ch: Chunks, state: torch.Tensor | None) -> tuple[torch.Tensor, to
     return torch.cat(outs, dim=1)[:, : ch.length], s
 
 
-def _step(ch: Chunks, i: int, eye: torch.Tensor) -> torch.Tensor:
-    """Chunk ``i``'s map of the incoming state: ``exp(c_C) I - (exp(c_C - c) K)^T W``."""
+def _apply_step(ch: Chunks, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Chunk ``i``'s map of an incoming state applied to ``x`` (``[H, dk, n]``): ``exp(c_C) x - (exp(c_C - c) K)^T
+    (W x)``, as a rank-``C`` update (``4 C dk n`` FLOPs per head, never the ``[dk, dk]`` matrix itself)."""
     if ch.w is None:
-        return ch.decay[:, i] * eye
-    return ch.decay[:, i] * eye - ch.kd[:, i].transpose(-1, -2) @ ch.w[:, i]
+        return ch.decay[:, i] * x
+    return ch.decay[:, i] * x - ch.kd[:, i].transpose(-1, -2) @ (ch.w[:, i] @ x)
 
 
 def transition(ch: Chunks) -> torch.Tensor:
     """``M`` (``[H, dk, dk]``): the final state from an incoming state ``S`` is ``M S + B``."""
     h, dk = ch.kd.shape[0], ch.kd.shape[-1]
-    eye = torch.eye(dk, dtype=ch.kd.dtype, device=ch.kd.device)
-    m = eye.expand(h, dk, dk)
+    if ch.w is None:  # no delta: the map is the product of the chunks' decays
+        return torch.diag_embed(ch.decay[:, :, 0, 0].prod(dim=1, keepdim=True).expand(h, dk))
+    m = torch.eye(dk, dtype=ch.kd.dtype, device=ch.kd.device).expand(h, dk, dk)
     for i in range(ch.num):
-        m = _step(ch, i, eye) @ m
+        m = _apply_step(ch, i, m)
     return m
 
 
 def read_state(ch: Chunks, state: torch.Tensor) -> torch.Tensor:
     """What an incoming ``state`` adds to the outputs (``[H, T, dv]``): the outputs from ``state`` with no
     values written, the part of ``run_chunks(ch, state)`` that ``run_chunks(ch, None)`` lacks."""
-    eye = torch.eye(ch.kd.shape[-1], dtype=ch.kd.dtype, device=ch.kd.device)
     outs, s = [], state
     for i in range(ch.num):
-        read = ch.qd[:, i] if ch.w is None else ch.qd[:, i] - ch.attn[:, i] @ ch.w[:, i]
-        outs.append(read @ s)
-        s = _step(ch, i, eye) @ s
+        read = ch.qd[:, i] @ s
+        if ch.w is not None:
+            read = read - ch.attn[:, i] @ (ch.w[:, i] @ s)
+        outs.append(read)
+        s = _apply_step(ch, i, s)
     return torch.cat(outs, dim=1)[:, : ch.length]
 
 

@@ -88,7 +88,8 @@ def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = 
     from ...planning.cost.recurrent import state_split_costs
 
     costs = state_split_costs(seg.doc_lengths(), k, shape.key_heads, shape.key_dim, shape.value_heads,
-                              shape.value_dim, shape.kernel, hardware, bytes_per_value, ulysses=_ulysses(seg))
+                              shape.value_dim, shape.kernel, hardware, bytes_per_value, ulysses=_ulysses(seg),
+                              kind=shape.kind)
     return min(costs, key=lambda m: (costs[m].seconds, m))
 
 
@@ -217,7 +218,10 @@ class _Scan:
                 o = o + _skip(conv, self.skip, sh.key_heads, sh.key_dim, sh.value_heads, sh.value_dim).transpose(0, 1)
             self.outputs.append(o)
             self.chunks.append(ch)
-            states.append(torch.cat([transition(ch).flatten(1), final.flatten(1)], dim=1))
+            # no piece follows a document's last: its transition is never read (zeros keep the message's size)
+            last = p.end == self.key[0][p.doc]
+            trans = final.new_zeros(final.shape[0], sh.key_dim, sh.key_dim) if last else transition(ch)
+            states.append(torch.cat([trans.flatten(1), final.flatten(1)], dim=1))
         self.states = torch.stack(states) if states else None  # [pieces, Hv, dk*dk + dk*dv]
 
     def state_moves(self, sends: list, at: int) -> list[Move]:
