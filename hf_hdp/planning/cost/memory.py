@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..layers import StateShape
+from .recurrent import CHUNK
 from .specs import FLOAT32_BYTES, HardwareSpec, ModelSpec
 
 FSDP_MODES = ("shard_grad_op", "full_shard")
@@ -56,10 +58,80 @@ def layer_activation_bytes_per_token(model: ModelSpec) -> float:
 
     LLaMA-7B: ``2·(8h + 4i) + 4H = 153,728`` bytes, about ``37.5·h``. HF's eager RMSNorm also
     keeps a float32 copy of its input (``+4h`` each, ~20% more): leave headroom (``reserve_fraction``).
+
+    A model with state layers, hybrid layers or layers without attention or MLP (:attr:`ModelSpec.layer_states`,
+    ``layer_attention``, ``layer_mlp``): the mean over its layers of :func:`layer_activation_bytes`.
     """
+    if model.layer_states or model.layer_attention or model.layer_mlp:
+        return sum(layer_activation_bytes(model, i) for i in range(model.num_layers)) / model.num_layers
     h, i = model.hidden_size, model.intermediate_size
     values = 4 * h + model.q_dim + model.attention_out_dim + 2 * model.kv_dim + 4 * i
     return float(model.bytes_per_value * values + FLOAT32_BYTES * model.num_heads)
+
+
+def max_layer_activation_bytes_per_token(model: ModelSpec) -> float:
+    """The most any one layer keeps per token (:func:`layer_activation_bytes`): the working set a recomputed layer
+    rebuilds in backward. :func:`layer_activation_bytes_per_token` when every layer is alike."""
+    if model.layer_states or model.layer_attention or model.layer_mlp:
+        return max(layer_activation_bytes(model, i) for i in range(model.num_layers))
+    return layer_activation_bytes_per_token(model)
+
+
+def state_activation_bytes_per_token(shape: StateShape, hidden_size: int, bytes_per_value: int) -> float:
+    """Bytes a state-carrying mixer keeps for backward per token, approximately: what its forward's autograd graph
+    holds (:mod:`hf_hdp.attention.recurrent`), the projections' outputs in the model dtype, the convolution and the
+    recurrence in the compute dtype (float32, or the model's if wider). ``C`` channels, ``Hv`` value heads,
+    ``c =`` :data:`~.recurrent.CHUNK` rows a chunk:
+
+    - Gated DeltaNet: ``in_proj`` outputs ``C + Hv·dv + 2·Hv`` (channels, gate ``z``, ``b``, ``a``) and the gated
+      norm's output ``Hv·dv``; the convolution's input and output ``2·C``; queries and keys repeated to the value heads
+      and the values ``Hv·(2·dk + dv)``; the chunk quantities ``Qd``, ``A`` (``c`` a row), ``U``, ``W``, ``Kd``
+      (``Hv·(3·dk + dv + c)``); the output ``Hv·dv``; the state entering each chunk ``Hv·dk·dv / c``.
+    - Mamba-2: ``in_proj`` outputs ``Hv·dv + C + Hv`` (gate, ``x B C``, ``dt``) and the norm's output ``Hv·dv``;
+      the convolution ``2·C``; ``C``, ``B`` repeated and ``dt·x`` ``Hv·(2·dk + dv)``; ``Qd``, ``A``, ``Kd``
+      (``Hv·(2·dk + c)``, no ``W``, ``U`` is the values); the output and the states as above.
+    - short convolution: ``in_proj``'s ``3·h``, ``B·x`` and ``C·conv`` (``2·h``); the convolution's input and
+      output in the compute dtype (``2·h``).
+
+    Temporaries that live only inside one operation (the triangular solve, the chunk loop's products) are not
+    counted; the head-parallel split's all-to-all buffers (a member's rows of its heads) are about the same size
+    as what they replace."""
+    cb = max(FLOAT32_BYTES, bytes_per_value)
+    if shape.kind == "conv":
+        return float(bytes_per_value * 5 * hidden_size + cb * 2 * hidden_size)
+    c, hv, dk, dv = shape.channels, shape.value_heads, shape.key_dim, shape.value_dim
+    vd = hv * dv
+    if shape.kind == "ssd":
+        model_values = vd + c + hv + vd
+        compute = 2 * c + hv * (2 * dk + dv) + hv * (2 * dk + CHUNK) + vd + hv * dk * dv / CHUNK
+    else:
+        model_values = c + vd + 2 * hv + vd
+        compute = 2 * c + hv * (2 * dk + dv) + hv * (3 * dk + dv + CHUNK) + vd + hv * dk * dv / CHUNK
+    return float(bytes_per_value * model_values + cb * compute)
+
+
+def layer_activation_bytes(model: ModelSpec, layer: int) -> float:
+    """Bytes decoder layer ``layer`` keeps for backward per token: its mixers' norm input and output (``2·h``) when
+    it has a mixer; an attention's Q, K, V, output and log-sum-exp (as :func:`layer_activation_bytes_per_token`);
+    a state mixer's :func:`state_activation_bytes_per_token`; and an MLP's norm input and output and ``4`` values
+    per ``3·h`` of its weights (a gated MLP's gate, up, SiLU and product; a non-gated one, Nemotron-H's, is counted
+    alike)."""
+    h, b = model.hidden_size, model.bytes_per_value
+    st = model.layer_states[layer] if model.layer_states else None
+    attention = model.has_attention(layer)
+    out = 0.0
+    if attention or st:
+        out += b * 2 * h
+    if attention:
+        out += b * (model.q_dim + model.attention_out_dim + 2 * model.kv_dim) + FLOAT32_BYTES * model.num_heads
+    if st:
+        out += state_activation_bytes_per_token(st, h, b)
+    mlp = model.layer_mlp_params(layer)
+    if mlp:
+        out += b * (2 * h + 4 * mlp / (3 * h))
+    return out
+
+
 
 
 def layer_input_bytes_per_token(model: ModelSpec) -> float:
@@ -87,7 +159,7 @@ def activation_bytes_per_token(model: ModelSpec, checkpointing: bool = True) -> 
     per_layer = layer_activation_bytes_per_token(model)
     head = logits_bytes_per_token(model)
     if checkpointing:
-        return model.num_layers * layer_input_bytes_per_token(model) + per_layer + head
+        return model.num_layers * layer_input_bytes_per_token(model) + max_layer_activation_bytes_per_token(model) + head
     return model.num_layers * per_layer + head
 
 
@@ -270,7 +342,7 @@ def memory_breakdown(model: ModelSpec, tokens: int, *, world_size: int = 1, zero
         optimizer = Pt * optimizer_bytes / W
     kept = device_layers(L, offloaded_layers(ratio, L))
     if checkpointing:
-        activations = tokens * (kept * layer_input_bytes_per_token(model) + layer_activation_bytes_per_token(model))
+        activations = tokens * (kept * layer_input_bytes_per_token(model) + max_layer_activation_bytes_per_token(model))
     else:
         activations = tokens * kept * layer_activation_bytes_per_token(model)
     logits = head_bytes(model, tokens, loss_chunk_tokens, weight_bytes)

@@ -68,9 +68,12 @@ Ulysses' Q and dQ at the q/k size and its output and dO at the v size, and each 
 ``(mask, heads)`` (:attr:`CostModel.layer_kinds`), so a uniform model's figures are exactly those of one group.
 
 State layers (:attr:`CostModel.layer_states`: Gated DeltaNet, Qwen3.5 and Qwen3-Next's ``"linear_attention"``
-layers). The ``a`` term counts the attention layers only (:attr:`CostModel.attention_layers`; their masks and heads
-as above), ``b`` every layer (the mean per-token projections, a state layer's own included:
-:meth:`~.specs.ModelSpec.state_layer_params`), and each state layer adds its convolution and chunked recurrence,
+layers; Mamba-2, Nemotron-H, Bamba, Granite 4 hybrid, Falcon-H1 and Zamba 2; LFM2's short convolutions). The ``a`` term
+counts the attention layers only (:attr:`CostModel.attention_layers`: the layers without a state mixer, unless
+:attr:`CostModel.layer_attention` says which: Falcon-H1's and Zamba 2's hybrid layers hold both, Nemotron-H's MLP
+layers neither; their masks and heads as above), ``b`` every layer (the mean per-token projections and MLPs, a state
+layer's own included: :meth:`~.specs.ModelSpec.state_layer_params`), and each state layer adds its convolution and
+chunked recurrence (a short convolution: its convolution only),
 linear in ``s`` (:func:`~.recurrent.local_state_flops` at :attr:`CostModel.state_rate`). A split segment's state layers
 run by :attr:`CostModel.state_split` (``"auto"``: per segment, the faster of head-parallel and the state scan on the
 segment's links), each priced by its slowest member's compute and exchange (:func:`~.recurrent.state_segment_time`);
@@ -164,11 +167,14 @@ class CostModel:
     # one (num_kv_heads, qk_head_dim, v_head_dim) per layer, K/V priced at value_bytes per value (see the module
     # docstring); empty: every layer num_kv_heads heads of kv_bytes_per_token / (2 num_kv_heads) bytes for K and V
     layer_heads: tuple = ()
-    # one entry per layer: () for an attention layer, a hf_hdp.planning.layers.StateShape (key_heads, key_dim,
-    # value_heads, value_dim, kernel) for a Gated DeltaNet layer; empty: every layer attention. A state layer has no
-    # attention term (its mask and heads are ignored): its convolution and recurrence cost state_rate FLOP/s, and a
-    # split sample its exchange (see "State layers" in the module docstring)
+    # one entry per layer: () for a layer without a state mixer, a hf_hdp.planning.layers.StateShape (key_heads,
+    # key_dim, value_heads, value_dim, kernel, kind) for a Gated DeltaNet, Mamba-2 or short-convolution layer; empty:
+    # every layer attention. A state layer has no attention term unless layer_attention says so (its mask and heads
+    # are ignored): its convolution and recurrence cost state_rate FLOP/s, and a split sample its exchange (see
+    # "State layers" in the module docstring)
     layer_states: tuple = ()
+    # one bool per layer: whether it holds an attention; empty: exactly the layers without a state mixer
+    layer_attention: tuple = ()
     # achieved FLOP/s of the state layers' convolution and recurrence (needed when layer_states has a state layer)
     state_rate: float = 0.0
     # HDPConfig.state_split: how a split sample's state layers run ("auto": the faster, priced per segment)
@@ -186,7 +192,7 @@ class CostModel:
             raise ValueError(f"CostModel.layer_heads needs one (num_kv_heads, qk_head_dim, v_head_dim) of positive "
                              f"ints per layer ({self.num_layers}), got {self.layer_heads!r}")
         object.__setattr__(self, "layer_heads", heads)
-        states = tuple(StateShape(*(int(x) for x in st)) if st else () for st in self.layer_states)
+        states = tuple(StateShape.of(st) if st else () for st in self.layer_states)
         if states and len(states) != self.num_layers:
             raise ValueError(f"CostModel.layer_states has {len(states)} entries for {self.num_layers} layers")
         states = states if any(states) else ()
@@ -196,11 +202,23 @@ class CostModel:
                              "has a Gated DeltaNet layer")
         if self.state_split not in STATE_SPLITS:
             raise ValueError(f"CostModel.state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
+        attention = tuple(bool(a) for a in self.layer_attention)
+        if attention and len(attention) != self.num_layers:
+            raise ValueError(f"CostModel.layer_attention has {len(attention)} entries for {self.num_layers} layers")
+        default = tuple(not st for st in states) if states else (True,) * self.num_layers
+        object.__setattr__(self, "layer_attention", () if not attention or attention == default else attention)
 
     @cached_property
     def attention_layer_index(self) -> tuple[int, ...]:
-        """The layers that are attention (all but the Gated DeltaNet ones)."""
+        """The layers that hold an attention (all but the state layers, unless :attr:`layer_attention` says which)."""
+        if self.layer_attention:
+            return tuple(i for i, a in enumerate(self.layer_attention) if a)
         return tuple(i for i in range(self.num_layers) if not self.layer_states or not self.layer_states[i])
+
+    @property
+    def _composite(self) -> bool:
+        """Whether some layer is not a plain attention layer (a state layer, or one without attention)."""
+        return bool(self.layer_states or self.layer_attention)
 
     @cached_property
     def attention_layers(self) -> int:
@@ -209,7 +227,7 @@ class CostModel:
 
     @cached_property
     def state_kinds(self) -> tuple[tuple[StateShape, int], ...]:
-        """``(StateShape, layers)`` per distinct Gated DeltaNet layer shape; ``()`` when there is none."""
+        """``(StateShape, layers)`` per distinct state layer shape; ``()`` when there is none."""
         counts: dict = {}
         for st in self.layer_states:
             if st:
@@ -226,9 +244,9 @@ class CostModel:
     def attention_model(self) -> "CostModel":
         """This model's attention layers alone: no state layers and no linear term (``b = 0``). A hybrid model prices
         its attention terms with it, then adds ``b`` over all its layers and the state layers (:meth:`state_breakdown`)."""
-        if not self.layer_states:
+        if not self.layer_states and not self.layer_attention:
             return replace(self, b=0.0)
-        return replace(self, num_layers=self.attention_layers, b=0.0, layer_states=(), state_rate=0.0,
+        return replace(self, num_layers=self.attention_layers, b=0.0, layer_states=(), state_rate=0.0, layer_attention=(),
                        layer_masks=self._attention_masks() if self.layer_masks else (),
                        layer_heads=tuple(self.layer_heads[i] for i in self.attention_layer_index)
                        if self.layer_heads else ())
@@ -276,12 +294,36 @@ class CostModel:
     def describe_layers(self) -> str:
         """``"40 sliding (w=1024), 8 full"``; ``"32 full"`` for a uniform model; ``"24 Gated DeltaNet (16x128 key,
         32x128 value heads, kernel 4), 8 full"`` with state layers."""
-        masks = describe_layer_masks(self._attention_masks() if self.layer_masks else (), self.attention_layers)
-        if not self.state_kinds:
-            return masks
-        states = [f"{n} Gated DeltaNet ({st.key_heads}x{st.key_dim} key, {st.value_heads}x{st.value_dim} value heads, "
-                  f"kernel {st.kernel})" for st, n in self.state_kinds]
-        return ", ".join(states + ([masks] if self.attention_layers else []))
+        if not self.state_kinds and not self.layer_attention:
+            return describe_layer_masks(self.layer_masks, self.attention_layers)
+        parts = [f"{n} {label}" for label, n, _ in self._layer_groups() if label]
+        alone = [i for i in self.attention_layer_index if not self.layer_states or not self.layer_states[i]]
+        if alone:
+            masks = self.layer_masks or (FULL,) * self.num_layers
+            parts.append(describe_layer_masks(tuple(masks[i] for i in alone) if self.layer_masks else (), len(alone)))
+        return ", ".join(parts)
+
+    def _layer_groups(self) -> list:
+        """``[(label, layers, StateShape | None), ...]`` of the layers with a state mixer (``"Mamba-2 (...)"``, or
+        ``"hybrid (full attention + Mamba-2 (...))"`` beside an attention), then of those with neither (``"MLP only"``);
+        attention-only layers have label ``""`` (described by their masks)."""
+        masks = self.layer_masks or (FULL,) * self.num_layers
+        attention = set(self.attention_layer_index)
+        groups: dict = {}
+        for i in range(self.num_layers):
+            st = self.layer_states[i] if self.layer_states else ()
+            if st and i in attention:
+                label = f"hybrid ({describe_layer_masks((masks[i],), 1).split(' ', 1)[1]} attention + {st.describe()})"
+            elif st:
+                label = st.describe()
+            elif i in attention:
+                continue
+            else:
+                label = "MLP only"
+            key = (label, st or None)
+            groups[key] = groups.get(key, 0) + 1
+        order = sorted(groups.items(), key=lambda kv: kv[0][0] == "MLP only")
+        return [(label, n, st) for (label, st), n in order]
 
     def _pairs(self, s) -> float | None:
         """All layers' ``mask_pairs(s, mask)``, or ``None`` when every layer is full causal for ``s`` tokens
@@ -333,6 +375,7 @@ class CostModel:
             layer_heads=() if not model.layer_heads and model.v_head_dim == model.head_dim else
             tuple(tuple(h) for h in model.heads_per_layer),
             layer_states=tuple(tuple(st) if st else () for st in model.layer_states),
+            layer_attention=model.layer_attention,
             state_rate=hw.peak_flops * hw.linear_efficiency if model.layer_states else 0.0,
         )
 
@@ -405,7 +448,7 @@ class CostModel:
 
     def sequence_time(self, s: float) -> float:
         """Forward + backward of a whole sequence alone on one rank (all layers, overhead included)."""
-        if self.layer_states:
+        if self._composite:
             return self.local_time(s) + self.overhead_time()
         pairs = self._pairs(s)
         if pairs is None:
@@ -414,7 +457,7 @@ class CostModel:
 
     def local_time(self, s: float) -> float:
         """A whole sequence packed into a micro-batch with others: :meth:`sequence_time` without ``c``."""
-        if self.layer_states:
+        if self._composite:
             return self.attention_time(s) + self.num_layers * self.b * s + self.state_local_time(s)
         pairs = self._pairs(s)
         if pairs is None:
@@ -494,7 +537,7 @@ class CostModel:
         """One member's compute for a sequence of ``s`` tokens on ``k`` ranks: ``1/k`` of the
         sequence's attention and linear work (no overhead, no communication)."""
         k = max(int(k), 1)
-        if self.layer_states:
+        if self._composite:
             return (self.attention_model.piece_compute_time(s, k) + self.num_layers * self.b * s / k
                     + self.state_breakdown([s], k)[0])
         pairs = self._pairs(s)
@@ -519,7 +562,7 @@ class CostModel:
         lengths = [int(s) for s in lengths]
         if k <= 1:
             return sum(self.local_time(s) for s in lengths), 0.0
-        if self.layer_states:  # the attention layers as below, plus the state layers' compute and exchange
+        if self._composite:  # the attention layers as below, plus the state layers' compute and exchange
             compute, exposed = self.attention_model.segment_breakdown(lengths, k, spans_nodes)
             st_compute, st_comm = self.state_breakdown(lengths, k, 1, spans_nodes)
             return compute + self.num_layers * self.b * sum(lengths) / k + st_compute, exposed + st_comm
@@ -627,7 +670,7 @@ class CostModel:
         positions' rings cross nodes."""
         u, r = ulysses, k // ulysses
         lengths = [int(s) for s in lengths]
-        if self.layer_states:
+        if self._composite:
             compute, exposed = self.attention_model.head_parallel_breakdown(lengths, k, u, a2a_spans, ring_spans)
             st_compute, st_comm = self.state_breakdown(lengths, k, u, a2a_spans or ring_spans)
             return compute + self.num_layers * self.b * sum(lengths) / k + st_compute, exposed + st_comm
@@ -780,7 +823,7 @@ class CostModel:
         the ``k`` members this is exact (:meth:`segment_bytes_sent` gives each member's own figure)."""
         if k <= 1:
             return 0.0
-        if self.layer_states or self._segment_kinds([s]) is not None:  # the mean of the exact figures
+        if self._composite or self._segment_kinds([s]) is not None:  # the mean of the exact figures
             return sum(self.segment_bytes_by_member([int(s)], k)) / k
         per_hop = (s / k) * sum(count * kv.row for kv, count in self.kv_groups)  # all layers
         grad_hop = per_hop * self.grad_hop_bytes / self.value_bytes  # dK/dV accumulate in float32
@@ -801,7 +844,7 @@ class CostModel:
         replicated under GQA, and its ring over the positions)."""
         if k <= 1:
             return [0.0] * max(k, 1)
-        if self.layer_states:  # attention layers, plus each state layer's exact bytes (state_split_bytes)
+        if self._composite:  # attention layers, plus each state layer's exact bytes (state_split_bytes)
             out = self.attention_model.segment_bytes_by_member(lengths, k, ulysses)
             for n, loads in self._state_loads(lengths, k, ulysses):
                 out = [b + n * ld.sent * self.state_value_bytes for b, ld in zip(out, loads)]
@@ -886,13 +929,14 @@ class CostModel:
         (:meth:`segment_messages_by_member`). Without ``lengths`` every layer is counted as a relay ring."""
         if k <= 1:
             return 0
-        if lengths is not None and (self.layer_states or self._segment_kinds([int(s) for s in lengths]) is not None):
+        if lengths is not None and (self._composite or self._segment_kinds([int(s) for s in lengths]) is not None):
             per = self.segment_messages_by_member(lengths, k, ulysses)
             return per[member] if member is not None else max(per)
         r = k // max(ulysses, 1)
         ring = 3 * r - 2 if r > 1 else 0
         # without the lengths, a state layer is counted as its head-parallel all-to-alls: 4 (k - 1) messages
-        return self.attention_layers * (6 * (ulysses - 1) + ring) + (self.num_layers - self.attention_layers) * 4 * (k - 1)
+        states = sum(1 for st in self.layer_states if st)
+        return self.attention_layers * (6 * (ulysses - 1) + ring) + states * 4 * (k - 1)
 
     def segment_messages_by_member(self, lengths: Sequence[int], k: int, ulysses: int = 1) -> list[int]:
         """:meth:`segment_messages` of every member ``0..k-1`` of a segment of ``lengths``: a direct (sliding or
@@ -901,7 +945,7 @@ class CostModel:
         if k <= 1:
             return [0] * max(k, 1)
         lengths = [int(s) for s in lengths]
-        if self.layer_states:  # attention layers, plus each state layer's messages (state_split_messages)
+        if self._composite:  # attention layers, plus each state layer's messages (state_split_messages)
             out = self.attention_model.segment_messages_by_member(lengths, k, ulysses)
             for n, loads in self._state_loads(lengths, k, ulysses):
                 out = [c + n * ld.messages for c, ld in zip(out, loads)]
@@ -947,28 +991,42 @@ def layer_type_times(model: ModelSpec, cost: CostModel, s: int) -> list[dict]:
     rank: its projections and MLP (``linear``: the layer type's own weights, with its share of the LM head, at the rate
     ``cost.b`` implies), attention's pairs (``quadratic``), a state layer's convolution and recurrence (``state``), and
     the per-layer overhead ``c``. Attention types by mask (``"full"``, ``"sliding (w=4,096)"``, ...), state layers by
-    shape. What ``hf-hdp plan`` prints beside the plan."""
+    shape and kind (``"Mamba-2 (...)"``, ``"short convolution (...)"``), hybrid layers (Falcon-H1, Zamba 2) as
+    ``"hybrid (full attention + Mamba-2 (...))"``, Nemotron-H's MLP layers as ``"MLP only"``. What ``hf-hdp plan``
+    prints beside the plan."""
     head = model.vocab_size * model.hidden_size / model.num_layers
-    mlp = 3 * model.hidden_size * model.intermediate_size
     q = model.hidden_size * model.q_dim * (2 if model.attention_output_gate else 1)
     attention_params = q + 2 * model.hidden_size * model.kv_dim + model.attention_out_dim * model.hidden_size
     per_param = cost.b / (model.layer_params + head)  # seconds per weight per token, forward + backward
+    masks = cost.layer_masks or (FULL,) * cost.num_layers
+    attention = set(cost.attention_layer_index)
+    groups: dict = {}  # (label, mask or None, StateShape or None, mlp weights) -> layers, in first-seen order
+    for i in range(cost.num_layers):
+        st = cost.layer_states[i] if cost.layer_states else ()
+        mask = masks[i] if i in attention else None
+        kind = describe_layer_masks((mask,), 1).split(" ", 1)[1] if mask is not None else ""
+        if st and mask is not None:
+            label = f"hybrid ({kind} attention + {st.describe()})"
+        elif st:
+            label = st.describe()
+        else:
+            label = kind or "MLP only"
+        key = (label, mask, st or None, model.layer_mlp_params(i))
+        groups[key] = groups.get(key, 0) + 1
+    rank = {"state": 0, "attention": 1, "mlp": 2}
+    order = sorted(groups.items(), key=lambda kv: rank["state" if kv[0][2] else "attention" if kv[0][1] else "mlp"])
     out = []
-    for st, n in cost.state_kinds:
-        linear = per_param * (model.state_layer_params(st) + mlp + head) * s
-        state = FWD_BWD * local_state_flops(int(s), st) / cost.state_rate
-        out.append({"layer": f"Gated DeltaNet ({st.key_heads}x{st.key_dim} key, {st.value_heads}x{st.value_dim} value "
-                             f"heads, kernel {st.kernel})", "layers": n, "linear": linear, "quadratic": 0.0,
-                    "state": state, "seconds": linear + state + cost.c})
-    masks = cost._attention_masks() if cost.layer_masks else (FULL,) * cost.attention_layers
-    counts: dict = {}
-    for m in masks:
-        counts[m] = counts.get(m, 0) + 1
-    for m, n in counts.items():
-        linear = per_param * (attention_params + mlp + head) * s
-        quadratic = cost.a * mask_pairs(int(s), m)
-        out.append({"layer": describe_layer_masks((m,), 1).split(" ", 1)[1], "layers": n, "linear": linear,
-                    "quadratic": quadratic, "state": 0.0, "seconds": linear + quadratic + cost.c})
+    mlp_only = sum(1 for (_, mask, st, _) in groups if mask is None and not st)
+    for (label, mask, st, mlp), n in order:
+        if mlp_only > 1 and mask is None and not st:  # Nemotron-H's MLP and MoE layers: told apart by their weights
+            label = f"MLP only ({mlp:,} active weights)"
+        params = mlp + head + (attention_params if mask is not None else 0)
+        params += model.state_layer_params(st) if st else 0
+        linear = per_param * params * s
+        quadratic = cost.a * mask_pairs(int(s), mask) if mask is not None else 0.0
+        state = FWD_BWD * local_state_flops(int(s), st) / cost.state_rate if st else 0.0
+        out.append({"layer": label, "layers": n, "linear": linear, "quadratic": quadratic, "state": state,
+                    "seconds": linear + quadratic + state + cost.c})
     return out
 
 

@@ -1,4 +1,10 @@
-"""The cost of a Gated DeltaNet layer (pure Python): its recurrence's FLOPs, and a split sample's exchange, exact.
+"""The cost of a state-carrying layer (pure Python): its recurrence's FLOPs, and a split sample's exchange, exact.
+
+Three kinds (:attr:`~hf_hdp.planning.layers.StateShape.kind`), one split machinery: ``"delta"`` (Gated DeltaNet, below),
+``"ssd"`` (Mamba-2: the same chunked recurrence without the delta, :func:`ssd_flops`, and the same messages, both
+methods: the heads all-to-all carries the convolution channels and 2 gate columns per value head, the scan one
+``(M, B)`` per piece), and ``"conv"`` (LFM2's gated short convolution: no state, no heads method; a split sample's
+only message is the halo, the ``kernel - 1`` rows before each piece: method ``"halo"``).
 
 A Gated DeltaNet layer (:mod:`hf_hdp.attention.recurrent`; Qwen3.5, Qwen3-Next) costs ``O(s)``: its projections
 (in :class:`~.specs.ModelSpec`'s per-token linear term), a depthwise causal convolution over ``C = 2·Hk·dk + Hv·dv``
@@ -40,10 +46,11 @@ from .specs import FWD_BWD, HARDWARE_PRESETS, HardwareSpec
 CHUNK = 64  # hf_hdp.attention.recurrent.delta_rule.CHUNK
 METHODS = ("heads", "scan")
 MODES = ("auto", *METHODS)
+HALO = "halo"  # the only method of a short convolution (kind "conv")
 
 __all__ = [
     "CHUNK", "MODES", "MemberLoad", "SplitCost", "StateShape", "conv_flops", "delta_rule_flops", "local_state_flops",
-    "read_state_flops", "resolve_method", "segment_layout", "state_segment_time", "state_split_bytes",
+    "read_state_flops", "resolve_method", "ssd_flops", "segment_layout", "state_segment_time", "state_split_bytes",
     "state_split_costs", "state_split_loads", "state_split_messages", "transition_flops",
 ]
 
@@ -66,17 +73,44 @@ def delta_rule_flops(tokens: int, heads: int, dk: int, dv: int, scan: bool = Fal
 
 
 def transition_flops(tokens: int, heads: int, dk: int) -> float:
-    """Forward FLOPs of a piece's transition ``M`` (``delta_rule.transition``): per chunk, ``Kdᵀ W`` (``2·c·dk²``) and
-    its product with ``M`` (``2·dk³``)."""
-    return float(_chunks(tokens) * heads * (2 * CHUNK * dk * dk + 2 * dk ** 3))
+    """Forward FLOPs of a piece's transition ``M`` (``delta_rule.transition``): per chunk, its map applied to ``M`` as a
+    rank-``c`` update, ``Kdᵀ (W M)`` (``4·c·dk²``). Not computed for a document's last piece (nothing reads it)."""
+    return float(_chunks(tokens) * heads * 4 * CHUNK * dk * dk)
 
 
 def read_state_flops(tokens: int, heads: int, dk: int, dv: int) -> float:
     """Forward FLOPs of what an incoming state adds to a piece's outputs (``delta_rule.read_state``): per chunk,
-    ``A W`` (``2·c²·dk``), ``(Qd - A W) S`` (``2·c·dk·dv``), the chunk's transition again (``2·c·dk²``) and its
-    product with ``S`` (``2·dk²·dv``)."""
+    ``Qd S`` and ``W S`` (``2·c·dk·dv`` each), ``A (W S)`` (``2·c²·dv``), and the chunk's map applied to ``S``
+    (``W S`` again and ``Kdᵀ (W S)``: ``4·c·dk·dv``)."""
     c = CHUNK
-    return float(_chunks(tokens) * heads * (2 * c * c * dk + 2 * c * dk * dv + 2 * c * dk * dk + 2 * dk * dk * dv))
+    return float(_chunks(tokens) * heads * (8 * c * dk * dv + 2 * c * c * dv))
+
+
+def ssd_flops(tokens: int, heads: int, dk: int, dv: int) -> float:
+    """Forward FLOPs of Mamba-2's chunked recurrence (``delta_rule.linear_chunk_quantities`` and ``run_chunks`` with no
+    ``W``) over ONE sequence, padded to whole chunks: per chunk and head ``Q Kᵀ`` (``2·c²·dk``), ``A V``
+    (``2·c²·dv``), ``Qd S`` and ``Kdᵀ V`` (``2·c·dk·dv`` each); plus the skip ``D x`` (``2·dv`` per row and head)."""
+    c = CHUNK
+    return float(_chunks(tokens) * heads * (2 * c * c * (dk + dv) + 4 * c * dk * dv) + 2 * tokens * heads * dv)
+
+
+def _recurrence_flops(tokens: int, heads: int, dk: int, dv: int, kind: str) -> float:
+    return ssd_flops(tokens, heads, dk, dv) if kind == "ssd" else delta_rule_flops(tokens, heads, dk, dv)
+
+
+def _transition_flops(tokens: int, heads: int, dk: int, kind: str) -> float:
+    """:func:`transition_flops`; without the delta (``"ssd"``) the transition is the product of the chunks' decays
+    times the identity: no matrix product."""
+    if kind == "ssd":
+        return 0.0
+    return transition_flops(tokens, heads, dk)
+
+
+def _read_state_flops(tokens: int, heads: int, dk: int, dv: int, kind: str) -> float:
+    """:func:`read_state_flops`; without the delta: per chunk ``Qd S`` (``2·c·dk·dv``; the map is a decay)."""
+    if kind == "ssd":
+        return float(_chunks(tokens) * heads * 2 * CHUNK * dk * dv)
+    return read_state_flops(tokens, heads, dk, dv)
 
 
 def conv_flops(rows: int, channels: int, kernel: int) -> float:
@@ -85,9 +119,12 @@ def conv_flops(rows: int, channels: int, kernel: int) -> float:
 
 
 def local_state_flops(length: int, shape: StateShape) -> float:
-    """Forward FLOPs of one whole sample of ``length`` tokens in one Gated DeltaNet layer (projections excluded)."""
-    return (delta_rule_flops(length, shape.value_heads, shape.key_dim, shape.value_dim)
-            + conv_flops(length, shape.channels, shape.kernel))
+    """Forward FLOPs of one whole sample of ``length`` tokens in one state layer (projections excluded): the
+    convolution, and the recurrence of a ``"delta"`` or ``"ssd"`` layer."""
+    conv = conv_flops(length, shape.channels, shape.kernel)
+    if shape.kind == "conv":
+        return conv
+    return _recurrence_flops(length, shape.value_heads, shape.key_dim, shape.value_dim, shape.kind) + conv
 
 
 @lru_cache(maxsize=4096)
@@ -121,6 +158,8 @@ def resolve_method(mode: str, k: int, shape: StateShape) -> str | None:
     method, or ``None`` for ``"auto"`` (priced: :func:`state_segment_time`)."""
     if mode not in MODES:
         raise ValueError(f"the split of state-carrying layers must be one of {MODES}, got {mode!r}")
+    if shape.kind == "conv":
+        return HALO
     if mode == "scan" or shape.value_heads % k:
         return "scan"
     return "heads" if mode == "heads" else None
@@ -132,6 +171,11 @@ def state_split_loads(lengths: tuple[int, ...], k: int, ulysses: int, shape: Sta
     """:class:`MemberLoad` of every member ``0..k-1`` of a segment of documents ``lengths`` (see the module
     docstring for what each method sends)."""
     lengths = tuple(int(n) for n in lengths)
+    if shape.kind == "conv":
+        if method not in (HALO, "scan"):
+            raise ValueError(f"a short convolution's split sample exchanges its halo only (method {HALO!r}), "
+                             f"got {method!r}")
+        return _scan_loads(lengths, k, ulysses, shape)
     if method == "heads":
         return _heads_loads(lengths, k, ulysses, shape)
     if method == "scan":
@@ -160,7 +204,7 @@ def _heads_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
         fwd_recv = width[m] * others + n_m * (total_o - out_w[m])
         mine = 1 if n_m else 0
         messages = 2 * ((k - 1) * mine + holders - mine)
-        flops = sum(delta_rule_flops(n, q[m], sh.key_dim, sh.value_dim) for n in lengths)
+        flops = sum(_recurrence_flops(n, q[m], sh.key_dim, sh.value_dim, sh.kind) for n in lengths)
         flops += conv_flops(total_rows, 2 * kv[m] * sh.key_dim + out_w[m], sh.kernel)
         total = fwd_sent + fwd_recv
         loads.append(MemberLoad(flops, total, total, messages, 2 * (k - 1), max(fwd_sent, fwd_recv)))
@@ -169,7 +213,8 @@ def _heads_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
 
 def _scan_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
     width, hv, dk, dv = sh.kernel - 1, sh.value_heads, sh.key_dim, sh.value_dim
-    state = hv * dk * (dk + dv)  # one piece's transition and final state
+    conv_only = sh.kind == "conv"  # a short convolution: the halo, no state
+    state = 0 if conv_only else hv * dk * (dk + dv)  # one piece's transition and final state
     halo_out, halo_in = [0] * k, [0] * k
     sends_to: list[set] = [set() for _ in range(k)]
     recv_from: list[set] = [set() for _ in range(k)]
@@ -191,10 +236,13 @@ def _scan_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
                     recv_from[m].add(om)
                 pos -= take
                 j -= 1
-            f = delta_rule_flops(n, hv, dk, dv) + transition_flops(n, hv, dk) + conv_flops(n + a - lo, sh.channels,
-                                                                                             sh.kernel)
-            if i:  # an incoming state: its read-out, and the state from the i pieces before (i - 1 products)
-                f += read_state_flops(n, hv, dk, dv) + (i - 1) * hv * 2 * dk * dk * dv
+            f = conv_flops(n + a - lo, sh.channels, sh.kernel)
+            if not conv_only:
+                f += _recurrence_flops(n, hv, dk, dv, sh.kind)
+                if i < len(doc) - 1:  # a document's last piece computes no transition (nothing reads it)
+                    f += _transition_flops(n, hv, dk, sh.kind)
+            if i and not conv_only:  # an incoming state: its read-out, and the state from the i pieces before
+                f += _read_state_flops(n, hv, dk, dv, sh.kind) + (i - 1) * hv * 2 * dk * dk * dv
             flops[m] += f
     pieces = sum(count)
     holders = sum(1 for c in count if c)
@@ -203,11 +251,13 @@ def _scan_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
         fwd_sent = sh.channels * halo_out[m] + ((k - 1) * count[m] * state)
         fwd_recv = sh.channels * halo_in[m] + (pieces - count[m]) * state
         mine = 1 if count[m] else 0
-        messages = len(sends_to[m]) + len(recv_from[m]) + (k - 1) * mine + holders - mine
+        messages = len(sends_to[m]) + len(recv_from[m])
+        if not conv_only:  # the states, to every other member, and each holder's gradient back
+            messages += (k - 1) * mine + holders - mine
         halo_rounds = len({(d - m) % k for d in sends_to[m]} | {(m - s) % k for s in recv_from[m]})
         total = fwd_sent + fwd_recv
-        loads.append(MemberLoad(flops[m], total, total, messages, halo_rounds + (k - 1 if pieces else 0),
-                                max(fwd_sent, fwd_recv)))
+        loads.append(MemberLoad(flops[m], total, total, messages,
+                                halo_rounds + (k - 1 if pieces and not conv_only else 0), max(fwd_sent, fwd_recv)))
     return tuple(loads)
 
 
@@ -258,18 +308,20 @@ class SplitCost:
 
 def state_split_costs(lengths: tuple[int, ...], k: int, key_heads: int, key_dim: int, value_heads: int,
                       value_dim: int, kernel: int, hardware: HardwareSpec | str = "cpu",
-                      bytes_per_value: int = 4, ulysses: int = 1) -> dict[str, SplitCost]:
+                      bytes_per_value: int = 4, ulysses: int = 1, kind: str = "delta") -> dict[str, SplitCost]:
     """One segment's layer (its documents ``lengths``) priced per method on ``hardware`` (the links inside a node when
-    the group fits one); ``"heads"`` only when ``k`` divides the value heads. The state layers run at the hardware's
-    GEMM efficiency (their work is batched matrix products of :data:`CHUNK` rows)."""
+    the group fits one); ``"heads"`` only when ``k`` divides the value heads; ``kind`` the layer's
+    (:class:`~hf_hdp.planning.layers.StateShape`: ``"ssd"`` prices Mamba-2's recurrence, ``"conv"`` gives its one
+    method, ``"halo"``). The state layers run at the hardware's GEMM efficiency (their work is batched matrix products
+    of :data:`CHUNK` rows)."""
     hw = HARDWARE_PRESETS[hardware] if isinstance(hardware, str) else hardware
     rate = hw.peak_flops * hw.linear_efficiency
     bw, lat = (hw.intra_bandwidth, hw.intra_latency) if k <= hw.ranks_per_node else (hw.inter_bandwidth,
                                                                                         hw.inter_latency)
-    shape = StateShape(key_heads, key_dim, value_heads, value_dim, kernel)
+    shape = StateShape(key_heads, key_dim, value_heads, value_dim, kernel, kind)
     lengths = tuple(int(n) for n in lengths)
     out = {}
-    for method in METHODS:
+    for method in ((HALO,) if kind == "conv" else METHODS):
         if method == "heads" and value_heads % k:
             continue
         loads = state_split_loads(lengths, k, ulysses, shape, method)

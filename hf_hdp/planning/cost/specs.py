@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..layers import StateShape, layer_attention_shapes, layer_state_shapes
+from ..layers import StateShape, layer_attention_shapes, layer_blocks
 from ..reach import FULL
 from ..reach import layer_masks as config_layer_masks
 
@@ -59,9 +59,15 @@ class ModelSpec:
     v_head_dim: int = 0
     # one LayerHeads per layer; () when every layer has num_kv_heads, head_dim and v_head_dim
     layer_heads: tuple = ()
-    # one entry per layer: a hf_hdp.planning.layers.StateShape for a Gated DeltaNet layer, None for an attention
-    # layer; () when every layer is attention
+    # one entry per layer: a hf_hdp.planning.layers.StateShape for a layer with a state-carrying mixer (Gated DeltaNet,
+    # Mamba-2, short convolution), None for one without; () when every layer is attention
     layer_states: tuple = ()
+    # one bool per layer: whether it holds an attention; () when exactly the layers without a state mixer do (Falcon-H1
+    # and Zamba 2's hybrid layers hold both, Nemotron-H's MLP layers neither)
+    layer_attention: tuple = ()
+    # one int per layer: the weights of its MLP a token uses; () when every layer's is 3·hidden·intermediate_size
+    # (Nemotron-H's Mamba and attention layers hold none, its MLPs are not gated)
+    layer_mlp: tuple = ()
     # the full-attention layers gate their output by a second query-sized projection (Qwen3.5, Qwen3-Next)
     attention_output_gate: bool = False
     # weights that cost no FLOPs per token: a mixture of experts' experts a token does not use, per layer
@@ -82,19 +88,46 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.layer_heads has {len(heads)} entries for {self.num_layers} layers")
         uniform = LayerHeads(self.num_kv_heads, self.head_dim, self.v_head_dim)
         object.__setattr__(self, "layer_heads", () if all(h == uniform for h in heads) else heads)
-        states = tuple(None if not st else StateShape(*st) for st in self.layer_states)
+        states = tuple(None if not st else StateShape.of(st) for st in self.layer_states)
         if states and len(states) != self.num_layers:
             raise ValueError(f"ModelSpec.layer_states has {len(states)} entries for {self.num_layers} layers")
         object.__setattr__(self, "layer_states", states if any(states) else ())
+        for name in ("layer_attention", "layer_mlp"):
+            values = tuple(getattr(self, name))
+            if values and len(values) != self.num_layers:
+                raise ValueError(f"ModelSpec.{name} has {len(values)} entries for {self.num_layers} layers")
+            object.__setattr__(self, name, values)
+        attention = tuple(bool(a) for a in self.layer_attention)
+        default = tuple(not st for st in self.layer_states) if self.layer_states else (True,) * self.num_layers
+        object.__setattr__(self, "layer_attention", () if attention == default else attention)
+        mlp = tuple(int(m) for m in self.layer_mlp)
+        object.__setattr__(self, "layer_mlp", () if all(m == self.mlp_params for m in mlp) else mlp)
+
+    @property
+    def mlp_params(self) -> int:
+        """The usual layer's gated MLP weights, ``3·h·intermediate_size``."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` holds an attention (see :attr:`layer_attention`)."""
+        if self.layer_attention:
+            return self.layer_attention[layer]
+        return not (self.layer_states and self.layer_states[layer])
+
+    def layer_mlp_params(self, layer: int) -> int:
+        """The MLP weights a token uses in decoder layer ``layer`` (see :attr:`layer_mlp`)."""
+        return self.layer_mlp[layer] if self.layer_mlp else self.mlp_params
 
     @property
     def num_state_layers(self) -> int:
-        """Gated DeltaNet layers (priced linear in ``s``: :mod:`.recurrent`)."""
+        """Layers with a state-carrying mixer (priced linear in ``s``: :mod:`.recurrent`)."""
         return sum(1 for st in self.layer_states if st)
 
     @property
     def num_attention_layers(self) -> int:
-        """Attention layers (full, sliding or chunked; priced by their pairs)."""
+        """Attention layers (full, sliding or chunked; priced by their pairs); hybrid layers count here too."""
+        if self.layer_attention:
+            return sum(1 for a in self.layer_attention if a)
         return self.num_layers - self.num_state_layers
 
     @property
@@ -131,6 +164,9 @@ class ModelSpec:
         else:
             bias = 0
         intermediate, inactive = _mlp_sizes(config)
+        blocks = layer_blocks(config, 3 * int(config.hidden_size) * intermediate, inactive)
+        if any(b.inactive != inactive for b in blocks):
+            inactive = _integral(sum(b.inactive for b in blocks) / len(blocks))
         if getattr(config, "mlp_bias", False):
             bias += 2 * intermediate + config.hidden_size
         masks = tuple(config_layer_masks(config))[: config.num_hidden_layers]
@@ -150,7 +186,9 @@ class ModelSpec:
             layer_masks=masks,
             v_head_dim=v_head_dim,
             layer_heads=layer_heads,
-            layer_states=tuple(layer_state_shapes(config)),
+            layer_states=tuple(b.state for b in blocks),
+            layer_attention=tuple(b.attention for b in blocks),
+            layer_mlp=tuple(b.mlp for b in blocks),
             attention_output_gate=bool(getattr(config, "attn_output_gate", False))
             or getattr(config, "model_type", "") in _GATED_ATTENTION,
             inactive_params_per_layer=inactive,
@@ -187,18 +225,30 @@ class ModelSpec:
         kv = 2 * self.hidden_size * self.kv_dim
         o = self.attention_out_dim * self.hidden_size
         mlp = 3 * self.hidden_size * self.intermediate_size
-        if not self.layer_states:
+        if not self.layer_states and not self.layer_attention and not self.layer_mlp:
             return _integral(q + kv + o + mlp)
-        mixers = self.num_attention_layers * (q + kv + o) + sum(self.state_layer_params(st) for st in self.layer_states
-                                                                if st)
-        return _integral(mixers / self.num_layers + mlp)
+        if not self.layer_attention and not self.layer_mlp:
+            mixers = self.num_attention_layers * (q + kv + o) + sum(self.state_layer_params(st)
+                                                                    for st in self.layer_states if st)
+            return _integral(mixers / self.num_layers + mlp)
+        total = sum((q + kv + o if self.has_attention(i) else 0) + self.layer_mlp_params(i)
+                    + (self.state_layer_params(self.layer_states[i]) if self.layer_states and self.layer_states[i]
+                       else 0) for i in range(self.num_layers))
+        return _integral(total / self.num_layers)
 
     def state_layer_params(self, shape: StateShape) -> int:
-        """Weights of a Gated DeltaNet layer's mixer: ``in_proj_qkv`` (``h -> C``), ``in_proj_z`` (``h -> Hv·dv``),
-        ``in_proj_b`` and ``in_proj_a`` (``h -> Hv`` each), ``out_proj`` (``Hv·dv -> h``) and the depthwise
-        convolution (``C·kernel``); Qwen3-Next's fused ``in_proj_qkvz``/``in_proj_ba`` hold the same weights."""
-        h, vd = self.hidden_size, shape.value_heads * shape.value_dim
-        return h * shape.channels + h * vd + 2 * h * shape.value_heads + vd * h + shape.channels * shape.kernel
+        """Weights of a state-carrying mixer. Gated DeltaNet: ``in_proj_qkv`` (``h -> C``), ``in_proj_z``
+        (``h -> Hv·dv``), ``in_proj_b`` and ``in_proj_a`` (``h -> Hv`` each), ``out_proj`` (``Hv·dv -> h``) and the
+        depthwise convolution (``C·kernel``); Qwen3-Next's fused ``in_proj_qkvz``/``in_proj_ba`` hold the same weights.
+        Mamba-2: ``in_proj`` (``h -> Hv·dv + C + Hv``: the gate ``z``, the convolution's ``x, B, C`` and ``dt``),
+        ``out_proj`` (``Hv·dv -> h``) and the convolution. Short convolution: ``in_proj`` (``h -> 3C``, ``C = h``),
+        ``out_proj`` (``C -> h``) and the convolution. Per-head vectors and norms are left out."""
+        h, vd, c = self.hidden_size, shape.value_heads * shape.value_dim, shape.channels
+        if shape.kind == "conv":
+            return 3 * h * c + c * h + c * shape.kernel
+        if shape.kind == "ssd":
+            return h * (vd + c + shape.value_heads) + vd * h + c * shape.kernel
+        return h * c + h * vd + 2 * h * shape.value_heads + vd * h + c * shape.kernel
 
     @property
     def num_params(self) -> int:
