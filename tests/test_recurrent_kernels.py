@@ -181,3 +181,85 @@ def test_choose_split_honours_the_forced_method_where_it_can():
     assert choose_split(seg(4), shape, "auto") in ("heads", "scan")
     with pytest.raises(ValueError, match="one of"):
         choose_split(seg(4), shape, "ring")
+
+
+# --------------------------------------------------------------- the CUDA packages' kernels, by their contracts
+def _conv_standin(x, weight, bias=None, seq_idx=None, activation=None):
+    """causal_conv1d_fn's contract: x [B, C, T], weight [C, K], samples by seq_idx [B, T]."""
+    assert x.dim() == 3 and x.shape[0] == 1 and seq_idx.dtype == torch.int32 and seq_idx.shape == (1, x.shape[2])
+    out = torch.empty_like(x)
+    for i in seq_idx.unique():
+        cols = (seq_idx[0] == i).nonzero()[:, 0]
+        y = F.conv1d(x[:, :, cols], weight[:, None, :], bias, padding=weight.shape[1] - 1, groups=x.shape[1])
+        out[:, :, cols] = y[..., : cols.numel()]
+    return F.silu(out) if activation == "silu" else out
+
+
+def _delta_standin(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                   use_qk_l2norm_in_kernel=False):
+    """fla's chunk_gated_delta_rule contract: [1, T, H, D] tensors, samples by cu_seqlens."""
+    assert q.shape[0] == 1 and cu_seqlens.dtype == torch.long and not use_qk_l2norm_in_kernel
+    out = torch.empty_like(v)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        args = [t[0, a:b].transpose(0, 1) for t in (q * scale, k, v)] + [t[0, a:b].T for t in (g, beta)]
+        out[0, a:b] = delta_rule_reference(*args)[0].transpose(0, 1)
+    return out, None
+
+
+def _ssd_standin(x, dt, A, B, C, chunk_size, D=None, seq_idx=None, **kwargs):
+    """mamba_chunk_scan_combined's contract: x [1, T, H, P], dt [1, T, H], A [H], B/C [1, T, G, N], samples by
+    seq_idx; y = S C + D x with S_t = exp(dt A) S + dt x B^T."""
+    heads, groups = x.shape[2], B.shape[2]
+    out = torch.empty_like(x)
+    for i in seq_idx.unique():
+        rows = (seq_idx[0] == i).nonzero()[:, 0]
+        xs, ds = x[0, rows], dt[0, rows]
+        bs, cs = (t[0, rows].repeat_interleave(heads // groups, 1) for t in (B, C))
+        out[0, rows] = _ssd_reference(cs.transpose(0, 1), bs.transpose(0, 1), (xs * ds[..., None]).transpose(0, 1),
+                                      (ds * A).T)[0].transpose(0, 1) + D[None, :, None] * xs
+    return out
+
+
+@pytest.mark.parametrize("kind", ["delta", "ssd"])
+def test_fused_kernels_are_called_by_their_contracts(kind, monkeypatch):
+    """Where the CUDA packages are installed their kernels run whole samples; here stand-ins that implement each
+    package's documented contract on the CPU (samples by cu_seqlens / seq_idx) must give HDP's own results."""
+    from hf_hdp.attention.recurrent import split as split_module
+    from hf_hdp.attention.recurrent.fused import FusedKernels
+
+    g = torch.Generator().manual_seed(5)
+    shape = DeltaNetShape(2, 4, 6, 3, 4, "silu", kind=kind)
+    lengths = [9, 1, 40]
+    n = sum(lengths)
+    x = torch.randn(n, shape.channels, generator=g, dtype=DT)
+    dt = torch.rand(n, 6, generator=g, dtype=DT) + 0.1
+    rate = -torch.rand(6, generator=g, dtype=DT)
+    if kind == "ssd":
+        decay, beta = dt * rate, dt
+    else:
+        decay, beta = -torch.rand(n, 6, generator=g, dtype=DT), torch.rand(n, 6, generator=g, dtype=DT)
+    weight = torch.randn(shape.channels, 4, generator=g, dtype=DT)
+    bias = torch.randn(shape.channels, generator=g, dtype=DT)
+    skip = torch.randn(6, generator=g, dtype=DT) if kind == "ssd" else None
+    own = gated_delta_net(x, decay, beta, weight, bias, shape, _meta(lengths), None, skip=skip, rate=rate)
+    called = []
+
+    def record(fn, name):
+        def wrapped(*a, **kw):
+            called.append(name)
+            return fn(*a, **kw)
+        return wrapped
+
+    kernels = FusedKernels(conv=record(_conv_standin, "conv"), delta=record(_delta_standin, "delta"),
+                           ssd=record(_ssd_standin, "ssd"))
+    monkeypatch.setattr(split_module, "fused_kernels", lambda device: kernels)
+    fused = gated_delta_net(x, decay, beta, weight, bias, shape, _meta(lengths), None, skip=skip, rate=rate)
+    assert called == ["conv", kind]
+    torch.testing.assert_close(fused, own, rtol=1e-12, atol=1e-12)
+
+
+def test_no_fused_kernels_off_cuda():
+    from hf_hdp.attention.recurrent.fused import fused_kernels
+
+    assert fused_kernels(torch.device("cpu")) is None

@@ -100,7 +100,7 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
     shape = DeltaNetShape(module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim,
                           conv.kernel_size[0], module.activation, kind="ssd")
     core = gated_delta_net(xbc[:, order], g, dt, conv.weight[order, 0, :], bias, shape, meta, meta.runtime.mesh,
-                           split, skip=module.D)
+                           split, skip=module.D, rate=-module.A_log.to(dtype).exp())
     meta.runtime.calls += 1
     y = core.reshape(1, t, inner).to(hidden.dtype)
     if getattr(module, "mamba_rms_norm", True):

@@ -36,6 +36,7 @@ from ...planning.layout import head_split
 from ..metadata import HDPAttentionMetadata, UlyssesSegment
 from .delta_rule import chunk_quantities, l2norm, linear_chunk_quantities, read_state, run_chunks, transition
 from .exchange import Move, exchange, group_rounds
+from .fused import conv_docs, delta_docs, fused_kernels, ssd_docs
 from .pieces import halo_index, halo_rows, member_rows, segment_pieces
 
 SPLITS = ("auto", "heads", "scan")
@@ -142,9 +143,29 @@ def _skip(conv_rows, skip, key_heads: int, key_dim: int, value_heads: int, value
     return x * skip.to(x.dtype)[None, :, None]
 
 
+def _conv_docs(x, lengths, weight, bias, activation) -> torch.Tensor:
+    """The convolution of consecutive whole documents: the CUDA package's kernel where installed
+    (:mod:`.fused`), else :func:`causal_conv`."""
+    kernels = fused_kernels(x.device)
+    if kernels is not None and kernels.conv is not None and x.shape[0]:
+        return conv_docs(kernels, x, lengths, weight, bias, activation)
+    return causal_conv(x, _positions(lengths, x.device), weight, bias, activation)
+
+
 def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim, kind="delta",
-              skip=None) -> torch.Tensor:
-    """Every document of ``lengths`` (consecutive rows) from the zero state; ``[n, Hv, dv]``."""
+              skip=None, rate=None) -> torch.Tensor:
+    """Every document of ``lengths`` (consecutive rows) from the zero state; ``[n, Hv, dv]``. On CUDA the
+    packages' varlen kernels run where installed (:mod:`.fused`; Mamba-2's needs ``rate``, its ``A``)."""
+    kernels = fused_kernels(conv_rows.device)
+    if kernels is not None and conv_rows.shape[0]:
+        if kind == "ssd" and kernels.ssd is not None and rate is not None:
+            c, b, x = conv_rows.split([key_heads * key_dim, key_heads * key_dim, value_heads * value_dim], dim=1)
+            n = conv_rows.shape[0]
+            return ssd_docs(kernels, x.reshape(n, value_heads, value_dim), beta, rate,
+                            b.reshape(n, key_heads, key_dim), c.reshape(n, key_heads, key_dim), lengths, skip)
+        if kind == "delta" and kernels.delta is not None:
+            q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
+            return delta_docs(kernels, q, k, v, gg, bb, lengths)
     q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
     outs, at = [], 0
     for n in lengths:
@@ -272,8 +293,8 @@ class _Scan:
 class _Heads:
     """Head-parallel: all-to-all to head shards, whole documents locally, all-to-all back."""
 
-    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh):
-        self.seg, self.shape, self.weight, self.bias, self.skip = seg, shape, weight, bias, skip
+    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh, rate=None):
+        self.seg, self.shape, self.weight, self.bias, self.skip, self.rate = seg, shape, weight, bias, skip, rate
         self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
         sh = shape
         self.splits = head_split(sh.value_heads, sh.key_heads, seg.k)
@@ -324,9 +345,11 @@ class _Heads:
         channels = self._columns(seg.member)[:c]
         weight = self.weight[channels]
         bias = None if self.bias is None else self.bias[channels]
-        conv = causal_conv(x, _positions(lengths, x.device), weight, bias, sh.activation)
+        conv = _conv_docs(x, lengths, weight, bias, sh.activation)
         skip = None if self.skip is None else self.skip[sp.q_start : sp.q_stop]
-        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip).flatten(1)
+        rate = None if self.rate is None else self.rate[sp.q_start : sp.q_stop]
+        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip,
+                             rate).flatten(1)
 
     def to_rows_moves(self, sends: list, at: int) -> list[Move]:
         seg, moves = self.seg, []
@@ -389,22 +412,26 @@ def _phase(runs, make, mesh, after):
 
 
 def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAttentionMetadata, mesh,
-                    split: str = "auto", skip: torch.Tensor | None = None) -> torch.Tensor:
+                    split: str = "auto", skip: torch.Tensor | None = None,
+                    rate: torch.Tensor | None = None) -> torch.Tensor:
     """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``weight``: the
-    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``; ``skip``: Mamba-2's ``D`` (``[Hv]``)."""
+    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``; ``skip``: Mamba-2's ``D`` (``[Hv]``);
+    ``rate``: Mamba-2's ``A`` (``[Hv]``, with ``g = A dt``), which only mamba-ssm's fused kernel reads."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, g, beta, weight = (t.to(dtype) for t in (x, g, beta, weight))
     bias = None if bias is None else bias.to(dtype)
     skip = None if skip is None else skip.to(dtype)
+    rate = None if rate is None else rate.to(torch.float32 if dtype != torch.float64 else dtype)
     sh = shape
     parts = []
     n_local = meta.local_len
     if n_local:
-        conv = causal_conv(x[:n_local], _positions(meta.local_seqlens, x.device), weight, bias, sh.activation)
+        conv = _conv_docs(x[:n_local], meta.local_seqlens, weight, bias, sh.activation)
         parts.append(_run_docs(conv, g[:n_local], beta[:n_local], meta.local_seqlens, sh.key_heads, sh.key_dim,
-                               sh.value_heads, sh.value_dim, sh.kind, skip))
+                               sh.value_heads, sh.value_dim, sh.kind, skip, rate))
     if meta.rings:
-        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split))
+        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split,
+                               rate))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -437,8 +464,7 @@ def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentio
     parts = []
     n_local = meta.local_len
     if n_local:
-        parts.append(causal_conv(x[:n_local], _positions(meta.local_seqlens, x.device), weight, bias,
-                                 kernel_activation))
+        parts.append(_conv_docs(x[:n_local], meta.local_seqlens, weight, bias, kernel_activation))
     if meta.rings:
         rest = x[n_local:]
         base = meta.rings[0].start
@@ -453,14 +479,16 @@ def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentio
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split) -> torch.Tensor:
+def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split, rate=None) -> torch.Tensor:
     base = meta.rings[0].start
     runs = []
     for seg in meta.rings:
         sl = slice(seg.start - base, seg.end - base)
         hardware = "h100" if x.is_cuda else "cpu"
-        kind = _Heads if choose_split(seg, shape, split, hardware, x.element_size()) == "heads" else _Scan
-        runs.append(kind(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh))
+        if choose_split(seg, shape, split, hardware, x.element_size()) == "heads":
+            runs.append(_Heads(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh, rate))
+        else:
+            runs.append(_Scan(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh))
     # phase 1: halos (scan) and rows to heads (heads)
     first, _, t1 = _phase(runs, lambda r: r.halo_moves if isinstance(r, _Scan) else r.to_heads_moves, mesh, (x,))
     for r, got in zip(runs, first):
