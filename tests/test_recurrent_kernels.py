@@ -17,7 +17,7 @@ from hf_hdp.attention.recurrent.delta_rule import (
     chunk_quantities, delta_rule, delta_rule_reference, l2norm, linear_chunk_quantities, read_state, run_chunks,
     transition,
 )
-from hf_hdp.attention.recurrent.pieces import halo_index, halo_rows, member_rows, segment_pieces
+from hf_hdp.planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 from hf_hdp.attention.recurrent.split import DeltaNetShape, causal_conv, choose_split, gated_delta_net, short_conv
 
 DT = torch.float64

@@ -37,7 +37,7 @@ from ..metadata import HDPAttentionMetadata, UlyssesSegment
 from .delta_rule import chunk_quantities, l2norm, linear_chunk_quantities, read_state, run_chunks, transition
 from .exchange import Move, exchange, group_rounds
 from .fused import conv_docs, delta_docs, fused_kernels, ssd_docs
-from .pieces import halo_index, halo_rows, member_rows, segment_pieces
+from ...planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 
 SPLITS = ("auto", "heads", "scan")
 

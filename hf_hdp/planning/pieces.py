@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ...planning.layout import hybrid_token_ranges
+from .layout import hybrid_token_ranges
 
 
 @dataclass(frozen=True)
