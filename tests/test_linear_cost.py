@@ -242,3 +242,199 @@ def test_p2p_bytes_of_the_linear_layers_equal_the_estimate(tmp_path):
                 assert got == _estimate(cost, plan, rank), (split, plan.planner, rank)
                 total += got[0]
             assert total > 0
+
+
+# ------------------------------------------------------- Mamba-2 and short convolutions: bytes on the mesh = estimate
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_hidden_layers=2)
+# every layer a state mixer, so every P2P byte on the mesh is theirs: Nemotron-H's Mamba-2 (12 heads of 4 over 2 groups
+# of state 8: groups of 3 and 4 divide the heads, so "heads" runs on every split sample) and LFM2's short convolution
+# (kernel 3: a halo of 2 rows)
+MIXER_MODELS = {
+    "nemotron_h": (dict(_SMALL, head_dim=16, layer_types=["mamba", "mamba"], mamba_num_heads=12, mamba_head_dim=4,
+                        ssm_state_size=8, n_groups=2, conv_kernel=4, use_conv_bias=True, chunk_size=16), SPLITS),
+    "lfm2": (dict(_SMALL, layer_types=["conv", "conv"], conv_L_cache=3, conv_bias=True), ("auto",)),
+}
+
+
+def _mixer_worker(rank, world_size, paths, plan_jsons):
+    from hf_hdp.collators import HDPCollator, count_loss_tokens
+    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+
+    torch.set_num_threads(1)
+    mesh = DynamicMesh()
+    samples = dict(enumerate(mixed_batch(0)))
+    n_loss = sum(count_loss_tokens(s["input_ids"], s.get("labels")) for s in samples.values())
+    collator = HDPCollator(vocab_size=VOCAB)
+    out = {}
+    for family, path in paths.items():
+        plans = [StepPlan.from_json(pj) for pj in plan_jsons[family]]
+        for split in MIXER_MODELS[family][1]:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
+            enable_hdp_attention(model, split)
+            for i, plan in enumerate(plans):
+                mesh.check_plan(plan.fingerprint(), 0)
+                model.zero_grad(set_to_none=True)
+                bytes0, messages0 = mesh.stats.bytes_sent, mesh.stats.messages_sent
+                micro = [collator(mb, samples) for mb in plan.for_rank(rank)]
+                run_micro_batches(model, micro, n_loss, mesh, "reference", torch.device("cpu"))
+                out[family, split, i] = (mesh.stats.bytes_sent - bytes0, mesh.stats.messages_sent - messages0)
+    return out
+
+
+def test_p2p_bytes_of_mamba2_and_short_convolutions_equal_the_estimate(tmp_path):
+    """Nemotron-H's Mamba-2 layers (both methods forced) and LFM2's short convolutions (their halo), on 4 gloo ranks:
+    each rank's bytes and messages equal the cost model's, per segment, summed (float64: 8 bytes a value)."""
+    paths, plans, configs = {}, {}, {}
+    for family, (kw, _) in MIXER_MODELS.items():
+        configs[family] = AutoConfig.for_model(family, **kw)
+        torch.manual_seed(0)
+        paths[family] = str(tmp_path / family)
+        AutoModelForCausalLM.from_config(configs[family]).save_pretrained(paths[family])
+        cost = CostModel.from_config(configs[family], "cpu", bytes_per_value=8)
+        assert cost.attention_layers == 0 and cost.num_layers == 2
+        plans[family] = [plan_naive(MIXED_LENGTHS, WORLD, C), random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
+                         plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses")]
+    assert CostModel.from_config(configs["nemotron_h"], "cpu").layer_states[0] == StateShape(2, 8, 12, 4, 4, "ssd")
+    assert CostModel.from_config(configs["lfm2"], "cpu").layer_states[0] == StateShape(0, 0, 1, 64, 3, "conv")
+    results = run_distributed(_mixer_worker, WORLD, paths, {f: [p.to_json() for p in ps] for f, ps in plans.items()},
+                              timeout=600)
+    for family, (_, splits) in MIXER_MODELS.items():
+        base = CostModel.from_config(configs[family], "cpu", bytes_per_value=8)
+        assert any(p.ulysses > 1 for p in plans[family][2].pieces())
+        for split in splits:
+            cost = CostModel(**{**_fields(base), "state_split": split})
+            for i, plan in enumerate(plans[family]):
+                total = 0
+                for rank in range(WORLD):
+                    got = results[rank][family, split, i]
+                    assert got == _estimate(cost, plan, rank), (family, split, plan.planner, rank)
+                    total += got[0]
+                assert total > 0, (family, split, i)
+
+
+# ------------------------------------------------------------------------ Mamba-2 and short convolutions: pricing
+def test_each_family_reads_its_mixers_shapes_and_blocks():
+    """The StateShape of every Mamba-2 family's layers is its mixer module's (n_groups, ssm_state_size, num_heads,
+    head_dim, kernel); hybrid layers hold attention and a mixer; Nemotron-H's layers hold one block each."""
+    from hf_hdp.planning.layers import layer_blocks
+    from tests.test_linear_families import LINEAR_FAMILIES, MAMBA2
+
+    for family in MAMBA2:
+        config = AutoConfig.for_model(family, **LINEAR_FAMILIES[family])
+        model = AutoModelForCausalLM.from_config(config)
+        mixers = [m for m in model.modules() if hasattr(m, "A_log") and hasattr(m, "ssm_state_size")]
+        shapes = [st for st in layer_state_shapes(config) if st]
+        assert len(shapes) == len(mixers) > 0, family
+        for st, m in zip(shapes, mixers):
+            assert st == StateShape(m.n_groups, m.ssm_state_size, m.num_heads, m.head_dim, m.conv1d.kernel_size[0],
+                                    "ssd"), family
+            assert st.channels == m.conv_dim and st.value_heads * st.value_dim == m.intermediate_size
+    falcon = ModelSpec.from_config(AutoConfig.for_model("falcon_h1", **LINEAR_FAMILIES["falcon_h1"]))
+    assert falcon.num_attention_layers == 2 and falcon.num_state_layers == 2  # every layer both
+    zamba = CostModel.from_config(AutoConfig.for_model("zamba2", **LINEAR_FAMILIES["zamba2"]), "h100")
+    assert zamba.attention_layer_index == (1,) and zamba.describe_layers().startswith("1 Mamba-2 (2 groups x 8 state")
+    assert "1 hybrid (full attention + Mamba-2" in zamba.describe_layers()
+    nem = AutoConfig.for_model("nemotron_h")  # released shapes: Mamba-2, MoE, attention and MLP layers
+    blocks = layer_blocks(nem, 1, 0)
+    kinds = list(nem.layers_block_type)
+    for b, kind in zip(blocks, kinds):
+        assert b.attention == (kind == "full_attention") and (b.state is not None) == (kind == "linear_attention")
+        assert (b.mlp > 0) == (kind in ("mlp", "moe")) and (b.inactive > 0) == (kind == "moe")
+    cost = CostModel.from_config(nem, "h100")
+    assert "MLP only" in cost.describe_layers() and cost.attention_layers == kinds.count("full_attention")
+
+
+def test_mamba2_and_short_convolutions_are_priced_linear_in_s():
+    """A Bamba-shaped model (all Mamba-2) and an LFM2-shaped one (short convolutions): no quadratic term on their state
+    layers, linear in s to whole chunks, and the SSD recurrence is the chunked algorithm without the delta."""
+    from hf_hdp.planning.cost.recurrent import local_state_flops, ssd_flops
+
+    bamba = CostModel.from_config(AutoConfig.for_model("bamba"), "h100")
+    assert bamba.attention_layers == 0 and bamba.attention_time(1 << 20) == 0
+    t1, t2 = bamba.state_local_time(64 * 1000), bamba.state_local_time(64 * 2000)
+    assert t2 == pytest.approx(2 * t1, rel=1e-12) and t1 > 0
+    c, dk, dv = CHUNK, 128, 64
+    per_chunk = 2 * c * c * dk + 2 * c * c * dv + 2 * 2 * c * dk * dv  # Q K^T, A V, Qd S, Kd^T V
+    assert ssd_flops(64, 1, dk, dv) == per_chunk + 2 * 64 * dv  # and the skip D x
+    assert ssd_flops(64, 1, dk, dv) < delta_rule_flops(64, 1, dk, dv)  # no triangular solve, no W
+    conv = StateShape(0, 0, 1, 2048, 3, "conv")
+    assert local_state_flops(1000, conv) == conv_flops(1000, 2048, 3)
+    lfm = ModelSpec.from_config(AutoConfig.for_model("lfm2", layer_types=["conv", "full_attention"] * 8,
+                                                     num_hidden_layers=16))
+    h = lfm.hidden_size
+    assert lfm.num_state_layers == 8 and lfm.state_layer_params(lfm.layer_states[0]) == 4 * h * h + h * 3
+    cost = CostModel.from_specs(lfm, __import__("hf_hdp.planning.cost", fromlist=["x"]).HARDWARE_PRESETS["h100"])
+    dense = CostModel.from_config(AutoConfig.for_model("lfm2", num_hidden_layers=16), "h100")
+    assert cost.attention_time(1 << 17) == pytest.approx(dense.attention_time(1 << 17) / 2, rel=1e-12)
+    assert cost.sequence_time(1 << 17) < 0.75 * dense.sequence_time(1 << 17)
+
+
+def test_short_convolution_halo_by_hand():
+    """One document of 100 rows on 2 members (member 0: [0, 25) and [75, 100); member 1: [25, 75)), kernel 3: member 1
+    receives 2 halo rows of member 0 and sends 2 back to member 0's second piece; nothing else, no heads method."""
+    from hf_hdp.planning.cost.recurrent import resolve_method, state_split_messages
+
+    sh = StateShape(0, 0, 1, 64, 3, "conv")
+    for m in (0, 1):
+        assert state_split_bytes((100,), 2, 1, sh, "halo", m, 1) == (2 * 64) + (2 * 64)  # forward, and backward
+        assert state_split_messages((100,), 2, 1, sh, "halo", m) == 2
+    assert resolve_method("heads", 2, sh) == resolve_method("auto", 2, sh) == "halo"
+    assert list(state_split_costs((100,), 2, 0, 0, 1, 64, 3, "cpu", kind="conv")) == ["halo"]
+    # three documents on 4 members: each piece needs the 2 positions before it (fewer at a document's start), sent
+    # by their owner when that is another member; in backward each comes back as a gradient
+    docs = segment_layout((5, 100, 7), 4)
+    halo = 0
+    for doc in docs:
+        owner = {pos: m for m, a, b in doc for pos in range(a, b)}
+        halo += sum(1 for m, a, _ in doc for pos in range(max(0, a - 2), a) if owner[pos] != m)
+    loads = state_split_loads((5, 100, 7), 4, 1, sh, "halo")
+    assert halo > 0 and sum(ld.sent for ld in loads) == 2 * 64 * halo
+    assert all(ld.sent == ld.received for ld in loads)
+
+
+def test_mamba2_split_choice_uses_its_own_flops():
+    """The runtime's choice for a Mamba-2 layer prices SSD's recurrence (kind "ssd"): the scan's extra work is the
+    read-out alone (its transition is a product of decays), so it wins earlier than a Gated DeltaNet layer's."""
+    ssd = StateShape(8, 128, 128, 64, 4, "ssd")
+    delta = StateShape(8, 128, 128, 64, 4)
+    loads = {kind: state_split_loads((1 << 16,), 8, 1, st, "scan") for kind, st in (("ssd", ssd), ("delta", delta))}
+    assert all(a.sent == b.sent and a.messages == b.messages for a, b in zip(loads["ssd"], loads["delta"]))
+    assert max(ld.flops for ld in loads["ssd"]) < 0.6 * max(ld.flops for ld in loads["delta"])
+    costs = state_split_costs((1 << 16,), 8, 8, 128, 128, 64, 4, "h100", kind="ssd")
+    cost = CostModel.from_config(AutoConfig.for_model("bamba"), "h100")
+    st = cost.layer_states[0]
+    assert min(costs, key=lambda m: (costs[m].seconds, m)) in ("heads", "scan")
+    for s in (2048, 1 << 20):
+        costs = state_split_costs((s,), 8, *st[:5], "h100", kind="ssd")
+        assert min(costs, key=lambda m: (costs[m].seconds, m)) == cost.state_methods([s], 8)[st]
+
+
+def test_state_layers_activation_memory():
+    """The state layers' saved activations enter the memory estimate: an all-Mamba-2 or short-convolution model keeps
+    per token what its mixers' projections, convolution and chunk quantities hold; capacity follows."""
+    from hf_hdp.planning.cost.memory import (layer_activation_bytes, layer_activation_bytes_per_token,
+                                             state_activation_bytes_per_token, tokens_per_rank_for_memory)
+
+    spec = ModelSpec.from_config(AutoConfig.for_model("bamba"))  # 32 Mamba-2 layers, bf16
+    st = spec.layer_states[0]
+    h, hv, dk, dv, c = spec.hidden_size, st.value_heads, st.key_dim, st.value_dim, st.channels
+    expected = 2 * (2 * hv * dv + c + hv) + 4 * (2 * c + hv * (2 * dk + dv) + hv * (2 * dk + CHUNK) + hv * dv
+                                                 + hv * dk * dv / CHUNK)
+    assert state_activation_bytes_per_token(st, h, 2) == expected
+    per_layer = 2 * 2 * h + expected + 2 * (2 * h + 4 * spec.intermediate_size)
+    assert layer_activation_bytes(spec, 0) == per_layer == layer_activation_bytes_per_token(spec)
+    # the same shapes with attention layers: a Mamba-2 layer keeps more per token than the attention it replaces
+    attention = ModelSpec.from_config(AutoConfig.for_model("bamba", attn_layer_indices=list(range(32))))
+    assert attention.num_state_layers == 0 and layer_activation_bytes_per_token(attention) < per_layer
+    fit = [tokens_per_rank_for_memory(m, 80e9, checkpointing=False, world_size=64, zero_stage=1)
+           for m in (spec, attention)]
+    assert fit[0] < fit[1]
+    conv = StateShape(0, 0, 1, 2048, 3, "conv")
+    assert state_activation_bytes_per_token(conv, 2048, 2) == 2 * 5 * 2048 + 4 * 2 * 2048
+    # a model without state layers keeps its figure exactly
+    from transformers import LlamaConfig
+
+    llama = ModelSpec.from_config(LlamaConfig())
+    assert layer_activation_bytes_per_token(llama) == 2 * (8 * 4096 + 4 * 11008) + 4 * 32
