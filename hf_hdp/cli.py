@@ -561,17 +561,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def render_layer_types(model: ModelSpec, cost: CostModel, tokens: int) -> str:
     """The ``layers:`` lines of the text output: each layer type's count, and one layer's forward + backward time for
     a ``tokens``-token sample alone on a rank, split into its parts."""
-    kinds = [k for k, present in (("sliding and chunked", cost.layer_masks), ("Gated DeltaNet", cost.layer_states))
-             if present]
-    lines = [f"layers: {cost.describe_layers()} ({' and '.join(kinds)} layers priced as such"
-             + (f", split samples' Gated DeltaNet layers by {cost.state_split!r}" if cost.layer_states else "") + ")",
+    names = {"delta": "Gated DeltaNet", "ssd": "Mamba-2", "conv": "short convolution"}
+    states = [names[k] for k in names if any(st.kind == k for st, _ in cost.state_kinds)]
+    kinds = (["sliding and chunked"] if cost.layer_masks else []) + states
+    recurrent = [n for n in states if n != "short convolution"]
+    split = (f", split samples' {' and '.join(recurrent)} layers by {cost.state_split!r}" if recurrent else "")
+    lines = [f"layers: {cost.describe_layers()} ({', '.join(kinds)} layers priced as such{split})",
              f"  one layer, forward + backward, a {tokens:,}-token sample alone on a rank:"]
     for t in layer_type_times(model, cost, tokens):
         parts = [f"projections and MLP {fmt_seconds(t['linear'])}"]
         if t["quadratic"]:
             parts.append(f"attention {fmt_seconds(t['quadratic'])}")
         if t["state"]:
-            parts.append(f"convolution and recurrence {fmt_seconds(t['state'])}")
+            what = "convolution" if t["layer"].startswith("short convolution") else "convolution and recurrence"
+            parts.append(f"{what} {fmt_seconds(t['state'])}")
         lines.append(f"    {t['layers']} x {t['layer']}: {fmt_seconds(t['seconds'])} ({', '.join(parts)})")
     return "\n".join(lines) + "\n"
 

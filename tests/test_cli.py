@@ -302,3 +302,43 @@ def test_model_config_prices_each_layer_type(tmp_path, capsys):
     heads, scan = step(hybrid, "--state-split", "heads"), step(hybrid, "--state-split", "scan")
     assert heads["layers"]["state_split"] == "heads"
     assert heads["static"]["p2p_bytes"] != scan["static"]["p2p_bytes"]
+
+
+def test_model_config_prints_mamba2_hybrid_and_short_convolution_layers(tmp_path, capsys):
+    """Nemotron-H (Mamba-2, attention and MLP-only layers), Falcon-H1 (every layer attention beside a Mamba-2 mixer) and
+    LFM2 (short convolutions) configs: each layer type gets its own ``layers:`` line, priced as what it is."""
+    from transformers import AutoConfig
+
+    args = ["--lengths", write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"), "--world-size", "8",
+            "--tokens-per-rank", "8192"]
+    configs = {
+        "nemotron_h": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           intermediate_size=512, vocab_size=1000, mamba_num_heads=8, mamba_head_dim=32,
+                           ssm_state_size=16, n_groups=2, layer_types=["mamba", "mlp", "mamba", "attention"]),
+        "falcon_h1": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          intermediate_size=512, vocab_size=1000, num_hidden_layers=2, mamba_n_heads=8,
+                          mamba_d_head=32, mamba_d_state=16, mamba_n_groups=2, mamba_d_ssm=256),
+        "lfm2": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
+                     vocab_size=1000, num_hidden_layers=4, conv_L_cache=3,
+                     layer_types=["conv", "conv", "full_attention", "conv"]),
+    }
+    out = {}
+    for family, kw in configs.items():
+        path = tmp_path / family
+        AutoConfig.for_model(family, **kw).save_pretrained(str(path))
+        rc, out[family], err = run_cli(capsys, "--model-config", str(path), *args)
+        assert rc == 0, err
+    lines = lambda text: [line.strip() for line in text.splitlines()]  # noqa: E731
+    nem = lines(out["nemotron_h"])
+    assert "layers: 2 Mamba-2 (2 groups x 16 state, 8x32 heads, kernel 4), 1 MLP only, 1 full (Mamba-2 layers priced " \
+           "as such, split samples' Mamba-2 layers by 'auto')" in nem
+    mamba = next(line for line in nem if line.startswith("2 x Mamba-2"))
+    mlp = next(line for line in nem if line.startswith("1 x MLP only"))
+    assert "convolution and recurrence" in mamba and "attention" not in mamba.split(":", 1)[1]
+    assert "attention" not in mlp.split(":", 1)[1] and "recurrence" not in mlp
+    falcon = next(line for line in lines(out["falcon_h1"]) if line.startswith("2 x hybrid (full attention + Mamba-2"))
+    assert "attention" in falcon.split(":", 1)[1] and "convolution and recurrence" in falcon
+    lfm = lines(out["lfm2"])
+    assert "layers: 3 short convolution (256 channels, kernel 3), 1 full (short convolution layers priced as such)" in lfm
+    conv = next(line for line in lfm if line.startswith("3 x short convolution"))
+    assert "convolution" in conv and "recurrence" not in conv and "attention" not in conv.split(":", 1)[1]
