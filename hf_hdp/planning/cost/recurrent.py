@@ -40,7 +40,8 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from ..layers import StateShape
-from ..layout import head_split, hybrid_member_sizes, hybrid_token_ranges
+from ..layout import head_split, hybrid_member_sizes
+from ..pieces import segment_pieces
 from .specs import FWD_BWD, HARDWARE_PRESETS, HardwareSpec
 
 CHUNK = 64  # hf_hdp.attention.recurrent.delta_rule.CHUNK
@@ -129,14 +130,10 @@ def local_state_flops(length: int, shape: StateShape) -> float:
 
 @lru_cache(maxsize=4096)
 def segment_layout(lengths: tuple[int, ...], k: int, ulysses: int = 1) -> tuple[tuple[tuple[int, int, int], ...], ...]:
-    """Per document, its pieces ``(member, start, end)`` in sample order: the ranges
-    :func:`~hf_hdp.planning.layout.hybrid_token_ranges` gives each member (the layout of
-    :func:`hf_hdp.attention.recurrent.pieces.segment_pieces`)."""
-    out = []
-    for n in lengths:
-        pieces = [(m, a, b) for m in range(k) for a, b in hybrid_token_ranges(int(n), k, m, ulysses) if b > a]
-        out.append(tuple(sorted(pieces, key=lambda p: p[1])))
-    return tuple(out)
+    """Per document, its pieces ``(member, start, end)`` in sample order (:func:`hf_hdp.planning.pieces.segment_pieces`,
+    the layout the state-carrying layers run)."""
+    return tuple(tuple((p.member, p.start, p.end) for p in doc)
+                 for doc in segment_pieces(tuple(int(n) for n in lengths), k, ulysses))
 
 
 class MemberLoad(NamedTuple):
