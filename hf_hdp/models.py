@@ -202,8 +202,15 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "lfm2_moe": FamilySupport(_V, f"LFM2's short convolutions and attention, MoE per token; {_AUX}"),
     "lfm3": FamilySupport(_V, "LFM2's gated short convolutions and attention"),
     "minimax": FamilySupport(
-        _R, "lightning (linear) attention layers carry a recurrent state along the sequence: packing would need it "
-        "reset at sample boundaries and splitting would need it passed between ranks (a scan over the group)",
+        _R, "lightning attention (linear attention with a fixed decay per head, no convolution) carries a state along "
+        "the sequence; HDP's state scan and head-parallel split would run it (it is Mamba-2's state space dual form "
+        "with the decay per head and no dt), but no adapter for MiniMaxLightningAttention's projections, activation, "
+        "norm and output gate is written or verified yet",
+    ),
+    "kimi_linear": FamilySupport(
+        _R, "Kimi Delta Attention decays its state per key channel (a vector gate per head and token), while HDP's "
+        "chunked delta rule takes one decay per head and token; it would need the chunk quantities with per-channel "
+        "decays (q e^c and k e^-c per channel) and an adapter for KimiLinearDeltaAttention, then the same splits",
     ),
     "t5gemma": FamilySupport(_R, "encoder-decoder: a bidirectional encoder and cross-attention, not causal attention"),
 }
