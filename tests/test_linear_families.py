@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_hdp.models import UnsupportedModelError, check_model_supported
-from hf_hdp.planning import StepPlan, plan_naive
+from hf_hdp.planning import CostModel, StepPlan, plan_balanced, plan_naive
 from tests.dist_utils import run_distributed
 from tests.models import MIXED_LENGTHS, VOCAB, mixed_batch, reference_step
 from tests.plan_helpers import random_plan
@@ -224,7 +224,12 @@ def use_dense_reference(model):
 
 # ---------------------------------------------------------------------------------------- HDP side
 def _plans():
-    return [plan_naive(MIXED_LENGTHS, WORLD, C), random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5))]
+    """The naive plan, a random valid plan (rings over 3 and 4 ranks) and a balanced plan of head-parallel pieces
+    (Ulysses segments: the layout a hybrid piece's rows have on its members)."""
+    cost = CostModel.from_config(AutoConfig.for_model("qwen3_5_text", **LINEAR_FAMILIES["qwen3_5_text"]), "cpu",
+                                 bytes_per_value=8)
+    return [plan_naive(MIXED_LENGTHS, WORLD, C), random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
+            plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses")]
 
 
 def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
@@ -275,8 +280,9 @@ def hdp_runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("linear")
     paths = {f: _save(f, str(root / f)) for f in _selected_families(request)}
     plans = _plans()
-    for plan in plans:
+    for plan in plans[:2]:
         assert {1, 3, 4} <= {p.k for p in plan.pieces()}, plan.planner
+    assert any(p.ulysses > 1 for p in plans[2].pieces()), "the balanced plan has a head-parallel piece"
     results = run_distributed(_hdp_worker, WORLD, paths, [p.to_json() for p in plans], timeout=900)
     return paths, plans, results
 
