@@ -299,6 +299,32 @@ def _attention_modules(base) -> list[tuple[str, object]]:
     return found
 
 
+def _layers_dropping_kwargs(base, modules) -> list[str]:
+    """Classes of the layers holding an attention module whose ``forward`` calls it without ``**kwargs`` (read from
+    the source; a layer whose source cannot be read, or whose call is not found, is not listed)."""
+    import ast
+    import inspect
+    import textwrap
+
+    named = dict(base.named_modules())
+    found: list[str] = []
+    for name, _ in modules:
+        parent_name, _, attr = name.rpartition(".")
+        parent = named.get(parent_name)
+        cls = type(parent)
+        if parent is None or cls.__name__ in found:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and n.func.attr == attr and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
+        if calls and not any(k.arg is None for c in calls for k in c.keywords):
+            found.append(cls.__name__)
+    return found
+
+
 def routes_attention(base) -> bool:
     """Whether every attention layer of ``base`` calls transformers' AttentionInterface: the class says so
     (``_supports_attention_backend``), or it is a hybrid family whose attention layers do and whose
@@ -394,6 +420,15 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
             "cannot keep packed samples apart or split them over ranks. Use a model class that sets "
             "`_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), or " + _STOCK + "."
         )
+    elif base is not None:
+        dropping = _layers_dropping_kwargs(base, modules)
+        if dropping:
+            problems.append(
+                f"{dropping[0]}.forward calls its attention without passing on its keyword arguments (**kwargs), so "
+                "the packing metadata HDP hands the model's forward never reaches the attention (transformers' "
+                f"{type(base).__name__} drops them). {_STOCK_S}, or use a transformers release whose decoder layer "
+                "passes **kwargs to its attention."
+            )
     checked.append("decoder-only causal LM routed through AttentionInterface")
 
     # --- layers that mix tokens outside attention
