@@ -73,13 +73,15 @@ SHRINK = {
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
     "moe_topk": 2, "moe_k": 2, "top_k": 2, "moe_intermediate_size": 32, "expert_intermediate_size": 32,
     "shared_expert_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "n_group": 1, "topk_group": 1,
-    "num_expert_group": 1, "first_k_dense_replace": 1,
+    "num_expert_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
     # multi-head latent attention (q/k head 24, v head 16: they differ, as in DeepSeek-V3)
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+    "qk_head_dim": 24, "rotary_dim": 8,
     # linear attention / state space / convolution
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_d_state": 8,
-    "ssm_state_size": 8, "state_size": 8, "mamba_n_groups": 1, "n_groups": 1, "mamba_expand": 2, "time_step_rank": 8,
+    "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_head": 32, "mamba_head_dim": 32,  # 4 x 32 = 2 x 64
+    "mamba_d_state": 8,
+    "mamba_d_ssm": 128, "ssm_state_size": 8, "state_size": 8, "mamba_n_groups": 1, "n_groups": 1, "mamba_expand": 2, "time_step_rank": 8,
     # vision / audio towers of composite configs
     "image_size": 32, "patch_size": 8, "out_hidden_size": 64, "projection_dim": 64, "vision_output_dim": 64,
     "num_channels": 3,
@@ -88,10 +90,20 @@ SHRINK = {
 PER_LAYER = ("layer_types", "no_rope_layers", "mlp_only_layers", "layers_block_type", "block_types",
              "sliding_window_pattern_list", "moe_layers", "full_attn_idxs", "attn_layer_indices")
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# size keys set even where the default config leaves them None (the model needs a value)
+NONE_DEFAULTS = ("num_experts_per_tok", "n_group", "topk_group", "n_routed_experts", "num_experts", "num_local_experts",
+                 "moe_intermediate_size", "n_shared_experts", "head_dim", "num_key_value_heads")
+# per-layer keys of a nested config that its own __init__ derives from its depth: dropped before it is rebuilt
+LAYER_INDEXED = PER_LAYER + ("per_layer_config",)
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder_config", "encoder_config", "depth_decoder_config",
                "vision_tower_config", "speech_config", "perceiver_config")
 # model_type -> config kwargs applied after the generic shrinking (where it fails for the family)
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one (global, local) pair = 2 layers
+    "mamba2": {"head_dim": 32},  # num_heads x head_dim = expand x hidden_size
+    "zaya": {"num_experts_per_tok": 1},  # the only value it supports
+    "reformer": {"is_decoder": True},
+}
 
 
 def _tiny_kwargs(default, depth: int) -> dict:
@@ -99,10 +111,26 @@ def _tiny_kwargs(default, depth: int) -> dict:
     have = default.to_dict()
     amap = getattr(default, "attribute_map", {}) or {}
     out = {}
+    layers = next((have[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if isinstance(have.get(k), int)), 0)
     for key, value in SHRINK.items():
         real = amap.get(key, key)
-        if real in have and (isinstance(have[real], int) and not isinstance(have[real], bool)):
-            out[real] = depth if value == 2 and "layer" in key or key == "depth" else value
+        if real not in have:
+            continue
+        tiny = depth if value == 2 and "layer" in key or key == "depth" else value
+        current = have[real]
+        if isinstance(current, int) and not isinstance(current, bool):
+            out[real] = tiny
+        elif current is None and real in NONE_DEFAULTS:
+            out[real] = tiny
+        elif isinstance(current, list) and layers and len(current) == layers and all(
+                isinstance(v, int) for v in current):  # one size per layer (Gemma 3n's intermediate_size)
+            out[real] = [tiny] * depth
+    for key, value in have.items():  # per-layer lists of the default depth (layer_types, ...): the first layers
+        if key not in out and isinstance(value, list) and layers and len(value) == layers and layers > depth:
+            out[key] = value[:depth]
+    per_layer = getattr(default, "per_layer_config", None)
+    if isinstance(per_layer, dict):  # per-layer overrides keyed by layer index: those of the tiny depth
+        out["per_layer_config"] = {k: v for k, v in per_layer.items() if int(k) < depth}
     if "qk_rope_head_dim" in out and "head_dim" in out:  # MLA configs: head_dim is the rotary part
         out["head_dim"] = out["qk_rope_head_dim"]
     if "kv_lora_rank" in out and "num_key_value_heads" in out:  # MLA: K and V per query head (no GQA)
@@ -110,17 +138,18 @@ def _tiny_kwargs(default, depth: int) -> dict:
     for key, value in SPECIAL_IDS.items():
         if key in have and isinstance(have[key], int):
             out[key] = value
-    for key in ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop", "dropout",
-                "attention_probs_dropout_prob", "hidden_dropout_prob"):
-        if isinstance(have.get(key), float):
+    for key, value in have.items():  # every dropout off: one process's loss (eval mode) is then comparable
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             out[key] = 0.0
     if "output_router_logits" in have:
         out["output_router_logits"] = False  # the router aux loss is refused by design: survey the rest
     for key in SUB_CONFIGS:
         sub = getattr(default, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            sub_kwargs = _tiny_kwargs(sub, depth)
-            out[key] = dict(sub.to_dict(), **sub_kwargs)
+            sub_layers = getattr(sub, "num_hidden_layers", None)
+            sub_dict = {k: v for k, v in sub.to_dict().items() if k not in LAYER_INDEXED
+                        and not (isinstance(v, list) and sub_layers and len(v) == sub_layers)}
+            out[key] = dict(sub_dict, **_tiny_kwargs(sub, depth))
     return out
 
 
@@ -135,7 +164,12 @@ def _resize_per_layer(config, depth: int) -> None:
 
 
 def _kinds(config) -> set:
-    return {str(t) for t in (getattr(config, "layer_types", None) or [])}
+    """The layer kinds of a config (attention, linear attention, Mamba, ...), to keep each in the tiny model."""
+    for key in ("layer_types", "layers_block_type", "layer_block_types", "block_types"):
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and value:
+            return {str(t) for t in value}
+    return set()
 
 
 def tiny_config(model_type: str):
@@ -245,7 +279,7 @@ def reference_loss(path: str) -> float:
     total = 0.0
     with torch.no_grad():
         for r, t in zip(rows, targets):
-            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1].float()
+            logits = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0, :-1].float()
             total += float(torch.nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")) / n
     return total
 
