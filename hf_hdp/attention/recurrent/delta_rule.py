@@ -26,6 +26,7 @@ is given (HDP computes in float32 at least, float64 in tests), and is differenti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -52,6 +53,15 @@ class Chunks:
     @property
     def num(self) -> int:
         return self.qd.shape[1]
+
+    @cached_property
+    def steps(self) -> list[tuple]:
+        """Per chunk ``(qd, attn, u, w, kd, decay)``, each ``[H, ...]``: the chunk tensors unbound ONCE, so autograd
+        stacks their gradients once (indexing ``t[:, i]`` in a loop would give every chunk's gradient the whole
+        tensor's size: quadratic in the chunks)."""
+        w = self.w.unbind(1) if self.w is not None else [None] * self.num
+        return list(zip(self.qd.unbind(1), self.attn.unbind(1), self.u.unbind(1), w, self.kd.unbind(1),
+                        self.decay.unbind(1)))
 
 
 def chunk_quantities(q, k, v, g, beta, chunk: int = CHUNK) -> Chunks:
@@ -107,19 +117,20 @@ def run_chunks(ch: Chunks, state: torch.Tensor | None) -> tuple[torch.Tensor, to
     h, dk, dv = ch.u.shape[0], ch.kd.shape[-1], ch.u.shape[-1]
     s = state if state is not None else ch.u.new_zeros(h, dk, dv)
     outs = []
-    for i in range(ch.num):
-        v_new = ch.u[:, i] if ch.w is None else ch.u[:, i] - ch.w[:, i] @ s
-        outs.append(ch.qd[:, i] @ s + ch.attn[:, i] @ v_new)
-        s = ch.decay[:, i] * s + ch.kd[:, i].transpose(-1, -2) @ v_new
+    for qd, attn, u, w, kd, decay in ch.steps:
+        v_new = u if w is None else u - w @ s
+        outs.append(qd @ s + attn @ v_new)
+        s = decay * s + kd.transpose(-1, -2) @ v_new
     return torch.cat(outs, dim=1)[:, : ch.length], s
 
 
-def _apply_step(ch: Chunks, i: int, x: torch.Tensor) -> torch.Tensor:
-    """Chunk ``i``'s map of an incoming state applied to ``x`` (``[H, dk, n]``): ``exp(c_C) x - (exp(c_C - c) K)^T
+def _apply_step(step: tuple, x: torch.Tensor) -> torch.Tensor:
+    """A chunk's map of an incoming state applied to ``x`` (``[H, dk, n]``): ``exp(c_C) x - (exp(c_C - c) K)^T
     (W x)``, as a rank-``C`` update (``4 C dk n`` FLOPs per head, never the ``[dk, dk]`` matrix itself)."""
-    if ch.w is None:
-        return ch.decay[:, i] * x
-    return ch.decay[:, i] * x - ch.kd[:, i].transpose(-1, -2) @ (ch.w[:, i] @ x)
+    _, _, _, w, kd, decay = step
+    if w is None:
+        return decay * x
+    return decay * x - kd.transpose(-1, -2) @ (w @ x)
 
 
 def transition(ch: Chunks) -> torch.Tensor:
@@ -128,8 +139,8 @@ def transition(ch: Chunks) -> torch.Tensor:
     if ch.w is None:  # no delta: the map is the product of the chunks' decays
         return torch.diag_embed(ch.decay[:, :, 0, 0].prod(dim=1, keepdim=True).expand(h, dk))
     m = torch.eye(dk, dtype=ch.kd.dtype, device=ch.kd.device).expand(h, dk, dk)
-    for i in range(ch.num):
-        m = _apply_step(ch, i, m)
+    for step in ch.steps:
+        m = _apply_step(step, m)
     return m
 
 
@@ -137,12 +148,13 @@ def read_state(ch: Chunks, state: torch.Tensor) -> torch.Tensor:
     """What an incoming ``state`` adds to the outputs (``[H, T, dv]``): the outputs from ``state`` with no
     values written, the part of ``run_chunks(ch, state)`` that ``run_chunks(ch, None)`` lacks."""
     outs, s = [], state
-    for i in range(ch.num):
-        read = ch.qd[:, i] @ s
-        if ch.w is not None:
-            read = read - ch.attn[:, i] @ (ch.w[:, i] @ s)
+    for step in ch.steps:
+        qd, attn, _, w, _, _ = step
+        read = qd @ s
+        if w is not None:
+            read = read - attn @ (w @ s)
         outs.append(read)
-        s = _apply_step(ch, i, s)
+        s = _apply_step(step, s)
     return torch.cat(outs, dim=1)[:, : ch.length]
 
 

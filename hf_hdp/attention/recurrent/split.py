@@ -167,13 +167,12 @@ def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, valu
             q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
             return delta_docs(kernels, q, k, v, gg, bb, lengths)
     q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
-    outs, at = [], 0
-    for n in lengths:
-        sl = slice(at, at + n)
-        if n:
-            o, _ = run_chunks(_chunks(q[:, sl], k[:, sl], v[:, sl], gg[:, sl], bb[:, sl], kind), None)
-            outs.append(o)
-        at += n
+    outs = []
+    # one split per tensor (its backward concatenates once; slicing per document would give each document's gradient
+    # the whole tensor's size)
+    for parts in zip(*(t.split(list(lengths), dim=1) for t in (q, k, v, gg, bb))):
+        if parts[0].shape[1]:
+            outs.append(run_chunks(_chunks(*parts, kind), None)[0])
     if not outs:
         return conv_rows.new_zeros(0, value_heads, value_dim)
     out = torch.cat(outs, dim=1).transpose(0, 1)
