@@ -1,4 +1,7 @@
-"""A Gated DeltaNet layer over one micro-batch: whole local samples, and samples split over a group of ranks.
+"""A state-carrying layer over one micro-batch: whole local samples, and samples split over a group of ranks.
+
+The layers: Gated DeltaNet (the delta rule), Mamba-2 (the state space dual form: the same without the delta, and
+a per-head skip ``D x``) and short convolutions (:func:`short_conv`: the convolution alone, whose split is its halo).
 
 Input, one packed row of ``T`` tokens: the convolution's input channels ``x`` (``[T, C]``: the query and
 key channels of every key head, then the value channels), the log-decays ``g`` and write strengths
@@ -33,13 +36,14 @@ import torch
 from transformers.activations import ACT2FN
 
 from ...planning.layout import head_split
+from ...planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 from ..metadata import HDPAttentionMetadata, UlyssesSegment
 from .delta_rule import chunk_quantities, l2norm, linear_chunk_quantities, read_state, run_chunks, transition
 from .exchange import Move, exchange, group_rounds
 from .fused import conv_docs, delta_docs, fused_kernels, ssd_docs
-from ...planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 
 SPLITS = ("auto", "heads", "scan")
+_KIND_NAMES = {"delta": "Gated DeltaNet", "ssd": "Mamba-2", "conv": "short convolution"}
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,9 @@ class DeltaNetShape:
     ``key_heads``, then values of the ``value_heads`` (an adapter puts its family's channels in this order).
 
     ``kind``: ``"delta"``, Gated DeltaNet (queries and keys L2-normalised, queries scaled, the delta rule; the two
-    gates are the log-decay ``g`` and the write strength ``beta``), or ``"ssd"``, Mamba-2 (queries ``C``, keys
+    gates are the log-decay ``g`` and the write strength ``beta``), ``"ssd"``, Mamba-2 (queries ``C``, keys
     ``B``, values ``x``; the gates are ``g = dt A`` and ``dt``, which scales the values; no delta; a per-head
-    skip ``D x`` added to the output)."""
+    skip ``D x`` added to the output), or ``"conv"``, a short convolution alone (:func:`short_conv`)."""
 
     key_heads: int
     key_dim: int
@@ -194,8 +198,8 @@ class _Scan:
 
     def _label(self, what: str) -> str:
         s = self.seg
-        return f"Gated DeltaNet {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, samples " \
-               f"{list(s.samples)})"
+        return (f"{_KIND_NAMES[self.shape.kind]} {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, "
+                f"samples {list(s.samples)})")
 
     def halo_moves(self, sends: list, at: int) -> list[Move]:
         seg, moves = self.seg, []
@@ -301,8 +305,8 @@ class _Heads:
 
     def _label(self, what: str) -> str:
         s = self.seg
-        return f"Gated DeltaNet head-parallel {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, " \
-               f"samples {list(s.samples)})"
+        return (f"{_KIND_NAMES[self.shape.kind]} head-parallel {what} (global step {s.step}, slot {s.slot}, "
+                f"group {list(s.group)}, samples {list(s.samples)})")
 
     def _columns(self, j: int) -> list[int]:
         """Member ``j``'s columns of ``[x | g | beta]``: its key heads' query and key channels, its value heads'
