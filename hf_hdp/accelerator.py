@@ -167,6 +167,15 @@ class HDPAccelerator(Accelerator):
             optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, args)
         return super().prepare_optimizer(optimizer, device_placement=device_placement)
 
+    def prepare_scheduler(self, scheduler):
+        """accelerate's ``prepare_scheduler``, stepping the scheduler ONCE per optimizer step. accelerate steps a
+        prepared scheduler once per process, since its global batch is the per-process batch times the world size;
+        HDP's global batch (``global_batch_size`` samples) does not depend on the world size, so a schedule written
+        in optimizer steps must advance by one step per step on any number of ranks."""
+        prepared = super().prepare_scheduler(scheduler)
+        prepared.split_batches = True  # accelerate's "one scheduler step per training step"
+        return prepared
+
     # ------------------------------------------------------------ custom loops
     def _require_mesh(self, what: str) -> DynamicMesh:
         if self.mesh is None:

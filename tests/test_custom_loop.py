@@ -86,7 +86,9 @@ def _loop_worker(rank, world, path, zero_stage, extras: bool):
                                               attention_backend="reference", zero_stage=zero_stage))
     model = load_model(path)  # float64; prepare switches it to the "hdp" attention
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model, optimizer = acc.prepare(model, optimizer)
+    # a prepared scheduler steps once per optimizer step: HDP's global batch does not grow with the world size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model.train()
     steps, first = [], None
     for batch in acc.hdp_steps(Dataset.from_list(_rows()), seed=SETTINGS[world][1]):
@@ -95,8 +97,9 @@ def _loop_worker(rank, world, path, zero_stage, extras: bool):
         loss = acc.hdp_backward(model, batch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         steps.append({"rows": step.rows, "loss": loss, "micro": len(step.micro_batches),
-                      "grads": grads if rank == 0 else None})
+                      "grads": grads if rank == 0 else None, "lr": optimizer.param_groups[0]["lr"]})
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = {"steps": steps, "weights": weights if rank == 0 else {n: w.sum() for n, w in weights.items()},
@@ -130,7 +133,9 @@ def _check_against_reference(path, results, world):
         assert step["grads"], "rank 0 holds gradients"
         for name, g in step["grads"].items():  # at ZeRO stage 2, rank 0's shard of them
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"step {i} {name}: {m}")
-        torch.optim.SGD(ref_model.parameters(), lr=LR).step()  # the ranks' update, rounded the same way
+        for r in results:  # LambdaLR(1 / (1 + s)), stepped once per optimizer step whatever the world size
+            assert r["steps"][i]["lr"] == pytest.approx(LR / (1 + i), rel=1e-15)
+        torch.optim.SGD(ref_model.parameters(), lr=LR / (1 + i)).step()  # the ranks' update, rounded the same way
     ref_weights = dict(ref_model.named_parameters())
     for name, w in results[0]["weights"].items():
         torch.testing.assert_close(w, ref_weights[name].detach(), rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")

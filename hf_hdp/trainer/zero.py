@@ -100,8 +100,9 @@ def _hyper(group: dict) -> dict:
 class ZeroOptimizer(torch.optim.Optimizer):
     """A torch optimizer sharded over all ranks of the global group (ZeRO stage 1 or 2).
 
-    ``param_groups`` are the groups of the optimizer Trainer built (weight decay / no decay, with all
-    their settings); ``optimizer_class(local groups, **kwargs)`` becomes this rank's own optimizer
+    ``param_groups`` are the groups of the optimizer Trainer (or a custom loop) built (weight decay / no decay,
+    with all their settings): the SAME group dicts, so a learning-rate scheduler built on that optimizer before
+    it was sharded still drives this one; ``optimizer_class(local groups, **kwargs)`` becomes this rank's own optimizer
     (:attr:`local`) over the parameters it owns (:attr:`owners`, :func:`partition`), with the same
     groups (possibly empty). :attr:`param_groups` hold every parameter, so learning-rate schedulers and
     ``zero_grad`` work as for any optimizer; their settings are copied to the local groups at each step.
@@ -117,7 +118,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer shards at ZeRO stage 1 or 2, not {stage!r}")
         self._ready = False
-        super().__init__([dict(g) for g in param_groups], dict(kwargs))
+        super().__init__(list(param_groups), dict(kwargs))  # the groups themselves: see the class docstring
         self.mesh, self.stage, self.optimizer_class = mesh, stage, optimizer_class
         self.params = [p for g in self.param_groups for p in g["params"]]  # state-dict indices: this order
         for i, p in enumerate(self.params):
