@@ -427,3 +427,15 @@ def test_idle_ranks_still_give_single_device_gradients(tiny):
 def test_a_labels_column_without_any_value_means_no_labels():
     ds, lengths, loss = measure_dataset(Dataset.from_list([{"input_ids": [1, 2, 3], "labels": None}]))
     assert lengths.tolist() == [3] and loss.tolist() == [2]
+
+
+def test_an_empty_dataset_is_refused_saying_so(tiny, tmp_path):
+    """An empty train (or eval) dataset is refused by name, not with a missing-column error from the measuring step."""
+    empty = Dataset.from_dict({"input_ids": []})
+    with pytest.raises(HDPDataError, match=r"the training dataset is empty \(train_dataset has 0 rows\)"):
+        HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path), train_dataset=empty,
+                   hdp_config=HDPConfig(tokens_per_rank=32))
+    with pytest.raises(HDPDataError, match=r"eval_dataset is empty"):
+        HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path, eval_strategy="steps", eval_steps=1),
+                   train_dataset=Dataset.from_list([{"input_ids": _ids(5)}]), eval_dataset=empty,
+                   hdp_config=HDPConfig(tokens_per_rank=32))

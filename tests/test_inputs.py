@@ -453,3 +453,24 @@ def test_the_start_up_log_shows_hdps_global_batch_and_planner(tiny, tmp_path, ca
 def test_row_rules_truncate_documents_not_rows():
     docs = row_documents({"input_ids": _ids(9), "position_ids": [0, 1, 2, 3, 4, 0, 1, 2, 3]}, 0, RowRules(truncate_to=3))
     assert [len(d) for d in docs] == [3, 3]
+
+
+def test_resume_refusals_name_the_fix(tiny, tmp_path):
+    """A resume that would change the batches names the argument that makes it exact, with the checkpoint's value."""
+    rows = [{"input_ids": _ids(n, n)} for n in (6, 9, 4, 7)]
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    saved = _trainer(tiny, tmp_path, rows, hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4))
+    (ckpt / STATE_FILE).write_text(json.dumps(hdp_state(saved)))
+    cases = [
+        (dict(hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2)),
+         r"global batch size differs \(global_batch_size: checkpoint 4, now 2\).*HDPConfig\(global_batch_size=4\)"),
+        (dict(args=_args(tmp_path, data_seed=7), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4)),
+         r"data seed differs \(seed: checkpoint 0, now 7\).*TrainingArguments\(data_seed=0\)"),
+        (dict(args=_args(tmp_path, dataloader_drop_last=True),
+              hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4)),
+         r"TrainingArguments\(dataloader_drop_last=False\)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ResumeMismatchError, match=message):
+            check_resume(_trainer(tiny, tmp_path, rows, **kwargs), str(ckpt))

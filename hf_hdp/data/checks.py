@@ -46,9 +46,15 @@ def _is_iterable(dataset) -> bool:
 
 
 def require_map_style(dataset, what: str) -> None:
-    """Refuse a dataset HDP cannot plan (a stream, or no Arrow columns), saying how to convert it."""
+    """Refuse a dataset HDP cannot plan (a stream, no Arrow columns, or no row at all), saying how to fix it."""
     if not _is_iterable(dataset) and all(
             hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__")):
+        if len(dataset) == 0:
+            name = "the training dataset" if what == "train_dataset" else what
+            raise HDPDataError(
+                f"{name} is empty ({what} has 0 rows), so there is nothing to plan or train on. Check the split "
+                "you loaded and every filter, length limit or train/test split applied to it before the trainer."
+            )
         return
     if _is_iterable(dataset):
         fix = ("HDP plans each global batch from the lengths of its samples and loads samples by index, "

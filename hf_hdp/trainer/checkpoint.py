@@ -167,6 +167,19 @@ def load_state(path: str) -> dict:
     return saved
 
 
+def _resume_fix(key: str, saved) -> str:
+    """What to pass to resume exactly, for a mismatch of ``key`` (the checkpoint's value ``saved``)."""
+    if key == "global_batch_size":
+        return f"Resume with HDPConfig(global_batch_size={saved!r}) (or --global_batch_size {saved!r}), or start a new run."
+    if key == "seed":
+        return (f"Resume with TrainingArguments(data_seed={saved!r}) (the checkpoint's data order), or start a new "
+                "run.")
+    if key == "drop_last":
+        return f"Resume with TrainingArguments(dataloader_drop_last={saved!r}), or start a new run."
+    return ("Resume with the checkpoint's dataset (the same rows, in the same order, tokenized the same way), or "
+            "start a new run without resume_from_checkpoint.")
+
+
 def check_resume(trainer, checkpoint: str) -> dict | None:
     """Compare ``checkpoint``'s HDP state with this run; raise :class:`ResumeMismatchError` if the
     remaining batches would differ (:class:`HDPStateFileError`, a subclass, if its ``hdp_state.json`` is
@@ -192,8 +205,7 @@ def check_resume(trainer, checkpoint: str) -> dict | None:
         if saved[key] != now[key]:
             raise ResumeMismatchError(
                 f"cannot resume exactly from {checkpoint}: {why} ({key}: checkpoint {saved[key]!r}, now {now[key]!r}). "
-                "The remaining steps would skip or repeat samples. Resume with the same dataset, seed and "
-                "global_batch_size, or start a new run."
+                f"The remaining steps would skip or repeat samples. {_resume_fix(key, saved[key])}"
             )
     if saved["world_size"] != now["world_size"]:
         logger.info("elastic resume: checkpoint made on %d ranks, resuming on %d; batches are unchanged.",
