@@ -143,3 +143,21 @@ def test_a_huge_wrong_value_is_shortened(tmp_path):
     state["hdp_config"] = list(range(10_000))
     message = refused(write(tmp_path, state), "has hdp_config=", "...")
     assert len(message) < 600
+
+
+def test_what_the_json_parser_itself_refuses_is_named(tmp_path):
+    """An integer of 5000 digits (past Python's str/int limit) and arrays nested 100,000 deep are the file's fault,
+    named as such, not a bare ValueError or RecursionError."""
+    huge = json.dumps(good_state())[:-1] + ', "extra": ' + "9" * 5000 + "}"
+    refused(write(tmp_path, huge), "is not JSON hf_hdp can read", "ValueError")
+    deep = '{"format": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    refused(write(tmp_path, deep), "is not JSON hf_hdp can read", "RecursionError")
+
+
+@pytest.mark.parametrize("key, value", [("global_batch_size", -4), ("global_batch_size", 10**300),
+                                        ("global_batch_size", 0), ("world_size", 0), ("num_samples", -1),
+                                        ("tokens_per_rank", 2**63), ("global_step", -1), ("seed", 2**64)])
+def test_integers_outside_their_range_are_refused(tmp_path, key, value):
+    state = good_state()
+    state[key] = value
+    refused(write(tmp_path, state), f"has {key}=", "outside its valid range")

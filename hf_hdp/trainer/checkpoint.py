@@ -51,6 +51,16 @@ STATE_KEYS: dict[str, tuple[type, int]] = {
     "global_step": (int, 1),
     "hdp_config": (dict, 1),
 }
+# the integers' valid ranges (sizes and counts fit an int64; a seed, numpy's and torch's seeds)
+_INT64 = 2**63 - 1
+STATE_RANGES: dict[str, tuple[int, int]] = {
+    "global_batch_size": (1, _INT64),
+    "seed": (-(2**63), 2**64 - 1),
+    "num_samples": (0, _INT64),
+    "tokens_per_rank": (1, _INT64),
+    "world_size": (1, 2**31 - 1),
+    "global_step": (0, _INT64),
+}
 _JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a JSON object", type(None): "null"}
 
@@ -110,7 +120,10 @@ def _json_type(value) -> str:
 
 
 def _short(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return "an integer of thousands of digits"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -121,8 +134,9 @@ def _is(value, kind: type) -> bool:
 def load_state(path: str) -> dict:
     """Read and validate an ``hdp_state.json``; raise :class:`HDPStateFileError` naming the file and the fault.
 
-    Faults: unreadable, empty, not JSON (with the parse error), not a JSON object, a ``format`` newer
-    than :data:`STATE_FORMAT`, a missing key or a key of the wrong type (see :data:`STATE_KEYS`).
+    Faults: unreadable, empty, not JSON (with the parse error; also an integer of thousands of digits or arrays
+    nested thousands deep), not a JSON object, a ``format`` newer than :data:`STATE_FORMAT`, a missing key, a key
+    of the wrong type (see :data:`STATE_KEYS`) or an integer outside its range (:data:`STATE_RANGES`).
     Keys newer than the file's format come back as ``None`` (a format 1 file has no ``content_sha256``).
     """
     def fail(problem: str) -> HDPStateFileError:
@@ -146,6 +160,8 @@ def load_state(path: str) -> dict:
         saved = json.loads(text)
     except json.JSONDecodeError as err:
         raise fail(f"is not JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits, arrays nested thousands deep
+        raise fail(f"is not JSON hf_hdp can read ({type(err).__name__}: {str(err)[:120]})") from err
     if not isinstance(saved, dict):
         raise fail(f"is not a JSON object but {_json_type(saved)}")
     if "format" not in saved:
@@ -164,6 +180,10 @@ def load_state(path: str) -> dict:
             raise fail(f"has no key {key!r} (a format {version} file must have it)")
         if not _is(saved[key], kind):
             raise fail(f"has {key}={_short(saved[key])}, {_json_type(saved[key])}; it must be {_JSON_NAMES[kind]}")
+        if key in STATE_RANGES and saved[key] is not None:
+            lo, hi = STATE_RANGES[key]
+            if not lo <= saved[key] <= hi:
+                raise fail(f"has {key}={_short(saved[key])}, outside its valid range {lo} to {hi}")
     return saved
 
 
