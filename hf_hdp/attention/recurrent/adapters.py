@@ -1,9 +1,13 @@
-"""One adapter per family of Gated DeltaNet layers: HDP's packed and split recurrence inside the family's module.
+"""One adapter per family of state-carrying layers: HDP's packed and split recurrence inside the family's module.
+
+Adapters: Qwen3.5 (dense and MoE) and Qwen3-Next Gated DeltaNet; the Mamba-2 mixers of Nemotron-H, Bamba, Granite 4
+hybrid, Falcon-H1 and Zamba 2 (one adapter: the same projections, Falcon-H1's multipliers read where present); the
+gated short convolutions of LFM2, LFM2-MoE and LFM3.
 
 transformers routes these layers' kernels through its hub-kernel decorators, which pick an implementation
 when the model file is imported and keep only the keywords that implementation names, so HDP's metadata
 cannot reach a kernel registered there. The layer's module is the seam instead: :func:`enable_hdp_mixers`
-gives each Gated DeltaNet module of the model (this instance only: it becomes an instance of a same-named
+gives each such module of the model (this instance only: it becomes an instance of a same-named
 subclass of its family class, :func:`_hdp_class`, which outlasts ``model.train()``/``eval()`` re-kernelizing and
 ``copy.deepcopy``; the family class is untouched) a forward that, when the call carries ``hdp_metadata``, runs
 the module's own projections, gates and norm around HDP's convolution and recurrence
