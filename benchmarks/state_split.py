@@ -43,9 +43,9 @@ DTYPE = torch.float32
 
 
 def _shape(args):
-    from hf_hdp.attention.recurrent import DeltaNetShape
+    from hf_hdp.planning.layers import StateShape
 
-    return DeltaNetShape(args.key_heads, args.head_dim, args.value_heads, args.head_dim, 4, "silu")
+    return StateShape(args.key_heads, args.head_dim, args.value_heads, args.head_dim, 4)
 
 
 def _inputs(args, n):

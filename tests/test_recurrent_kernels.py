@@ -18,7 +18,8 @@ from hf_hdp.attention.recurrent.delta_rule import (
     transition,
 )
 from hf_hdp.planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
-from hf_hdp.attention.recurrent.split import DeltaNetShape, causal_conv, choose_split, gated_delta_net, short_conv
+from hf_hdp.attention.recurrent.split import causal_conv, choose_split, gated_delta_net, short_conv
+from hf_hdp.planning.layers import StateShape
 
 DT = torch.float64
 
@@ -102,7 +103,7 @@ def _meta(lengths):
 def test_packed_layer_equals_each_sample_alone(kind):
     """A micro-batch of whole samples: every sample's outputs as if it ran alone (state and convolution restart)."""
     g = torch.Generator().manual_seed(2)
-    shape = DeltaNetShape(2, 4, 6, 3, 4, "silu", kind=kind)
+    shape = StateShape(2, 4, 6, 3, 4, kind)
     lengths = [9, 1, 70, 4]
     x = torch.randn(sum(lengths), shape.channels, generator=g, dtype=DT)
     decay = -torch.rand(sum(lengths), 6, generator=g, dtype=DT)
@@ -174,7 +175,7 @@ def test_choose_split_honours_the_forced_method_where_it_can():
         layout = tuple((fb,) for fb in zigzag_front_back(n, k))
         return RingSegment(start=0, end=0, group=tuple(range(k)), member=0, samples=(0,), layout=layout)
 
-    shape = DeltaNetShape(16, 128, 32, 128, 4)
+    shape = StateShape(16, 128, 32, 128, 4)
     assert choose_split(seg(4), shape, "heads") == "heads"
     assert choose_split(seg(3), shape, "heads") == "scan"  # 3 does not divide 32 value heads
     assert choose_split(seg(4), shape, "scan") == "scan"
@@ -229,7 +230,7 @@ def test_fused_kernels_are_called_by_their_contracts(kind, monkeypatch):
     from hf_hdp.attention.recurrent.fused import FusedKernels
 
     g = torch.Generator().manual_seed(5)
-    shape = DeltaNetShape(2, 4, 6, 3, 4, "silu", kind=kind)
+    shape = StateShape(2, 4, 6, 3, 4, kind)
     lengths = [9, 1, 40]
     n = sum(lengths)
     x = torch.randn(n, shape.channels, generator=g, dtype=DT)

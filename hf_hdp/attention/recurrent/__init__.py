@@ -9,7 +9,7 @@
 """
 
 from .adapters import UnsupportedLayerError, delta_net_modules, enable_hdp_mixers
-from .split import SPLITS, DeltaNetShape, choose_split, gated_delta_net, short_conv
+from .split import SPLITS, choose_split, gated_delta_net, short_conv
 
-__all__ = ["SPLITS", "DeltaNetShape", "UnsupportedLayerError", "choose_split", "delta_net_modules",
+__all__ = ["SPLITS", "UnsupportedLayerError", "choose_split", "delta_net_modules",
            "enable_hdp_mixers", "gated_delta_net", "short_conv"]

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..metadata import HDPAttentionMetadata
-from .split import SPLITS, DeltaNetShape, gated_delta_net, short_conv
+from ...planning.layers import StateShape
+from .split import SPLITS, gated_delta_net, short_conv
 
 
 class UnsupportedLayerError(ValueError):
@@ -101,10 +102,10 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
                        torch.arange(inner)]).to(xbc.device)
     conv = module.conv1d
     bias = None if conv.bias is None else conv.bias[order]
-    shape = DeltaNetShape(module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim,
-                          conv.kernel_size[0], module.activation, kind="ssd")
+    shape = StateShape(module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim, conv.kernel_size[0],
+                       "ssd")
     core = gated_delta_net(xbc[:, order], g, dt, conv.weight[order, 0, :], bias, shape, meta, meta.runtime.mesh,
-                           split, skip=module.D, rate=-module.A_log.to(dtype).exp())
+                           split, skip=module.D, rate=-module.A_log.to(dtype).exp(), activation=module.activation)
     meta.runtime.calls += 1
     y = core.reshape(1, t, inner).to(hidden.dtype)
     if getattr(module, "mamba_rms_norm", True):
@@ -140,9 +141,9 @@ ADAPTERS = ADAPTERS + (
 DELTA_NET_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
 
 
-def module_shape(module) -> DeltaNetShape:
-    return DeltaNetShape(module.num_k_heads, module.head_k_dim, module.num_v_heads, module.head_v_dim,
-                         module.conv1d.kernel_size[0], module.activation)
+def module_shape(module) -> StateShape:
+    return StateShape(module.num_k_heads, module.head_k_dim, module.num_v_heads, module.head_v_dim,
+                      module.conv1d.kernel_size[0])
 
 
 def hdp_delta_net_forward(module, adapter: DeltaNetAdapter, hidden, meta: HDPAttentionMetadata, split: str):
@@ -156,7 +157,7 @@ def hdp_delta_net_forward(module, adapter: DeltaNetAdapter, hidden, meta: HDPAtt
     g = -module.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + module.dt_bias.to(dtype))
     conv = module.conv1d
     core = gated_delta_net(x, g, beta, conv.weight[:, 0, :], conv.bias, module_shape(module), meta,
-                           meta.runtime.mesh, split)
+                           meta.runtime.mesh, split, activation=module.activation)
     meta.runtime.calls += 1
     core = core.to(hidden.dtype).reshape(-1, module.head_v_dim)
     out = module.norm(core, z.reshape(-1, module.head_v_dim)).reshape(1, hidden.shape[1], -1)

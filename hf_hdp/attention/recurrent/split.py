@@ -30,11 +30,10 @@ reverse order. The compute dtype is the input's, at least float32 (what the fami
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.activations import ACT2FN
 
+from ...planning.layers import StateShape
 from ...planning.layout import head_split
 from ...planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 from ..metadata import HDPAttentionMetadata, UlyssesSegment
@@ -46,34 +45,11 @@ SPLITS = ("auto", "heads", "scan")
 _KIND_NAMES = {"delta": "Gated DeltaNet", "ssd": "Mamba-2", "conv": "short convolution"}
 
 
-@dataclass(frozen=True)
-class DeltaNetShape:
-    """A state-carrying layer's heads and convolution. Channels, in this order: queries and keys of the
-    ``key_heads``, then values of the ``value_heads`` (an adapter puts its family's channels in this order).
-
-    ``kind``: ``"delta"``, Gated DeltaNet (queries and keys L2-normalised, queries scaled, the delta rule; the two
-    gates are the log-decay ``g`` and the write strength ``beta``), ``"ssd"``, Mamba-2 (queries ``C``, keys
-    ``B``, values ``x``; the gates are ``g = dt A`` and ``dt``, which scales the values; no delta; a per-head
-    skip ``D x`` added to the output), or ``"conv"``, a short convolution alone (:func:`short_conv`)."""
-
-    key_heads: int
-    key_dim: int
-    value_heads: int
-    value_dim: int
-    kernel: int
-    activation: str | None = "silu"
-    kind: str = "delta"
-
-    @property
-    def channels(self) -> int:
-        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
-
-
 def _ulysses(seg) -> int:
     return seg.ulysses if isinstance(seg, UlyssesSegment) else 1
 
 
-def choose_split(seg, shape: DeltaNetShape, mode: str = "auto", hardware: str = "cpu",
+def choose_split(seg, shape: StateShape, mode: str = "auto", hardware: str = "cpu",
                  bytes_per_value: int = 4) -> str:
     """The method of one segment: a pure function of the segment, the layer and the dtype, so every member picks
     the same.
@@ -189,9 +165,9 @@ def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, valu
 class _Scan:
     """The state scan of one segment (see the module docstring)."""
 
-    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh):
+    def __init__(self, seg, shape: StateShape, x, g, beta, weight, bias, skip, mesh, activation):
         self.seg, self.shape, self.x, self.g, self.beta, self.weight, self.bias = seg, shape, x, g, beta, weight, bias
-        self.skip = skip
+        self.skip, self.activation = skip, activation
         self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
         self.width = shape.kernel - 1
         self.pieces = [p for doc in segment_pieces(*self.key) for p in doc if p.member == seg.member]
@@ -232,7 +208,7 @@ class _Scan:
             rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]]) if idx else \
                 self.x[p.row : p.row + p.length]
             pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
-            conv = causal_conv(rows, pos, self.weight, self.bias, sh.activation)[len(idx):]
+            conv = causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):]
             sl = slice(p.row, p.row + p.length)
             q, k, v, g, b = _recurrence_inputs(conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim,
                                                sh.value_heads, sh.value_dim, sh.kind)
@@ -296,8 +272,9 @@ class _Scan:
 class _Heads:
     """Head-parallel: all-to-all to head shards, whole documents locally, all-to-all back."""
 
-    def __init__(self, seg, shape: DeltaNetShape, x, g, beta, weight, bias, skip, mesh, rate=None):
+    def __init__(self, seg, shape: StateShape, x, g, beta, weight, bias, skip, mesh, activation, rate=None):
         self.seg, self.shape, self.weight, self.bias, self.skip, self.rate = seg, shape, weight, bias, skip, rate
+        self.activation = activation
         self.key = (seg.doc_lengths(), seg.k, _ulysses(seg))
         sh = shape
         self.splits = head_split(sh.value_heads, sh.key_heads, seg.k)
@@ -348,7 +325,7 @@ class _Heads:
         channels = self._columns(seg.member)[:c]
         weight = self.weight[channels]
         bias = None if self.bias is None else self.bias[channels]
-        conv = _conv_docs(x, lengths, weight, bias, sh.activation)
+        conv = _conv_docs(x, lengths, weight, bias, self.activation)
         skip = None if self.skip is None else self.skip[sp.q_start : sp.q_stop]
         rate = None if self.rate is None else self.rate[sp.q_start : sp.q_stop]
         self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip,
@@ -414,12 +391,14 @@ def _phase(runs, make, mesh, after):
     return out, tuple(got), token
 
 
-def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAttentionMetadata, mesh,
+def gated_delta_net(x, g, beta, weight, bias, shape: StateShape, meta: HDPAttentionMetadata, mesh,
                     split: str = "auto", skip: torch.Tensor | None = None,
-                    rate: torch.Tensor | None = None) -> torch.Tensor:
-    """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``weight``: the
-    depthwise convolution's ``[C, K]``; ``bias``: ``[C]`` or ``None``; ``skip``: Mamba-2's ``D`` (``[Hv]``);
-    ``rate``: Mamba-2's ``A`` (``[Hv]``, with ``g = A dt``), which only mamba-ssm's fused kernel reads."""
+                    rate: torch.Tensor | None = None, activation: str | None = "silu") -> torch.Tensor:
+    """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``shape``: the layer's
+    heads, kernel and kind (:class:`~hf_hdp.planning.layers.StateShape`, ``"delta"`` or ``"ssd"``; the channels of
+    ``x`` in its order: queries, keys, values); ``weight``: the depthwise convolution's ``[C, K]``; ``bias``: ``[C]``
+    or ``None``; ``skip``: Mamba-2's ``D`` (``[Hv]``); ``rate``: Mamba-2's ``A`` (``[Hv]``, with ``g = A dt``), which
+    only mamba-ssm's fused kernel reads; ``activation``: after the convolution."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, g, beta, weight = (t.to(dtype) for t in (x, g, beta, weight))
     bias = None if bias is None else bias.to(dtype)
@@ -429,12 +408,12 @@ def gated_delta_net(x, g, beta, weight, bias, shape: DeltaNetShape, meta: HDPAtt
     parts = []
     n_local = meta.local_len
     if n_local:
-        conv = _conv_docs(x[:n_local], meta.local_seqlens, weight, bias, sh.activation)
+        conv = _conv_docs(x[:n_local], meta.local_seqlens, weight, bias, activation)
         parts.append(_run_docs(conv, g[:n_local], beta[:n_local], meta.local_seqlens, sh.key_heads, sh.key_dim,
                                sh.value_heads, sh.value_dim, sh.kind, skip, rate))
     if meta.rings:
         parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split,
-                               rate))
+                               rate, activation))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -453,7 +432,7 @@ class _Conv(_Scan):
         for p, idx in halo_index(*self.key, self.width, seg.member):
             rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]])
             pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
-            outs.append(causal_conv(rows, pos, self.weight, self.bias, self.shape.activation)[len(idx):])
+            outs.append(causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):])
         self.out = torch.cat(outs) if outs else self.x[:0]
 
 
@@ -471,9 +450,9 @@ def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentio
     if meta.rings:
         rest = x[n_local:]
         base = meta.rings[0].start
-        shape = DeltaNetShape(0, 0, 0, 0, weight.shape[1], kernel_activation, kind="conv")
-        runs = [_Conv(seg, shape, rest[seg.start - base : seg.end - base], None, None, weight, bias, None, mesh)
-                for seg in meta.rings]
+        shape = StateShape(0, 0, 1, weight.shape[0], weight.shape[1], "conv")
+        runs = [_Conv(seg, shape, rest[seg.start - base : seg.end - base], None, None, weight, bias, None, mesh,
+                      kernel_activation) for seg in meta.rings]
         got, _, token = _phase(runs, lambda r: r.halo_moves, mesh, (rest,))
         for r, received in zip(runs, got):
             r.local_pass(received)
@@ -482,16 +461,16 @@ def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentio
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split, rate=None) -> torch.Tensor:
+def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split, rate, activation) -> torch.Tensor:
     base = meta.rings[0].start
     runs = []
     for seg in meta.rings:
         sl = slice(seg.start - base, seg.end - base)
         hardware = "h100" if x.is_cuda else "cpu"
         if choose_split(seg, shape, split, hardware, x.element_size()) == "heads":
-            runs.append(_Heads(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh, rate))
+            runs.append(_Heads(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh, activation, rate))
         else:
-            runs.append(_Scan(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh))
+            runs.append(_Scan(seg, shape, x[sl], g[sl], beta[sl], weight, bias, skip, mesh, activation))
     # phase 1: halos (scan) and rows to heads (heads)
     first, _, t1 = _phase(runs, lambda r: r.halo_moves if isinstance(r, _Scan) else r.to_heads_moves, mesh, (x,))
     for r, got in zip(runs, first):
