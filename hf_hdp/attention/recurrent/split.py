@@ -190,25 +190,25 @@ class _Scan:
                               self._label("convolution halo")))
         return _kept(moves, seg)
 
-    def local_pass(self, received: list) -> None:
-        """Convolution with halos, then each piece from the zero state: outputs, transition, final state."""
+    def convolved(self, received: dict):
+        """Each of this member's pieces, in row order, with its convolution's output: the piece's rows behind
+        their halo (``received``: source member -> the halo rows it sent; our own halo rows read locally)."""
         seg = self.seg
-        got = dict(received)
-        bufs = []
-        for src in range(seg.k):
-            rows = halo_rows(*self.key, self.width, seg.member, src)
-            if src == seg.member:
-                bufs.append(self.x[list(rows)] if rows else self.x[:0])
-            else:
-                bufs.append(got.get(src, self.x[:0]))
-        halo = torch.cat(bufs) if bufs else self.x[:0]
+        own_rows = halo_rows(*self.key, self.width, seg.member, seg.member)
+        bufs = [received.get(src, self.x[:0]) for src in range(seg.k)]
+        bufs[seg.member] = self.x[list(own_rows)] if own_rows else self.x[:0]
+        halo = torch.cat(bufs)
+        for p, idx in halo_index(*self.key, self.width, seg.member):
+            own = self.x[p.row : p.row + p.length]
+            rows = torch.cat([halo[list(idx)], own]) if idx else own
+            pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
+            yield p, causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):]
+
+    def local_pass(self, received: dict) -> None:
+        """Convolution with halos, then each piece from the zero state: outputs, transition, final state."""
         sh = self.shape
         self.outputs, self.chunks, states = [], [], []
-        for p, idx in halo_index(*self.key, self.width, seg.member):
-            rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]]) if idx else \
-                self.x[p.row : p.row + p.length]
-            pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
-            conv = causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):]
+        for p, conv in self.convolved(received):
             sl = slice(p.row, p.row + p.length)
             q, k, v, g, b = _recurrence_inputs(conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim,
                                                sh.value_heads, sh.value_dim, sh.kind)
@@ -238,7 +238,7 @@ class _Scan:
                               self._label("chunk states")))
         return _kept(moves, seg)
 
-    def correct(self, received: list) -> torch.Tensor:
+    def correct(self, received: dict) -> torch.Tensor:
         """Every piece's outputs from its true incoming state; this member's rows ``[n, Hv, dv]``."""
         seg, sh = self.seg, self.shape
         dk, dv, h = sh.key_dim, sh.value_dim, sh.value_heads
@@ -312,7 +312,7 @@ class _Heads:
                               self._label("rows to heads")))
         return _kept(moves, seg)
 
-    def local_pass(self, received: list) -> None:
+    def local_pass(self, received: dict) -> None:
         seg, sh, sp = self.seg, self.shape, self.splits[self.seg.member]
         pieces = segment_pieces(*self.key)
         bufs = dict(received)
@@ -357,7 +357,7 @@ class _Heads:
                               self._label("heads to rows")))
         return _kept(moves, seg)
 
-    def assemble(self, received: list) -> torch.Tensor:
+    def assemble(self, received: dict) -> torch.Tensor:
         seg = self.seg
         n_me = self.own_back.shape[0]
         if not n_me:
@@ -421,18 +421,7 @@ class _Conv(_Scan):
     """A short convolution's split segment (LFM2): the halo exchange, then each piece's convolution; no state."""
 
     def local_pass(self, received: dict) -> None:
-        seg = self.seg
-        bufs = []
-        for src in range(seg.k):
-            rows = halo_rows(*self.key, self.width, seg.member, src)
-            bufs.append((self.x[list(rows)] if rows else self.x[:0]) if src == seg.member
-                        else received.get(src, self.x[:0]))
-        halo = torch.cat(bufs)
-        outs = []
-        for p, idx in halo_index(*self.key, self.width, seg.member):
-            rows = torch.cat([halo[list(idx)], self.x[p.row : p.row + p.length]])
-            pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
-            outs.append(causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):])
+        outs = [conv for _, conv in self.convolved(received)]
         self.out = torch.cat(outs) if outs else self.x[:0]
 
 
