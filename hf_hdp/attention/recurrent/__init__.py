@@ -8,8 +8,8 @@
 - :mod:`.adapters`: one adapter per family, installed on the model's modules.
 """
 
-from .adapters import UnsupportedLayerError, delta_net_modules, enable_hdp_mixers
+from .adapters import UnsupportedLayerError, enable_hdp_mixers, state_modules
 from .split import SPLITS, choose_split, gated_delta_net, short_conv
 
-__all__ = ["SPLITS", "UnsupportedLayerError", "choose_split", "delta_net_modules",
+__all__ = ["SPLITS", "UnsupportedLayerError", "choose_split", "state_modules",
            "enable_hdp_mixers", "gated_delta_net", "short_conv"]

@@ -54,7 +54,7 @@ def _qwen3_next_inputs(module, hidden):
 
 
 @dataclass(frozen=True)
-class DeltaNetAdapter:
+class StateAdapter:
     family: str
     classes: tuple[str, ...]
     inputs: Callable | None
@@ -68,9 +68,9 @@ class DeltaNetAdapter:
 _COMMON = ("conv1d", "A_log", "dt_bias", "norm", "out_proj", "num_k_heads", "num_v_heads", "head_k_dim",
            "head_v_dim", "activation")
 ADAPTERS = (
-    DeltaNetAdapter("qwen3_5", ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"), _qwen3_5_inputs,
+    StateAdapter("qwen3_5", ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"), _qwen3_5_inputs,
                     _COMMON + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
-    DeltaNetAdapter("qwen3_next", ("Qwen3NextGatedDeltaNet",), _qwen3_next_inputs,
+    StateAdapter("qwen3_next", ("Qwen3NextGatedDeltaNet",), _qwen3_next_inputs,
                     _COMMON + ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering")),
 )
 _MAMBA2 = ("in_proj", "conv1d", "A_log", "dt_bias", "D", "norm", "out_proj", "num_heads", "head_dim", "n_groups",
@@ -116,7 +116,7 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
 
 
 ADAPTERS = ADAPTERS + (
-    DeltaNetAdapter("mamba2", ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
+    StateAdapter("mamba2", ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
                                "Zamba2MambaMixer"), None, _MAMBA2, _mamba2_forward),
 )
 
@@ -135,10 +135,10 @@ def _short_conv_forward(module, adapter, hidden, meta: HDPAttentionMetadata, spl
 
 
 ADAPTERS = ADAPTERS + (
-    DeltaNetAdapter("short_conv", ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"), None,
+    StateAdapter("short_conv", ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"), None,
                     ("in_proj", "conv", "out_proj", "layer_idx"), _short_conv_forward),
 )
-DELTA_NET_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
+ADAPTED_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
 
 
 def module_shape(module) -> StateShape:
@@ -146,7 +146,7 @@ def module_shape(module) -> StateShape:
                       module.conv1d.kernel_size[0])
 
 
-def hdp_delta_net_forward(module, adapter: DeltaNetAdapter, hidden, meta: HDPAttentionMetadata, split: str):
+def hdp_delta_net_forward(module, adapter: StateAdapter, hidden, meta: HDPAttentionMetadata, split: str):
     """The layer's output ``[1, T, hidden]`` for a packed micro-batch."""
     if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
         raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
@@ -214,7 +214,7 @@ def _hdp_class(cls: type) -> type:
     return sub
 
 
-def _install(module, adapter: DeltaNetAdapter, split: str) -> None:
+def _install(module, adapter: StateAdapter, split: str) -> None:
     # an instance-level forward the module already had (a hub kernel's, a user's) stays its own forward
     module._hdp_original_forward = module.__dict__.pop("forward", None)
     module._hdp_adapter, module._hdp_split = adapter, split
@@ -229,7 +229,7 @@ def _uninstall(module) -> None:
     module._hdp_adapter = None
 
 
-def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
+def _self_check(module, adapter: StateAdapter, name: str) -> None:
     """Refuse a module whose own forward the adapter does not reproduce (one float32 sample of 12 tokens)."""
     import transformers
 
@@ -254,30 +254,30 @@ def _self_check(module, adapter: DeltaNetAdapter, name: str) -> None:
 _STATE_SUFFIXES = ("GatedDeltaNet", "Mamba2Mixer", "MambaMixer", "MambaLayer", "ShortConv")
 
 
-def delta_net_modules(model) -> list[tuple[str, torch.nn.Module]]:
+def state_modules(model) -> list[tuple[str, torch.nn.Module]]:
     """The model's state-carrying token mixers: modules an adapter knows, or whose class name says they are one
     (Gated DeltaNet, Mamba mixers, short convolutions), which are then refused."""
     return [(n, m) for n, m in model.named_modules()
-            if type(m).__name__ in DELTA_NET_CLASSES or type(m).__name__.endswith(_STATE_SUFFIXES)]
+            if type(m).__name__ in ADAPTED_CLASSES or type(m).__name__.endswith(_STATE_SUFFIXES)]
 
 
 def enable_hdp_mixers(model, split: str = "auto") -> int:
-    """Install the adapter on every Gated DeltaNet module of ``model`` (idempotent; ``split``: how a split sample's
+    """Install the adapter on every state-carrying module of ``model`` (idempotent; ``split``: how a split sample's
     recurrence runs, see :func:`~.split.choose_split`); returns how many. Raises :class:`UnsupportedLayerError`
     for a module no adapter knows or reproduces."""
     if split not in SPLITS:
         raise ValueError(f"the split of state-carrying layers must be one of {SPLITS}, got {split!r}")
     count = 0
-    for name, module in delta_net_modules(model):
+    for name, module in state_modules(model):
         if getattr(module, "_hdp_adapter", None) is not None:
             module._hdp_split = split
             count += 1
             continue
-        adapter = DELTA_NET_CLASSES.get(type(module).__name__)
+        adapter = ADAPTED_CLASSES.get(type(module).__name__)
         if adapter is None:
             raise UnsupportedLayerError(
                 f"{name} is a {type(module).__name__}, a state-carrying layer of a family HDP has no adapter for "
-                f"(known: {', '.join(sorted(DELTA_NET_CLASSES))}); train this model with the stock Trainer."
+                f"(known: {', '.join(sorted(ADAPTED_CLASSES))}); train this model with the stock Trainer."
             )
         missing = [a for a in adapter.attributes if not hasattr(module, a)]
         if missing:
