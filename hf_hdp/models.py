@@ -67,6 +67,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from .planning.layers import GATED_DELTANET_FAMILIES, MAMBA2_FAMILIES, SHORT_CONV_FAMILIES
+
 logger = logging.getLogger(__name__)
 
 
@@ -217,18 +219,17 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
 
 # layer_types HDP runs: its own causal attention, with or without a window or chunk HDP can check
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
-# state-carrying layer types HDP runs, per family with an adapter (hf_hdp.attention.recurrent.adapters)
+# state-carrying layer types HDP runs, per family with an adapter (hf_hdp.attention.recurrent.adapters); the families
+# are the planner's (hf_hdp.planning.layers), each with the layer types its configs use
 _STATE_LAYER_TYPES = {
-    **{f: {"linear_attention"} for f in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")},  # Gated DeltaNet
-    # Mamba-2 (state space dual) mixers; Nemotron-H also has layers that are only an MLP or MoE (no token mixing),
-    # Falcon-H1's "hybrid" layers run attention and a Mamba-2 mixer side by side, Zamba 2's a shared attention block
+    **{f: {"linear_attention"} for f in GATED_DELTANET_FAMILIES + MAMBA2_FAMILIES},
+    # Nemotron-H also has layers that are only an MLP or MoE (no token mixing); Falcon-H1's "hybrid" layers run
+    # attention and a Mamba-2 mixer side by side, Zamba 2's a shared attention block beside one
     "nemotron_h": {"linear_attention", "mlp", "moe"},
-    "bamba": {"linear_attention"},
-    "granitemoehybrid": {"linear_attention"},
     "falcon_h1": {"hybrid"},
     "zamba2": {"linear_attention", "hybrid"},
     # LFM2's gated short convolutions (a convolution only: a split sample passes its halo, no state)
-    **{f: {"conv"} for f in ("lfm2", "lfm2_moe", "lfm3")},
+    **{f: {"conv"} for f in SHORT_CONV_FAMILIES},
 }
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
 _HYBRID_KEYS = ("layers_block_type", "hybrid_override_pattern", "layer_block_types", "block_types")
