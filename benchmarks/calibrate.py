@@ -17,7 +17,7 @@ embedding, LM head and loss, as ``CostModel.from_specs`` does.
 Printed: each length's time, the fit's prediction and relative residual; a, b, c; the measured
 dense matmul rate; and the ``HardwareSpec`` that reproduces the fit through ``from_specs`` (what
 the ``cpu`` preset in ``hf_hdp/planning/cost/specs.py`` holds). With ``--links PRESET``, also the
-preset's links scaled to this machine's compute (:meth:`hf_hdp.links.LinkEmulator.scaled`: bandwidth x
+preset's links scaled to this machine's compute (:meth:`hf_hdp.distributed.links.LinkEmulator.scaled`: bandwidth x
 scale, latency / scale, scale = this machine's achieved throughput over the H100 preset's), which
 ``benchmarks/real_ranks.py --emulate-links`` emulates. :func:`calibrate_model` is the calibration itself,
 for other benchmarks. Figures only; nothing is asserted.
@@ -37,8 +37,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_hdp.collators import HDPCollator, count_loss_tokens
-from hf_hdp.links import LINK_PRESETS, LinkEmulator
-from hf_hdp.mesh import DynamicMesh
+from hf_hdp.distributed.links import LINK_PRESETS, LinkEmulator
+from hf_hdp.distributed.mesh import DynamicMesh
 from hf_hdp.planning import plan_naive
 from hf_hdp.planning.cost import (
     HARDWARE_PRESETS,
@@ -48,7 +48,7 @@ from hf_hdp.planning.cost import (
     hardware_from_coefficients,
     predicted_time,
 )
-from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
 MODELS = {
     # the shape of hf_hdp.corpus.build_stdlib_tokenizer_and_model (the demo and benchmarks/real_ranks.py)
@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default="auto", help="attention backend of the 'hdp' attention")
     ap.add_argument("--p2p", action="store_true", help="also measure gloo P2P between two local processes (CPU)")
     ap.add_argument("--links", default=None, choices=sorted(LINK_PRESETS),
-                    help="also print this link preset scaled to this machine's compute (hf_hdp.links)")
+                    help="also print this link preset scaled to this machine's compute (hf_hdp.distributed.links)")
     ap.add_argument("--reference-tokens", "--reference_tokens", dest="reference_tokens", type=int, default=None,
                     help="--links: the sequence length whose FLOP mix sets the scale (default: where attention = linear)")
     ap.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=None,

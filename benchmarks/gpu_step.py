@@ -25,9 +25,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_hdp.attention.backends import backend_unavailable_reason
 from hf_hdp.collators import HDPCollator, count_loss_tokens
-from hf_hdp.mesh import DynamicMesh
+from hf_hdp.distributed.mesh import DynamicMesh
 from hf_hdp.planning import plan_naive
-from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 

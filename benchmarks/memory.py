@@ -25,7 +25,7 @@ waiting does not inflate.
 
 **Loss** (``--loss``): the peak resident memory of the LM head + cross-entropy forward and backward
 (``ru_maxrss`` of a fresh process, minus its level before the loss), for T = 4K and 16K tokens at a
-32K vocabulary and hidden size 512, float32: chunked (``hf_hdp.trainer.loss``, ``--chunk`` tokens per
+32K vocabulary and hidden size 512, float32: chunked (``hf_hdp.engine.loss``, ``--chunk`` tokens per
 chunk, default HDPConfig's) against the full ``[T, vocab]`` logits; next to the estimate
 (:func:`hf_hdp.planning.cost.memory.head_bytes`).
 
@@ -79,7 +79,7 @@ def _rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def _bytes(tensors) -> int:
-    from hf_hdp.trainer.fsdp import local_tensor
+    from hf_hdp.engine.fsdp import local_tensor
 
     return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)
 
@@ -90,10 +90,10 @@ def states(args) -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from hf_hdp import HDPConfig, HDPTrainer
-    from hf_hdp.mesh import DEFAULT_BUCKET_BYTES
+    from hf_hdp.distributed.mesh import DEFAULT_BUCKET_BYTES
     from hf_hdp.planning import memory_breakdown
     from hf_hdp.planning.cost import ModelSpec
-    from hf_hdp.trainer.zero import unwrap_zero
+    from hf_hdp.engine.zero import unwrap_zero
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -204,7 +204,7 @@ def _print_states(results, world, bucket, args) -> None:
 def _loss_child(tokens: int, chunk: int | None) -> None:
     import torch.nn.functional as F
 
-    from hf_hdp.trainer.loss import chunked_cross_entropy
+    from hf_hdp.engine.loss import chunked_cross_entropy
 
     torch.manual_seed(0)
     V, H = 32000, 512

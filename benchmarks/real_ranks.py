@@ -17,7 +17,7 @@ gloo, backward, the one gradient all-reduce. Reported per planner:
 
 Loopback P2P is nearly free, so on its own this measures compute only. ``--emulate-links h100-ib``
 prices every P2P exchange and collective of the mesh on H100 links (NVLink inside a node, InfiniBand
-between nodes) slowed down to this machine's compute (:mod:`hf_hdp.links`): rank 0 first calibrates
+between nodes) slowed down to this machine's compute (:mod:`hf_hdp.distributed.links`): rank 0 first calibrates
 this machine on the benchmark's own model (``benchmarks/calibrate.py``'s :func:`calibrate_model`; or
 ``--calibration FILE``, the JSON line of ``calibrate.py --json``), the scale is this machine's
 achieved throughput over the H100 preset's at ``--reference-tokens`` (default: the tokens per rank),
@@ -52,12 +52,12 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_hdp.collators import HDPCollator, count_loss_tokens
 from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model
-from hf_hdp.links import LINK_PRESETS, scaled_links
-from hf_hdp.mesh import DynamicMesh
+from hf_hdp.distributed.links import LINK_PRESETS, scaled_links
+from hf_hdp.distributed.mesh import DynamicMesh
 from hf_hdp.planning import PLANNERS, StepPlan
 from hf_hdp.planning.cost import CostModel, HARDWARE_PRESETS, ModelSpec
 from hf_hdp.planning.metrics import plan_metrics
-from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
 
 def critical_path(plan: StepPlan, seconds: dict[tuple[int, int], float], tail: dict[int, float] | None = None) -> float:
@@ -147,7 +147,7 @@ def main() -> None:
                     help="'auto' runs cpu_flash on CPU (float32); 'reference' is the explicit-score kernel")
     ap.add_argument("--emulate-links", "--emulate_links", dest="emulate_links", default=None,
                     choices=sorted(LINK_PRESETS), help="price the mesh's P2P and collectives on these links, "
-                    "scaled to this machine's compute (hf_hdp.links); default: off")
+                    "scaled to this machine's compute (hf_hdp.distributed.links); default: off")
     ap.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=None,
                     help="ranks per emulated node (default: LOCAL_WORLD_SIZE, one node)")
     ap.add_argument("--reference-tokens", "--reference_tokens", dest="reference_tokens", type=int, default=None,

@@ -6,7 +6,7 @@
 The layer is the recurrence part of a Qwen3.5 Gated DeltaNet layer (:func:`hf_hdp.attention.recurrent.split.
 gated_delta_net`: the depthwise causal convolution of the q/k/v channels, the gated delta rule in chunks), float32,
 one thread per process, forward + backward (a fixed output gradient). First ONE process runs the whole sample
-(``local``); then ``--ranks`` gloo processes hold it as one zigzag piece (:func:`hf_hdp.data.collator.segment_for`)
+(``local``); then ``--ranks`` gloo processes hold it as one zigzag piece (:func:`hf_hdp.collators.collator.segment_for`)
 and run it with each split forced: ``heads`` (all-to-all to head shards) and ``scan`` (zero-state pieces, one
 exchange of chunk transitions and states, the correction). Per method and rank: wall time and process CPU time
 (``time.process_time``: what the rank computed itself; the ranks share the machine's cores, so wall time mixes in
@@ -88,8 +88,8 @@ def _rows(n, k, member):
 
 def _measure(rank, world, args, out_dir):
     from hf_hdp.attention.metadata import HDPAttentionMetadata
-    from hf_hdp.data.collator import segment_for
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.collators.collator import segment_for
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     mesh = DynamicMesh()
     shape = _shape(args)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/windowed_ring.py --ranks 4 --length 16384 --windows 256 4096 --chunk 8192 --repeats 3
 
 Spawns ``--ranks`` gloo CPU processes (one thread each) that hold ONE sample of ``--length`` tokens split over all
-of them as a zigzag ring piece (:func:`hf_hdp.data.collator.segment_for`, rows of
+of them as a zigzag ring piece (:func:`hf_hdp.collators.collator.segment_for`, rows of
 :func:`hf_hdp.planning.layout.hybrid_token_ranges`), Hq=8, Hkv=2, D=64, float32, the ``cpu_flash`` backend, and
 runs one layer's forward + backward through :func:`hf_hdp.attention.segments.distributed_attention` for:
 
@@ -22,7 +22,7 @@ Per configuration and rank it reports the median over the repeats of
 - process CPU time (``time.process_time``) of the same interval. The ranks share this machine's cores, so
   wall time mixes in contention (and waits for slower partners); CPU time is what the rank itself computed,
   the figure that does not depend on how many cores the machine has;
-- P2P bytes and messages sent (counted by :class:`hf_hdp.mesh.DynamicMesh`), next to the planner's estimate
+- P2P bytes and messages sent (counted by :class:`hf_hdp.distributed.mesh.DynamicMesh`), next to the planner's estimate
   (:meth:`hf_hdp.planning.cost.CostModel.segment_bytes_by_member` / ``segment_messages_by_member`` with the
   layer's mask; where the cost model has no ``layer_masks`` yet, the count of
   :func:`hf_hdp.planning.reach.needed_count`, which is what the halo protocol sends);
@@ -90,8 +90,8 @@ def _measure(rank: int, world: int, args, out_dir: str) -> None:
     from hf_hdp.attention.backends import get_backend
     from hf_hdp.attention.features import LayerFeatures
     from hf_hdp.attention.segments import distributed_attention
-    from hf_hdp.data.collator import segment_for
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.collators.collator import segment_for
+    from hf_hdp.distributed.mesh import DynamicMesh
     from hf_hdp.planning.reach import LayerMask
 
     backend = get_backend("cpu_flash", torch.device("cpu"), DTYPE)

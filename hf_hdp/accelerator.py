@@ -1,7 +1,7 @@
 """The dynamic-mesh accelerator plugin: an :class:`accelerate.Accelerator` that carries HDP's mesh.
 
 HDP synchronises gradients itself, once per step and in the same bucketed collectives on every
-rank however many micro-batches each ran (:class:`~hf_hdp.mesh.DynamicMesh`), so the Accelerator
+rank however many micro-batches each ran (:class:`~hf_hdp.distributed.mesh.DynamicMesh`), so the Accelerator
 must not wrap the model in DDP (whose per-backward reduction would hang when ranks run different
 micro-batch counts, and whose bucket memory would be wasted). :class:`HDPAccelerator` places the
 model and applies mixed precision without the wrapper, makes ``no_sync`` a no-op, and takes the norm
@@ -18,24 +18,36 @@ A custom accelerate loop uses it directly (``examples/custom_loop.py``)::
         optimizer.step()
         optimizer.zero_grad()
 
-It starts the process group itself under ``torchrun`` (:func:`~hf_hdp.launch.init_process_group`;
+It starts the process group itself under ``torchrun`` (:func:`~hf_hdp.distributed.launch.init_process_group`;
 gloo on the CPU, NCCL on GPUs) and builds the mesh on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
 from torch.distributed.tensor import DTensor
 
+from .collators.collator import HDPCollator
 from .config import HDPConfig
-
-if TYPE_CHECKING:
-    from .mesh import DynamicMesh
+from .data.columns import check_columns, row_rules
+from .data.checks import prepare_dataset, progress_bars, require_map_style
+from .data.loader import GlobalBatchSampler, HDPStep
+from .distributed.launch import init_process_group
+from .distributed.mesh import DynamicMesh
+from .engine.offload import ActivationOffloader, is_checkpointing
+from .engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader, refuse_wrapped
+from .engine.step import StepEngine, hdp_loss
+from .engine.zero import shard_optimizer
+from .models import check_model_supported, hdp_base_model
+from .planning.layers import kernel_head_dim
 
 
 class HDPAccelerator(Accelerator):
@@ -43,7 +55,7 @@ class HDPAccelerator(Accelerator):
 
     ``hdp_config``: the HDP settings of a custom loop (planner, ``tokens_per_rank``, ``global_batch_size``,
     attention backend, ZeRO stage, ...; default ``HDPConfig()``). ``mesh``: a
-    :class:`~hf_hdp.mesh.DynamicMesh` to use; by default one is built over the global process group,
+    :class:`~hf_hdp.distributed.mesh.DynamicMesh` to use; by default one is built over the global process group,
     which is initialised first under ``torchrun`` if nobody did (on a machine without CUDA the
     Accelerator then runs on the CPU, ``cpu=True``). Every other argument is accelerate's.
 
@@ -81,10 +93,8 @@ class HDPAccelerator(Accelerator):
         # HDPTrainer (like()) switched the attention and checked the backend against its own config at construction
         self._custom_loop = hdp_config is not None or mesh is None
         if mesh is None:
-            from .launch import init_process_group
-
             env_world = _env_world_size()
-            init_process_group()  # under torchrun, if nobody did: restart-safe (hf_hdp.launch)
+            init_process_group()  # under torchrun, if nobody did: restart-safe (hf_hdp.distributed.launch)
             problem = _group_problem(env_world)
             if problem is not None:
                 raise RuntimeError(f"HDPAccelerator: {problem}.")
@@ -96,11 +106,9 @@ class HDPAccelerator(Accelerator):
         self.mesh = mesh
         self._hdp_models: list = []  # the models prepare() switched to the "hdp" attention
         self._hdp_cost = None
-        self._hdp_offload = None
+        self._hdp_engine = None  # the step engine (hf_hdp.engine.step), built at the first hdp_backward
 
     def _build_mesh(self) -> DynamicMesh | None:
-        from .mesh import DynamicMesh  # mesh.py re-exports this module's class: imported here, not at the top
-
         self._mesh_problem = _group_problem(_env_world_size())
         if self._mesh_problem is not None:
             return None
@@ -113,8 +121,6 @@ class HDPAccelerator(Accelerator):
     def like(cls, accelerator: Accelerator, mesh: DynamicMesh) -> "HDPAccelerator":
         """An HDPAccelerator with ``accelerator``'s settings (precision, dataloader and accumulation
         configuration, handlers, dynamo plugin); the process state is shared, as for any Accelerator."""
-        from accelerate.utils import GradientAccumulationPlugin
-
         handlers = [h for h in (accelerator.ddp_handler, accelerator.scaler_handler, accelerator.init_handler,
                                 accelerator.autocast_handler) if h is not None]
         return cls(
@@ -133,13 +139,9 @@ class HDPAccelerator(Accelerator):
         only), after switching the model (or the model inside a PEFT wrapper) to the ``"hdp"`` attention.
         A model already wrapped in DDP (or DataParallel, or anything that is not a transformers model or a
         PEFT wrapper of one) is refused."""
-        from .trainer.step import refuse_wrapped
 
         refuse_wrapped(model, "HDPAccelerator.prepare")
         if self._custom_loop:
-            from .planning.layers import kernel_head_dim
-            from .trainer.trainer import enable_hdp_attention
-
             base = enable_hdp_attention(model, self.hdp_config.state_split)  # UnsupportedModelError names what the model lacks
             config = base.config
             self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
@@ -155,12 +157,8 @@ class HDPAccelerator(Accelerator):
 
     def prepare_optimizer(self, optimizer, device_placement=None):
         """accelerate's ``prepare_optimizer``; on several ranks, first sharded at ``hdp_config.zero_stage``
-        (ZeRO 1 by default, :mod:`hf_hdp.trainer.zero`; ``zero_stage=0`` keeps it whole). Its ``step()`` is
+        (ZeRO 1 by default, :mod:`hf_hdp.engine.zero`; ``zero_stage=0`` keeps it whole). Its ``step()`` is
         then a collective: call it on every rank after :meth:`hdp_backward`."""
-        from types import SimpleNamespace
-
-        from .trainer.zero import shard_optimizer
-
         if (self._custom_loop and self.mesh is not None and self.mesh.world_size > 1
                 and isinstance(optimizer, torch.optim.Optimizer)):  # HDPTrainer shards its optimizer itself
             args = SimpleNamespace(optim="", fp16=self.mixed_precision == "fp16")
@@ -184,7 +182,6 @@ class HDPAccelerator(Accelerator):
 
     def _hdp_model(self, model=None, what: str = "hdp_steps"):
         """The prepared model ``model`` (or the one prepared model), refusing one prepare() never saw."""
-        from .trainer.step import refuse_wrapped
 
         if model is not None:
             refuse_wrapped(model, f"HDPAccelerator.{what}")
@@ -204,14 +201,9 @@ class HDPAccelerator(Accelerator):
         )
 
     def hdp_cost_model(self, model=None):
-        """The balanced planner's cost model of the prepared model (:func:`~hf_hdp.trainer.step.hdp_cost_model`)."""
-        from .trainer.offload import is_checkpointing
-        from .trainer.step import hdp_cost_model
-
+        """The balanced planner's cost model of the prepared model (:func:`~hf_hdp.engine.step.hdp_cost_model`)."""
         model = self._hdp_model(model, "hdp_cost_model")
         if self._hdp_cost is None or self._hdp_cost[0] is not model:
-            from .models import hdp_base_model
-
             base = hdp_base_model(model)
             cost, _ = hdp_cost_model(base, self.hdp_config, self.device, self.mixed_precision in ("bf16", "fp16"),
                                      is_checkpointing(base))
@@ -232,14 +224,6 @@ class HDPAccelerator(Accelerator):
         (:meth:`hdp_cost_model`). ``data_collator``: a per-sample collator, run as HDPTrainer runs one.
         Call :meth:`prepare` on the model first.
         """
-        from .data.checks import prepare_dataset, require_map_style
-        from .data.collator import HDPCollator
-        from .data.loader import GlobalBatchSampler
-        from .models import check_model_supported, hdp_base_model
-        from .trainer.inputs import check_columns, row_rules
-        from .trainer.step import hdp_step_loader
-        from types import SimpleNamespace
-
         mesh = self._require_mesh("hdp_steps")
         model = self._hdp_model(model, "hdp_steps")
         cfg = self.hdp_config
@@ -255,9 +239,7 @@ class HDPAccelerator(Accelerator):
         rules = row_rules(data_collator, base, args)
         check_columns(dataset, rules, base, args, cfg.length_column, "the dataset of hdp_steps")
         collator = HDPCollator(vocab_size=base.get_input_embeddings().num_embeddings)
-        from .trainer.trainer import _progress_bars
-
-        with self.main_process_first(), _progress_bars(mesh.rank == 0):  # measuring may write datasets cache files
+        with self.main_process_first(), progress_bars(mesh.rank == 0):  # measuring may write datasets cache files
             measured = prepare_dataset(dataset, cfg, mesh.world_size, collator.vocab_size, rules)
         check_model_supported(base, int(measured.doc_lengths.max()))
         sampler = GlobalBatchSampler(len(measured), batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
@@ -277,13 +259,6 @@ class HDPAccelerator(Accelerator):
         gradient ``None`` (torch optimizers then skip every parameter). Returns the step's loss, the same
         float on every rank. ``optimizer``: only needed when several optimizers were prepared (ZeRO 2).
         """
-        from .data.checks import rows_text
-        from .data.documents import IGNORE_INDEX, HDPDataError
-        from .data.loader import HDPStep
-        from .trainer.offload import ActivationOffloader
-        from .trainer.step import hdp_loss, refuse_wrapped, run_micro_batches
-        from .trainer.zero import gradient_owners
-
         refuse_wrapped(model, "HDPAccelerator.hdp_backward")
         mesh = self._require_mesh("hdp_backward")
         model = self._hdp_model(model, "hdp_backward")
@@ -295,36 +270,13 @@ class HDPAccelerator(Accelerator):
                 f"{type(step).__name__}: HDP steps are planned for all ranks together, not batches of a DataLoader."
             )
         cfg = self.hdp_config
-        if cfg.check_plan_hash:
-            mesh.check_plan(step.fingerprint, step.global_step)
-        mesh.current_step = step.global_step
-        params = [p for p in model.parameters() if p.requires_grad]
-        if step.num_loss_tokens == 0:  # known from the plan on every rank: all skip together
-            for p in params:
-                p.grad = None
-            return 0.0
-        if cfg.offload_ratio != 0 and self._hdp_offload is None:
-            self._hdp_offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model(model))
-        owners = None
-        for opt in ([optimizer] if optimizer is not None else self._optimizers):
-            owners = gradient_owners(opt, params) if owners is None else owners
-        reduction = mesh.gradient_reduction(params, owners, num_extras=2, step=step.global_step)
-        loss_fn = lambda m, b, num_items_in_batch: hdp_loss(m, b, num_items_in_batch,  # noqa: E731
-                                                            chunk_tokens=cfg.loss_chunk_tokens)
-        loss_sum = run_micro_batches(model, step.micro_batches, step.num_loss_tokens, mesh, cfg.attention_backend,
-                                     mesh.device, loss_fn=loss_fn, backward=self.backward, context=self.autocast,
-                                     offload=self._hdp_offload,
-                                     last_backward=reduction.watch if cfg.overlap_grad_reduction else None)
-        labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
-        total, labels_all = reduction.finish([loss_sum, labels])
-        if int(round(labels_all)) != step.num_loss_tokens:
-            raise HDPDataError(
-                f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "
-                f"{int(round(labels_all))} label tokens, but measuring the dataset counted {step.num_loss_tokens}, so "
-                "the loss would be divided by the wrong count. A data collator that is random or has state must give "
-                "the same output for the same sample."
-            )
-        return float(total)
+        if self._hdp_engine is None:
+            offload = None
+            if cfg.offload_ratio != 0:
+                offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model(model))
+            self._hdp_engine = StepEngine(mesh, cfg, backward=self.backward, autocast=self.autocast, offload=offload)
+        loss_fn = functools.partial(hdp_loss, chunk_tokens=cfg.loss_chunk_tokens)
+        return self._hdp_engine.run(model, step, loss_fn, [optimizer] if optimizer is not None else self._optimizers).loss
 
     def no_sync(self, model):
         return contextlib.nullcontext()
@@ -366,8 +318,6 @@ def _env_world_size() -> int:
 
 def _group_problem(env_world: int) -> str | None:
     """Why the launched processes cannot share one mesh (``WORLD_SIZE`` > 1 without a matching process group)."""
-    import torch.distributed as dist
-
     initialized = dist.is_available() and dist.is_initialized()
     group = dist.get_world_size() if initialized else 1
     if env_world <= 1 or group == env_world:

@@ -116,13 +116,13 @@ class HDPConfig:
             "help": "Seconds any HDP wait may take before the step fails with an error naming the rank, the peer or "
             "collective and the step: ring P2P, the plan check, the gradient collective and evaluation's sum. "
             "None: the process group's own timeout (TrainingArguments.ddp_timeout). On NCCL, ring P2P waits are "
-            "bounded by the process group's timeout (see hf_hdp.mesh.DynamicMesh)."
+            "bounded by the process group's timeout (see hf_hdp.distributed.mesh.DynamicMesh)."
         },
     )
     zero_stage: int | None = field(
         default=None,
         metadata={
-            "help": "ZeRO sharding over all ranks (hf_hdp.trainer.zero): 0 replicates the optimizer states; 1 shards "
+            "help": "ZeRO sharding over all ranks (hf_hdp.engine.zero): 0 replicates the optimizer states; 1 shards "
             "them (each rank keeps and updates 1/world of them, then the updated weights are all-gathered); 2 also "
             "shards the reduced gradients (a reduce-scatter: each rank keeps its shard's gradients only). Weights "
             "stay replicated. None (the default): 1 on several ranks, 0 on one."
@@ -145,7 +145,7 @@ class HDPConfig:
         default=True,
         metadata={
             "help": "Start the gradient buckets during the last micro-batch's backward, as their gradients are final "
-            "(hf_hdp.reduction), so the reduction overlaps the rest of that backward. False: all buckets after it."
+            "(hf_hdp.distributed.reduction), so the reduction overlaps the rest of that backward. False: all buckets after it."
         },
     )
     loss_chunk_tokens: int | None = field(
@@ -167,7 +167,7 @@ class HDPConfig:
     offload_ratio: FloatOrAuto = field(
         default=0.0,
         metadata={
-            "help": "Selective activation offloading (ByteScale; hf_hdp.trainer.offload): a number r in [0, 1] "
+            "help": "Selective activation offloading (ByteScale; hf_hdp.engine.offload): a number r in [0, 1] "
             "moves the saved activations of the first ceil(r * num_layers) decoder layers of every training "
             "micro-batch to host memory during forward and brings them back for backward (0, the default: off). "
             "'auto': per micro-batch, the largest fraction whose copy hides behind the micro-batch's attention "
@@ -248,7 +248,7 @@ class HDPConfig:
             raise ValueError(
                 f"HDPConfig.zero_stage must be 0, 1, 2 or None, got {self.zero_stage!r}: 0 replicates the optimizer "
                 "states, 1 shards them over the ranks, 2 also shards the gradients; None picks 1 on several ranks and "
-                "0 on one. To shard the weights too, use TrainingArguments(fsdp='full_shard') (FSDP2, hf_hdp.trainer.fsdp)."
+                "0 on one. To shard the weights too, use TrainingArguments(fsdp='full_shard') (FSDP2, hf_hdp.engine.fsdp)."
             )
         if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
             raise ValueError(
@@ -289,7 +289,7 @@ class HDPConfig:
           are unverified under packed, split sequences);
         - ``deepspeed``: HDP shards the model states itself (``zero_stage``, or FSDP2 through
           HDPTrainer); ``fsdp`` reaching this check (HDPTrainer reads and clears it first,
-          :mod:`hf_hdp.trainer.fsdp`) is refused for the same reason;
+          :mod:`hf_hdp.engine.fsdp`) is refused for the same reason;
         - a ``parallelism_config`` with context, tensor, sequence or sharded data parallelism: HDP is
           the data and context parallelism;
         - ``average_tokens_across_devices=False`` on several ranks: HDP's loss is always over the
@@ -346,12 +346,12 @@ class HDPConfig:
             raise ValueError(
                 "TrainingArguments.deepspeed is set, but HDPTrainer shards the model states itself: "
                 "HDPConfig(zero_stage=1 or 2) for ZeRO stages 1 and 2, TrainingArguments(fsdp='full_shard') for "
-                "FSDP2 with sharded weights (hf_hdp.trainer.fsdp). DeepSpeed's engine reduces gradients per "
+                "FSDP2 with sharded weights (hf_hdp.engine.fsdp). DeepSpeed's engine reduces gradients per "
                 "micro-batch, which deadlocks when ranks run different numbers of micro-batches. Unset deepspeed."
             )
         if getattr(args, "fsdp", None):
             raise ValueError(
-                "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.trainer.fsdp), in its own "
+                "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.engine.fsdp), in its own "
                 "step; a custom loop must use HDPConfig(zero_stage=1 or 2) instead, or pass the arguments to "
                 "HDPTrainer."
             )

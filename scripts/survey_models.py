@@ -394,7 +394,7 @@ def rank_step(path: str, work: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from hf_hdp.launch import init_process_group
+    from hf_hdp.distributed.launch import init_process_group
 
     torch.set_num_threads(1)
     init_process_group("gloo", timeout_s=120)

@@ -58,8 +58,8 @@ def random_plan(lengths: Sequence[int], world_size: int, tokens_per_rank: int, r
 def segment_rows(segments, rank: int):
     """``(rows, segs)`` of ``rank`` for hand-written attention segments ``[(group, ulysses, lengths), ...]`` (those
     without ``rank`` skipped): ``rows`` lists ``(segment, document, start, end)`` in the rank's row order, ``segs``
-    the metadata segments the collator would build for those rows (:func:`hf_hdp.data.collator.segment_for`)."""
-    from hf_hdp.data.collator import segment_for
+    the metadata segments the collator would build for those rows (:func:`hf_hdp.collators.collator.segment_for`)."""
+    from hf_hdp.collators.collator import segment_for
     from hf_hdp.planning.layout import hybrid_token_ranges
 
     rows, segs, cursor = [], [], 0

@@ -33,7 +33,7 @@ import hf_hdp.trainer.trainer as trainer_module
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
 from hf_hdp.planning import get_planner, plan_naive
-from hf_hdp.data import row_documents
+from hf_hdp.collators import row_documents
 from hf_hdp.data.checks import (
     MAX_ID_COLUMN,
     MIN_ID_COLUMN,
@@ -199,8 +199,8 @@ def _unlabelled_batch():
 
 
 def _hdp_grads(model, samples, tokens_per_rank):
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import run_micro_batches
 
     lengths = [len(s["input_ids"]) for s in samples]
     n_loss = sum(count_loss_tokens(s["input_ids"], s.get("labels")) for s in samples)
@@ -215,7 +215,7 @@ def _hdp_grads(model, samples, tokens_per_rank):
 
 @pytest.mark.parametrize("tokens_per_rank", [64, 12], ids=["packed-together", "alone-in-a-micro-batch"])
 def test_samples_without_label_tokens_add_nothing_and_no_nan(tiny, tokens_per_rank):
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     model = load_model(tiny)  # float64
     enable_hdp_attention(model)
@@ -380,9 +380,9 @@ def _idle_rows():
 
 
 def _idle_worker(rank, world_size, model_path):
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
     from hf_hdp.planning import CostModel
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     model = load_model(model_path)
     enable_hdp_attention(model)

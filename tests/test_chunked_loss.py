@@ -1,4 +1,4 @@
-"""The chunked LM head and cross-entropy (hf_hdp.trainer.loss) equal the full logits' loss.
+"""The chunked LM head and cross-entropy (hf_hdp.engine.loss) equal the full logits' loss.
 
 The function alone, against ``F.cross_entropy`` of the full logits: loss and the gradients of the
 hidden states, the weight and the bias, in float64 for chunks of 1, 3, T-1, T and more than T rows,
@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_hdp import HDPConfig
 from hf_hdp.collators import HDPCollator, count_loss_tokens
-from hf_hdp.mesh import DynamicMesh
+from hf_hdp.distributed.mesh import DynamicMesh
 from hf_hdp.planning import plan_naive
-from hf_hdp.trainer import enable_hdp_attention, forward_micro_batch, hdp_loss
-from hf_hdp.trainer.loss import LogitTransform, chunked_cross_entropy, chunked_head
+from hf_hdp.engine import enable_hdp_attention, forward_micro_batch, hdp_loss
+from hf_hdp.engine.loss import LogitTransform, chunked_cross_entropy, chunked_head
 from tests.family_models import family_config, load_family_model
 from tests.models import MIXED_LENGTHS, VOCAB, load_model, mixed_batch, save_tiny_model
 

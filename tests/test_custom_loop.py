@@ -52,7 +52,7 @@ def _wrong_uses(acc, model, batch, path) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from hf_hdp import HDPAccelerator, HDPConfig
-    from hf_hdp.trainer import run_micro_batches
+    from hf_hdp.engine import run_micro_batches
 
     step = batch["hdp_step"]
     ddp = DistributedDataParallel(load_model(path))

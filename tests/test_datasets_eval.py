@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.collators import HDPDataError
 from hf_hdp.planning import plan_naive
-from hf_hdp.trainer import GlobalBatchSampler, HDPStepDataset
+from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model
 from tests.test_equivalence import C, WORLD, _samples

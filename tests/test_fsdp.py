@@ -1,4 +1,4 @@
-"""FSDP2 under HDP (``TrainingArguments(fsdp=...)``, :mod:`hf_hdp.trainer.fsdp`), on gloo CPU ranks.
+"""FSDP2 under HDP (``TrainingArguments(fsdp=...)``, :mod:`hf_hdp.engine.fsdp`), on gloo CPU ranks.
 
 Both modes, on 4 and 2 ranks, AdamW with weight decay and gradient clipping, ranks running
 different numbers of micro-batches (one none) in ``shard_grad_op`` (ZeRO-2 mode), lockstep plans in

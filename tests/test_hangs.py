@@ -19,7 +19,7 @@ from tests.dist_utils import ROOT, free_port, run_distributed
 def _absent_partner_worker(rank, world_size, plan_json, timeout_s):
     from hf_hdp.attention.interface import hdp_attention_forward
     from hf_hdp.collators import HDPCollator
-    from hf_hdp.mesh import DynamicMesh, P2PTimeoutError
+    from hf_hdp.distributed.mesh import DynamicMesh, P2PTimeoutError
     from hf_hdp.planning import StepPlan
 
     plan = StepPlan.from_json(plan_json)
@@ -52,7 +52,7 @@ def test_missing_ring_partner_raises_within_the_timeout_naming_rank_peer_slot_an
 
 
 def _mismatch_worker(rank, world_size):
-    from hf_hdp.mesh import DynamicMesh, PlanMismatchError
+    from hf_hdp.distributed.mesh import DynamicMesh, PlanMismatchError
 
     lengths = [30, 5, 7] if rank != 2 else [30, 5, 8]  # rank 2 read a different dataset
     plan = plan_naive(lengths, world_size, 16)
@@ -75,7 +75,7 @@ STALL_S = 2.5  # the bound in these tests; a stalled rank sleeps past it
 
 def _collective_worker(rank, world_size, which, stalled_rank):
     """``which`` collective on every rank but ``stalled_rank``, which stays alive past the bound."""
-    from hf_hdp.mesh import CollectiveTimeoutError, DynamicMesh, HDPCommError
+    from hf_hdp.distributed.mesh import CollectiveTimeoutError, DynamicMesh, HDPCommError
 
     mesh = DynamicMesh(p2p_timeout_s=STALL_S)
     # first, a collective every rank joins: the evaluation sum, in float64
@@ -122,7 +122,7 @@ def test_a_stalled_rank_makes_the_others_gradient_reduction_time_out_within_the_
 
 
 def _crashed_peer_worker(rank, world_size, where):
-    from hf_hdp.mesh import DynamicMesh, HDPCommError, PeerCrashedError
+    from hf_hdp.distributed.mesh import DynamicMesh, HDPCommError, PeerCrashedError
 
     mesh = DynamicMesh(p2p_timeout_s=30.0)  # far longer than the test: a crash must not wait for it
     if rank == 1:
@@ -159,7 +159,7 @@ def test_a_rank_that_exits_before_the_gradient_reduction_is_reported_as_crashed(
 
 def test_the_bound_is_finite_by_default_and_the_same_in_config_and_mesh():
     from hf_hdp.config import HDPConfig
-    from hf_hdp.mesh import DEFAULT_TIMEOUT_S, DynamicMesh
+    from hf_hdp.distributed.mesh import DEFAULT_TIMEOUT_S, DynamicMesh
 
     assert HDPConfig().p2p_timeout_s == DEFAULT_TIMEOUT_S == DynamicMesh().timeout_s
     assert 60 <= DEFAULT_TIMEOUT_S <= 3600
@@ -170,14 +170,14 @@ def test_the_bound_is_finite_by_default_and_the_same_in_config_and_mesh():
 
 
 def test_sum_scalars_on_one_process_returns_the_values():
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     assert DynamicMesh().sum_scalars([1.5, 2.0], "evaluation loss sum", step=1) == [1.5, 2.0]
 
 
 # ------------------------------------------- several processes launched, but not one group
 def test_world_size_without_a_process_group_is_refused(monkeypatch):
-    from hf_hdp.launch import check_distributed_setup
+    from hf_hdp.distributed.launch import check_distributed_setup
 
     args = SimpleNamespace(world_size=1, parallel_mode=None, output_dir="out")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -194,7 +194,7 @@ def test_world_size_without_a_process_group_is_refused(monkeypatch):
 
 
 def _setup_worker(rank, world_size):
-    from hf_hdp.launch import check_distributed_setup
+    from hf_hdp.distributed.launch import check_distributed_setup
 
     os.environ["WORLD_SIZE"] = str(world_size)
     check_distributed_setup(SimpleNamespace(world_size=world_size, output_dir="out"))  # a proper group: fine
@@ -214,7 +214,7 @@ def test_a_process_group_with_single_process_training_arguments_is_refused():
 SETUP_SCRIPT = """
 import os, sys
 from transformers import TrainingArguments
-from hf_hdp.launch import check_distributed_setup
+from hf_hdp.distributed.launch import check_distributed_setup
 args = TrainingArguments(output_dir=sys.argv[1], use_cpu=False, report_to=[])
 try:
     check_distributed_setup(args)

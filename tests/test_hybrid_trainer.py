@@ -111,7 +111,7 @@ def _train(path, out_dir, split, zero_stage=None, fsdp=None, gradient_checkpoint
     from datasets import Dataset
 
     from hf_hdp import HDPConfig, HDPTrainer
-    from hf_hdp.trainer.fsdp import full_model_state
+    from hf_hdp.engine.fsdp import full_model_state
 
     args = _training_args(out_dir, **({"fsdp": fsdp} if fsdp else {}),
                           **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": gradient_checkpointing}
@@ -189,7 +189,7 @@ def _fully_shard_layer(path, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     model = _load(path)
     enable_hdp_attention(model, "heads")
@@ -344,7 +344,7 @@ def _local_meta(lengths):
 
 def test_the_adapter_survives_deepcopy(tmp_path):
     """A deep copy of an HDP-enabled model (a reference model, an EMA copy) runs its own weights in both paths."""
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     model = _load(_save("qwen3_5_text", str(tmp_path / "m")))
     enable_hdp_attention(model, "scan")
@@ -364,7 +364,7 @@ def test_the_adapter_survives_train_and_eval(tmp_path):
     """``model.train()``/``model.eval()`` re-kernelize a model loaded with ``kernels`` on (transformers' default where
     the package is installed), which drops instance-level forwards of hub-kernel layers: HDP's forward stays, so a
     packed row of two samples still restarts the state between them (the stock forward, run per sample)."""
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     model = _load(_save("qwen3_5_text", str(tmp_path / "m")), dtype=torch.float32)
     enable_hdp_attention(model, "auto")
@@ -382,7 +382,7 @@ def test_padded_batches_and_generation_run_the_modules_own_forward(tmp_path):
     """Outside HDP's packed micro-batches (no ``hdp_metadata``: a padded batch, generation with a cache) an HDP-enabled
     model is the stock model: the logits of a right-padded batch on its real tokens, and greedy generation, equal the
     untouched model's."""
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     path = _save("qwen3_5_text", str(tmp_path / "m"))
     stock, model = _load(path), _load(path)

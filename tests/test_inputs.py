@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.data import HDPDataError, RowRules, row_documents
+from hf_hdp.collators import HDPDataError, RowRules, row_documents
 from hf_hdp.trainer.checkpoint import STATE_FILE, ResumeMismatchError, check_resume, hdp_state
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model

@@ -184,8 +184,8 @@ def _save(path: str) -> str:
 
 def _worker(rank, world_size, path, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     torch.set_num_threads(1)
     mesh = DynamicMesh()
@@ -259,8 +259,8 @@ MIXER_MODELS = {
 
 def _mixer_worker(rank, world_size, paths, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     torch.set_num_threads(1)
     mesh = DynamicMesh()

@@ -234,8 +234,8 @@ def _plans():
 
 def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The link emulator (hf_hdp.links) and DynamicMesh(links=...): formulas, and a mesh that still moves the right
+"""The link emulator (hf_hdp.distributed.links) and DynamicMesh(links=...): formulas, and a mesh that still moves the right
 bytes while it counts the emulated seconds. No assertion on measured time anywhere."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_hdp.links import LINK_PRESETS, LinkEmulator, compute_scale, scaled_links
+from hf_hdp.distributed.links import LINK_PRESETS, LinkEmulator, compute_scale, scaled_links
 from hf_hdp.planning.cost import HARDWARE_PRESETS, CostModel, ModelSpec
 from tests.dist_utils import run_distributed
 
@@ -100,7 +100,7 @@ def test_bad_links_are_refused():
 
 
 def test_default_mesh_has_no_emulator():
-    from hf_hdp.mesh import CommStats, DynamicMesh
+    from hf_hdp.distributed.mesh import CommStats, DynamicMesh
 
     mesh = DynamicMesh()
     assert mesh.links is None
@@ -146,7 +146,7 @@ def _run_ops(mesh, rank, world):
     reduction.finish([])
     out["kept"] = [None if p.grad is None else p.grad.clone() for p in params]
     weights = [torch.full((n,), float(10 * rank + j)) for j, n in enumerate((7, 300, 40))]
-    from hf_hdp.buckets import plan_buckets
+    from hf_hdp.distributed.buckets import plan_buckets
 
     buckets = plan_buckets([(w.numel(), w.dtype) for w in weights], mesh.bucket_bytes, owners, world)
     mesh.gather_parameters(weights, owners, 1, buckets)
@@ -165,7 +165,7 @@ def _run_ops(mesh, rank, world):
 def _emulated_worker(rank, world, links):
     from dataclasses import asdict
 
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     plain = DynamicMesh(bucket_bytes=1024)
     emulated = DynamicMesh(bucket_bytes=1024, links=links)

@@ -56,7 +56,7 @@ def dense(q, k, v, window, chunk, scale):
 def _worker(rank, world):
     from hf_hdp.attention.backends import get_backend
     from hf_hdp.attention.segments import distributed_attention
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     mesh = DynamicMesh()
     out = []

@@ -70,8 +70,8 @@ def _plans():
 
 def _hdp_worker(rank, world_size, paths, cases, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     torch.use_deterministic_algorithms(True)
     mesh = DynamicMesh()
@@ -337,7 +337,7 @@ def test_window_a_layer_keeps_to_itself_is_honoured_at_the_forward():
     """Qwen2-MoE's sliding layers never pass ``sliding_window`` on; the "hdp" attention must read the layer's own
     window (from the config) and equal the dense reference on one packed row of two samples."""
     from hf_hdp.attention.metadata import HDPAttentionMetadata
-    from hf_hdp.trainer import enable_hdp_attention
+    from hf_hdp.engine import enable_hdp_attention
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_raw(

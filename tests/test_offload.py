@@ -1,4 +1,4 @@
-"""Selective activation offloading (``HDPConfig.offload_ratio``, :mod:`hf_hdp.trainer.offload`) on CPU, float64.
+"""Selective activation offloading (``HDPConfig.offload_ratio``, :mod:`hf_hdp.engine.offload`) on CPU, float64.
 
 - gradients with offload_ratio 0.5 and 1.0 are bit for bit those without, with and without gradient
   checkpointing (non-reentrant and reentrant), and under bf16 autocast;
@@ -22,11 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_hdp.collators import HDPCollator, count_loss_tokens
-from hf_hdp.mesh import DynamicMesh
+from hf_hdp.distributed.mesh import DynamicMesh
 from hf_hdp.planning import CostModel, plan_naive
-from hf_hdp.trainer import enable_hdp_attention, forward_micro_batch, run_micro_batches
-from hf_hdp.trainer import offload as offload_module
-from hf_hdp.trainer.offload import MIN_OFFLOAD_BYTES, ActivationOffloader, micro_batch_attention_time
+from hf_hdp.engine import enable_hdp_attention, forward_micro_batch, run_micro_batches
+from hf_hdp.engine import offload as offload_module
+from hf_hdp.engine.offload import MIN_OFFLOAD_BYTES, ActivationOffloader, micro_batch_attention_time
 from tests.dist_utils import run_distributed
 from tests.models import TINY_CONFIG, VOCAB
 

@@ -42,8 +42,8 @@ def _lora(model, seed: int = 0):
 
 def _worker(rank, world_size, model_path, plan_jsons):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
     from tests.models import VOCAB
 
     torch.use_deterministic_algorithms(True)

@@ -43,7 +43,7 @@ class _Attn(torch.nn.Module):
 def _ring_worker(rank, world_size, cases):
     from hf_hdp.attention.interface import hdp_attention_forward
     from hf_hdp.collators import HDPCollator
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     mesh = DynamicMesh()
     collator = HDPCollator()

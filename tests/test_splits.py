@@ -57,8 +57,8 @@ def _plans(path: str) -> dict[str, StepPlan]:
 
 def _worker(rank, world_size, paths: dict, plan_jsons: dict):
     from hf_hdp.collators import HDPCollator, count_loss_tokens
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer import enable_hdp_attention, run_micro_batches
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine import enable_hdp_attention, run_micro_batches
 
     torch.use_deterministic_algorithms(True)
     mesh = DynamicMesh()

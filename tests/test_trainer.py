@@ -10,7 +10,7 @@ from transformers import BloomConfig, BloomForCausalLM, TrainingArguments
 
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.collators import HDPDataError
-from hf_hdp.trainer import UnsupportedModelError
+from hf_hdp.models import UnsupportedModelError
 from tests.dist_utils import run_train_steps
 from tests.models import load_model, save_tiny_model
 
@@ -130,7 +130,7 @@ def test_liger_kernels_are_refused_with_the_reason(tmp_path):
 
 
 def test_ranks_per_node_comes_from_the_config_or_the_launcher(monkeypatch):
-    from hf_hdp.launch import launcher_ranks_per_node
+    from hf_hdp.distributed.launch import launcher_ranks_per_node
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert launcher_ranks_per_node(None) == 2

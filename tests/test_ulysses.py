@@ -41,7 +41,7 @@ def _cost(hq, hkv) -> CostModel:
 def _worker(rank, world):
     from hf_hdp.attention.backends import get_backend
     from hf_hdp.attention.segments import distributed_attention
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     backend = get_backend("reference", torch.device("cpu"), torch.float64)
     mesh = DynamicMesh()

@@ -1,11 +1,11 @@
 """Bucketed gradient reduction and ZeRO stages 1 and 2 (``HDPConfig.zero_stage``), on gloo CPU ranks.
 
-- :func:`~hf_hdp.mesh.plan_buckets` covers every element exactly once, within the bucket bound, and
+- :func:`~hf_hdp.distributed.mesh.plan_buckets` covers every element exactly once, within the bucket bound, and
   puts only a rank's own gradients (and the shared extras) into its reduce-scatter chunks;
-- :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` in small buckets equals the former one-buffer
+- :meth:`~hf_hdp.distributed.mesh.DynamicMesh.reduce_gradients` in small buckets equals the former one-buffer
   reduction (1e-15), issues several collectives and allocates no buffer above the bound; with owners
   (stage 2) each rank keeps exactly its shard's summed gradients;
-- :class:`~hf_hdp.trainer.zero.ZeroOptimizer` steps exactly as the plain optimizer, holds about
+- :class:`~hf_hdp.engine.zero.ZeroOptimizer` steps exactly as the plain optimizer, holds about
   1/world of its state, and its full state round-trips with a plain AdamW's (any world size);
 - HDPTrainer with AdamW and weight decay, ranks running different numbers of micro-batches (one
   none): weights after 4 steps at stages 1 and 2 equal stage 0 and one process (float64, 1e-12);
@@ -28,8 +28,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from hf_hdp import HDPConfig
-from hf_hdp.buckets import plan_buckets
-from hf_hdp.trainer.zero import partition, resolve_zero_stage
+from hf_hdp.distributed.buckets import plan_buckets
+from hf_hdp.engine.zero import partition, resolve_zero_stage
 from tests.dist_utils import run_distributed
 from tests.models import CONFIGS, VOCAB, save_tiny_model
 
@@ -125,7 +125,7 @@ def _reference_sum(params, extras):
 
 
 def _reduce_worker(rank, world, bucket_bytes):
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     out = {}
     params = _params()
@@ -207,7 +207,7 @@ def test_bucketed_reduction_equals_one_buffer_and_stays_within_the_bound(world, 
 def _overlap_worker(rank, world, sharded):
     import torch.distributed as dist
 
-    from hf_hdp.mesh import DynamicMesh
+    from hf_hdp.distributed.mesh import DynamicMesh
 
     def model():
         torch.manual_seed(0)
@@ -263,8 +263,8 @@ def test_the_reduction_starts_during_the_last_backward_and_equals_one_flat_all_r
 def _optimizer_worker(rank, world, stage):
     import torch.distributed as dist
 
-    from hf_hdp.mesh import DynamicMesh
-    from hf_hdp.trainer.zero import ZeroOptimizer
+    from hf_hdp.distributed.mesh import DynamicMesh
+    from hf_hdp.engine.zero import ZeroOptimizer
 
     def groups(params):
         return [{"params": params[:4], "weight_decay": 0.1}, {"params": params[4:], "weight_decay": 0.0}]
@@ -339,7 +339,7 @@ STALL_S = 2.5
 def _stalled_worker(rank, world, which):
     import torch.distributed as dist
 
-    from hf_hdp.mesh import CollectiveTimeoutError, DynamicMesh, HDPCommError
+    from hf_hdp.distributed.mesh import CollectiveTimeoutError, DynamicMesh, HDPCommError
 
     mesh = DynamicMesh(p2p_timeout_s=STALL_S, bucket_bytes=64)
     params = [torch.nn.Parameter(torch.ones(40, dtype=torch.float64))]
@@ -401,7 +401,7 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
     from transformers import TrainerCallback, TrainingArguments
 
     from hf_hdp import HDPTrainer
-    from hf_hdp.trainer.zero import unwrap_zero
+    from hf_hdp.engine.zero import unwrap_zero
     from tests.models import load_model
 
     args = TrainingArguments(
@@ -431,7 +431,7 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
 
     trainer.add_callback(Grads())
     trainer.train(resume_from_checkpoint=resume)
-    from hf_hdp.trainer.fsdp import full_model_state, local_tensor
+    from hf_hdp.engine.fsdp import full_model_state, local_tensor
 
     zero = unwrap_zero(trainer.optimizer)
     state = zero.state if zero is not None else trainer.optimizer.state
@@ -483,13 +483,13 @@ FSDP_RUNS_2 = {
 
 
 def _trainer_worker(rank, world, model_path, base, runs):
-    import hf_hdp.mesh
+    import hf_hdp.distributed.mesh
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    default_bucket = hf_hdp.mesh.DEFAULT_BUCKET_BYTES
+    default_bucket = hf_hdp.distributed.mesh.DEFAULT_BUCKET_BYTES
     out = {}
     for name, (kwargs, bucket) in runs.items():
-        hf_hdp.mesh.DEFAULT_BUCKET_BYTES = bucket or default_bucket
+        hf_hdp.distributed.mesh.DEFAULT_BUCKET_BYTES = bucket or default_bucket
         kwargs = dict(kwargs)
         if kwargs.get("resume"):
             kwargs["resume"] = os.path.join(base, "w4", kwargs["resume"])

@@ -5,7 +5,7 @@ from .interface import HDP_ATTENTION, UnsupportedAttentionError, hdp_attention_f
 from .backends import get_backend
 from .features import LayerFeatures
 from .metadata import HDPAttentionMetadata, RingSegment
-from .ring import ring_attention
+from .segments import ring_attention
 
 __all__ = [
     "HDP_ATTENTION",

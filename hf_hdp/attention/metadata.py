@@ -308,7 +308,7 @@ def _gather_index(rows: list[tuple[int, int]], total: int, device: torch.device)
 
 
 class RingComm(Protocol):
-    """What ring attention needs from the mesh (:class:`hf_hdp.mesh.DynamicMesh` is one)."""
+    """What ring attention needs from the mesh (:class:`hf_hdp.distributed.mesh.DynamicMesh` is one)."""
 
     rank: int
 

@@ -2,8 +2,8 @@
 
 Read top to bottom: :func:`ring_forward` and :func:`ring_backward` are the algorithm for one
 ring segment (see :mod:`hf_hdp.attention.metadata` for the row layout); :mod:`.segments` wraps
-every segment of a micro-batch in one autograd Function, and :func:`ring_attention` is the public
-entry point for rings.
+every segment of a micro-batch in one autograd Function (its :func:`~.segments.ring_attention` is the
+public entry point for rings).
 
 Forward, for member ``i`` of a group of ``k``: at step ``t`` it holds the K/V rows of member
 ``j = i - t (mod k)``; it starts passing them on to ``i + 1`` while it computes the block
@@ -130,16 +130,3 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
 def _label(seg: RingSegment, what: str, step: int) -> str:
     return (f"{what} (global step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
             f"samples {list(seg.samples)})")
-
-
-def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh,
-                   features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
-    """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
-
-    ``q``/``k``: ``[n, Hq or Hkv, Dk]``, ``v``: ``[n, Hkv, Dv]`` holding exactly those rows (contiguous).
-    ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"`` picks by
-    ``q``'s device and dtype). The one autograd node of every segment is :mod:`.segments`'.
-    """
-    from .segments import distributed_attention  # it runs head-parallel segments too, which import this module
-
-    return distributed_attention(q, k, v, segments, scale, backend, mesh, features, sinks)

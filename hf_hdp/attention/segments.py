@@ -86,3 +86,14 @@ def distributed_attention(q, k, v, segments: tuple[RingSegment | UlyssesSegment,
     if isinstance(backend, str):
         backend = get_backend(backend, q.device, q.dtype)
     return SegmentAttention.apply(q, k, v, sinks, tuple(segments), scale, backend, mesh, features)
+
+
+def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh,
+                   features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
+    """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
+
+    ``q``/``k``: ``[n, Hq or Hkv, Dk]``, ``v``: ``[n, Hkv, Dv]`` holding exactly those rows (contiguous).
+    ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"`` picks by
+    ``q``'s device and dtype). One autograd node for every segment (:func:`distributed_attention`).
+    """
+    return distributed_attention(q, k, v, segments, scale, backend, mesh, features, sinks)

@@ -1,6 +1,10 @@
-"""Length-aware collation: padding-free packing of HDP micro-batches (the code lives in :mod:`hf_hdp.data`)."""
+"""The length-aware collator: a row becomes documents (:mod:`.documents`: padding, pre-packed rows, shifted
+labels) and a planned micro-batch's documents become one padding-free packed batch with its HDP attention
+metadata (:mod:`.collator`)."""
 
-from ..data.collator import HDPCollator
-from ..data.documents import IGNORE_INDEX, HDPDataError, check_sample, count_loss_tokens, shifted_targets
+from .collator import HDPCollator
+from .documents import IGNORE_INDEX, Document, HDPDataError, RowRules, check_sample, count_loss_tokens, \
+    row_documents, shifted_targets
 
-__all__ = ["HDPCollator", "HDPDataError", "IGNORE_INDEX", "check_sample", "count_loss_tokens", "shifted_targets"]
+__all__ = ["Document", "HDPCollator", "HDPDataError", "IGNORE_INDEX", "RowRules", "check_sample",
+           "count_loss_tokens", "row_documents", "shifted_targets"]

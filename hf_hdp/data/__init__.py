@@ -1,13 +1,11 @@
-"""HDP's data room: rows to documents (:mod:`.documents`), measuring and checks (:mod:`.checks`), the
-length-aware collator (:mod:`.collator`) and the step loader (:mod:`.loader`)."""
+"""HDP's data room: measuring and checking a dataset (:mod:`.checks`) and the loader of one rank's planned
+steps (:mod:`.loader`). Rows become documents and documents become packed micro-batches in
+:mod:`hf_hdp.collators`."""
 
 from .checks import MeasuredDataset, measure_dataset, prepare_dataset, require_map_style
-from .collator import HDPCollator
-from .documents import IGNORE_INDEX, Document, HDPDataError, RowRules, count_loss_tokens, row_documents
 from .loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
 
 __all__ = [
-    "Document", "GlobalBatchSampler", "HDPCollator", "HDPDataError", "HDPDataLoader", "HDPStep", "HDPStepDataset",
-    "IGNORE_INDEX", "MeasuredDataset", "RowRules", "count_loss_tokens", "measure_dataset", "prepare_dataset",
-    "require_map_style", "row_documents",
+    "GlobalBatchSampler", "HDPDataLoader", "HDPStep", "HDPStepDataset", "MeasuredDataset", "measure_dataset",
+    "prepare_dataset", "require_map_style",
 ]

@@ -4,7 +4,7 @@
 
 1. :func:`require_map_style` and :func:`check_token_columns` read only the dataset's type and
    features: a stream, untokenized text, nested or float token columns are refused at once.
-2. :func:`measure_dataset` maps every row through :func:`~hf_hdp.data.documents.row_documents`
+2. :func:`measure_dataset` maps every row through :func:`~hf_hdp.collators.documents.row_documents`
    (the user's collator, padding removal, document splitting, the per-row checks) and stores what
    planning needs in ``hdp_*`` columns: tokens, label tokens (after the shift, per document),
    document lengths, token-id range and a content digest. The columns are *always* recomputed from
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .documents import IGNORE_INDEX, HDPDataError, RowRules, collator_name, count_loss_tokens, row_digest, row_documents
+from ..collators.documents import IGNORE_INDEX, HDPDataError, RowRules, collator_name, count_loss_tokens, row_digest, row_documents
 
 LENGTH_COLUMN = "hdp_length"  # tokens HDP trains on in a row (padding removed, documents kept)
 LOSS_TOKENS_COLUMN = "hdp_loss_tokens"  # label tokens of a row, after the shift inside each document
@@ -234,7 +235,7 @@ def measure_dataset(dataset, length_column: str = "length", num_proc: int | None
     Refuses, naming the dataset row: a missing ``input_ids`` column, ids or labels that are not flat
     lists of integers (nested, float, text, missing values), labels not aligned with the ids, a
     length column that disagrees with the ids, and every row problem of
-    :func:`~hf_hdp.data.documents.row_documents` (padding inside a sample, bad positions, a collator
+    :func:`~hf_hdp.collators.documents.row_documents` (padding inside a sample, bad positions, a collator
     that changes the sample)."""
     if "input_ids" not in dataset.column_names:
         raise HDPDataError(
@@ -411,3 +412,18 @@ def prepare_dataset(dataset, config, world_size: int, vocab_size: int | None = N
     if vocab_size is not None:
         check_vocab_range(m, vocab_size)
     return m
+
+
+@contextlib.contextmanager
+def progress_bars(show: bool):
+    """``datasets`` progress bars only where ``show`` (rank 0): the other ranks' bars would interleave."""
+    from datasets.utils import logging as datasets_logging
+
+    hide = not show and datasets_logging.is_progress_bar_enabled()
+    if hide:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets_logging.enable_progress_bar()

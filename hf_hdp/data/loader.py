@@ -8,8 +8,8 @@ One item of the training DataLoader is one optimizer step for this rank:
 2. :class:`HDPStepDataset` expands the rows into their documents (a pre-packed row holds several),
    runs the planner on the documents' lengths (identical on every rank; no tokens move to plan),
    loads only the rows this rank's pieces name, turns them into documents again
-   (:func:`~hf_hdp.data.documents.row_documents`: the user's collator, padding, boundaries) and packs
-   each of its micro-batches with the :class:`~hf_hdp.data.collator.HDPCollator`.
+   (:func:`~hf_hdp.collators.documents.row_documents`: the user's collator, padding, boundaries) and packs
+   each of its micro-batches with the :class:`~hf_hdp.collators.collator.HDPCollator`.
 
 The sampler runs in the main process and the dataset in DataLoader workers, so planning and
 loading overlap with training when ``dataloader_num_workers > 0``.
@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..planning import StepPlan
 from .checks import SOURCE_ROW_COLUMN, MeasuredDataset
-from .collator import HDPCollator
-from .documents import HONOURED_COLUMNS, RowRules, row_documents
+from ..collators.collator import HDPCollator
+from ..collators.documents import HONOURED_COLUMNS, RowRules, row_documents
 
 
 @dataclass

@@ -71,10 +71,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "hf_hdp.integrations.trl needs TRL: pip install 'hf-hdp[trl]' (or pip install 'trl>=1.0')"
     ) from err
 
-from ..data.documents import IGNORE_INDEX
+from ..collators.documents import IGNORE_INDEX
 from ..data.loader import HDPDataLoader
 from ..trainer import HDPTrainer
-from ..trainer.loss import _autocast_dtype, _autocast_off, _chunk_logits, chunked_cross_entropy, chunked_head
+from ..engine.loss import _autocast_dtype, _autocast_off, _chunk_logits, chunked_cross_entropy, chunked_head
 
 logger = logging.getLogger(__name__)
 

@@ -392,7 +392,7 @@ def plan_balanced(
     is returned instead when its estimated step time is lower; ``plan.meta["source"]`` says which
     (``"balanced"`` or ``"naive"``) and ``plan.meta["estimated_step_time_s"]`` gives the
     :func:`plan_metrics` step time (not under a forced ``"ulysses"`` or ``"hybrid"`` split, which naive
-    HDP's rings would not honour). ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.trainer.fsdp`)
+    HDP's rings would not honour). ``lockstep=True`` (FSDP's ZeRO-3 mode, :mod:`hf_hdp.engine.fsdp`)
     returns a lockstep plan (:func:`~hf_hdp.planning.plan.lockstep`: the same number of micro-batches
     on every rank, empty placeholders in the gaps), and the comparison with naive HDP is made under
     lockstep timing, in which every slot is a barrier of all ranks. ``attention_split`` (``"auto"``,

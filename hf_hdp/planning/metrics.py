@@ -29,7 +29,7 @@ of lockstep, and show in ``idle_fraction`` and the timelines. A plan with ``plan
 see ``benchmarks/peer_planners.py``) makes every slot such a barrier too, without the weight traffic.
 
 P2P traffic is counted as :mod:`hf_hdp.attention.ring` sends it and
-:class:`~hf_hdp.mesh.DynamicMesh` counts it: the distributed pieces of one micro-batch that share
+:class:`~hf_hdp.distributed.mesh.DynamicMesh` counts it: the distributed pieces of one micro-batch that share
 a group form ONE ring segment, and per layer each member sends ``k-1`` forward K/V, ``k-1``
 backward K/V and ``k`` dK/dV messages for the whole segment. A head-parallel segment (Ulysses
 degree ``u``) adds its all-to-alls, counted as :mod:`hf_hdp.attention.ulysses` sends them

@@ -25,7 +25,7 @@ Vocabulary
 - *lockstep plan* (:func:`lockstep`): every rank holds a micro-batch in every slot, an *empty* one
   (no piece: a placeholder the rank runs as a one-token forward and backward without a label) where
   it has no work. FSDP's ZeRO-3 mode needs it: its per-layer collectives make every slot a barrier
-  of all ranks (:mod:`hf_hdp.trainer.fsdp`).
+  of all ranks (:mod:`hf_hdp.engine.fsdp`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,5 @@
-"""HDPTrainer and its step-level data loading."""
+"""HDPTrainer: the drop-in ``Trainer`` front door over the step engine (:mod:`hf_hdp.engine`)."""
 
-from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
-from ..models import UnsupportedModelError
-from .step import forward_micro_batch, hdp_loss, run_micro_batches
-from .trainer import HDPTrainer, enable_hdp_attention
+from .trainer import HDPTrainer
 
-__all__ = [
-    "HDPTrainer",
-    "UnsupportedModelError",
-    "enable_hdp_attention",
-    "GlobalBatchSampler",
-    "HDPDataLoader",
-    "HDPStep",
-    "HDPStepDataset",
-    "forward_micro_batch",
-    "hdp_loss",
-    "run_micro_batches",
-]
+__all__ = ["HDPTrainer"]

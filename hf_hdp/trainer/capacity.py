@@ -15,13 +15,13 @@ HDPTrainer resolves it once, when it is built, before it measures the dataset ag
 - bytes per weight and gradient: the parameters' dtypes; per optimizer state, ``TrainingArguments.optim``
   (:func:`optimizer_state_bytes`); activations in bf16/fp16 under ``bf16``/``fp16`` autocast, else in
   the model dtype;
-- sharding: ``HDPConfig.zero_stage`` as :func:`~hf_hdp.trainer.zero.resolve_zero_stage` resolves it,
-  or the FSDP mode of ``TrainingArguments.fsdp`` (:func:`~hf_hdp.trainer.fsdp.fsdp_mode`, given by HDPTrainer);
+- sharding: ``HDPConfig.zero_stage`` as :func:`~hf_hdp.engine.zero.resolve_zero_stage` resolves it,
+  or the FSDP mode of ``TrainingArguments.fsdp`` (:func:`~hf_hdp.engine.fsdp.fsdp_mode`, given by HDPTrainer);
 - ``TrainingArguments.activation_checkpointing`` / ``gradient_checkpointing`` (or a model with
   checkpointing on; every layer is counted as recomputed, ``every_n_layers`` is not modelled),
   ``HDPConfig.offload_ratio`` (a number; ``"auto"`` promises no saving and counts as 0) and
   ``HDPConfig.loss_chunk_tokens`` (when HDP's chunked loss applies to the model: no
-  ``compute_loss_func``, a head :func:`~hf_hdp.trainer.loss.chunked_head` accepts).
+  ``compute_loss_func``, a head :func:`~hf_hdp.engine.loss.chunked_head` accepts).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 from ..planning.cost import MemoryBreakdown, ModelSpec, memory_breakdown, tokens_per_rank_for_memory
 from ..models import hdp_base_model
 from ..planning.cost.memory import fmt_gb
-from .loss import chunked_head
-from .offload import run_recomputes_layers
-from .zero import resolve_zero_stage
+from ..engine.loss import chunked_head
+from ..engine.offload import run_recomputes_layers
+from ..engine.zero import resolve_zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     """``(config with an integer tokens_per_rank, Capacity)`` for a config whose ``tokens_per_rank`` is "auto".
 
     ``fsdp``: the run's FSDP mode (``"shard_grad_op"``, ``"full_shard"`` or None), as
-    :func:`~hf_hdp.trainer.fsdp.fsdp_mode` read it from ``TrainingArguments`` (HDPTrainer clears
+    :func:`~hf_hdp.engine.fsdp.fsdp_mode` read it from ``TrainingArguments`` (HDPTrainer clears
     ``args.fsdp`` for Trainer afterwards, so it is passed here). ``loss_func``: the trainer's
     ``compute_loss_func`` (with one, the full logits are counted). The returned config is a
     ``dataclasses.replace`` copy (``memory_budget_gb`` cleared: it was used);

@@ -20,9 +20,11 @@ import logging
 import os
 
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
-from .zero import save_full_optimizer_state
+from ..engine.fsdp import full_optimizer_state
+from ..engine.zero import OPTIMIZER_FILE, unwrap_zero
 
 STATE_FILE = "hdp_state.json"
 logger = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class HDPCheckpointCallback(TrainerCallback):
     """Writes ``hdp_state.json`` into each checkpoint folder (main process).
 
     Before that, on every rank, a sharded (ZeRO) optimizer gathers its full state, which replaces the
-    placeholder ``optimizer.pt`` Trainer wrote (:func:`~hf_hdp.trainer.zero.save_full_optimizer_state`):
+    placeholder ``optimizer.pt`` Trainer wrote (:func:`~save_full_optimizer_state`):
     a checkpoint with ``hdp_state.json`` holds the full optimizer state.
     """
 
@@ -235,3 +237,30 @@ def check_resume(trainer, checkpoint: str) -> dict | None:
             logger.info("resuming with %s=%r (checkpoint used %r): placement changes, batches do not.",
                         key, now[key], saved[key])
     return saved
+
+
+def save_full_optimizer_state(trainer, folder: str) -> None:
+    """Replace the placeholder ``optimizer.pt`` Trainer wrote into ``folder`` by the full state. Call on all ranks.
+
+    A no-op unless the optimizer is sharded (ZeRO, or FSDP: :mod:`hf_hdp.engine.fsdp`) and the
+    checkpoint holds the optimizer (``save_only_model=False``). Written by the ranks that save (``TrainingArguments.should_save``),
+    to a temporary file first and then renamed, so the file is never half written.
+    """
+    if trainer.args.save_only_model:
+        return
+    zero = unwrap_zero(getattr(trainer, "optimizer", None))
+    if zero is not None:
+        full = zero.full_state_dict(receive=bool(trainer.args.should_save))
+    elif getattr(trainer, "hdp_fsdp_modules", None):  # FSDP: the state of sharded parameters, gathered
+        optimizer = trainer.optimizer
+        while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
+            optimizer = optimizer.optimizer
+        full = full_optimizer_state(optimizer)  # a collective: every rank gathers every tensor
+        full = full if trainer.args.should_save else None
+    else:
+        return
+    if full is None or not os.path.isdir(folder):
+        return
+    path = os.path.join(folder, OPTIMIZER_FILE)
+    torch.save(full, path + ".tmp")
+    os.replace(path + ".tmp", path)

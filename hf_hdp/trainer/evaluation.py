@@ -88,9 +88,9 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, Predictio
     speed_metrics
 
 from ..data.checks import SOURCE_ROW_COLUMN
-from ..data.documents import IGNORE_INDEX, row_documents
+from ..collators.documents import IGNORE_INDEX, row_documents
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
-from .step import forward_micro_batch
+from ..engine.step import forward_micro_batch
 
 #: Trainer's ``padding_index`` for predictions, labels and inputs alike
 PADDING_INDEX = -100
@@ -201,7 +201,7 @@ class PredictionGatherer:
         if positions.numel() != batch["input_ids"].shape[1] or \
                 not torch.equal(positions, batch["position_ids"][0].cpu()):
             raise RuntimeError("HDP evaluation: the packed micro-batch's token layout is not the collator's "
-                               "(hf_hdp.data.collator); cannot place its predictions.")
+                               "(hf_hdp.collators.collator); cannot place its predictions.")
         labels, inputs = [], []
         for s, a, b in layout:
             _, _, doc = self._documents[s]

@@ -12,7 +12,7 @@ TensorBoard, W&B, ...) scalar entries under ``hdp/``:
   whole on one rank), and ``hdp/max_group_size``;
 - ``hdp/mfu_est``: model FLOPs utilisation estimated from the cost model's hardware peak;
 - ``hdp/offloaded_bytes`` (with ``HDPConfig.offload_ratio``): bytes of saved activations this rank
-  moved to host memory per step (:mod:`hf_hdp.trainer.offload`; the same come back in backward).
+  moved to host memory per step (:mod:`hf_hdp.engine.offload`; the same come back in backward).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class HDPStats:
         self._reset_window()
 
     def track_offload(self, stats) -> None:
-        """Log ``hdp/offloaded_bytes`` from ``stats`` (an :class:`~hf_hdp.trainer.offload.OffloadStats`)."""
+        """Log ``hdp/offloaded_bytes`` from ``stats`` (an :class:`~hf_hdp.engine.offload.OffloadStats`)."""
         self.offload = stats
         self.window["offloaded_from"] = stats.bytes_to_host
 

@@ -7,16 +7,16 @@ It changes these things through Trainer's override points, and nothing else:
 - ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
   slot order (ranks may run different numbers, zero included), then joins the step's one gradient
   reduction (the same bounded buckets on every rank, started during the last backward,
-  :mod:`hf_hdp.reduction`; a reduce-scatter at ZeRO stage 2); the step's loss, P2P bytes and label
+  :mod:`hf_hdp.distributed.reduction`; a reduce-scatter at ZeRO stage 2); the step's loss, P2P bytes and label
   count ride in it. Under FSDP2 (``TrainingArguments.fsdp``) the reduction is FSDP's, in one of
-  two modes (:mod:`hf_hdp.trainer.fsdp`).
+  two modes (:mod:`hf_hdp.engine.fsdp`).
 - ``create_optimizer``: applies FSDP2 first, when asked; then Trainer's optimizer, sharded at ZeRO
   stage 1 or 2 otherwise. ``save_model``: under FSDP2 the whole weights, gathered on every rank.
 - ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
   count, from labels the collator already shifted (or the user's ``compute_loss_func``).
 - ``create_accelerator_and_postprocess``: Trainer's Accelerator setup, then an
-  :class:`~hf_hdp.mesh.HDPAccelerator` with its settings (model states replicated, no DDP wrapper)
-  carrying the :class:`~hf_hdp.mesh.DynamicMesh`.
+  :class:`~hf_hdp.accelerator.HDPAccelerator` with its settings (model states replicated, no DDP wrapper)
+  carrying the :class:`~hf_hdp.distributed.mesh.DynamicMesh`.
 - ``get_eval_dataloader`` / ``evaluation_loop``: HDP evaluation, the eval set's per-token mean loss
   (see :mod:`hf_hdp.trainer.evaluation`); Trainer's own ``evaluate`` runs around them.
 - ``create_optimizer`` also guards the optimizer's ``step``, so that a global batch without a
@@ -24,7 +24,7 @@ It changes these things through Trainer's override points, and nothing else:
 
 Every other Trainer input is honoured or refused at construction (see :mod:`hf_hdp.trainer.inputs`
 and the README's table): the data collator runs per sample, padding and pre-packed rows become
-documents (:mod:`hf_hdp.data.documents`), NEFTune runs per sample (:mod:`hf_hdp.trainer.neftune`).
+documents (:mod:`hf_hdp.collators.documents`), NEFTune runs per sample (:mod:`hf_hdp.trainer.neftune`).
 HDPTrainer works on a copy of the user's ``TrainingArguments``. Gradient accumulation is HDP's own:
 ``gradient_accumulation_steps`` only feeds the default global batch size and is 1 in the copy.
 
@@ -41,82 +41,44 @@ accelerate as for Trainer; ring partial outputs and their merge stay in float32.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
 import logging
-import time
 import types
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..attention.interface import HDP_ATTENTION
-from ..attention.recurrent import enable_hdp_mixers
-from ..config import HDPConfig
-from ..training_args import hdp_config_from_args, warn_if_uniform_lengths
-from ..data.checks import MeasuredDataset, prepare_dataset, require_map_style, rows_text
-from ..data.collator import HDPCollator
-from ..data.documents import IGNORE_INDEX, HDPDataError
-from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..accelerator import HDPAccelerator
-from ..launch import check_distributed_setup
-from ..mesh import DynamicMesh
-from ..models import UnsupportedModelError, check_model_supported, hdp_base_model, routes_attention
+from ..collators.collator import HDPCollator
+from ..collators.documents import HDPDataError
+from ..config import HDPConfig
+from ..data.columns import check_columns, row_rules
+from ..data.checks import MeasuredDataset, prepare_dataset, progress_bars, require_map_style, rows_text
+from ..data.loader import GlobalBatchSampler, HDPDataLoader
+from ..distributed.launch import check_distributed_setup
+from ..distributed.mesh import DynamicMesh
+from ..engine.fsdp import (ZERO2, ZERO3, fsdp_mode, full_model_state, gather_for_eval, layer_classes,
+                           prepare_optimizer, release_after_eval, shard_model)
+from ..engine.offload import ActivationOffloader, run_recomputes_layers
+from ..engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader
+from ..engine.step import StepEngine, hdp_loss
+from ..engine.zero import shard_optimizer
+from ..models import check_model_supported
 from ..planning import CostModel
 from ..planning.layers import kernel_head_dim
+from ..training_args import hdp_config_from_args, warn_if_uniform_lengths
 from .callbacks import HDPWindowCallback
 from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
 from .evaluation import eval_dataloader, hdp_evaluation_loop, hdp_predict
-from .fsdp import (ZERO2, ZERO3, begin_zero2_step, end_zero2_step, fsdp_mode, full_model_state,
-                   gather_for_eval, layer_classes, prepare_optimizer, release_after_eval, shard_model)
-from .inputs import check_columns, check_metrics_arguments, check_step_methods, row_rules
+from .inputs import check_metrics_arguments, check_step_methods
 from .neftune import PerSampleNEFTune
-from .offload import ActivationOffloader, run_recomputes_layers
 from .stats import HDPStats
-from .step import hdp_cost_model, hdp_loss, hdp_step_loader, run_micro_batches
-from .zero import gradient_owners, shard_optimizer
 
 logger = logging.getLogger(__name__)
-
-
-def enable_hdp_attention(model, state_split: str = "auto") -> PreTrainedModel:
-    """Switch ``model`` (or the model inside a PEFT wrapper) to the ``"hdp"`` attention, and its state-carrying
-    layers to HDP's (split by ``state_split``, :class:`~hf_hdp.config.HDPConfig`), or explain why it cannot be."""
-    base = hdp_base_model(model)
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{type(base).__name__} is an encoder-decoder model; HDP trains decoder-only causal LMs. "
-            "Use the stock Seq2SeqTrainer for it."
-        )
-    if not routes_attention(base):
-        raise UnsupportedModelError(
-            f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
-            "cannot split its sequences over ranks; packing would let tokens attend across samples. "
-            "Use a model whose class sets `_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), "
-            "or the stock Trainer."
-        )
-    base.set_attn_implementation(HDP_ATTENTION)
-    enable_hdp_mixers(base, state_split)  # Gated DeltaNet layers: HDP's packed and split recurrence (hf_hdp.attention.recurrent)
-    return base
-
-
-@contextlib.contextmanager
-def _progress_bars(show: bool):
-    """``datasets`` progress bars only where ``show`` (rank 0): the other ranks' bars would interleave."""
-    from datasets.utils import logging as datasets_logging
-
-    hide = not show and datasets_logging.is_progress_bar_enabled()
-    if hide:
-        datasets_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            datasets_logging.enable_progress_bar()
 
 
 def _positional_arguments(pos: tuple) -> dict:
@@ -169,7 +131,7 @@ class HDPTrainer(Trainer):
         args = copy.deepcopy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
         check_distributed_setup(args)
         world = args.world_size
-        # FSDP2 is HDP's own (hf_hdp.trainer.fsdp): read the mode, then take fsdp out of Trainer's hands
+        # FSDP2 is HDP's own (hf_hdp.engine.fsdp): read the mode, then take fsdp out of Trainer's hands
         self.hdp_fsdp = fsdp_mode(args, self.hdp_config.zero_stage)
         self.hdp_fsdp_modules: list = []  # filled when the model is sharded (create_optimizer)
         if self.hdp_fsdp is not None:
@@ -215,6 +177,9 @@ class HDPTrainer(Trainer):
         self.hdp_offload = ActivationOffloader.from_config(self.hdp_config, cost_model=lambda: self.cost_model)
         if self.hdp_offload is not None:
             self.hdp_stats.track_offload(self.hdp_offload.stats)
+        self.hdp_engine = StepEngine(self.mesh, self.hdp_config, backward=self.accelerator.backward,
+                                     autocast=self.compute_loss_context_manager, offload=self.hdp_offload,
+                                     collator=self.collator)
         if self.train_dataset is not None:
             self.hdp_train_data = self._measure(self.train_dataset, "train_dataset")
             self.train_dataset = self.hdp_train_data.dataset
@@ -229,7 +194,7 @@ class HDPTrainer(Trainer):
         self.add_callback(HDPWindowCallback(self.hdp_stats))
 
     def create_accelerator_and_postprocess(self) -> None:
-        """Trainer's Accelerator setup, then an :class:`~hf_hdp.mesh.HDPAccelerator` with its settings and the mesh."""
+        """Trainer's Accelerator setup, then an :class:`~hf_hdp.accelerator.HDPAccelerator` with its settings and the mesh."""
         super().create_accelerator_and_postprocess()
         self.mesh = DynamicMesh(device=self.args.device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
         self.accelerator = HDPAccelerator.like(self.accelerator, self.mesh)
@@ -281,7 +246,7 @@ class HDPTrainer(Trainer):
         require_map_style(dataset, what)
         check_columns(dataset, self.hdp_row_rules, self.hdp_model, self.args, cfg.length_column, what)
         with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"), \
-                _progress_bars(self.args.process_index == 0):
+                progress_bars(self.args.process_index == 0):
             # documents, lengths, label tokens, token types and id ranges (cached columns), empty samples,
             # the long-sample policy and the vocabulary range: every error names the user's row
             return prepare_dataset(dataset, cfg, self.mesh.world_size, self.collator.vocab_size, self.hdp_row_rules)
@@ -391,20 +356,21 @@ class HDPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level loss: this micro-batch's summed token losses over the global batch's label count.
 
-        A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.trainer.step.hdp_loss`);
+        A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.engine.step.hdp_loss`);
         otherwise the LM head and the loss run in chunks of ``HDPConfig.loss_chunk_tokens`` tokens
-        (:mod:`hf_hdp.trainer.loss`), never building the full ``[T, vocab]`` logits."""
+        (:mod:`hf_hdp.engine.loss`), never building the full ``[T, vocab]`` logits."""
         return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs,
                         loss_func=self.compute_loss_func, chunk_tokens=self.hdp_config.loss_chunk_tokens)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer (its class, settings and parameter groups), sharded over the ranks at ZeRO
-        stage 1 or 2 (``HDPConfig.zero_stage``, see :mod:`hf_hdp.trainer.zero`), with its ``step``
+        stage 1 or 2 (``HDPConfig.zero_stage``, see :mod:`hf_hdp.engine.zero`), with its ``step``
         guarded so that HDP can skip one step (see :meth:`training_step`)."""
         built_by_trainer = self.optimizer is None
         if self.hdp_fsdp is not None and self.mesh.world_size > 1 and built_by_trainer:
-            # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.trainer.fsdp)
+            # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.engine.fsdp)
             self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device)
+            self.hdp_engine.fsdp_mode, self.hdp_engine.fsdp_modules = self.hdp_fsdp, self.hdp_fsdp_modules
         optimizer = super().create_optimizer(model)
         if self.hdp_fsdp_modules:
             prepare_optimizer(optimizer)  # its state is sharded like the parameters; full in checkpoints
@@ -433,59 +399,19 @@ class HDPTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
-        if self.hdp_config.check_plan_hash:
-            self.mesh.check_plan(step.fingerprint, step.global_step)
-        if step.num_loss_tokens == 0:
+        result = self.hdp_engine.run(model, step, self.compute_loss, [self.optimizer])
+        if result.skipped:
             logger.warning(
                 "global step %d (step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
                 "label is -100), so the optimizer step was skipped: weights and optimizer state are unchanged and "
                 "the step's loss is logged as 0.", step.global_step, step.step, step.epoch,
                 rows_text(step.rows, 8),
             )
-            for p in model.parameters():
-                p.grad = None
             self._skip_optimizer_step = True
             self._skipped_steps += 1
-            self.hdp_stats.record(step, self.state.global_step + 1, 0.0, 0, 0.0)
-            return torch.zeros((), dtype=torch.float32, device=self.args.device)
-        started = time.process_time()
-        bytes_before = self.mesh.stats.bytes_sent
-        fsdp = self.hdp_fsdp_modules
-        if fsdp and self.hdp_fsdp == ZERO2:
-            begin_zero2_step(fsdp)  # the whole weights once; no collective inside the micro-batches
-        run = functools.partial(run_micro_batches, model, num_loss_tokens=step.num_loss_tokens, mesh=self.mesh,
-                                backend=self.hdp_config.attention_backend, device=self.args.device,
-                                loss_fn=self.compute_loss, backward=self.accelerator.backward,
-                                context=self.compute_loss_context_manager, offload=self.hdp_offload)
-        params = [p for p in model.parameters() if p.requires_grad]
-        reduction = None
-        if not fsdp:  # started during the last backward (hf_hdp.reduction); ZeRO stage 2: a reduce-scatter
-            reduction = self.mesh.gradient_reduction(params, gradient_owners(self.optimizer, params), num_extras=3,
-                                                     step=step.global_step)
-        overlap = reduction.watch if reduction is not None and self.hdp_config.overlap_grad_reduction else None
-        loss_sum = run(step.micro_batches, last_backward=overlap)
-        if fsdp and self.hdp_fsdp == ZERO2:
-            end_zero2_step(fsdp)  # every rank's placeholder backward reduce-scatters the accumulated gradients
-            loss_sum += run([self.collator.placeholder(self.mesh.rank, step.plan.num_slots, step.global_step)])
-        sent = self.mesh.stats.bytes_sent - bytes_before
-        labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
-        if fsdp:  # FSDP reduce-scattered the gradients itself; the step's sums go in one bounded all-reduce
-            total, sent_all, labels_all = self.mesh.sum_scalars([loss_sum, float(sent), labels],
-                                                                "step sums (loss, bytes, labels)", step.global_step)
-            self.mesh.gradients_sharded = True
-        else:
-            # the step's loss, the P2P bytes and the label tokens of all ranks ride in its last bucket
-            total, sent_all, labels_all = reduction.finish([loss_sum, float(sent), labels])
-        if int(round(labels_all)) != step.num_loss_tokens:
-            raise HDPDataError(
-                f"global step {step.global_step} (dataset rows {rows_text(step.rows, 8)}): the ranks packed "
-                f"{int(round(labels_all))} label tokens, but measuring the dataset counted {step.num_loss_tokens}, so "
-                "the loss would be divided by the wrong count; the optimizer step was not taken. The rows gave other "
-                "labels when loaded than when measured: a data collator that is random or has state (HDP runs it "
-                "per sample, at measuring and at loading) must give the same output for the same sample."
-            )
-        self.hdp_stats.record(step, self.state.global_step + 1, time.process_time() - started, sent, sent_all)
-        return torch.tensor(total, dtype=torch.float32, device=self.args.device)
+        self.hdp_stats.record(step, self.state.global_step + 1, result.cpu_s, result.bytes_sent,
+                              result.bytes_sent_all)
+        return torch.tensor(result.loss, dtype=torch.float32, device=self.args.device)
 
     def floating_point_ops(self, inputs) -> int:
         step = inputs["hdp_step"]

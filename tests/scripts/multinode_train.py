@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_steps import base_parser, make_dataset, training_arguments  # noqa: E402  (the reference's)
 
 from hf_hdp import HDPConfig, HDPTrainer  # noqa: E402
-from hf_hdp.launch import init_process_group  # noqa: E402
+from hf_hdp.distributed.launch import init_process_group  # noqa: E402
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
        "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID")

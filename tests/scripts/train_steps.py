@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.launch import init_process_group
+from hf_hdp.distributed.launch import init_process_group
 
 
 def make_dataset(n: int, vocab: int, seed: int, long_every: int = 5) -> Dataset:
@@ -98,12 +98,12 @@ def main():
     ap.add_argument("--zero_stage", type=int, default=None, help="HDPConfig.zero_stage (default: its own)")
     ap.add_argument("--weight_decay", type=float, default=0.0)
     ap.add_argument("--max_grad_norm", type=float, default=1.0)
-    ap.add_argument("--bucket_bytes", type=int, default=None, help="hf_hdp.mesh.DEFAULT_BUCKET_BYTES")
+    ap.add_argument("--bucket_bytes", type=int, default=None, help="hf_hdp.distributed.mesh.DEFAULT_BUCKET_BYTES")
     a = ap.parse_args()
     if a.bucket_bytes is not None:
-        import hf_hdp.mesh
+        import hf_hdp.distributed.mesh
 
-        hf_hdp.mesh.DEFAULT_BUCKET_BYTES = a.bucket_bytes
+        hf_hdp.distributed.mesh.DEFAULT_BUCKET_BYTES = a.bucket_bytes
 
     init_process_group("gloo")  # before TrainingArguments: safe across torchrun restarts
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))

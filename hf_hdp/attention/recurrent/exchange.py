@@ -1,7 +1,7 @@
 """Row messages between the members of a group, as one autograd node: the P2P of the state-carrying layers.
 
 A state-carrying layer's split (:mod:`.split`) moves three kinds of message over the one global group's
-bounded P2P (:meth:`hf_hdp.mesh.DynamicMesh.exchange`): convolution halos, chunk states, and the rows of
+bounded P2P (:meth:`hf_hdp.distributed.mesh.DynamicMesh.exchange`): convolution halos, chunk states, and the rows of
 head shards. Each is a list of *moves*; move ``i`` of a member sends a tensor to one rank and receives one
 from another (either side may be empty, which both partners know from the same metadata), and the
 partner of every move runs it in the same order, so no placement deadlocks.

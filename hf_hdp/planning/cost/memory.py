@@ -14,7 +14,7 @@ micro-batch's activations at once. Consequences, each counted below:
 
 - ZeRO stage 1 shards the optimizer states ``1/world``; stage 2 shards the gradients only from the
   reduction to the end of the optimizer step, so its *peak* equals stage 1's
-  (:mod:`hf_hdp.trainer.zero` says the same);
+  (:mod:`hf_hdp.engine.zero` says the same);
 - ``fsdp="shard_grad_op"``: the whole weights are gathered for the whole step, beside the rank's
   own shard, and the gradients accumulate unsharded (reduce-scattered once per step); the optimizer
   states are sharded;
@@ -37,7 +37,7 @@ from .specs import FLOAT32_BYTES, HardwareSpec, ModelSpec
 
 FSDP_MODES = ("shard_grad_op", "full_shard")
 # layers of restored activations on the device during an offloaded backward: the layer whose backward
-# runs, and the one before it, prefetched behind it (hf_hdp.trainer.offload)
+# runs, and the one before it, prefetched behind it (hf_hdp.engine.offload)
 OFFLOAD_PREFETCH_LAYERS = 2
 # layers whose whole weights and gradients FSDP's full_shard holds at a time: the one running, the one prefetched
 FSDP_GATHERED_LAYERS = 2
@@ -270,7 +270,7 @@ def head_bytes(model: ModelSpec, tokens: int, loss_chunk_tokens: int | None = No
     """The LM head and the loss of a micro-batch of ``tokens`` tokens.
 
     ``loss_chunk_tokens=None``: :func:`logits_bytes_per_token` for every token (the full logits).
-    Chunked (:mod:`hf_hdp.trainer.loss`): every token's final hidden state (``h`` values) and the
+    Chunked (:mod:`hf_hdp.engine.loss`): every token's final hidden state (``h`` values) and the
     log-sum-exp of its logits (float32, or the model dtype if wider), plus one chunk of
     ``min(chunk, tokens)`` rows of logits, their float32 copy and softmax; and a float32 ``[V, h]``
     accumulator of the head's weight gradient when the weight is 16-bit (``weight_bytes < 4``).
@@ -403,7 +403,7 @@ def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *
     elif zero_stage is None:
         zero_stage = 1 if world_size > 1 and fsdp is None else 0
     elif world_size == 1:
-        zero_stage = 0  # one rank: nothing to shard, every stage runs as 0 (hf_hdp.trainer.zero.resolve_zero_stage)
+        zero_stage = 0  # one rank: nothing to shard, every stage runs as 0 (hf_hdp.engine.zero.resolve_zero_stage)
     budget = _memory_budget(memory)
     usable = budget * (1.0 - reserve_fraction)
     kw = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp, checkpointing=checkpointing,

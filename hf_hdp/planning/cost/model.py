@@ -148,7 +148,7 @@ class CostModel:
     grad_bytes: float = 0.0
     # True: the backward dK/dV hops overlap the next block (not so in hf_hdp's ring.py, see module docstring)
     overlap_grad_hops: bool = False
-    # activation offloading (hf_hdp.trainer.offload): bytes/s one way between device and host memory (0: unknown,
+    # activation offloading (hf_hdp.engine.offload): bytes/s one way between device and host memory (0: unknown,
     # offload_ratio="auto" then offloads nothing), and what one layer saves per token for backward without
     # recomputation / with it (its input only); see memory.layer_activation_bytes_per_token
     host_bandwidth: float = 0.0
@@ -349,7 +349,7 @@ class CostModel:
         ``a`` counts causal attention (``2·H·D`` forward FLOPs per ``s²`` per layer), ``b`` the
         projections, the gated MLP and the LM head (``2·(layer_params + V·h/L)`` per token),
         ``c`` is the hardware's per-layer overhead. The gradient reduction is priced as moving every
-        parameter in float32; :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` reduces in the gradients'
+        parameter in float32; :meth:`~hf_hdp.distributed.mesh.DynamicMesh.reduce_gradients` reduces in the gradients'
         own dtype, so bf16 gradients move half of that.
         """
         return cls(

@@ -324,7 +324,7 @@ class HardwareSpec:
     overhead_per_layer: float = 0.0  # seconds per layer per micro-batch (launches, norms)
     memory_bytes: float = 80e9
     # bytes/s one way between the rank's device memory and pinned host memory, for activation offloading
-    # (hf_hdp.trainer.offload); 0: unknown, then offload_ratio="auto" never offloads
+    # (hf_hdp.engine.offload); 0: unknown, then offload_ratio="auto" never offloads
     host_bandwidth: float = 0.0
 
 

@@ -1,6 +1,6 @@
 """The length-aware collator: packs one rank's micro-batch padding-free, with HDP attention metadata.
 
-For a micro-batch of the step plan and the documents it names (see :mod:`hf_hdp.data.documents`), it builds
+For a micro-batch of the step plan and the documents it names (see :mod:`hf_hdp.collators.documents`), it builds
 
 - ``input_ids``, ``position_ids``, ``labels``: ``[1, T]`` with no padding;
 - ``hdp_metadata``: an :class:`~hf_hdp.attention.metadata.HDPAttentionMetadata`.

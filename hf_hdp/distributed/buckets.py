@@ -2,7 +2,7 @@
 
 Pure layout, no communication: :func:`plan_buckets` depends only on the tensors' sizes and dtypes
 (and, for a reduce-scatter or all-gather, on which rank keeps each tensor), so every rank computes
-the same buckets in the same order. :class:`~hf_hdp.mesh.DynamicMesh` runs one collective per bucket
+the same buckets in the same order. :class:`~hf_hdp.distributed.mesh.DynamicMesh` runs one collective per bucket
 (the gradient reduction, ZeRO's weight all-gather) and packs tensors in and out of it with
 :func:`pack` and :func:`unpack`.
 """

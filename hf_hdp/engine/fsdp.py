@@ -34,7 +34,7 @@ model whose weights do not fit needs; ``shard_grad_op`` is the cheaper mode when
 
 What carries over: gradient clipping takes the norm of the whole gradient (each rank's local shards,
 one bounded all-reduce: :meth:`~hf_hdp.accelerator.HDPAccelerator.clip_grad_norm_`); the step's
-loss, P2P bytes and label count go in one bounded sum (:meth:`~hf_hdp.mesh.DynamicMesh.sum_scalars`);
+loss, P2P bytes and label count go in one bounded sum (:meth:`~hf_hdp.distributed.mesh.DynamicMesh.sum_scalars`);
 the optimizer is Trainer's, over the sharded parameters, so its state is sharded too; checkpoints
 hold the full model (gathered on every rank, written by the saving rank) and the full optimizer state
 in ``torch.optim``'s own format, so they resume at any world size, ZeRO stage or FSDP mode; resume
@@ -59,7 +59,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..planning.plan import lockstep
-from .zero import PLACEHOLDER_KEY, _hyper
+from .zero import PLACEHOLDER_KEY, group_settings
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def full_optimizer_state(optimizer) -> dict:
                                 if torch.is_tensor(v) else v for k, v in values.items()}
             ids.append(index)
             index += 1
-        groups.append({**_hyper(group), "params": ids})
+        groups.append({**group_settings(group), "params": ids})
     return {"state": state, "param_groups": groups}
 
 
@@ -227,7 +227,7 @@ def _placeholder_if_sharded(optimizer, state_dict: dict) -> dict:
     """``state_dict()`` of an optimizer over sharded parameters: a placeholder once its state holds
     shards. Trainer calls ``state_dict()`` on the saving rank alone, where no rank could gather the
     full state; HDP's ``on_save`` callback gathers it on every rank and replaces the file
-    (:func:`~hf_hdp.trainer.zero.save_full_optimizer_state`). Before the first step (accelerate's
+    (:func:`~hf_hdp.trainer.checkpoint.save_full_optimizer_state`). Before the first step (accelerate's
     device placement) the state is empty and passes unchanged."""
     if any(isinstance(v, DTensor) for values in optimizer.state.values() for v in values.values()):
         return {"state": {}, "param_groups": [], PLACEHOLDER_KEY: {"rank": torch.distributed.get_rank(),

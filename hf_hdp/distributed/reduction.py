@@ -2,7 +2,7 @@
 
 HDP ranks run different numbers of micro-batches, so the gradients can be reduced only once a
 rank's last micro-batch is done; but the buckets of that last backward need not wait for all of
-it. :class:`GradientReduction` holds the step's buckets (:func:`~hf_hdp.buckets.plan_buckets`:
+it. :class:`GradientReduction` holds the step's buckets (:func:`~hf_hdp.distributed.buckets.plan_buckets`:
 the same on every rank) and sends them in one fixed order, the **reverse** of the parameters'
 order, which is the order backward makes their gradients ready (the head's first, the embeddings'
 last):

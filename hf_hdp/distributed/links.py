@@ -3,7 +3,7 @@
 Loopback P2P between processes of one machine is nearly free (gloo: about 80 us and 2.2 GB/s, with
 compute thousands of times slower than a GPU's), so a static DP x CP mesh pays nothing for its rings
 and the planners' gains, which come from wire time, do not show in measurements. A
-:class:`LinkEmulator` prices every message and collective of :class:`~hf_hdp.mesh.DynamicMesh` with
+:class:`LinkEmulator` prices every message and collective of :class:`~hf_hdp.distributed.mesh.DynamicMesh` with
 the links of a real cluster, and the mesh (``DynamicMesh(links=...)``; off by default) makes each
 P2P exchange and collective last that long by *sleeping* (never spinning: the ranks of a benchmark
 share a few cores).
@@ -65,7 +65,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-from .planning.cost import FWD_BWD, HARDWARE_PRESETS, CostModel, HardwareSpec, ModelSpec
+from ..planning.cost import FWD_BWD, HARDWARE_PRESETS, CostModel, HardwareSpec, ModelSpec
 
 #: link preset name -> the HARDWARE_PRESETS entry whose links (intra-node and inter-node) it takes
 LINK_PRESETS = {

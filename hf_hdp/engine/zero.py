@@ -9,15 +9,15 @@ ZeRO stages 1 and 2 need exactly that:
   owner rank (:func:`partition`: largest first, onto the rank with the fewest elements so far, per
   dtype); each rank's own optimizer (:class:`ZeroOptimizer`, the class and arguments Trainer chose)
   holds and updates only the parameters it owns; then the updated weights are copied from their
-  owners to every rank (bucketed, bounded all-gathers: :meth:`~hf_hdp.mesh.DynamicMesh.gather_parameters`).
+  owners to every rank (bucketed, bounded all-gathers: :meth:`~hf_hdp.distributed.mesh.DynamicMesh.gather_parameters`).
   The gradients are still all-reduced, so gradient clipping and everything else see the whole
   gradient. Saves ``(1 - 1/world)`` of the optimizer state per rank: with AdamW in float32, 8 of the
   16 bytes per parameter (weights 4, gradients 4, moments 8) become ``8 / world``.
 - **stage 2**: also the gradients. The step's gradient collective is a reduce-scatter in the same
-  buckets (:meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients` with ``owners``): each rank ends with
+  buckets (:meth:`~hf_hdp.distributed.mesh.DynamicMesh.reduce_gradients` with ``owners``): each rank ends with
   the summed gradients of the parameters it owns, and the other gradients are freed (``None``).
   Gradient clipping takes the norm of the whole gradient over all ranks
-  (:meth:`~hf_hdp.mesh.HDPAccelerator.clip_grad_norm_`). It saves ``(1 - 1/world)`` of the
+  (:meth:`~hf_hdp.accelerator.HDPAccelerator.clip_grad_norm_`). It saves ``(1 - 1/world)`` of the
   gradient memory from the reduction to the end of the optimizer step, and moves less data: a
   reduce-scatter and an all-gather of the weights (2x the model bytes per rank, as a plain
   all-reduce) instead of stage 1's all-reduce and all-gather (3x). It does not lower the peak
@@ -25,7 +25,7 @@ ZeRO stages 1 and 2 need exactly that:
   reduced only once the rank's last micro-batch is done, because the ranks run different counts.
 
 Weights stay replicated here. To shard them too, HDPTrainer runs FSDP2
-(``TrainingArguments(fsdp="full_shard")``, :mod:`hf_hdp.trainer.fsdp`), whose per-layer gathers
+(``TrainingArguments(fsdp="full_shard")``, :mod:`hf_hdp.engine.fsdp`), whose per-layer gathers
 need equal micro-batch counts on every rank: lockstep plans.
 
 The ownership is element-free (whole parameters), so any optimizer that updates each parameter from
@@ -40,7 +40,7 @@ writes ``optimizer.pt`` from ``optimizer.state_dict()`` on the main process only
 callback runs on all ranks; a sharded optimizer's ``state_dict()`` therefore returns a small
 placeholder that no optimizer loads, and HDP's ``on_save`` callback (all ranks) gathers the full
 state (:meth:`ZeroOptimizer.full_state_dict`) and replaces the placeholder before it writes
-``hdp_state.json`` (:func:`save_full_optimizer_state`). Resume loads the full state on every rank
+``hdp_state.json`` (:func:`hf_hdp.trainer.checkpoint.save_full_optimizer_state`). Resume loads the full state on every rank
 and each rank keeps its own shard (:meth:`ZeroOptimizer.load_state_dict`).
 """
 
@@ -49,14 +49,13 @@ from __future__ import annotations
 import inspect
 import io
 import logging
-import os
 import secrets
 from collections.abc import Iterable
 
 import torch
 
-from ..buckets import plan_buckets
-from ..mesh import DynamicMesh
+from ..distributed.buckets import plan_buckets
+from ..distributed.mesh import DynamicMesh
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def partition(params: list[torch.Tensor], world_size: int) -> list[int]:
     return owners
 
 
-def _hyper(group: dict) -> dict:
+def group_settings(group: dict) -> dict:
     """A parameter group's settings (lr, weight_decay, ...), without its parameters."""
     return {k: v for k, v in group.items() if k not in ("params", "param_names")}
 
@@ -109,7 +108,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     :attr:`state` is this rank's shard of the state.
 
     :meth:`step` (on every rank, together): the local optimizer's step, then the updated weights from
-    their owners to all ranks (:meth:`~hf_hdp.mesh.DynamicMesh.gather_parameters`). With ``stage=2``
+    their owners to all ranks (:meth:`~hf_hdp.distributed.mesh.DynamicMesh.gather_parameters`). With ``stage=2``
     the gradients are expected sharded (:func:`gradient_owners`); with 1, whole.
     """
 
@@ -126,7 +125,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"ZeRO shards dense, contiguous parameters; parameter {i} ({tuple(p.shape)}) is not")
         self.owners = partition(self.params, mesh.world_size)
         self._owner = {id(p): r for p, r in zip(self.params, self.owners)}
-        local_groups = [{**_hyper(g), "params": [p for p in g["params"] if self._owner[id(p)] == mesh.rank]}
+        local_groups = [{**group_settings(g), "params": [p for p in g["params"] if self._owner[id(p)] == mesh.rank]}
                         for g in self.param_groups]
         self.local = optimizer_class(local_groups, **kwargs)
         self.state = self.local.state  # this rank's shard
@@ -149,7 +148,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _sync_settings(self, source: list[dict], target: list[dict]) -> None:
         for s, t in zip(source, target):
-            t.update(_hyper(s))
+            t.update(group_settings(s))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,7 +163,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _global_groups(self) -> list[dict]:
         groups, start = [], 0
         for g in self.param_groups:
-            groups.append({**_hyper(g), "params": list(range(start, start + len(g["params"])))})
+            groups.append({**group_settings(g), "params": list(range(start, start + len(g["params"])))})
             start += len(g["params"])
         return groups
 
@@ -183,7 +182,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The whole optimizer state, in ``torch.optim``'s format, on the ranks that pass ``receive=True``.
 
         Collective: call it on every rank. Each rank's shard travels to the receivers in bounded pieces
-        (:meth:`~hf_hdp.mesh.DynamicMesh.gather_bytes`); the result is on the CPU and loads into this
+        (:meth:`~hf_hdp.distributed.mesh.DynamicMesh.gather_bytes`); the result is on the CPU and loads into this
         optimizer at any world size, or into a plain ``optimizer_class`` over the same groups. ``None``
         on the other ranks.
         """
@@ -235,7 +234,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     local_state[index] = state[saved_id]
                 indices.append(index)
                 index += 1
-            local_groups.append({**_hyper(saved_group), "params": indices})
+            local_groups.append({**group_settings(saved_group), "params": indices})
         self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
         self._sync_settings(groups, self.param_groups)
 
@@ -302,39 +301,10 @@ def shard_optimizer(optimizer, mesh: DynamicMesh, zero_stage: int | None, args, 
 
 
 def gradient_owners(optimizer, params: list[torch.Tensor]) -> list[int | None] | None:
-    """For :meth:`~hf_hdp.mesh.DynamicMesh.reduce_gradients`: at ZeRO stage 2, each parameter's owner
+    """For :meth:`~hf_hdp.distributed.mesh.DynamicMesh.reduce_gradients`: at ZeRO stage 2, each parameter's owner
     rank (``None`` for one the optimizer does not hold: every rank keeps its gradient); otherwise
     ``None`` (all-reduce)."""
     zero = unwrap_zero(optimizer)
     if zero is None or zero.stage < 2:
         return None
     return [zero.owner_of(p) for p in params]
-
-
-def save_full_optimizer_state(trainer, folder: str) -> None:
-    """Replace the placeholder ``optimizer.pt`` Trainer wrote into ``folder`` by the full state. Call on all ranks.
-
-    A no-op unless the optimizer is sharded (ZeRO, or FSDP: :mod:`hf_hdp.trainer.fsdp`) and the
-    checkpoint holds the optimizer (``save_only_model=False``). Written by the ranks that save (``TrainingArguments.should_save``),
-    to a temporary file first and then renamed, so the file is never half written.
-    """
-    if trainer.args.save_only_model:
-        return
-    zero = unwrap_zero(getattr(trainer, "optimizer", None))
-    if zero is not None:
-        full = zero.full_state_dict(receive=bool(trainer.args.should_save))
-    elif getattr(trainer, "hdp_fsdp_modules", None):  # FSDP: the state of sharded parameters, gathered
-        from .fsdp import full_optimizer_state  # fsdp imports this module (the placeholder key)
-
-        optimizer = trainer.optimizer
-        while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
-            optimizer = optimizer.optimizer
-        full = full_optimizer_state(optimizer)  # a collective: every rank gathers every tensor
-        full = full if trainer.args.should_save else None
-    else:
-        return
-    if full is None or not os.path.isdir(folder):
-        return
-    path = os.path.join(folder, OPTIMIZER_FILE)
-    torch.save(full, path + ".tmp")
-    os.replace(path + ".tmp", path)

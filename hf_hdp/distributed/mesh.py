@@ -16,7 +16,7 @@ per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.
 - reduces gradients once per optimizer step, however many micro-batches a rank ran (zero included):
   in buckets of at most ``bucket_bytes`` (:data:`DEFAULT_BUCKET_BYTES`, 25 MiB), each in the
   gradients' own dtype, with extra scalars riding along in the bucket sent last, started while the
-  last micro-batch's backward still runs (:mod:`hf_hdp.reduction`); as all-reduces (every
+  last micro-batch's backward still runs (:mod:`hf_hdp.distributed.reduction`); as all-reduces (every
   rank gets the summed gradient) or, for ZeRO stage 2, as reduce-scatters (each rank keeps only the
   gradients its optimizer shard updates) (:meth:`DynamicMesh.reduce_gradients`, :func:`plan_buckets`);
 - copies ZeRO's updated weights from their owners to every rank, in the same buckets
@@ -25,7 +25,7 @@ per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.
 - sums a few scalars for evaluation (:meth:`DynamicMesh.sum_scalars`);
 - for benchmarks only, and only when asked (``DynamicMesh(links=LinkEmulator(...))``; off by default):
   makes every P2P exchange and collective last as long as it would on the emulated links
-  (:mod:`hf_hdp.links`), by sleeping (see :class:`DynamicMesh`).
+  (:mod:`hf_hdp.distributed.links`), by sleeping (see :class:`DynamicMesh`).
 
 No rank waits forever: every one of these waits is bounded (``HDPConfig.p2p_timeout_s``, 10 minutes
 by default). A peer that is late past the bound raises :class:`P2PTimeoutError` (ring) or
@@ -33,7 +33,7 @@ by default). A peer that is late past the bound raises :class:`P2PTimeoutError` 
 three are :class:`HDPCommError` and name this rank, the peer or the collective, and the step.
 
 :class:`~hf_hdp.accelerator.HDPAccelerator` plugs the mesh into accelerate; the bucket layout is
-:mod:`hf_hdp.buckets`; :mod:`hf_hdp.launch` starts the process group and refuses a launch of several
+:mod:`hf_hdp.distributed.buckets`; :mod:`hf_hdp.distributed.launch` starts the process group and refuses a launch of several
 processes that did not form one. Their names stay importable from here.
 """
 
@@ -186,9 +186,9 @@ class DynamicMesh:
     and each buffer they allocate (default :data:`DEFAULT_BUCKET_BYTES`, read when the mesh is built).
 
     ``links`` (default ``None``: nothing changes, in behaviour or timing): a
-    :class:`~hf_hdp.links.LinkEmulator`, for benchmarks on one machine, where loopback P2P is nearly
+    :class:`~hf_hdp.distributed.links.LinkEmulator`, for benchmarks on one machine, where loopback P2P is nearly
     free. Then every transfer of the mesh is "delivered" at its start plus the emulated delay
-    (:meth:`~hf_hdp.links.LinkEmulator.exchange_delay` for a P2P exchange, ``collective_delay`` for a
+    (:meth:`~hf_hdp.distributed.links.LinkEmulator.exchange_delay` for a P2P exchange, ``collective_delay`` for a
     collective, ``p2p_delay`` for :meth:`gather_bytes`' messages), and the wait for it SLEEPS (never
     spins: the ranks of a benchmark share a few cores) only for what is left of that deadline once the
     real transfer is done. So compute between :meth:`exchange` and :meth:`wait` (the ring's block)
@@ -220,7 +220,7 @@ class DynamicMesh:
         self.timeout = datetime.timedelta(seconds=self.timeout_s) if self.timeout_s else None
         self.stats = CommStats()
         if links is not None and not isinstance(links, LinkEmulator):
-            raise TypeError("DynamicMesh(links=...) takes a hf_hdp.links.LinkEmulator or None, "
+            raise TypeError("DynamicMesh(links=...) takes a hf_hdp.distributed.links.LinkEmulator or None, "
                             f"got {type(links).__name__}")
         self.links = links
 
@@ -481,7 +481,7 @@ class DynamicMesh:
         ``extras`` are scalars summed in the bucket sent last, in float32 (or the widest parameter
         dtype if wider, as the loss sum always was); their sums are returned.
 
-        The buckets go in a fixed order, the parameters' last first (:mod:`hf_hdp.reduction`, which
+        The buckets go in a fixed order, the parameters' last first (:mod:`hf_hdp.distributed.reduction`, which
         can also start them during the last backward).
 
         ``owners=None``: all-reduces, every rank gets every summed gradient. ``owners[i]``: the rank
@@ -496,7 +496,7 @@ class DynamicMesh:
                            num_extras: int = 0, step: int | None = None) -> GradientReduction:
         """The step's reduction of :meth:`reduce_gradients`, to start during the last backward
         (:meth:`GradientReduction.watch`) and complete with :meth:`GradientReduction.finish`
-        (:mod:`hf_hdp.reduction`)."""
+        (:mod:`hf_hdp.distributed.reduction`)."""
         return GradientReduction(self, params, owners, num_extras, step)
 
     def gather_parameters(self, params: list[torch.Tensor], owners: Sequence[int], step: int | None = None,
@@ -613,12 +613,7 @@ class DynamicMesh:
         return totals.tolist()
 
 
-# names that lived here before the accelerator, the launch helpers and the bucket layout got files of their own
-from .accelerator import HDPAccelerator  # noqa: E402
-from .launch import check_distributed_setup, init_process_group  # noqa: E402
-
 __all__ = [
-    "Bucket", "CollectiveTimeoutError", "CommStats", "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "DynamicMesh",
-    "HDPAccelerator", "HDPCommError", "LinkEmulator", "P2PTimeoutError", "PeerCrashedError", "PlanMismatchError",
-    "check_distributed_setup", "init_process_group", "plan_buckets",
+    "CollectiveTimeoutError", "CommStats", "DEFAULT_TIMEOUT_S", "DynamicMesh", "HDPCommError", "P2PTimeoutError",
+    "PeerCrashedError", "PlanMismatchError",
 ]

@@ -15,7 +15,7 @@ log-sum-exp and the softmax run in that precision. Rows labelled ``ignore_index`
 computed.
 
 :func:`chunked_head` decides per model whether the chunked path reproduces the model's own logits;
-``hdp_loss(..., chunk_tokens=n)`` (:mod:`hf_hdp.trainer.step`) falls back to the full logits for the
+``hdp_loss(..., chunk_tokens=n)`` (:mod:`hf_hdp.engine.step`) falls back to the full logits for the
 rest.
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..data.documents import IGNORE_INDEX
+from ..collators.documents import IGNORE_INDEX
 from ..models import UnsupportedModelError, hdp_base_model
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -286,7 +286,7 @@ class ActivationOffloader:
     model). ``min_bytes``: smaller saved tensors stay on the device.
 
     ``with offloader.offloading(model, meta, device): loss = ...`` around a micro-batch's forward
-    (:func:`~hf_hdp.trainer.step.forward_micro_batch` does it with ``offload=``); the backward after
+    (:func:`~hf_hdp.engine.step.forward_micro_batch` does it with ``offload=``); the backward after
     it brings the tensors back.
     """
 
