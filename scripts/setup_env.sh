@@ -49,5 +49,6 @@ EOF
     pip_install -c "$PINS" -e '.[dev]' torch==2.13.0
   fi
 fi
+[ "$(.venv/bin/ruff --version 2>/dev/null)" = "ruff $(sed -n 's/^ruff==//p' "$PINS")" ] || pip_install -c "$PINS" ruff  # scripts/lint.sh
 .venv/bin/python -c "import hf_hdp, torch, transformers, accelerate, datasets, pytest" \
   || { echo "setup failed: see the pip output above" >&2; exit 1; }
