@@ -4,12 +4,12 @@ It changes these things through Trainer's override points, and nothing else:
 
 - ``get_train_dataloader``: one item per optimizer step, holding only this rank's micro-batches of
   the step plan (see :mod:`hf_hdp.data.loader`).
-- ``training_step``: checks that all ranks hold the same plan, runs this rank's micro-batches in
-  slot order (ranks may run different numbers, zero included), then joins the step's one gradient
-  reduction (the same bounded buckets on every rank, started during the last backward,
-  :mod:`hf_hdp.distributed.reduction`; a reduce-scatter at ZeRO stage 2); the step's loss, P2P bytes and label
-  count ride in it. Under FSDP2 (``TrainingArguments.fsdp``) the reduction is FSDP's, in one of
-  two modes (:mod:`hf_hdp.engine.fsdp`).
+- ``training_step``: one optimizer step of the step engine (:class:`~hf_hdp.engine.step.StepEngine`,
+  shared with HDPAccelerator and HDPSFTTrainer): the plan check, this rank's micro-batches in slot
+  order (ranks may run different numbers, zero included), the step's one gradient reduction (bounded
+  buckets, or FSDP2's own under ``TrainingArguments.fsdp``, :mod:`hf_hdp.engine.fsdp`) and the label
+  recount; the trainer adds the warning and the optimizer-step skip of a batch without labels, and
+  its figures (:mod:`hf_hdp.trainer.stats`).
 - ``create_optimizer``: applies FSDP2 first, when asked; then Trainer's optimizer, sharded at ZeRO
   stage 1 or 2 otherwise. ``save_model``: under FSDP2 the whole weights, gathered on every rank.
 - ``compute_loss``: the token-level loss, sum of per-token losses over the global batch's label
