@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 from .cost import CostModel
-from .cost.model import segments_of
+from .cost.segments import segments_of
 from .plan import StepPlan
 
 #: interval kinds of :func:`plan_timeline`

@@ -7,7 +7,9 @@ Pure Python, and nothing runs at import. The modules, each depending only on tho
 - :mod:`.fit`: least-squares fits of ``a·s² + b·s + c`` (:func:`fit_coefficients`), and ByteScale's
   published per-layer times fitted that way (:func:`bytescale_fit`);
 - :mod:`.model`: :class:`CostModel`, the time of whole sequences, ring pieces and micro-batches,
-  the ring communication and the gradient all-reduce;
+  the ring communication and the gradient all-reduce; its methods by concern in :mod:`.structure` (the
+  layers), :mod:`.timing` (time terms), :mod:`.offload` (offloading's copies), :mod:`.volume` (bytes and
+  messages per member), with :mod:`.segments` (a micro-batch's segments);
 - :mod:`.calibration`: :func:`calibrate`, the coefficients fitted to timings of this machine
   (``benchmarks/calibrate.py`` does it for a real model);
 - :mod:`.memory`: peak bytes per rank by kind (:func:`memory_breakdown`), and the ``tokens_per_rank``
@@ -38,7 +40,7 @@ from .memory import (
     offloaded_layers,
     tokens_per_rank_for_memory,
 )
-from .model import CostModel, layer_type_times, ring_segments
+from .model import CostModel, layer_type_times
 from .specs import FLOAT32_BYTES, FWD_BWD, HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 
 __all__ = [
@@ -71,6 +73,5 @@ __all__ = [
     "offloaded_layers",
     "predicted_time",
     "relative_residuals",
-    "ring_segments",
     "tokens_per_rank_for_memory",
 ]
