@@ -130,7 +130,11 @@ def test_allreduce_ends_every_step():
     m = plan_metrics(plan, cost)
     ar = 2 * 3 / 4 * 600 / 10 + 2 * 2 * 0.5
     assert m.allreduce_s == pytest.approx(ar) and m.step_time_s == pytest.approx(100 + ar)
-    assert m.idle_fraction == pytest.approx(1 - 140 / (4 * (100 + ar)))
+    # the all-reduce is communication, not idle: idle is the waiting alone, as the timeline draws it
+    assert m.collective_s == pytest.approx(ar) and m.to_dict()["collective_s"] == pytest.approx(ar)
+    assert m.idle_fraction == pytest.approx(1 - (140 + 4 * ar) / (4 * (100 + ar)))
+    waits = sum(iv.duration for iv in plan_timeline(plan, cost) if iv.kind == "wait")
+    assert m.idle_fraction == pytest.approx(waits / (4 * m.step_time_s))
     assert plan_metrics(plan, cost, include_allreduce=False).step_time_s == 100.0
     tl = _by_rank(plan_timeline(plan, cost))
     assert tl[1] == [("wait", 0.0, 100.0), ("allreduce", 100.0, pytest.approx(100 + ar))]
@@ -185,6 +189,9 @@ def test_random_plans_are_consistent(seed):
             assert start == pytest.approx(end)
         busy = sum(e - s for k, s, e in ivs if k in ("local", "distributed", "p2p"))
         assert busy == pytest.approx(m.busy_s[r])
+    # idle is the waiting the timeline draws; the all-reduce counts as communication
+    waits = sum(iv.duration for iv in timeline if iv.kind == "wait")
+    assert m.idle_fraction == pytest.approx(waits / (W * m.step_time_s), abs=1e-12)
     json.dumps(m.to_dict())
 
 

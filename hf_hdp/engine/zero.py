@@ -56,6 +56,7 @@ import torch
 
 from ..distributed.buckets import plan_buckets
 from ..distributed.mesh import DynamicMesh
+from ..planning.sharding import resolve_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,10 @@ PLACEHOLDER_KEY = "hf_hdp_zero_placeholder"
 def resolve_zero_stage(zero_stage: int | None, world_size: int) -> int:
     """The ZeRO stage a run uses: ``zero_stage``, or 1 on several ranks and 0 on one when it is None.
 
-    On one rank there is nothing to shard: every stage runs as 0.
+    On one rank there is nothing to shard: every stage runs as 0. The rule is
+    :func:`hf_hdp.planning.sharding.resolve_sharding`'s (without FSDP).
     """
-    if world_size <= 1:
-        return 0
-    return 1 if zero_stage is None else int(zero_stage)
+    return resolve_sharding(zero_stage, None, max(int(world_size), 1), zero_name="HDPConfig.zero_stage")[0]
 
 
 def partition(params: list[torch.Tensor], world_size: int) -> list[int]:
@@ -201,6 +201,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for local_index, value in part.items():
                 state[mine[local_index]] = value
         return {"state": dict(sorted(state.items())), "param_groups": self._global_groups()}
+
+    def owned_params(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        """``{name: parameter}`` of the parameters this rank owns (``names``: ``id(parameter) -> name``)."""
+        return {names[id(p)]: p for p, owner in zip(self.params, self.owners) if owner == self.mesh.rank}
+
+    def owned_state(self, names: dict[int, str]) -> dict[str, dict]:
+        """This rank's shard of the state, keyed by parameter name: ``{name: {key: value}}`` (the values
+        themselves, not copies). For a sharded checkpoint (:mod:`hf_hdp.engine.state`): every rank writes its
+        own, and a parameter's state is on one rank only. No communication."""
+        return {names[id(p)]: dict(values) for p, values in self.local.state.items()}
+
+    def load_owned_state(self, state: dict[str, dict], saved_groups: list[dict], names: dict[int, str]) -> None:
+        """Load this rank's shard from ``{name: {key: value}}`` (the parameters it owns at this world size, read
+        from a sharded checkpoint of any world size or mode) and the saved groups' settings (``params``: names,
+        in :meth:`owned_params` terms). No communication."""
+        local_state, local_groups, index = {}, [], 0
+        for group, saved in zip(self.param_groups, saved_groups):
+            indices = []
+            for p in group["params"]:
+                if self._owner[id(p)] != self.mesh.rank:
+                    continue
+                if names[id(p)] in state:
+                    local_state[index] = state[names[id(p)]]
+                indices.append(index)
+                index += 1
+            settings = {k: (tuple(v) if isinstance(group.get(k), tuple) and isinstance(v, list) else v)
+                        for k, v in saved.items() if k != "params"}
+            local_groups.append({**settings, "params": indices})
+        self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
+        self._sync_settings(self.local.param_groups, self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full optimizer state (from :meth:`full_state_dict`, or any ``torch.optim`` optimizer

@@ -110,7 +110,7 @@ from .naive import check_lengths, longest_first, plan_naive
 from .packing import BatchWork, Segment
 from .plan import Piece, StepPlan, build_plan
 from .plan import lockstep as lockstep_plan
-from .splits import check_split
+from .splits import HEAD_PARALLEL, check_split
 
 # relative slack on time budgets, against float rounding between our sums and the metric's
 _SLACK = 1e-9
@@ -406,7 +406,7 @@ def plan_balanced(
         raise ValueError(f"delta is a fraction of the slowest rank's time and must be in [0, 1), got {delta}")
     cost = cost or CostModel.default()
     check_split(attention_split)
-    if attention_split in ("ulysses", "hybrid") and not cost.num_heads:
+    if attention_split in HEAD_PARALLEL and not cost.num_heads:
         raise ValueError(f"attention_split={attention_split!r} needs the model's attention heads in the cost model "
                          "(CostModel.num_heads); build it with CostModel.from_config or from_specs")
     W, C = world_size, tokens_per_rank
@@ -442,7 +442,7 @@ def plan_balanced(
     meta["backfill"] = bal.backfill
     meta["planned_step_time_s"] = max(bal.finish) + cost.allreduce_time(None, W)
     plan = bal.emit(meta)
-    if not never_worse_than_naive or attention_split in ("ulysses", "hybrid"):
+    if not never_worse_than_naive or attention_split in HEAD_PARALLEL:
         return plan  # a forced split is the user's: naive HDP's rings would not honour it
 
     mine = estimated_step_time(plan, cost)
@@ -472,7 +472,7 @@ def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: f
                                        attention_split=attention_split))
     mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
-    if against_naive and attention_split not in ("ulysses", "hybrid"):
+    if against_naive and attention_split not in HEAD_PARALLEL:
         naive = lockstep_plan(plan_naive(lengths, W, C))
         theirs = estimated_step_time(naive, cost)
         if theirs < mine:

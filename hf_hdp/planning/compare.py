@@ -23,6 +23,7 @@ from .metrics import PlanMetrics, plan_metrics
 from .naive import ceil_div
 from .plan import PlanError, StepPlan
 from .registry import get_planner
+from .splits import SPLIT_KINDS
 
 PLANNER_ORDER = ("static", "naive", "balanced")
 PLANNER_TITLES = {"static": "static mesh", "naive": "naive HDP", "balanced": "balanced HDP"}
@@ -216,7 +217,7 @@ def summarize(runs: dict[str, PlannerRuns]) -> dict[str, dict]:
             "num_slots": _mean(m.num_slots for m in ms),
             "micro_batches_per_rank": {"min": min(mbs), "mean": _mean(mbs), "max": max(mbs)},
             "group_sizes": {str(k): groups[k] for k in sorted(groups)},
-            "splits": {kind: splits[kind] for kind in ("local", "ring", "ulysses", "hybrid") if kind in splits},
+            "splits": {kind: splits[kind] for kind in SPLIT_KINDS if kind in splits},
             "ulysses_degrees": {str(u): degrees[u] for u in sorted(degrees)},
             "planning_time_s": _mean(r.seconds),
             "tokens": tokens,

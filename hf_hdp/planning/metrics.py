@@ -46,6 +46,7 @@ from itertools import groupby
 from .cost import CostModel
 from .cost.segments import segments_of
 from .plan import StepPlan
+from .splits import split_kind
 
 #: interval kinds of :func:`plan_timeline`
 KINDS = ("local", "distributed", "p2p", "wait", "allreduce")
@@ -58,7 +59,10 @@ class Interval:
     ``kind``: ``"local"`` (a micro-batch of whole sequences only), ``"distributed"`` (the compute of
     a micro-batch with a ring segment), ``"p2p"`` (its exposed ring communication, drawn after the
     compute), ``"wait"`` (idle: waiting for ring partners, or for the slowest rank before the
-    all-reduce) and ``"allreduce"``. ``slot`` is -1 for the end-of-step wait and the all-reduce.
+    all-reduce) and ``"allreduce"`` (communication, not idle). ``slot`` is -1 for the end-of-step wait and the
+    all-reduce. ``split``: for ``"distributed"`` and ``"p2p"``, how the micro-batch's distributed pieces run
+    (:data:`~hf_hdp.planning.splits.SPLIT_KINDS`: ``"ring"``, ``"ulysses"``, ``"hybrid"``; ``"mixed"`` when its
+    segments run different splits); ``""`` otherwise.
     """
 
     rank: int
@@ -66,6 +70,7 @@ class Interval:
     end: float
     kind: str
     slot: int = -1
+    split: str = ""
 
     @property
     def duration(self) -> float:
@@ -85,7 +90,7 @@ class PlanMetrics:
     busy_s: list[float]  # per rank: sum of its micro-batch times (exposed ring communication included)
     p2p_exposed_s: list[float]  # per rank: the exposed ring communication inside busy_s
     imbalance: float  # max(busy) / mean(busy); 1.0 when nobody works
-    idle_fraction: float  # 1 - sum(busy) / (world * step_time)
+    idle_fraction: float  # 1 - (sum(busy) + world * collective_s) / (world * step_time): waiting only
     p2p_bytes: float  # sent in one step, all ranks
     p2p_bytes_per_rank: list[float]
     p2p_messages: int  # sent in one step, all ranks
@@ -96,8 +101,9 @@ class PlanMetrics:
     num_samples: int
     cost_label: str = ""
     extra: dict = field(default_factory=dict)
-    splits: dict[str, int] = field(default_factory=dict)  # split kind -> samples ("local", "ring", "ulysses", "hybrid")
+    splits: dict[str, int] = field(default_factory=dict)  # split kind (splits.SPLIT_KINDS) -> samples
     ulysses_degrees: dict[int, int] = field(default_factory=dict)  # u -> head-parallel samples of Ulysses degree u
+    collective_s: float = 0.0  # per rank: the gradient all-reduce, and lockstep's per-slot collectives
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,6 +129,7 @@ class PlanMetrics:
             "step_time_s": self.step_time_s,
             "slots_time_s": self.slots_time_s,
             "allreduce_s": self.allreduce_s,
+            "collective_s": self.collective_s,
             "imbalance": self.imbalance,
             "busy_spread": self.busy_spread,
             "idle_fraction": self.idle_fraction,
@@ -150,15 +157,106 @@ class PlanMetrics:
         return d
 
 
+@dataclass
+class _Step:
+    """What one simulated step accumulates, per rank (see the module docstring)."""
+
+    clock: list[float]  # when each rank is next free
+    busy: list[float]
+    exposed: list[float]
+    count: list[int]
+    sent: list[float]
+    messages: int = 0
+    collective: float = 0.0  # seconds every rank spends in the gradient all-reduce (and lockstep's slot collectives)
+
+    @classmethod
+    def of(cls, world_size: int) -> _Step:
+        return cls([0.0] * world_size, [0.0] * world_size, [0.0] * world_size, [0] * world_size, [0.0] * world_size)
+
+
+class _Components:
+    """Union-find over the ranks of one slot: the ranks a distributed segment couples finish together."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, r: int) -> int:
+        root = r
+        while self.parent.setdefault(root, root) != root:
+            root = self.parent[root]
+        while self.parent[r] != root:
+            self.parent[r], r = root, self.parent[r]
+        return root
+
+    def join(self, group) -> None:
+        root = self.find(group[0])
+        for r in group[1:]:
+            other = self.find(r)
+            if other != root:
+                self.parent[other] = root
+
+    def of(self, ranks) -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+        for r in ranks:
+            out.setdefault(self.find(r), []).append(r)
+        return list(out.values())
+
+
+def _micro_batch(mb, cost: CostModel, cache: dict, step: _Step, joined: set, components: _Components,
+                 count_bytes: bool) -> tuple[float, float, str]:
+    """Price one micro-batch into ``step``: its time, exposed communication and split kind (``""`` when it holds
+    whole sequences only, ``"mixed"`` when its distributed segments run different splits). Counts its bytes and
+    messages, and couples the ranks of each distributed segment (once per segment, not once per member)."""
+    segments = segments_of(mb.pieces)
+    t, comm = cost.micro_batch_breakdown(mb, cache, segments)
+    kinds = set()
+    for seg in segments:
+        g, k = seg.group, len(seg.group)
+        if k <= 1:
+            continue
+        kinds.add(split_kind(k, seg.ulysses))
+        if count_bytes:
+            if ("bytes", seg.key) not in cache:
+                cache["bytes", seg.key] = cost.segment_bytes_by_member(seg.lengths, k, seg.ulysses)
+                cache["member", seg.key] = {r: i for i, r in enumerate(g)}
+                # sliding/chunked layers send only the messages that carry rows: per member, exactly
+                cache["messages", seg.key] = cost.segment_messages_by_member(seg.lengths, k, seg.ulysses)
+            i = cache["member", seg.key][mb.rank]
+            step.sent[mb.rank] += cache["bytes", seg.key][i]
+            step.messages += cache["messages", seg.key][i]
+        if seg.key not in joined:
+            joined.add(seg.key)
+            components.join(g)
+    step.busy[mb.rank] += t
+    step.exposed[mb.rank] += comm
+    step.count[mb.rank] += 1
+    split = "" if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+    return t, comm, split
+
+
+def _draw(timeline: list, r: int, slot: int, free: float, start: float, end: float, run: tuple[float, float, str],
+          slot_comm: float) -> None:
+    """Rank ``r``'s intervals of one slot: the wait for its partners, compute, exposed communication, the wait for
+    the component's slowest member, and lockstep's slot collectives."""
+    t, comm, split = run
+    if start > free:
+        timeline.append(Interval(r, free, start, "wait", slot))
+    compute_end = start + t - comm
+    timeline.append(Interval(r, start, compute_end, "distributed" if split else "local", slot, split))
+    if comm > 0:
+        timeline.append(Interval(r, compute_end, start + t, "p2p", slot, split))
+    if end - slot_comm > start + t:
+        timeline.append(Interval(r, start + t, end - slot_comm, "wait", slot))
+    if slot_comm > 0:
+        timeline.append(Interval(r, end - slot_comm, end, "allreduce", slot))
+
+
 def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None,
-              count_bytes: bool = True):
+              count_bytes: bool = True) -> tuple[float, float, _Step]:
+    """``(slots' critical path, end-of-step all-reduce, per-rank figures)`` of ``plan``; appends the intervals to
+    ``timeline`` when given."""
     W = plan.world_size
-    clock = [0.0] * W
-    busy = [0.0] * W
-    exposed = [0.0] * W
-    count = [0] * W
-    sent = [0.0] * W
-    messages = 0
+    step = _Step.of(W)
     cache: dict = {}
     lockstep = bool(plan.meta.get("lockstep"))
     # a barrier plan (plan.meta["slot_barrier"]: rounds of a scheduler that synchronises all ranks between
@@ -169,95 +267,52 @@ def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline
     slot_comm = 1.5 * cost.allreduce_time(None, W) if lockstep and include_allreduce else 0.0
     for slot, group in groupby(plan.micro_batches, key=lambda mb: mb.slot):
         mbs = list(group)
-        times: dict[int, tuple[float, float, bool]] = {}
-        parent = {mb.rank: mb.rank for mb in mbs}
-        merged: set[tuple] = set()
-
-        def find(r: int) -> int:
-            root = r
-            while parent.setdefault(root, root) != root:
-                root = parent[root]
-            while parent[r] != root:
-                parent[r], r = root, parent[r]
-            return root
-
-        for mb in mbs:
-            segments = segments_of(mb.pieces)
-            t, comm = cost.micro_batch_breakdown(mb, cache, segments)
-            distributed = False
-            for seg in segments:
-                g, k = seg.group, len(seg.group)
-                if k <= 1:
-                    continue
-                distributed = True
-                if count_bytes:
-                    per_member = cache.get(("bytes", seg.key))
-                    if per_member is None:
-                        per_member = cache["bytes", seg.key] = cost.segment_bytes_by_member(seg.lengths, k, seg.ulysses)
-                        cache["member", seg.key] = {r: i for i, r in enumerate(g)}
-                        # sliding/chunked layers send only the messages that carry rows: per member, exactly
-                        cache["messages", seg.key] = cost.segment_messages_by_member(seg.lengths, k, seg.ulysses)
-                    i = cache["member", seg.key][mb.rank]
-                    sent[mb.rank] += per_member[i]
-                    messages += cache["messages", seg.key][i]
-                if seg.key in merged:
-                    continue  # every member holds the segment: couple its ranks once, not k times
-                merged.add(seg.key)
-                root = find(g[0])
-                for r in g[1:]:
-                    other = find(r)
-                    if other != root:
-                        parent[other] = root
-            times[mb.rank] = (t, comm, distributed)
-            busy[mb.rank] += t
-            exposed[mb.rank] += comm
-            count[mb.rank] += 1
-        components: dict[int, list[int]] = {}
-        for mb in mbs:
-            components.setdefault(find(mb.rank), []).append(mb.rank)
-        if barrier:  # one component: every rank of the world waits for the slot's last micro-batch
-            free = max(clock, default=0.0)
-            components = {0: [mb.rank for mb in mbs]}
-        for ranks in components.values():
-            start = free if barrier else max(clock[r] for r in ranks)
-            end = start + max(times[r][0] for r in ranks) + slot_comm
+        components, joined = _Components(), set()
+        runs = {mb.rank: _micro_batch(mb, cost, cache, step, joined, components, count_bytes) for mb in mbs}
+        # a barrier: one component, every rank of the world waits for the slot's last micro-batch
+        free = max(step.clock, default=0.0) if barrier else 0.0
+        for ranks in [list(runs)] if barrier else components.of(runs):
+            start = free if barrier else max(step.clock[r] for r in ranks)
+            end = start + max(runs[r][0] for r in ranks) + slot_comm
             for r in ranks:
                 if timeline is not None:
-                    t, comm, distributed = times[r]
-                    if start > clock[r]:
-                        timeline.append(Interval(r, clock[r], start, "wait", slot))
-                    compute_end = start + t - comm
-                    timeline.append(Interval(r, start, compute_end, "distributed" if distributed else "local", slot))
-                    if comm > 0:
-                        timeline.append(Interval(r, compute_end, start + t, "p2p", slot))
-                    if end - slot_comm > start + t:
-                        timeline.append(Interval(r, start + t, end - slot_comm, "wait", slot))
-                    if slot_comm > 0:
-                        timeline.append(Interval(r, end - slot_comm, end, "allreduce", slot))
-                clock[r] = end
+                    _draw(timeline, r, slot, step.clock[r], start, end, runs[r], slot_comm)
+                step.clock[r] = end
         if barrier:
             for r in range(W):
-                if clock[r] < end:
-                    if timeline is not None and end > clock[r]:
-                        timeline.append(Interval(r, clock[r], end, "wait", slot))
-                    clock[r] = end
-    finish = max(clock, default=0.0)
+                if step.clock[r] < end:
+                    if timeline is not None:
+                        timeline.append(Interval(r, step.clock[r], end, "wait", slot))
+                    step.clock[r] = end
+        step.collective += slot_comm
+    finish = max(step.clock, default=0.0)
     allreduce = cost.allreduce_time(None, W) if include_allreduce and not lockstep else 0.0
+    step.collective += allreduce
     if timeline is not None:
         for r in range(W):
-            if finish > clock[r]:
-                timeline.append(Interval(r, clock[r], finish, "wait"))
+            if finish > step.clock[r]:
+                timeline.append(Interval(r, step.clock[r], finish, "wait"))
             if allreduce > 0:
                 timeline.append(Interval(r, finish, finish + allreduce, "allreduce"))
-    return finish, allreduce, busy, exposed, count, sent, messages
+    return finish, allreduce, step
+
+
+def idle_fraction(busy_s, collective_s: float, step_time_s: float) -> float:
+    """The share of the ranks' step time spent waiting: ``1 - (Σ busy + W · collective) / (W · step)``. The gradient
+    all-reduce (and lockstep's slot collectives), ``collective_s`` per rank, is communication, not idle time."""
+    W = len(busy_s)
+    if step_time_s <= 0 or not W:
+        return 0.0
+    return max(0.0, 1.0 - (sum(busy_s) + W * collective_s) / (W * step_time_s))
 
 
 def plan_metrics(plan: StepPlan, cost: CostModel | None = None, include_allreduce: bool = True) -> PlanMetrics:
     """Estimate one step of ``plan`` under ``cost`` (default :meth:`CostModel.default`); see the module docstring."""
     cost = cost or CostModel.default()
-    finish, allreduce, busy, exposed, count, sent, messages = _simulate(plan, cost, include_allreduce, None)
+    finish, allreduce, run = _simulate(plan, cost, include_allreduce, None)
     W = plan.world_size
     step = finish + allreduce
+    busy = run.busy
     mean = sum(busy) / W if W else 0.0
     return PlanMetrics(
         planner=plan.planner,
@@ -267,26 +322,27 @@ def plan_metrics(plan: StepPlan, cost: CostModel | None = None, include_allreduc
         slots_time_s=finish,
         allreduce_s=allreduce,
         busy_s=busy,
-        p2p_exposed_s=exposed,
+        p2p_exposed_s=run.exposed,
         imbalance=max(busy) / mean if mean > 0 else 1.0,
-        idle_fraction=1.0 - sum(busy) / (W * step) if step > 0 else 0.0,
-        p2p_bytes=sum(sent),
-        p2p_bytes_per_rank=sent,
-        p2p_messages=messages,
+        idle_fraction=idle_fraction(busy, run.collective, step),
+        p2p_bytes=sum(run.sent),
+        p2p_bytes_per_rank=run.sent,
+        p2p_messages=run.messages,
         num_slots=plan.num_slots,
-        micro_batches_per_rank=count,
+        micro_batches_per_rank=run.count,
         group_sizes=plan.group_sizes(),
         splits=plan.splits(),
         ulysses_degrees=_degrees(plan),
         tokens=sum(plan.lengths),
         num_samples=len(plan.lengths),
         cost_label=cost.label,
+        collective_s=run.collective,
     )
 
 
 def estimated_step_time(plan: StepPlan, cost: CostModel, include_allreduce: bool = True) -> float:
     """:func:`plan_metrics`' ``step_time_s`` alone, without counting the traffic (what planners compare)."""
-    finish, allreduce, *_ = _simulate(plan, cost, include_allreduce, None, count_bytes=False)
+    finish, allreduce, _ = _simulate(plan, cost, include_allreduce, None, count_bytes=False)
     return finish + allreduce
 
 

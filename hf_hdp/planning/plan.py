@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .layout import check_degree, hybrid_member_sizes, hybrid_token_ranges
+from .splits import split_kind
 
 
 class PlanError(ValueError):
@@ -59,10 +60,9 @@ class Piece:
 
     @property
     def split(self) -> str:
-        """``"local"`` (one rank), ``"ring"``, ``"ulysses"`` (heads only) or ``"hybrid"`` (heads x ring)."""
-        if len(self.group) <= 1:
-            return "local"
-        return "ring" if self.ulysses == 1 else "ulysses" if self.ulysses == len(self.group) else "hybrid"
+        """``"local"`` (one rank), ``"ring"``, ``"ulysses"`` (heads only) or ``"hybrid"`` (heads x ring):
+        :func:`~hf_hdp.planning.splits.split_kind`."""
+        return split_kind(len(self.group), self.ulysses)
 
     @property
     def k(self) -> int:

@@ -36,8 +36,32 @@ KIND_COLORS = {
     "local": ("#4C72B0", "whole sequences (no communication)"),
     "distributed": ("#55A868", "ring piece: compute"),
     "p2p": ("#DD8452", "ring piece: exposed P2P"),
-    "allreduce": ("#8172B3", "gradient all-reduce"),
+    "allreduce": ("#8172B3", "gradient all-reduce (communication)"),
 }
+# the distributed intervals by split (Interval.split), each piece kind its own colours and legend entry
+SPLIT_COLORS = {
+    ("distributed", "ring"): KIND_COLORS["distributed"],
+    ("p2p", "ring"): KIND_COLORS["p2p"],
+    ("distributed", "ulysses"): ("#64B5CD", "Ulysses piece: compute"),
+    ("p2p", "ulysses"): ("#C44E52", "Ulysses piece: exposed all-to-alls"),
+    ("distributed", "hybrid"): ("#8C8C3C", "hybrid piece: compute"),
+    ("p2p", "hybrid"): ("#DA8BC3", "hybrid piece: exposed all-to-alls and ring"),
+    ("distributed", "mixed"): ("#937860", "several split kinds in one micro-batch: compute"),
+    ("p2p", "mixed"): ("#E8B04A", "several split kinds in one micro-batch: exposed communication"),
+}
+
+
+def interval_style(iv) -> tuple[str, str] | None:
+    """``(colour, legend label)`` of one :class:`~hf_hdp.planning.metrics.Interval`; ``None`` for a wait (blank)."""
+    return SPLIT_COLORS.get((iv.kind, iv.split)) or KIND_COLORS.get(iv.kind)
+
+
+def legend_entries(intervals) -> list[tuple[str, str]]:
+    """``[(colour, label), ...]`` of the interval kinds present in ``intervals``, in :data:`KIND_COLORS` order with
+    each split kind's compute and communication beside each other: what :func:`plot_timelines`' legend shows."""
+    present = {interval_style(iv) for iv in intervals} - {None}
+    order = [KIND_COLORS["local"], *SPLIT_COLORS.values(), KIND_COLORS["allreduce"]]
+    return [style for style in order if style in present]
 
 
 def plot_timelines(runs: dict[str, PlannerRuns], cost: CostModel, path: str,
@@ -63,14 +87,17 @@ def plot_timelines(runs: dict[str, PlannerRuns], cost: CostModel, path: str,
     fig, axes = plt.subplots(
         len(names), 1, figsize=(12, 1.5 + len(names) * (0.9 + 0.045 * shown)), sharex=True, squeeze=False
     )
+    drawn: list = []
     for ax, name in zip(axes[:, 0], names):
         plan, metrics = runs[name].plans[0], runs[name].metrics[0]
         bars: dict[tuple[str, int], list[tuple[float, float]]] = {}
         for iv in plan_timeline(plan, cost):
-            if iv.rank < shown and iv.kind in KIND_COLORS:
-                bars.setdefault((iv.kind, iv.rank), []).append((iv.start, iv.end - iv.start))
-        for (kind, rank), spans in bars.items():
-            ax.broken_barh(spans, (rank - 0.42, 0.84), facecolors=KIND_COLORS[kind][0], edgecolor="none")
+            style = interval_style(iv)
+            if iv.rank < shown and style is not None:
+                drawn.append(iv)
+                bars.setdefault((style[0], iv.rank), []).append((iv.start, iv.end - iv.start))
+        for (color, rank), spans in bars.items():
+            ax.broken_barh(spans, (rank - 0.42, 0.84), facecolors=color, edgecolor="none")
         speed = ""
         if name != "static" and "static" in runs:
             speed = f", {runs['static'].metrics[0].step_time_s / metrics.step_time_s:.2f}x vs static"
@@ -91,9 +118,10 @@ def plot_timelines(runs: dict[str, PlannerRuns], cost: CostModel, path: str,
         f"per-rank timelines of the first global batch: {cost.label}, {world:,} ranks" + (f" ({note})" if note else ""),
         fontsize=11,
     )
-    handles = [Patch(color=color, label=label) for color, label in KIND_COLORS.values()]
-    fig.legend(handles=handles, loc="lower center", fontsize=8, ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    handles = [Patch(color=color, label=label) for color, label in legend_entries(drawn)]
+    columns = min(len(handles), 5) or 1
+    fig.legend(handles=handles, loc="lower center", fontsize=8, ncol=columns, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 * -(-len(handles) // columns), 1, 0.98))
     try:
         fig.savefig(path, dpi=110)
     finally:

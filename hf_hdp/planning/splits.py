@@ -34,6 +34,10 @@ from .cost import CostModel
 
 #: the values of HDPConfig.attention_split
 SPLITS = ("auto", "ring", "ulysses", "hybrid")
+#: the attention splits that run head-parallel (Ulysses sub-groups): they need the model's heads
+HEAD_PARALLEL = ("ulysses", "hybrid")
+#: how a planned sample runs (:attr:`~hf_hdp.planning.plan.Piece.split`), in the order reports list them
+SPLIT_KINDS = ("local", "ring", "ulysses", "hybrid")
 # wider groups tried for a sequence slower than the target, as multiples of k_min
 _WIDER = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
@@ -47,6 +51,15 @@ class Shape(NamedTuple):
     ulysses: int
     time_in_node: float
     time_spanning: float
+
+
+def split_kind(k: int, ulysses: int = 1) -> str:
+    """One of :data:`SPLIT_KINDS`: how a sample on ``k`` ranks with Ulysses degree ``ulysses`` runs its attention:
+    ``"local"`` (one rank), ``"ring"`` (``u = 1``), ``"ulysses"`` (``u = k``, heads only) or ``"hybrid"`` (heads x
+    ring)."""
+    if k <= 1:
+        return "local"
+    return "ring" if ulysses == 1 else "ulysses" if ulysses == k else "hybrid"
 
 
 def check_split(split: str) -> str:

@@ -15,8 +15,9 @@ HDPTrainer resolves it once, when it is built, before it measures the dataset ag
 - bytes per weight and gradient: the parameters' dtypes; per optimizer state, ``TrainingArguments.optim``
   (:func:`optimizer_state_bytes`); activations in bf16/fp16 under ``bf16``/``fp16`` autocast, else in
   the model dtype;
-- sharding: ``HDPConfig.zero_stage`` as :func:`~hf_hdp.engine.zero.resolve_zero_stage` resolves it,
-  or the FSDP mode of ``TrainingArguments.fsdp`` (:func:`~hf_hdp.engine.fsdp.fsdp_mode`, given by HDPTrainer);
+- sharding: ``HDPConfig.zero_stage`` and the FSDP mode of ``TrainingArguments.fsdp``
+  (:func:`~hf_hdp.engine.fsdp.fsdp_mode`, given by HDPTrainer) as
+  :func:`~hf_hdp.planning.sharding.resolve_sharding` resolves them;
 - ``TrainingArguments.activation_checkpointing`` / ``gradient_checkpointing`` (or a model with
   checkpointing on; every layer is counted as recomputed, ``every_n_layers`` is not modelled),
   ``HDPConfig.offload_ratio`` (a number; ``"auto"`` promises no saving and counts as 0) and
@@ -32,12 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..planning.cost import MemoryBreakdown, ModelSpec, memory_breakdown, tokens_per_rank_for_memory
-from ..models import hdp_base_model
-from ..planning.cost.memory import fmt_gb
 from ..engine.loss import chunked_head
 from ..engine.offload import run_recomputes_layers
-from ..engine.zero import resolve_zero_stage
+from ..models import hdp_base_model
+from ..planning.cost import MemoryBreakdown, ModelSpec, memory_breakdown, tokens_per_rank_for_memory
+from ..planning.cost.memory import fmt_gb
+from ..planning.sharding import resolve_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     n_trainable = sum(p.numel() for p in trainable)
     weight_bytes = sum(p.numel() * p.element_size() for p in params) / max(n_params, 1)
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable) / max(n_trainable, 1)
-    zero_stage = 0 if fsdp is not None else resolve_zero_stage(config.zero_stage, world_size)
+    zero_stage, fsdp = resolve_sharding(config.zero_stage, fsdp, world_size, zero_name="HDPConfig.zero_stage",
+                                        fsdp_name="TrainingArguments.fsdp")
     chunk = config.loss_chunk_tokens if loss_func is None and chunked_head(model) is not None else None
     settings = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp,
                     checkpointing=run_recomputes_layers(args, model),

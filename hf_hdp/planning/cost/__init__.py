@@ -16,6 +16,7 @@ Pure Python, and nothing runs at import. The modules, each depending only on tho
   a memory budget allows.
 """
 
+from ..sharding import FSDP_MODES
 from .calibration import calibrate, predicted_time, relative_residuals
 from .fit import (
     BYTESCALE_LAYER_MS,
@@ -26,7 +27,6 @@ from .fit import (
     length_sums,
 )
 from .memory import (
-    FSDP_MODES,
     MemoryBreakdown,
     activation_bytes_per_token,
     device_layers,

@@ -32,10 +32,10 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..layers import StateShape
+from ..sharding import resolve_sharding
 from .recurrent import CHUNK
 from .specs import FLOAT32_BYTES, HardwareSpec, ModelSpec
 
-FSDP_MODES = ("shard_grad_op", "full_shard")
 # layers of restored activations on the device during an offloaded backward: the layer whose backward
 # runs, and the one before it, prefetched behind it (hf_hdp.engine.offload)
 OFFLOAD_PREFETCH_LAYERS = 2
@@ -251,18 +251,10 @@ def fmt_gb(nbytes: float) -> str:
     return f"{gb:.3f} GB" if gb < 1 else f"{gb:.2f} GB"
 
 
-def _check_sharding(world_size: int, zero_stage: int, fsdp: str | None) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if zero_stage not in (0, 1, 2) or isinstance(zero_stage, bool):
-        raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage!r}")
-    if fsdp is not None and fsdp not in FSDP_MODES:
-        raise ValueError(f"fsdp must be None, {FSDP_MODES[0]!r} or {FSDP_MODES[1]!r}, got {fsdp!r}")
-    if fsdp is not None and zero_stage != 0:
-        raise ValueError(
-            f"fsdp={fsdp!r} with zero_stage={zero_stage}: FSDP shards the optimizer states and gradients itself; "
-            "give zero_stage=0 with fsdp (HDPTrainer refuses an explicit zero_stage with fsdp too)"
-        )
+def _sharding(zero_stage: int | None, fsdp: str | None, world_size: int) -> tuple[int, str | None]:
+    """:func:`~hf_hdp.planning.sharding.resolve_sharding` of this module's arguments, where ``zero_stage=0`` beside
+    ``fsdp`` is the default, not a stage given."""
+    return resolve_sharding(None if fsdp is not None and zero_stage == 0 else zero_stage, fsdp, world_size)
 
 
 def head_bytes(model: ModelSpec, tokens: int, loss_chunk_tokens: int | None = None,
@@ -316,7 +308,7 @@ def memory_breakdown(model: ModelSpec, tokens: int, *, world_size: int = 1, zero
     weights, gradients and AdamW moments (4, 4, 8) and bf16 activations (``bytes_per_value=2``); a
     model loaded in bf16 without autocast keeps bf16 ones (2, 2, 4).
     """
-    _check_sharding(world_size, zero_stage, fsdp)
+    zero_stage, fsdp = _sharding(zero_stage, fsdp, world_size)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
     ratio = check_offload_ratio(offload_ratio)
@@ -395,15 +387,11 @@ def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *
     if legacy:
         if zero_stage not in (None, 0) and zero1_ranks == 1:
             raise ValueError(f"zero_stage={zero_stage} needs world_size (the ranks it shards over)")
-        world_size = zero1_ranks
-        zero_stage = 1 if zero1_ranks > 1 and fsdp is None else 0
+        world_size, zero_stage = zero1_ranks, None  # ZeRO-1 over zero1_ranks, unless fsdp
     elif zero1_ranks != 1:
         raise ValueError(f"give world_size and zero_stage, or zero1_ranks, not both (zero1_ranks={zero1_ranks}, "
                          f"world_size={world_size})")
-    elif zero_stage is None:
-        zero_stage = 1 if world_size > 1 and fsdp is None else 0
-    elif world_size == 1:
-        zero_stage = 0  # one rank: nothing to shard, every stage runs as 0 (hf_hdp.engine.zero.resolve_zero_stage)
+    zero_stage, fsdp = _sharding(zero_stage, fsdp, world_size)
     budget = _memory_budget(memory)
     usable = budget * (1.0 - reserve_fraction)
     kw = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp, checkpointing=checkpointing,
