@@ -306,7 +306,8 @@ def test_cli_prints_the_c_the_memory_allows_and_plans_with_it(capsys, lengths):
     # with --tokens-per-rank the plan uses it, and the breakdown at it is printed too
     out = _plan(capsys, lengths, "--memory", "80GiB", "--tokens-per-rank", "64K", "--json")
     data = json.loads(out)
-    assert list(data) == ["static", "naive", "balanced", "memory"]
+    assert list(data) == ["static", "naive", "balanced", "memory", "inputs"]
+    assert data["inputs"]["tokens_per_rank_from"] == "--tokens-per-rank" and data["inputs"]["tokens_per_rank"] == 65536
     mem = data["memory"]
     assert mem["memory_bytes"] == 80 * 2**30 and mem["at_tokens_per_rank"]["tokens"] == 65536
     assert mem["tokens_per_rank"] == tokens_per_rank_for_memory(  # bf16 autocast: float32 weights and states

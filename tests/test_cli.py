@@ -34,7 +34,9 @@ def test_json_structure_and_sanity(capsys):
     rc, out, err = run_cli(capsys, "--json", "--world-size", "32", "--global-batch-tokens", "512K", "--steps", "2")
     assert rc == 0, err
     data = json.loads(out)  # stdout holds the JSON and nothing else
-    assert list(data) == ["static", "naive", "balanced"]
+    assert list(data) == ["static", "naive", "balanced", "inputs"]
+    inputs = data.pop("inputs")
+    assert inputs["world_size"] == 32 and inputs["tokens_per_rank"] == 8192 and inputs["steps"] == 2
     for name, d in data.items():
         for key in REQUIRED:
             assert isinstance(d[key], (int, float)) and math.isfinite(d[key]), (name, key, d[key])
@@ -130,8 +132,10 @@ def test_dataset_column_of_lengths_and_of_token_ids(tmp_path, capsys):
         )
         assert rc == 0, err
         results.append(json.loads(out))
-    strip = lambda d: {k: {f: v for f, v in x.items() if f != "planning_time_s"} for k, x in d.items()}  # noqa: E731
+    strip = lambda d: {k: {f: v for f, v in x.items() if f != "planning_time_s"}  # noqa: E731
+                       for k, x in d.items() if k != "inputs"}
     assert strip(results[0]) == strip(results[1])
+    assert "[length]" in results[0]["inputs"]["lengths"] and "[input_ids]" in results[1]["inputs"]["lengths"]
     rc, _, err = run_cli(capsys, "--dataset", str(tmp_path / "ds"), "--column", "labels")
     assert rc == 2 and "no column 'labels'" in err and "input_ids" in err
 
@@ -253,7 +257,7 @@ def test_python_dash_m(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert list(json.loads(proc.stdout)) == ["static", "naive", "balanced"]
+    assert list(json.loads(proc.stdout)) == ["static", "naive", "balanced", "inputs"]
 
 
 def _hybrid_config(tmp_path, layer_types, name):
@@ -342,3 +346,32 @@ def test_model_config_prints_mamba2_hybrid_and_short_convolution_layers(tmp_path
     assert "layers: 3 short convolution (256 channels, kernel 3), 1 full (short convolution layers priced as such)" in lfm
     conv = next(line for line in lfm if line.startswith("3 x short convolution"))
     assert "convolution" in conv and "recurrence" not in conv and "attention" not in conv.split(":", 1)[1]
+
+
+def test_json_holds_its_inputs(capsys, tmp_path):
+    """--json says what it planned from: world, C, the model (as given and its shape), hardware, planner and splits."""
+    cfg = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "intermediate_size": 512, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    path = write_lengths(tmp_path, "\n".join(str(n) for n in [100, 900, 3000, 200] * 4))
+    rc, out, err = run_cli(capsys, "--lengths", path, "--model-config", str(tmp_path / "config.json"),
+                           "--hardware", "h200", "--world-size", "4", "--tokens-per-rank", "1K", "--delta", "0.1",
+                           "--attention-split", "ring", "--state-split", "scan", "--ranks-per-node", "2",
+                           "--global-batch-samples", "12", "--seed", "5", "--json")
+    assert rc == 0, err
+    inputs = json.loads(out)["inputs"]
+    assert inputs["world_size"] == 4 and inputs["tokens_per_rank"] == 1024
+    assert inputs["tokens_per_rank_from"] == "--tokens-per-rank"
+    model = inputs["model"]
+    assert model["flag"] == "--model-config" and model["value"] == str(tmp_path / "config.json")
+    assert (model["hidden_size"], model["num_layers"], model["num_heads"], model["num_kv_heads"]) == (256, 4, 8, 4)
+    assert inputs["hardware"]["name"] == "h200" and inputs["hardware"]["ranks_per_node"] == 2
+    assert inputs["planners"] == ["static", "naive", "balanced"] and inputs["delta"] == 0.1
+    assert (inputs["attention_split"], inputs["state_split"]) == ("ring", "scan")
+    assert inputs["global_batch_samples"] == 12 and inputs["global_batch_tokens"] is None and inputs["seed"] == 5
+    assert path in inputs["lengths"]
+    # a preset by default, and C from the default
+    rc, out, err = run_cli(capsys, "--lengths", path, "--world-size", "4", "--json")
+    inputs = json.loads(out)["inputs"]
+    assert inputs["model"]["value"] == "llama-7b" and inputs["model"]["flag"] == "--model"
+    assert inputs["tokens_per_rank"] == 8192 and inputs["tokens_per_rank_from"] == "default"
