@@ -1,12 +1,8 @@
 """The cost model: how long a sequence, a piece and a micro-batch take on one rank (pure Python).
 
-Per layer, a whole sequence of ``s`` tokens costs ``a·s² + b·s + c`` seconds for forward plus
-backward (the form ByteScale's balance scheduler uses): the quadratic term is causal attention,
-the linear term the projections, the MLP and (spread over the layers) the LM head, the constant
-the per-layer overheads of one forward/backward (kernel launches, norms, host work). ``c`` is
-charged once per *micro-batch*, not per sequence: a packed micro-batch runs its projections once
-over all its tokens (see :meth:`CostModel.micro_batch_time`), and one sequence alone in a
-micro-batch costs exactly :meth:`CostModel.sequence_time`.
+Per layer, a whole sequence of ``s`` tokens costs ``a·s² + b·s + c`` seconds for forward plus backward: causal
+attention, the projections and MLP, and a per-micro-batch overhead (:mod:`.timing` says how each term is charged,
+and how split samples add the communication their compute does not hide).
 
 :class:`CostModel` holds the fields (coefficients, links, layer shapes) and how they are derived; its methods
 come by concern from one module each, every one reading top to bottom:
