@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/paper_check.py            # print the table
     .venv/bin/python benchmarks/paper_check.py --write    # also write docs/paper_check.md
 
-Setup (ByteScale, arXiv 2502.21231; DESIGN §2): LLaMA-7B, 1,024 H100-class GPUs, 8 per node, a
+Setup (ByteScale, arXiv 2502.21231; docs/design.md §1): LLaMA-7B, 1,024 H100-class GPUs, 8 per node, a
 32M-token global batch, C = 8K tokens per rank, contexts up to 2M tokens. A 2M-token sample needs
 2M / 8K = 256 ranks, so the static mesh is DP = 4 x CP = 256.
 
@@ -53,7 +53,7 @@ OUR_BUCKETS = [(64 * K, 0.111), (32 * K, 0.111), (16 * K, 0.111), (8 * K, 0.111)
 ]
 BUCKETS = PUBLISHED_BUCKETS + OUR_BUCKETS
 
-# ByteScale's figures (DESIGN §2)
+# ByteScale's figures (docs/design.md §1)
 PAPER = {
     "ablation": {"static": 1.00, "dynamic_comm": 1.59, "offload": 2.01, "balance": 3.69, "remote_loader": 3.89},
     "case_step_s": {"static": 8 * 60 + 40, "naive": 4 * 60 + 32, "balanced": 2 * 60 + 37},
@@ -198,7 +198,7 @@ def render(res: dict, command: str) -> str:
         f"means over {len(res['seeds'])} global batches (seeds {res['seeds'][0]}-{res['seeds'][-1]}), each "
         "planned three ways and timed by the analytic cost model (`hf_hdp.planning.metrics.plan_metrics`): "
         "they are estimates, not runs. Speedups are total static step time over total step time. The "
-        "paper's figures are measurements on GPUs (ByteScale, arXiv 2502.21231; DESIGN §2).",
+        "paper's figures are measurements on GPUs (ByteScale, arXiv 2502.21231; docs/design.md §1).",
         "",
         f"Setup: {WORLD:,} ranks ({RANKS_PER_NODE} per node), C = {C:,} tokens per rank, global batch of "
         f"32M tokens (drawn: mean {res['tokens']:,.0f} tokens in {res['samples']:,.0f} samples, longest "

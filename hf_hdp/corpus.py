@@ -1,7 +1,7 @@
 """The embedded default corpus: the Python standard library's own source files.
 
 Every machine with Python has it, it is real text, and its length distribution has the long tail
-HDP is for (DESIGN §1: median file about 1.9K tokens, p99 about 47K, the files over 16K tokens hold
+HDP is for (docs/design.md §1: median file about 1.9K tokens, p99 about 47K, the files over 16K tokens hold
 about half of all tokens). The demo, the planner CLI and the benchmarks use it when no data is given.
 """
 

@@ -63,7 +63,7 @@ def stdlib_lengths() -> list[int]:
 
 
 def check_plan(plan: StepPlan) -> None:
-    """The invariants of DESIGN §4, checked directly rather than only through ``validate``."""
+    """The invariants of docs/design.md §7, checked directly rather than only through ``validate``."""
     plan.validate()
     C = plan.tokens_per_rank
     # No micro-batch holds more than C tokens. One may hold none only when each of its pieces is

@@ -1,4 +1,4 @@
-"""Merging partial attention results with the log-sum-exp rule (DESIGN.md section 5).
+"""Merging partial attention results with the log-sum-exp rule (docs/design.md §4).
 
 Attention over a set of keys can be computed block by block: each block gives an output and the
 log-sum-exp of every query row, and two blocks merge exactly as

@@ -18,7 +18,7 @@ Blocks use the *merged* output and log-sum-exp of the forward, which makes each 
 its exact share of the full attention gradient.
 
 Every segment of a micro-batch runs inside one autograd node, in the order of the metadata, the
-same order on every member, so no placement can deadlock (DESIGN §4).
+same order on every member, so no placement can deadlock (docs/design.md §7).
 
 Layer features (:mod:`.features`): soft-capping goes into every block's kernel call. A layer whose
 sliding window or attention chunk is shorter than a document of the segment does not run the relay

@@ -1,7 +1,7 @@
 """The distributed part of one micro-batch's attention layer: every segment, ring or head-parallel, in one autograd node.
 
 The segments (:mod:`hf_hdp.attention.metadata`) run in metadata order, the same order on every
-member, forward and backward, so no placement can deadlock (DESIGN §4): a
+member, forward and backward, so no placement can deadlock (docs/design.md §7): a
 :class:`~.metadata.RingSegment` runs the zigzag ring (:mod:`.ring`, or :mod:`.halo` for a windowed or
 chunked layer), a :class:`~.metadata.UlyssesSegment` the head-parallel or hybrid piece (:mod:`.ulysses`).
 

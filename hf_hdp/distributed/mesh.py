@@ -1,6 +1,6 @@
 """The dynamic mesh: one global process group, P2P with the members of each piece's group.
 
-ByteScale's point (DESIGN §2) is that a context-parallel group of any size can be formed per
+ByteScale's point (docs/design.md §1) is that a context-parallel group of any size can be formed per
 sample and per step *without* creating process groups: ring attention only needs point-to-point
 sends and receives between the members, and those work on the one global group. Creating groups
 per step would be slow and, with NCCL, costs gigabytes of buffers per GPU.

@@ -1,7 +1,7 @@
 """ZeRO stages 1 and 2 over HDP's one global group (``HDPConfig.zero_stage``).
 
 HDP ranks run different numbers of micro-batches in one step, so any sharding of the model states
-must keep its collectives per *step*, equal on every rank, never per micro-batch (DESIGN §8).
+must keep its collectives per *step*, equal on every rank, never per micro-batch (docs/design.md §8).
 ZeRO stages 1 and 2 need exactly that:
 
 - **stage 0**: every rank holds the whole optimizer state and updates every weight.

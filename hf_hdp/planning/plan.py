@@ -40,7 +40,7 @@ from .splits import split_kind
 
 
 class PlanError(ValueError):
-    """A plan breaks one of the invariants of DESIGN §4."""
+    """A plan breaks one of the invariants of docs/design.md §7."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class StepPlan:
 
     # ------------------------------------------------------------ validation
     def validate(self, num_heads: int | None = None) -> "StepPlan":
-        """Check the invariants of DESIGN §4; raise :class:`PlanError` naming the first broken one.
+        """Check the invariants of docs/design.md §7; raise :class:`PlanError` naming the first broken one.
 
         ``num_heads`` (the model's query heads; the trainer passes it before any P2P): every
         head-parallel piece's Ulysses degree must divide it."""

@@ -1,4 +1,4 @@
-"""The attention backends of hf_hdp and how one is picked (DESIGN.md section 5).
+"""The attention backends of hf_hdp and how one is picked (docs/design.md §4).
 
 Every backend keeps the contract of :class:`~hf_hdp.attention.backends.base.AttentionBackend`
 (packed varlen layout, ``forward`` with log-sum-exp, ``backward`` from a merged out/lse, GQA,

@@ -1,7 +1,7 @@
 """The ``"flash_attn"`` backend: flash-attn 2 (the optional ``flash_attn`` package), CUDA only.
 
 flash-attn ships only as a source package that compiles against CUDA: it is an optional extra,
-imported on first use, so the CPU path never imports it (DESIGN.md section 5).
+imported on first use, so the CPU path never imports it (docs/design.md §4).
 
 Layer features: sliding windows and ``positions`` run in the kernels as FlashAttention-2
 ``window_size=(left, right)`` (one call per group of sequences sharing one, see

@@ -93,7 +93,7 @@ def hardware_from_coefficients(model: ModelSpec, a: float, b: float, c: float, b
                    attention_efficiency=att_rate / peak, linear_efficiency=lin_rate / peak, overhead_per_layer=c)
 
 
-# ByteScale (arXiv 2502.21231), per-layer time of LLaMA-7B in ms, attention vs MLP (DESIGN §2).
+# ByteScale (arXiv 2502.21231), per-layer time of LLaMA-7B in ms, attention vs MLP (docs/design.md §1).
 BYTESCALE_LAYER_MS: dict[int, tuple[float, float]] = {
     4096: (0.8, 0.9),
     8192: (1.8, 1.8),
