@@ -36,7 +36,7 @@ from accelerate.utils import GradientAccumulationPlugin
 from torch.distributed.tensor import DTensor
 
 from .collators.collator import HDPCollator
-from .config import HDPConfig
+from .config import HDPConfig, check_global_batch_size
 from .data.columns import check_columns, row_rules
 from .data.checks import prepare_dataset, progress_bars, require_map_style
 from .data.loader import GlobalBatchSampler, HDPStep
@@ -227,12 +227,9 @@ class HDPAccelerator(Accelerator):
         mesh = self._require_mesh("hdp_steps")
         model = self._hdp_model(model, "hdp_steps")
         cfg = self.hdp_config
-        batch = global_batch_size if global_batch_size is not None else cfg.global_batch_size
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(
-                f"HDPAccelerator.hdp_steps needs the global batch (samples per optimizer step, any world size): pass "
-                f"global_batch_size= or set HDPConfig.global_batch_size; got {batch!r}."
-            )
+        batch = check_global_batch_size(global_batch_size if global_batch_size is not None else cfg.global_batch_size,
+                                        "HDPAccelerator.hdp_steps",
+                                        fix="pass global_batch_size= or set HDPConfig.global_batch_size")
         base = hdp_base_model(model)
         require_map_style(dataset, "the dataset of hdp_steps")
         args = SimpleNamespace(remove_unused_columns=True, label_names=None)  # what stock Trainer hands the model

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .planning import HARDWARE_PRESETS, PLANNERS
+from .planning.cost.recurrent import MODES as STATE_SPLITS
 from .planning.splits import SPLITS
 
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "cpu_flash", "reference")
@@ -80,9 +81,9 @@ class HDPConfig:
     ranks_per_node: int | None = field(
         default=None,
         metadata={
-            "help": "Ranks per node, where the fast links end: Ulysses sub-groups stay inside a node and the cost model "
-            "prices links by it. Default: the launcher's LOCAL_WORLD_SIZE (torchrun, accelerate), else the hardware "
-            "preset's."
+            "help": "Ranks per node, where the fast links end: Ulysses sub-groups stay inside a node and the cost "
+            "model prices links by it. Default: the launcher's LOCAL_WORLD_SIZE (torchrun, accelerate), else the "
+            "hardware preset's."
         },
     )
     hardware: str = field(
@@ -145,7 +146,8 @@ class HDPConfig:
         default=True,
         metadata={
             "help": "Start the gradient buckets during the last micro-batch's backward, as their gradients are final "
-            "(hf_hdp.distributed.reduction), so the reduction overlaps the rest of that backward. False: all buckets after it."
+            "(hf_hdp.distributed.reduction), so the reduction overlaps the rest of that backward. False: all buckets "
+            "after it."
         },
     )
     loss_chunk_tokens: int | None = field(
@@ -179,76 +181,33 @@ class HDPConfig:
     def __post_init__(self):
         self.tokens_per_rank = _int_or_auto(self.tokens_per_rank)
         self.offload_ratio = _offload_ratio(self.offload_ratio)
-        if self.memory_budget_gb is not None:
-            budget = self.memory_budget_gb
-            if isinstance(budget, str):
-                try:
-                    budget = float(budget)
-                except ValueError:
-                    budget = self.memory_budget_gb
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
-                raise ValueError(
-                    f"HDPConfig.memory_budget_gb must be a positive number of GB (1e9 bytes) or None, got "
-                    f"{self.memory_budget_gb!r}"
-                )
-            if self.tokens_per_rank != AUTO:
-                raise ValueError(
-                    f"HDPConfig.memory_budget_gb={self.memory_budget_gb!r} is used only to size "
-                    f"tokens_per_rank='auto', but tokens_per_rank={self.tokens_per_rank}. Set tokens_per_rank='auto' "
-                    "or leave memory_budget_gb unset."
-                )
-            self.memory_budget_gb = float(budget)
+        self.memory_budget_gb = _memory_budget(self.memory_budget_gb, self.tokens_per_rank)
         # "auto" is resolved by HDPTrainer when it is built (hf_hdp.trainer.capacity)
         if self.tokens_per_rank != AUTO and self.tokens_per_rank < 1:
             raise ValueError(
-                f"HDPConfig.tokens_per_rank must be at least 1, got {self.tokens_per_rank}. It is the number of tokens one "
-                "rank can hold in one micro-batch; typical values are 4096-32768 on a GPU."
+                f"HDPConfig.tokens_per_rank must be at least 1, got {self.tokens_per_rank}. It is the number of tokens "
+                "one rank can hold in one micro-batch; typical values are 4096-32768 on a GPU."
             )
-        if self.global_batch_size is not None and (
-            isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) or self.global_batch_size < 1
-        ):
-            raise ValueError(
-                f"HDPConfig.global_batch_size must be a positive integer or None (derive it from TrainingArguments), "
-                f"got {self.global_batch_size!r}"
-            )
+        check_global_batch_size(self.global_batch_size)
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
+        """The fields that name one of a set of choices."""
         if self.planner not in PLANNERS:
             raise ValueError(f"HDPConfig.planner must be one of {tuple(PLANNERS)}, got {self.planner!r}")
         if self.attention_split not in SPLITS:
             raise ValueError(f"HDPConfig.attention_split must be one of {SPLITS}, got {self.attention_split!r}")
-        if self.state_split not in ("auto", "heads", "scan"):
-            raise ValueError(f"HDPConfig.state_split must be one of ('auto', 'heads', 'scan'), got {self.state_split!r}")
+        if self.state_split not in STATE_SPLITS:
+            raise ValueError(f"HDPConfig.state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
         if self.attention_split in ("ulysses", "hybrid") and self.planner != "balanced":
             raise ValueError(
                 f"HDPConfig.attention_split={self.attention_split!r} needs planner='balanced': the {self.planner!r} "
                 "planner places ring pieces only. Use planner='balanced', or attention_split='ring'."
             )
-        if self.ranks_per_node is not None and (
-            isinstance(self.ranks_per_node, bool) or not isinstance(self.ranks_per_node, int) or self.ranks_per_node < 1
-        ):
-            raise ValueError(
-                f"HDPConfig.ranks_per_node must be a positive integer or None (the launcher's LOCAL_WORLD_SIZE), got "
-                f"{self.ranks_per_node!r}"
-            )
         if self.attention_backend not in BACKEND_CHOICES:
             raise ValueError(
                 f"HDPConfig.attention_backend must be one of {BACKEND_CHOICES}, got {self.attention_backend!r}"
-            )
-        if self.p2p_timeout_s is not None and (
-            isinstance(self.p2p_timeout_s, bool) or not isinstance(self.p2p_timeout_s, (int, float))
-            or not 0 < self.p2p_timeout_s < float("inf")
-        ):
-            raise ValueError(
-                "HDPConfig.p2p_timeout_s must be a positive number of seconds or None (the process group's own "
-                f"timeout), got {self.p2p_timeout_s!r}. It bounds every HDP wait; minutes (the default 600) suit "
-                "most runs."
-            )
-        if self.zero_stage is not None and (
-            isinstance(self.zero_stage, bool) or not isinstance(self.zero_stage, int) or self.zero_stage not in (0, 1, 2)
-        ):
-            raise ValueError(
-                f"HDPConfig.zero_stage must be 0, 1, 2 or None, got {self.zero_stage!r}: 0 replicates the optimizer "
-                "states, 1 shards them over the ranks, 2 also shards the gradients; None picks 1 on several ranks and "
-                "0 on one. To shard the weights too, use TrainingArguments(fsdp='full_shard') (FSDP2, hf_hdp.engine.fsdp)."
             )
         if self.hardware != "auto" and self.hardware not in HARDWARE_PRESETS:
             raise ValueError(
@@ -263,11 +222,35 @@ class HDPConfig:
                 "length, 'drop' removes them."
             )
         if not isinstance(self.overlap_grad_reduction, bool):
-            raise ValueError(f"HDPConfig.overlap_grad_reduction must be True or False, got {self.overlap_grad_reduction!r}")
-        if self.loss_chunk_tokens is not None and (
-            isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int)
-            or self.loss_chunk_tokens < 1
+            raise ValueError(
+                f"HDPConfig.overlap_grad_reduction must be True or False, got {self.overlap_grad_reduction!r}"
+            )
+
+    def _check_numbers(self) -> None:
+        """The numeric fields other than tokens_per_rank, offload_ratio, memory_budget_gb and global_batch_size."""
+        if not _positive_int_or_none(self.ranks_per_node):
+            raise ValueError(
+                f"HDPConfig.ranks_per_node must be a positive integer or None (the launcher's LOCAL_WORLD_SIZE), got "
+                f"{self.ranks_per_node!r}"
+            )
+        if self.p2p_timeout_s is not None and (
+            isinstance(self.p2p_timeout_s, bool) or not isinstance(self.p2p_timeout_s, (int, float))
+            or not 0 < self.p2p_timeout_s < float("inf")
         ):
+            raise ValueError(
+                "HDPConfig.p2p_timeout_s must be a positive number of seconds or None (the process group's own "
+                f"timeout), got {self.p2p_timeout_s!r}. It bounds every HDP wait; minutes (the default 600) suit "
+                "most runs."
+            )
+        stage = self.zero_stage
+        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2)):
+            raise ValueError(
+                f"HDPConfig.zero_stage must be 0, 1, 2 or None, got {self.zero_stage!r}: 0 replicates the optimizer "
+                "states, 1 shards them over the ranks, 2 also shards the gradients; None picks 1 on several ranks and "
+                "0 on one. To shard the weights too, use TrainingArguments(fsdp='full_shard') (FSDP2, "
+                "hf_hdp.engine.fsdp)."
+            )
+        if not _positive_int_or_none(self.loss_chunk_tokens):
             raise ValueError(
                 f"HDPConfig.loss_chunk_tokens must be a positive integer or None (compute the full logits), got "
                 f"{self.loss_chunk_tokens!r}"
@@ -276,7 +259,8 @@ class HDPConfig:
     def check_training_args(self, args) -> None:
         """Refuse ``TrainingArguments`` that this config contradicts, or that HDP would silently ignore.
 
-        Checked (each error names both settings and the fix):
+        Checked (each error names both settings and the fix; one function per setting, in
+        :data:`TRAINING_ARGS_CHECKS`):
 
         - ``global_batch_size`` with ``gradient_accumulation_steps > 1``: both set the batch;
         - ``train_sampling_strategy`` other than ``"random"``: HDP draws each global batch in its own
@@ -298,80 +282,10 @@ class HDPConfig:
         ``dataloader_drop_last`` with a global batch larger than the dataset (no step at all) is refused
         by :class:`~hf_hdp.trainer.data.GlobalBatchSampler`, once the dataset size is known.
         """
-        accum = getattr(args, "gradient_accumulation_steps", 1) or 1
-        if self.global_batch_size is not None and accum > 1:
-            raise ValueError(
-                f"HDPConfig.global_batch_size={self.global_batch_size} and "
-                f"TrainingArguments.gradient_accumulation_steps={accum} both set the "
-                "batch; HDP accumulates micro-batches itself. Set gradient_accumulation_steps=1 or leave "
-                "global_batch_size unset."
-            )
-        strategy = getattr(args, "train_sampling_strategy", "random")
-        if strategy not in (None, "random"):
-            raise ValueError(
-                f"TrainingArguments.train_sampling_strategy={strategy!r} contradicts HDP: HDPTrainer draws every "
-                "global batch in a seeded random order (seed and epoch only) and its planner balances the "
-                "sample lengths over ranks itself, so this setting would be ignored. Set "
-                "train_sampling_strategy='random' (the default)."
-            )
-        if getattr(args, "group_by_length", False):  # older transformers
-            raise ValueError(
-                "TrainingArguments.group_by_length=True contradicts HDP: its planner balances the sample lengths "
-                "over ranks itself, and the global batch is drawn in a seeded random order. Set group_by_length=False."
-            )
-        if getattr(args, "auto_find_batch_size", False):
-            raise ValueError(
-                "TrainingArguments.auto_find_batch_size=True contradicts HDP: it lowers per_device_train_batch_size "
-                "after an out-of-memory error, which under HDP changes the global batch (the training itself) but "
-                "not a rank's memory. Set auto_find_batch_size=False and bound memory with "
-                "HDPConfig.tokens_per_rank (hf_hdp.planning.tokens_per_rank_for_memory estimates it)."
-            )
-        smoothing = getattr(args, "label_smoothing_factor", 0.0) or 0.0
-        if smoothing > 0:
-            raise ValueError(
-                f"TrainingArguments.label_smoothing_factor={smoothing} would be ignored: HDPTrainer computes its "
-                "own token-level cross-entropy over the global batch, without label smoothing. Set "
-                "label_smoothing_factor=0."
-            )
-        if getattr(args, "use_liger_kernel", False):
-            raise ValueError(
-                "TrainingArguments.use_liger_kernel=True is not supported by HDPTrainer: Liger's fused linear "
-                "cross-entropy replaces the model's forward and divides by its own batch's label count, while "
-                "HDP calls the model without labels and computes a chunked cross-entropy over the GLOBAL batch's "
-                "label count itself (HDPConfig.loss_chunk_tokens: the full logits never exist either); Liger's "
-                "other kernels need CUDA and triton and have not been verified under HDP's packed, split "
-                "sequences. Set use_liger_kernel=False."
-            )
-        if getattr(args, "deepspeed", None):
-            raise ValueError(
-                "TrainingArguments.deepspeed is set, but HDPTrainer shards the model states itself: "
-                "HDPConfig(zero_stage=1 or 2) for ZeRO stages 1 and 2, TrainingArguments(fsdp='full_shard') for "
-                "FSDP2 with sharded weights (hf_hdp.engine.fsdp). DeepSpeed's engine reduces gradients per "
-                "micro-batch, which deadlocks when ranks run different numbers of micro-batches. Unset deepspeed."
-            )
-        if getattr(args, "fsdp", None):
-            raise ValueError(
-                "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.engine.fsdp), in its own "
-                "step; a custom loop must use HDPConfig(zero_stage=1 or 2) instead, or pass the arguments to "
-                "HDPTrainer."
-            )
-        if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
-            raise ValueError(
-                "TrainingArguments.average_tokens_across_devices=False makes stock Trainer divide each device's loss "
-                "by that device's own label count; HDP places samples by cost, not by device, and always divides by "
-                "the label count of the whole global batch (what one device running the batch computes). Set "
-                "average_tokens_across_devices=True (the default)."
-            )
-        pc = getattr(args, "parallelism_config", None)
-        if pc is not None:
-            sizes = {k: getattr(pc, k, 1) or 1 for k in ("cp_size", "tp_size", "sp_size", "dp_shard_size")}
-            used = {k: v for k, v in sizes.items() if v > 1}
-            if used:
-                raise ValueError(
-                    f"TrainingArguments.parallelism_config sets {used}, but HDP is itself the data and context "
-                    "parallelism: every rank holds the whole model and long samples are split over as many ranks "
-                    "as they need, per step. Drop parallelism_config (HDP needs no cp_size)."
-                )
+        for check in TRAINING_ARGS_CHECKS:
+            problem = check(self, args)
+            if problem:
+                raise ValueError(problem)
 
     def check_attention_backend(self, device, dtype=None, mixed_precision: bool = False,
                                 head_dim: int | None = None) -> str:
@@ -399,8 +313,9 @@ class HDPConfig:
         if name in FUSED_BACKENDS:
             low = (torch.float16, torch.bfloat16)
             if dtype is not None and dtype not in low and not mixed_precision:
+                picked = " (picked by attention_backend=auto)" if self.attention_backend == "auto" else ""
                 raise ValueError(
-                    f"the {name!r} attention backend{' (picked by attention_backend=auto)' if self.attention_backend == 'auto' else ''} "
+                    f"the {name!r} attention backend{picked} "
                     f"runs fused kernels that need bfloat16/float16 activations, but the model is {dtype} and "
                     "neither TrainingArguments.bf16 nor fp16 is set. Set bf16=True (or load the model in bfloat16), "
                     "or use HDPConfig(attention_backend='reference') for float32/float64 (slow)."
@@ -452,3 +367,146 @@ def _offload_ratio(value):
             f"compute hides), got {given!r}"
         )
     return float(value)
+
+
+def check_global_batch_size(value, where: str = "HDPConfig.global_batch_size", *, fix: str | None = None):
+    """``value`` if it is a global batch (samples per optimizer step, whatever the world size): a positive integer.
+
+    ``None`` passes (derive the batch from TrainingArguments) unless ``fix`` is given: then the caller needs a
+    number and the error says ``fix``. Raises ``ValueError`` naming ``where``. HDPConfig and
+    HDPAccelerator.hdp_steps both check their batch here.
+    """
+    if value is None and fix is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if fix is None:
+            raise ValueError(
+                f"{where} must be a positive integer or None (derive it from TrainingArguments), got {value!r}"
+            )
+        raise ValueError(
+            f"{where} needs the global batch (samples per optimizer step, any world size) as a positive integer: "
+            f"{fix}; got {value!r}."
+        )
+    return value
+
+
+def _positive_int_or_none(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+def _memory_budget(value, tokens_per_rank):
+    """``memory_budget_gb`` as given: ``None``, or a positive number of GB (a command line's text of one), used only
+    with ``tokens_per_rank='auto'``."""
+    if value is None:
+        return None
+    budget = value
+    if isinstance(budget, str):
+        try:
+            budget = float(budget)
+        except ValueError:
+            budget = value
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+        raise ValueError(
+            f"HDPConfig.memory_budget_gb must be a positive number of GB (1e9 bytes) or None, got {value!r}"
+        )
+    if tokens_per_rank != AUTO:
+        raise ValueError(
+            f"HDPConfig.memory_budget_gb={value!r} is used only to size tokens_per_rank='auto', but "
+            f"tokens_per_rank={tokens_per_rank}. Set tokens_per_rank='auto' or leave memory_budget_gb unset."
+        )
+    return float(budget)
+
+
+# ------------------------------------------------------------------ TrainingArguments that HDP contradicts
+def _batch_settings(config: HDPConfig, args) -> str | None:
+    accum = getattr(args, "gradient_accumulation_steps", 1) or 1
+    if config.global_batch_size is not None and accum > 1:
+        return (
+            f"HDPConfig.global_batch_size={config.global_batch_size} and "
+            f"TrainingArguments.gradient_accumulation_steps={accum} both set the "
+            "batch; HDP accumulates micro-batches itself. Set gradient_accumulation_steps=1 or leave "
+            "global_batch_size unset."
+        )
+    if getattr(args, "auto_find_batch_size", False):
+        return (
+            "TrainingArguments.auto_find_batch_size=True contradicts HDP: it lowers per_device_train_batch_size "
+            "after an out-of-memory error, which under HDP changes the global batch (the training itself) but "
+            "not a rank's memory. Set auto_find_batch_size=False and bound memory with "
+            "HDPConfig.tokens_per_rank (hf_hdp.planning.tokens_per_rank_for_memory estimates it)."
+        )
+    return None
+
+
+def _sampling(config: HDPConfig, args) -> str | None:
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy not in (None, "random"):
+        return (
+            f"TrainingArguments.train_sampling_strategy={strategy!r} contradicts HDP: HDPTrainer draws every "
+            "global batch in a seeded random order (seed and epoch only) and its planner balances the "
+            "sample lengths over ranks itself, so this setting would be ignored. Set "
+            "train_sampling_strategy='random' (the default)."
+        )
+    if getattr(args, "group_by_length", False):  # older transformers
+        return (
+            "TrainingArguments.group_by_length=True contradicts HDP: its planner balances the sample lengths "
+            "over ranks itself, and the global batch is drawn in a seeded random order. Set group_by_length=False."
+        )
+    return None
+
+
+def _loss(config: HDPConfig, args) -> str | None:
+    smoothing = getattr(args, "label_smoothing_factor", 0.0) or 0.0
+    if smoothing > 0:
+        return (
+            f"TrainingArguments.label_smoothing_factor={smoothing} would be ignored: HDPTrainer computes its "
+            "own token-level cross-entropy over the global batch, without label smoothing. Set "
+            "label_smoothing_factor=0."
+        )
+    if getattr(args, "use_liger_kernel", False):
+        return (
+            "TrainingArguments.use_liger_kernel=True is not supported by HDPTrainer: Liger's fused linear "
+            "cross-entropy replaces the model's forward and divides by its own batch's label count, while "
+            "HDP calls the model without labels and computes a chunked cross-entropy over the GLOBAL batch's "
+            "label count itself (HDPConfig.loss_chunk_tokens: the full logits never exist either); Liger's "
+            "other kernels need CUDA and triton and have not been verified under HDP's packed, split "
+            "sequences. Set use_liger_kernel=False."
+        )
+    if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
+        return (
+            "TrainingArguments.average_tokens_across_devices=False makes stock Trainer divide each device's loss "
+            "by that device's own label count; HDP places samples by cost, not by device, and always divides by "
+            "the label count of the whole global batch (what one device running the batch computes). Set "
+            "average_tokens_across_devices=True (the default)."
+        )
+    return None
+
+
+def _parallelism(config: HDPConfig, args) -> str | None:
+    if getattr(args, "deepspeed", None):
+        return (
+            "TrainingArguments.deepspeed is set, but HDPTrainer shards the model states itself: "
+            "HDPConfig(zero_stage=1 or 2) for ZeRO stages 1 and 2, TrainingArguments(fsdp='full_shard') for "
+            "FSDP2 with sharded weights (hf_hdp.engine.fsdp). DeepSpeed's engine reduces gradients per "
+            "micro-batch, which deadlocks when ranks run different numbers of micro-batches. Unset deepspeed."
+        )
+    if getattr(args, "fsdp", None):
+        return (
+            "TrainingArguments.fsdp is set: HDPTrainer applies FSDP2 itself (hf_hdp.engine.fsdp), in its own "
+            "step; a custom loop must use HDPConfig(zero_stage=1 or 2) instead, or pass the arguments to "
+            "HDPTrainer."
+        )
+    pc = getattr(args, "parallelism_config", None)
+    axes = ("cp_size", "tp_size", "sp_size", "dp_shard_size")
+    sizes = {} if pc is None else {k: getattr(pc, k, 1) or 1 for k in axes}
+    used = {k: v for k, v in sizes.items() if v > 1}
+    if used:
+        return (
+            f"TrainingArguments.parallelism_config sets {used}, but HDP is itself the data and context "
+            "parallelism: every rank holds the whole model and long samples are split over as many ranks "
+            "as they need, per step. Drop parallelism_config (HDP needs no cp_size)."
+        )
+    return None
+
+
+# HDPConfig.check_training_args runs these in order; each returns the error for the first contradiction it finds
+TRAINING_ARGS_CHECKS = (_batch_settings, _sampling, _loss, _parallelism)

@@ -37,8 +37,9 @@ DISTRIBUTED_NAMES = frozenset(
         "accelerate.commands.launch",
     }
 )
-# a name whose use launches a Python interpreter of its own (seconds each: it imports torch afresh)
-SUBPROCESS_NAMES = frozenset({"subprocess"})
+# names whose use launches a Python interpreter of its own (seconds each: it imports torch afresh): a subprocess,
+# a notebook's kernel
+SUBPROCESS_NAMES = frozenset({"subprocess", "NotebookClient"})
 MARKERS = {"distributed": DISTRIBUTED_NAMES, "slow": SUBPROCESS_NAMES}
 
 

@@ -17,7 +17,7 @@ from ..collators.collator import HDPCollator
 from ..data.checks import MeasuredDataset
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStepDataset
 from ..distributed.launch import launcher_ranks_per_node
-from ..models import UnsupportedModelError, hdp_base_model, model_heads, routes_attention
+from ..models import model_heads, require_hdp_routable
 from ..planning import HARDWARE_PRESETS, CostModel, get_planner
 from .fsdp import LockstepPlanner
 
@@ -27,19 +27,7 @@ logger = logging.getLogger(__name__)
 def enable_hdp_attention(model, state_split: str = "auto") -> PreTrainedModel:
     """Switch ``model`` (or the model inside a PEFT wrapper) to the ``"hdp"`` attention, and its state-carrying
     layers to HDP's (split by ``state_split``, :class:`~hf_hdp.config.HDPConfig`), or explain why it cannot be."""
-    base = hdp_base_model(model)
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{type(base).__name__} is an encoder-decoder model; HDP trains decoder-only causal LMs. "
-            "Use the stock Seq2SeqTrainer for it."
-        )
-    if not routes_attention(base):
-        raise UnsupportedModelError(
-            f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
-            "cannot split its sequences over ranks; packing would let tokens attend across samples. "
-            "Use a model whose class sets `_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), "
-            "or the stock Trainer."
-        )
+    base = require_hdp_routable(model)  # decoder-only, attention through AttentionInterface (hf_hdp.models)
     base.set_attn_implementation(HDP_ATTENTION)
     enable_hdp_mixers(base, state_split)  # Gated DeltaNet layers: HDP's packed and split recurrence (hf_hdp.attention.recurrent)
     return base
