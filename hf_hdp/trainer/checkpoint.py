@@ -20,11 +20,7 @@ import logging
 import os
 
 import numpy as np
-import torch
 from transformers import TrainerCallback
-
-from ..engine.fsdp import full_optimizer_state
-from ..engine.zero import OPTIMIZER_FILE, unwrap_zero
 
 STATE_FILE = "hdp_state.json"
 logger = logging.getLogger(__name__)
@@ -92,25 +88,38 @@ def hdp_state(trainer) -> dict:
     }
 
 
-class HDPCheckpointCallback(TrainerCallback):
-    """Writes ``hdp_state.json`` into each checkpoint folder (main process).
+SHARDED, FULL = "SHARDED_STATE_DICT", "FULL_STATE_DICT"
 
-    Before that, on every rank, a sharded (ZeRO) optimizer gathers its full state, which replaces the
-    placeholder ``optimizer.pt`` Trainer wrote (:func:`~save_full_optimizer_state`):
-    a checkpoint with ``hdp_state.json`` holds the full optimizer state.
-    """
+
+def state_dict_type(args) -> str:
+    """``fsdp_config["state_dict_type"]``: how FSDP2 weights go into checkpoints (``SHARDED_STATE_DICT``, the
+    default: each rank writes its shards; or ``FULL_STATE_DICT``: the whole weights as safetensors, gathered one
+    tensor at a time). Any other value is refused by name."""
+    value = (getattr(args, "fsdp_config", None) or {}).get("state_dict_type")
+    if value is None:
+        return SHARDED
+    text = str(value).upper().rsplit(".", 1)[-1]  # also StateDictType.SHARDED_STATE_DICT
+    if text not in (SHARDED, FULL):
+        raise ValueError(f"TrainingArguments: fsdp_config['state_dict_type'] = {value!r}, which HDPTrainer does not "
+                         f"honour. Set {SHARDED!r} (each rank writes its shards; the default) or {FULL!r} (the whole "
+                         "weights as safetensors, gathered one tensor at a time).")
+    return text
+
+
+class HDPCheckpointCallback(TrainerCallback):
+    """Checks ``fsdp_config["state_dict_type"]`` when the trainer is built, and waits for an asynchronous
+    checkpoint save at the end of training (``trainer.hdp_finish_checkpoint``). The checkpoint itself, with
+    ``hdp_state.json``, is HDPTrainer's ``_save_checkpoint`` (:mod:`hf_hdp.trainer.saving`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
+        if getattr(trainer, "hdp_fsdp", None):
+            state_dict_type(trainer.args)
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        save_full_optimizer_state(self.trainer, folder)  # a collective: every rank, before the main-process check
-        if not state.is_world_process_zero:
-            return
-        if os.path.isdir(folder):
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(hdp_state(self.trainer), f, indent=1)
+    def on_train_end(self, args, state, control, **kwargs):
+        finish = getattr(self.trainer, "hdp_finish_checkpoint", None)
+        if finish is not None:
+            finish()
 
 
 class HDPStateFileError(ResumeMismatchError):
@@ -237,30 +246,3 @@ def check_resume(trainer, checkpoint: str) -> dict | None:
             logger.info("resuming with %s=%r (checkpoint used %r): placement changes, batches do not.",
                         key, now[key], saved[key])
     return saved
-
-
-def save_full_optimizer_state(trainer, folder: str) -> None:
-    """Replace the placeholder ``optimizer.pt`` Trainer wrote into ``folder`` by the full state. Call on all ranks.
-
-    A no-op unless the optimizer is sharded (ZeRO, or FSDP: :mod:`hf_hdp.engine.fsdp`) and the
-    checkpoint holds the optimizer (``save_only_model=False``). Written by the ranks that save (``TrainingArguments.should_save``),
-    to a temporary file first and then renamed, so the file is never half written.
-    """
-    if trainer.args.save_only_model:
-        return
-    zero = unwrap_zero(getattr(trainer, "optimizer", None))
-    if zero is not None:
-        full = zero.full_state_dict(receive=bool(trainer.args.should_save))
-    elif getattr(trainer, "hdp_fsdp_modules", None):  # FSDP: the state of sharded parameters, gathered
-        optimizer = trainer.optimizer
-        while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
-            optimizer = optimizer.optimizer
-        full = full_optimizer_state(optimizer)  # a collective: every rank gathers every tensor
-        full = full if trainer.args.should_save else None
-    else:
-        return
-    if full is None or not os.path.isdir(folder):
-        return
-    path = os.path.join(folder, OPTIMIZER_FILE)
-    torch.save(full, path + ".tmp")
-    os.replace(path + ".tmp", path)

@@ -60,10 +60,11 @@ from ..data.checks import MeasuredDataset, prepare_dataset, progress_bars, requi
 from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..distributed.launch import check_distributed_setup
 from ..distributed.mesh import DynamicMesh
-from ..engine.fsdp import (ZERO2, ZERO3, fsdp_mode, full_model_state, gather_for_eval, layer_classes,
-                           prepare_optimizer, release_after_eval, shard_model)
+from ..engine.fsdp import (ZERO2, ZERO3, fsdp_mode, gather_for_eval, layer_classes, prepare_optimizer,
+                           release_after_eval, shard_model)
 from ..engine.offload import ActivationOffloader, run_recomputes_layers
 from ..engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader
+from ..engine.state import MODEL, has_sharded, has_whole_weights, load_whole_weights
 from ..engine.step import StepEngine, hdp_loss
 from ..engine.zero import shard_optimizer
 from ..models import check_model_supported
@@ -76,6 +77,7 @@ from .checkpoint import HDPCheckpointCallback, check_resume
 from .evaluation import eval_dataloader, hdp_evaluation_loop, hdp_predict
 from .inputs import check_metrics_arguments, check_step_methods
 from .neftune import PerSampleNEFTune
+from .saving import finish_pending, load_scheduler, load_sharded_checkpoint, save_checkpoint, write_model_folder
 from .stats import HDPStats
 
 logger = logging.getLogger(__name__)
@@ -334,14 +336,57 @@ class HDPTrainer(Trainer):
         return hdp_predict(self, test_dataset, ignore_keys, metric_key_prefix)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Trainer's ``save_model``; with a sharded (FSDP) model, every rank gathers the whole weights
-        (a collective: Trainer calls this on every rank) and the saving rank writes them, loadable with
-        ``from_pretrained`` anywhere."""
+        """Trainer's ``save_model``; with a sharded (FSDP) model, a transformers folder streamed one tensor at
+        a time (a collective: Trainer calls this on every rank; :func:`~hf_hdp.trainer.saving.write_model_folder`),
+        loadable with ``from_pretrained`` anywhere."""
         if not self.hdp_fsdp_modules:
             return super().save_model(output_dir, _internal_call)
-        state = full_model_state(self.model)
-        if self.args.should_save:
-            self._save(output_dir or self.args.output_dir, state_dict=state)
+        write_model_folder(self, output_dir or self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    # ------------------------------------------------------------------ checkpoints (hf_hdp.trainer.saving)
+    def _save_checkpoint(self, model, trial):
+        """Overridden because Trainer's writes into ``checkpoint-N`` directly and gathers a sharded optimizer's
+        state on one rank: here every rank writes its shards under ``tmp-checkpoint-N``, renamed when all are done."""
+        save_checkpoint(self, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Overridden because Trainer's finds no weights in a checkpoint whose weights are sharded (FSDP2,
+        ``SHARDED_STATE_DICT``): those load after the model is sharded, in :meth:`_load_optimizer_and_scheduler`."""
+        if not has_whole_weights(resume_from_checkpoint) and has_sharded(resume_from_checkpoint, MODEL):
+            self._hdp_sharded_weights = resume_from_checkpoint
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Overridden because Trainer's loads one whole ``optimizer.pt`` on every rank: a sharded checkpoint is
+        read by each rank for what it updates now (any world size, ZeRO or FSDP). A full-state checkpoint
+        (``optimizer.pt``) still loads through Trainer's."""
+        if checkpoint is None or not has_sharded(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        weights = getattr(self, "_hdp_sharded_weights", None) == checkpoint
+        self._hdp_sharded_weights = None
+        load_sharded_checkpoint(self, checkpoint, weights=weights)
+        load_scheduler(self, checkpoint)
+
+    def _load_best_model(self):
+        """Overridden because Trainer's reads whole weights into an unsharded model: under FSDP2 each rank
+        loads its shards (from the sharded part, or from safetensors one tensor at a time)."""
+        self.hdp_finish_checkpoint()
+        best = self.state.best_model_checkpoint
+        if has_sharded(best, MODEL):
+            logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+            load_sharded_checkpoint(self, best, weights=True, optimizer=False)
+        elif self.hdp_fsdp_modules:
+            logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+            load_whole_weights(self.model, best)
+        else:
+            super()._load_best_model()
+
+    def hdp_finish_checkpoint(self) -> None:
+        """Wait for an asynchronous checkpoint save and publish it (every rank; nothing pending: no-op)."""
+        finish_pending(self)
 
     def get_total_train_batch_size(self, args) -> int:
         """Samples per optimizer step: HDP's global batch, whatever the world size."""
