@@ -7,6 +7,14 @@ One script for one CPU, one GPU, one node or many; launch it with ``torchrun`` o
         --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name <dataset> --text_column text \\
         --tokens_per_rank 16384 --global_batch_size 64 --bf16 --max_steps 1000 --output_dir out/qwen
 
+Offline on 4 CPU processes, on a tiny Llama, its BPE tokenizer and a jsonl of standard-library files that the
+demo builds locally in about 10 s (from the repository root)::
+
+    python examples/hdp_demo.py --save_tiny_model hdp_output/tiny
+    torchrun --nproc_per_node 4 examples/finetune.py --use_cpu --model_name_or_path hdp_output/tiny/model \\
+        --train_file hdp_output/tiny/stdlib.jsonl --drop_long_samples \\
+        --tokens_per_rank 1024 --global_batch_size 16 --max_steps 20 --output_dir out/cpu
+
 The arguments are those of four dataclasses, parsed by ``HfArgumentParser``:
 :class:`ModelArguments` and :class:`DataArguments` below, ``transformers.TrainingArguments`` and
 :class:`hf_hdp.HDPConfig` (``--tokens_per_rank``, ``--global_batch_size``, ``--planner``, ...).

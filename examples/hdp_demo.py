@@ -13,11 +13,18 @@ group of ranks). Longer files cannot be placed; the demo leaves them out and say
 ``--tokens_per_rank`` to include them). On CPU the attention runs PyTorch's fused flash kernel
 (``cpu_flash``). The closing summary gives the loss, tokens/s, how many
 samples ran on one rank and which context-parallel group sizes were used.
+
+The other examples run offline on the same tiny model. ``--save_tiny_model DIR`` (no torchrun) saves this
+demo's tokenizer and model to ``DIR/model`` and the first 200 standard-library files as a jsonl of
+``{"text": ...}`` rows to ``DIR/stdlib.jsonl``, then exits (about 10 s)::
+
+    python examples/hdp_demo.py --save_tiny_model hdp_output/tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -29,7 +36,19 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model
+from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model, stdlib_texts
+
+
+def save_tiny_model(directory: str, vocab_size: int, hidden_size: int, layers: int, seed: int) -> None:
+    """The other examples' offline inputs: the demo's tokenizer and model, and a jsonl of stdlib files."""
+    build_stdlib_tokenizer_and_model(os.path.join(directory, "model"), vocab_size, hidden_size, layers, seed)
+    with open(os.path.join(directory, "stdlib.jsonl"), "w") as f:
+        for _, text in stdlib_texts(200):
+            f.write(json.dumps({"text": text}) + "\n")
+    print(
+        f"saved {os.path.join(directory, 'model')} (tokenizer and model, save_pretrained) and "
+        f"{os.path.join(directory, 'stdlib.jsonl')} (200 files, one {{'text': ...}} per line)"
+    )
 
 
 def main() -> None:
@@ -44,7 +63,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--learning_rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--save_tiny_model",
+        "--save-tiny-model",
+        metavar="DIR",
+        default=None,
+        help="save the tiny tokenizer and model (DIR/model) and a jsonl of stdlib files "
+        "(DIR/stdlib.jsonl) for the other examples, then exit (no torchrun needed)",
+    )
     a = ap.parse_args()
+    if a.save_tiny_model:
+        save_tiny_model(a.save_tiny_model, a.vocab_size, a.hidden_size, a.layers, a.seed)
+        return
 
     args = TrainingArguments(
         output_dir=a.output_dir, use_cpu=True, max_steps=a.max_steps, learning_rate=a.learning_rate,

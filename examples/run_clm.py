@@ -29,6 +29,14 @@ over ranks (``--tokens_per_rank``; ``--long_sample_policy`` for those longer tha
     torchrun --nproc_per_node 8 examples/run_clm.py --model_name_or_path Qwen/Qwen2.5-0.5B \\
         --train_file train.txt --validation_file valid.txt --keep_documents \\
         --tokens_per_rank 16384 --bf16 --do_train --do_eval --output_dir out/clm
+
+Offline on 4 CPU processes, on the tiny local model and data the demo builds (the validation set is then
+``--validation_split_percentage`` of the file)::
+
+    python examples/hdp_demo.py --save_tiny_model hdp_output/tiny
+    torchrun --nproc_per_node 4 examples/run_clm.py --use_cpu --model_name_or_path hdp_output/tiny/model \\
+        --train_file hdp_output/tiny/stdlib.jsonl --keep_documents --tokens_per_rank 1024 \\
+        --long_sample_policy drop --do_train --do_eval --max_steps 10 --output_dir out/clm
 """
 
 import logging
