@@ -100,7 +100,7 @@ def fixed_completions(self, prompt_ids, *args, **kwargs):
         g = torch.Generator().manual_seed(1000 * k + j)
         body = torch.randint(3, vocab - 1, (LENGTHS[k][j] - 1,), generator=g).tolist()
         out.append(body + [eos])
-    return out, None
+    return out if isinstance(self, trl.RLOOTrainer) else (out, None)
 
 
 def length_reward(completions, **kwargs):
@@ -222,6 +222,8 @@ def test_moved_rollouts_come_back_to_their_owner(hdp_runs):
     (dict(use_vllm=True), {}, r"use_vllm=True cannot be honoured"),
     ({}, dict(tokens_per_rank="auto"), r"integer HDPConfig.tokens_per_rank"),
     ({}, dict(tokens_per_rank=64, zero_stage=1), r"zero_stage=1 is not supported"),
+    ({}, dict(tokens_per_rank=64, global_batch_size=64), r"global_batch_size=64 cannot be honoured.*= 4"),
+    ({}, dict(tokens_per_rank=64, long_sample_policy="truncate"), r"long_sample_policy='truncate'"),
 ])
 def test_refusals_name_the_option(tiny, tmp_path, config, hdp, message):
     from transformers import AutoTokenizer

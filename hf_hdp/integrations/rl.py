@@ -102,8 +102,22 @@ def refuse_rl_args(args, hdp_config: HDPConfig, name: str) -> None:
     if hdp_config.offload_ratio not in (None, 0, 0.0):
         raise ValueError(f"HDPConfig.offload_ratio={hdp_config.offload_ratio!r} is not supported by {name} yet; "
                          "use gradient_checkpointing=True to save activation memory.")
+    if hdp_config.long_sample_policy != "error":
+        raise ValueError(f"HDPConfig.long_sample_policy={hdp_config.long_sample_policy!r} is not supported by {name}: "
+                         "truncating or dropping a rollout would change TRL's loss. Leave it at 'error' and bound "
+                         "max_completion_length (a rollout may span all ranks: world_size * tokens_per_rank tokens).")
+    if hdp_config.loss_chunk_tokens not in (None, 1024):
+        raise ValueError(f"HDPConfig.loss_chunk_tokens={hdp_config.loss_chunk_tokens} is not used by {name}: the "
+                         "log-probabilities come from TRL's fused LM head, which chunks the vocabulary projection "
+                         "itself. Leave loss_chunk_tokens at its default.")
     if args is None:
         return
+    world = getattr(args, "world_size", 1)
+    if hdp_config.global_batch_size not in (None, args.per_device_train_batch_size * world):
+        raise ValueError(f"HDPConfig.global_batch_size={hdp_config.global_batch_size} cannot be honoured by {name}: "
+                         "each rank generates per_device_train_batch_size rollouts per step, so the global batch is "
+                         f"per_device_train_batch_size x world_size = {args.per_device_train_batch_size * world}. "
+                         "Leave global_batch_size unset and set per_device_train_batch_size.")
     checks = [
         (getattr(args, "use_vllm", False), "use_vllm=True",
          "vLLM generation is not supported (untested with HDP's passes); generate with transformers (use_vllm=False)"),
