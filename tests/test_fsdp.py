@@ -3,8 +3,8 @@
 Both modes, on 4 and 2 ranks, AdamW with weight decay and gradient clipping, ranks running
 different numbers of micro-batches (one none) in ``shard_grad_op`` (ZeRO-2 mode), lockstep plans in
 ``full_shard`` (ZeRO-3 mode): the weights after 4 steps equal one process's (float64); each rank holds
-only its shard of the weights and of the optimizer state; a checkpoint holds the full model and the
-full optimizer state (equal to one process's), and resumes at another world size and in the other
+only its shard of the weights and of the optimizer state; a checkpoint holds each rank's shards of both
+(consolidated: equal to one process's), and resumes at another world size and in the other
 mode to the uninterrupted run's weights. Lockstep plans and their metrics are tested without processes.
 """
 
@@ -66,21 +66,25 @@ def test_each_rank_holds_only_its_shard_of_weights_and_optimizer_state(trained):
         assert all(s <= 2 * (1.05 * total / 4 + 64) for s in states), (name, states, total)
 
 
-def test_a_checkpoint_holds_the_full_model_and_optimizer_state(trained):
+def test_a_checkpoint_holds_each_ranks_shards_and_consolidates_to_one_processs_state(trained, tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from hf_hdp.engine.export import consolidate
 
     base = trained["base"]
     plain = torch.load(base / "w1" / "adamw" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     for name in RUNS_4:
         folder = base / "w4" / name / "checkpoint-2"
-        saved = torch.load(folder / "optimizer.pt", weights_only=False)
-        assert saved["param_groups"] == plain["param_groups"]
+        assert not (folder / "model.safetensors").exists() and not (folder / "optimizer.pt").exists()
+        out = consolidate(str(folder), str(tmp_path / name), optimizer=True)
+        saved = torch.load(f"{out}/optimizer.pt", weights_only=False)
+        assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in plain["param_groups"]]
         assert sorted(saved["state"]) == sorted(plain["state"])
         for i, s in plain["state"].items():
             for k, v in s.items():
                 torch.testing.assert_close(torch.as_tensor(saved["state"][i][k]), torch.as_tensor(v), rtol=1e-9,
                                            atol=1e-13)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
         reference = AutoModelForCausalLM.from_pretrained(base / "w1" / "adamw" / "checkpoint-2", dtype=torch.float64)
         _close(model.state_dict(), reference.state_dict(), f"{name} checkpoint weights")
 

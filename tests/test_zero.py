@@ -10,7 +10,7 @@
 - HDPTrainer with AdamW and weight decay, ranks running different numbers of micro-batches (one
   none): weights after 4 steps at stages 1 and 2 equal stage 0 and one process (float64, 1e-12);
   stage 2 leaves each rank only its shard's gradients; clipping uses the full gradient's norm; a
-  stage 1 checkpoint holds the full optimizer state (equal to stage 0's) and resumes bit-exactly,
+  stage 1 checkpoint holds each rank's shard of the optimizer state (consolidated, equal to stage 0's) and resumes bit-exactly,
   and stage 1/2 checkpoints resume at another world size and stage.
 """
 
@@ -590,16 +590,23 @@ def test_clipping_at_stage_2_uses_the_full_gradients_norm(trained):
     _close(four[0]["sgd_clip_stage2"]["weights"], one["weights"], "clip vs one process")
 
 
-def test_a_stage_1_checkpoint_holds_the_full_optimizer_state(trained):
+def test_a_stage_1_checkpoint_holds_each_ranks_shard_and_consolidates_to_stage_0s_state(trained, tmp_path):
+    from hf_hdp.engine.export import consolidate
+
     base = trained["base"]
-    zero = torch.load(base / "w4" / "default" / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    folder = base / "w4" / "default" / "checkpoint-2"
+    assert not (folder / "optimizer.pt").exists()  # sharded: every rank wrote its own part
+    assert sorted(p.name for p in (folder / "hdp_sharded").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    zero = torch.load(consolidate(str(folder), str(tmp_path / "c"), optimizer=True) + "/optimizer.pt",
+                      weights_only=False)
     plain = torch.load(base / "w4" / "stage0" / "checkpoint-2" / "optimizer.pt", weights_only=False)
-    assert zero["param_groups"] == plain["param_groups"]
+    assert [g["params"] for g in zero["param_groups"]] == [g["params"] for g in plain["param_groups"]]
+    assert [g["lr"] for g in zero["param_groups"]] == [g["lr"] for g in plain["param_groups"]]
     assert sorted(zero["state"]) == sorted(plain["state"]) == list(range(sum(len(g["params"]) for g in plain["param_groups"])))
     for i, s in plain["state"].items():
         for k, v in s.items():
             torch.testing.assert_close(torch.as_tensor(zero["state"][i][k]), torch.as_tensor(v), rtol=1e-10, atol=1e-14)
-    assert (base / "w4" / "default" / "checkpoint-2" / "hdp_state.json").exists()
+    assert (folder / "hdp_state.json").exists()
 
 
 def test_resume_under_stage_1_gives_the_uninterrupted_weights(trained):

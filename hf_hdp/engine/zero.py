@@ -34,14 +34,14 @@ parameters inside ``step`` (a global norm), fuses its update into backward (LOMO
 optimizers) or swaps weights itself (schedule-free) does not, and is refused (``zero_stage`` set) or
 kept unsharded with a warning (``zero_stage=None``).
 
-Checkpoints hold the full optimizer state in ``torch.optim``'s own format (global parameter
-indices), the same as stage 0 writes, so a checkpoint loads at any world size and any stage. Trainer
-writes ``optimizer.pt`` from ``optimizer.state_dict()`` on the main process only, before any
-callback runs on all ranks; a sharded optimizer's ``state_dict()`` therefore returns a small
-placeholder that no optimizer loads, and HDP's ``on_save`` callback (all ranks) gathers the full
-state (:meth:`ZeroOptimizer.full_state_dict`) and replaces the placeholder before it writes
-``hdp_state.json`` (:func:`hf_hdp.trainer.checkpoint.save_full_optimizer_state`). Resume loads the full state on every rank
-and each rank keeps its own shard (:meth:`ZeroOptimizer.load_state_dict`).
+Checkpoints are sharded (:mod:`hf_hdp.engine.state`, written by HDPTrainer's ``_save_checkpoint``): each
+rank writes the state of the parameters it owns, keyed by parameter name (:meth:`ZeroOptimizer.owned_state`),
+and at load reads those it owns at the new world size, whatever wrote them (:meth:`ZeroOptimizer.owned_params`,
+:meth:`ZeroOptimizer.load_owned_state`): no rank holds the whole state. ``state_dict()`` is a small
+placeholder that no optimizer loads (Trainer's own checkpoint code would call it on one rank);
+:meth:`ZeroOptimizer.full_state_dict` gathers the whole state in ``torch.optim``'s format (global parameter
+indices) for custom loops, and :meth:`ZeroOptimizer.load_state_dict` loads such a full state (today's
+``optimizer.pt`` checkpoints, or stage 0's) at any world size, each rank keeping its own shard.
 """
 
 from __future__ import annotations
