@@ -57,13 +57,14 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a file size limit); nothing was published."""
 
 
-def checkpoint_group(timeout_s: float | None):
+def checkpoint_group(timeout_s: float | None, purpose: str = "save"):
     """A gloo group over all ranks whose collectives give up after ``timeout_s`` (``HDPConfig.p2p_timeout_s``;
-    ``None``: 30 minutes, torch's default), made once per process group and timeout. Collective the first
-    time: call on every rank. ``None`` without a process group or on one rank."""
+    ``None``: 30 minutes, torch's default), made once per process group, timeout and ``purpose`` (an
+    asynchronous save's background thread gets a group of its own: two threads must never share one).
+    Collective the first time: call on every rank. ``None`` without a process group or on one rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    key = (id(dist.group.WORLD), timeout_s)
+    key = (id(dist.group.WORLD), timeout_s, purpose)
     if key not in _GROUPS:
         timeout = datetime.timedelta(seconds=timeout_s if timeout_s else 1800)
         _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)

@@ -171,8 +171,11 @@ def _write(trainer, staging: str, final: str, group, step) -> object:
         trainer.save_model(staging, _internal_call=True)
     if (weights and not args.save_only_model) or optimizer:
         state = sharded_state(trainer, with_weights=weights and not args.save_only_model, with_optimizer=optimizer)
-        future = save_sharded(state, os.path.join(staging, SHARDED_DIR), group,
-                              async_save=bool(getattr(trainer.hdp_config, "async_checkpoint", False)))
+        if getattr(trainer.hdp_config, "async_checkpoint", False):  # DCP's thread: a group of its own
+            future = save_sharded(state, os.path.join(staging, SHARDED_DIR),
+                                  checkpoint_group(trainer.hdp_config.p2p_timeout_s, "async"), async_save=True)
+        else:
+            save_sharded(state, os.path.join(staging, SHARDED_DIR), group)
     _best_model_checkpoint(trainer, os.path.dirname(final))
     if not args.save_only_model:
         if optimizer:
@@ -243,6 +246,8 @@ def _fail(trainer, error, staging: str, run_dir: str, step) -> None:
     latest = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)  # frees the space it took; never visible as a checkpoint
+    bounded_flag(trainer, checkpoint_group(trainer.hdp_config.p2p_timeout_s), False, "failed checkpoint clean-up",
+                 step)  # every rank raises once the temporary is gone
     rank = trainer.args.process_index
     if error is None:
         raise RuntimeError(
