@@ -70,7 +70,10 @@ def build_tiny_model(path: str) -> str:
 def chat_dataset(n: int, seed: int = 0) -> Dataset:
     """``n`` conversations; one in eight runs for 5-8 turns, 500-850 tokens (the long tail HDP splits over ranks)."""
     rng = random.Random(seed)
-    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
     rows = []
     for i in range(n):
         turns = rng.randint(5, 8) if i % 8 == 0 else rng.randint(1, 2)
@@ -125,6 +128,10 @@ def main() -> None:
                   f"token accuracy {e['mean_token_accuracy']:.3f}  tokens {e['num_tokens']}")
         summary = trainer.hdp_summary()
         print("group sizes used (k ranks: samples):", summary.get("group_sizes"))
+        if a.loss_type == "dft":
+            print("note: DFT's loss is the mean of -p*log(p) over the label tokens (p = the token's probability, "
+                  "detached), not the NLL: it grows with p while p < 1/e, so on a fresh model (p near 1/vocab) "
+                  "a rising loss means the model is learning; stock TRL SFTTrainer logs the same values.")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,10 @@ def conversations(n: int = ROWS, seed: int = 0) -> list[dict]:
     """Chats of 1 to 3 turns; every third is long enough to be split over both ranks."""
     rng = random.Random(seed)
     words = ["hello", "data", "rank", "ring", "token", "long", "short", "model", "why", "yes", "no", "sure"]
-    say = lambda k: " ".join(rng.choice(words) for _ in range(k))
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
     rows = []
     for i in range(n):
         turns = 3 if i % 3 == 0 else 1
@@ -82,6 +85,8 @@ CASES = {
     "assistant_only": dict(assistant_only_loss=True),
     "packing": dict(packing=True, max_length=256, assistant_only_loss=True),
     "dft": dict(loss_type="dft"),
+    # examples/sft_chat.py --packing --loss_type dft: DFT over packed rows (its rising loss is stock's too)
+    "packing_dft": dict(packing=True, max_length=256, assistant_only_loss=True, loss_type="dft"),
 }
 
 
@@ -204,3 +209,33 @@ def test_refused_fields_name_the_fix(tiny, field, value, message):
     with pytest.raises(ValueError, match=message):
         HDPSFTTrainer(load_model(tiny), sft_config("unused", 2, **kw), processing_class=tok,
                       train_dataset=Dataset.from_list(conversations(2)))
+
+
+@pytest.mark.parametrize("loss_type", ["dft", "nll"])
+def test_chunked_loss_equals_full_logits_on_a_softcapped_head(loss_type, tmp_path):
+    """Gemma 2's head soft-caps its logits: one step with the chunked head (logits recomputed in backward)
+    trains the weights the full logits do, on one process."""
+    from transformers import AutoTokenizer
+
+    from hf_hdp import HDPConfig
+    from hf_hdp.integrations.trl import HDPSFTTrainer
+    from tests.family_models import load_family_model, save_family_model
+
+    path = save_family_model("gemma2", str(tmp_path / "gemma2"))
+    save_chat_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    runs = {}
+    for chunk in (16, None):
+        model = load_family_model(path, "gemma2")
+        assert model.config.final_logit_softcapping
+        trainer = HDPSFTTrainer(model, sft_config(str(tmp_path / f"out{chunk}"), 4, max_steps=1, loss_type=loss_type),
+                                processing_class=tok, train_dataset=Dataset.from_list(conversations(4)),
+                                hdp_config=HDPConfig(tokens_per_rank=512, loss_chunk_tokens=chunk))
+        trainer.train()
+        runs[chunk] = (_history(trainer)[0], {k: v.detach().clone() for k, v in model.state_dict().items()})
+    (got, got_w), (want, want_w) = runs[16], runs[None]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
+    initial = load_family_model(path, "gemma2").state_dict()
+    assert any(not torch.equal(initial[k], want_w[k]) for k in initial), "training changed nothing"
+    for k, w in want_w.items():
+        torch.testing.assert_close(got_w[k], w, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")

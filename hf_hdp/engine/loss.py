@@ -17,6 +17,13 @@ computed.
 :func:`chunked_head` decides per model whether the chunked path reproduces the model's own logits;
 ``hdp_loss(..., chunk_tokens=n)`` (:mod:`hf_hdp.engine.step`) falls back to the full logits for the
 rest.
+
+Other token losses (TRL's DFT, ...) share the hook and the chunking: :meth:`ChunkedHead.map_chunks`
+runs the model, takes the final hidden states at the head, and calls a ``per_chunk(h, weight, bias,
+t)`` function on every chunk of labelled rows (:func:`map_head_chunks`); it computes the chunk's
+logits with :meth:`ChunkedHead.logits` / :func:`head_logits` and returns its terms (a summed loss,
+metrics), and activation checkpointing recomputes those logits in backward. :meth:`ChunkedHead.capture`
+is the hook alone: any function of the ``[T, H]`` hidden states and the head's weight and bias.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from ..collators.documents import IGNORE_INDEX
 from ..models import UnsupportedModelError, hdp_base_model
@@ -55,6 +63,17 @@ class LogitTransform:
             x.div_(self.softcap).tanh_().mul_(self.softcap)
         return x
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The same operations out of place: differentiable (``tanh_`` keeps its output for backward, which
+        the in-place ``mul_`` after it would overwrite)."""
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.divisor != 1.0:
+            x = x / self.divisor
+        if self.softcap is not None:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x
+
 
 # ---------------------------------------------------------------------------- per-chunk helpers
 def _chunk_rows(hidden, rows, start, end):
@@ -62,13 +81,17 @@ def _chunk_rows(hidden, rows, start, end):
     return hidden[start:end] if rows is None else hidden.index_select(0, rows[start:end])
 
 
-def _chunk_logits(h, weight, bias, transform: LogitTransform) -> torch.Tensor:
-    """The transformed logits of rows ``h``: the head's matmul in the inputs' dtype, the rest in float32
-    for bf16/fp16 inputs (float32 and float64 as they are)."""
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                transform: LogitTransform | None = None) -> torch.Tensor:
+    """The transformed logits of rows ``h`` ``[n, H]``, as the model's head and loss see them: the head's
+    matmul in the inputs' dtype, then float32 for bf16/fp16 inputs (float32 and float64 as they are),
+    then ``transform``. Differentiable: the transform runs out of place when the logits need a gradient,
+    in place otherwise."""
     z = F.linear(h, weight, bias)
     if z.dtype in _LOW_PRECISION:
         z = z.float()
-    return transform.apply_(z)
+    transform = transform or LogitTransform()
+    return transform.apply(z) if z.requires_grad else transform.apply_(z)
 
 
 def _forward_chunks(hidden, weight, bias, targets, rows, chunk, transform):
@@ -79,7 +102,7 @@ def _forward_chunks(hidden, weight, bias, targets, rows, chunk, transform):
     loss = torch.zeros((), dtype=dtype, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z = _chunk_logits(_chunk_rows(hidden, rows, start, end), weight, bias, transform)
+        z = head_logits(_chunk_rows(hidden, rows, start, end), weight, bias, transform)
         lse[start:end] = torch.logsumexp(z, dim=-1)
         loss += (lse[start:end] - z.gather(1, targets[start:end, None])[:, 0]).sum()
     return loss, lse
@@ -109,7 +132,7 @@ def _backward_chunks(grad, hidden, weight, bias, targets, rows, lse, chunk, tran
     for start in range(0, targets.shape[0], chunk):
         end = min(start + chunk, targets.shape[0])
         h = _chunk_rows(hidden, rows, start, end)
-        g = _dlogits_(_chunk_logits(h, weight, bias, transform), lse[start:end], targets[start:end], grad, transform)
+        g = _dlogits_(head_logits(h, weight, bias, transform), lse[start:end], targets[start:end], grad, transform)
         if need_b:
             db += g.sum(0)
         g = g.to(weight.dtype)  # as the model's head gets the gradient of its logits
@@ -178,6 +201,14 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     logits, computed ``chunk_tokens`` labelled rows at a time. Under autocast the inputs are cast to the
     autocast dtype first, as ``nn.Linear`` casts them.
     """
+    _check_shapes(hidden, weight, targets, chunk_tokens)
+    hidden, weight, bias = _as_linear_inputs(hidden, weight, bias)
+    with _autocast_off(hidden.device.type):
+        return ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, transform or LogitTransform(),
+                                         ignore_index)
+
+
+def _check_shapes(hidden, weight, targets, chunk_tokens) -> None:
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -186,16 +217,50 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets [T] expected for hidden {tuple(hidden.shape)}, got {tuple(targets.shape)}")
+
+
+def _as_linear_inputs(hidden, weight, bias):
+    """``(hidden, weight, bias)`` cast as autocast casts ``nn.Linear``'s inputs (float64 is never cast)."""
     dtype = _autocast_dtype(hidden.device.type)
-    if dtype is not None:  # what autocast does to nn.Linear's inputs (float64 is never cast)
+    if dtype is not None:
         hidden, weight, bias = (
             t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (hidden, weight, bias)
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {hidden.dtype} but the head's weight is {weight.dtype}")
+    return hidden, weight, bias
+
+
+def map_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                    per_chunk, *, chunk_tokens: int = 4096, ignore_index: int = IGNORE_INDEX,
+                    recompute: bool = True) -> list:
+    """``per_chunk(h, weight, bias, t)`` of every ``chunk_tokens`` labelled rows, in order: a list of its results.
+
+    ``hidden`` ``[T, H]``, ``weight`` ``[V, H]``, ``bias`` and ``targets`` ``[T]`` are those of
+    :func:`chunked_cross_entropy`; ``h`` is ``[n, H]``, the rows whose target is not ``ignore_index``,
+    and ``t`` their targets ``[n]``. The head's inputs are cast as ``nn.Linear`` is under autocast, and
+    autocast is off while ``per_chunk`` runs: it computes the logits with :func:`head_logits` (or
+    :meth:`ChunkedHead.logits`), in the precision the model's head and loss use. ``per_chunk`` returns
+    tensors (or anything, under ``torch.no_grad``), e.g. a chunk's summed loss terms.
+
+    With gradients enabled and ``recompute`` True, each call runs under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant): its logits are not kept but recomputed in backward,
+    so the peak holds one chunk's ``[n, V]`` logits, as :func:`chunked_cross_entropy` does.
+    """
+    _check_shapes(hidden, weight, targets, chunk_tokens)
+    hidden, weight, bias = _as_linear_inputs(hidden, weight, bias)
+    rows = (targets != ignore_index).nonzero()[:, 0]
+    checkpointed = recompute and torch.is_grad_enabled()
+    results = []
     with _autocast_off(hidden.device.type):
-        return ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, transform or LogitTransform(),
-                                         ignore_index)
+        for start in range(0, rows.numel(), chunk_tokens):
+            r = rows[start:start + chunk_tokens]
+            h, t = hidden.index_select(0, r), targets.index_select(0, r)
+            if checkpointed:
+                results.append(checkpoint(per_chunk, h, weight, bias, t, use_reentrant=False))
+            else:
+                results.append(per_chunk(h, weight, bias, t))
+    return results
 
 
 # ---------------------------------------------------------------------------- which models
@@ -240,21 +305,23 @@ class ChunkedHead:
     head: nn.Linear
     transform: LogitTransform
 
-    def __call__(self, model, targets: torch.Tensor, chunk_tokens: int, **model_kwargs):
-        """``(summed token loss, model outputs)`` of ``model(**model_kwargs)``, without the full logits.
+    def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`head_logits` of rows ``h`` with this model's logit transform (for a ``per_chunk`` function)."""
+        return head_logits(h, weight, bias, self.transform)
+
+    def capture(self, model, on_hidden, **model_kwargs):
+        """``(on_hidden(hidden, weight, bias), outputs)`` of ``model(**model_kwargs)``, without the full logits.
 
         The model runs its own forward (PEFT wrapper, accelerate's autocast wrapper and all); a pre-hook on
-        the head takes the final hidden states, computes the chunked loss there (under the autocast the
-        head would run under) and hands the head an empty sequence, so ``outputs.logits`` is empty.
+        the head hands ``on_hidden`` the final hidden states flattened to ``[T, H]`` (under the autocast
+        the head would run under) with the head's weight and bias, and gives the head an empty sequence,
+        so ``outputs.logits`` is empty. Refuses a model that calls its head other than once.
         """
-        losses = []
+        found = []
 
         def take_hidden(head, args):
             (hidden,) = args
-            losses.append(chunked_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), head.bias,
-                chunk_tokens=chunk_tokens, transform=self.transform,
-            ))
+            found.append(on_hidden(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias))
             return (hidden[..., :0, :],)
 
         handle = self.head.register_forward_pre_hook(take_hidden)
@@ -262,9 +329,26 @@ class ChunkedHead:
             outputs = model(**model_kwargs)
         finally:
             handle.remove()
-        if len(losses) != 1:
-            raise RuntimeError(f"{type(model).__name__} called its LM head {len(losses)} times in one forward, not once")
-        return losses[0], outputs
+        if len(found) != 1:
+            raise RuntimeError(f"{type(model).__name__} called its LM head {len(found)} times in one forward, not once")
+        return found[0], outputs
+
+    def map_chunks(self, model, targets: torch.Tensor, per_chunk, chunk_tokens: int, *, recompute: bool = True,
+                   **model_kwargs):
+        """``(results, outputs)``: :func:`map_head_chunks` of ``per_chunk(h, weight, bias, t)`` over the final
+        hidden states of ``model(**model_kwargs)`` against ``targets`` (the model's input shape, e.g.
+        ``[1, T]``), without the full logits (see :meth:`capture`); ``per_chunk`` gets the logits from
+        :meth:`logits`."""
+        return self.capture(model, lambda hidden, weight, bias: map_head_chunks(
+            hidden, weight, bias, targets.reshape(-1), per_chunk, chunk_tokens=chunk_tokens, recompute=recompute,
+        ), **model_kwargs)
+
+    def __call__(self, model, targets: torch.Tensor, chunk_tokens: int, **model_kwargs):
+        """``(summed token cross-entropy, model outputs)`` of ``model(**model_kwargs)`` against ``targets``
+        (:func:`chunked_cross_entropy`), without the full logits (see :meth:`capture`)."""
+        return self.capture(model, lambda hidden, weight, bias: chunked_cross_entropy(
+            hidden, weight, targets.reshape(-1), bias, chunk_tokens=chunk_tokens, transform=self.transform,
+        ), **model_kwargs)
 
 
 def _source(fn):
@@ -331,4 +415,4 @@ def chunked_head(model) -> ChunkedHead | None:
 
 
 __all__ = ["CHUNKED_HEADS", "ChunkedCrossEntropy", "ChunkedHead", "LogitTransform", "chunked_cross_entropy",
-           "chunked_head"]
+           "chunked_head", "head_logits", "map_head_chunks"]

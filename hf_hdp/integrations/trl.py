@@ -56,13 +56,11 @@ change padding, which HDP never adds: the loss and gradients are those of stock 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -73,8 +71,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ..collators.documents import IGNORE_INDEX
 from ..data.loader import HDPDataLoader
+from ..engine.loss import chunked_cross_entropy, chunked_head, map_head_chunks
 from ..trainer import HDPTrainer
-from ..engine.loss import _autocast_dtype, _autocast_off, _chunk_logits, chunked_cross_entropy, chunked_head
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class _Prepared(Exception):
 
 
 class _StopAtTrainerInit(SFTTrainer.__bases__[0]):
-    def __init__(self, *args, **kwargs):  # noqa: D401 - stops SFTTrainer before it builds a Trainer
+    def __init__(self, *args, **kwargs):
         if args:
             raise TypeError("SFTTrainer called Trainer.__init__ with positional arguments; this TRL is not supported")
         raise _Prepared(kwargs)
@@ -177,39 +175,33 @@ def _token_figures(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                                                                                  device=z.device)])
 
 
-def _dft_chunk(h, weight, bias, t, w, transform):
-    z = _chunk_logits(h, weight, bias, transform)
-    return (w * (torch.logsumexp(z, dim=-1) - z.gather(1, t[:, None])[:, 0])).sum()
+def _dft_terms(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """DFT's summed loss of logits ``z`` [n, V] (float) against ``t``: every token's cross-entropy times its
+    own detached probability, ``-p.detach() * log p``."""
+    nll = torch.logsumexp(z, dim=-1) - z.gather(1, t[:, None])[:, 0]
+    return (torch.exp(-nll).detach() * nll).sum()
 
 
-def _chunked_terms(hidden, weight, bias, targets, transform, chunk: int, loss_type: str):
-    """``(summed loss, figures)`` from the final hidden states ``[T, H]``, ``chunk`` labelled rows at a time."""
-    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+def _chunked_terms(head, hidden, weight, bias, targets, chunk: int, loss_type: str):
+    """``(summed loss, figures)`` from the final hidden states ``[T, H]``, ``chunk`` labelled rows at a time
+    (the loss's logits are recomputed in backward, so the full logits never exist)."""
+
+    def figures_of(h, w, b, t):
+        return _token_figures(head.logits(h, w, b), t)
+
+    def dft_and_figures(h, w, b, t):
+        z = head.logits(h, w, b)
+        return _dft_terms(z, t), _token_figures(z, t)
+
     if loss_type == "nll":
-        loss = chunked_cross_entropy(hidden, weight, targets, bias, chunk_tokens=chunk, transform=transform)
-    dtype = _autocast_dtype(hidden.device.type)
-    if dtype is not None:  # as chunked_cross_entropy casts them (float64 is never cast)
-        hidden, weight, bias = (x if x is None or x.dtype == torch.float64 else x.to(dtype)
-                                for x in (hidden, weight, bias))
-    figures = torch.zeros(3, dtype=torch.float64, device=hidden.device)
-    dft = []
-    with _autocast_off(hidden.device.type):
-        for start in range(0, rows.numel(), chunk):
-            r = rows[start:start + chunk]
-            h, t = hidden.index_select(0, r), targets.index_select(0, r)
-            with torch.no_grad():
-                z = _chunk_logits(h.detach(), weight.detach(), None if bias is None else bias.detach(), transform)
-                figures += _token_figures(z, t)
-                if loss_type == "dft":
-                    p = (z.gather(1, t[:, None])[:, 0] - torch.logsumexp(z, dim=-1)).exp()
-            if loss_type == "dft":
-                if torch.is_grad_enabled():
-                    dft.append(checkpoint(_dft_chunk, h, weight, bias, t, p, transform, use_reentrant=False))
-                else:
-                    dft.append(_dft_chunk(h, weight, bias, t, p, transform))
-    if loss_type == "dft":
-        loss = torch.stack(dft).sum() if dft else hidden.sum() * 0.0  # no label here: a connected zero
-    return loss, figures
+        loss = chunked_cross_entropy(hidden, weight, targets, bias, chunk_tokens=chunk, transform=head.transform)
+        with torch.no_grad():
+            figures = map_head_chunks(hidden, weight, bias, targets, figures_of, chunk_tokens=chunk)
+    else:
+        terms = map_head_chunks(hidden, weight, bias, targets, dft_and_figures, chunk_tokens=chunk)
+        loss = torch.stack([dft for dft, _ in terms]).sum() if terms else hidden.sum() * 0.0  # no label: a connected 0
+        figures = [f for _, f in terms]
+    return loss, sum(figures, torch.zeros(3, dtype=torch.float64, device=hidden.device))
 
 
 def _logits_terms(logits: torch.Tensor, targets: torch.Tensor, loss_type: str):
@@ -218,10 +210,8 @@ def _logits_terms(logits: torch.Tensor, targets: torch.Tensor, loss_type: str):
         logits = logits.float()
     mask = targets != IGNORE_INDEX
     z, t = logits[mask], targets[mask]
-    per_token = F.cross_entropy(z, t, reduction="none")
-    if loss_type == "dft":
-        per_token = per_token * torch.exp(-per_token).detach()
-    return per_token.sum(), _token_figures(z, t)
+    loss = _dft_terms(z, t) if loss_type == "dft" else F.cross_entropy(z, t, reduction="sum")
+    return loss, _token_figures(z, t)
 
 
 class HDPSFTTrainer(HDPTrainer):
@@ -287,22 +277,9 @@ class HDPSFTTrainer(HDPTrainer):
         chunk = self.hdp_config.loss_chunk_tokens
         head = chunked_head(model) if chunk is not None else None
         if head is not None:
-            found = []
-
-            def take_hidden(module, hook_args):
-                (hidden,) = hook_args
-                found.append(_chunked_terms(hidden.reshape(-1, hidden.shape[-1]), module.weight, module.bias,
-                                            targets.reshape(-1), head.transform, chunk, loss_type))
-                return (hidden[..., :0, :],)
-
-            handle = head.head.register_forward_pre_hook(take_hidden)
-            try:
-                outputs = model(**model_inputs)
-            finally:
-                handle.remove()
-            if len(found) != 1:
-                raise RuntimeError(f"{type(model).__name__} called its LM head {len(found)} times in one forward")
-            loss_sum, figures = found[0]
+            (loss_sum, figures), outputs = head.capture(
+                model, lambda hidden, weight, bias: _chunked_terms(head, hidden, weight, bias, targets.reshape(-1),
+                                                                   chunk, loss_type), **model_inputs)
         else:
             outputs = model(**model_inputs)
             loss_sum, figures = _logits_terms(outputs.logits[0], targets[0], loss_type)
@@ -359,8 +336,11 @@ class HDPSFTTrainer(HDPTrainer):
         if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._sft._skip_prepare_dataset:
             args = self.args
             packing = args.packing if args.eval_packing is None else args.eval_packing
-            prepare = lambda ds, name: self._sft._prepare_dataset(ds, self.processing_class, args, packing,
-                                                                  self._sft._formatting_func, name)
+
+            def prepare(ds, name):
+                return self._sft._prepare_dataset(ds, self.processing_class, args, packing, self._sft._formatting_func,
+                                                  name)
+
             if isinstance(eval_dataset, dict):
                 eval_dataset = {k: prepare(v, k) for k, v in eval_dataset.items()}
             else:

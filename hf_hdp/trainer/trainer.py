@@ -163,7 +163,7 @@ class HDPTrainer(Trainer):
             head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
         )
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
-        self.hdp_stats = HDPStats(self.mesh.world_size)
+        self.hdp_stats = HDPStats(self.mesh.world_size, getattr(self.hdp_config, "log_keys", "default"))
         self._num_params = self.hdp_model.num_parameters()
         self.hdp_train_data: MeasuredDataset | None = None
         self._eval_measured: dict = {}  # dataset fingerprint -> MeasuredDataset
@@ -455,7 +455,7 @@ class HDPTrainer(Trainer):
             self._skip_optimizer_step = True
             self._skipped_steps += 1
         self.hdp_stats.record(step, self.state.global_step + 1, result.cpu_s, result.bytes_sent,
-                              result.bytes_sent_all)
+                              result.bytes_sent_all, self.cost_model)
         return torch.tensor(result.loss, dtype=torch.float32, device=self.args.device)
 
     def floating_point_ops(self, inputs) -> int:
@@ -466,7 +466,7 @@ class HDPTrainer(Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Trainer.log, with HDP's figures (see :mod:`hf_hdp.trainer.stats`) beside each training loss."""
         if "loss" in logs:
-            logs.update(self.hdp_stats.window_logs(self.cost_model, self._num_params, self._peak_flops))
+            logs.update(self.hdp_stats.window_logs(self._num_params, self._peak_flops))
             if self._skipped_steps:
                 logs["hdp/skipped_steps"] = self._skipped_steps  # global batches without a label token
                 self._skipped_steps = 0
