@@ -304,7 +304,18 @@ def finish_pending(trainer) -> None:
 def load_sharded_checkpoint(trainer, checkpoint: str, weights: bool, optimizer: bool = True) -> None:
     """Load a checkpoint's sharded part for this rank's role now: the weights (if ``weights``) into the model as
     it is (sharded or not), the optimizer state of what this rank updates. Call on every rank, after the
-    optimizer is built."""
+    optimizer is built. A crashed or late peer raises naming this rank, the load and the global step."""
+    try:
+        _load_sharded(trainer, checkpoint, weights, optimizer)
+    except RuntimeError as err:
+        translated = trainer.mesh.translate_error(err, f"checkpoint load from {checkpoint}", "a collective",
+                                                  trainer.state.global_step)
+        if translated is None:
+            raise
+        raise translated from err
+
+
+def _load_sharded(trainer, checkpoint: str, weights: bool, optimizer: bool) -> None:
     folder = os.path.join(checkpoint, SHARDED_DIR)
     group = checkpoint_group(trainer.hdp_config.p2p_timeout_s)
     metadata = read_metadata(folder)
