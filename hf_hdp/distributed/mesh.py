@@ -421,6 +421,18 @@ class DynamicMesh:
                 wire.seen = time.monotonic()
             self._arrive(wire, cpu_at_wait)
 
+    def translate_error(self, err: BaseException, what: str, kind: str, step: int | None) -> HDPCommError | None:
+        """The :class:`PeerCrashedError` or :class:`CollectiveTimeoutError` that a backend's raw error (gloo's
+        ``Connection closed by peer``, a timed-out wait) in a collective *not run by this mesh* stands for, in
+        this mesh's words (this rank, ``what`` and ``kind``, the global ``step``); ``None`` for any other error
+        (e.g. a shape error in a model), which should propagate unchanged. For FSDP's own collectives
+        (:func:`hf_hdp.engine.fsdp.fsdp_errors`)."""
+        if isinstance(err, HDPCommError) or not isinstance(err, RuntimeError):
+            return None
+        if not (_peer_crashed(err) or _timed_out(err)):
+            return None
+        return self._collective_error(err, what, step, kind)
+
     def _collective_error(self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce") -> HDPCommError:
         where = f"the {what} ({kind} over all {self.world_size} ranks){_at_step(step)}"
         if _peer_crashed(err):

@@ -39,8 +39,10 @@ the optimizer is Trainer's, over the sharded parameters, so its state is sharded
 hold the full model (gathered on every rank, written by the saving rank) and the full optimizer state
 in ``torch.optim``'s own format, so they resume at any world size, ZeRO stage or FSDP mode; resume
 loads the full weights before the model is sharded and hands each rank its shard of the optimizer
-state (:func:`shard_loaded_state`). FSDP's own collectives are bounded by the process group's
-timeout (``TrainingArguments.ddp_timeout``), not by ``HDPConfig.p2p_timeout_s``.
+state (:func:`shard_loaded_state`). FSDP's own collectives run on a process group of their own whose
+timeout is ``HDPConfig.p2p_timeout_s`` (:func:`shard_model`), and fail as the mesh's collectives do
+(:func:`fsdp_errors`: :class:`~hf_hdp.distributed.CollectiveTimeoutError` past the bound,
+:class:`~hf_hdp.distributed.PeerCrashedError` when a rank died, naming this rank, the collective and the step).
 
 The model is sharded when the optimizer is built (``create_optimizer``), after Trainer loaded a
 checkpoint to resume from into the whole model; from then on the model's parameters are DTensors.
@@ -53,6 +55,8 @@ PEFT models, ``load_best_model_at_end``.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 
 import torch
@@ -127,16 +131,28 @@ def layer_classes(model, fsdp_config: dict | None) -> tuple[type, ...]:
     return tuple(found.values())
 
 
-def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.device) -> list:
+def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.device,
+                timeout_s: float | None = None) -> list:
     """Apply FSDP2 to ``model`` in place (each module of ``classes``, from :func:`layer_classes`, then
     the whole model) over all ranks; returns its FSDP modules, root last. Gradients are summed, not averaged: HDP's loss
-    is already divided by the global batch's label count."""
-    from torch.distributed.device_mesh import init_device_mesh
+    is already divided by the global batch's label count.
+
+    ``timeout_s`` (``HDPConfig.p2p_timeout_s``) bounds every collective FSDP runs (its per-layer all-gathers
+    and reduce-scatters, the checkpoints' gathers): FSDP passes no timeout of its own, so its collectives
+    wait as long as their process group's timeout, which is fixed when the group is made. With a bound,
+    FSDP gets a group of its own over all ranks (one, made here, on every rank) with that timeout; without
+    (``None``), it runs on the global group and its timeout (``TrainingArguments.ddp_timeout``)."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         return fsdp_modules(model)
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if timeout_s is None:
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    else:
+        group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=timeout_s),
+                                            backend=torch.distributed.get_backend())
+        mesh = DeviceMesh.from_group(group, device.type)
     reshard = mode == ZERO3
     for module in list(model.modules()):
         if classes and isinstance(module, classes):
@@ -149,6 +165,52 @@ def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.devic
     logger.info("hf_hdp: FSDP2 %s over %d ranks: %d sharded modules (%s)", mode, mesh.size(), len(modules),
                 ", ".join(sorted({c.__name__ for c in classes})) or "the whole model only")
     return modules
+
+
+# FSDP2's functions (torch.distributed.fsdp._fully_shard) that run or wait for its collectives -> what they move
+_ALL_GATHER_FRAMES = ("foreach_all_gather", "foreach_all_gather_copy_out", "wait_for_unshard", "unshard")
+_REDUCE_SCATTER_FRAMES = ("foreach_reduce", "post_backward", "finalize_backward")
+
+
+def _fsdp_collective(err: BaseException) -> tuple[str, str]:
+    """(what, kind) of the FSDP collective that raised ``err``, read off its traceback, with the FSDP module
+    it ran for when the traceback shows it."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    module = ""
+    for frame in frames:  # FSDPParamGroup's repr names its module: "FSDPParamGroup(fqn=model.layers.1)"
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ == "FSDPParamGroup":
+            text = repr(owner)
+            if text.startswith("FSDPParamGroup(fqn=") and text.endswith(")"):
+                module = f" of {text[len('FSDPParamGroup(fqn='):-1] or 'the root module'}"
+    for frame in reversed(frames):  # the innermost FSDP function says which collective
+        name = frame.f_code.co_name
+        if name in _ALL_GATHER_FRAMES:
+            return f"FSDP all-gather of the weights{module}", "an all-gather"
+        if name in _REDUCE_SCATTER_FRAMES:
+            return f"FSDP reduce-scatter of the gradients{module}", "a reduce-scatter"
+    return "FSDP all-gathers and reduce-scatters", "a collective"
+
+
+@contextlib.contextmanager
+def fsdp_errors(mesh, step: int | None):
+    """Around the FSDP part of a step (or an evaluation): a backend's raw failure of one of FSDP's own
+    collectives (gloo's ``Connection closed by peer`` from a crashed rank, a wait past the bound of
+    :func:`shard_model`'s group) is raised as the :class:`~hf_hdp.distributed.PeerCrashedError` or
+    :class:`~hf_hdp.distributed.CollectiveTimeoutError` the mesh raises for its own collectives, naming this
+    rank, the collective (and FSDP module) and the global ``step``. Any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        what, kind = _fsdp_collective(err)
+        translated = mesh.translate_error(err, what, kind, step)
+        if translated is None:
+            raise
+        raise translated from err
 
 
 def fsdp_modules(model) -> list:

@@ -30,7 +30,7 @@ from ..config import HDPConfig
 from ..data.checks import rows_text
 from ..data.loader import HDPStep, move_to
 from ..distributed.mesh import DynamicMesh
-from .fsdp import ZERO2, begin_zero2_step, end_zero2_step
+from .fsdp import ZERO2, begin_zero2_step, end_zero2_step, fsdp_errors
 from .loss import chunked_head
 from .offload import ActivationOffloader
 from .setup import refuse_wrapped
@@ -194,6 +194,10 @@ class StepEngine:
         do: AdamW still moves the weights through its momentum and weight decay). ``optimizers``: the
         optimizers that will step (a ZeRO optimizer says which rank owns each gradient).
         """
+        with fsdp_errors(self.mesh, step.global_step) if self.fsdp_modules else contextlib.nullcontext():
+            return self._run(model, step, loss_fn, optimizers)  # FSDP's collectives fail as the mesh's do
+
+    def _run(self, model, step: HDPStep, loss_fn: LossFn, optimizers) -> StepResult:
         mesh, cfg = self.mesh, self.config
         refuse_wrapped(model)
         if cfg.check_plan_hash:

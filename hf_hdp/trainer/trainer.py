@@ -414,7 +414,8 @@ class HDPTrainer(Trainer):
         built_by_trainer = self.optimizer is None
         if self.hdp_fsdp is not None and self.mesh.world_size > 1 and built_by_trainer:
             # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.engine.fsdp)
-            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device)
+            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device,
+                                                timeout_s=self.hdp_config.p2p_timeout_s)
             self.hdp_engine.fsdp_mode, self.hdp_engine.fsdp_modules = self.hdp_fsdp, self.hdp_fsdp_modules
         optimizer = super().create_optimizer(model)
         if self.hdp_fsdp_modules:
