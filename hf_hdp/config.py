@@ -177,6 +177,16 @@ class HDPConfig:
             "the most attention per token, so they offload the most."
         },
     )
+    log_keys: str | list[str] = field(
+        default="default",
+        metadata={
+            "help": "Which hdp/* figures each training log gets (hf_hdp.trainer.stats): 'default' (hdp/tokens_per_s, "
+            "hdp/mfu_est, hdp/imbalance_est, hdp/p2p_bytes, and hdp/offloaded_bytes with offload_ratio), 'all' (also "
+            "hdp/p2p_bytes_est, hdp/step_time_est_s, hdp/micro_batches_max/min, hdp/max_group_size, hdp/samples_k{k}), "
+            "or a comma-separated list (or a list) of names, e.g. 'p2p_bytes,p2p_bytes_est,samples_k'. Every figure is "
+            "the mean over the logging window's steps, measured and estimated alike."
+        },
+    )
 
     def __post_init__(self):
         self.tokens_per_rank = _int_or_auto(self.tokens_per_rank)
@@ -191,6 +201,12 @@ class HDPConfig:
         check_global_batch_size(self.global_batch_size)
         self._check_choices()
         self._check_numbers()
+        if not (isinstance(self.log_keys, str) or (isinstance(self.log_keys, (list, tuple))
+                                                    and all(isinstance(k, str) for k in self.log_keys))):
+            raise ValueError(
+                f"HDPConfig.log_keys must be 'default', 'all', a comma-separated string or a list of names, got "
+                f"{self.log_keys!r} (hf_hdp.trainer.stats.ALL_LOG_KEYS lists the names)."
+            )
 
     def _check_choices(self) -> None:
         """The fields that name one of a set of choices."""

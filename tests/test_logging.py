@@ -40,8 +40,7 @@ def _worker(rank, world_size, model_path, out_dir):
     args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=["tensorboard"], max_steps=STEPS,
                              logging_steps=1, eval_strategy="steps", eval_steps=1, save_strategy="no",
                              disable_tqdm=True, learning_rate=1e-3, seed=0)
-    config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive")
-    config.log_keys = "all"  # every figure, not only the default set (HDPConfig(log_keys="all") where the field exists)
+    config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive", log_keys="all")  # every figure
     trainer = HDPTrainer(load_model(model_path, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
                          eval_dataset=Dataset.from_list(rows[:6]), hdp_config=config)
     trainer.train()

@@ -83,6 +83,15 @@ def test_unknown_log_keys_are_refused_with_the_names(bad):
         HDPStats(WORLD, bad)
 
 
+def test_hdp_config_refuses_a_log_keys_value_that_is_not_names():
+    from hf_hdp import HDPConfig
+
+    assert HDPConfig(log_keys=["p2p_bytes", "p2p_bytes_est"]).log_keys == ["p2p_bytes", "p2p_bytes_est"]
+    for bad in (3, ["p2p_bytes", 2], None):
+        with pytest.raises(ValueError, match=r"HDPConfig.log_keys must be .*ALL_LOG_KEYS"):
+            HDPConfig(log_keys=bad)
+
+
 # --------------------------------------------------------------------------- through HDPTrainer
 def _worker(rank, world_size, model_path, out_dir):
     from datasets import Dataset
@@ -101,8 +110,7 @@ def _worker(rank, world_size, model_path, out_dir):
         args = TrainingArguments(output_dir=os.path.join(out_dir, log_keys), use_cpu=True, report_to=[],
                                  max_steps=steps, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True,
                                  learning_rate=1e-3, seed=0)
-        config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive")
-        config.log_keys = log_keys  # HDPConfig(log_keys=...) where the field exists
+        config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive", log_keys=log_keys)
         trainer = HDPTrainer(load_model(model_path, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
                              hdp_config=config)
         trainer.train()
