@@ -78,7 +78,8 @@ def main() -> None:
 
     path = args.model_name_or_path
     if path is None:
-        path = build_tiny_model(os.path.join(tempfile.gettempdir(), "hf_hdp_grpo_tiny"))
+        # a folder per rank: the ranks build at once, before any process group exists (one seed: one model)
+        path = build_tiny_model(os.path.join(tempfile.gettempdir(), f"hf_hdp_grpo_tiny_{os.environ.get('RANK', '0')}"))
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     config = GRPOConfig(
         output_dir=args.output_dir or os.path.join(tempfile.gettempdir(), "hf_hdp_grpo_out"),
