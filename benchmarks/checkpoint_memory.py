@@ -2,13 +2,15 @@
 
     python benchmarks/checkpoint_memory.py                       # a ~220M-parameter Llama, 4 ranks
     python benchmarks/checkpoint_memory.py --hidden 64 --layers 2 --vocab 512 --nproc 2   # a smoke run
+    python benchmarks/checkpoint_memory.py --async-checkpoint    # the same with asynchronous saves
 
 For each setting (``zero_stage`` 1 and 2, FSDP2 ``shard_grad_op`` and ``full_shard``; ``--configs`` picks) two
 torchrun launches of HDPTrainer (float32, AdamW, random-token samples): the first trains ``--steps`` steps and
 saves a checkpoint at the last one; the second, fresh processes, resumes from it and runs one more step. A
 thread samples each rank's resident memory (``VmRSS``) every 5 ms; per rank the peaks are printed for the
 training steps, the save (HDPTrainer's ``_save_checkpoint``) and the resume (from the start of ``train`` to the
-first step), with the save's wall time and the checkpoint's size on disk. Figures only; nothing is asserted.
+first step), with the save's wall time (with ``--async-checkpoint``: the part that blocks training; the
+writing goes on behind the next steps) and the checkpoint's size on disk. Figures only; nothing is asserted.
 Run it with nothing else running: the ranks share the machine's cores and memory.
 """
 
@@ -82,9 +84,9 @@ def child(args) -> None:
                               **({"fsdp": fsdp} if fsdp else {}))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = _rows(4 * world * (args.steps + 1), args.vocab, args.length)  # the same in both launches
-    trainer = HDPTrainer(model, targs, train_dataset=Dataset.from_list(rows),
-                         hdp_config=HDPConfig(tokens_per_rank=args.length, global_batch_size=4 * world,
-                                              zero_stage=zero_stage))
+    hdp_config = HDPConfig(tokens_per_rank=args.length, global_batch_size=4 * world, zero_stage=zero_stage)
+    hdp_config.async_checkpoint = args.async_checkpoint  # read with getattr until HDPConfig has the field
+    trainer = HDPTrainer(model, targs, train_dataset=Dataset.from_list(rows), hdp_config=hdp_config)
     timing = {}
     save = trainer._save_checkpoint
 
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--length", type=int, default=128, help="tokens per sample (and per rank)")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--async-checkpoint", action="store_true",
+                   help="HDPConfig(async_checkpoint=True): the save's wall time is then what blocks training")
     p.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary folder)")
     args = p.parse_args()
     if args.child:
@@ -144,6 +148,7 @@ def main() -> None:
                    "--master_port", str(29500 + os.getpid() % 1000), __file__, "--child", phase, "--config", name,
                    "--out", out, "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab",
                    str(args.vocab), "--length", str(args.length), "--steps", str(args.steps)]
+            cmd += ["--async-checkpoint"] if args.async_checkpoint else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
