@@ -2,7 +2,8 @@
 
 Both trainers train the same rollouts with the same global batch on ``--world`` gloo ranks (CPU).
 Generation is replaced by fixed completions whose lengths are drawn from the built-in corpus' length
-distribution (the standard library's files, clipped to ``[--min, --max]`` tokens, times ``--scale``),
+distribution (the standard library's files of ``--min`` to ``--max`` tokens, 128-16K by default: the
+distribution's own shape in that range, nothing clipped onto its ends; then times ``--scale``),
 so the figures measure the training pass only: per step, the wall seconds of the training step minus
 TRL's generation and scoring, the busiest rank's CPU seconds for the same, and (HDP) the planner's
 estimate of the step. Stock runs DDP over the rollouts each rank generated (padded to the rank's
@@ -32,9 +33,12 @@ G = 4  # completions per prompt
 
 
 def rollout_lengths(n: int, lo: int, hi: int, scale: float, seed: int) -> list[int]:
+    """``n`` completion lengths (EOS included): corpus files of ``lo`` to ``hi`` tokens, times ``scale``."""
     from hf_hdp.corpus import stdlib_lengths
 
-    pool = [min(max(x, lo), hi) for x in stdlib_lengths()]
+    pool = [x for x in stdlib_lengths() if lo <= x <= hi]
+    if not pool:
+        raise SystemExit(f"no file of the built-in corpus has {lo} to {hi} tokens; widen --min/--max")
     rng = random.Random(seed)
     return [max(2, int(rng.choice(pool) * scale)) for _ in range(n)]
 
@@ -184,7 +188,7 @@ def main() -> None:
         print(json.dumps({
             "trainer": kind, "world": args.world, "rollouts_per_step": args.world * args.per_device,
             "tokens_per_rank": opts["tokens_per_rank"] if kind == "hdp" else None,
-            "rollout_tokens": [min(lengths), max(lengths), sum(lengths) // len(lengths)],
+            "completion_tokens_min_median_max": [min(lengths), sorted(lengths)[len(lengths) // 2], max(lengths)],
             "pass_s_per_step": [round(max(s), 3) for s in per_step],
             "busiest_rank_cpu_s": [round(max(c), 3) for c in cpu],
             "planner_estimate_s": ranks[0][kind]["estimate_s"],

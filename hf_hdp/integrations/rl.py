@@ -54,16 +54,26 @@ owner, so they need no cross-rank sum inside a rollout. The reported ``loss`` is
 Positions: stock's training forward numbers a left-padded prompt from its padding; generation and
 HDP number every rollout from its first real token (equal when prompts are not padded).
 
+Model states as HDPTrainer's: the optimizer is sharded at ZeRO stage 1 or 2 (``HDPConfig.zero_stage``; unset:
+1 on several ranks; checkpoints then sharded and atomic, :mod:`hf_hdp.trainer.saving`), gradient clipping takes
+the whole gradient's norm, activation offloading (``offload_ratio``) applies to the loss pass, and
+``tokens_per_rank="auto"`` sizes C from one rank's memory less the reference model's weights. The weights stay
+replicated (the reference model's too); a global batch without a completion token steps the optimizer on zero
+gradients, as stock does.
+
 Refused at construction, each naming the option: ``use_vllm``, ``use_liger_kernel``, vision inputs,
 a MoE router auxiliary loss, ``entropy_coef``/``use_adaptive_entropy`` (the bonus's gradient flows
 through the entropies), ``gradient_accumulation_steps``/``steps_per_generation`` other than 1 (HDP
-runs a rank's whole generation batch as one step), DeepSpeed/FSDP, ZeRO and activation offloading
-from ``HDPConfig``, ``tokens_per_rank="auto"``. See ``docs/rl.md`` for the full table.
+runs a rank's whole generation batch as one step), DeepSpeed, FSDP (a sharded model's every forward is a
+collective, and generation and HDP's passes run different numbers of forwards per rank). See ``docs/rl.md``
+for the full table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -79,10 +89,15 @@ from ..config import HDPConfig
 from ..data.loader import HDPStep
 from ..distributed.launch import check_distributed_setup
 from ..distributed.mesh import DynamicMesh
+from ..engine.offload import ActivationOffloader
 from ..engine.setup import enable_hdp_attention, hdp_cost_model
+from ..engine.state import has_sharded
 from ..engine.step import StepEngine, forward_micro_batch
+from ..engine.zero import shard_optimizer, unwrap_zero
 from ..models import hdp_base_model, model_heads
 from ..planning import get_planner
+from ..trainer.capacity import memory_budget_bytes, resolve_tokens_per_rank
+from ..trainer.saving import load_scheduler, load_sharded_checkpoint, save_checkpoint
 from .rollouts import RolloutStep, beside_packed, build_rollout_step, local_rollouts, moves_to_pieces, route, to_owner
 
 logger = logging.getLogger(__name__)
@@ -93,15 +108,6 @@ MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_m
 
 def refuse_rl_args(args, hdp_config: HDPConfig, name: str) -> None:
     """The TRL and HDP options an HDP RL trainer cannot honour, each refused with its reason and fix."""
-    if hdp_config.tokens_per_rank == "auto":
-        raise ValueError(f"{name} needs an integer HDPConfig.tokens_per_rank (rollout lengths are only known after "
-                         "generation); give the capacity, e.g. hf_hdp.planning.tokens_per_rank_for_memory(...).")
-    if hdp_config.zero_stage:
-        raise ValueError(f"HDPConfig.zero_stage={hdp_config.zero_stage} is not supported by {name} yet: its "
-                         "optimizer is Trainer's, replicated. Use zero_stage=0 (or None).")
-    if hdp_config.offload_ratio not in (None, 0, 0.0):
-        raise ValueError(f"HDPConfig.offload_ratio={hdp_config.offload_ratio!r} is not supported by {name} yet; "
-                         "use gradient_checkpointing=True to save activation memory.")
     if hdp_config.long_sample_policy != "error":
         raise ValueError(f"HDPConfig.long_sample_policy={hdp_config.long_sample_policy!r} is not supported by {name}: "
                          "truncating or dropping a rollout would change TRL's loss. Leave it at 'error' and bound "
@@ -122,22 +128,25 @@ def refuse_rl_args(args, hdp_config: HDPConfig, name: str) -> None:
         (getattr(args, "use_vllm", False), "use_vllm=True",
          "vLLM generation is not supported (untested with HDP's passes); generate with transformers (use_vllm=False)"),
         (getattr(args, "use_liger_kernel", False), "use_liger_kernel=True",
-         "Liger's kernels and GRPO loss replace the forward and the loss that HDP runs over packed, split rollouts; "
-         "set use_liger_kernel=False"),
+         ("Liger's kernels and GRPO loss replace the forward and the loss that HDP runs over packed, split rollouts; "
+          "set use_liger_kernel=False")),
         (getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False),
          "entropy_coef / use_adaptive_entropy",
-         "the entropy bonus differentiates the entropies, which HDP's loss pass does not carry; set entropy_coef=0.0 "
-         "and use_adaptive_entropy=False"),
+         ("the entropy bonus differentiates the entropies, which HDP's loss pass does not carry; set entropy_coef=0.0 "
+          "and use_adaptive_entropy=False")),
         (args.gradient_accumulation_steps != 1, f"gradient_accumulation_steps={args.gradient_accumulation_steps}",
-         "HDP runs a rank's whole generation batch as one step, whatever its lengths; set it to 1 and raise "
-         "per_device_train_batch_size to the rollouts per rank and optimizer step"),
+         ("HDP runs a rank's whole generation batch as one step, whatever its lengths; set it to 1 and raise "
+          "per_device_train_batch_size to the rollouts per rank and optimizer step")),
         (getattr(args, "steps_per_generation", 1) not in (None, 1),
          f"steps_per_generation={getattr(args, 'steps_per_generation', None)}",
-         "each generation batch is one HDP optimizer step; set steps_per_generation=1 (and generation_batch_size "
-         "unset)"),
+         ("each generation batch is one HDP optimizer step; set steps_per_generation=1 (and generation_batch_size "
+          "unset)")),
         (bool(getattr(args, "deepspeed", None)), "deepspeed", "HDP reduces the gradients itself; remove deepspeed"),
         (bool(getattr(args, "fsdp", None)), f"fsdp={getattr(args, 'fsdp', None)!r}",
-         "FSDP2 with the RL trainers is not supported yet; remove fsdp"),
+         ("FSDP2 shards the weights, and a sharded model's every forward is a collective: TRL's generation runs a "
+          "different number of decoding forwards per rank (rollouts end at different lengths) and HDP's passes run a "
+          "different number of micro-batches per rank, so the per-layer weight gathers would not match up. Remove "
+          "fsdp; HDPConfig(zero_stage=1 or 2) shards the optimizer states (and gradients) instead")),
     ]
     for bad, option, why in checks:
         if bad:
@@ -159,6 +168,8 @@ class _HDPRolloutPasses:
         if args is not None:
             check_distributed_setup(args)
         self._hdp_given = None  # (log-probs leaf, entropies) that _compute_loss reads during the loss pass
+        self.hdp_fsdp_modules: list = []  # never sharded (FSDP is refused); the checkpoint code reads it
+        self.hdp_capacity = None  # tokens_per_rank="auto": how C was sized (hf_hdp.trainer.capacity.Capacity)
         if not isinstance(model, str):
             enable_hdp_attention(model, self.hdp_config.state_split)  # a reference model copies the attention
 
@@ -174,15 +185,70 @@ class _HDPRolloutPasses:
         base = enable_hdp_attention(self.model, self.hdp_config.state_split)
         if getattr(self, "ref_model", None) is not None:
             enable_hdp_attention(self.ref_model, self.hdp_config.state_split)
+        if self.hdp_config.tokens_per_rank == "auto":
+            self.hdp_config, self.hdp_capacity = self._hdp_resolve_capacity()
         cfg = self.hdp_config
         self.hdp_collator = HDPCollator(vocab_size=base.get_input_embeddings().num_embeddings)
         self.hdp_cost_model, _ = hdp_cost_model(base, cfg, self.args.device, bool(self.args.bf16 or self.args.fp16),
                                                 bool(self.args.gradient_checkpointing))
         self.hdp_planner = get_planner(cfg.planner, self.hdp_cost_model, attention_split=cfg.attention_split)
         self.hdp_num_heads = model_heads(base.config)
+        # activation offloading acts on the loss pass only: the forward-only passes save no activation
+        self.hdp_offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model)
         self.hdp_engine = StepEngine(self.mesh, cfg, backward=self.accelerator.backward,
-                                     autocast=self.accelerator.autocast, collator=self.hdp_collator)
+                                     autocast=self.accelerator.autocast, offload=self.hdp_offload,
+                                     collator=self.hdp_collator)
         self.hdp_history: list[dict] = []  # per step: the plan's figures and this rank's CPU seconds
+
+    def _hdp_resolve_capacity(self):
+        """``tokens_per_rank="auto"``: C from one rank's memory
+        (:func:`~hf_hdp.trainer.capacity.resolve_tokens_per_rank`, HDPTrainer's estimate of the policy's states
+        and activations), after taking the reference model's weights (``beta > 0`` without PEFT), which stay
+        resident beside the policy, out of the budget. Generation's KV cache is freed before the passes over
+        rollouts and is not counted."""
+
+        budget, source = memory_budget_bytes(self.hdp_config, torch.device(self.args.device), self.mesh.world_size)
+        ref = getattr(self, "ref_model", None)
+        ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
+        if ref_bytes >= budget:
+            raise ValueError(f"{self._hdp_name}: HDPConfig(tokens_per_rank='auto'): the reference model's weights "
+                             f"({ref_bytes / 1e9:.3g} GB) do not fit the budget ({budget / 1e9:.3g} GB, {source}). "
+                             "Raise memory_budget_gb, use PEFT (the reference is the adapters off) or set beta=0.")
+        config = dataclasses.replace(self.hdp_config, memory_budget_gb=(budget - ref_bytes) / 1e9)
+        resolved, capacity = resolve_tokens_per_rank(config, self.model, self.args, self.mesh.world_size)
+        logger.info("hf_hdp: %s: tokens_per_rank = %d from %s (%s), less the reference model's %.3g GB.",
+                    self._hdp_name, resolved.tokens_per_rank, f"{budget / 1e9:.3g} GB", source, ref_bytes / 1e9)
+        return resolved, capacity
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer (class, settings, parameter groups), sharded over the ranks at ZeRO stage 1 or 2
+        (``HDPConfig.zero_stage``; unset: 1 on several ranks), as HDPTrainer's (:mod:`hf_hdp.engine.zero`)."""
+        built_by_trainer = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
+                                         built_by_trainer=built_by_trainer)
+        return self.optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint (model card, then Trainer's); with a sharded (ZeRO) optimizer HDPTrainer's sharded,
+        atomic checkpoint instead (:func:`hf_hdp.trainer.saving.save_checkpoint`): each rank writes the optimizer
+        state of the parameters it owns."""
+        if unwrap_zero(self.optimizer) is None:
+            return super()._save_checkpoint(model, trial)
+        if self.args.hub_model_id is None:
+            model_name = os.path.basename(os.path.normpath(self.args.output_dir))
+        else:
+            model_name = self.args.hub_model_id.split("/")[-1]
+        self.create_model_card(model_name=model_name)
+        save_checkpoint(self, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A sharded checkpoint is read by each rank for the parameters it owns now (any world size); a full
+        ``optimizer.pt`` (ZeRO stage 0) by Trainer."""
+        if checkpoint is None or not has_sharded(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded_checkpoint(self, checkpoint, weights=False)
+        load_scheduler(self, checkpoint)
 
     def create_accelerator_and_postprocess(self) -> None:
         """Trainer's Accelerator setup, then an HDPAccelerator (no DDP wrapper) carrying the dynamic mesh."""
@@ -241,7 +307,8 @@ class _HDPRolloutPasses:
                              "packs text-only rollouts.")
         if torch.is_grad_enabled():
             raise RuntimeError(f"{self._hdp_name}: a pass over rollouts with gradients runs only inside "
-                               "training_step (HDP carries the loss's gradient itself); call this under torch.no_grad().")
+                               "training_step (HDP carries the loss's gradient itself); call this under "
+                               "torch.no_grad().")
         step = self._hdp_step_of(input_ids, attention_mask, logits_to_keep)
         logps, entropies = self._hdp_logps(model, step, logits_to_keep, compute_entropy)
         return logps.to(input_ids.device), (None if entropies is None else entropies.to(input_ids.device)), None
@@ -296,6 +363,10 @@ class _HDPRolloutPasses:
                         num_loss_tokens=layout.num_loss_tokens, num_tokens=sum(layout.lengths),
                         local_tokens=step.local_tokens, global_step=step.global_step)
         result = self.hdp_engine.run(model, hstep, _surrogate_loss, [self.optimizer])
+        if result.skipped:  # no completion token in the global batch (all masked): stock's gradient is zero
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         self.hdp_history.append({"step": step.global_step, "local_tokens": step.local_tokens,
                                  "micro_batches": len(step.micro_batches), "bytes_sent": result.bytes_sent,
                                  "cpu_s": time.process_time() - cpu, "max_group": max(
