@@ -236,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", action="store_true",
                         help="also write optimizer.pt: the whole optimizer state in torch.optim's format")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         consolidate(args.checkpoint, args.out, optimizer=args.optimizer, max_shard_size=args.max_shard_size)
     except (FileNotFoundError, ValueError) as err:
