@@ -13,7 +13,7 @@ from typing import Literal
 
 from .planning import HARDWARE_PRESETS, PLANNERS
 from .planning.cost.recurrent import MODES as STATE_SPLITS
-from .planning.splits import SPLITS
+from .planning.splits import HEAD_PARALLEL, SPLITS
 
 BACKEND_CHOICES = ("auto", "flash_attn", "torch_varlen", "cpu_flash", "reference")
 LONG_SAMPLE_POLICIES = ("error", "truncate", "drop")
@@ -216,7 +216,7 @@ class HDPConfig:
             raise ValueError(f"HDPConfig.attention_split must be one of {SPLITS}, got {self.attention_split!r}")
         if self.state_split not in STATE_SPLITS:
             raise ValueError(f"HDPConfig.state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
-        if self.attention_split in ("ulysses", "hybrid") and self.planner != "balanced":
+        if self.attention_split in HEAD_PARALLEL and self.planner != "balanced":
             raise ValueError(
                 f"HDPConfig.attention_split={self.attention_split!r} needs planner='balanced': the {self.planner!r} "
                 "planner places ring pieces only. Use planner='balanced', or attention_split='ring'."
