@@ -96,7 +96,7 @@ from hf_hdp.cli import CLIError, parse_size, read_lengths_file, stdlib_pool  # n
 from hf_hdp.planning import CostModel, MicroBatch, Piece, PlanError, StepPlan, build_plan, plan_balanced  # noqa: E402
 from hf_hdp.planning.compare import DoesNotFit, check_fits, draw_batches  # noqa: E402
 from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS  # noqa: E402
-from hf_hdp.planning.metrics import PlanMetrics, plan_metrics  # noqa: E402
+from hf_hdp.planning.metrics import PlanMetrics, idle_fraction, plan_metrics  # noqa: E402
 
 MEGATRON_VERSION = "0.16.1"
 INSTALL = f'.venv/bin/pip install --no-deps "megatron-core=={MEGATRON_VERSION}"'
@@ -264,8 +264,7 @@ def round_barrier_metrics(plan: StepPlan, cost: CostModel, include_allreduce: bo
             part = replace(plan, micro_batches=mbs, meta={})
             slots_time += plan_metrics(part, cost, include_allreduce=False).slots_time_s
     step = slots_time + whole.allreduce_s
-    W = plan.world_size
-    idle = 1.0 - sum(whole.busy_s) / (W * step) if step > 0 else 0.0
+    idle = idle_fraction(whole.busy_s, whole.collective_s, step)  # the all-reduce is communication, not idle
     return replace(whole, step_time_s=step, slots_time_s=slots_time, idle_fraction=idle)
 
 
