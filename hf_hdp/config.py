@@ -177,6 +177,15 @@ class HDPConfig:
             "the most attention per token, so they offload the most."
         },
     )
+    async_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Write each checkpoint's sharded part (optimizer state; FSDP weights) in a background thread "
+            "(torch.distributed.checkpoint's async_save) while training continues; the next save, "
+            "load_best_model_at_end and the end of training wait for it. Costs a host copy of this rank's shards "
+            "while writing (hf_hdp.trainer.saving)."
+        },
+    )
     log_keys: str | list[str] = field(
         default="default",
         metadata={
@@ -201,6 +210,8 @@ class HDPConfig:
         check_global_batch_size(self.global_batch_size)
         self._check_choices()
         self._check_numbers()
+        if not isinstance(self.async_checkpoint, bool):
+            raise ValueError(f"HDPConfig.async_checkpoint must be True or False, got {self.async_checkpoint!r}")
         if not (isinstance(self.log_keys, str) or (isinstance(self.log_keys, (list, tuple))
                                                     and all(isinstance(k, str) for k in self.log_keys))):
             raise ValueError(

@@ -25,10 +25,7 @@ def _config_with(**extra):
     from hf_hdp import HDPConfig
 
     def make(*args, **kwargs):
-        config = HDPConfig(*args, **kwargs)
-        for key, value in extra.items():
-            setattr(config, key, value)  # async_checkpoint: read with getattr until HDPConfig has the field
-        return config
+        return HDPConfig(*args, **{**kwargs, **extra})
 
     return make
 

@@ -143,11 +143,11 @@ def test_no_rank_holds_the_whole_optimizer_state_at_save_or_load(chain):
 def test_consolidate_gives_a_transformers_folder_with_the_trained_weights(chain, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_hdp.engine.export import main
+    from hf_hdp.cli import main
 
     checkpoint = chain["base"] / "w4" / "fsdp" / "checkpoint-4"
     out = tmp_path / "consolidated"
-    assert main([str(checkpoint), str(out), "--optimizer", "--max-shard-size", "40KB"]) == 0
+    assert main(["consolidate", str(checkpoint), str(out), "--optimizer", "--max-shard-size", "40KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
@@ -155,7 +155,7 @@ def test_consolidate_gives_a_transformers_folder_with_the_trained_weights(chain,
     optim = torch.load(out / "optimizer.pt", weights_only=False)
     n_params = len(list(model.parameters()))
     assert sorted(optim["state"]) == list(range(n_params)) and optim["param_groups"][0]["lr"] >= 0
-    assert main([str(chain["base"] / "model"), str(tmp_path / "x")]) == 2  # not a sharded checkpoint
+    assert main(["consolidate", str(chain["base"] / "model"), str(tmp_path / "x")]) == 2  # not a sharded checkpoint
 
 
 def test_save_model_under_fsdp_writes_a_folder_split_by_size(chain):

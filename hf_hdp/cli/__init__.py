@@ -40,7 +40,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import plan
+from . import consolidate, plan
 from .inputs import (
     CLIError,
     dataset_lengths,
@@ -76,13 +76,14 @@ __all__ = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``hf-hdp``'s parser: one subcommand per module (``plan``: :mod:`.plan`)."""
+    """``hf-hdp``'s parser: one subcommand per module (``plan``: :mod:`.plan`; ``consolidate``: :mod:`.consolidate`)."""
     parser = argparse.ArgumentParser(
         prog="hf-hdp", description="Hybrid Data Parallelism (ByteScale) for transformers: planning tools."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     plan.add_parser(sub)
+    consolidate.add_parser(sub)
     return parser
 
 

@@ -14,12 +14,10 @@ without a process group, reading one file's worth of tensors at a time; ``hf-hdp
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import sys
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -223,27 +221,3 @@ def _consolidate_optimizer(folder: str, metadata, out: str) -> None:
     torch.save({"state": state, "param_groups": torch_groups}, os.path.join(out, "optimizer.pt"))
     with open(os.path.join(out, "optimizer_param_names.json"), "w") as f:
         json.dump([g["params"] for g in groups], f, indent=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hf-hdp consolidate CHECKPOINT OUT [--optimizer] [--max-shard-size 2GB]``."""
-    parser = argparse.ArgumentParser(
-        prog="hf-hdp consolidate",
-        description="Turn a sharded HDPTrainer checkpoint into a transformers model folder (from_pretrained), on one "
-                    "process, one file's worth of tensors at a time.")
-    parser.add_argument("checkpoint", help="a checkpoint-N folder with hdp_sharded/")
-    parser.add_argument("out", help="the model folder to write")
-    parser.add_argument("--optimizer", action="store_true",
-                        help="also write optimizer.pt: the whole optimizer state in torch.optim's format")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error argparse already printed
-        return exit_.code if isinstance(exit_.code, int) else 2
-    try:
-        consolidate(args.checkpoint, args.out, optimizer=args.optimizer, max_shard_size=args.max_shard_size)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"hf-hdp consolidate: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0

@@ -171,7 +171,7 @@ def _write(trainer, staging: str, final: str, group, step) -> object:
         trainer.save_model(staging, _internal_call=True)
     if (weights and not args.save_only_model) or optimizer:
         state = sharded_state(trainer, with_weights=weights and not args.save_only_model, with_optimizer=optimizer)
-        if getattr(trainer.hdp_config, "async_checkpoint", False):  # DCP's thread: a group of its own
+        if trainer.hdp_config.async_checkpoint:  # DCP's thread: a group of its own
             future = save_sharded(state, os.path.join(staging, SHARDED_DIR),
                                   checkpoint_group(trainer.hdp_config.p2p_timeout_s, "async"), async_save=True)
         else:
