@@ -163,7 +163,7 @@ class HDPTrainer(Trainer):
             head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
         )
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
-        self.hdp_stats = HDPStats(self.mesh.world_size, getattr(self.hdp_config, "log_keys", "default"))
+        self.hdp_stats = HDPStats(self.mesh.world_size, self.hdp_config.log_keys)
         self._num_params = self.hdp_model.num_parameters()
         self.hdp_train_data: MeasuredDataset | None = None
         self._eval_measured: dict = {}  # dataset fingerprint -> MeasuredDataset
