@@ -26,6 +26,8 @@ _EXPORTS = {
     "DynamicMesh": "hf_hdp.distributed",
     "HDPAccelerator": "hf_hdp.accelerator",
     "HDPSFTTrainer": "hf_hdp.integrations.trl",
+    "HDPGRPOTrainer": "hf_hdp.integrations.trl",
+    "HDPRLOOTrainer": "hf_hdp.integrations.trl",
     "PlanMismatchError": "hf_hdp.distributed",
     "HDPCommError": "hf_hdp.distributed",
     "P2PTimeoutError": "hf_hdp.distributed",

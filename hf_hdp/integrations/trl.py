@@ -350,4 +350,7 @@ class HDPSFTTrainer(HDPTrainer):
                                 metric_key_prefix=metric_key_prefix)
 
 
-__all__ = ["HDPSFTTrainer", "SFT_COLUMNS"]
+# TRL's RL trainers on HDP live in their own module (rollouts move between ranks): one import path for TRL users
+from .rl import HDPGRPOTrainer, HDPRLOOTrainer  # noqa: E402
+
+__all__ = ["HDPGRPOTrainer", "HDPRLOOTrainer", "HDPSFTTrainer", "SFT_COLUMNS"]
