@@ -100,7 +100,8 @@ def _measure(kind: str, rank: int, world: int, opts: dict) -> dict:
     common = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 5) for c in completions], args=config,
                   train_dataset=prompts, processing_class=tok)
     if kind == "hdp":
-        trainer = HDPGRPOTrainer(model, **common, hdp_config=HDPConfig(tokens_per_rank=opts["tokens_per_rank"]))
+        trainer = HDPGRPOTrainer(model, **common, hdp_config=HDPConfig(tokens_per_rank=opts["tokens_per_rank"],
+                                                                   zero_stage=opts["zero_stage"]))
         estimates = []
         planner = trainer.hdp_planner
 
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None,
+                        help="HDP's ZeRO stage (default HDPConfig's: 1 on several ranks; stock replicates: 0)")
     parser.add_argument("--kinds", default="stock,hdp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -178,7 +181,7 @@ def main() -> None:
         opts = dict(model=build_model(os.path.join(tmp, "model"), args.hidden, args.layers), out=tmp,
                     lengths=lengths, per_device=args.per_device, steps=args.steps, kinds=args.kinds.split(","),
                     tokens_per_rank=args.tokens_per_rank or max(64, (max(lengths) + 4) // 2),
-                    checkpointing=args.checkpointing)
+                    checkpointing=args.checkpointing, zero_stage=args.zero_stage)
         mp.start_processes(_worker, args=(args.world, os.path.join(tmp, "init"), tmp, opts), nprocs=args.world,
                            join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(args.world)]
@@ -188,6 +191,7 @@ def main() -> None:
         print(json.dumps({
             "trainer": kind, "world": args.world, "rollouts_per_step": args.world * args.per_device,
             "tokens_per_rank": opts["tokens_per_rank"] if kind == "hdp" else None,
+            "zero_stage": (int(args.world > 1) if args.zero_stage is None else args.zero_stage) if kind == "hdp" else 0,
             "completion_tokens_min_median_max": [min(lengths), sorted(lengths)[len(lengths) // 2], max(lengths)],
             "pass_s_per_step": [round(max(s), 3) for s in per_step],
             "busiest_rank_cpu_s": [round(max(c), 3) for c in cpu],

@@ -65,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--tokens_per_rank", type=int, default=256)
+    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None,
+                        help="ZeRO stage of the optimizer (default: 1 on several ranks, 0 on one)")
     parser.add_argument("--loss_type", default="dapo")
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--num_iterations", type=int, default=1)
@@ -92,7 +94,8 @@ def main() -> None:
     if args.stock:
         trainer = GRPOTrainer(path, **common)
     else:
-        trainer = HDPGRPOTrainer(path, **common, hdp_config=HDPConfig(tokens_per_rank=args.tokens_per_rank))
+        trainer = HDPGRPOTrainer(path, **common, hdp_config=HDPConfig(tokens_per_rank=args.tokens_per_rank,
+                                                                         zero_stage=args.zero_stage))
     trainer.train()
     if not args.stock and trainer.args.process_index == 0:
         for entry in trainer.hdp_history:
