@@ -131,7 +131,9 @@ def rotate_ranks(planner, shift: int = 1):
 
     def plan(lengths, world, tokens_per_rank):
         p = planner(lengths, world, tokens_per_rank)
-        move = lambda r: (r + shift) % world
+        def move(r):
+            return (r + shift) % world
+
         mbs = [MicroBatch(move(mb.rank), mb.slot, tuple(dataclasses.replace(pc, group=tuple(move(g) for g in pc.group))
                                                        for pc in mb.pieces)) for mb in p.micro_batches]
         return dataclasses.replace(p, micro_batches=tuple(sorted(mbs, key=lambda m: (m.slot, m.rank))))

@@ -1,7 +1,8 @@
 """HDPGRPOTrainer's model states as HDPTrainer's: ZeRO 0/1/2, clipping, an empty step, offloading, C="auto".
 
 Same tiny float64 Llama, fixed rollouts and one-process stock reference as tests/test_rl_grpo.py, with AdamW
-(weight decay 0.1, epsilon 1e-3) and gradient clipping (max_grad_norm 0.05, below the gradients' norms: every step clips):
+(weight decay 0.1, epsilon 1e-3) and gradient clipping (max_grad_norm 0.05, below the gradients' norms: every
+step clips):
 
 - ``zero0`` / ``zero1_kl`` / ``zero2_empty``: ZeRO stage 0, 1 (with the reference model, ``beta > 0``) and 2
   give stock's logged loss, ``grad_norm`` and metrics and its weights after two steps;
@@ -23,10 +24,17 @@ import torch
 
 pytest.importorskip("trl")
 
-from tests.dist_utils import run_distributed  # noqa: E402
-from tests.models import load_model  # noqa: E402
-from tests.test_rl_grpo import G, WORLD, build_tiny_model, fixed_completions, grpo_config, length_reward  # noqa: E402
-from tests.test_rl_grpo import prompts_dataset  # noqa: E402
+from tests.dist_utils import run_distributed
+from tests.models import load_model
+from tests.test_rl_grpo import (
+    WORLD,
+    G,
+    build_tiny_model,
+    fixed_completions,
+    grpo_config,
+    length_reward,
+    prompts_dataset,
+)
 
 C = 40
 # adam_epsilon 1e-3: Adam's update g / (|g| + eps) amplifies a gradient's error by up to lr / eps where g is
