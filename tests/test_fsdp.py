@@ -98,6 +98,7 @@ def test_a_checkpoint_resumes_at_another_world_size_in_the_other_mode(trained):
 
 
 def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
+    from datasets import Dataset
     from transformers import TrainingArguments
 
     from hf_hdp import HDPConfig, HDPTrainer
@@ -107,7 +108,8 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
     cases = [
         (dict(fsdp="full_shard offload"), "cpu_offload"),
         (dict(fsdp="full_shard", fsdp_config={"activation_checkpointing": True}), "gradient_checkpointing=True"),
-        (dict(fsdp="full_shard", fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"}), "FULL_STATE_DICT"),
+        (dict(fsdp="full_shard", fsdp_config={"state_dict_type": "LOCAL_STATE_DICT"}),
+         r"'LOCAL_STATE_DICT'.*Set 'SHARDED_STATE_DICT' .*or 'FULL_STATE_DICT'"),
         (dict(fsdp="full_shard", fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP"}), "TRANSFORMER_BASED_WRAP"),
     ]
     for kwargs, text in cases:
@@ -115,7 +117,7 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
         with pytest.raises(ValueError, match=text):
             HDPTrainer(model, args)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard")
-    with pytest.raises(ValueError, match=r"zero_stage=1 and TrainingArguments.fsdp"):
+    with pytest.raises(ValueError, match=r"zero_stage=1 and TrainingArguments.fsdp.*drop HDPConfig.zero_stage"):
         HDPTrainer(model, args, hdp_config=HDPConfig(zero_stage=1))
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
                              fsdp_config={"transformer_layer_cls_to_wrap": ["NoSuchLayer"]})
@@ -127,10 +129,12 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"does not apply FSDP to a PEFT model"):
         HDPTrainer(lora, TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[],
                                            fsdp="full_shard"))
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
-                             load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
-    with pytest.raises(ValueError, match=r"load_best_model_at_end"):
-        HDPTrainer(model, args)
+    for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):  # honoured: each checkpoint as that kind
+        args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
+                                 fsdp_config={"state_dict_type": kind}, load_best_model_at_end=True,
+                                 eval_strategy="steps", save_strategy="steps")
+        evals = Dataset.from_list([{"input_ids": [1, 2, 3, 4]}])
+        HDPTrainer(model, args, eval_dataset=evals)  # load_best_model_at_end under FSDP: tests/test_fsdp_best_model.py
 
 
 # ------------------------------------------------------------------ lockstep plans (no processes)

@@ -17,22 +17,6 @@ from tests.models import save_tiny_model
 from tests.test_zero import GLOBAL_BATCH, _close, _rows
 
 
-def _lenient_fsdp_mode():
-    """Until hf_hdp/engine/fsdp.py drops its refusal of load_best_model_at_end (a no-op afterwards)."""
-    import hf_hdp.trainer.trainer as trainer_module
-
-    original = trainer_module.fsdp_mode
-
-    def fsdp_mode(args, zero_stage):
-        flag, args.load_best_model_at_end = args.load_best_model_at_end, False
-        try:
-            return original(args, zero_stage)
-        finally:
-            args.load_best_model_at_end = flag
-
-    trainer_module.fsdp_mode = fsdp_mode
-
-
 def _worker(rank, world, model_path, base):
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -43,7 +27,6 @@ def _worker(rank, world, model_path, base):
     from tests.models import load_model
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    _lenient_fsdp_mode()
     out = {}
     for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
         out_dir = os.path.join(base, kind)

@@ -35,11 +35,12 @@ model whose weights do not fit needs; ``shard_grad_op`` is the cheaper mode when
 What carries over: gradient clipping takes the norm of the whole gradient (each rank's local shards,
 one bounded all-reduce: :meth:`~hf_hdp.accelerator.HDPAccelerator.clip_grad_norm_`); the step's
 loss, P2P bytes and label count go in one bounded sum (:meth:`~hf_hdp.distributed.mesh.DynamicMesh.sum_scalars`);
-the optimizer is Trainer's, over the sharded parameters, so its state is sharded too; checkpoints
-hold the full model (gathered on every rank, written by the saving rank) and the full optimizer state
-in ``torch.optim``'s own format, so they resume at any world size, ZeRO stage or FSDP mode; resume
-loads the full weights before the model is sharded and hands each rank its shard of the optimizer
-state (:func:`shard_loaded_state`). FSDP's own collectives run on a process group of their own whose
+the optimizer is Trainer's, over the sharded parameters, so its state is sharded too; checkpoints are
+sharded (each rank writes its own shards of the weights and the optimizer state with
+torch.distributed.checkpoint, :mod:`hf_hdp.engine.state`; ``fsdp_config["state_dict_type"] =
+"FULL_STATE_DICT"`` writes the whole weights as safetensors instead, one tensor gathered at a time) and
+reshard at load, at any world size, ZeRO stage or FSDP mode; a full-state checkpoint of an older
+version loads too (:func:`shard_loaded_state`). FSDP's own collectives run on a process group of their own whose
 timeout is ``HDPConfig.p2p_timeout_s`` (:func:`shard_model`), and fail as the mesh's collectives do
 (:func:`fsdp_errors`: :class:`~hf_hdp.distributed.CollectiveTimeoutError` past the bound,
 :class:`~hf_hdp.distributed.PeerCrashedError` when a rank died, naming this rank, the collective and the step).
@@ -48,9 +49,9 @@ The model is sharded when the optimizer is built (``create_optimizer``), after T
 checkpoint to resume from into the whole model; from then on the model's parameters are DTensors.
 
 Refused, each naming the setting: FSDP1 (``fsdp_config["version"] = 1``), CPU offload, size-based
-wrapping, ``cpu_ram_efficient_loading``, sharded checkpoints (``state_dict_type``), XLA, FSDP's own
-activation checkpointing (use ``gradient_checkpointing=True``), an explicit ``HDPConfig.zero_stage``,
-PEFT models, ``load_best_model_at_end``.
+wrapping, ``cpu_ram_efficient_loading``, a ``state_dict_type`` other than sharded or full, XLA, FSDP's
+own activation checkpointing (use ``gradient_checkpointing=True``), an explicit ``HDPConfig.zero_stage``
+(:func:`~hf_hdp.planning.sharding.resolve_sharding`), PEFT models.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..planning.plan import lockstep
+from ..planning.sharding import resolve_sharding
 from .zero import PLACEHOLDER_KEY, group_settings
 
 logger = logging.getLogger(__name__)
@@ -95,21 +97,31 @@ def fsdp_mode(args, zero_stage: int | None) -> str | None:
                "HDP shards each decoder layer (TRANSFORMER_BASED_WRAP, the default); unset it.")
     if plugin.get("cpu_ram_efficient_loading"):
         refuse("fsdp_config['cpu_ram_efficient_loading'] is true", "Set it to false.")
-    if str(plugin.get("state_dict_type", "FULL_STATE_DICT")).upper() != "FULL_STATE_DICT":
-        refuse(f"fsdp_config['state_dict_type'] = {plugin['state_dict_type']!r}",
-               "HDP writes full checkpoints (loadable at any world size); set FULL_STATE_DICT or unset it.")
+    state_dict_type(args)  # checkpoints: SHARDED_STATE_DICT (the default) or FULL_STATE_DICT
     if plugin.get("activation_checkpointing"):
         refuse("fsdp_config['activation_checkpointing'] is true",
                "Set TrainingArguments(gradient_checkpointing=True) instead: HDP recomputes each layer, rings included.")
-    if zero_stage is not None:
-        raise ValueError(
-            f"HDPConfig.zero_stage={zero_stage} and TrainingArguments.fsdp are both set: FSDP already shards the "
-            "optimizer state and the gradients (and, with full_shard, the weights). Leave zero_stage unset (None)."
-        )
-    if getattr(args, "load_best_model_at_end", False):
-        refuse("load_best_model_at_end=True with fsdp",
-               "Load the best checkpoint after training with from_pretrained, or train without fsdp.")
-    return ZERO3 if plugin.get("reshard_after_forward", True) else ZERO2
+    mode = ZERO3 if plugin.get("reshard_after_forward", True) else ZERO2
+    resolve_sharding(zero_stage, mode, 1, zero_name="HDPConfig.zero_stage", fsdp_name="TrainingArguments.fsdp")
+    return mode
+
+
+SHARDED, FULL = "SHARDED_STATE_DICT", "FULL_STATE_DICT"
+
+
+def state_dict_type(args) -> str:
+    """``fsdp_config["state_dict_type"]``: how FSDP2 weights go into checkpoints (``SHARDED_STATE_DICT``, the
+    default: each rank writes its shards; or ``FULL_STATE_DICT``: the whole weights as safetensors, gathered one
+    tensor at a time). Any other value is refused by name."""
+    value = (getattr(args, "fsdp_config", None) or {}).get("state_dict_type")
+    if value is None:
+        return SHARDED
+    text = str(value).upper().rsplit(".", 1)[-1]  # also StateDictType.SHARDED_STATE_DICT
+    if text not in (SHARDED, FULL):
+        raise ValueError(f"TrainingArguments: fsdp_config['state_dict_type'] = {value!r}, which HDPTrainer does not "
+                         f"honour. Set {SHARDED!r} (each rank writes its shards; the default) or {FULL!r} (the whole "
+                         "weights as safetensors, gathered one tensor at a time).")
+    return text
 
 
 def layer_classes(model, fsdp_config: dict | None) -> tuple[type, ...]:
@@ -257,23 +269,6 @@ def full_model_state(model) -> dict:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(optimizer) -> dict:
-    """The whole optimizer state in ``torch.optim``'s format (global parameter indices), on every rank,
-    on the CPU. Collective: every rank gathers the same tensors in the same order."""
-    state, groups, index = {}, [], 0
-    for group in optimizer.param_groups:
-        ids = []
-        for p in group["params"]:
-            values = optimizer.state.get(p)
-            if values:
-                state[index] = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-                                if torch.is_tensor(v) else v for k, v in values.items()}
-            ids.append(index)
-            index += 1
-        groups.append({**group_settings(group), "params": ids})
-    return {"state": state, "param_groups": groups}
-
-
 def shard_loaded_state(optimizer) -> None:
     """After ``optimizer.load_state_dict`` of a full state: every state tensor shaped like its DTensor
     parameter becomes this rank's shard of it (no communication: every rank holds the full tensor)."""
@@ -289,7 +284,7 @@ def _placeholder_if_sharded(optimizer, state_dict: dict) -> dict:
     """``state_dict()`` of an optimizer over sharded parameters: a placeholder once its state holds
     shards. Trainer calls ``state_dict()`` on the saving rank alone, where no rank could gather the
     full state; HDP's ``on_save`` callback gathers it on every rank and replaces the file
-    (:func:`~hf_hdp.trainer.checkpoint.save_full_optimizer_state`). Before the first step (accelerate's
+    (HDPTrainer saves the sharded state instead, :mod:`hf_hdp.engine.state`). Before the first step (accelerate's
     device placement) the state is empty and passes unchanged."""
     if any(isinstance(v, DTensor) for values in optimizer.state.values() for v in values.values()):
         return {"state": {}, "param_groups": [], PLACEHOLDER_KEY: {"rank": torch.distributed.get_rank(),

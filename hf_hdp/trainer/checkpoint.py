@@ -88,33 +88,14 @@ def hdp_state(trainer) -> dict:
     }
 
 
-SHARDED, FULL = "SHARDED_STATE_DICT", "FULL_STATE_DICT"
-
-
-def state_dict_type(args) -> str:
-    """``fsdp_config["state_dict_type"]``: how FSDP2 weights go into checkpoints (``SHARDED_STATE_DICT``, the
-    default: each rank writes its shards; or ``FULL_STATE_DICT``: the whole weights as safetensors, gathered one
-    tensor at a time). Any other value is refused by name."""
-    value = (getattr(args, "fsdp_config", None) or {}).get("state_dict_type")
-    if value is None:
-        return SHARDED
-    text = str(value).upper().rsplit(".", 1)[-1]  # also StateDictType.SHARDED_STATE_DICT
-    if text not in (SHARDED, FULL):
-        raise ValueError(f"TrainingArguments: fsdp_config['state_dict_type'] = {value!r}, which HDPTrainer does not "
-                         f"honour. Set {SHARDED!r} (each rank writes its shards; the default) or {FULL!r} (the whole "
-                         "weights as safetensors, gathered one tensor at a time).")
-    return text
 
 
 class HDPCheckpointCallback(TrainerCallback):
-    """Checks ``fsdp_config["state_dict_type"]`` when the trainer is built, and waits for an asynchronous
-    checkpoint save at the end of training (``trainer.hdp_finish_checkpoint``). The checkpoint itself, with
+    """Waits for an asynchronous checkpoint save at the end of training (``trainer.hdp_finish_checkpoint``). The checkpoint itself, with
     ``hdp_state.json``, is HDPTrainer's ``_save_checkpoint`` (:mod:`hf_hdp.trainer.saving`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
-        if getattr(trainer, "hdp_fsdp", None):
-            state_dict_type(trainer.args)
 
     def on_train_end(self, args, state, control, **kwargs):
         finish = getattr(self.trainer, "hdp_finish_checkpoint", None)

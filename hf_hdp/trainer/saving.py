@@ -58,7 +58,8 @@ from ..engine.state import (
     write_error,
 )
 from ..engine.zero import unwrap_zero
-from .checkpoint import SHARDED, STATE_FILE, hdp_state, state_dict_type
+from ..engine.fsdp import SHARDED, state_dict_type
+from .checkpoint import STATE_FILE, hdp_state
 
 logger = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ accelerate as for Trainer; ring partial outputs and their merge stay in float32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -60,7 +61,7 @@ from ..data.checks import MeasuredDataset, prepare_dataset, progress_bars, requi
 from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..distributed.launch import check_distributed_setup
 from ..distributed.mesh import DynamicMesh
-from ..engine.fsdp import (ZERO2, ZERO3, fsdp_mode, gather_for_eval, layer_classes, prepare_optimizer,
+from ..engine.fsdp import (ZERO2, ZERO3, fsdp_errors, fsdp_mode, gather_for_eval, layer_classes, prepare_optimizer,
                            release_after_eval, shard_model)
 from ..engine.offload import ActivationOffloader, run_recomputes_layers
 from ..engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader
@@ -321,13 +322,15 @@ class HDPTrainer(Trainer):
         :mod:`hf_hdp.trainer.evaluation`)."""
         if isinstance(dataloader, HDPDataLoader):
             gather = self.hdp_fsdp == ZERO2 and bool(self.hdp_fsdp_modules)
-            if gather:
-                gather_for_eval(self.hdp_fsdp_modules)  # ZeRO-2 mode: no collective between micro-batches
-            try:
-                return hdp_evaluation_loop(self, dataloader, metric_key_prefix, prediction_loss_only, description)
-            finally:
+            # FSDP's collectives in evaluation fail as the mesh's do (naming rank, collective and step)
+            with fsdp_errors(self.mesh, self.state.global_step) if self.hdp_fsdp_modules else contextlib.nullcontext():
                 if gather:
-                    release_after_eval(self.hdp_fsdp_modules)
+                    gather_for_eval(self.hdp_fsdp_modules)  # ZeRO-2 mode: no collective between micro-batches
+                try:
+                    return hdp_evaluation_loop(self, dataloader, metric_key_prefix, prediction_loss_only, description)
+                finally:
+                    if gather:
+                        release_after_eval(self.hdp_fsdp_modules)
         return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
