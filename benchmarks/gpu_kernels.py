@@ -678,6 +678,12 @@ def free(device) -> None:
 
 def bench_one(be, device, lens, iters: int, window: int | None = None) -> tuple[float, float, float]:
     """``(forward ms, backward ms, varlen forward+backward ms)``, causal (with ``window``)."""
+    times = _time_one(be, device, lens, iters, window)  # its tensors are gone when it returns
+    free(device)
+    return times
+
+
+def _time_one(be, device, lens, iters: int, window: int | None) -> tuple[float, float, float]:
     q, k, v, dout = make(lens, lens, device, seed=5)
     c, m = cu(lens, device), max(lens)
     kw = dict(window=window)
@@ -691,8 +697,6 @@ def bench_one(be, device, lens, iters: int, window: int | None = None) -> tuple[
     t_fwd = time_ms(lambda: be.forward(q, k, v, c, c, m, m, True, SCALE, **kw), iters, device)
     t_bwd = time_ms(lambda: be.backward(dout, q, k, v, out, lse, c, c, m, m, True, SCALE, **kw), iters, device)
     t_fb = time_ms(fwd_bwd, iters, device)
-    del q, k, v, dout, qq, kk, vv, out, lse
-    free(device)
     return t_fwd, t_bwd, t_fb
 
 

@@ -118,20 +118,23 @@ def states(args) -> None:
         record = {"grads": [], "optimizer": [], "times": [], "cpu": [], "micro_batches": []}
 
         class Measure(TrainerCallback):
+            def __init__(self, trainer):
+                self.trainer = trainer
+
             def on_step_begin(self, a, state, control, **kw):
                 self.started, self.cpu = time.perf_counter(), time.process_time()
 
             def on_pre_optimizer_step(self, a, state, control, **kw):
-                record["grads"].append(_bytes(p.grad for p in trainer.model.parameters()))
+                record["grads"].append(_bytes(p.grad for p in self.trainer.model.parameters()))
 
             def on_step_end(self, a, state, control, **kw):
                 record["times"].append(time.perf_counter() - self.started)
                 record["cpu"].append(time.process_time() - self.cpu)
-                opt = unwrap_zero(trainer.optimizer) or trainer.optimizer
+                opt = unwrap_zero(self.trainer.optimizer) or self.trainer.optimizer
                 record["optimizer"].append(_bytes(v for s in opt.state.values() for v in s.values()
                                                   if torch.is_tensor(v) and v.dim()))
 
-        trainer.add_callback(Measure())
+        trainer.add_callback(Measure(trainer))
         step_fn = trainer.training_step
 
         def counting(m, inputs, n=None):

@@ -132,6 +132,11 @@ def main() -> None:
             print("note: DFT's loss is the mean of -p*log(p) over the label tokens (p = the token's probability, "
                   "detached), not the NLL: it grows with p while p < 1/e, so on a fresh model (p near 1/vocab) "
                   "a rising loss means the model is learning; stock TRL SFTTrainer logs the same values.")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # every rank is done before any tears the group down
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def halo_forward(q, k, v, seg: RingSegment, mask: LayerMask, scale: float, backe
     out = torch.zeros(n, hq, layout.v_dim, dtype=acc, device=q.device)
     lse = torch.full((n, hq), float("-inf"), dtype=acc, device=q.device)
     kv = pack_kv(k, v)
-    buffer, pending = kv, []
+    buffer = kv
     for step in range(seg.k):
         nxt, nxt_buffer = [], None
         if step + 1 < seg.k:
