@@ -26,8 +26,12 @@ import threading
 import time
 
 MB = 1024**2
-CONFIGS = {"zero1": (1, None), "zero2": (2, None), "grad_op": (None, "shard_grad_op"),
-           "full_shard": (None, "full_shard")}
+CONFIGS = {
+    "zero1": (1, None),
+    "zero2": (2, None),
+    "grad_op": (None, "shard_grad_op"),
+    "full_shard": (None, "full_shard"),
+}
 
 
 class RssSampler(threading.Thread):
@@ -72,16 +76,31 @@ def child(args) -> None:
     zero_stage, fsdp = CONFIGS[args.config]
     out = os.path.join(args.out, args.config)
     heads = max(1, args.hidden // 64)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         vocab_size=args.vocab, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     resume = args.child == "resume"
     steps = args.steps + (1 if resume else 0)
-    targs = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], disable_tqdm=True, max_steps=steps,
-                              learning_rate=1e-4, save_strategy="steps", save_steps=args.steps, logging_steps=1,
-                              **({"fsdp": fsdp} if fsdp else {}))
+    targs = TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        max_steps=steps,
+        learning_rate=1e-4,
+        save_strategy="steps",
+        save_steps=args.steps,
+        logging_steps=1,
+        **({"fsdp": fsdp} if fsdp else {}),
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = _rows(4 * world * (args.steps + 1), args.vocab, args.length)  # the same in both launches
     hdp_config = HDPConfig(tokens_per_rank=args.length, global_batch_size=4 * world, zero_stage=zero_stage)
@@ -132,8 +151,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--length", type=int, default=128, help="tokens per sample (and per rank)")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--async-checkpoint", action="store_true",
-                   help="HDPConfig(async_checkpoint=True): the save's wall time is then what blocks training")
+    p.add_argument(
+        "--async-checkpoint",
+        action="store_true",
+        help="HDPConfig(async_checkpoint=True): the save's wall time is then what blocks training",
+    )
     p.add_argument("--out", default=None, help="where the checkpoints go (default: a temporary folder)")
     args = p.parse_args()
     if args.child:
@@ -144,10 +166,32 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         for phase in ("save", "resume"):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                   "--master_port", str(29500 + os.getpid() % 1000), __file__, "--child", phase, "--config", name,
-                   "--out", out, "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab",
-                   str(args.vocab), "--length", str(args.length), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(args.nproc),
+                "--master_port",
+                str(29500 + os.getpid() % 1000),
+                __file__,
+                "--child",
+                phase,
+                "--config",
+                name,
+                "--out",
+                out,
+                "--hidden",
+                str(args.hidden),
+                "--layers",
+                str(args.layers),
+                "--vocab",
+                str(args.vocab),
+                "--length",
+                str(args.length),
+                "--steps",
+                str(args.steps),
+            ]
             cmd += ["--async-checkpoint"] if args.async_checkpoint else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
@@ -163,11 +207,14 @@ def main() -> None:
     print("| setting | training | save | resume | save wall s | checkpoint MiB |")
     print("|---|---|---|---|---|---|")
     for name, saves, resumes, size in rows:
+
         def per(records, phase):
             return " / ".join(f"{r['peaks'].get(phase, 0) / MB:,.0f}" for r in records)
 
-        print(f"| {name} | {per(saves, 'train')} | {per(saves, 'save')} | {per(resumes, 'resume')} | "
-              f"{max(s.get('save_s', 0) for s in saves):.1f} | {size / MB:,.0f} |")
+        print(
+            f"| {name} | {per(saves, 'train')} | {per(saves, 'save')} | {per(resumes, 'resume')} | "
+            f"{max(s.get('save_s', 0) for s in saves):.1f} | {size / MB:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

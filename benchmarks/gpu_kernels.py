@@ -56,16 +56,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from hf_hdp.attention.backends import (  # noqa: E402
+from hf_hdp.attention.backends import (
     ReferenceBackend,
     backend_unavailable_reason,
     get_backend,
 )
-from hf_hdp.attention.merge import merge_attention  # noqa: E402
-from hf_hdp.planning.layout import member_token_ranges, zigzag_front_back  # noqa: E402
-from hf_hdp.planning.reach import LayerMask, mask_pairs, member_pairs  # noqa: E402
+from hf_hdp.attention.merge import merge_attention
+from hf_hdp.planning.layout import member_token_ranges, zigzag_front_back
+from hf_hdp.planning.reach import LayerMask, mask_pairs, member_pairs
 
 HQ, HKV, D = 32, 8, 128
 SCALE = D**-0.5
@@ -168,7 +168,7 @@ def split_index(lengths: list[int], cut: list[int], device) -> tuple[torch.Tenso
         first.extend(range(start, start + c))
         second.extend(range(start + c, start + n))
         start += n
-    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     return as_t(first), as_t(second)
 
 
@@ -257,14 +257,21 @@ def ring_blocks(doc_lens, mask: LayerMask, device, k: int = RING_K):
                     q_idx.extend(range(p.q_row, p.q_row + p.q_len))
                     k_idx.extend(range(p.k_row, p.k_row + p.k_len))
                 assert len(set(q_idx)) == len(q_idx), "a query row repeats within one source chunk"
-                mine.append(Block(
-                    m, j, torch.tensor(q_idx, dtype=torch.long, device=device),
-                    torch.tensor(k_idx, dtype=torch.long, device=device),
-                    cu([p.q_len for p in ps], device), cu([p.k_len for p in ps], device),
-                    max(p.q_len for p in ps), max(p.k_len for p in ps), tuple((p.q_pos, p.k_pos) for p in ps),
-                ))
+                mine.append(
+                    Block(
+                        m,
+                        j,
+                        torch.tensor(q_idx, dtype=torch.long, device=device),
+                        torch.tensor(k_idx, dtype=torch.long, device=device),
+                        cu([p.q_len for p in ps], device),
+                        cu([p.k_len for p in ps], device),
+                        max(p.q_len for p in ps),
+                        max(p.k_len for p in ps),
+                        tuple((p.q_pos, p.k_pos) for p in ps),
+                    )
+                )
         blocks.append(mine)
-    as_t = lambda r: torch.tensor([g for g, _ in r], dtype=torch.long, device=device)  # noqa: E731
+    as_t = lambda r: torch.tensor([g for g, _ in r], dtype=torch.long, device=device)
     return [as_t(r) for r in rows], blocks
 
 
@@ -379,7 +386,7 @@ class Report:
         tb.routes.clear()
         try:
             yield lambda lab, what, got, ref: lines[lab].compare(what, got, ref)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the next check
+        except Exception as exc:
             print(traceback.format_exc(), end="")
             for line in lines.values():
                 line.crash = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
@@ -497,8 +504,18 @@ def check_plain(tb: Traced, device, report: Report, div: int = 1) -> None:
     check_local(tb, device, report, lens, "plain", seed=4, with_fwd=False)
 
 
-def check_local(tb: Traced, device, report: Report, lens, tag: str, seed: int, window: int | None = None,
-                softcap: float | None = None, q_scale: float = 1.0, with_fwd: bool = True) -> None:
+def check_local(
+    tb: Traced,
+    device,
+    report: Report,
+    lens,
+    tag: str,
+    seed: int,
+    window: int | None = None,
+    softcap: float | None = None,
+    q_scale: float = 1.0,
+    with_fwd: bool = True,
+) -> None:
     """Aligned causal over packed local sequences: forward out/lse and backward (own out/lse) vs the
     reference, and ``varlen`` under autograd; with ``window``/``softcap`` as given."""
     lens = list(lens)
@@ -541,8 +558,16 @@ def check_local(tb: Traced, device, report: Report, lens, tag: str, seed: int, w
             cmp(label, what, g, r)
 
 
-def check_ring(tb: Traced, device, report: Report, doc_lens, mask: LayerMask, seed: int,
-               softcap: float | None = None, q_scale: float = 1.0) -> None:
+def check_ring(
+    tb: Traced,
+    device,
+    report: Report,
+    doc_lens,
+    mask: LayerMask,
+    seed: int,
+    softcap: float | None = None,
+    q_scale: float = 1.0,
+) -> None:
     """Zigzag ring blocks with positions under ``mask`` (see the module docstring, item 3)."""
     tag = f"ring {mask_label(mask)}" + (f" cap={softcap:g}" if softcap is not None else "")
     l_blocks, l_merged = f"{tag} blocks", f"{tag} merged=dense"
@@ -633,12 +658,14 @@ def check_backend(name: str, device, report: Report, sizes: Sizes) -> None:
             if w is not None and problem is not None:
                 continue
             tag = f"cap={cap:g}" + (f" w={w}" if w else "")
-            check_local(tb, device, report, sizes.cap_lens, tag, seed=13, window=w, softcap=cap,
-                        q_scale=CAP_INPUT_SCALE)
+            check_local(
+                tb, device, report, sizes.cap_lens, tag, seed=13, window=w, softcap=cap, q_scale=CAP_INPUT_SCALE
+            )
     if problem is None:
         w, cap = sizes.ring_cap
-        check_ring(tb, device, report, sizes.ring_docs, LayerMask(window=w), seed=14, softcap=cap,
-                   q_scale=CAP_INPUT_SCALE)
+        check_ring(
+            tb, device, report, sizes.ring_docs, LayerMask(window=w), seed=14, softcap=cap, q_scale=CAP_INPUT_SCALE
+        )
     print(f"{stamp()} {name}: soft-cap checks done", flush=True)
 
 
@@ -706,8 +733,19 @@ def bench_backend(name: str, device, mixes: dict, iters: int) -> list[tuple]:
     for mix, lens in mixes.items():
         t_fwd, t_bwd, t_fb = bench_one(be, device, lens, iters)
         flops = fwd_flops(lens)
-        rows.append((name, mix, sum(lens), t_fwd, flops / t_fwd / 1e9, t_bwd, 2.5 * flops / t_bwd / 1e9, t_fb,
-                     3.5 * flops / t_fb / 1e9))
+        rows.append(
+            (
+                name,
+                mix,
+                sum(lens),
+                t_fwd,
+                flops / t_fwd / 1e9,
+                t_bwd,
+                2.5 * flops / t_bwd / 1e9,
+                t_fb,
+                3.5 * flops / t_fb / 1e9,
+            )
+        )
     return rows
 
 
@@ -719,25 +757,34 @@ def bench_window(name: str, device, s: int, w: int, iters: int) -> list[tuple]:
         t = bench_one(be, device, [s], iters, window)
         flops = fwd_flops([s], window)
         base = base or t
-        rows.append((name, "causal" if window is None else f"w={window}", s, t, flops,
-                     tuple(b / x for b, x in zip(base, t))))
+        rows.append(
+            (name, "causal" if window is None else f"w={window}", s, t, flops, tuple(b / x for b, x in zip(base, t)))
+        )
     return rows
 
 
 def print_timing(rows, window_rows, iters: int) -> None:
     print(f"\ncausal, bf16, {iters} timed iterations; TFLOP/s from the causal flop count (bwd = 2.5x fwd)")
-    print(f"{'backend':<13} {'mix':<10} {'tokens':>7} {'fwd ms':>8} {'TFLOP/s':>8} {'bwd ms':>8} {'TFLOP/s':>8} "
-          f"{'fwd+bwd ms':>11} {'TFLOP/s':>8}")
+    print(
+        f"{'backend':<13} {'mix':<10} {'tokens':>7} {'fwd ms':>8} {'TFLOP/s':>8} {'bwd ms':>8} {'TFLOP/s':>8} "
+        f"{'fwd+bwd ms':>11} {'TFLOP/s':>8}"
+    )
     for b, mix, tok, tf, ff, tb_, fb, tfb, ffb in rows:
         print(f"{b:<13} {mix:<10} {tok:7d} {tf:8.2f} {ff:8.1f} {tb_:8.2f} {fb:8.1f} {tfb:11.2f} {ffb:8.1f}")
     if window_rows:
-        print("\nsliding window vs full causal, one sequence; TFLOP/s from each mask's own flop count "
-              "(fwd 4*pairs*H*D, pairs s^2/2 or s*w - w^2/2); speed-up = causal ms / this ms")
-        print(f"{'backend':<13} {'mask':<8} {'tokens':>7} {'fwd ms':>8} {'TFLOP/s':>8} {'x':>6} {'bwd ms':>8} "
-              f"{'TFLOP/s':>8} {'x':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'x':>6}")
+        print(
+            "\nsliding window vs full causal, one sequence; TFLOP/s from each mask's own flop count "
+            "(fwd 4*pairs*H*D, pairs s^2/2 or s*w - w^2/2); speed-up = causal ms / this ms"
+        )
+        print(
+            f"{'backend':<13} {'mask':<8} {'tokens':>7} {'fwd ms':>8} {'TFLOP/s':>8} {'x':>6} {'bwd ms':>8} "
+            f"{'TFLOP/s':>8} {'x':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'x':>6}"
+        )
         for b, mask, tok, (tf, tbw, tfb), flops, (xf, xb, xfb) in window_rows:
-            print(f"{b:<13} {mask:<8} {tok:7d} {tf:8.2f} {flops / tf / 1e9:8.1f} {xf:6.2f} {tbw:8.2f} "
-                  f"{2.5 * flops / tbw / 1e9:8.1f} {xb:6.2f} {tfb:11.2f} {3.5 * flops / tfb / 1e9:8.1f} {xfb:6.2f}")
+            print(
+                f"{b:<13} {mask:<8} {tok:7d} {tf:8.2f} {flops / tf / 1e9:8.1f} {xf:6.2f} {tbw:8.2f} "
+                f"{2.5 * flops / tbw / 1e9:8.1f} {xb:6.2f} {tfb:11.2f} {3.5 * flops / tfb / 1e9:8.1f} {xfb:6.2f}"
+            )
 
 
 # ------------------------------------------------------------------------------------------
@@ -748,11 +795,11 @@ def describe_torch_api() -> None:
         from torch.nn.attention import varlen as varlen_mod
 
         print(f"varlen_attn{inspect.signature(varlen_mod.varlen_attn)}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"torch.nn.attention.varlen: unavailable ({exc})")
     try:
         print(f"backward op: {torch.ops.torch_attn._varlen_attn_backward.default._schema}")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"torch_attn::_varlen_attn_backward: unavailable ({exc})")
 
 
@@ -761,7 +808,7 @@ def run(names: list[str], device, sizes: Sizes, iters: int, window_problem) -> b
     for name in names:
         try:
             check_backend(name, device, report, sizes)
-        except Exception:  # noqa: BLE001 - report and go on with the next backend
+        except Exception:
             print(traceback.format_exc(), end="")
             report.crashes.append(f"{name} check: {traceback.format_exc()}")
     print(f"{stamp()} checks done", flush=True)
@@ -772,7 +819,7 @@ def run(names: list[str], device, sizes: Sizes, iters: int, window_problem) -> b
             rows += bench_backend(name, device, sizes.mixes, iters)
             if window_problem(name) is None:
                 window_rows += bench_window(name, device, *sizes.window_bench, iters)
-        except Exception:  # noqa: BLE001
+        except Exception:
             report.crashes.append(f"{name} timing: {traceback.format_exc()}")
             print(f"CRASH {name} timing:\n{traceback.format_exc()}")
     print_timing(rows, window_rows, iters)
@@ -825,8 +872,10 @@ def main() -> int:
     for name in names:
         tb = Traced(get_backend(name, device))
         problem = tb.window_problem()
-        print(f"{name}: windows {'yes' if problem is None else 'no (' + problem + ')'}, "
-              f"softcap {'in the kernels' if tb.has_softcap() else 'via reference'}")
+        print(
+            f"{name}: windows {'yes' if problem is None else 'no (' + problem + ')'}, "
+            f"softcap {'in the kernels' if tb.has_softcap() else 'via reference'}"
+        )
 
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     iters = args.iters or sizes.iters

@@ -26,8 +26,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_hdp.attention.backends import backend_unavailable_reason
 from hf_hdp.collators import HDPCollator, count_loss_tokens
 from hf_hdp.distributed.mesh import DynamicMesh
-from hf_hdp.planning import plan_naive
 from hf_hdp.engine import enable_hdp_attention, run_micro_batches
+from hf_hdp.planning import plan_naive
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -84,8 +84,15 @@ def _compare(name, a, b):
 
 def part_a(fused: str) -> bool:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384)
+    cfg = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+    )
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     enable_hdp_attention(model)
     lengths = [3000, 1200, 700, 90, 17, 2048, 5]
@@ -114,8 +121,15 @@ def _time(fn, reps):
 
 def part_b(fused: str, C: int, reps: int) -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=65536)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=65536,
+    )
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     model.gradient_checkpointing_enable()
     enable_hdp_attention(model)
@@ -123,7 +137,9 @@ def part_b(fused: str, C: int, reps: int) -> None:
     lengths = _lengths(C, seed=3)
     samples = _samples(lengths, cfg.vocab_size, 2)
     tokens = sum(lengths)
-    attn_flops = sum(2 * 2 * s * s / 2 * cfg.hidden_size * cfg.num_hidden_layers * 3 for s in lengths)  # fwd+bwd, causal
+    attn_flops = sum(
+        2 * 2 * s * s / 2 * cfg.hidden_size * cfg.num_hidden_layers * 3 for s in lengths
+    )  # fwd+bwd, causal
     flops = 6 * params * tokens + attn_flops
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
@@ -149,13 +165,17 @@ def part_b(fused: str, C: int, reps: int) -> None:
         t_pad = float("nan")
     enable_hdp_attention(model)
     print(f"B. step throughput on {name}: Llama-arch {params / 1e9:.2f}B params, bf16, gradient checkpointing")
-    print(f"   one micro-batch of {tokens} tokens = {len(lengths)} samples (longest {longest}, median "
-          f"{sorted(lengths)[len(lengths) // 2]}), {reps} timed reps")
+    print(
+        f"   one micro-batch of {tokens} tokens = {len(lengths)} samples (longest {longest}, median "
+        f"{sorted(lengths)[len(lengths) // 2]}), {reps} timed reps"
+    )
     print(f"   {'path':<34}{'step s':>9}{'tokens/s':>12}{'MFU':>8}")
     for label, t in ((f"HDP packed varlen ({fused})", t_hdp), ("padded batch, SDPA (baseline)", t_pad)):
         print(f"   {label:<34}{t:>9.3f}{tokens / t:>12,.0f}{flops / t / peak:>8.1%}")
-    print(f"   HDP / padded speedup: {t_pad / t_hdp:.2f}x  (padding wastes "
-          f"{1 - tokens / (len(lengths) * longest):.0%} of the padded batch)")
+    print(
+        f"   HDP / padded speedup: {t_pad / t_hdp:.2f}x  (padding wastes "
+        f"{1 - tokens / (len(lengths) * longest):.0%} of the padded batch)"
+    )
 
 
 def main() -> int:

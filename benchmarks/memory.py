@@ -60,9 +60,16 @@ CONFIGS = [  # name, HDPConfig.zero_stage, TrainingArguments.fsdp, HDPConfig.ove
 def _model(path: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
 
@@ -72,8 +79,11 @@ def _rows(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
-        length = int(torch.randint(600, 1000, (1,), generator=g)) if i % 8 == 0 else int(
-            torch.randint(16, 128, (1,), generator=g))
+        length = (
+            int(torch.randint(600, 1000, (1,), generator=g))
+            if i % 8 == 0
+            else int(torch.randint(16, 128, (1,), generator=g))
+        )
         rows.append({"input_ids": torch.randint(0, 32000, (length,), generator=g).tolist()})
     return rows
 
@@ -91,9 +101,9 @@ def states(args) -> None:
 
     from hf_hdp import HDPConfig, HDPTrainer
     from hf_hdp.distributed.mesh import DEFAULT_BUCKET_BYTES
+    from hf_hdp.engine.zero import unwrap_zero
     from hf_hdp.planning import memory_breakdown
     from hf_hdp.planning.cost import ModelSpec
-    from hf_hdp.engine.zero import unwrap_zero
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,12 +118,24 @@ def states(args) -> None:
     for name, stage, fsdp, overlap in CONFIGS:
         model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "model"), dtype=torch.float32)
         training = TrainingArguments(
-            output_dir=os.path.join(tmp, name.replace(" ", "_")), use_cpu=True, report_to=[], disable_tqdm=True,
-            max_steps=args.steps, learning_rate=1e-4, save_strategy="no", logging_steps=1, seed=0,
+            output_dir=os.path.join(tmp, name.replace(" ", "_")),
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            max_steps=args.steps,
+            learning_rate=1e-4,
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
             **({"fsdp": fsdp} if fsdp else {}),
         )
-        hdp = HDPConfig(tokens_per_rank=args.tokens_per_rank, global_batch_size=args.samples, zero_stage=stage,
-                        hardware="cpu", overlap_grad_reduction=overlap)
+        hdp = HDPConfig(
+            tokens_per_rank=args.tokens_per_rank,
+            global_batch_size=args.samples,
+            zero_stage=stage,
+            hardware="cpu",
+            overlap_grad_reduction=overlap,
+        )
         trainer = HDPTrainer(model, training, train_dataset=data, hdp_config=hdp)
         record = {"grads": [], "optimizer": [], "times": [], "cpu": [], "micro_batches": []}
 
@@ -131,8 +153,9 @@ def states(args) -> None:
                 record["times"].append(time.perf_counter() - self.started)
                 record["cpu"].append(time.process_time() - self.cpu)
                 opt = unwrap_zero(self.trainer.optimizer) or self.trainer.optimizer
-                record["optimizer"].append(_bytes(v for s in opt.state.values() for v in s.values()
-                                                  if torch.is_tensor(v) and v.dim()))
+                record["optimizer"].append(
+                    _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+                )
 
         trainer.add_callback(Measure(trainer))
         step_fn = trainer.training_step
@@ -144,19 +167,34 @@ def states(args) -> None:
         trainer.training_step = counting
         trainer.train()
         if trainer.hdp_fsdp_modules:  # FSDP's reduce-scatter input: one module's whole gradients
-            largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-                          if m is trainer.model else sum(p.numel() * p.element_size() for p in m.parameters())
-                          for m in trainer.hdp_fsdp_modules)
+            largest = max(
+                sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                if m is trainer.model
+                else sum(p.numel() * p.element_size() for p in m.parameters())
+                for m in trainer.hdp_fsdp_modules
+            )
             record["buffer"], record["buffer_kind"] = largest, "FSDP module (computed)"
         else:
             record["buffer"], record["buffer_kind"] = trainer.mesh.stats.largest_buffer_bytes, "HDP bucket (measured)"
         spec = ModelSpec.from_config(model.config, bytes_per_value=4)
         params = sum(p.numel() for p in model.parameters())
-        est = memory_breakdown(spec, args.tokens_per_rank, world_size=world, zero_stage=stage or 0, fsdp=fsdp,
-                               weight_bytes=4, grad_bytes=4, optimizer_bytes=8, params=params)
+        est = memory_breakdown(
+            spec,
+            args.tokens_per_rank,
+            world_size=world,
+            zero_stage=stage or 0,
+            fsdp=fsdp,
+            weight_bytes=4,
+            grad_bytes=4,
+            optimizer_bytes=8,
+            params=params,
+        )
         sharded_grads = stage == 2 or fsdp is not None
-        record["estimate"] = {"optimizer": est.optimizer, "peak_states": est.weights + est.gradients + est.optimizer,
-                              "gradients_after": params * 4 / (world if sharded_grads else 1)}
+        record["estimate"] = {
+            "optimizer": est.optimizer,
+            "peak_states": est.weights + est.gradients + est.optimizer,
+            "gradients_after": params * 4 / (world if sharded_grads else 1),
+        }
         record["weights_local"] = _bytes(trainer.model.parameters())
         record["params"] = params
         gathered = [None] * world
@@ -174,14 +212,20 @@ def _print_states(results, world, bucket, args) -> None:
     replicated_grad = max(r["grads"][-1] for r in results["stage 0"])
     base = statistics.median(t for r in results["stage 0"] for t in r["times"][1:])
     base_cpu = statistics.median(max(r["cpu"][i] for r in results["stage 0"]) for i in range(1, args.steps))
-    print(f"model: {params / 1e6:.1f}M parameters, float32, AdamW; {world} gloo ranks; C = {args.tokens_per_rank}; "
-          f"{args.steps} steps of {args.samples} samples; bucket bound {bucket / MB:.0f} MiB")
-    print(f"micro-batches per rank per step (stage 0): "
-          f"{[r['micro_batches'] for r in results['stage 0']]}; full_shard: "
-          f"{[r['micro_batches'] for r in results['FSDP2 full_shard']]}")
-    head = (f"{'config':20s} {'optimizer MiB/rank':>18s} {'est':>7s} {'x repl':>6s} | {'grads after step':>16s} "
-            f"{'est':>7s} {'x repl':>6s} | {'weights':>7s} | {'peak states est':>15s} | {'largest buffer MiB':>30s} | "
-            f"{'step s':>6s} {'/ st.0':>6s} {'cpu s':>6s} {'/ st.0':>6s}")
+    print(
+        f"model: {params / 1e6:.1f}M parameters, float32, AdamW; {world} gloo ranks; C = {args.tokens_per_rank}; "
+        f"{args.steps} steps of {args.samples} samples; bucket bound {bucket / MB:.0f} MiB"
+    )
+    print(
+        f"micro-batches per rank per step (stage 0): "
+        f"{[r['micro_batches'] for r in results['stage 0']]}; full_shard: "
+        f"{[r['micro_batches'] for r in results['FSDP2 full_shard']]}"
+    )
+    head = (
+        f"{'config':20s} {'optimizer MiB/rank':>18s} {'est':>7s} {'x repl':>6s} | {'grads after step':>16s} "
+        f"{'est':>7s} {'x repl':>6s} | {'weights':>7s} | {'peak states est':>15s} | {'largest buffer MiB':>30s} | "
+        f"{'step s':>6s} {'/ st.0':>6s} {'cpu s':>6s} {'/ st.0':>6s}"
+    )
     print(head)
     for name, ranks in results.items():
         opt = max(r["optimizer"][-1] for r in ranks)
@@ -190,17 +234,23 @@ def _print_states(results, world, bucket, args) -> None:
         step = statistics.median(t for r in ranks for t in r["times"][1:])
         cpu = statistics.median(max(r["cpu"][i] for r in ranks) for i in range(1, args.steps))
         buffer = f"{ranks[0]['buffer'] / MB:.1f} ({ranks[0]['buffer_kind']})"
-        print(f"{name:20s} {opt / MB:18.1f} {est['optimizer'] / MB:7.1f} {opt / replicated_opt:6.3f} | "
-              f"{grad / MB:16.1f} {est['gradients_after'] / MB:7.1f} {grad / replicated_grad:6.3f} | "
-              f"{max(r['weights_local'] for r in ranks) / MB:7.1f} | {est['peak_states'] / MB:15.1f} | {buffer:>30s} | "
-              f"{step:6.2f} {step / base:6.2f} {cpu:6.2f} {cpu / base_cpu:6.2f}")
-    print("columns: MiB per rank, the largest over the ranks; 'est' from hf_hdp.planning.memory_breakdown (optimizer) "
-          "and P x 4 B (/ world when sharded) for the gradients; 'weights': this rank's parameters between steps; "
-          "'peak states est': memory_breakdown's weights + gradients + optimizer at the step's peak; 'step s': median "
-          "wall seconds of the steps after the first (4 ranks share the cores: contention included); 'cpu s': the "
-          "busiest rank's CPU seconds in the step, median (waiting excluded: the contention-free work)")
-    print(f"targets: optimizer state per rank <= 1/{world} + 5% = {1 / world + 0.05:.3f} of replicated at stage >= 1; "
-          f"gradients <= {1 / world + 0.05:.3f} at stage 2 (and FSDP2); no HDP buffer above the bucket bound")
+        print(
+            f"{name:20s} {opt / MB:18.1f} {est['optimizer'] / MB:7.1f} {opt / replicated_opt:6.3f} | "
+            f"{grad / MB:16.1f} {est['gradients_after'] / MB:7.1f} {grad / replicated_grad:6.3f} | "
+            f"{max(r['weights_local'] for r in ranks) / MB:7.1f} | {est['peak_states'] / MB:15.1f} | {buffer:>30s} | "
+            f"{step:6.2f} {step / base:6.2f} {cpu:6.2f} {cpu / base_cpu:6.2f}"
+        )
+    print(
+        "columns: MiB per rank, the largest over the ranks; 'est' from hf_hdp.planning.memory_breakdown (optimizer) "
+        "and P x 4 B (/ world when sharded) for the gradients; 'weights': this rank's parameters between steps; "
+        "'peak states est': memory_breakdown's weights + gradients + optimizer at the step's peak; 'step s': median "
+        "wall seconds of the steps after the first (4 ranks share the cores: contention included); 'cpu s': the "
+        "busiest rank's CPU seconds in the step, median (waiting excluded: the contention-free work)"
+    )
+    print(
+        f"targets: optimizer state per rank <= 1/{world} + 5% = {1 / world + 0.05:.3f} of replicated at stage >= 1; "
+        f"gradients <= {1 / world + 0.05:.3f} at stage 2 (and FSDP2); no HDP buffer above the bucket bound"
+    )
 
 
 # ------------------------------------------------------------------ loss
@@ -228,23 +278,41 @@ def loss(args) -> None:
     from hf_hdp.planning.cost import ModelSpec
     from hf_hdp.planning.cost.memory import head_bytes
 
-    spec = ModelSpec(name="head", hidden_size=512, num_layers=1, num_heads=8, num_kv_heads=4,
-                     intermediate_size=1408, vocab_size=32000, bytes_per_value=4)
-    print(f"loss: LM head + cross-entropy, forward and backward; vocabulary 32000, hidden 512, float32; "
-          f"chunk {args.chunk} tokens")
-    print(f"{'tokens':>7s} {'full logits MiB':>16s} {'chunked MiB':>12s} {'full / chunked':>15s} "
-          f"{'est full':>9s} {'est chunked':>12s}  same loss")
+    spec = ModelSpec(
+        name="head",
+        hidden_size=512,
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1408,
+        vocab_size=32000,
+        bytes_per_value=4,
+    )
+    print(
+        f"loss: LM head + cross-entropy, forward and backward; vocabulary 32000, hidden 512, float32; "
+        f"chunk {args.chunk} tokens"
+    )
+    print(
+        f"{'tokens':>7s} {'full logits MiB':>16s} {'chunked MiB':>12s} {'full / chunked':>15s} "
+        f"{'est full':>9s} {'est chunked':>12s}  same loss"
+    )
     for tokens in (4096, 16384):
         got = {}
         for mode, chunk in (("full", None), ("chunked", args.chunk)):
-            out = subprocess.run([sys.executable, __file__, "--loss-child", str(tokens), str(chunk or 0)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--loss-child", str(tokens), str(chunk or 0)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         est_full, est_chunk = head_bytes(spec, tokens, None, 4), head_bytes(spec, tokens, args.chunk, 4)
         same = abs(got["full"]["loss"] - got["chunked"]["loss"]) <= 1e-4 * abs(got["full"]["loss"])
-        print(f"{tokens:7d} {got['full']['peak'] / MB:16.0f} {got['chunked']['peak'] / MB:12.0f} "
-              f"{got['full']['peak'] / max(got['chunked']['peak'], 1):15.1f} {est_full / MB:9.0f} "
-              f"{est_chunk / MB:12.0f}  {same}")
+        print(
+            f"{tokens:7d} {got['full']['peak'] / MB:16.0f} {got['chunked']['peak'] / MB:12.0f} "
+            f"{got['full']['peak'] / max(got['chunked']['peak'], 1):15.1f} {est_full / MB:9.0f} "
+            f"{est_chunk / MB:12.0f}  {same}"
+        )
 
 
 def main() -> None:

@@ -38,9 +38,9 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_hdp.planning.compare import PLANNER_ORDER, compare_planners, summarize  # noqa: E402
-from hf_hdp.planning.report import fmt_bytes  # noqa: E402
-from hf_hdp.planning.cost import CostModel  # noqa: E402
+from hf_hdp.planning.compare import PLANNER_ORDER, compare_planners, summarize
+from hf_hdp.planning.cost import CostModel
+from hf_hdp.planning.report import fmt_bytes
 
 K, M = 1 << 10, 1 << 20
 WORLD, RANKS_PER_NODE, C = 1024, 8, 8 * K
@@ -91,7 +91,10 @@ def draw_batch(rng: random.Random, tokens: int = GLOBAL_TOKENS) -> list[int]:
 
 COST_MODELS = {
     # name: (how to build it, what it is)
-    "h100": (CostModel.default, "roofline of one H100 (`--hardware h100`: 45% / 60% of bf16 peak in attention / GEMMs)"),
+    "h100": (
+        CostModel.default,
+        "roofline of one H100 (`--hardware h100`: 45% / 60% of bf16 peak in attention / GEMMs)",
+    ),
     "bytescale": (CostModel.bytescale, "a, b, c fitted to ByteScale's per-layer LLaMA-7B times, H100 links"),
 }
 
@@ -188,7 +191,7 @@ def mmss(s: float) -> str:
 
 def render(res: dict, command: str) -> str:
     P, case = PAPER, PAPER["case_step_s"]
-    pct = lambda x: f"{x:.1%}"  # noqa: E731
+    pct = lambda x: f"{x:.1%}"
     exp_le4k, exp_ge128k = expected_sample_fractions()
     first = next(iter(res["models"].values()))["summary"]["static"]
     lines = [
@@ -241,7 +244,8 @@ def render(res: dict, command: str) -> str:
         f"| paper case study: slowest / fastest rank | | {P['naive_spread']}x | removed |",
         "| paper case study: P2P share of micro-batch time | 97.6% | | |",
         "",
-        "Cost models: " + "; ".join(f"**{n}**: {COST_MODELS[n][1]} (`{r['cost'].label}`)" for n, r in res["models"].items())
+        "Cost models: "
+        + "; ".join(f"**{n}**: {COST_MODELS[n][1]} (`{r['cost'].label}`)" for n, r in res["models"].items())
         + ". Both include the one gradient all-reduce per step "
         f"({next(iter(res['models'].values()))['summary']['static']['allreduce_s']:.2f} s). Floors under the "
         "balanced step: "
@@ -344,7 +348,7 @@ def render_explanation(res: dict) -> list[str]:
         "ByteScale's balance scheduler keeps rings, and its 1.73x is the ring-only regime's gain with offloading "
         "(which raises the members' compute and gives the scheduler imbalance to remove). Even with free "
         f"communication, the what-if gain is {res['variants']['free_comm']['naive'] / res['variants']['free_comm']['balanced']:.2f}x.",
-        f"- **Balanced HDP's remaining spread: {bl['rank_spread']:.2f}x vs \"removed\".** The slowest piece "
+        f'- **Balanced HDP\'s remaining spread: {bl["rank_spread"]:.2f}x vs "removed".** The slowest piece '
         f"({r['piece_floor_s']:.1f} s) against the mean work per rank ({r['work_floor_s']:.1f} s), both with the "
         "all-reduce: where the first is larger, there is not enough work to keep the ranks outside the longest "
         "sample's group busy for that long.",
@@ -352,7 +356,7 @@ def render_explanation(res: dict) -> list[str]:
         "zigzag-split over its CP group and packed up to C tokens per rank. How ByteScale's baseline packs "
         "micro-batches is not published; a baseline that ran fewer, fuller rings would be faster than ours.",
         "- **The data.** Only the token shares of the buckets of 128K and more are published; the rest of the mix "
-        "is ours (below). We read \"2M\" as lengths in (1M, 2M], so the longest drawn sample is "
+        'is ours (below). We read "2M" as lengths in (1M, 2M], so the longest drawn sample is '
         f"{res['max_length']:,} tokens, not 2,097,152.",
         "",
     ]
@@ -377,9 +381,12 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true", help="progress bar on stderr")
     p.add_argument("--cost", nargs="+", choices=list(COST_MODELS), default=list(COST_MODELS), help="cost models")
     args = p.parse_args(argv)
-    command = ".venv/bin/python benchmarks/paper_check.py" + (f" --seeds {args.seeds}" if args.seeds != 3 else "") + (
-        f" --delta {args.delta}" if args.delta != 0.05 else ""
-    ) + " --write"
+    command = (
+        ".venv/bin/python benchmarks/paper_check.py"
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+        + (f" --delta {args.delta}" if args.delta != 0.05 else "")
+        + " --write"
+    )
     res = run(list(range(args.seeds)), args.delta, args.progress or sys.stderr.isatty(), tuple(args.cost))
     text = render(res, command)
     print(text)
@@ -390,8 +397,6 @@ def main(argv=None) -> int:
             f.write(text)
         print(f"\nwritten to {os.path.normpath(path)}", file=sys.stderr)
     return 0
-
-
 
 
 if __name__ == "__main__":

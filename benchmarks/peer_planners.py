@@ -87,16 +87,16 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_hdp.cli import CLIError, parse_size, read_lengths_file, stdlib_pool  # noqa: E402
-from hf_hdp.planning import CostModel, MicroBatch, Piece, PlanError, StepPlan, build_plan, plan_balanced  # noqa: E402
-from hf_hdp.planning.compare import DoesNotFit, check_fits, draw_batches  # noqa: E402
-from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS  # noqa: E402
-from hf_hdp.planning.metrics import PlanMetrics, idle_fraction, plan_metrics  # noqa: E402
+from hf_hdp.cli import CLIError, parse_size, read_lengths_file, stdlib_pool
+from hf_hdp.planning import CostModel, MicroBatch, Piece, PlanError, StepPlan, build_plan, plan_balanced
+from hf_hdp.planning.compare import DoesNotFit, check_fits, draw_batches
+from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS
+from hf_hdp.planning.metrics import PlanMetrics, idle_fraction, plan_metrics
 
 MEGATRON_VERSION = "0.16.1"
 INSTALL = f'.venv/bin/pip install --no-deps "megatron-core=={MEGATRON_VERSION}"'
@@ -272,11 +272,19 @@ def minimal_groups(plan: StepPlan, tokens_per_rank: int) -> StepPlan:
     """``plan`` with every piece's group cut to its first ``ceil(s / C)`` members (same slots; the rest idle)."""
     C = tokens_per_rank
     cut = {p.sample: replace(p, group=p.group[: max(1, math.ceil(p.length / C))]) for p in plan.pieces()}
-    placements = [(mb.rank, mb.slot, [cut[p.sample] for p in mb.pieces if mb.rank in cut[p.sample].group])
-                  for mb in plan.micro_batches]
+    placements = [
+        (mb.rank, mb.slot, [cut[p.sample] for p in mb.pieces if mb.rank in cut[p.sample].group])
+        for mb in plan.micro_batches
+    ]
     most = max((sum(p.tokens_on(r) for p in ps) for r, _, ps in placements), default=0)
-    return build_plan(plan.lengths, plan.world_size, max(plan.tokens_per_rank, most), placements,
-                      planner=plan.planner, meta=dict(plan.meta)).validate()
+    return build_plan(
+        plan.lengths,
+        plan.world_size,
+        max(plan.tokens_per_rank, most),
+        placements,
+        planner=plan.planner,
+        meta=dict(plan.meta),
+    ).validate()
 
 
 def pow2_waste(plan: StepPlan, tokens_per_rank: int, cost: CostModel) -> dict:
@@ -291,16 +299,24 @@ def pow2_waste(plan: StepPlan, tokens_per_rank: int, cost: CostModel) -> dict:
         extra_ranks += p.k - k_min
         actual += p.k * cost.piece_time(p.length, p.k, cost.group_spans_nodes(p.group))
         minimal += k_min * cost.piece_time(p.length, k_min, cost.group_spans_nodes(p.group[:k_min]))
-    return {"wider_samples": wide, "extra_ranks": extra_ranks, "extra_rank_s": actual - minimal,
-            "rank_s_wide": actual, "rank_s_minimal": minimal}
+    return {
+        "wider_samples": wide,
+        "extra_ranks": extra_ranks,
+        "extra_rank_s": actual - minimal,
+        "rank_s_wide": actual,
+        "rank_s_minimal": minimal,
+    }
 
 
 def misaligned_groups(plan: StepPlan) -> int:
     """Distributed pieces whose group is not an aligned block ``[i*k, (i+1)*k)``: Megatron's pre-built hybrid
     DPxCP communicators (``parallel_state.create_hybrid_dp_cp_groups``) are such blocks, and each member
     looks its communicator up by ``local_cp_size`` alone."""
-    return sum(1 for p in plan.pieces() if p.k > 1 and (p.group != tuple(range(p.group[0], p.group[0] + p.k))
-                                                        or p.group[0] % p.k))
+    return sum(
+        1
+        for p in plan.pieces()
+        if p.k > 1 and (p.group != tuple(range(p.group[0], p.group[0] + p.k)) or p.group[0] % p.k)
+    )
 
 
 # --------------------------------------------------------------------------- one world
@@ -316,8 +332,9 @@ def longest_micro_batch(plan: StepPlan, cost: CostModel) -> tuple[float, int]:
     return best[0], -best[1]
 
 
-def metrics_row(m: PlanMetrics, seconds: float | None = None, plan: StepPlan | None = None,
-                cost: CostModel | None = None) -> dict:
+def metrics_row(
+    m: PlanMetrics, seconds: float | None = None, plan: StepPlan | None = None, cost: CostModel | None = None
+) -> dict:
     d = m.to_dict(per_rank=False)
     if seconds is not None:
         d["planning_s"] = seconds
@@ -360,11 +377,15 @@ def run_batch(lengths: list[int], W: int, C: int, cost: CostModel, scheduler_cls
     seq = megatron_to_plan(lengths, W, C, rounds, sequential=True)
     convert = time.perf_counter() - t0
     mega = metrics_row(plan_metrics(packed, cost), seconds, packed, cost)
-    mega.update(convert_s=convert, rounds=packed.meta["rounds"],
-                plan_tokens_per_rank=packed.tokens_per_rank,
-                max_tokens_on_rank=packed.meta["max_tokens_on_rank"],
-                over_capacity_micro_batches=packed.meta["over_capacity_micro_batches"],
-                micro_batches=len(packed.micro_batches), misaligned_groups=misaligned_groups(packed))
+    mega.update(
+        convert_s=convert,
+        rounds=packed.meta["rounds"],
+        plan_tokens_per_rank=packed.tokens_per_rank,
+        max_tokens_on_rank=packed.meta["max_tokens_on_rank"],
+        over_capacity_micro_batches=packed.meta["over_capacity_micro_batches"],
+        micro_batches=len(packed.micro_batches),
+        misaligned_groups=misaligned_groups(packed),
+    )
     out["megatron"] = mega
     out["megatron_no_barrier"] = metrics_row(plan_metrics(without_barriers(packed), cost))
     out["megatron_sequential"] = metrics_row(round_barrier_metrics(seq, cost), None, seq, cost)
@@ -376,10 +397,25 @@ def run_batch(lengths: list[int], W: int, C: int, cost: CostModel, scheduler_cls
     return out
 
 
-SERIES = ("ours", "ours_ring", "megatron", "megatron_no_barrier", "megatron_sequential",
-          "megatron_sequential_no_barrier", "megatron_minimal_groups")
-FIELDS = ("step_time_s", "imbalance", "idle_fraction", "p2p_time_fraction", "num_slots", "planning_s", "floor_s",
-          "other_work_on_longest_rank_s")
+SERIES = (
+    "ours",
+    "ours_ring",
+    "megatron",
+    "megatron_no_barrier",
+    "megatron_sequential",
+    "megatron_sequential_no_barrier",
+    "megatron_minimal_groups",
+)
+FIELDS = (
+    "step_time_s",
+    "imbalance",
+    "idle_fraction",
+    "p2p_time_fraction",
+    "num_slots",
+    "planning_s",
+    "floor_s",
+    "other_work_on_longest_rank_s",
+)
 
 
 def summarize(batches: list[dict]) -> dict:
@@ -393,18 +429,28 @@ def summarize(batches: list[dict]) -> dict:
     if ok:
         out["ratio"] = statistics.fmean(b["megatron"]["step_time_s"] / b["ours"]["step_time_s"] for b in ok)
         out["ratio_sequential"] = statistics.fmean(
-            b["megatron_sequential"]["step_time_s"] / b["ours"]["step_time_s"] for b in ok)
+            b["megatron_sequential"]["step_time_s"] / b["ours"]["step_time_s"] for b in ok
+        )
         out["pow2"] = {k: statistics.fmean(b["pow2"][k] for b in ok) for k in ok[0]["pow2"]}
-        for k in ("convert_s", "rounds", "max_tokens_on_rank", "over_capacity_micro_batches",
-                  "plan_tokens_per_rank", "micro_batches", "misaligned_groups"):
+        for k in (
+            "convert_s",
+            "rounds",
+            "max_tokens_on_rank",
+            "over_capacity_micro_batches",
+            "plan_tokens_per_rank",
+            "micro_batches",
+            "misaligned_groups",
+        ):
             out["megatron"][k] = statistics.fmean(b["megatron"][k] for b in ok)
         out["megatron"]["max_tokens_on_rank_max"] = max(b["megatron"]["max_tokens_on_rank"] for b in ok)
     splits = [b["ours"]["splits"] for b in batches if "splits" in b["ours"]]
     if splits:  # plan_metrics' per-sample attention splits, where it reports them
         numeric = all(isinstance(x, dict) and all(isinstance(v, (int, float)) for v in x.values()) for x in splits)
-        out["ours_splits"] = ({k: round(statistics.fmean(x.get(k, 0) for x in splits), 1)
-                               for k in {k for x in splits for k in x}}
-                              if numeric else splits)
+        out["ours_splits"] = (
+            {k: round(statistics.fmean(x.get(k, 0) for x in splits), 1) for k in {k for x in splits for k in x}}
+            if numeric
+            else splits
+        )
     return out
 
 
@@ -427,8 +473,10 @@ def render_world(W: int, C: int, batches: list[dict], s: dict, split: str) -> st
     samples = statistics.fmean(b["samples"] for b in batches)
     tokens = statistics.fmean(b["tokens"] for b in batches)
     longest = max(b["longest"] for b in batches)
-    lines = [f"== {W:,} ranks x {C:,} tokens (C): {n} batch{'es' if n > 1 else ''} of {tokens:,.0f} tokens "
-             f"(mean {samples:,.0f} samples, longest {longest:,}) =="]
+    lines = [
+        f"== {W:,} ranks x {C:,} tokens (C): {n} batch{'es' if n > 1 else ''} of {tokens:,.0f} tokens "
+        f"(mean {samples:,.0f} samples, longest {longest:,}) =="
+    ]
     header = ("planner", "step s", "vs ours", "imbalance", "idle", "exp. P2P", "slots", "plan s")
     rows = []
     ours = s["ours"]["step_time_s"]
@@ -437,11 +485,20 @@ def render_world(W: int, C: int, batches: list[dict], s: dict, split: str) -> st
         if not m:
             continue
         title = TITLES[name] + (f" ({split})" if name == "ours" and split_kwargs(split) else "")
-        rows.append((title, f"{m['step_time_s']:.3f}", f"{m['step_time_s'] / ours:.2f}x", f"{m['imbalance']:.2f}",
-                     f"{m['idle_fraction']:.1%}", f"{m['p2p_time_fraction']:.1%}", f"{m['num_slots']:.1f}",
-                     f"{m['planning_s']:.3f}" if "planning_s" in m else ""))
+        rows.append(
+            (
+                title,
+                f"{m['step_time_s']:.3f}",
+                f"{m['step_time_s'] / ours:.2f}x",
+                f"{m['imbalance']:.2f}",
+                f"{m['idle_fraction']:.1%}",
+                f"{m['p2p_time_fraction']:.1%}",
+                f"{m['num_slots']:.1f}",
+                f"{m['planning_s']:.3f}" if "planning_s" in m else "",
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines += [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
     for b in batches:
         if "megatron_error" in b:
@@ -450,39 +507,56 @@ def render_world(W: int, C: int, batches: list[dict], s: dict, split: str) -> st
         return "\n".join(lines)
     mg = s["megatron"]
     verdict = "meets" if s["ratio"] >= TARGET else "MISSES"
-    lines.append(f"Megatron / ours: {s['ratio']:.2f}x (rounds plan), {s['ratio_sequential']:.2f}x (as run); "
-                 f"target >= {TARGET:.2f}x: {verdict}")
+    lines.append(
+        f"Megatron / ours: {s['ratio']:.2f}x (rounds plan), {s['ratio_sequential']:.2f}x (as run); "
+        f"target >= {TARGET:.2f}x: {verdict}"
+    )
     p = s["pow2"]
     lines.append("where Megatron loses:")
-    lines.append(f" (a) power-of-two groups: {p['wider_samples']:.1f} of {samples:,.0f} samples on more ranks than "
-                 f"ceil(s/C), +{p['extra_ranks']:.1f} ranks, +{p['extra_rank_s']:.2f} rank-s "
-                 f"({p['extra_rank_s'] / p['busy_rank_s']:.1%} of its busy rank-s); cut to ceil(s/C) ranks "
-                 f"in the same rounds: {s['megatron_minimal_groups']['step_time_s']:.3f} s")
-    lines.append(f" (b) round barriers: {mg['step_time_s']:.3f} s with, {s['megatron_no_barrier']['step_time_s']:.3f} s "
-                 f"without ({mg['step_time_s'] / s['megatron_no_barrier']['step_time_s'] - 1:+.1%}); as run "
-                 f"{s['megatron_sequential']['step_time_s']:.3f} s vs "
-                 f"{s['megatron_sequential_no_barrier']['step_time_s']:.3f} s")
+    lines.append(
+        f" (a) power-of-two groups: {p['wider_samples']:.1f} of {samples:,.0f} samples on more ranks than "
+        f"ceil(s/C), +{p['extra_ranks']:.1f} ranks, +{p['extra_rank_s']:.2f} rank-s "
+        f"({p['extra_rank_s'] / p['busy_rank_s']:.1%} of its busy rank-s); cut to ceil(s/C) ranks "
+        f"in the same rounds: {s['megatron_minimal_groups']['step_time_s']:.3f} s"
+    )
+    lines.append(
+        f" (b) round barriers: {mg['step_time_s']:.3f} s with, {s['megatron_no_barrier']['step_time_s']:.3f} s "
+        f"without ({mg['step_time_s'] / s['megatron_no_barrier']['step_time_s'] - 1:+.1%}); as run "
+        f"{s['megatron_sequential']['step_time_s']:.3f} s vs "
+        f"{s['megatron_sequential_no_barrier']['step_time_s']:.3f} s"
+    )
     if s.get("ours_ring"):
         r = s["ours_ring"]["step_time_s"]
         lines.append(f" (c) head parallelism: ours ring only {r:.3f} s vs {ours:.3f} s ({r / ours:.2f}x)")
     else:
-        lines.append(" (c) head parallelism: n/a (plan_balanced has no attention_split yet)"
-                     if not split_kwargs(split) else " (c) head parallelism: n/a (--attention-split ring)")
-    lines.append(f" (d) critical path: ours {ours - s['ours']['floor_s']:.3f} s above its floor (longest micro-batch "
-                 f"+ all-reduce, {s['ours']['floor_s']:.3f} s; {s['ours']['other_work_on_longest_rank_s']:.3f} s "
-                 f"more work on that rank); Megatron {mg['step_time_s'] - mg['floor_s']:.3f} s above its floor "
-                 f"({mg['floor_s']:.3f} s; {mg['other_work_on_longest_rank_s']:.3f} s more work on that rank)")
-    lines.append(f"Megatron: {mg['rounds']:.1f} rounds, plan {mg['planning_s']:.3f} s + conversion "
-                 f"{mg['convert_s']:.3f} s; {mg['misaligned_groups']:.1f} groups per batch are not aligned "
-                 f"power-of-two blocks")
+        lines.append(
+            " (c) head parallelism: n/a (plan_balanced has no attention_split yet)"
+            if not split_kwargs(split)
+            else " (c) head parallelism: n/a (--attention-split ring)"
+        )
+    lines.append(
+        f" (d) critical path: ours {ours - s['ours']['floor_s']:.3f} s above its floor (longest micro-batch "
+        f"+ all-reduce, {s['ours']['floor_s']:.3f} s; {s['ours']['other_work_on_longest_rank_s']:.3f} s "
+        f"more work on that rank); Megatron {mg['step_time_s'] - mg['floor_s']:.3f} s above its floor "
+        f"({mg['floor_s']:.3f} s; {mg['other_work_on_longest_rank_s']:.3f} s more work on that rank)"
+    )
+    lines.append(
+        f"Megatron: {mg['rounds']:.1f} rounds, plan {mg['planning_s']:.3f} s + conversion "
+        f"{mg['convert_s']:.3f} s; {mg['misaligned_groups']:.1f} groups per batch are not aligned "
+        f"power-of-two blocks"
+    )
     if mg["max_tokens_on_rank_max"] > C:
-        lines.append(f"capacity: a round packs up to {mg['max_tokens_on_rank_max']:,} tokens on one rank "
-                     f"(> C on {mg['over_capacity_micro_batches']:.1f} of {mg['micro_batches']:.0f} micro-batches); "
-                     f"the rounds plan is built with tokens_per_rank raised to fit, nothing dropped "
-                     f"(each sub-sample alone holds <= C: the 'as run' form keeps C)")
+        lines.append(
+            f"capacity: a round packs up to {mg['max_tokens_on_rank_max']:,} tokens on one rank "
+            f"(> C on {mg['over_capacity_micro_batches']:.1f} of {mg['micro_batches']:.0f} micro-batches); "
+            f"the rounds plan is built with tokens_per_rank raised to fit, nothing dropped "
+            f"(each sub-sample alone holds <= C: the 'as run' form keeps C)"
+        )
     if "ours_splits" in s:
-        lines.append("ours, attention splits (samples, mean per batch): "
-                     + json.dumps(s["ours_splits"], separators=(",", ":"), sort_keys=True))
+        lines.append(
+            "ours, attention splits (samples, mean per batch): "
+            + json.dumps(s["ours_splits"], separators=(",", ":"), sort_keys=True)
+        )
     return "\n".join(lines)
 
 
@@ -496,18 +570,31 @@ def build_parser() -> argparse.ArgumentParser:
         "timed by hf_hdp's cost model.",
         epilog=f"Needs megatron-core, installed into the venv only for this benchmark: {INSTALL}",
     )
-    p.add_argument("--lengths", metavar="FILE", help="one sample length per line, as `hf-hdp plan --lengths` "
-                   "(default: the Python standard library's files, as `hf-hdp plan`)")
+    p.add_argument(
+        "--lengths",
+        metavar="FILE",
+        help="one sample length per line, as `hf-hdp plan --lengths` "
+        "(default: the Python standard library's files, as `hf-hdp plan`)",
+    )
     p.add_argument("--world-sizes", default=",".join(map(str, WORLDS)), help="comma-separated (default: %(default)s)")
     p.add_argument("--tokens-per-rank", type=parse_size, default=8192, help="C (default: 8192)")
-    p.add_argument("--global-batch-tokens", type=parse_size, default=None, metavar="T",
-                   help=f"tokens per global batch at every world (default: {TOKENS_PER_RANK_OF_BATCH:,} x world, "
-                   "33554432 at 1,024 ranks)")
+    p.add_argument(
+        "--global-batch-tokens",
+        type=parse_size,
+        default=None,
+        metavar="T",
+        help=f"tokens per global batch at every world (default: {TOKENS_PER_RANK_OF_BATCH:,} x world, "
+        "33554432 at 1,024 ranks)",
+    )
     p.add_argument("--batches", type=int, default=3, help="global batches per world (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch sampler (default: 0)")
     p.add_argument("--cost", default="h100", help="h100 (default: LLaMA-7B on H100), bytescale, or MODEL:HARDWARE")
-    p.add_argument("--attention-split", default="auto", choices=("auto", "ring", "ulysses", "hybrid"),
-                   help="ours: plan_balanced's attention_split, where it has one (default: auto)")
+    p.add_argument(
+        "--attention-split",
+        default="auto",
+        choices=("auto", "ring", "ulysses", "hybrid"),
+        help="ours: plan_balanced's attention_split, where it has one (default: auto)",
+    )
     p.add_argument("--delta", type=float, default=0.05, help="ours: the balance tolerance (default: 0.05)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -518,7 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         worlds = [int(w) for w in args.world_sizes.split(",") if w.strip()]
     except ValueError:
-        print(f"peer_planners: --world-sizes expects integers such as 64,1024, got {args.world_sizes!r}", file=sys.stderr)
+        print(
+            f"peer_planners: --world-sizes expects integers such as 64,1024, got {args.world_sizes!r}", file=sys.stderr
+        )
         return 2
     if not worlds or min(worlds) < 1 or args.batches < 1:
         print("peer_planners: --world-sizes and --batches must be at least 1", file=sys.stderr)
@@ -527,8 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         scheduler_cls, version = load_megatron()
     except Exception as e:
-        print(f"peer_planners: cannot import {MEGATRON_CLASS} ({type(e).__name__}: {e}).\n"
-              f"Install megatron-core into the venv (only for this benchmark):\n    {INSTALL}", file=sys.stderr)
+        print(
+            f"peer_planners: cannot import {MEGATRON_CLASS} ({type(e).__name__}: {e}).\n"
+            f"Install megatron-core into the venv (only for this benchmark):\n    {INSTALL}",
+            file=sys.stderr,
+        )
         return 2
     try:
         cost = make_cost(args.cost)
@@ -537,10 +629,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peer_planners: error: {e}", file=sys.stderr)
         return 2
     C = args.tokens_per_rank
-    result = {"megatron_core": version, "scheduler": MEGATRON_CLASS, "install": INSTALL, "cost_model": cost.label,
-              "lengths": pool.source, "tokens_per_rank": C, "seed": args.seed, "batches": args.batches,
-              "attention_split": args.attention_split if split_kwargs(args.attention_split) else None,
-              "target_ratio": TARGET, "import_s": time.perf_counter() - t_import, "worlds": {}}
+    result = {
+        "megatron_core": version,
+        "scheduler": MEGATRON_CLASS,
+        "install": INSTALL,
+        "cost_model": cost.label,
+        "lengths": pool.source,
+        "tokens_per_rank": C,
+        "seed": args.seed,
+        "batches": args.batches,
+        "attention_split": args.attention_split if split_kwargs(args.attention_split) else None,
+        "target_ratio": TARGET,
+        "import_s": time.perf_counter() - t_import,
+        "worlds": {},
+    }
     t_all = time.perf_counter()
     if not args.json:
         print(f"peer planners: {cost.label}; lengths from {pool.source}; megatron-core {version}; seed {args.seed}")
@@ -559,16 +661,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"peer_planners: error at {W} ranks: {e}", file=sys.stderr)
             return 2
         s = summarize(runs)
-        result["worlds"][str(W)] = {"global_batch_tokens": tokens, "summary": s, "per_batch": runs,
-                                    "wall_s": time.perf_counter() - t0}
+        result["worlds"][str(W)] = {
+            "global_batch_tokens": tokens,
+            "summary": s,
+            "per_batch": runs,
+            "wall_s": time.perf_counter() - t0,
+        }
         if not args.json:
             print("\n" + render_world(W, C, runs, s, args.attention_split), flush=True)
     result["wall_s"] = time.perf_counter() - t_all
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"\nstep times are estimates of hf_hdp's cost model, not measurements; ran {result['wall_s']:.1f} s "
-              f"(+{result['import_s']:.1f} s importing megatron-core).")
+        print(
+            f"\nstep times are estimates of hf_hdp's cost model, not measurements; ran {result['wall_s']:.1f} s "
+            f"(+{result['import_s']:.1f} s importing megatron-core)."
+        )
     return 0
 
 

@@ -30,12 +30,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from transformers import AutoConfig  # noqa: E402
+from transformers import AutoConfig
 
-from hf_hdp.corpus import stdlib_lengths  # noqa: E402
-from hf_hdp.planning.compare import compare_planners, draw_batches, summarize  # noqa: E402
-from hf_hdp.planning.cost import CostModel  # noqa: E402
-from hf_hdp.planning.cost.model import segments_of  # noqa: E402
+from hf_hdp.corpus import stdlib_lengths
+from hf_hdp.planning.compare import compare_planners, draw_batches, summarize
+from hf_hdp.planning.cost import CostModel
+from hf_hdp.planning.cost.model import segments_of
 
 C = 8192
 
@@ -43,8 +43,10 @@ C = 8192
 def models(hardware: str) -> dict[str, CostModel]:
     hybrid = AutoConfig.for_model("qwen3_5_text")
     dense = AutoConfig.for_model("qwen3_5_text", layer_types=["full_attention"] * hybrid.num_hidden_layers)
-    return {"qwen3.5-9b (24 GDN + 8 full)": CostModel.from_config(hybrid, hardware, name="qwen3.5-9b"),
-            "all-attention (32 full)": CostModel.from_config(dense, hardware, name="qwen3.5-9b all-attention")}
+    return {
+        "qwen3.5-9b (24 GDN + 8 full)": CostModel.from_config(hybrid, hardware, name="qwen3.5-9b"),
+        "all-attention (32 full)": CostModel.from_config(dense, hardware, name="qwen3.5-9b all-attention"),
+    }
 
 
 def split_figures(runs, cost: CostModel) -> dict:
@@ -60,12 +62,19 @@ def split_figures(runs, cost: CostModel) -> dict:
                     splits[p.split] = splits.get(p.split, 0) + 1
             for seg in segments_of(mb.pieces):
                 if len(seg.group) > 1 and mb.rank == seg.group[0]:
-                    for method in cost.state_methods(seg.lengths, len(seg.group), seg.ulysses,
-                                                     cost.group_spans_nodes(seg.group)).values():
+                    for method in cost.state_methods(
+                        seg.lengths, len(seg.group), seg.ulysses, cost.group_spans_nodes(seg.group)
+                    ).values():
                         methods[method] = methods.get(method, 0) + 1
     n = len(ks)
-    return {"split_samples": n, "mean_k": sum(ks) / n if n else 0, "max_k": max(ks) if ks else 0,
-            "mean_widening": sum(widen) / n if n else 0, "splits": splits, "state_methods": methods}
+    return {
+        "split_samples": n,
+        "mean_k": sum(ks) / n if n else 0,
+        "max_k": max(ks) if ks else 0,
+        "mean_widening": sum(widen) / n if n else 0,
+        "splits": splits,
+        "state_methods": methods,
+    }
 
 
 def main() -> None:
@@ -79,15 +88,21 @@ def main() -> None:
     C = args.tokens_per_rank
     pool = stdlib_lengths()
     costs = models(args.hardware)
-    print(f"plan_hybrid: {args.hardware}, C = {C:,}, corpus {len(pool):,} files (longest {max(pool):,} tokens), "
-          f"global batch 4 x world x C tokens, {args.steps} batch(es) per world, seed 0")
+    print(
+        f"plan_hybrid: {args.hardware}, C = {C:,}, corpus {len(pool):,} files (longest {max(pool):,} tokens), "
+        f"global batch 4 x world x C tokens, {args.steps} batch(es) per world, seed 0"
+    )
     for world in (int(w) for w in args.worlds.split(",")):
         batches = draw_batches([s for s in pool if s <= world * C], args.steps, 0, tokens=4 * world * C)
-        print(f"\n== {world:,} ranks: {sum(len(b) for b in batches) / len(batches):,.0f} samples, "
-              f"{sum(sum(b) for b in batches) / len(batches):,.0f} tokens per batch")
-        head = (f"{'model':<30} {'static':>9} {'balanced':>9} {'speedup':>8} {'P2P bal.':>10} {'split':>6} "
-                f"{'mean k':>7} {'max k':>6} {'k/k_min':>8}  attention splits / GDN methods (split samples and segments: totals "
-                f"over the batches)")
+        print(
+            f"\n== {world:,} ranks: {sum(len(b) for b in batches) / len(batches):,.0f} samples, "
+            f"{sum(sum(b) for b in batches) / len(batches):,.0f} tokens per batch"
+        )
+        head = (
+            f"{'model':<30} {'static':>9} {'balanced':>9} {'speedup':>8} {'P2P bal.':>10} {'split':>6} "
+            f"{'mean k':>7} {'max k':>6} {'k/k_min':>8}  attention splits / GDN methods (split samples and segments: totals "
+            f"over the batches)"
+        )
         print(head)
         for name, cost in costs.items():
             runs = compare_planners(batches, world, C, cost, planners=("static", "balanced"))
@@ -95,16 +110,20 @@ def main() -> None:
             f = split_figures(runs, cost)
             splits = ", ".join(f"{k} {v}" for k, v in sorted(f["splits"].items()))
             methods = ", ".join(f"{k} {v}" for k, v in sorted(f["state_methods"].items())) or "-"
-            print(f"{name:<30} {s['static']['step_time_s']:>8.2f}s {s['balanced']['step_time_s']:>8.2f}s "
-                  f"{s['balanced']['speedup_vs_static']:>7.2f}x {s['balanced']['p2p_bytes'] / 1e9:>8.1f}GB "
-                  f"{f['split_samples']:>6} {f['mean_k']:>7.2f} {f['max_k']:>6} "
-                  f"{f['mean_widening']:>8.2f}  {splits} / {methods}   (planned in {s['balanced']['planning_time_s']:.2f} s)")
+            print(
+                f"{name:<30} {s['static']['step_time_s']:>8.2f}s {s['balanced']['step_time_s']:>8.2f}s "
+                f"{s['balanced']['speedup_vs_static']:>7.2f}x {s['balanced']['p2p_bytes'] / 1e9:>8.1f}GB "
+                f"{f['split_samples']:>6} {f['mean_k']:>7.2f} {f['max_k']:>6} "
+                f"{f['mean_widening']:>8.2f}  {splits} / {methods}   (planned in {s['balanced']['planning_time_s']:.2f} s)"
+            )
     longest = max(pool)
     print(f"\nthe longest file alone ({longest:,} tokens) on one rank:")
     for name, cost in costs.items():
         t = cost.sequence_time(longest)
-        print(f"  {name:<30} {t:8.2f} s, attention {cost.attention_time(longest) / t:5.1%} of it, "
-              f"Gated DeltaNet convolution and recurrence {cost.state_local_time(longest) / t:5.1%}")
+        print(
+            f"  {name:<30} {t:8.2f} s, attention {cost.attention_time(longest) / t:5.1%} of it, "
+            f"Gated DeltaNet convolution and recurrence {cost.state_local_time(longest) / t:5.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_hdp.corpus import stdlib_lengths  # noqa: E402
-from hf_hdp.planning import plan_static  # noqa: E402
-from hf_hdp.planning.balanced import plan_balanced  # noqa: E402
-from hf_hdp.planning.naive import plan_naive  # noqa: E402
-from hf_hdp.planning.cost import CostModel  # noqa: E402
-from hf_hdp.planning.metrics import plan_metrics  # noqa: E402
+from hf_hdp.corpus import stdlib_lengths
+from hf_hdp.planning import plan_static
+from hf_hdp.planning.balanced import plan_balanced
+from hf_hdp.planning.cost import CostModel
+from hf_hdp.planning.metrics import plan_metrics
+from hf_hdp.planning.naive import plan_naive
 
 C = 8192
 WORLDS = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -78,9 +78,7 @@ def one_batch(args: tuple[int, int, int]) -> dict:
     out = {"world": world, "seed": seed, "samples": len(lengths), "tokens": sum(lengths), "fallback": fallback}
     for name, m in metrics.items():
         out[name] = {"imbalance": m.imbalance, "step": m.step_time_s, "mean_busy": sum(m.busy_s) / world}
-    longest = max(
-        cost.piece_time(p.length, p.k, cost.group_spans_nodes(p.group)) for p in plans["balanced"].pieces()
-    )
+    longest = max(cost.piece_time(p.length, p.k, cost.group_spans_nodes(p.group)) for p in plans["balanced"].pieces())
     out["floor"] = max(1.0, longest / out["balanced"]["mean_busy"])
     return out
 
@@ -110,13 +108,19 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
 
     cost = CostModel.default()
-    print(f"Plan quality: {args.batches} global batches per world from the standard-library lengths, "
-          f"{args.micro_batches} x C tokens per rank, C = {C}, cost model {cost.label}.")
-    print("imbalance = max/mean busy per rank (min / median / p95 / max over the batches); "
-          "speedup = static step time / step time (min / median / max).\n")
-    head = f"{'ranks':>6} {'tokens/batch':>13} {'samples':>8} | " + " | ".join(
-        f"{name + ' imbalance':^27}" for name in PLANNERS
-    ) + f" | {'floor max':>9} | {'naive speedup':^19} | {'balanced speedup':^19} | fallback"
+    print(
+        f"Plan quality: {args.batches} global batches per world from the standard-library lengths, "
+        f"{args.micro_batches} x C tokens per rank, C = {C}, cost model {cost.label}."
+    )
+    print(
+        "imbalance = max/mean busy per rank (min / median / p95 / max over the batches); "
+        "speedup = static step time / step time (min / median / max).\n"
+    )
+    head = (
+        f"{'ranks':>6} {'tokens/batch':>13} {'samples':>8} | "
+        + " | ".join(f"{name + ' imbalance':^27}" for name in PLANNERS)
+        + f" | {'floor max':>9} | {'naive speedup':^19} | {'balanced speedup':^19} | fallback"
+    )
     print(head)
     print("-" * len(head))
     worst = 0.0
@@ -135,8 +139,10 @@ def main(argv=None) -> int:
             + f" | {max(r['floor'] for r in rs):9.3f} | {sp_cells[0]:^19} | {sp_cells[1]:^19} | "
             + f"{sum(r['fallback'] for r in rs)}/{len(rs)}"
         )
-    print(f"\nworst balanced imbalance: {worst:.3f} (target <= 1.05); "
-          f"'fallback' counts batches where the naive placement was returned (never slower than naive).")
+    print(
+        f"\nworst balanced imbalance: {worst:.3f} (target <= 1.05); "
+        f"'fallback' counts batches where the naive placement was returned (never slower than naive)."
+    )
     print(f"{len(tasks)} batches x 3 planners in {wall:.0f} s wall with {args.jobs} process(es).")
     return 0
 

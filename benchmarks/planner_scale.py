@@ -33,18 +33,22 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hf_hdp.corpus import stdlib_lengths  # noqa: E402
-from paper_check import draw_batch  # noqa: E402  (this folder is on sys.path when run as a script)
-from hf_hdp.planning import plan_naive  # noqa: E402
-from hf_hdp.planning.balanced import plan_balanced  # noqa: E402
-from hf_hdp.planning.cost import CostModel  # noqa: E402
+from paper_check import draw_batch
+
+from hf_hdp.corpus import stdlib_lengths
+from hf_hdp.planning import plan_naive
+from hf_hdp.planning.balanced import plan_balanced
+from hf_hdp.planning.cost import CostModel
 
 K, M = 1 << 10, 1 << 20
 C = 8 * K
 WORLDS = (8, 64, 512, 2048, 12288)
 TOKENS_AT_12288 = 32 * M
-REFERENCES = [("WLB-LLM planner (published)", 0.020), ("FlexSP solver, low end (published)", 5.0),
-              ("FlexSP solver, high end (published)", 15.0)]
+REFERENCES = [
+    ("WLB-LLM planner (published)", 0.020),
+    ("FlexSP solver, low end (published)", 5.0),
+    ("FlexSP solver, high end (published)", 15.0),
+]
 
 
 def production_batch(rng: random.Random, tokens: int, limit: int) -> list[int]:
@@ -79,15 +83,19 @@ def main(argv=None) -> int:
     worlds = [int(w) for w in args.worlds.split(",")]
     cost = CostModel.default()
 
-    print(f"Balanced HDP planning time (CPU seconds, one core, best of {args.repeat}); C = {C}, "
-          f"{cost.label}, 32M tokens at 12,288 ranks scaled with the world.")
+    print(
+        f"Balanced HDP planning time (CPU seconds, one core, best of {args.repeat}); C = {C}, "
+        f"{cost.label}, 32M tokens at 12,288 ranks scaled with the world."
+    )
     for label, seconds in REFERENCES:
         print(f"  reference: {label}: {seconds * 1000:,.0f} ms")
     wall0 = time.perf_counter()
     for mix, draw in (("production", production_batch), ("stdlib", stdlib_batch)):
         print(f"\n{mix} mix")
-        print(f"{'ranks':>6} {'tokens':>12} {'samples':>8} {'k>1':>6} {'max k':>6} | {'balanced':>10} {'growth':>7}"
-              f" {'schedule':>10} | {'naive.py':>10}")
+        print(
+            f"{'ranks':>6} {'tokens':>12} {'samples':>8} {'k>1':>6} {'max k':>6} | {'balanced':>10} {'growth':>7}"
+            f" {'schedule':>10} | {'naive.py':>10}"
+        )
         prev = None
         for w in worlds:
             lengths = draw(random.Random(w), TOKENS_AT_12288 * w // 12288, w * C)
@@ -104,8 +112,10 @@ def main(argv=None) -> int:
             growth = f"{t_bal / prev:6.1f}x" if prev else "      -"
             prev = t_bal
             naive_cell = "-" if t_naive is None else f"{t_naive * 1000:8.1f}ms"
-            print(f"{w:>6} {sum(lengths):>12,} {len(lengths):>8,} {sum(k > 1 for k in ks):>6,} {max(ks):>6} | "
-                  f"{t_bal * 1000:8.1f}ms {growth} {t_sched * 1000:8.1f}ms | {naive_cell:>10}")
+            print(
+                f"{w:>6} {sum(lengths):>12,} {len(lengths):>8,} {sum(k > 1 for k in ks):>6,} {max(ks):>6} | "
+                f"{t_bal * 1000:8.1f}ms {growth} {t_sched * 1000:8.1f}ms | {naive_cell:>10}"
+            )
     print(f"\n(total wall time {time.perf_counter() - wall0:.0f} s)")
     return 0
 

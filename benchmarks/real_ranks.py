@@ -54,10 +54,10 @@ from hf_hdp.collators import HDPCollator, count_loss_tokens
 from hf_hdp.corpus import build_stdlib_dataset, build_stdlib_tokenizer_and_model
 from hf_hdp.distributed.links import LINK_PRESETS, scaled_links
 from hf_hdp.distributed.mesh import DynamicMesh
-from hf_hdp.planning import PLANNERS, StepPlan
-from hf_hdp.planning.cost import CostModel, HARDWARE_PRESETS, ModelSpec
-from hf_hdp.planning.metrics import plan_metrics
 from hf_hdp.engine import enable_hdp_attention, run_micro_batches
+from hf_hdp.planning import PLANNERS, StepPlan
+from hf_hdp.planning.cost import HARDWARE_PRESETS, CostModel, ModelSpec
+from hf_hdp.planning.metrics import plan_metrics
 
 
 def critical_path(plan: StepPlan, seconds: dict[tuple[int, int], float], tail: dict[int, float] | None = None) -> float:
@@ -110,7 +110,7 @@ def split_summary(plans: list[StepPlan]) -> str | None:
 def calibrated_cost(a, model, rank: int) -> tuple[CostModel, ModelSpec, dict]:
     """This machine's cost model of ``model`` (float32, 1 thread), the same on every rank: timed on rank 0
     while the others wait (or read from ``--calibration``), then broadcast."""
-    from calibrate import calibrate_model  # noqa: PLC0415  (this folder is on sys.path when run as a script)
+    from calibrate import calibrate_model
 
     spec = ModelSpec.from_config(model.config, bytes_per_value=4)
     base = CostModel.from_specs(spec, HARDWARE_PRESETS["cpu"])
@@ -120,15 +120,24 @@ def calibrated_cost(a, model, rank: int) -> tuple[CostModel, ModelSpec, dict]:
             with open(a.calibration) as f:
                 lines = [line for line in f.read().splitlines() if line.strip().startswith("{")]
             got = json.loads(lines[-1])
-            box[0] = dict(a=got["a"], b=got["b"], c=got["c"], source=f"{a.calibration} ({got.get('backend')})",
-                          max_abs_residual=got.get("max_abs_residual"))
+            box[0] = dict(
+                a=got["a"],
+                b=got["b"],
+                c=got["c"],
+                source=f"{a.calibration} ({got.get('backend')})",
+                max_abs_residual=got.get("max_abs_residual"),
+            )
         else:
             started = time.perf_counter()
             fitted, _ = calibrate_model(model, model.config, torch.device("cpu"), torch.float32, a.attention_backend)
             model.zero_grad(set_to_none=True)
-            box[0] = dict(a=fitted.a, b=fitted.b, c=fitted.c, max_abs_residual=max(
-                abs(r) for r in fitted.extra["calibration"]["residuals"]),
-                source=f"calibrated here on rank 0 in {time.perf_counter() - started:.1f} s")
+            box[0] = dict(
+                a=fitted.a,
+                b=fitted.b,
+                c=fitted.c,
+                max_abs_residual=max(abs(r) for r in fitted.extra["calibration"]["residuals"]),
+                source=f"calibrated here on rank 0 in {time.perf_counter() - started:.1f} s",
+            )
     dist.broadcast_object_list(box, src=0)
     info = box[0]
     cost = base.with_coefficients(info["a"], info["b"], info["c"])
@@ -143,19 +152,48 @@ def main() -> None:
     ap.add_argument("--tokens_per_rank", type=int, default=1024)
     ap.add_argument("--planners", default="static,naive,balanced")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--attention_backend", default="auto",
-                    help="'auto' runs cpu_flash on CPU (float32); 'reference' is the explicit-score kernel")
-    ap.add_argument("--emulate-links", "--emulate_links", dest="emulate_links", default=None,
-                    choices=sorted(LINK_PRESETS), help="price the mesh's P2P and collectives on these links, "
-                    "scaled to this machine's compute (hf_hdp.distributed.links); default: off")
-    ap.add_argument("--ranks-per-node", "--ranks_per_node", dest="ranks_per_node", type=int, default=None,
-                    help="ranks per emulated node (default: LOCAL_WORLD_SIZE, one node)")
-    ap.add_argument("--reference-tokens", "--reference_tokens", dest="reference_tokens", type=int, default=None,
-                    help="sequence length whose FLOP mix sets the link scale (default: --tokens_per_rank)")
-    ap.add_argument("--calibration", default=None,
-                    help="with --emulate-links: output of `benchmarks/calibrate.py --json` instead of calibrating here")
-    ap.add_argument("--attention-split", "--attention_split", dest="attention_split", default=None,
-                    help="auto, ring, ulysses or hybrid: passed to plan_balanced where it takes attention_split")
+    ap.add_argument(
+        "--attention_backend",
+        default="auto",
+        help="'auto' runs cpu_flash on CPU (float32); 'reference' is the explicit-score kernel",
+    )
+    ap.add_argument(
+        "--emulate-links",
+        "--emulate_links",
+        dest="emulate_links",
+        default=None,
+        choices=sorted(LINK_PRESETS),
+        help="price the mesh's P2P and collectives on these links, "
+        "scaled to this machine's compute (hf_hdp.distributed.links); default: off",
+    )
+    ap.add_argument(
+        "--ranks-per-node",
+        "--ranks_per_node",
+        dest="ranks_per_node",
+        type=int,
+        default=None,
+        help="ranks per emulated node (default: LOCAL_WORLD_SIZE, one node)",
+    )
+    ap.add_argument(
+        "--reference-tokens",
+        "--reference_tokens",
+        dest="reference_tokens",
+        type=int,
+        default=None,
+        help="sequence length whose FLOP mix sets the link scale (default: --tokens_per_rank)",
+    )
+    ap.add_argument(
+        "--calibration",
+        default=None,
+        help="with --emulate-links: output of `benchmarks/calibrate.py --json` instead of calibrating here",
+    )
+    ap.add_argument(
+        "--attention-split",
+        "--attention_split",
+        dest="attention_split",
+        default=None,
+        help="auto, ring, ulysses or hybrid: passed to plan_balanced where it takes attention_split",
+    )
     ap.add_argument("--json", action="store_true", help="rank 0 also prints the results as one JSON line")
     a = ap.parse_args()
 
@@ -175,8 +213,9 @@ def main() -> None:
     limit = world * a.tokens_per_rank
     pool = [i for i, n in enumerate(data["input_ids"]) if 1 < len(n) <= limit]
     g = torch.Generator().manual_seed(a.seed)
-    batches = [[pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: a.global_batch_size]]
-               for _ in range(a.batches)]
+    batches = [
+        [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: a.global_batch_size]] for _ in range(a.batches)
+    ]
     links = calibration = None
     if a.emulate_links:
         cpu_cost, spec, calibration = calibrated_cost(a, model, rank)
@@ -230,8 +269,11 @@ def main() -> None:
             my_busy = time.process_time() - c0
             dist.barrier()
             step_wall = time.perf_counter() - t0
-            em = (mesh.stats.emulated_wire_s - em0[0], mesh.stats.emulated_wait_s - em0[1],
-                  mesh.stats.emulated_exposed_s - em0[2])
+            em = (
+                mesh.stats.emulated_wire_s - em0[0],
+                mesh.stats.emulated_wait_s - em0[1],
+                mesh.stats.emulated_exposed_s - em0[2],
+            )
             gathered = [None] * world
             dist.all_gather_object(gathered, (seconds, my_busy, mesh.stats.bytes_sent - before, reduce_s, em))
             all_seconds = {k: v for s, *_ in gathered for k, v in s.items()}
@@ -244,51 +286,96 @@ def main() -> None:
             sent += sum(x[2] for x in gathered)
             est_bytes += metrics.p2p_bytes
             est_time += metrics.step_time_s
-        results[name] = dict(tokens=tokens, wall=wall, busy=busy.tolist(), crit=crit, sent=sent, est_bytes=est_bytes,
-                             est_time=est_time, wire=emulated[0].tolist(), slept=emulated[1].tolist(),
-                             exposed=emulated[2].tolist(), splits=split_summary(plans),
-                             attention_split=plans[0].meta.get("attention_split") if plans else None)
+        results[name] = dict(
+            tokens=tokens,
+            wall=wall,
+            busy=busy.tolist(),
+            crit=crit,
+            sent=sent,
+            est_bytes=est_bytes,
+            est_time=est_time,
+            wire=emulated[0].tolist(),
+            slept=emulated[1].tolist(),
+            exposed=emulated[2].tolist(),
+            splits=split_summary(plans),
+            attention_split=plans[0].meta.get("attention_split") if plans else None,
+        )
 
     if rank == 0:
         names = a.planners.split(",")
         base = results[names[0]]
-        print(f"\nreal HDP steps: {world} CPU ranks (gloo), tiny Llama ({model.num_parameters() / 1e6:.2f}M), "
-              f"attention {a.attention_backend}, C = {a.tokens_per_rank}, {a.batches} global batches of {a.global_batch_size} stdlib files "
-              f"({int(base['tokens'])} tokens), same batches for every planner{split_note}")
+        print(
+            f"\nreal HDP steps: {world} CPU ranks (gloo), tiny Llama ({model.num_parameters() / 1e6:.2f}M), "
+            f"attention {a.attention_backend}, C = {a.tokens_per_rank}, {a.batches} global batches of {a.global_batch_size} stdlib files "
+            f"({int(base['tokens'])} tokens), same batches for every planner{split_note}"
+        )
         if links:
             d = links.derivation
-            print(f"cost model of this machine: a = {cost.a:.4g}, b = {cost.b:.4g}, c = {cost.c:.4g} s per layer "
-                  f"({calibration['source']}; max |residual| {calibration['max_abs_residual'] or 0:.1%})")
-            print(f"scale = {d['scale']:.4g} at {d['reference_tokens']:,.0f} tokens: achieved attention "
-                  f"{d['this_attention_flops'] / 1e9:,.1f} GFLOP/s ({d['attention_ratio']:.3g} of the H100 preset's "
-                  f"{d['ref_attention_flops'] / 1e12:,.0f} TFLOP/s), linear {d['this_linear_flops'] / 1e9:,.1f} GFLOP/s "
-                  f"({d['linear_ratio']:.3g} of {d['ref_linear_flops'] / 1e12:,.0f} TFLOP/s)")
+            print(
+                f"cost model of this machine: a = {cost.a:.4g}, b = {cost.b:.4g}, c = {cost.c:.4g} s per layer "
+                f"({calibration['source']}; max |residual| {calibration['max_abs_residual'] or 0:.1%})"
+            )
+            print(
+                f"scale = {d['scale']:.4g} at {d['reference_tokens']:,.0f} tokens: achieved attention "
+                f"{d['this_attention_flops'] / 1e9:,.1f} GFLOP/s ({d['attention_ratio']:.3g} of the H100 preset's "
+                f"{d['ref_attention_flops'] / 1e12:,.0f} TFLOP/s), linear {d['this_linear_flops'] / 1e9:,.1f} GFLOP/s "
+                f"({d['linear_ratio']:.3g} of {d['ref_linear_flops'] / 1e12:,.0f} TFLOP/s)"
+            )
             print(f"emulated {links.describe()}")
-        print(f"{'planner':<10}{'tokens/s':>10}{'x static':>9}{'wall s':>9}{'crit s':>9}{'x static':>9}"
-              f"{'est s':>9}{'x static':>9}{'wall/est':>9}{'crit/est':>9}{'busy max/mean':>15}{'P2P MB':>9}{'est MB':>9}")
+        print(
+            f"{'planner':<10}{'tokens/s':>10}{'x static':>9}{'wall s':>9}{'crit s':>9}{'x static':>9}"
+            f"{'est s':>9}{'x static':>9}{'wall/est':>9}{'crit/est':>9}{'busy max/mean':>15}{'P2P MB':>9}{'est MB':>9}"
+        )
         for name in names:
             r = results[name]
             busy = r["busy"]
-            print(f"{name:<10}{r['tokens'] / r['wall']:>10,.0f}{base['wall'] / r['wall']:>9.2f}{r['wall']:>9.2f}"
-                  f"{r['crit']:>9.2f}{base['crit'] / r['crit']:>9.2f}{r['est_time']:>9.2f}"
-                  f"{base['est_time'] / r['est_time']:>9.2f}{r['wall'] / r['est_time']:>9.2f}"
-                  f"{r['crit'] / r['est_time']:>9.2f}{max(busy) / (sum(busy) / len(busy)):>15.2f}"
-                  f"{r['sent'] / 1e6:>9.1f}{r['est_bytes'] / 1e6:>9.1f}")
+            print(
+                f"{name:<10}{r['tokens'] / r['wall']:>10,.0f}{base['wall'] / r['wall']:>9.2f}{r['wall']:>9.2f}"
+                f"{r['crit']:>9.2f}{base['crit'] / r['crit']:>9.2f}{r['est_time']:>9.2f}"
+                f"{base['est_time'] / r['est_time']:>9.2f}{r['wall'] / r['est_time']:>9.2f}"
+                f"{r['crit'] / r['est_time']:>9.2f}{max(busy) / (sum(busy) / len(busy)):>15.2f}"
+                f"{r['sent'] / 1e6:>9.1f}{r['est_bytes'] / 1e6:>9.1f}"
+            )
         print("busy CPU s per rank: " + "; ".join(f"{n}: {[round(b, 1) for b in results[n]['busy']]}" for n in names))
         if links:
-            print("emulated wire / slept / exposed s per rank: " + "; ".join(
-                f"{n}: {[round(w, 1) for w in results[n]['wire']]} / {[round(w, 1) for w in results[n]['slept']]} / "
-                f"{[round(w, 1) for w in results[n]['exposed']]}" for n in names))
+            print(
+                "emulated wire / slept / exposed s per rank: "
+                + "; ".join(
+                    f"{n}: {[round(w, 1) for w in results[n]['wire']]} / {[round(w, 1) for w in results[n]['slept']]} / "
+                    f"{[round(w, 1) for w in results[n]['exposed']]}"
+                    for n in names
+                )
+            )
         for name in names:
             if results[name]["splits"] is not None:
                 how = results[name]["attention_split"]
                 print(f"pieces of {name}{f' (attention_split {how})' if how else ''}: {results[name]['splits']}")
         if a.json:
-            print(json.dumps({"world": world, "args": vars(a), "calibration": calibration,
-                              "links": links and {**{k: getattr(links, k) for k in (
-                                  "name", "intra_bandwidth", "intra_latency", "inter_bandwidth", "inter_latency",
-                                  "ranks_per_node")}, "derivation": links.derivation},
-                              "results": results}))
+            print(
+                json.dumps(
+                    {
+                        "world": world,
+                        "args": vars(a),
+                        "calibration": calibration,
+                        "links": links
+                        and {
+                            **{
+                                k: getattr(links, k)
+                                for k in (
+                                    "name",
+                                    "intra_bandwidth",
+                                    "intra_latency",
+                                    "inter_bandwidth",
+                                    "inter_latency",
+                                    "ranks_per_node",
+                                )
+                            },
+                            "derivation": links.derivation,
+                        },
+                        "results": results,
+                    }
+                )
+            )
     dist.destroy_process_group()
 
 

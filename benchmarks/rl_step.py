@@ -52,21 +52,30 @@ def build_model(path: str, hidden: int, layers: int) -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]"
+    )
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1 << 17, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1 << 17,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
 
 
 def _worker(rank, world, init_file, out, opts):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1"
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -92,16 +101,37 @@ def _measure(kind: str, rank: int, world: int, opts: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(opts["model"], padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(opts["model"], dtype=torch.float32)
     prompts = Dataset.from_list([{"prompt": f"q{k}:"} for k in range(steps * per_device * world // G)])
-    config = GRPOConfig(output_dir=os.path.join(opts["out"], kind), use_cpu=True, bf16=False, report_to=[],
-                        max_steps=steps, per_device_train_batch_size=per_device, num_generations=G,
-                        max_completion_length=max(lengths) + 1, optim="sgd", learning_rate=1e-3,
-                        logging_steps=1, save_strategy="no", disable_tqdm=True, shuffle_dataset=False, seed=0,
-                        loss_type="dapo", gradient_checkpointing=opts["checkpointing"])
-    common = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 5) for c in completions], args=config,
-                  train_dataset=prompts, processing_class=tok)
+    config = GRPOConfig(
+        output_dir=os.path.join(opts["out"], kind),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        num_generations=G,
+        max_completion_length=max(lengths) + 1,
+        optim="sgd",
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        shuffle_dataset=False,
+        seed=0,
+        loss_type="dapo",
+        gradient_checkpointing=opts["checkpointing"],
+    )
+    common = dict(
+        reward_funcs=lambda completions, **kw: [float(len(c) % 5) for c in completions],
+        args=config,
+        train_dataset=prompts,
+        processing_class=tok,
+    )
     if kind == "hdp":
-        trainer = HDPGRPOTrainer(model, **common, hdp_config=HDPConfig(tokens_per_rank=opts["tokens_per_rank"],
-                                                                   zero_stage=opts["zero_stage"]))
+        trainer = HDPGRPOTrainer(
+            model,
+            **common,
+            hdp_config=HDPConfig(tokens_per_rank=opts["tokens_per_rank"], zero_stage=opts["zero_stage"]),
+        )
         estimates = []
         planner = trainer.hdp_planner
 
@@ -151,9 +181,14 @@ def _measure(kind: str, rank: int, world: int, opts: dict) -> dict:
 
     trainer.training_step = step
     trainer.train()
-    return {"pass_s": step_s, "cpu_s": cpu_s, "estimate_s": estimates,
-            "local_tokens": [sum(lengths[(s * world + rank) * per_device:(s * world + rank + 1) * per_device])
-                             for s in range(steps)]}
+    return {
+        "pass_s": step_s,
+        "cpu_s": cpu_s,
+        "estimate_s": estimates,
+        "local_tokens": [
+            sum(lengths[(s * world + rank) * per_device : (s * world + rank + 1) * per_device]) for s in range(steps)
+        ],
+    }
 
 
 def main() -> None:
@@ -168,8 +203,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=None,
-                        help="HDP's ZeRO stage (default HDPConfig's: 1 on several ranks; stock replicates: 0)")
+    parser.add_argument(
+        "--zero_stage",
+        type=int,
+        choices=(0, 1, 2),
+        default=None,
+        help="HDP's ZeRO stage (default HDPConfig's: 1 on several ranks; stock replicates: 0)",
+    )
     parser.add_argument("--kinds", default="stock,hdp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -178,25 +218,49 @@ def main() -> None:
     n = args.steps * args.world * args.per_device
     lengths = rollout_lengths(n, args.min, args.max, args.scale, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = dict(model=build_model(os.path.join(tmp, "model"), args.hidden, args.layers), out=tmp,
-                    lengths=lengths, per_device=args.per_device, steps=args.steps, kinds=args.kinds.split(","),
-                    tokens_per_rank=args.tokens_per_rank or max(64, (max(lengths) + 4) // 2),
-                    checkpointing=args.checkpointing, zero_stage=args.zero_stage)
-        mp.start_processes(_worker, args=(args.world, os.path.join(tmp, "init"), tmp, opts), nprocs=args.world,
-                           join=True, start_method="spawn")
+        opts = dict(
+            model=build_model(os.path.join(tmp, "model"), args.hidden, args.layers),
+            out=tmp,
+            lengths=lengths,
+            per_device=args.per_device,
+            steps=args.steps,
+            kinds=args.kinds.split(","),
+            tokens_per_rank=args.tokens_per_rank or max(64, (max(lengths) + 4) // 2),
+            checkpointing=args.checkpointing,
+            zero_stage=args.zero_stage,
+        )
+        mp.start_processes(
+            _worker,
+            args=(args.world, os.path.join(tmp, "init"), tmp, opts),
+            nprocs=args.world,
+            join=True,
+            start_method="spawn",
+        )
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(args.world)]
     for kind in opts["kinds"]:
         per_step = list(zip(*(r[kind]["pass_s"] for r in ranks)))
         cpu = list(zip(*(r[kind]["cpu_s"] for r in ranks)))
-        print(json.dumps({
-            "trainer": kind, "world": args.world, "rollouts_per_step": args.world * args.per_device,
-            "tokens_per_rank": opts["tokens_per_rank"] if kind == "hdp" else None,
-            "zero_stage": (int(args.world > 1) if args.zero_stage is None else args.zero_stage) if kind == "hdp" else 0,
-            "completion_tokens_min_median_max": [min(lengths), sorted(lengths)[len(lengths) // 2], max(lengths)],
-            "pass_s_per_step": [round(max(s), 3) for s in per_step],
-            "busiest_rank_cpu_s": [round(max(c), 3) for c in cpu],
-            "planner_estimate_s": ranks[0][kind]["estimate_s"],
-        }))
+        print(
+            json.dumps(
+                {
+                    "trainer": kind,
+                    "world": args.world,
+                    "rollouts_per_step": args.world * args.per_device,
+                    "tokens_per_rank": opts["tokens_per_rank"] if kind == "hdp" else None,
+                    "zero_stage": (int(args.world > 1) if args.zero_stage is None else args.zero_stage)
+                    if kind == "hdp"
+                    else 0,
+                    "completion_tokens_min_median_max": [
+                        min(lengths),
+                        sorted(lengths)[len(lengths) // 2],
+                        max(lengths),
+                    ],
+                    "pass_s_per_step": [round(max(s), 3) for s in per_step],
+                    "busiest_rank_cpu_s": [round(max(c), 3) for c in cpu],
+                    "planner_estimate_s": ranks[0][kind]["estimate_s"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -112,8 +112,12 @@ def _measure(rank, world, args, out_dir):
             b0 = mesh.stats.bytes_sent
             out, grads, wall, cpu = _run(*mine, weight, dout, shape, meta, mesh, split)
             runs.append((wall, cpu, mesh.stats.bytes_sent - b0))
-        result[split] = {"wall": statistics.median(r[0] for r in runs), "cpu": statistics.median(r[1] for r in runs),
-                         "cpus": [r[1] for r in runs], "bytes": runs[-1][2]}
+        result[split] = {
+            "wall": statistics.median(r[0] for r in runs),
+            "cpu": statistics.median(r[1] for r in runs),
+            "cpus": [r[1] for r in runs],
+            "bytes": runs[-1][2],
+        }
         tensors[split] = (out, *grads)
     torch.save({"result": result, "index": idx, "tensors": tensors}, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -156,15 +160,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup-length", type=int, default=None, help="warm-up sample (default: an eighth of --length)")
     p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--no-contended", action="store_true",
-                   help="skip the baseline of --ranks single-process copies run at once")
+    p.add_argument(
+        "--no-contended", action="store_true", help="skip the baseline of --ranks single-process copies run at once"
+    )
     args = p.parse_args(argv)
     args.warmup_length = args.warmup_length or max(args.length // 8, 4 * args.ranks)
     torch.set_num_threads(1)
     sh = _shape(args)
-    print(f"state_split: one sample of {args.length} tokens, Gated DeltaNet {sh.key_heads}x{sh.key_dim} key and "
-          f"{sh.value_heads}x{sh.value_dim} value heads, kernel 4, float32, 1 thread per process, forward+backward; "
-          f"{os.cpu_count()} CPUs, load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(
+        f"state_split: one sample of {args.length} tokens, Gated DeltaNet {sh.key_heads}x{sh.key_dim} key and "
+        f"{sh.value_heads}x{sh.value_dim} value heads, kernel 4, float32, 1 thread per process, forward+backward; "
+        f"{os.cpu_count()} CPUs, load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+        flush=True,
+    )
     contended = None
     if not args.no_contended:
         copies = min(args.ranks, os.cpu_count() or 1)  # as many running at once as the ranks have cores for
@@ -172,19 +180,28 @@ def main(argv=None):
             mp.start_processes(_alone, args=(args, tmp), nprocs=copies, join=True, start_method="spawn")
             cpus = [float(open(os.path.join(tmp, f"alone{r}")).read()) for r in range(copies)]
         contended = statistics.median(cpus)
-        print(f"  one process, {copies} copies at once (the ranks' contention for the {os.cpu_count()} cores' memory "
-              f"and caches): CPU {' '.join(f'{c:.2f}' for c in cpus)} s, median {contended:.2f} s", flush=True)
+        print(
+            f"  one process, {copies} copies at once (the ranks' contention for the {os.cpu_count()} cores' memory "
+            f"and caches): CPU {' '.join(f'{c:.2f}' for c in cpus)} s, median {contended:.2f} s",
+            flush=True,
+        )
     x, decay, beta, weight, dout = _inputs(args, args.warmup_length)
     _run(x, decay, beta, weight, dout, sh, _local_meta(args.warmup_length), None, "auto")  # warm-up
     x, decay, beta, weight, dout = _inputs(args, args.length)
-    local = [_run(x, decay, beta, weight, dout, sh, _local_meta(args.length), None, "auto")
-             for _ in range(args.repeats)]
+    local = [
+        _run(x, decay, beta, weight, dout, sh, _local_meta(args.length), None, "auto") for _ in range(args.repeats)
+    ]
     ref_out, ref_grads = local[-1][0], local[-1][1]
     local_cpu = statistics.median(r[3] for r in local)
     print(f"  one process: wall {statistics.median(r[2] for r in local):.2f} s, CPU {local_cpu:.2f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(args.ranks, os.path.join(tmp, "init"), tmp, args), nprocs=args.ranks,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _worker,
+            args=(args.ranks, os.path.join(tmp, "init"), tmp, args),
+            nprocs=args.ranks,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + args.timeout
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -203,10 +220,13 @@ def main(argv=None):
                 got[d["index"]] = d["tensors"][split][i]
             err = max(err, float((got - ref).abs().max() / ref.abs().max()))
         vs = "" if contended is None else f" (/ one process under the same contention: {max(cpus) / contended:.3f})"
-        print(f"  {split:5s} over {args.ranks} ranks: CPU per rank {' '.join(f'{c:.2f}' for c in cpus)} s, "
-              f"slowest / one process = {max(cpus) / local_cpu:.3f}{vs}; wall per rank "
-              f"{' '.join(f'{w:.2f}' for w in walls)} s (contended); sent per rank "
-              f"{' '.join(f'{b / 2**20:.1f}' for b in sent)} MiB; max rel. error vs one process {err:.1e}", flush=True)
+        print(
+            f"  {split:5s} over {args.ranks} ranks: CPU per rank {' '.join(f'{c:.2f}' for c in cpus)} s, "
+            f"slowest / one process = {max(cpus) / local_cpu:.3f}{vs}; wall per rank "
+            f"{' '.join(f'{w:.2f}' for w in walls)} s (contended); sent per rank "
+            f"{' '.join(f'{b / 2**20:.1f}' for b in sent)} MiB; max rel. error vs one process {err:.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def _measure(rank: int, world: int, args, out_dir: str) -> None:
         t1, c1 = time.perf_counter(), time.process_time()
         return o.detach(), (ql, kl, vl), t1 - t0, c1 - c0, mesh.stats.bytes_sent - b0, mesh.stats.messages_sent - m0
 
-    configs = [(label, LayerFeatures(LayerMask(window=w, chunk=c), softcap=None), w, c) for label, w, c in _configs(args)]
+    configs = [
+        (label, LayerFeatures(LayerMask(window=w, chunk=c), softcap=None), w, c) for label, w, c in _configs(args)
+    ]
     # the warm-up: every configuration once on a shorter sample (kernels, allocator, the ring's and the halo's code)
     warm = sample(args.warmup_length)
     for _, features, _, _ in configs:
@@ -123,9 +125,14 @@ def _measure(rank: int, world: int, args, out_dir: str) -> None:
     result, tensors = {}, {}
     for label, features, window, chunk in configs:
         runs = [layer(q, k, v, dout, seg, features) for _ in range(args.repeats)]
-        result[label] = {"wall": statistics.median(r[2] for r in runs), "cpu": statistics.median(r[3] for r in runs),
-                         "walls": [r[2] for r in runs], "cpus": [r[3] for r in runs],
-                         "bytes": [r[4] for r in runs], "messages": [r[5] for r in runs]}
+        result[label] = {
+            "wall": statistics.median(r[2] for r in runs),
+            "cpu": statistics.median(r[3] for r in runs),
+            "walls": [r[2] for r in runs],
+            "cpus": [r[3] for r in runs],
+            "bytes": [r[4] for r in runs],
+            "messages": [r[5] for r in runs],
+        }
         if not args.no_check and (window is not None or chunk is not None):
             o, leaves = runs[-1][:2]
             tensors[label] = (o, *(x.grad for x in leaves))
@@ -155,8 +162,9 @@ def _estimates(length: int, k: int, window: int | None, chunk: int | None) -> tu
 
     mask = LayerMask(window=window, chunk=chunk)
     vb = DTYPE.itemsize
-    common = dict(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * HKV * D * vb, value_bytes=vb,
-                  num_heads=HQ, num_kv_heads=HKV)
+    common = dict(
+        a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * HKV * D * vb, value_bytes=vb, num_heads=HQ, num_kv_heads=HKV
+    )
     try:
         cost = CostModel(**common, layer_masks=(mask,))
         by = cost.segment_bytes_by_member([length], k)
@@ -167,8 +175,11 @@ def _estimates(length: int, k: int, window: int | None, chunk: int | None) -> tu
     cost = CostModel(**common)
     mask = mask.for_length(length)
     if mask.full:
-        return ([int(x) for x in cost.segment_bytes_by_member([length], k)], [cost.segment_messages(k)] * k,
-                "cost model")
+        return (
+            [int(x) for x in cost.segment_bytes_by_member([length], k)],
+            [cost.segment_messages(k)] * k,
+            "cost model",
+        )
     layout = tuple(tuple([zigzag_front_back(length, k)[m]]) for m in range(k))
     row = 2 * HKV * D * vb  # K and V of one row; dK/dV go back in float32 (= the model dtype here)
     by, ms = [], []
@@ -207,8 +218,9 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, nargs="*", default=[256, 4096])
     p.add_argument("--chunk", type=int, default=8192, help="attention chunk of the chunked layer (0: none)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup-length", type=int, default=None,
-                   help="tokens of the warm-up sample (default: a quarter of --length)")
+    p.add_argument(
+        "--warmup-length", type=int, default=None, help="tokens of the warm-up sample (default: a quarter of --length)"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the single-process correctness check")
     p.add_argument("--timeout", type=float, default=600.0)
     args = p.parse_args(argv)
@@ -216,15 +228,19 @@ def main(argv=None) -> None:
     if args.warmup_length is None:
         args.warmup_length = max(args.length // 4, args.ranks)
     configs = _configs(args)
-    print(f"windowed_ring: {k} gloo ranks, 1 sample of {s} tokens as one zigzag ring piece, Hq={HQ} Hkv={HKV} "
-          f"D={D} {str(DTYPE).replace('torch.', '')}, cpu_flash, one layer forward+backward, "
-          f"median of {args.repeats} after 1 warm-up ({args.warmup_length} tokens); {os.cpu_count()} CPUs, load avg "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"windowed_ring: {k} gloo ranks, 1 sample of {s} tokens as one zigzag ring piece, Hq={HQ} Hkv={HKV} "
+        f"D={D} {str(DTYPE).replace('torch.', '')}, cpu_flash, one layer forward+backward, "
+        f"median of {args.repeats} after 1 warm-up ({args.warmup_length} tokens); {os.cpu_count()} CPUs, load avg "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(k, os.path.join(tmp, "init"), tmp, args), nprocs=k, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            _worker, args=(k, os.path.join(tmp, "init"), tmp, args), nprocs=k, join=False, start_method="spawn"
+        )
         deadline = time.monotonic() + args.timeout
         failure = None
         try:
@@ -247,29 +263,39 @@ def main(argv=None) -> None:
     est = {label: _estimates(s, k, w, c) for label, w, c in configs}
     source = est[full][2] if all(e[2] == est[full][2] for e in est.values()) else "mixed"
 
-    hdr = (f"{'layer':<12}{'rank':>5}{'wall ms':>10}{'cpu ms':>10}{'sent':>12}{'estimate':>12}{'msgs':>6}"
-           f"{'est':>5}{'bytes/full':>12}{'wall/full':>11}{'cpu/full':>10}")
-    print(f"\nper rank (estimate: {source}; bytes and messages are the same in every repeat: "
-          f"{'yes' if all(len(set(r[l]['bytes'])) == 1 and len(set(r[l]['messages'])) == 1 for r in res for l, _, _ in configs) else 'NO'})")
+    hdr = (
+        f"{'layer':<12}{'rank':>5}{'wall ms':>10}{'cpu ms':>10}{'sent':>12}{'estimate':>12}{'msgs':>6}"
+        f"{'est':>5}{'bytes/full':>12}{'wall/full':>11}{'cpu/full':>10}"
+    )
+    print(
+        f"\nper rank (estimate: {source}; bytes and messages are the same in every repeat: "
+        f"{'yes' if all(len(set(r[l]['bytes'])) == 1 and len(set(r[l]['messages'])) == 1 for r in res for l, _, _ in configs) else 'NO'})"
+    )
     print(hdr)
     print("-" * len(hdr))
     for label, _, _ in configs:
         for r in range(k):
             m, f = res[r][label], res[r][full]
-            print(f"{label:<12}{r:>5}{m['wall'] * 1e3:>10.1f}{m['cpu'] * 1e3:>10.1f}{_fmt_bytes(m['bytes'][0]):>12}"
-                  f"{_fmt_bytes(est[label][0][r]):>12}{m['messages'][0]:>6}{est[label][1][r]:>5}"
-                  f"{m['bytes'][0] / f['bytes'][0]:>12.4f}{m['wall'] / f['wall']:>11.3f}{m['cpu'] / f['cpu']:>10.3f}")
+            print(
+                f"{label:<12}{r:>5}{m['wall'] * 1e3:>10.1f}{m['cpu'] * 1e3:>10.1f}{_fmt_bytes(m['bytes'][0]):>12}"
+                f"{_fmt_bytes(est[label][0][r]):>12}{m['messages'][0]:>6}{est[label][1][r]:>5}"
+                f"{m['bytes'][0] / f['bytes'][0]:>12.4f}{m['wall'] / f['wall']:>11.3f}{m['cpu'] / f['cpu']:>10.3f}"
+            )
     print()
-    hdr = (f"{'layer':<12}{'bytes (all ranks)':>18}{'= estimate':>11}{'msgs':>6}{'bytes/full':>12}"
-           f"{'max wall ms':>13}{'wall/full':>11}{'max cpu ms':>12}{'cpu/full':>10}{'sum cpu/full':>14}"
-           f"{'cpu min-max ms':>17}")
-    print("summary (time: the slowest rank, which the segment waits for; sum cpu: all ranks' CPU time; "
-          "cpu min-max: that rank's repeats)")
+    hdr = (
+        f"{'layer':<12}{'bytes (all ranks)':>18}{'= estimate':>11}{'msgs':>6}{'bytes/full':>12}"
+        f"{'max wall ms':>13}{'wall/full':>11}{'max cpu ms':>12}{'cpu/full':>10}{'sum cpu/full':>14}"
+        f"{'cpu min-max ms':>17}"
+    )
+    print(
+        "summary (time: the slowest rank, which the segment waits for; sum cpu: all ranks' CPU time; "
+        "cpu min-max: that rank's repeats)"
+    )
     print(hdr)
     print("-" * len(hdr))
-    tot = lambda label, key: sum(res[r][label][key][0] for r in range(k))  # noqa: E731
-    mx = lambda label, key: max(res[r][label][key] for r in range(k))  # noqa: E731
-    sm = lambda label, key: sum(res[r][label][key] for r in range(k))  # noqa: E731
+    tot = lambda label, key: sum(res[r][label][key][0] for r in range(k))
+    mx = lambda label, key: max(res[r][label][key] for r in range(k))
+    sm = lambda label, key: sum(res[r][label][key] for r in range(k))
 
     def spread(label):  # the repeats' CPU time range of the rank with the largest median
         r = max(range(k), key=lambda x: res[x][label]["cpu"])
@@ -278,15 +304,19 @@ def main(argv=None) -> None:
 
     for label, _, _ in configs:
         b = tot(label, "bytes")
-        print(f"{label:<12}{_fmt_bytes(b):>18}{'yes' if all(res[r][label]['bytes'][0] == est[label][0][r] for r in range(k)) else 'NO':>11}"
-              f"{tot(label, 'messages'):>6}{b / tot(full, 'bytes'):>12.4f}{mx(label, 'wall') * 1e3:>13.1f}"
-              f"{mx(label, 'wall') / mx(full, 'wall'):>11.3f}{mx(label, 'cpu') * 1e3:>12.1f}"
-              f"{mx(label, 'cpu') / mx(full, 'cpu'):>10.3f}{sm(label, 'cpu') / sm(full, 'cpu'):>14.3f}"
-              f"{spread(label):>17}")
+        print(
+            f"{label:<12}{_fmt_bytes(b):>18}{'yes' if all(res[r][label]['bytes'][0] == est[label][0][r] for r in range(k)) else 'NO':>11}"
+            f"{tot(label, 'messages'):>6}{b / tot(full, 'bytes'):>12.4f}{mx(label, 'wall') * 1e3:>13.1f}"
+            f"{mx(label, 'wall') / mx(full, 'wall'):>11.3f}{mx(label, 'cpu') * 1e3:>12.1f}"
+            f"{mx(label, 'cpu') / mx(full, 'cpu'):>10.3f}{sm(label, 'cpu') / sm(full, 'cpu'):>14.3f}"
+            f"{spread(label):>17}"
+        )
 
     if not args.no_check:
-        print("\ncorrectness: distributed rows gathered in sequence order vs one process's cpu_flash varlen of the "
-              "whole sequence, same mask (max abs error)")
+        print(
+            "\ncorrectness: distributed rows gathered in sequence order vs one process's cpu_flash varlen of the "
+            "whole sequence, same mask (max abs error)"
+        )
         t0 = time.perf_counter()
         index = torch.cat([d["index"] for d in data])
         for label, window, chunk in configs:
@@ -300,8 +330,10 @@ def main(argv=None) -> None:
                 errs.append(f"{name} {float((got - ref[f]).abs().max()):.2e}")
             print(f"  {label:<12}" + "  ".join(errs))
         print(f"  (check took {time.perf_counter() - t0:.1f} s)")
-    print(f"\nmeasurement {measured_s:.1f} s; total {time.perf_counter() - started:.1f} s; load avg now "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\nmeasurement {measured_s:.1f} s; total {time.perf_counter() - started:.1f} s; load avg now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,23 @@ config = HDPConfig(tokens_per_rank=512 // world, global_batch_size=8)
 accelerator = HDPAccelerator(hdp_config=config, mixed_precision="bf16" if torch.cuda.is_available() else "no")
 
 texts = [text.encode() for _, text in stdlib_texts(limit=64)]
-dataset = Dataset.from_list([{"input_ids": list(t[: 512 if i % 8 == 0 else 16 * (i % 8 + 1)])}
-                             for i, t in enumerate(texts)])  # a long tail: a few long samples, many short
+dataset = Dataset.from_list(
+    [{"input_ids": list(t[: 512 if i % 8 == 0 else 16 * (i % 8 + 1)])} for i, t in enumerate(texts)]
+)  # a long tail: a few long samples, many short
 torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2))
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+)
 optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 model, optimizer = accelerator.prepare(model, optimizer)  # no DDP wrapper; the "hdp" attention switched on
 model.train()
-
 
 
 def epochs(loader):

@@ -63,8 +63,14 @@ logger = logging.getLogger("finetune")
 
 IGNORE_INDEX = -100
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text", ".parquet": "parquet",
-                 ".csv": "csv"}
+FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".txt": "text",
+    ".text": "text",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 # Used for a `messages` column when the tokenizer has no chat template and --chat_template is not given.
 # Each turn is "<|role|>\n" + content + EOS, so an assistant turn ends with EOS (the model learns to stop).
@@ -94,8 +100,10 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Allow model code from the Hub. HDP needs a model whose attention goes through "
-                          "transformers' AttentionInterface, which remote-code models rarely do."},
+        metadata={
+            "help": "Allow model code from the Hub. HDP needs a model whose attention goes through "
+            "transformers' AttentionInterface, which remote-code models rarely do."
+        },
     )
 
     def __post_init__(self):
@@ -106,7 +114,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(
-        default=None, metadata={"help": "A dataset on the Hub, or a local dataset folder (load_dataset or save_to_disk)."}
+        default=None,
+        metadata={"help": "A dataset on the Hub, or a local dataset folder (load_dataset or save_to_disk)."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on, e.g. 'train' or 'train[:10%%]'."})
@@ -126,17 +135,19 @@ class DataArguments:
     response_column: str = field(default="response", metadata={"help": "SFT: column with the response text."})
     messages_column: str = field(
         default="messages",
-        metadata={"help": "SFT: column of chat turns [{'role', 'content'}, ...]; used when there is no prompt/response "
-                          "pair. Rendered with the tokenizer's chat template."},
+        metadata={
+            "help": "SFT: column of chat turns [{'role', 'content'}, ...]; used when there is no prompt/response "
+            "pair. Rendered with the tokenizer's chat template."
+        },
     )
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "SFT: a Jinja chat template, or a file holding one, instead of the tokenizer's. Without either, "
-                          "a minimal '<|role|>\\ncontent<eos>' template is used (and a warning says so)."},
+        metadata={
+            "help": "SFT: a Jinja chat template, or a file holding one, instead of the tokenizer's. Without either, "
+            "a minimal '<|role|>\\ncontent<eos>' template is used (and a warning says so)."
+        },
     )
-    add_eos: bool = field(
-        default=True, metadata={"help": "Append the tokenizer's EOS token to each text / response."}
-    )
+    add_eos: bool = field(default=True, metadata={"help": "Append the tokenizer's EOS token to each text / response."})
     max_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N samples only (before tokenization)."}
     )
@@ -145,8 +156,10 @@ class DataArguments:
     )
     drop_long_samples: bool = field(
         default=False,
-        metadata={"help": "Leave out samples longer than world_size x tokens_per_rank (the count is logged). "
-                          "Default: stop with an error naming the first such sample."},
+        metadata={
+            "help": "Leave out samples longer than world_size x tokens_per_rank (the count is logged). "
+            "Default: stop with an error naming the first such sample."
+        },
     )
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-run tokenization instead of using the cache."})
 
@@ -173,8 +186,9 @@ def load_raw_dataset(data_args: DataArguments, cache_dir: str | None = None) -> 
     if data_args.train_file is not None:
         builder = _file_builder(data_args.train_file)
         kwargs = {"sample_by": data_args.text_sample_by} if builder == "text" else {}
-        ds = load_dataset(builder, data_files={"train": data_args.train_file}, split="train", cache_dir=cache_dir,
-                          **kwargs)
+        ds = load_dataset(
+            builder, data_files={"train": data_args.train_file}, split="train", cache_dir=cache_dir, **kwargs
+        )
     elif os.path.isfile(os.path.join(data_args.dataset_name, "dataset_info.json")) or os.path.isfile(
         os.path.join(data_args.dataset_name, "dataset_dict.json")
     ):
@@ -182,8 +196,9 @@ def load_raw_dataset(data_args: DataArguments, cache_dir: str | None = None) -> 
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[data_args.dataset_split]
     else:
-        ds = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split,
-                          cache_dir=cache_dir)
+        ds = load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split=data_args.dataset_split, cache_dir=cache_dir
+        )
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(f"expected a map-style datasets.Dataset, got {type(ds).__name__}")
     if data_args.max_samples is not None:
@@ -261,14 +276,17 @@ def _tokenize_prompt_response(prompts, responses, tokenizer, data_args):
 def _render(tokenizer, messages, chat_template, add_generation_prompt=False) -> str:
     if not messages and not add_generation_prompt:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+    )
 
 
 def _tokenize_messages(conversations, tokenizer, chat_template):
     """Render each conversation; label the tokens that start inside an assistant turn's reply."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("chat SFT needs a fast tokenizer (for character offsets); use --prompt_column/--response_column")
+        raise ValueError(
+            "chat SFT needs a fast tokenizer (for character offsets); use --prompt_column/--response_column"
+        )
     out = {"input_ids": [], "labels": []}
     for messages in conversations:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # datasets pads struct fields
@@ -288,21 +306,30 @@ def _tokenize_messages(conversations, tokenizer, chat_template):
             spans.append((start, len(through)))
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        labels = [tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
-                  for tok, (a, _) in zip(ids, enc["offset_mapping"])]
+        labels = [
+            tok if any(s <= a < e for s, e in spans) else IGNORE_INDEX
+            for tok, (a, _) in zip(ids, enc["offset_mapping"])
+        ]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
 
 
-def tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, fmt: str, chat_template: str | None = None,
-                   length_column: str = "length") -> dict:
+def tokenize_batch(
+    batch: dict,
+    tokenizer,
+    data_args: DataArguments,
+    fmt: str,
+    chat_template: str | None = None,
+    length_column: str = "length",
+) -> dict:
     """``datasets.map`` function (batched): ``input_ids``, ``labels`` in SFT modes, and the length column."""
     if fmt == "text":
         out = _tokenize_text(batch[data_args.text_column], tokenizer, data_args)
     elif fmt == "prompt_response":
-        out = _tokenize_prompt_response(batch[data_args.prompt_column], batch[data_args.response_column], tokenizer,
-                                        data_args)
+        out = _tokenize_prompt_response(
+            batch[data_args.prompt_column], batch[data_args.response_column], tokenizer, data_args
+        )
     elif fmt == "messages":
         out = _tokenize_messages(batch[data_args.messages_column], tokenizer, chat_template)
     else:
@@ -311,8 +338,14 @@ def tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, fmt: str, c
     return out
 
 
-def prepare_dataset(raw: datasets.Dataset, tokenizer, data_args: DataArguments, length_column: str,
-                    max_tokens: int | None, is_main: bool) -> datasets.Dataset:
+def prepare_dataset(
+    raw: datasets.Dataset,
+    tokenizer,
+    data_args: DataArguments,
+    length_column: str,
+    max_tokens: int | None,
+    is_main: bool,
+) -> datasets.Dataset:
     """Tokenize ``raw``; leave out samples with nothing to predict and, with --drop_long_samples, those over
     ``max_tokens``. Every sample left out is counted in the log."""
     fmt = detect_format(raw.column_names, data_args)
@@ -323,28 +356,54 @@ def prepare_dataset(raw: datasets.Dataset, tokenizer, data_args: DataArguments, 
         num_proc=data_args.preprocessing_num_workers,
         remove_columns=raw.column_names,
         load_from_cache_file=not data_args.overwrite_cache,
-        fn_kwargs={"tokenizer": tokenizer, "data_args": data_args, "fmt": fmt, "chat_template": chat_template,
-                   "length_column": length_column},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "data_args": data_args,
+            "fmt": fmt,
+            "chat_template": chat_template,
+            "length_column": length_column,
+        },
         desc=f"tokenizing ({fmt})",
     )
     before = len(ds)
-    ds = ds.filter(lambda n: [x > 1 for x in n], input_columns=[length_column], batched=True,
-                   num_proc=data_args.preprocessing_num_workers, desc="leaving out samples with nothing to predict")
+    ds = ds.filter(
+        lambda n: [x > 1 for x in n],
+        input_columns=[length_column],
+        batched=True,
+        num_proc=data_args.preprocessing_num_workers,
+        desc="leaving out samples with nothing to predict",
+    )
     if len(ds) < before and is_main:
-        logger.warning("left out %d of %d samples with fewer than 2 tokens (empty text: nothing to predict)",
-                       before - len(ds), before)
+        logger.warning(
+            "left out %d of %d samples with fewer than 2 tokens (empty text: nothing to predict)",
+            before - len(ds),
+            before,
+        )
     if data_args.drop_long_samples and max_tokens is not None:
         before = len(ds)
-        ds = ds.filter(lambda n: [x <= max_tokens for x in n], input_columns=[length_column], batched=True,
-                       num_proc=data_args.preprocessing_num_workers, desc="leaving out samples that fit no plan")
+        ds = ds.filter(
+            lambda n: [x <= max_tokens for x in n],
+            input_columns=[length_column],
+            batched=True,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="leaving out samples that fit no plan",
+        )
         if is_main:
             logger.warning(
                 "--drop_long_samples: dropped %d of %d samples longer than world_size x tokens_per_rank = %d tokens",
-                before - len(ds), before, max_tokens,
+                before - len(ds),
+                before,
+                max_tokens,
             )
     if fmt != "text" and is_main:
-        unlabeled = len(ds.filter(lambda col: [all(t == IGNORE_INDEX for t in lab[1:]) for lab in col],
-                                  input_columns=["labels"], batched=True, desc="counting samples without a response"))
+        unlabeled = len(
+            ds.filter(
+                lambda col: [all(t == IGNORE_INDEX for t in lab[1:]) for lab in col],
+                input_columns=["labels"],
+                batched=True,
+                desc="counting samples without a response",
+            )
+        )
         if unlabeled:
             logger.warning("%d of %d SFT samples have no response token to learn from", unlabeled, len(ds))
     if len(ds) == 0:
@@ -354,8 +413,9 @@ def prepare_dataset(raw: datasets.Dataset, tokenizer, data_args: DataArguments, 
 
 # --------------------------------------------------------------------------- main
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, HDPConfig),
-                            description=__doc__.splitlines()[0])
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments, HDPConfig), description=__doc__.splitlines()[0]
+    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -369,8 +429,11 @@ def parse_args(argv: list[str] | None = None):
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     level = training_args.get_process_log_level()
     logger.setLevel(level if training_args.process_index == 0 else max(level, logging.WARNING))
     datasets.utils.logging.set_verbosity(level)
@@ -384,9 +447,12 @@ def main(argv: list[str] | None = None) -> dict:
     world, rank = training_args.world_size, training_args.process_index
     is_main = rank == 0
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
-                                              revision=model_args.revision, cache_dir=model_args.cache_dir,
-                                              trust_remote_code=model_args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        revision=model_args.revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     if hdp_config.tokens_per_rank == "auto":  # C is chosen by HDPTrainer from the memory budget: HDP drops
         max_tokens = None
         if data_args.drop_long_samples:
@@ -398,21 +464,38 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset = prepare_dataset(raw, tokenizer, data_args, hdp_config.length_column, max_tokens, is_main)
 
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
-                                                 revision=model_args.revision, cache_dir=model_args.cache_dir,
-                                                 trust_remote_code=model_args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=dtype,
+        revision=model_args.revision,
+        cache_dir=model_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     if is_main:
-        logger.info("model %s: %.1fM parameters, %s; %d samples, %d tokens; %d ranks x %s tokens_per_rank",
-                    model_args.model_name_or_path, model.num_parameters() / 1e6, model.dtype, len(train_dataset),
-                    sum(train_dataset[hdp_config.length_column]), world, hdp_config.tokens_per_rank)
+        logger.info(
+            "model %s: %.1fM parameters, %s; %d samples, %d tokens; %d ranks x %s tokens_per_rank",
+            model_args.model_name_or_path,
+            model.num_parameters() / 1e6,
+            model.dtype,
+            len(train_dataset),
+            sum(train_dataset[hdp_config.length_column]),
+            world,
+            hdp_config.tokens_per_rank,
+        )
 
     try:
-        trainer = HDPTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
-                             hdp_config=hdp_config)
+        trainer = HDPTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            hdp_config=hdp_config,
+        )
     except HDPDataError as err:
         if "world_size x tokens_per_rank" in str(err):
-            logger.error("%s\nfinetune.py: pass --drop_long_samples to leave such samples out (the count is logged).",
-                         err)
+            logger.error(
+                "%s\nfinetune.py: pass --drop_long_samples to leave such samples out (the count is logged).", err
+            )
         raise
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -430,9 +513,14 @@ def main(argv: list[str] | None = None) -> dict:
         summary = dict(summary)
         for key in ("micro_batches_this_rank", "p2p_bytes_this_rank", "busy_cpu_s_this_rank"):
             summary[key.replace("_this_rank", "_per_rank")] = [s[key] for s in everyone]
-        summary.update(world_size=world, tokens_per_rank=hdp_config.tokens_per_rank,
-                       global_batch_size=trainer.global_batch_size, planner=hdp_config.planner,
-                       train_loss=result.training_loss, output_dir=training_args.output_dir)
+        summary.update(
+            world_size=world,
+            tokens_per_rank=hdp_config.tokens_per_rank,
+            global_batch_size=trainer.global_batch_size,
+            planner=hdp_config.planner,
+            train_loss=result.training_loss,
+            output_dir=training_args.output_dir,
+        )
         print("hf_hdp summary: " + json.dumps(summary), flush=True)
     # Destroy the process group before the interpreter exits: otherwise gloo's worker threads may still hold
     # tensors at finalization and a rank can die with SIGABRT ("terminate called without an active exception").

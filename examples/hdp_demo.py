@@ -77,9 +77,19 @@ def main() -> None:
         return
 
     args = TrainingArguments(
-        output_dir=a.output_dir, use_cpu=True, max_steps=a.max_steps, learning_rate=a.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-        seed=a.seed, ddp_backend="gloo", log_level="warning", log_level_replica="error",
+        output_dir=a.output_dir,
+        use_cpu=True,
+        max_steps=a.max_steps,
+        learning_rate=a.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=a.seed,
+        ddp_backend="gloo",
+        log_level="warning",
+        log_level_replica="error",
     )
     world, rank = args.world_size, args.process_index
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -89,8 +99,9 @@ def main() -> None:
 
     with args.main_process_first(desc="building tokenizer, model and data"):
         if rank == 0 and not os.path.exists(os.path.join(a.output_dir, "model", "config.json")):
-            build_stdlib_tokenizer_and_model(os.path.join(a.output_dir, "model"), a.vocab_size, a.hidden_size,
-                                             a.layers, a.seed)
+            build_stdlib_tokenizer_and_model(
+                os.path.join(a.output_dir, "model"), a.vocab_size, a.hidden_size, a.layers, a.seed
+            )
         tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(a.output_dir, "model"))
         if rank == 0 and not os.path.exists(os.path.join(a.output_dir, "data")):
             build_stdlib_dataset(tokenizer).save_to_disk(os.path.join(a.output_dir, "data"))
@@ -101,8 +112,12 @@ def main() -> None:
     left_out = len(data) - len(fits)
 
     trainer = HDPTrainer(
-        model=model, args=args, train_dataset=fits,
-        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner),
+        model=model,
+        args=args,
+        train_dataset=fits,
+        hdp_config=HDPConfig(
+            tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner
+        ),
     )
     started = time.perf_counter()
     result = trainer.train()
@@ -120,17 +135,27 @@ def main() -> None:
         busy = [s["busy_cpu_s_this_rank"] for s in everyone]
         mbs = [s["micro_batches_this_rank"] for s in everyone]
         print("\n=== hf_hdp demo summary ===")
-        print(f"ranks: {world} CPU processes (gloo), tokens_per_rank C = {a.tokens_per_rank}, "
-              f"global batch = {a.global_batch_size} samples, planner = {a.planner}")
-        print(f"model: Llama architecture, {model.num_parameters() / 1e6:.2f}M parameters, "
-              f"{a.layers} layers, hidden {a.hidden_size}")
-        print(f"corpus: {len(fits)} standard-library files of at most {limit} tokens "
-              f"({left_out} longer files left out; raise --tokens_per_rank to include them)")
+        print(
+            f"ranks: {world} CPU processes (gloo), tokens_per_rank C = {a.tokens_per_rank}, "
+            f"global batch = {a.global_batch_size} samples, planner = {a.planner}"
+        )
+        print(
+            f"model: Llama architecture, {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{a.layers} layers, hidden {a.hidden_size}"
+        )
+        print(
+            f"corpus: {len(fits)} standard-library files of at most {limit} tokens "
+            f"({left_out} longer files left out; raise --tokens_per_rank to include them)"
+        )
         print(f"steps: {result.global_step}, loss {losses[0]:.3f} -> {losses[-1]:.3f} (per-token mean of each step)")
         print(f"tokens: {summary['tokens']:,} in {wall:.1f} s = {summary['tokens'] / wall:,.0f} tokens/s")
-        print(f"samples: {summary['samples']} ({summary['samples_on_one_rank']} ran whole on one rank, "
-              f"{summary['samples'] - summary['samples_on_one_rank']} were split over a group)")
-        print("group sizes used (k ranks: samples): " + ", ".join(f"{k}: {n}" for k, n in summary["group_sizes"].items()))
+        print(
+            f"samples: {summary['samples']} ({summary['samples_on_one_rank']} ran whole on one rank, "
+            f"{summary['samples'] - summary['samples_on_one_rank']} were split over a group)"
+        )
+        print(
+            "group sizes used (k ranks: samples): " + ", ".join(f"{k}: {n}" for k, n in summary["group_sizes"].items())
+        )
         print(f"micro-batches per rank: {mbs}; busy CPU seconds per rank: {busy}")
         print(f"P2P traffic (measured in the mesh): {p2p / 1e6:.1f} MB")
     if dist.is_initialized():

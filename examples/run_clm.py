@@ -45,14 +45,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Optional
 
 import datasets
 import numpy as np
 import torch
-from datasets import load_dataset
-
 import transformers
+from datasets import load_dataset
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -65,7 +63,8 @@ from transformers import (
     set_seed,
 )
 
-from hf_hdp import HDPTrainer, HDPTrainingArguments as TrainingArguments  # HDP (1): the import
+from hf_hdp import HDPTrainer  # HDP (1): the import
+from hf_hdp import HDPTrainingArguments as TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -77,62 +76,86 @@ MODEL_TYPES = tuple(conf.model_type for conf in MODEL_CONFIG_CLASSES)
 class ModelArguments:
     """Which model / config / tokenizer to fine-tune, or train from scratch."""
 
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "The model checkpoint to start from (a Hub id or a local folder). "
-                                        "Leave unset to train from scratch."})
-    model_type: Optional[str] = field(
-        default=None, metadata={"help": "From scratch: a model type from the list: " + ", ".join(MODEL_TYPES)})
-    config_overrides: Optional[str] = field(
-        default=None, metadata={"help": "From scratch: config settings to override, e.g. "
-                                        "hidden_size=64,num_hidden_layers=2,num_attention_heads=4"})
-    config_name: Optional[str] = field(default=None, metadata={"help": "Config name or path, if not the model's"})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's"})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models and data are stored"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model checkpoint to start from (a Hub id or a local folder). "
+            "Leave unset to train from scratch."
+        },
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "From scratch: a model type from the list: " + ", ".join(MODEL_TYPES)}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "From scratch: config settings to override, e.g. "
+            "hidden_size=64,num_hidden_layers=2,num_attention_heads=4"
+        },
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's"})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are stored"})
     use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str = field(default=None, metadata={"help": "HTTP bearer token for remote files (default: hf auth login's)."})
+    token: str = field(
+        default=None, metadata={"help": "HTTP bearer token for remote files (default: hf auth login's)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code from the Hub's model/dataset repos."})
-    dtype: Optional[str] = field(
+    dtype: str | None = field(
         default=None,
-        metadata={"help": "Load the model in this dtype ('auto': the checkpoint's).",
-                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+        metadata={
+            "help": "Load the model in this dtype ('auto': the checkpoint's).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
     )
 
     def __post_init__(self):
         if self.config_overrides is not None and (self.config_name is not None or self.model_name_or_path is not None):
-            raise ValueError("--config_overrides can't be used in combination with --config_name or --model_name_or_path")
+            raise ValueError(
+                "--config_overrides can't be used in combination with --config_name or --model_name_or_path"
+            )
 
 
 @dataclass
 class DataTrainingArguments:
     """What data to train and evaluate on."""
 
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "A dataset name (the datasets library)."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: a .txt, .json or .csv file."})
-    validation_file: Optional[str] = field(
-        default=None, metadata={"help": "Evaluation data (perplexity): a .txt, .json or .csv file."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many training samples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only this many evaluation samples."})
-    block_size: Optional[int] = field(
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset name (the datasets library)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: a .txt, .json or .csv file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation data (perplexity): a .txt, .json or .csv file."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation samples."})
+    block_size: int | None = field(
         default=None,
-        metadata={"help": "Length of the blocks the concatenated, tokenized texts are cut into. Default: the "
-                          "tokenizer's model_max_length (at most 1024). Not used with --keep_documents."},
+        metadata={
+            "help": "Length of the blocks the concatenated, tokenized texts are cut into. Default: the "
+            "tokenizer's model_max_length (at most 1024). Not used with --keep_documents."
+        },
     )
     overwrite_cache: bool = field(default=False, metadata={"help": "Overwrite the cached training and evaluation sets"})
-    validation_split_percentage: Optional[int] = field(
-        default=5, metadata={"help": "Percentage of the train set used for validation when there is no validation split"})
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for preprocessing."})
+    validation_split_percentage: int | None = field(
+        default=5,
+        metadata={"help": "Percentage of the train set used for validation when there is no validation split"},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks when using .txt files."})
     keep_documents: bool = field(  # HDP: not in the stock script
         default=False,
-        metadata={"help": "HDP: one sample per document, whole (no group_texts blocks, --block_size unused), "
-                          "empty documents dropped. HDP packs short samples and splits long ones over ranks."},
+        metadata={
+            "help": "HDP: one sample per document, whole (no group_texts blocks, --block_size unused), "
+            "empty documents dropped. HDP packs short samples and splits long ones over ranks."
+        },
     )
     compute_accuracy: bool = field(  # HDP: not in the stock script
         default=True,
-        metadata={"help": "Compute the token accuracy at evaluation (compute_metrics); --no_compute_accuracy "
-                          "evaluates the loss and perplexity only."},
+        metadata={
+            "help": "Compute the token accuracy at evaluation (compute_metrics); --no_compute_accuracy "
+            "evaluates the loss and perplexity only."
+        },
     )
 
     def __post_init__(self):
@@ -196,8 +219,12 @@ def main():
         raw_datasets["train"] = load_dataset(*source, split=f"train[{pct}%:]", **load_kwargs)
 
     # Config, tokenizer, model
-    config_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                     "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    config_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     if model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, **config_kwargs)
     elif model_args.model_name_or_path:
@@ -210,23 +237,33 @@ def main():
             config.update_from_string(model_args.config_overrides)
             logger.info(f"New config: {config}")
 
-    tokenizer_kwargs = {"cache_dir": model_args.cache_dir, "use_fast": model_args.use_fast_tokenizer,
-                        "revision": model_args.model_revision, "token": model_args.token,
-                        "trust_remote_code": model_args.trust_remote_code}
+    tokenizer_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "use_fast": model_args.use_fast_tokenizer,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     if model_args.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **tokenizer_kwargs)
     elif model_args.model_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **tokenizer_kwargs)
     else:
-        raise ValueError("You are instantiating a new tokenizer from scratch. This is not supported by this script. "
-                         "Save one and load it from here with --tokenizer_name.")
+        raise ValueError(
+            "You are instantiating a new tokenizer from scratch. This is not supported by this script. "
+            "Save one and load it from here with --tokenizer_name."
+        )
 
     if model_args.model_name_or_path:
         dtype = model_args.dtype if model_args.dtype in ["auto", None] else getattr(torch, model_args.dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision, token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code, dtype=dtype,
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            dtype=dtype,
         )
     else:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
@@ -346,7 +383,9 @@ def main():
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # saves the tokenizer too
         metrics = train_result.metrics
-        max_train_samples = data_args.max_train_samples if data_args.max_train_samples is not None else len(train_dataset)
+        max_train_samples = (
+            data_args.max_train_samples if data_args.max_train_samples is not None else len(train_dataset)
+        )
         metrics["train_samples"] = min(max_train_samples, len(train_dataset))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

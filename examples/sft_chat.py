@@ -36,8 +36,32 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!:'\n"
-WORDS = ["hello", "how", "does", "the", "ring", "attention", "split", "a", "long", "sample", "over", "ranks",
-         "short", "ones", "stay", "on", "one", "rank", "yes", "no", "why", "because", "tokens", "balance"]
+WORDS = [
+    "hello",
+    "how",
+    "does",
+    "the",
+    "ring",
+    "attention",
+    "split",
+    "a",
+    "long",
+    "sample",
+    "over",
+    "ranks",
+    "short",
+    "ones",
+    "stay",
+    "on",
+    "one",
+    "rank",
+    "yes",
+    "no",
+    "why",
+    "because",
+    "tokens",
+    "balance",
+]
 
 
 def save_chat_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -49,8 +73,9 @@ def save_chat_tokenizer(path: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]"
+    )
     fast.chat_template = TEMPLATE
     fast.save_pretrained(path)
     return fast
@@ -60,9 +85,17 @@ def build_tiny_model(path: str) -> str:
     """A character-level tokenizer with the chat template and a tiny Llama, saved with save_pretrained."""
     fast = save_chat_tokenizer(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
 
@@ -112,26 +145,44 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     cuda = torch.cuda.is_available()
     args = SFTConfig(
-        output_dir=a.output_dir, max_steps=a.max_steps, learning_rate=a.learning_rate, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,
-        assistant_only_loss=True, packing=a.packing, max_length=4 * a.tokens_per_rank if a.packing else None,
-        loss_type=a.loss_type, disable_tqdm=True,
+        output_dir=a.output_dir,
+        max_steps=a.max_steps,
+        learning_rate=a.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        assistant_only_loss=True,
+        packing=a.packing,
+        max_length=4 * a.tokens_per_rank if a.packing else None,
+        loss_type=a.loss_type,
+        disable_tqdm=True,
     )
-    trainer = HDPSFTTrainer(model, args, processing_class=tokenizer, train_dataset=chat_dataset(a.num_conversations),
-                            hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank,
-                                                 global_batch_size=a.global_batch_size))
+    trainer = HDPSFTTrainer(
+        model,
+        args,
+        processing_class=tokenizer,
+        train_dataset=chat_dataset(a.num_conversations),
+        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size),
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [e for e in trainer.state.log_history if "loss" in e]
         for e in logs:
-            print(f"step {e['step']}: loss {e['loss']:.4f}  entropy {e['entropy']:.3f}  "
-                  f"token accuracy {e['mean_token_accuracy']:.3f}  tokens {e['num_tokens']}")
+            print(
+                f"step {e['step']}: loss {e['loss']:.4f}  entropy {e['entropy']:.3f}  "
+                f"token accuracy {e['mean_token_accuracy']:.3f}  tokens {e['num_tokens']}"
+            )
         summary = trainer.hdp_summary()
         print("group sizes used (k ranks: samples):", summary.get("group_sizes"))
         if a.loss_type == "dft":
-            print("note: DFT's loss is the mean of -p*log(p) over the label tokens (p = the token's probability, "
-                  "detached), not the NLL: it grows with p while p < 1/e, so on a fresh model (p near 1/vocab) "
-                  "a rising loss means the model is learning; stock TRL SFTTrainer logs the same values.")
+            print(
+                "note: DFT's loss is the mean of -p*log(p) over the label tokens (p = the token's probability, "
+                "detached), not the NLL: it grows with p while p < 1/e, so on a fresh model (p near 1/vocab) "
+                "a rising loss means the model is learning; stock TRL SFTTrainer logs the same values."
+            )
     import torch.distributed as dist
 
     if dist.is_initialized():

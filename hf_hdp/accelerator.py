@@ -37,8 +37,8 @@ from torch.distributed.tensor import DTensor
 
 from .collators.collator import HDPCollator
 from .config import HDPConfig, check_global_batch_size
-from .data.columns import check_columns, row_rules
 from .data.checks import prepare_dataset, progress_bars, require_map_style
+from .data.columns import check_columns, row_rules
 from .data.loader import GlobalBatchSampler, HDPStep
 from .distributed.launch import init_process_group
 from .distributed.mesh import DynamicMesh
@@ -71,7 +71,9 @@ class HDPAccelerator(Accelerator):
 
     def __init__(self, *args, hdp_config: HDPConfig | None = None, mesh: DynamicMesh | None = None, **kwargs):
         if hdp_config is not None and not isinstance(hdp_config, HDPConfig):
-            raise TypeError(f"HDPAccelerator(hdp_config=...) takes an hf_hdp.HDPConfig, got {type(hdp_config).__name__}")
+            raise TypeError(
+                f"HDPAccelerator(hdp_config=...) takes an hf_hdp.HDPConfig, got {type(hdp_config).__name__}"
+            )
         self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
         if self.hdp_config.tokens_per_rank == "auto":
             raise ValueError(
@@ -118,11 +120,19 @@ class HDPAccelerator(Accelerator):
         return DynamicMesh(device=device, p2p_timeout_s=self.hdp_config.p2p_timeout_s)
 
     @classmethod
-    def like(cls, accelerator: Accelerator, mesh: DynamicMesh) -> "HDPAccelerator":
+    def like(cls, accelerator: Accelerator, mesh: DynamicMesh) -> HDPAccelerator:
         """An HDPAccelerator with ``accelerator``'s settings (precision, dataloader and accumulation
         configuration, handlers, dynamo plugin); the process state is shared, as for any Accelerator."""
-        handlers = [h for h in (accelerator.ddp_handler, accelerator.scaler_handler, accelerator.init_handler,
-                                accelerator.autocast_handler) if h is not None]
+        handlers = [
+            h
+            for h in (
+                accelerator.ddp_handler,
+                accelerator.scaler_handler,
+                accelerator.init_handler,
+                accelerator.autocast_handler,
+            )
+            if h is not None
+        ]
         return cls(
             mixed_precision=accelerator.state.mixed_precision,
             dataloader_config=accelerator.dataloader_config,
@@ -142,10 +152,14 @@ class HDPAccelerator(Accelerator):
 
         refuse_wrapped(model, "HDPAccelerator.prepare")
         if self._custom_loop:
-            base = enable_hdp_attention(model, self.hdp_config.state_split)  # UnsupportedModelError names what the model lacks
+            base = enable_hdp_attention(
+                model, self.hdp_config.state_split
+            )  # UnsupportedModelError names what the model lacks
             config = base.config
             self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
-                self.device, base.dtype, mixed_precision=self.mixed_precision in ("bf16", "fp16"),
+                self.device,
+                base.dtype,
+                mixed_precision=self.mixed_precision in ("bf16", "fp16"),
                 head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
             )
         # evaluation_mode=True places the model and applies mixed precision without the DDP wrapper
@@ -159,8 +173,12 @@ class HDPAccelerator(Accelerator):
         """accelerate's ``prepare_optimizer``; on several ranks, first sharded at ``hdp_config.zero_stage``
         (ZeRO 1 by default, :mod:`hf_hdp.engine.zero`; ``zero_stage=0`` keeps it whole). Its ``step()`` is
         then a collective: call it on every rank after :meth:`hdp_backward`."""
-        if (self._custom_loop and self.mesh is not None and self.mesh.world_size > 1
-                and isinstance(optimizer, torch.optim.Optimizer)):  # HDPTrainer shards its optimizer itself
+        if (
+            self._custom_loop
+            and self.mesh is not None
+            and self.mesh.world_size > 1
+            and isinstance(optimizer, torch.optim.Optimizer)
+        ):  # HDPTrainer shards its optimizer itself
             args = SimpleNamespace(optim="", fp16=self.mixed_precision == "fp16")
             optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, args)
         return super().prepare_optimizer(optimizer, device_placement=device_placement)
@@ -195,9 +213,12 @@ class HDPAccelerator(Accelerator):
         if len(self._hdp_models) == 1:
             return self._hdp_models[0]
         raise ValueError(
-            f"HDPAccelerator.{what}: " + ("no model was prepared; call `model = accelerator.prepare(model)` first"
-                                          if not self._hdp_models else
-                                          f"{len(self._hdp_models)} models were prepared; pass model=")
+            f"HDPAccelerator.{what}: "
+            + (
+                "no model was prepared; call `model = accelerator.prepare(model)` first"
+                if not self._hdp_models
+                else f"{len(self._hdp_models)} models were prepared; pass model="
+            )
         )
 
     def hdp_cost_model(self, model=None):
@@ -205,13 +226,24 @@ class HDPAccelerator(Accelerator):
         model = self._hdp_model(model, "hdp_cost_model")
         if self._hdp_cost is None or self._hdp_cost[0] is not model:
             base = hdp_base_model(model)
-            cost, _ = hdp_cost_model(base, self.hdp_config, self.device, self.mixed_precision in ("bf16", "fp16"),
-                                     is_checkpointing(base))
+            cost, _ = hdp_cost_model(
+                base, self.hdp_config, self.device, self.mixed_precision in ("bf16", "fp16"), is_checkpointing(base)
+            )
             self._hdp_cost = (model, cost)
         return self._hdp_cost[1]
 
-    def hdp_steps(self, dataset, global_batch_size: int | None = None, *, model=None, seed: int = 0,
-                  shuffle: bool = True, drop_last: bool = False, data_collator=None, num_workers: int = 0):
+    def hdp_steps(
+        self,
+        dataset,
+        global_batch_size: int | None = None,
+        *,
+        model=None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        data_collator=None,
+        num_workers: int = 0,
+    ):
         """This rank's HDP steps over ``dataset``: an :class:`~hf_hdp.data.loader.HDPDataLoader` of
         ``{"hdp_step": HDPStep, ...}`` items, one per optimizer step (call ``.set_epoch(epoch)`` per epoch).
 
@@ -227,9 +259,11 @@ class HDPAccelerator(Accelerator):
         mesh = self._require_mesh("hdp_steps")
         model = self._hdp_model(model, "hdp_steps")
         cfg = self.hdp_config
-        batch = check_global_batch_size(global_batch_size if global_batch_size is not None else cfg.global_batch_size,
-                                        "HDPAccelerator.hdp_steps",
-                                        fix="pass global_batch_size= or set HDPConfig.global_batch_size")
+        batch = check_global_batch_size(
+            global_batch_size if global_batch_size is not None else cfg.global_batch_size,
+            "HDPAccelerator.hdp_steps",
+            fix="pass global_batch_size= or set HDPConfig.global_batch_size",
+        )
         base = hdp_base_model(model)
         require_map_style(dataset, "the dataset of hdp_steps")
         args = SimpleNamespace(remove_unused_columns=True, label_names=None)  # what stock Trainer hands the model
@@ -240,8 +274,17 @@ class HDPAccelerator(Accelerator):
             measured = prepare_dataset(dataset, cfg, mesh.world_size, collator.vocab_size, rules)
         check_model_supported(base, int(measured.doc_lengths.max()))
         sampler = GlobalBatchSampler(len(measured), batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
-        return hdp_step_loader(measured, sampler, cfg, self.hdp_cost_model(model), mesh.world_size, mesh.rank,
-                               collator, base, num_workers=num_workers)
+        return hdp_step_loader(
+            measured,
+            sampler,
+            cfg,
+            self.hdp_cost_model(model),
+            mesh.world_size,
+            mesh.rank,
+            collator,
+            base,
+            num_workers=num_workers,
+        )
 
     def hdp_backward(self, model, step, optimizer=None) -> float:
         """Run one HDP step of this rank: its micro-batches in slot order, then the step's one gradient reduction.
@@ -273,7 +316,9 @@ class HDPAccelerator(Accelerator):
                 offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model(model))
             self._hdp_engine = StepEngine(mesh, cfg, backward=self.backward, autocast=self.autocast, offload=offload)
         loss_fn = functools.partial(hdp_loss, chunk_tokens=cfg.loss_chunk_tokens)
-        return self._hdp_engine.run(model, step, loss_fn, [optimizer] if optimizer is not None else self._optimizers).loss
+        return self._hdp_engine.run(
+            model, step, loss_fn, [optimizer] if optimizer is not None else self._optimizers
+        ).loss
 
     def no_sync(self, model):
         return contextlib.nullcontext()
@@ -320,7 +365,9 @@ def _group_problem(env_world: int) -> str | None:
     if env_world <= 1 or group == env_world:
         return None
     found = "torch.distributed is not initialized" if not initialized else f"the process group has {group} ranks"
-    return (f"WORLD_SIZE={env_world} processes were launched but {found}, so the ranks cannot share one step plan "
-            "and one gradient reduction (each would train its own copy, or a step would hang). Launch with torchrun "
-            "(it sets RANK, MASTER_ADDR and MASTER_PORT, and HDPAccelerator starts the group), or initialise "
-            "torch.distributed with all the processes before building HDPAccelerator")
+    return (
+        f"WORLD_SIZE={env_world} processes were launched but {found}, so the ranks cannot share one step plan "
+        "and one gradient reduction (each would train its own copy, or a step would hang). Launch with torchrun "
+        "(it sets RANK, MASTER_ADDR and MASTER_PORT, and HDPAccelerator starts the group), or initialise "
+        "torch.distributed with all the processes before building HDPAccelerator"
+    )

@@ -103,9 +103,11 @@ class HDPConfig:
     )
     length_column: str = field(
         default="length",
-        metadata={"help": "A dataset column holding each sample's token count. HDP measures every sample itself (its "
-                  "hdp_* columns, cached by datasets); when this column is present it is checked against input_ids "
-                  "and a disagreement is refused naming the row."},
+        metadata={
+            "help": "A dataset column holding each sample's token count. HDP measures every sample itself (its "
+            "hdp_* columns, cached by datasets); when this column is present it is checked against input_ids "
+            "and a disagreement is refused naming the row."
+        },
     )
     check_plan_hash: bool = field(
         default=True,
@@ -186,7 +188,7 @@ class HDPConfig:
             "while writing (hf_hdp.trainer.saving)."
         },
     )
-    log_keys: str | list[str] = field(
+    log_keys: str = field(  # a list of names is accepted too (the command line gives a comma-separated string)
         default="default",
         metadata={
             "help": "Which hdp/* figures each training log gets (hf_hdp.trainer.stats): 'default' (hdp/tokens_per_s, "
@@ -212,8 +214,10 @@ class HDPConfig:
         self._check_numbers()
         if not isinstance(self.async_checkpoint, bool):
             raise ValueError(f"HDPConfig.async_checkpoint must be True or False, got {self.async_checkpoint!r}")
-        if not (isinstance(self.log_keys, str) or (isinstance(self.log_keys, (list, tuple))
-                                                    and all(isinstance(k, str) for k in self.log_keys))):
+        if not (
+            isinstance(self.log_keys, str)
+            or (isinstance(self.log_keys, (list, tuple)) and all(isinstance(k, str) for k in self.log_keys))
+        ):
             raise ValueError(
                 f"HDPConfig.log_keys must be 'default', 'all', a comma-separated string or a list of names, got "
                 f"{self.log_keys!r} (hf_hdp.trainer.stats.ALL_LOG_KEYS lists the names)."
@@ -261,7 +265,8 @@ class HDPConfig:
                 f"{self.ranks_per_node!r}"
             )
         if self.p2p_timeout_s is not None and (
-            isinstance(self.p2p_timeout_s, bool) or not isinstance(self.p2p_timeout_s, (int, float))
+            isinstance(self.p2p_timeout_s, bool)
+            or not isinstance(self.p2p_timeout_s, (int, float))
             or not 0 < self.p2p_timeout_s < float("inf")
         ):
             raise ValueError(
@@ -314,8 +319,9 @@ class HDPConfig:
             if problem:
                 raise ValueError(problem)
 
-    def check_attention_backend(self, device, dtype=None, mixed_precision: bool = False,
-                                head_dim: int | None = None) -> str:
+    def check_attention_backend(
+        self, device, dtype=None, mixed_precision: bool = False, head_dim: int | None = None
+    ) -> str:
         """The attention backend this config runs with on ``device``, or a ``ValueError`` saying why it cannot.
 
         ``dtype`` is the model's parameter dtype and ``mixed_precision`` whether bf16/fp16 autocast is on
@@ -386,8 +392,7 @@ def _offload_ratio(value):
             value = float(text)
         except ValueError:
             value = given
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-            or not 0.0 <= value <= 1.0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0.0 <= value <= 1.0:
         raise ValueError(
             f"HDPConfig.offload_ratio must be a number in [0, 1] (the fraction of the decoder layers whose saved "
             f"activations go to host memory; 0 = off) or 'auto' (per micro-batch, as much as its attention "

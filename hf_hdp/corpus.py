@@ -51,8 +51,9 @@ def stdlib_lengths(chars_per_token: float = 3.6) -> list[int]:
     return lengths
 
 
-def build_stdlib_tokenizer_and_model(path: str, vocab_size: int = 2048, hidden_size: int = 128, layers: int = 4,
-                                     seed: int = 0) -> None:
+def build_stdlib_tokenizer_and_model(
+    path: str, vocab_size: int = 2048, hidden_size: int = 128, layers: int = 4, seed: int = 0
+) -> None:
     """Train a byte-level BPE tokenizer on the corpus and save it, with a freshly initialised small
     Llama-architecture model, to ``path`` (``save_pretrained``): everything offline."""
     import torch
@@ -63,16 +64,27 @@ def build_stdlib_tokenizer_and_model(path: str, vocab_size: int = 2048, hidden_s
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts[::4], trainer=trainer)  # a quarter of the files is plenty for the merges
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.save_pretrained(path)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3 // 8 * 8,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
-        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 8 // 3 // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=65536,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(path)
 
@@ -82,5 +94,9 @@ def build_stdlib_dataset(tokenizer):
     from datasets import Dataset
 
     ds = Dataset.from_list([{"path": p, "text": t} for p, t in stdlib_texts()])
-    return ds.map(lambda b: {"input_ids": tokenizer(b["text"])["input_ids"]}, batched=True,
-                  remove_columns=["text"], desc="tokenizing the standard library")
+    return ds.map(
+        lambda b: {"input_ids": tokenizer(b["text"])["input_ids"]},
+        batched=True,
+        remove_columns=["text"],
+        desc="tokenizing the standard library",
+    )

@@ -93,7 +93,9 @@ def hdp_config_from_args(args, hdp_config: HDPConfig | None = None) -> HDPConfig
         given, carried = hdp_config.to_dict(), from_args.to_dict()
         differ = [name for name in HDP_FIELDS if given.get(name) != carried.get(name)]
         if differ:
-            detail = ", ".join(f"{name}: hdp_config={given.get(name)!r} vs args={carried.get(name)!r}" for name in differ)
+            detail = ", ".join(
+                f"{name}: hdp_config={given.get(name)!r} vs args={carried.get(name)!r}" for name in differ
+            )
             raise ValueError(
                 f"HDPTrainer got hdp_config=HDPConfig(...) and args={type(args).__name__}(...), which carries HDP "
                 f"settings too, and they differ ({detail}). Pass the HDP settings one way: set them on the "
@@ -123,6 +125,8 @@ def warn_if_uniform_lengths(lengths, logger: logging.Logger | None = None, what:
         "were cut instead of being split over ranks whole. Keep documents whole, one per sample (no "
         "concatenation into blocks: with examples/run_clm.py pass --keep_documents instead of relying on "
         "--block_size), and let tokens_per_rank bound the memory and split the long ones.",
-        int(lengths.size), what, int(lengths[0]),
+        int(lengths.size),
+        what,
+        int(lengths[0]),
     )
     return True

@@ -52,7 +52,7 @@ def samples(vocab: int = VOCAB) -> list[dict]:
     rows = []
     for i, n in enumerate(LENGTHS):
         ids = [rng.randrange(3, vocab) for _ in range(n)]
-        labels = [-100] * (n // 4) + ids[n // 4:] if i % 2 else list(ids)
+        labels = [-100] * (n // 4) + ids[n // 4 :] if i % 2 else list(ids)
         rows.append({"input_ids": ids, "labels": labels})
     return rows
 
@@ -61,42 +61,136 @@ def samples(vocab: int = VOCAB) -> list[dict]:
 # every key a family's config may use for a size, and its tiny value; only keys the config already has are set
 SHRINK = {
     # widths, depths, heads
-    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64, "model_dim": 64, "hidden_dim": 64,
-    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "d_ff": 128, "mlp_dim": 128,
-    "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "intermediate_size_mlp": 128, "dense_intermediate_size": 128,
-    "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2, "encoder_layers": 2, "decoder_layers": 2,
-    "depth": 2, "num_decoder_layers": 2, "n_head": 4, "num_attention_heads": 4, "num_heads": 4,
-    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2,
-    "num_kv_heads": 2, "multi_query_group_num": 2, "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
-    "vocab_size": VOCAB, "padded_vocab_size": VOCAB, "num_global_key_value_heads": 2,
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "dim": 64,
+    "embed_dim": 64,
+    "model_dim": 64,
+    "hidden_dim": 64,
+    "intermediate_size": 128,
+    "n_inner": 128,
+    "ffn_dim": 128,
+    "ffn_hidden_size": 128,
+    "d_ff": 128,
+    "mlp_dim": 128,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "intermediate_size_mlp": 128,
+    "dense_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "n_layers": 2,
+    "num_layers": 2,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "depth": 2,
+    "num_decoder_layers": 2,
+    "n_head": 4,
+    "num_attention_heads": 4,
+    "num_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "n_kv_heads": 2,
+    "num_kv_heads": 2,
+    "multi_query_group_num": 2,
+    "head_dim": 16,
+    "kv_channels": 16,
+    "attention_head_dim": 16,
+    "vocab_size": VOCAB,
+    "padded_vocab_size": VOCAB,
+    "num_global_key_value_heads": 2,
     # MoE
-    "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
-    "moe_topk": 2, "moe_k": 2, "top_k": 2, "moe_intermediate_size": 32, "expert_intermediate_size": 32,
-    "shared_expert_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "n_group": 1, "topk_group": 1,
-    "num_expert_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "top_k": 2,
+    "moe_intermediate_size": 32,
+    "expert_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_expert_group": 1,
+    "first_k_dense_replace": 1,
+    "n_shared_experts": 1,
     # multi-head latent attention (q/k head 24, v head 16: they differ, as in DeepSeek-V3)
-    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-    "qk_head_dim": 24, "rotary_dim": 8,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "qk_head_dim": 24,
+    "rotary_dim": 8,
     # linear attention / state space / convolution
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_head": 32, "mamba_head_dim": 32,  # 4 x 32 = 2 x 64
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "mamba_n_heads": 4,
+    "mamba_num_heads": 4,
+    "mamba_d_head": 32,
+    "mamba_head_dim": 32,  # 4 x 32 = 2 x 64
     "mamba_d_state": 8,
-    "mamba_d_ssm": 128, "ssm_state_size": 8, "state_size": 8, "mamba_n_groups": 1, "n_groups": 1, "mamba_expand": 2, "time_step_rank": 8,
+    "mamba_d_ssm": 128,
+    "ssm_state_size": 8,
+    "state_size": 8,
+    "mamba_n_groups": 1,
+    "n_groups": 1,
+    "mamba_expand": 2,
+    "time_step_rank": 8,
     # vision / audio towers of composite configs
-    "image_size": 32, "patch_size": 8, "out_hidden_size": 64, "projection_dim": 64, "vision_output_dim": 64,
+    "image_size": 32,
+    "patch_size": 8,
+    "out_hidden_size": 64,
+    "projection_dim": 64,
+    "vision_output_dim": 64,
     "num_channels": 3,
 }
 # list-valued per-layer keys resized to the tiny depth when the config does not derive them itself
-PER_LAYER = ("layer_types", "no_rope_layers", "mlp_only_layers", "layers_block_type", "block_types",
-             "sliding_window_pattern_list", "moe_layers", "full_attn_idxs", "attn_layer_indices")
+PER_LAYER = (
+    "layer_types",
+    "no_rope_layers",
+    "mlp_only_layers",
+    "layers_block_type",
+    "block_types",
+    "sliding_window_pattern_list",
+    "moe_layers",
+    "full_attn_idxs",
+    "attn_layer_indices",
+)
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # size keys set even where the default config leaves them None (the model needs a value)
-NONE_DEFAULTS = ("num_experts_per_tok", "n_group", "topk_group", "n_routed_experts", "num_experts", "num_local_experts",
-                 "moe_intermediate_size", "n_shared_experts", "head_dim", "num_key_value_heads")
+NONE_DEFAULTS = (
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "moe_intermediate_size",
+    "n_shared_experts",
+    "head_dim",
+    "num_key_value_heads",
+)
 # per-layer keys of a nested config that its own __init__ derives from its depth: dropped before it is rebuilt
 LAYER_INDEXED = PER_LAYER + ("per_layer_config",)
-SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder_config", "encoder_config", "depth_decoder_config",
-               "vision_tower_config", "speech_config", "perceiver_config")
+SUB_CONFIGS = (
+    "text_config",
+    "vision_config",
+    "audio_config",
+    "decoder_config",
+    "encoder_config",
+    "depth_decoder_config",
+    "vision_tower_config",
+    "speech_config",
+    "perceiver_config",
+)
 # model_type -> config kwargs applied after the generic shrinking (where it fails for the family)
 OVERRIDES: dict[str, dict] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one (global, local) pair = 2 layers
@@ -118,12 +212,11 @@ def _tiny_kwargs(default, depth: int) -> dict:
             continue
         tiny = depth if value == 2 and "layer" in key or key == "depth" else value
         current = have[real]
-        if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(current, int) and not isinstance(current, bool) or current is None and real in NONE_DEFAULTS:
             out[real] = tiny
-        elif current is None and real in NONE_DEFAULTS:
-            out[real] = tiny
-        elif isinstance(current, list) and layers and len(current) == layers and all(
-                isinstance(v, int) for v in current):  # one size per layer (Gemma 3n's intermediate_size)
+        elif (
+            isinstance(current, list) and layers and len(current) == layers and all(isinstance(v, int) for v in current)
+        ):  # one size per layer (Gemma 3n's intermediate_size)
             out[real] = [tiny] * depth
     for key, value in have.items():  # per-layer lists of the default depth (layer_types, ...): the first layers
         if key not in out and isinstance(value, list) and layers and len(value) == layers and layers > depth:
@@ -147,8 +240,11 @@ def _tiny_kwargs(default, depth: int) -> dict:
         sub = getattr(default, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
             sub_layers = getattr(sub, "num_hidden_layers", None)
-            sub_dict = {k: v for k, v in sub.to_dict().items() if k not in LAYER_INDEXED
-                        and not (isinstance(v, list) and sub_layers and len(v) == sub_layers)}
+            sub_dict = {
+                k: v
+                for k, v in sub.to_dict().items()
+                if k not in LAYER_INDEXED and not (isinstance(v, list) and sub_layers and len(v) == sub_layers)
+            }
             out[key] = dict(sub_dict, **_tiny_kwargs(sub, depth))
     return out
 
@@ -222,9 +318,19 @@ def _last_line(tb_text: str) -> str:
 def _training_args(out: str):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=out, use_cpu=True, max_steps=1, learning_rate=0.1, optim="sgd",
-                             lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                             disable_tqdm=True, seed=0)
+    return TrainingArguments(
+        output_dir=out,
+        use_cpu=True,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
 
 
 def _trainer_class():
@@ -260,9 +366,12 @@ def _build_trainer(path: str, out: str, tokens_per_rank: int):
 
     logging.getLogger("hf_hdp").addHandler(Keep(level=logging.WARNING))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = _trainer_class()(model, _training_args(out), train_dataset=Dataset.from_list(samples()),
-                               hdp_config=HDPConfig(tokens_per_rank=tokens_per_rank, global_batch_size=len(LENGTHS),
-                                                    planner="naive"))
+    trainer = _trainer_class()(
+        model,
+        _training_args(out),
+        train_dataset=Dataset.from_list(samples()),
+        hdp_config=HDPConfig(tokens_per_rank=tokens_per_rank, global_batch_size=len(LENGTHS), planner="naive"),
+    )
     return trainer, warnings
 
 
@@ -330,14 +439,18 @@ def survey_one(model_type: str, work: str, step_timeout: float) -> dict:
         try:  # a tiny model that fails on one process too is a bad tiny config, not an HDP crash
             reference_loss(path)
         except Exception as err:  # noqa: BLE001
-            return dict(res, status="no-config", detail=_first_sentence(
-                f"the tiny model fails on one process too: {type(err).__name__}: {err}"))
+            return dict(
+                res,
+                status="no-config",
+                detail=_first_sentence(f"the tiny model fails on one process too: {type(err).__name__}: {err}"),
+            )
     if failed:
         r = failed[0]
         if r["stage"] == "construction" and r.get("refusal"):
             return dict(res, status="refused", detail=r["message"], error_type=r["type"])
-        return dict(res, status="crash", stage=r["stage"], detail=_last_line(r["traceback"]),
-                    traceback=r["traceback"][-3000:])
+        return dict(
+            res, status="crash", stage=r["stage"], detail=_last_line(r["traceback"]), traceback=r["traceback"][-3000:]
+        )
     if hung:
         return dict(res, status="crash", stage="step", detail=f"hang: no result after {int(step_timeout)} s")
     if any(c != 0 for c in exitcodes) or any(r is None for r in results):
@@ -384,8 +497,14 @@ def _run_forked_ranks(path: str, work: str, timeout: float) -> list[int] | None:
 
 
 def _forked_rank(rank: int, world: int, port: int, path: str, work: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     rank_step(path, work)
 
 
@@ -404,15 +523,24 @@ def rank_step(path: str, work: str) -> None:
     try:
         try:
             trainer, warnings = _build_trainer(path, os.path.join(work, "trainer"), tokens_per_rank=TOKENS_PER_RANK)
-        except Exception as err:  # noqa: BLE001
-            out.update(type=type(err).__name__, refusal=_is_refusal(err), message=_message(err),
-                       traceback=traceback.format_exc())
+        except Exception as err:
+            out.update(
+                type=type(err).__name__,
+                refusal=_is_refusal(err),
+                message=_message(err),
+                traceback=traceback.format_exc(),
+            )
             raise
         out["stage"] = "step"
         trainer.train()
         summary = trainer.hdp_summary()
-        out = {"ok": True, "loss": trainer.survey_losses[0], "group_sizes": summary.get("group_sizes"),
-               "support": trainer.hdp_model_support.family, "warnings": [_first_sentence(w) for w in warnings]}
+        out = {
+            "ok": True,
+            "loss": trainer.survey_losses[0],
+            "group_sizes": summary.get("group_sizes"),
+            "support": trainer.hdp_model_support.family,
+            "warnings": [_first_sentence(w) for w in warnings],
+        }
         code = 0
     except Exception:  # noqa: BLE001
         out.setdefault("traceback", traceback.format_exc())
@@ -426,21 +554,46 @@ def rank_step(path: str, work: str) -> None:
 def _run_family(model_type: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"survey_{model_type}_") as work:
         result_file = os.path.join(work, "result.json")
-        cmd = ["timeout", "-k", "10", str(int(timeout)), sys.executable, SCRIPT, "--one", model_type,
-               "--work", work, "--step-timeout", str(max(30, timeout - 60))]
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   TRANSFORMERS_VERBOSITY="error")
+        cmd = [
+            "timeout",
+            "-k",
+            "10",
+            str(int(timeout)),
+            sys.executable,
+            SCRIPT,
+            "--one",
+            model_type,
+            "--work",
+            work,
+            "--step-timeout",
+            str(max(30, timeout - 60)),
+        ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            TRANSFORMERS_VERBOSITY="error",
+        )
         started = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if os.path.exists(result_file):
             res = json.load(open(result_file))
         elif proc.returncode in (124, 137):
-            res = {"family": model_type, "status": "crash", "stage": "?",
-                   "detail": f"hang: no result after {int(timeout)} s"}
+            res = {
+                "family": model_type,
+                "status": "crash",
+                "stage": "?",
+                "detail": f"hang: no result after {int(timeout)} s",
+            }
         else:
-            res = {"family": model_type, "status": "crash", "stage": "survey process",
-                   "detail": _last_line(proc.stderr or proc.stdout or f"exit {proc.returncode}"),
-                   "traceback": (proc.stderr or "")[-3000:]}
+            res = {
+                "family": model_type,
+                "status": "crash",
+                "stage": "survey process",
+                "detail": _last_line(proc.stderr or proc.stdout or f"exit {proc.returncode}"),
+                "traceback": (proc.stderr or "")[-3000:],
+            }
         res["wall_s"] = round(time.monotonic() - started, 1)
         return res
 
@@ -455,9 +608,11 @@ def status_text(r: dict) -> str:
         loss = ""
         if "loss_rel_diff" in r:
             ok = r["loss_rel_diff"] <= LOSS_RTOL
-            loss = (f"; loss = one process's (rel. diff {r['loss_rel_diff']:.0e})" if ok else
-                    f"; **LOSS DIFFERS from one process's** (HDP {r['hdp_loss']:.6f}, one process "
-                    f"{r['ref_loss']:.6f})")
+            loss = (
+                f"; loss = one process's (rel. diff {r['loss_rel_diff']:.0e})"
+                if ok
+                else f"; **LOSS DIFFERS from one process's** (HDP {r['hdp_loss']:.6f}, one process {r['ref_loss']:.6f})"
+            )
         elif "ref_error" in r:
             loss = f"; no one-process loss ({r['ref_error']})"
         if r.get("support") in ("verified", "conditional"):
@@ -492,7 +647,8 @@ def write_table(results: list[dict], out: str, families_arg: str | None) -> dict
         "",
         f"Made by `scripts/survey_models.py` with transformers {transformers.__version__} and torch "
         f"{torch.__version__} on {datetime.date.today().isoformat()}"
-        + (f" (families: {families_arg})" if families_arg else "") + ". Each causal-LM family of "
+        + (f" (families: {families_arg})" if families_arg else "")
+        + ". Each causal-LM family of "
         "transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, as a tiny float32 model (2 layers, hidden 64, or more "
         "layers where needed to keep every layer kind), either trains one HDP step on 2 gloo ranks "
         f"(tokens_per_rank={TOKENS_PER_RANK}; samples of {', '.join(map(str, LENGTHS))} tokens, the two longest "
@@ -514,8 +670,14 @@ def write_table(results: list[dict], out: str, families_arg: str | None) -> dict
     if crashes:
         lines += ["", "## Crashes", ""]
         for r in sorted(crashes, key=lambda r: r["family"]):
-            lines += [f"### `{r['family']}` ({r.get('stage', '?')})", "", "```",
-                      (r.get("traceback") or r["detail"]).strip()[-1500:], "```", ""]
+            lines += [
+                f"### `{r['family']}` ({r.get('stage', '?')})",
+                "",
+                "```",
+                (r.get("traceback") or r["detail"]).strip()[-1500:],
+                "```",
+                "",
+            ]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
@@ -528,9 +690,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "model_table.md"))
     ap.add_argument("--families", default=None, help="comma-separated model_types (default: every causal-LM family)")
-    ap.add_argument("--update", action="store_true",
-                    help="with --families: replace those families' rows in the existing table (its .json) and keep "
-                         "the others")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="with --families: replace those families' rows in the existing table (its .json) and keep the others",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="families surveyed at once (each step uses 2 processes)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per family, step included")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -85,8 +85,15 @@ def run_train_steps(nproc: int, model: str, out: str, *extra: str, restarts: int
     if nproc == 1 and not restarts:
         cmd = [sys.executable, TRAIN_STEPS]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
         if restarts:
             cmd += ["--max-restarts", str(restarts)]
         cmd.append(TRAIN_STEPS)

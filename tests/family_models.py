@@ -28,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 # transformers' own SDPA attention and mask under a second key: Gemma 2 refuses attn_implementation="sdpa"
 # (because of its soft-capping, off here) and its eager path takes the softmax in float32, which would
 # make the float64 reference float32-accurate
-from tests.models import TINY_CONFIG, VOCAB  # noqa: E402,F401  (one tiny shape for every test; VOCAB re-exported)
+from tests.models import TINY_CONFIG, VOCAB
 
 STOCK_SDPA = "stock_scaled_dot_product"  # no "sdpa" in the key, or transformers applies its sdpa gate
 AttentionInterface.register(STOCK_SDPA, sdpa_attention_forward)
@@ -39,8 +39,9 @@ SMALL = 8  # a window / attention chunk much shorter than the test samples (2 to
 SOFTCAP = 2.0  # a cap the tiny models' scores reach (Gemma 2's 50.0 would change nothing at this scale)
 
 
-def dense_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              softcap=None, s_aux=None, **kwargs):
+def dense_reference_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, s_aux=None, **kwargs
+):
     """Dense attention in the model's dtype (float64 here), the single-process reference of the feature cases.
 
     ``attention_mask``: transformers' 4-D mask for the layer kind (boolean, True = attend, from
@@ -84,56 +85,141 @@ AttentionMaskInterface.register(DENSE_REFERENCE, sdpa_mask)  # sliding / chunked
 _BASE = dict(TINY_CONFIG, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=False)
 # DeepSeek-V3's multi-head latent attention at the tiny scale, and its MoE (top-2 of 4 in 2 groups, a shared expert)
-_DEEPSEEK = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                 n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
-                 moe_intermediate_size=32, first_k_dense_replace=2, output_router_logits=False)
+_DEEPSEEK = dict(
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=2,
+    output_router_logits=False,
+)
 
 # model_type -> (config kwargs, reference attention implementation)
 FAMILIES: dict[str, tuple[dict, str]] = {
-    "llama": (dict(_BASE, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 512}), "sdpa"),
+    "llama": (
+        dict(
+            _BASE,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 512,
+            },
+        ),
+        "sdpa",
+    ),
     "qwen2": (dict(_BASE), "sdpa"),
     "qwen3": (dict(_BASE, head_dim=16, use_sliding_window=True, sliding_window=SMALL, max_window_layers=1), "sdpa"),
     "mistral": (dict(_BASE, sliding_window=WINDOW), "sdpa"),
     "ministral": (dict(_BASE, head_dim=16, sliding_window=SMALL), "sdpa"),
     "gemma": (dict(_BASE, head_dim=32, hidden_activation="gelu_pytorch_tanh"), "sdpa"),  # head_dim != hidden/heads
     # Gemma 2 with its attention soft-capping off (final soft-capping on); FEATURES has it on, with a small window
-    "gemma2": (dict(_BASE, head_dim=16, attn_logit_softcapping=None, final_logit_softcapping=30.0,
-                    sliding_window=WINDOW, query_pre_attn_scalar=24), STOCK_SDPA),
-    "gemma3_text": (dict(_BASE, head_dim=16, sliding_window=WINDOW,
-                         layer_types=["sliding_attention", "full_attention"]), "sdpa"),
-    "phi3": (dict(_BASE, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                           "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 4.0, 5.0],
-                                           "original_max_position_embeddings": 1024},
-                  original_max_position_embeddings=1024, sliding_window=SMALL), "sdpa"),
+    "gemma2": (
+        dict(
+            _BASE,
+            head_dim=16,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=30.0,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+        ),
+        STOCK_SDPA,
+    ),
+    "gemma3_text": (
+        dict(_BASE, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+        "sdpa",
+    ),
+    "phi3": (
+        dict(
+            _BASE,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.1, 1.2, 1.3],
+                "long_factor": [2.0, 3.0, 4.0, 5.0],
+                "original_max_position_embeddings": 1024,
+            },
+            original_max_position_embeddings=1024,
+            sliding_window=SMALL,
+        ),
+        "sdpa",
+    ),
     "olmo2": (dict(_BASE), "sdpa"),
     "olmo3": (dict(_BASE, sliding_window=SMALL, layer_types=["sliding_attention", "full_attention"]), "sdpa"),
     "mixtral": (dict(_BASE, **_MOE, router_jitter_noise=0.0), "sdpa"),
-    "qwen2_moe": (dict(_BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=64, output_router_logits=False, norm_topk_prob=False), "sdpa"),
-    "qwen3_moe": (dict(_BASE, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       output_router_logits=False, norm_topk_prob=True), "sdpa"),
+    "qwen2_moe": (
+        dict(
+            _BASE,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            output_router_logits=False,
+            norm_topk_prob=False,
+        ),
+        "sdpa",
+    ),
+    "qwen3_moe": (
+        dict(
+            _BASE,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            output_router_logits=False,
+            norm_topk_prob=True,
+        ),
+        "sdpa",
+    ),
     "olmoe": (dict(_BASE, num_experts=4, num_experts_per_tok=2, output_router_logits=False), "sdpa"),
     "starcoder2": (dict(_BASE, sliding_window=SMALL, residual_dropout=0.0, embedding_dropout=0.0), "sdpa"),
     "cohere": (dict(_BASE, logit_scale=0.5, use_qk_norm=True), "sdpa"),
-    "granite": (dict(_BASE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                     logits_scaling=4.0), "sdpa"),
+    "granite": (
+        dict(_BASE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
+        "sdpa",
+    ),
     "phi": (dict(_BASE, resid_pdrop=0.0, embd_pdrop=0.0, partial_rotary_factor=0.5, qk_layernorm=True), "sdpa"),
-    "gpt_neox": (dict(_BASE, num_key_value_heads=None, hidden_dropout=0.0, rotary_pct=0.5,
-                      use_parallel_residual=True), "sdpa"),
+    "gpt_neox": (
+        dict(_BASE, num_key_value_heads=None, hidden_dropout=0.0, rotary_pct=0.5, use_parallel_residual=True),
+        "sdpa",
+    ),
     "glm": (dict(_BASE, head_dim=16, partial_rotary_factor=0.5), "sdpa"),
     "smollm3": (dict(_BASE, no_rope_layer_interval=2), "sdpa"),
     # gpt-oss: a sink per head in every layer, sliding layers (here 8 tokens) alternating with full ones, MoE
     # (top-2 of 4 per token, biased router, clamped SwiGLU experts), static yarn RoPE; sinks randomised (PREPARE)
-    "gpt_oss": (dict(_BASE, head_dim=16, **_MOE, sliding_window=SMALL,
-                     layer_types=["sliding_attention", "full_attention"]), DENSE_REFERENCE),
+    "gpt_oss": (
+        dict(_BASE, head_dim=16, **_MOE, sliding_window=SMALL, layer_types=["sliding_attention", "full_attention"]),
+        DENSE_REFERENCE,
+    ),
     # Llama 4 (text): layer 0 RoPE + chunked attention (8 tokens) + q/k L2 norm + dense MLP; layer 1 NoPE + full
     # attention + MoE (top-2 of 4, sigmoid router, shared expert); temperature tuning off (it is refused)
-    "llama4_text": (dict(_BASE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
-                         intermediate_size_mlp=128, interleave_moe_layer_step=2, no_rope_layers=[1, 0],
-                         attention_chunk_size=SMALL, attn_temperature_tuning=False, use_qk_norm=True,
-                         output_router_logits=False), DENSE_REFERENCE),
+    "llama4_text": (
+        dict(
+            _BASE,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            intermediate_size_mlp=128,
+            interleave_moe_layer_step=2,
+            no_rope_layers=[1, 0],
+            attention_chunk_size=SMALL,
+            attn_temperature_tuning=False,
+            use_qk_norm=True,
+            output_router_logits=False,
+        ),
+        DENSE_REFERENCE,
+    ),
     # DeepSeek-V3 (multi-head latent attention): q/k heads of 24 (nope 16 + rope 8, interleaved RoPE) beside v heads
     # of 16, low-rank q and kv projections; both layers dense here (first_k_dense_replace=2): its MoE router takes
     # float32 gates, see the "deepseek_v3-moe" feature case
@@ -141,29 +227,48 @@ FAMILIES: dict[str, tuple[dict, str]] = {
     # Gemma 4 (text): per-layer heads (sliding layers 2 K/V heads of 16, the full layers 1 K/V head of 32 with
     # attention_k_eq_v: V is K's projection), the last layer reusing the full layer's K/V (num_kv_shared_layers),
     # per-layer input embeddings, a window of 8 tokens (far shorter than the samples), proportional partial RoPE
-    "gemma4_text": (dict(_BASE, num_hidden_layers=3, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
-                         attention_k_eq_v=True, num_kv_shared_layers=1, sliding_window=SMALL,
-                         layer_types=["sliding_attention", "full_attention", "full_attention"],
-                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
-                         hidden_activation="gelu_pytorch_tanh"), "sdpa"),
+    "gemma4_text": (
+        dict(
+            _BASE,
+            num_hidden_layers=3,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            num_kv_shared_layers=1,
+            sliding_window=SMALL,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_activation="gelu_pytorch_tanh",
+        ),
+        "sdpa",
+    ),
 }
 
 # feature case -> (model_type, config kwargs, reference attention): the families' features at lengths where they
 # bite, beside the FAMILIES entries (which stay as they are)
 FEATURES: dict[str, tuple[str, dict, str]] = {
     "gemma3_text-window8": ("gemma3_text", dict(FAMILIES["gemma3_text"][0], sliding_window=SMALL), DENSE_REFERENCE),
-    "gemma2-softcap-window8": ("gemma2", dict(FAMILIES["gemma2"][0], attn_logit_softcapping=SOFTCAP,
-                                              sliding_window=SMALL), DENSE_REFERENCE),
+    "gemma2-softcap-window8": (
+        "gemma2",
+        dict(FAMILIES["gemma2"][0], attn_logit_softcapping=SOFTCAP, sliding_window=SMALL),
+        DENSE_REFERENCE,
+    ),
     "mistral-window8": ("mistral", dict(_BASE, sliding_window=SMALL), DENSE_REFERENCE),
-    "qwen2-window8": ("qwen2", dict(_BASE, use_sliding_window=True, sliding_window=SMALL, max_window_layers=1),
-                      DENSE_REFERENCE),
+    "qwen2-window8": (
+        "qwen2",
+        dict(_BASE, use_sliding_window=True, sliding_window=SMALL, max_window_layers=1),
+        DENSE_REFERENCE,
+    ),
     # DeepSeek-V3 with its MoE layer (layer 1): sigmoid router in float32, grouped top-k, a shared expert
     "deepseek_v3-moe": ("deepseek_v3", dict(FAMILIES["deepseek_v3"][0], first_k_dense_replace=1), "sdpa"),
 }
 
 # every model the tests build: name -> (model_type, config kwargs, reference attention)
 MODELS: dict[str, tuple[str, dict, str]] = {
-    **{family: (family, kwargs, attn) for family, (kwargs, attn) in FAMILIES.items()}, **FEATURES,
+    **{family: (family, kwargs, attn) for family, (kwargs, attn) in FAMILIES.items()},
+    **FEATURES,
 }
 
 
@@ -174,11 +279,13 @@ def model_type_of(name: str) -> str:
 
 def _scale_qk(factor: float):
     """Scale every q/k projection so the tiny model's attention scores reach the soft-cap (|scores| ~ 1-5)."""
+
     def prepare(model):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if re.search(r"\.(q_proj|k_proj)\.weight$", name):
                     p.mul_(factor)
+
     return prepare
 
 

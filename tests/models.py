@@ -71,7 +71,7 @@ def mixed_batch(seed: int = 0, vocab: int = VOCAB) -> list[dict]:
         ids = torch.randint(0, vocab, (n,), generator=g).tolist()
         s = {"input_ids": ids}
         if i % 3 == 0:
-            s["labels"] = [-100] * (n // 3) + ids[n // 3:]
+            s["labels"] = [-100] * (n // 3) + ids[n // 3 :]
         samples.append(s)
     return samples
 
@@ -93,14 +93,26 @@ def save_bpe_llama(path: str, files: tuple[str, ...], max_positions: int = 4096)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([stdlib_text(f) for f in files], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return path

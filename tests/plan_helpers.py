@@ -10,7 +10,7 @@ and whole slots nobody uses.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from hf_hdp.planning import Piece, StepPlan, build_plan, zigzag_member_sizes
 
@@ -34,7 +34,7 @@ def random_plan(lengths: Sequence[int], world_size: int, tokens_per_rank: int, r
     for sample in order:
         s = int(lengths[sample])
         k_min = -(-s // C)
-        if not (0 < s and k_min <= W):
+        if not (s > 0 and k_min <= W):
             raise ValueError(f"sample {sample} of length {s} cannot be placed on {W} ranks of {C} tokens")
         k = rng.randint(k_min, min(W, s))
         group = tuple(rng.sample(range(W), k))

@@ -71,11 +71,19 @@ def _disk_full_worker(rank, world, model, base):
     tests.test_zero.HDPConfig = _config_with(p2p_timeout_s=60, async_checkpoint=True)
     async_run = os.path.join(base, "async")
     async_weights = _train(model, async_run, world, zero_stage=1, save_steps=2)["weights"]
-    async_resumed = _train(model, async_run, world, zero_stage=2, save_steps=2, resume=os.path.join(
-        async_run, "checkpoint-2"))["weights"]
-    return {"full": full, "error": error, "after_failure": after_failure, "resumed": resumed,
-            "listing": sorted(os.listdir(run)), "async": async_weights, "async_resumed": async_resumed,
-            "async_listing": sorted(os.listdir(async_run))}
+    async_resumed = _train(
+        model, async_run, world, zero_stage=2, save_steps=2, resume=os.path.join(async_run, "checkpoint-2")
+    )["weights"]
+    return {
+        "full": full,
+        "error": error,
+        "after_failure": after_failure,
+        "resumed": resumed,
+        "listing": sorted(os.listdir(run)),
+        "async": async_weights,
+        "async_resumed": async_resumed,
+        "async_listing": sorted(os.listdir(async_run)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +158,11 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest_and_resuma
 def test_write_failures_of_a_full_disk_name_the_path_and_the_cause():
     from hf_hdp.engine.state import CheckpointWriteError, write_error
 
-    cases = [OSError(errno.ENOSPC, "No space left on device"),
-             RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 306304 vs 306196"),
-             OSError(errno.EFBIG, "File too large")]
+    cases = [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 306304 vs 306196"),
+        OSError(errno.EFBIG, "File too large"),
+    ]
     for err in cases:
         translated = write_error(err, "/out/tmp-checkpoint-4", 1, 4, "/out/checkpoint-2")
         assert isinstance(translated, CheckpointWriteError) and translated.errno == errno.ENOSPC
@@ -165,7 +175,7 @@ def test_write_failures_of_a_full_disk_name_the_path_and_the_cause():
 def test_state_dict_type_is_honoured_or_refused_by_name():
     from types import SimpleNamespace
 
-    from hf_hdp.trainer.checkpoint import state_dict_type
+    from hf_hdp.engine.fsdp import state_dict_type
 
     assert state_dict_type(SimpleNamespace(fsdp_config={})) == "SHARDED_STATE_DICT"  # the default
     assert state_dict_type(SimpleNamespace(fsdp_config={"state_dict_type": "FULL_STATE_DICT"})) == "FULL_STATE_DICT"

@@ -82,7 +82,7 @@ def _worker(rank, world):
         sinks = torch.randn(hq, generator=g, dtype=torch.float64) if with_sinks else None
         ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
         docs = []
-        for group, u, lengths in segments:
+        for _group, _u, lengths in segments:
             per = []
             for s in lengths:
                 q, k, v = (torch.randn(s, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
@@ -114,8 +114,17 @@ def _worker(rank, world):
 
 def _cost(hq, hkv, mask: LayerMask | None = None) -> CostModel:
     """The planner's cost model of one float64 layer of these heads, with the layer's mask."""
-    return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * hkv * D * 8, value_bytes=8,
-                     num_heads=hq, num_kv_heads=hkv, layer_masks=(mask,) if mask is not None else ())
+    return CostModel(
+        a=0,
+        b=0,
+        c=0,
+        num_layers=1,
+        kv_bytes_per_token=2 * hkv * D * 8,
+        value_bytes=8,
+        num_heads=hq,
+        num_kv_heads=hkv,
+        layer_masks=(mask,) if mask is not None else (),
+    )
 
 
 def _halo_bytes(lengths, k, member, mask, row_bytes) -> int:
@@ -141,7 +150,7 @@ def _expected_bytes(hq, hkv, group, u, lengths, rank, window, chunk) -> int:
 
 def test_features_in_distributed_segments_equal_dense_attention_and_send_only_what_windows_reach():
     results = run_distributed(_worker, WORLD, timeout=300)
-    for c, (hq, hkv, segments, window, chunk, softcap, with_sinks) in enumerate(CASES):
+    for c, (hq, hkv, segments, window, chunk, _softcap, with_sinks) in enumerate(CASES):
         sink_total = None
         for rank in range(WORLD):
             got = results[rank][c]
@@ -181,12 +190,18 @@ class _Layer(torch.nn.Module):
         self.layer_idx, self.is_causal, self.sliding_window = 0, True, window
         self.num_key_value_groups = heads // kv_heads
         types = ["chunked_attention" if chunk else "full_attention"]
-        self.config = PretrainedConfig(num_hidden_layers=1, layer_types=types, attention_chunk_size=chunk,
-                                       num_attention_heads=heads)
+        self.config = PretrainedConfig(
+            num_hidden_layers=1, layer_types=types, attention_chunk_size=chunk, num_attention_heads=heads
+        )
 
 
-LOCAL = [(3, None, None, False), (None, 4, None, True), (2, None, 1.5, True), (None, None, 3.0, False),
-         (5, 8, None, True)]
+LOCAL = [
+    (3, None, None, False),
+    (None, 4, None, True),
+    (2, None, 1.5, True),
+    (None, None, 3.0, False),
+    (5, 8, None, True),
+]
 
 
 @pytest.mark.parametrize("window,chunk,softcap,with_sinks", LOCAL)

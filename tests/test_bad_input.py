@@ -31,9 +31,7 @@ from transformers import TrainingArguments
 
 import hf_hdp.trainer.trainer as trainer_module
 from hf_hdp import HDPConfig, HDPTrainer
-from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
-from hf_hdp.planning import get_planner, plan_naive
-from hf_hdp.collators import row_documents
+from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens, row_documents
 from hf_hdp.data.checks import (
     MAX_ID_COLUMN,
     MIN_ID_COLUMN,
@@ -43,6 +41,7 @@ from hf_hdp.data.checks import (
     prepare_dataset,
 )
 from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
+from hf_hdp.planning import get_planner, plan_naive
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model
 
@@ -58,13 +57,24 @@ def tiny(tmp_path_factory):
 
 
 def _args(tmp_path, **kw):
-    return TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1,
-                             save_strategy="no", disable_tqdm=True, **kw)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 def _trainer(tiny, tmp_path, rows, args=None, **cfg):
-    return HDPTrainer(load_model(tiny, dtype=torch.float32), args or _args(tmp_path),
-                      train_dataset=Dataset.from_list(rows), hdp_config=HDPConfig(**cfg))
+    return HDPTrainer(
+        load_model(tiny, dtype=torch.float32),
+        args or _args(tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        hdp_config=HDPConfig(**cfg),
+    )
 
 
 def _ids(n, start=1):
@@ -95,7 +105,8 @@ def test_truncate_policy_cuts_ids_and_labels_together_and_logs_it(caplog):
     rows = _long_rows()
     with caplog.at_level(logging.WARNING, logger="hf_hdp.data.checks"):
         measured = prepare_dataset(
-            Dataset.from_list(rows), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2)
+            Dataset.from_list(rows), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2
+        )
     ds, lengths, loss = measured
     assert lengths.tolist() == [5, 16, 16, 16, 3]
     assert len(ds) == 5 and SOURCE_ROW_COLUMN not in ds.column_names  # nothing dropped
@@ -122,11 +133,14 @@ def test_truncate_policy_cuts_ids_and_labels_together_and_logs_it(caplog):
 def test_truncated_sample_trains_on_its_own_targets_only():
     """After truncation the last kept token has no target (-100): it never learns the cut-off token."""
     measured = prepare_dataset(
-        Dataset.from_list(_long_rows()), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2)
+        Dataset.from_list(_long_rows()), HDPConfig(tokens_per_rank=8, long_sample_policy="truncate"), world_size=2
+    )
     ds, lengths, loss = measured
     sampler = GlobalBatchSampler(len(ds), 5, shuffle=False)
-    steps = [HDPStepDataset.from_measured(measured, sampler, plan_naive, 2, r, 8, HDPCollator(vocab_size=VOCAB))[(0, 0)]
-             for r in range(2)]
+    steps = [
+        HDPStepDataset.from_measured(measured, sampler, plan_naive, 2, r, 8, HDPCollator(vocab_size=VOCAB))[(0, 0)]
+        for r in range(2)
+    ]
     packed = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for s in steps for mb in s.micro_batches)
     assert packed == steps[0].num_loss_tokens == int(loss.sum())
     assert steps[0].num_tokens == int(lengths.sum()) == 56
@@ -160,8 +174,11 @@ def test_drop_policy_refuses_to_drop_everything_and_still_refuses_empty_samples(
     with pytest.raises(HDPDataError, match=r"would drop every sample: all 2 .*tokens_per_rank to at least 10"):
         prepare_dataset(Dataset.from_list(long_only), HDPConfig(tokens_per_rank=8, long_sample_policy="drop"), 2)
     with pytest.raises(HDPDataError, match=r"sample 1 is empty"):
-        prepare_dataset(Dataset.from_list([{"input_ids": _ids(20)}, {"input_ids": []}]),
-                              HDPConfig(tokens_per_rank=8, long_sample_policy="drop"), 2)
+        prepare_dataset(
+            Dataset.from_list([{"input_ids": _ids(20)}, {"input_ids": []}]),
+            HDPConfig(tokens_per_rank=8, long_sample_policy="drop"),
+            2,
+        )
 
 
 def test_policy_does_nothing_when_every_sample_fits():
@@ -178,8 +195,9 @@ def test_long_sample_policy_is_validated():
 
 @needs_trainer_wiring
 def test_trainer_truncates_when_asked(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path, _long_rows(), tokens_per_rank=8, global_batch_size=5,
-                       long_sample_policy="truncate")
+    trainer = _trainer(
+        tiny, tmp_path, _long_rows(), tokens_per_rank=8, global_batch_size=5, long_sample_policy="truncate"
+    )
     assert trainer.hdp_train_data.lengths.tolist() == [5, 8, 8, 8, 3]  # one rank: limit 8
     out = trainer.train()
     assert out.global_step == 1 and np.isfinite(out.training_loss)
@@ -241,16 +259,23 @@ def test_samples_without_label_tokens_add_nothing_and_no_nan(tiny, tokens_per_ra
 @pytest.mark.parametrize(
     "rows, patterns",
     [
-        ([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 2.5, 6]}], [r"\bsample 1\b", r"2\.5", r"integer", r"cast_column"]),
+        (
+            [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 2.5, 6]}],
+            [r"\bsample 1\b", r"2\.5", r"integer", r"cast_column"],
+        ),
         ([{"input_ids": [1.0, 2.0]}, {"input_ids": [4.0]}], [r"\bsample 0\b", r"float", r"cast_column"]),
         ([{"input_ids": []}, {"input_ids": [[1, 2], [3]]}], [r"\bsample 1\b", r"nested", r"[Ff]latten"]),
         ([{"input_ids": [1, 2, 3]}, {"input_ids": [4, None, 6]}], [r"\bsample 1\b", r"None", r"position 1"]),
         ([{"input_ids": "hello"}], [r"\bsample 0\b", r"hello", r"[Tt]okenize"]),
         ([{"input_ids": [True, False]}], [r"\bsample 0\b", r"bool", r"int"]),
-        ([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [-100, 5.5, 6]}],
-         [r"\bsample 1\b", r"`labels`", r"5\.5"]),
-        ([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [-100, None, 6]}],
-         [r"\bsample 1\b", r"`labels`", r"None"]),
+        (
+            [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [-100, 5.5, 6]}],
+            [r"\bsample 1\b", r"`labels`", r"5\.5"],
+        ),
+        (
+            [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [-100, None, 6]}],
+            [r"\bsample 1\b", r"`labels`", r"None"],
+        ),
     ],
     ids=["float-token", "float-column", "nested", "missing-token", "text", "bool", "float-label", "missing-label"],
 )
@@ -262,8 +287,11 @@ def test_non_integer_or_nested_ids_are_refused_by_the_trainer_naming_the_row(tin
 
 
 def test_out_of_vocabulary_ids_and_labels_are_found_before_training():
-    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5, 6], "labels": [-100, 5, VOCAB]},
-            {"input_ids": [-2, 5, 6], "labels": None}]
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+        {"input_ids": [4, 5, 6], "labels": [-100, 5, VOCAB]},
+        {"input_ids": [-2, 5, 6], "labels": None},
+    ]
     with pytest.raises(HDPDataError) as info:
         prepare_dataset(Dataset.from_list(rows), HDPConfig(tokens_per_rank=8), 1, vocab_size=VOCAB)
     msg = str(info.value)
@@ -272,8 +300,12 @@ def test_out_of_vocabulary_ids_and_labels_are_found_before_training():
     ds, _, _ = measure_dataset(Dataset.from_list(rows))
     assert ds[MIN_ID_COLUMN] == [1, 4, -2] and ds[MAX_ID_COLUMN] == [3, VOCAB, 6]
     # -100 labels are not token ids: a fully masked sample passes
-    prepare_dataset(Dataset.from_list([{"input_ids": [1, 2], "labels": [-100, -100]}]),
-                          HDPConfig(tokens_per_rank=8), 1, vocab_size=VOCAB)
+    prepare_dataset(
+        Dataset.from_list([{"input_ids": [1, 2], "labels": [-100, -100]}]),
+        HDPConfig(tokens_per_rank=8),
+        1,
+        vocab_size=VOCAB,
+    )
 
 
 def test_out_of_vocabulary_label_is_refused_at_step_time_too():
@@ -308,7 +340,9 @@ def test_fused_backends_are_refused_on_cpu_with_the_fix():
 def test_fused_backends_need_half_precision_and_a_kernel_head_dim(monkeypatch):
     import hf_hdp.attention.backends as kernels
 
-    monkeypatch.setattr(kernels, "backend_unavailable_reason", lambda name, device=None, dtype=None: None)  # as on a GPU
+    monkeypatch.setattr(
+        kernels, "backend_unavailable_reason", lambda name, device=None, dtype=None: None
+    )  # as on a GPU
     cfg = HDPConfig(attention_backend="torch_varlen")
     with pytest.raises(ValueError, match=r"need bfloat16/float16 .*torch.float32.*bf16=True.*'reference'"):
         cfg.check_attention_backend("cuda", torch.float32)
@@ -353,14 +387,22 @@ def test_context_parallel_config_is_refused(tmp_path):
 @needs_trainer_wiring
 def test_trainer_refuses_contradicting_arguments_at_construction(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"group_by_length' contradicts HDP"):
-        _trainer(tiny, tmp_path, [{"input_ids": [1, 2, 3]}], args=_args(tmp_path, train_sampling_strategy="group_by_length"))
+        _trainer(
+            tiny, tmp_path, [{"input_ids": [1, 2, 3]}], args=_args(tmp_path, train_sampling_strategy="group_by_length")
+        )
 
 
 def test_drop_last_with_a_global_batch_larger_than_the_dataset_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"dataloader_drop_last=True drops every global batch.*3 samples.*at most 3"):
         GlobalBatchSampler(3, 4, drop_last=True)
-    trainer = _trainer(tiny, tmp_path, [{"input_ids": [1, 2, 3]}] * 3, args=_args(tmp_path, dataloader_drop_last=True),
-                       tokens_per_rank=8, global_batch_size=4)
+    trainer = _trainer(
+        tiny,
+        tmp_path,
+        [{"input_ids": [1, 2, 3]}] * 3,
+        args=_args(tmp_path, dataloader_drop_last=True),
+        tokens_per_rank=8,
+        global_batch_size=4,
+    )
     with pytest.raises(ValueError, match=r"no step would run"):
         trainer.train()
 
@@ -381,8 +423,8 @@ def _idle_rows():
 
 def _idle_worker(rank, world_size, model_path):
     from hf_hdp.distributed.mesh import DynamicMesh
-    from hf_hdp.planning import CostModel
     from hf_hdp.engine import enable_hdp_attention, run_micro_batches
+    from hf_hdp.planning import CostModel
 
     model = load_model(model_path)
     enable_hdp_attention(model)
@@ -391,14 +433,24 @@ def _idle_worker(rank, world_size, model_path):
     sampler = GlobalBatchSampler(len(ds), 2, shuffle=False)
     out = []
     for planner in ("naive", "balanced", "static"):
-        steps = HDPStepDataset(ds, lengths, loss, sampler, get_planner(planner, CostModel.default()), world_size,
-                               rank, 16, HDPCollator(vocab_size=VOCAB))
+        steps = HDPStepDataset(
+            ds,
+            lengths,
+            loss,
+            sampler,
+            get_planner(planner, CostModel.default()),
+            world_size,
+            rank,
+            16,
+            HDPCollator(vocab_size=VOCAB),
+        )
         for step in range(len(sampler)):
             item = steps[(0, step)]
             mesh.check_plan(item.fingerprint, step)
             model.zero_grad(set_to_none=True)
-            total = run_micro_batches(model, item.micro_batches, item.num_loss_tokens, mesh, "reference",
-                                      torch.device("cpu"))
+            total = run_micro_batches(
+                model, item.micro_batches, item.num_loss_tokens, mesh, "reference", torch.device("cpu")
+            )
             (total,) = mesh.reduce_gradients([p for p in model.parameters()], extras=[total])
             grads = {k: p.grad.clone() for k, p in model.named_parameters()}
             busy = sum(1 for r in range(world_size) if item.plan.for_rank(r))
@@ -433,9 +485,17 @@ def test_an_empty_dataset_is_refused_saying_so(tiny, tmp_path):
     """An empty train (or eval) dataset is refused by name, not with a missing-column error from the measuring step."""
     empty = Dataset.from_dict({"input_ids": []})
     with pytest.raises(HDPDataError, match=r"the training dataset is empty \(train_dataset has 0 rows\)"):
-        HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path), train_dataset=empty,
-                   hdp_config=HDPConfig(tokens_per_rank=32))
+        HDPTrainer(
+            load_model(tiny, dtype=torch.float32),
+            _args(tmp_path),
+            train_dataset=empty,
+            hdp_config=HDPConfig(tokens_per_rank=32),
+        )
     with pytest.raises(HDPDataError, match=r"eval_dataset is empty"):
-        HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path, eval_strategy="steps", eval_steps=1),
-                   train_dataset=Dataset.from_list([{"input_ids": _ids(5)}]), eval_dataset=empty,
-                   hdp_config=HDPConfig(tokens_per_rank=32))
+        HDPTrainer(
+            load_model(tiny, dtype=torch.float32),
+            _args(tmp_path, eval_strategy="steps", eval_steps=1),
+            train_dataset=Dataset.from_list([{"input_ids": _ids(5)}]),
+            eval_dataset=empty,
+            hdp_config=HDPConfig(tokens_per_rank=32),
+        )

@@ -7,28 +7,35 @@ import random
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
+from test_planning import check_plan, random_lengths
 
 from hf_hdp.corpus import stdlib_lengths
-
 from hf_hdp.planning import PlanError, StepPlan, plan_naive, plan_static
 from hf_hdp.planning.balanced import plan_balanced
+from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS, CostModel
+from hf_hdp.planning.metrics import plan_metrics
 from hf_hdp.planning.naive import ceil_div, check_lengths, longest_first
 from hf_hdp.planning.packing import BestFit
 from hf_hdp.planning.plan import Piece, build_plan
-from hf_hdp.planning.cost import HARDWARE_PRESETS, MODEL_PRESETS, CostModel
-from hf_hdp.planning.metrics import plan_metrics
-from test_planning import check_plan, random_lengths
 
 C8K = 8192
 H100_7B = CostModel.default()
 CPU_70B = CostModel.from_specs(MODEL_PRESETS["llama-70b"], HARDWARE_PRESETS["cpu"])
 # slow links, 4 ranks per node and a large per-micro-batch overhead: packing and node choice matter
 SLOW = CostModel(
-    a=1e-6, b=1e-3, c=1e-2, ranks_per_node=4, kv_bytes_per_token=1000,
-    intra_bandwidth=1e6, inter_bandwidth=1e5, intra_latency=1e-3, inter_latency=1e-2, label="slow",
+    a=1e-6,
+    b=1e-3,
+    c=1e-2,
+    ranks_per_node=4,
+    kv_bytes_per_token=1000,
+    intra_bandwidth=1e6,
+    inter_bandwidth=1e5,
+    intra_latency=1e-3,
+    inter_latency=1e-2,
+    label="slow",
 )
 COSTS = [H100_7B, CPU_70B, SLOW]
 
@@ -114,8 +121,9 @@ def test_small_groups_backfill_into_a_wait():
     # from 0 to A's end. One of the three 2-rank sequences runs in that wait, beside A; the other two
     # run on ranks 4 and 5 after A, beside B: the step ends at A + 2 x (2-rank piece), not later.
     C, cost = 1000, H100_7B
-    plan = plan_balanced([6000, 5500, 1500, 1500, 1500], 8, C, cost=cost, never_worse_than_naive=False,
-                         attention_split="ring")
+    plan = plan_balanced(
+        [6000, 5500, 1500, 1500, 1500], 8, C, cost=cost, never_worse_than_naive=False, attention_split="ring"
+    )
     check_plan(plan)
     assert plan.meta["backfill"] is True
     pieces = plan.pieces()
@@ -270,7 +278,11 @@ def test_identical_in_a_fresh_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True,
+            [sys.executable, "-c", code],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
             env={**os.environ, "PYTHONHASHSEED": str(h)},
         ).stdout.strip()
         for h in (1, 2)
@@ -286,42 +298,77 @@ def heavy_tailed(seed: int, n: int, longest: int, min_bits: int, max_bits: int) 
 
 
 FINGERPRINT_COSTS = [
-    H100_7B, CPU_70B, CostModel.from_specs(MODEL_PRESETS["llama-7b"], HARDWARE_PRESETS["bytescale"]), SLOW,
+    H100_7B,
+    CPU_70B,
+    CostModel.from_specs(MODEL_PRESETS["llama-7b"], HARDWARE_PRESETS["bytescale"]),
+    SLOW,
 ]
 # (seed, samples, world, C, min_bits, max_bits): fingerprints of static, naive, and balanced under each
 # of FINGERPRINT_COSTS, recorded before the planners' code was reorganised. A change here changes plans.
 RECORDED_FINGERPRINTS = {
     (0, 400, 64, 8192, 8, 17): (
-        3458589120288048342, 3448172352941580824,
-        8796711711995294542, 8561208975984399108, 8689108926959234794, 5600234245435302947,
+        3458589120288048342,
+        3448172352941580824,
+        8796711711995294542,
+        8561208975984399108,
+        8689108926959234794,
+        5600234245435302947,
     ),
     (1, 120, 16, 8192, 8, 17): (
-        4305149917283361069, 6210639418298816702,
-        4831296536247629467, 2651769872954456136, 4229078832980208421, 8733154029658196586,
+        4305149917283361069,
+        6210639418298816702,
+        4831296536247629467,
+        2651769872954456136,
+        4229078832980208421,
+        8733154029658196586,
     ),
     (2, 60, 6, 4096, 8, 17): (
-        4700747371704913648, 2971247623009242012,
-        2142367093217378024, 739899009761324732, 8514875505881953555, 7144980243930019947,
+        4700747371704913648,
+        2971247623009242012,
+        2142367093217378024,
+        739899009761324732,
+        8514875505881953555,
+        7144980243930019947,
     ),
     (3, 300, 24, 2048, 8, 17): (
-        7638670065738400161, 2191895979814505805,
-        2319188295372352826, 5967146128270048947, 1205390206560265900, 9198851269394077794,
+        7638670065738400161,
+        2191895979814505805,
+        2319188295372352826,
+        5967146128270048947,
+        1205390206560265900,
+        9198851269394077794,
     ),
     (4, 18, 3, 100, 3, 12): (
-        2795126710752622012, 7800049913748443741,
-        119688860079914639, 6627571626680406008, 119688860079914639, 4495918019443400244,
+        2795126710752622012,
+        7800049913748443741,
+        119688860079914639,
+        6627571626680406008,
+        119688860079914639,
+        4495918019443400244,
     ),
     (5, 50, 8, 100, 3, 12): (
-        8224611385158801240, 4449688221368213527,
-        4091407905776215786, 5368916535951351510, 3775100543904280962, 1336072894410861857,
+        8224611385158801240,
+        4449688221368213527,
+        4091407905776215786,
+        5368916535951351510,
+        3775100543904280962,
+        1336072894410861857,
     ),
     (10, 59, 8, 64, 3, 12): (
-        3707816572121360695, 5523832158513467699,
-        9022970217536657621, 3012139722292132352, 2998749425541691581, 4030900491955881275,
+        3707816572121360695,
+        5523832158513467699,
+        9022970217536657621,
+        3012139722292132352,
+        2998749425541691581,
+        4030900491955881275,
     ),
     (14, 72, 2, 1000, 3, 12): (
-        8033131435442262930, 7127790111864210634,
-        3004359560159647872, 5474224610649880415, 3426840789333821123, 2962047088222083346,
+        8033131435442262930,
+        7127790111864210634,
+        3004359560159647872,
+        5474224610649880415,
+        3426840789333821123,
+        2962047088222083346,
     ),
 }
 
@@ -332,8 +379,9 @@ def test_plans_equal_the_recorded_fingerprints(case):
     lengths = heavy_tailed(seed, n, world * C, lo, hi)
     got = [plan_static(lengths, world, C).fingerprint(), plan_naive(lengths, world, C).fingerprint()]
     # attention_split="ring" is the first wave's planner exactly: its plans are unchanged
-    got += [plan_balanced(lengths, world, C, cost=cost, attention_split="ring").fingerprint()
-            for cost in FINGERPRINT_COSTS]
+    got += [
+        plan_balanced(lengths, world, C, cost=cost, attention_split="ring").fingerprint() for cost in FINGERPRINT_COSTS
+    ]
     assert tuple(got) == RECORDED_FINGERPRINTS[case]
 
 

@@ -32,8 +32,9 @@ from hf_hdp.planning.cost import (
 )
 
 # 8 layers, hidden 64, 4 heads of 16 (GQA: 2 KV heads), MLP 128, vocabulary 1000, bf16 activations
-SPEC = ModelSpec("tiny", hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                 vocab_size=1000)
+SPEC = ModelSpec(
+    "tiny", hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=1000
+)
 # by hand: q 64·64 + k,v 2·64·32 + o 64·64 + MLP 3·64·128 = 36,864; + 2 norms of 64 = 36,992 per layer
 LAYER = 36_992
 P = 8 * LAYER + 2 * 1000 * 64 + 64  # layers, embedding and head (untied), final norm = 424,000
@@ -81,16 +82,27 @@ def test_breakdown_components_equal_a_hand_computation():
     peft = memory_breakdown(SPEC, T, params=1000, trainable_params=10, world_size=2, zero_stage=1, reserve=7.0, **kw)
     assert (peft.weights, peft.gradients, peft.optimizer, peft.reserve) == (4000, 40, 40, 7.0)
     assert peft.total == 4000 + 40 + 40 + peft.activations + peft.logits + 7
-    assert set(peft.to_dict()) == {"tokens", "weights", "gradients", "optimizer", "activations", "logits", "reserve",
-                                   "states", "total"}
+    assert set(peft.to_dict()) == {
+        "tokens",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "reserve",
+        "states",
+        "total",
+    }
     assert "total" in peft.describe() and isinstance(peft, MemoryBreakdown)
 
 
 def test_breakdown_is_monotonic_and_refuses_bad_inputs():
     totals = [memory_breakdown(SPEC, t).total for t in (0, 1, 100, 10_000, 10_001)]
     assert totals == sorted(totals) and len(set(totals)) == 5
-    acts = [memory_breakdown(SPEC, 100, offload_ratio=r, checkpointing=False).activations
-            for r in (0, 0.125, 0.25, 0.5, 0.75)]
+    acts = [
+        memory_breakdown(SPEC, 100, offload_ratio=r, checkpointing=False).activations
+        for r in (0, 0.125, 0.25, 0.5, 0.75)
+    ]
     assert acts == sorted(acts, reverse=True) and len(set(acts)) == 5
     for kw, match in (
         (dict(fsdp="zero3"), "fsdp must be None"),
@@ -108,28 +120,34 @@ def test_breakdown_is_monotonic_and_refuses_bad_inputs():
 def test_tokens_per_rank_for_memory_is_the_largest_c_that_fits():
     m = MODEL_PRESETS["llama-7b"]
     base = dict(world_size=64, weight_bytes=4, grad_bytes=4, optimizer_bytes=8, loss_chunk_tokens=4096)
-    for settings in (dict(zero_stage=1), dict(zero_stage=1, checkpointing=False), dict(fsdp="full_shard"),
-                     dict(zero_stage=1, offload_ratio=0.5, checkpointing=False)):
+    for settings in (
+        dict(zero_stage=1),
+        dict(zero_stage=1, checkpointing=False),
+        dict(fsdp="full_shard"),
+        dict(zero_stage=1, offload_ratio=0.5, checkpointing=False),
+    ):
         kw = {**base, **settings}
         c = tokens_per_rank_for_memory(m, 80e9, reserve_fraction=0.1, **kw)
         kw.setdefault("zero_stage", 0)
         assert memory_breakdown(m, c, **kw).total <= 72e9 < memory_breakdown(m, c + 1, **kw).total, settings
-    c = lambda **kw: tokens_per_rank_for_memory(m, kw.pop("memory", 80e9), **{**base, **kw})  # noqa: E731
+    c = lambda **kw: tokens_per_rank_for_memory(m, kw.pop("memory", 80e9), **{**base, **kw})
     # more memory, checkpointing, ZeRO-1, FSDP, offloading and the chunked loss each give a larger C
     assert c(memory=64e9) < c() < c(memory=141e9)
     assert c(checkpointing=False) < c()
     assert c(memory=141e9, zero_stage=0) < c(memory=141e9, zero_stage=1) == c(memory=141e9, zero_stage=2)
     assert c(zero_stage=1) < c(fsdp="full_shard")
-    no_ckpt = lambda r: c(checkpointing=False, offload_ratio=r)  # noqa: E731
+    no_ckpt = lambda r: c(checkpointing=False, offload_ratio=r)
     assert no_ckpt(0.0) < no_ckpt(0.5) < no_ckpt(1.0)
     assert c(loss_chunk_tokens=None) < c()
     # None resolves as HDPConfig does: ZeRO-1 on several ranks, nothing to shard on one
     assert c(zero_stage=None) == c(zero_stage=1)
     assert tokens_per_rank_for_memory(m, 141e9, world_size=1, zero_stage=2) == tokens_per_rank_for_memory(
-        m, 141e9, world_size=1, zero_stage=0)
+        m, 141e9, world_size=1, zero_stage=0
+    )
     # the older form: zero1_ranks = ZeRO-1 over that many ranks
     assert tokens_per_rank_for_memory(m, 80e9, zero1_ranks=64) == tokens_per_rank_for_memory(
-        m, 80e9, world_size=64, zero_stage=1)
+        m, 80e9, world_size=64, zero_stage=1
+    )
     with pytest.raises(ValueError, match="not both"):
         tokens_per_rank_for_memory(m, 80e9, zero1_ranks=8, world_size=8)
 
@@ -161,7 +179,8 @@ def test_config_parses_auto_and_numbers_from_the_command_line():
 
     parser = HfArgumentParser((TrainingArguments, HDPConfig))
     _, cfg = parser.parse_args_into_dataclasses(
-        ["--output_dir", "x", "--tokens_per_rank", "auto", "--memory_budget_gb", "24"])
+        ["--output_dir", "x", "--tokens_per_rank", "auto", "--memory_budget_gb", "24"]
+    )
     assert (cfg.tokens_per_rank, cfg.memory_budget_gb, cfg.offload_ratio) == ("auto", 24.0, 0.0)
     _, cfg = parser.parse_args_into_dataclasses(["--output_dir", "x", "--tokens_per_rank", "4096"])
     assert cfg.tokens_per_rank == 4096 and type(cfg.tokens_per_rank) is int and cfg.memory_budget_gb is None
@@ -174,21 +193,24 @@ def test_config_parses_auto_and_numbers_from_the_command_line():
     assert HDPConfig(tokens_per_rank="auto", memory_budget_gb=80).memory_budget_gb == 80.0
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(tokens_per_rank="many"), r"tokens_per_rank must be an integer .* or 'auto'"),
-    (dict(tokens_per_rank=8192.0), "tokens_per_rank must be an integer or 'auto'"),
-    (dict(tokens_per_rank="0"), "tokens_per_rank must be at least 1"),
-    (dict(tokens_per_rank=True), "tokens_per_rank must be an integer"),
-    (dict(offload_ratio=1.5), r"offload_ratio must be a number in \[0, 1\]"),
-    (dict(offload_ratio=-0.1), r"offload_ratio must be a number in \[0, 1\]"),
-    (dict(offload_ratio="half"), r"offload_ratio must be a number in \[0, 1\] .* or 'auto'"),
-    (dict(offload_ratio="AUTO"), "offload_ratio must be a number"),
-    (dict(offload_ratio=float("nan")), "offload_ratio must be a number"),
-    (dict(offload_ratio=True), "offload_ratio must be a number"),
-    (dict(tokens_per_rank="auto", memory_budget_gb=0), "memory_budget_gb must be a positive number"),
-    (dict(tokens_per_rank="auto", memory_budget_gb="lots"), "memory_budget_gb must be a positive number"),
-    (dict(tokens_per_rank=4096, memory_budget_gb=24), "used only to size tokens_per_rank='auto'"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(tokens_per_rank="many"), r"tokens_per_rank must be an integer .* or 'auto'"),
+        (dict(tokens_per_rank=8192.0), "tokens_per_rank must be an integer or 'auto'"),
+        (dict(tokens_per_rank="0"), "tokens_per_rank must be at least 1"),
+        (dict(tokens_per_rank=True), "tokens_per_rank must be an integer"),
+        (dict(offload_ratio=1.5), r"offload_ratio must be a number in \[0, 1\]"),
+        (dict(offload_ratio=-0.1), r"offload_ratio must be a number in \[0, 1\]"),
+        (dict(offload_ratio="half"), r"offload_ratio must be a number in \[0, 1\] .* or 'auto'"),
+        (dict(offload_ratio="AUTO"), "offload_ratio must be a number"),
+        (dict(offload_ratio=float("nan")), "offload_ratio must be a number"),
+        (dict(offload_ratio=True), "offload_ratio must be a number"),
+        (dict(tokens_per_rank="auto", memory_budget_gb=0), "memory_budget_gb must be a positive number"),
+        (dict(tokens_per_rank="auto", memory_budget_gb="lots"), "memory_budget_gb must be a positive number"),
+        (dict(tokens_per_rank=4096, memory_budget_gb=24), "used only to size tokens_per_rank='auto'"),
+    ],
+)
 def test_config_refuses_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         HDPConfig(**kw)
@@ -211,8 +233,9 @@ def _trainer(tiny, tmp_path, cfg, **args):
     from hf_hdp import HDPTrainer
     from tests.models import load_model
 
-    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=1,
-                              save_strategy="no", **args)
+    targs = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=1, save_strategy="no", **args
+    )
     rows = [{"input_ids": list(range(1, n + 1))} for n in (30, 7, 12)]
     return HDPTrainer(load_model(tiny), targs, train_dataset=Dataset.from_list(rows), hdp_config=cfg)
 
@@ -226,9 +249,20 @@ def test_trainer_resolves_auto_from_the_budget_on_a_copy(tiny, tmp_path, caplog)
     model = trainer.hdp_model
     n = sum(p.numel() for p in model.parameters())
     spec = ModelSpec.from_config(model.config, bytes_per_value=8)  # float64, no autocast
-    want = tokens_per_rank_for_memory(spec, 0.02e9, world_size=1, zero_stage=0, checkpointing=True,
-                                      loss_chunk_tokens=cfg.loss_chunk_tokens, weight_bytes=8, grad_bytes=8, optimizer_bytes=0,
-                                      params=n, trainable_params=n, reserve_fraction=0.1)
+    want = tokens_per_rank_for_memory(
+        spec,
+        0.02e9,
+        world_size=1,
+        zero_stage=0,
+        checkpointing=True,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+        weight_bytes=8,
+        grad_bytes=8,
+        optimizer_bytes=0,
+        params=n,
+        trainable_params=n,
+        reserve_fraction=0.1,
+    )
     c = trainer.hdp_config.tokens_per_rank
     assert c == want and type(c) is int and 30 < c < 100_000
     assert cfg.tokens_per_rank == "auto" and cfg.memory_budget_gb == 0.02  # the user's object is untouched
@@ -288,8 +322,17 @@ def test_cli_prints_the_c_the_memory_allows_and_plans_with_it(capsys, lengths):
     args = ("--memory", "80GB", "--precision", "bf16")  # bf16 weights and AdamW states: 2, 2, 4 bytes
     out = _plan(capsys, lengths, *args, "--zero-stage", "1", "--checkpointing")
     c = _printed_c(out)
-    want = tokens_per_rank_for_memory(MODEL_PRESETS["llama-7b"], 80e9, world_size=8, zero_stage=1, checkpointing=True,
-                                      loss_chunk_tokens=CHUNK, weight_bytes=2, grad_bytes=2, optimizer_bytes=4)
+    want = tokens_per_rank_for_memory(
+        MODEL_PRESETS["llama-7b"],
+        80e9,
+        world_size=8,
+        zero_stage=1,
+        checkpointing=True,
+        loss_chunk_tokens=CHUNK,
+        weight_bytes=2,
+        grad_bytes=2,
+        optimizer_bytes=4,
+    )
     assert c == want
     assert f"8 ranks x {c:,} tokens (C)" in out  # the plan uses it
     for part in ("weights", "gradients", "optimizer", "activations", "logits", "reserve 8.00 GB", "total"):
@@ -311,17 +354,28 @@ def test_cli_prints_the_c_the_memory_allows_and_plans_with_it(capsys, lengths):
     mem = data["memory"]
     assert mem["memory_bytes"] == 80 * 2**30 and mem["at_tokens_per_rank"]["tokens"] == 65536
     assert mem["tokens_per_rank"] == tokens_per_rank_for_memory(  # bf16 autocast: float32 weights and states
-        MODEL_PRESETS["llama-7b"], 80 * 2**30, world_size=8, zero_stage=1, checkpointing=False, loss_chunk_tokens=CHUNK,
-        weight_bytes=4, grad_bytes=4, optimizer_bytes=8)
+        MODEL_PRESETS["llama-7b"],
+        80 * 2**30,
+        world_size=8,
+        zero_stage=1,
+        checkpointing=False,
+        loss_chunk_tokens=CHUNK,
+        weight_bytes=4,
+        grad_bytes=4,
+        optimizer_bytes=8,
+    )
     assert mem["breakdown"]["total"] <= 80 * 2**30 < mem["at_tokens_per_rank"]["total"]
 
 
-@pytest.mark.parametrize("argv,text", [
-    (["--checkpointing"], "--checkpointing applies only with --memory"),
-    (["--zero-stage", "2", "--offload-ratio", "0.5"], "--zero-stage, --offload-ratio apply only with --memory"),
-    (["--memory", "80GB", "--fsdp", "full_shard", "--zero-stage", "1"], "drop --zero-stage"),
-    (["--memory", "2GB", "--model", "llama-70b"], "model states need"),
-])
+@pytest.mark.parametrize(
+    "argv,text",
+    [
+        (["--checkpointing"], "--checkpointing applies only with --memory"),
+        (["--zero-stage", "2", "--offload-ratio", "0.5"], "--zero-stage, --offload-ratio apply only with --memory"),
+        (["--memory", "80GB", "--fsdp", "full_shard", "--zero-stage", "1"], "drop --zero-stage"),
+        (["--memory", "2GB", "--model", "llama-70b"], "model states need"),
+    ],
+)
 def test_cli_memory_options_refuse_what_they_cannot_use(capsys, argv, text):
     assert main(["plan", *argv]) == 2
     assert text in capsys.readouterr().err

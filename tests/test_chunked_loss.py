@@ -26,9 +26,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from hf_hdp import HDPConfig
 from hf_hdp.collators import HDPCollator, count_loss_tokens
 from hf_hdp.distributed.mesh import DynamicMesh
-from hf_hdp.planning import plan_naive
 from hf_hdp.engine import enable_hdp_attention, forward_micro_batch, hdp_loss
 from hf_hdp.engine.loss import LogitTransform, chunked_cross_entropy, chunked_head
+from hf_hdp.planning import plan_naive
 from tests.family_models import family_config, load_family_model
 from tests.models import MIXED_LENGTHS, VOCAB, load_model, mixed_batch, save_tiny_model
 
@@ -85,7 +85,11 @@ def test_chunked_equals_full_logits_float64(chunk, transform, bias):
     hidden, weight, b, targets = _inputs(T, H, V, bias=bias)
     want_loss, want = _loss_and_grads(lambda h, w, y, bb: _full_loss(h, w, y, bb, t), hidden, weight, b, targets)
     got_loss, got = _loss_and_grads(
-        lambda h, w, y, bb: chunked_cross_entropy(h, w, y, bb, chunk_tokens=chunk, transform=t), hidden, weight, b, targets
+        lambda h, w, y, bb: chunked_cross_entropy(h, w, y, bb, chunk_tokens=chunk, transform=t),
+        hidden,
+        weight,
+        b,
+        targets,
     )
     assert got_loss.dtype == torch.float64
     torch.testing.assert_close(got_loss, want_loss, **F64)
@@ -221,8 +225,16 @@ def _run(model, chunk_tokens, context=None, **kwargs):
         return loss
 
     for batch in _micro_batches():
-        loss, _ = forward_micro_batch(model, batch, N_LOSS, mesh, "reference", torch.device("cpu"), loss_fn=loss_fn,
-                                      context=context or contextlib.nullcontext)
+        loss, _ = forward_micro_batch(
+            model,
+            batch,
+            N_LOSS,
+            mesh,
+            "reference",
+            torch.device("cpu"),
+            loss_fn=loss_fn,
+            context=context or contextlib.nullcontext,
+        )
         loss.backward()
         total += float(loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -249,7 +261,7 @@ def test_tiny_llama_chunked_loss_and_every_gradient_equal_the_full_logits(llama_
     enable_hdp_attention(model)
     (batch,) = _micro_batches()
     T_ = batch["input_ids"].shape[1]
-    assert T_ == sum(MIXED_LENGTHS) and (batch["labels"] == -100).sum() > 13  # a masked 13-token prompt among them
+    assert sum(MIXED_LENGTHS) == T_ and (batch["labels"] == -100).sum() > 13  # a masked 13-token prompt among them
     size = {"1": 1, "3": 3, "T-1": T_ - 1, "T": T_, "T+5": T_ + 5}[chunk]
     got, want = _chunked_and_full(model, size)
     _assert_same_step(got, want)
@@ -277,11 +289,14 @@ def _no_scaling(model):
     model.config.logits_scaling = 1.0
 
 
-@pytest.mark.parametrize("family, overrides, transform, undo", [
-    ("gemma2", {"final_logit_softcapping": 0.2}, LogitTransform(softcap=0.2), _no_softcap),
-    ("cohere", {}, LogitTransform(scale=0.5), _no_scale),
-    ("granite", {}, LogitTransform(divisor=4.0), _no_scaling),
-])
+@pytest.mark.parametrize(
+    "family, overrides, transform, undo",
+    [
+        ("gemma2", {"final_logit_softcapping": 0.2}, LogitTransform(softcap=0.2), _no_softcap),
+        ("cohere", {}, LogitTransform(scale=0.5), _no_scale),
+        ("granite", {}, LogitTransform(divisor=4.0), _no_scaling),
+    ],
+)
 def test_heads_with_a_logit_transform_match_their_own_full_logits(tmp_path, family, overrides, transform, undo):
     model = _family_model(tmp_path, family, **overrides)
     assert chunked_head(model).transform == transform
@@ -303,8 +318,9 @@ def test_gradient_checkpointing_takes_the_chunked_path(llama_path):
 def _lora(model, targets):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                      init_lora_weights=False))
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
 
 
 def test_lora_adapters_get_the_full_paths_gradients(llama_path):
@@ -332,8 +348,9 @@ def test_accelerates_autocast_wrapper_is_honoured(llama_path):
     model = load_model(llama_path, dtype=torch.float32)
     enable_hdp_attention(model)
     fp32 = _run(model, 16)
-    model.forward = MethodType(convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(
-        type(model).forward)), model)  # what Accelerator.prepare_model does with mixed_precision="bf16"
+    model.forward = MethodType(
+        convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward)), model
+    )  # what Accelerator.prepare_model does with mixed_precision="bf16"
     assert chunked_head(model) is not None
     got, want = _chunked_and_full(model, 16)
     assert abs(got[0] - fp32[0]) > 1e-6 * abs(fp32[0])  # the head ran under bf16 autocast
@@ -388,5 +405,6 @@ def test_loss_chunk_tokens_is_validated():
         with pytest.raises(ValueError, match="loss_chunk_tokens"):
             HDPConfig(loss_chunk_tokens=bad)
     with pytest.raises(ValueError, match="chunk_tokens"):
-        hdp_loss(None, {"input_ids": None, "position_ids": None, "hdp_metadata": None, "labels": None}, 1,
-                 chunk_tokens=0)
+        hdp_loss(
+            None, {"input_ids": None, "position_ids": None, "hdp_metadata": None, "labels": None}, 1, chunk_tokens=0
+        )

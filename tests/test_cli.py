@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -65,7 +66,7 @@ def test_stdlib_is_the_default_and_prints_a_table(capsys):
     assert "llama-7b on h100" in out
     # same as naming --stdlib explicitly
     rc2, out2, _ = run_cli(capsys, "--stdlib", "--world-size", "32", "--global-batch-samples", "200")
-    strip = lambda text: [line for line in text.splitlines() if "planning time" not in line]  # noqa: E731
+    strip = lambda text: [line for line in text.splitlines() if "planning time" not in line]
     assert rc2 == 0 and strip(out2) == strip(out)
 
 
@@ -120,20 +121,25 @@ def test_too_long_sample_names_it_and_suggests_capacity(tmp_path, capsys):
 
 def test_dataset_column_of_lengths_and_of_token_ids(tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict(
-        {"input_ids": [[1] * n for n in (300, 5000, 20000)], "length": [300, 5000, 20000]}
-    )
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (300, 5000, 20000)], "length": [300, 5000, 20000]})
     ds.save_to_disk(str(tmp_path / "ds"))
     results = []
     for column in ("length", "input_ids"):
         rc, out, err = run_cli(
-            capsys, "--dataset", str(tmp_path / "ds"), "--column", column, "--world-size", "4",
-            "--global-batch-samples", "6", "--json",
+            capsys,
+            "--dataset",
+            str(tmp_path / "ds"),
+            "--column",
+            column,
+            "--world-size",
+            "4",
+            "--global-batch-samples",
+            "6",
+            "--json",
         )
         assert rc == 0, err
         results.append(json.loads(out))
-    strip = lambda d: {k: {f: v for f, v in x.items() if f != "planning_time_s"}  # noqa: E731
-                       for k, x in d.items() if k != "inputs"}
+    strip = lambda d: {k: {f: v for f, v in x.items() if f != "planning_time_s"} for k, x in d.items() if k != "inputs"}
     assert strip(results[0]) == strip(results[1])
     assert "[length]" in results[0]["inputs"]["lengths"] and "[input_ids]" in results[1]["inputs"]["lengths"]
     rc, _, err = run_cli(capsys, "--dataset", str(tmp_path / "ds"), "--column", "labels")
@@ -157,7 +163,7 @@ def test_model_from_a_config_folder(tmp_path, capsys):
     small = out
     rc, out, err = run_cli(capsys, "--lengths", path, "--world-size", "4")
     assert rc == 0
-    step = lambda text: next(line for line in text.splitlines() if line.startswith("step time"))  # noqa: E731
+    step = lambda text: next(line for line in text.splitlines() if line.startswith("step time"))
     assert step(small) != step(out)  # a 2-layer toy is not LLaMA-7B
 
 
@@ -188,8 +194,16 @@ def test_bytescale_hardware_matches_the_fitted_cost_model(tmp_path, capsys):
     fitted = CostModel.bytescale()
     assert derived.a == pytest.approx(fitted.a) and derived.b == pytest.approx(fitted.b)
     assert derived.c == pytest.approx(fitted.c)
-    rc, out, err = run_cli(capsys, "--hardware", "bytescale", "--lengths", write_lengths(tmp_path, "100\n20000\n"),
-                           "--world-size", "4", "--json")
+    rc, out, err = run_cli(
+        capsys,
+        "--hardware",
+        "bytescale",
+        "--lengths",
+        write_lengths(tmp_path, "100\n20000\n"),
+        "--world-size",
+        "4",
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["static"]["speedup_vs_static"] == 1.0
 
@@ -208,9 +222,7 @@ def test_usage_errors_return_2(capsys):
 def test_plot_writes_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "timelines.png"
-    rc, out, err = run_cli(
-        capsys, "--world-size", "80", "--global-batch-samples", "300", "--plot", str(png)
-    )
+    rc, out, err = run_cli(capsys, "--world-size", "80", "--global-batch-samples", "300", "--plot", str(png))
     assert rc == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "only ranks 0-63 of 80" in out  # truncation is said
@@ -244,7 +256,7 @@ def test_parse_size():
     assert parse_size("8K") == 8192
     assert parse_size("32M") == 32 * 2**20
     assert parse_size("1.5k") == 1536
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
         parse_size("0")
 
 
@@ -261,10 +273,22 @@ def test_python_dash_m(tmp_path):
 
 
 def _hybrid_config(tmp_path, layer_types, name):
-    cfg = {"model_type": "qwen3_5_text", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000,
-           "linear_num_key_heads": 2, "linear_key_head_dim": 32, "linear_num_value_heads": 8,
-           "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "layer_types": layer_types}
+    cfg = {
+        "model_type": "qwen3_5_text",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 32,
+        "linear_num_value_heads": 8,
+        "linear_value_head_dim": 32,
+        "linear_conv_kernel_dim": 4,
+        "layer_types": layer_types,
+    }
     path = tmp_path / name
     path.write_text(json.dumps(cfg))
     return str(path)
@@ -275,8 +299,14 @@ def test_model_config_prices_each_layer_type(tmp_path, capsys):
     attention everywhere plan a slower step; the split method of the linear layers is an option."""
     hybrid = _hybrid_config(tmp_path, ["linear_attention"] * 3 + ["full_attention"], "hybrid.json")
     dense = _hybrid_config(tmp_path, ["full_attention"] * 4, "dense.json")
-    args = ["--lengths", write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"), "--world-size", "8",
-            "--tokens-per-rank", "8192"]
+    args = [
+        "--lengths",
+        write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"),
+        "--world-size",
+        "8",
+        "--tokens-per-rank",
+        "8192",
+    ]
     rc, out, err = run_cli(capsys, "--model-config", hybrid, *args)
     assert rc == 0, err
     assert "layers: 3 Gated DeltaNet (2x32 key, 8x32 value heads, kernel 4), 1 full" in out
@@ -313,18 +343,52 @@ def test_model_config_prints_mamba2_hybrid_and_short_convolution_layers(tmp_path
     LFM2 (short convolutions) configs: each layer type gets its own ``layers:`` line, priced as what it is."""
     from transformers import AutoConfig
 
-    args = ["--lengths", write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"), "--world-size", "8",
-            "--tokens-per-rank", "8192"]
+    args = [
+        "--lengths",
+        write_lengths(tmp_path, "1000\n30000\n2000\n12000\n60000\n"),
+        "--world-size",
+        "8",
+        "--tokens-per-rank",
+        "8192",
+    ]
     configs = {
-        "nemotron_h": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                           intermediate_size=512, vocab_size=1000, mamba_num_heads=8, mamba_head_dim=32,
-                           ssm_state_size=16, n_groups=2, layer_types=["mamba", "mlp", "mamba", "attention"]),
-        "falcon_h1": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                          intermediate_size=512, vocab_size=1000, num_hidden_layers=2, mamba_n_heads=8,
-                          mamba_d_head=32, mamba_d_state=16, mamba_n_groups=2, mamba_d_ssm=256),
-        "lfm2": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
-                     vocab_size=1000, num_hidden_layers=4, conv_L_cache=3,
-                     layer_types=["conv", "conv", "full_attention", "conv"]),
+        "nemotron_h": dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=512,
+            vocab_size=1000,
+            mamba_num_heads=8,
+            mamba_head_dim=32,
+            ssm_state_size=16,
+            n_groups=2,
+            layer_types=["mamba", "mlp", "mamba", "attention"],
+        ),
+        "falcon_h1": dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=512,
+            vocab_size=1000,
+            num_hidden_layers=2,
+            mamba_n_heads=8,
+            mamba_d_head=32,
+            mamba_d_state=16,
+            mamba_n_groups=2,
+            mamba_d_ssm=256,
+        ),
+        "lfm2": dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            vocab_size=1000,
+            num_hidden_layers=4,
+            conv_L_cache=3,
+            layer_types=["conv", "conv", "full_attention", "conv"],
+        ),
     }
     out = {}
     for family, kw in configs.items():
@@ -332,10 +396,12 @@ def test_model_config_prints_mamba2_hybrid_and_short_convolution_layers(tmp_path
         AutoConfig.for_model(family, **kw).save_pretrained(str(path))
         rc, out[family], err = run_cli(capsys, "--model-config", str(path), *args)
         assert rc == 0, err
-    lines = lambda text: [line.strip() for line in text.splitlines()]  # noqa: E731
+    lines = lambda text: [line.strip() for line in text.splitlines()]
     nem = lines(out["nemotron_h"])
-    assert "layers: 2 Mamba-2 (2 groups x 16 state, 8x32 heads, kernel 4), 1 MLP only, 1 full (Mamba-2 layers priced " \
-           "as such, split samples' Mamba-2 layers by 'auto')" in nem
+    assert (
+        "layers: 2 Mamba-2 (2 groups x 16 state, 8x32 heads, kernel 4), 1 MLP only, 1 full (Mamba-2 layers priced "
+        "as such, split samples' Mamba-2 layers by 'auto')" in nem
+    )
     mamba = next(line for line in nem if line.startswith("2 x Mamba-2"))
     mlp = next(line for line in nem if line.startswith("1 x MLP only"))
     assert "convolution and recurrence" in mamba and "attention" not in mamba.split(":", 1)[1]
@@ -343,21 +409,52 @@ def test_model_config_prints_mamba2_hybrid_and_short_convolution_layers(tmp_path
     falcon = next(line for line in lines(out["falcon_h1"]) if line.startswith("2 x hybrid (full attention + Mamba-2"))
     assert "attention" in falcon.split(":", 1)[1] and "convolution and recurrence" in falcon
     lfm = lines(out["lfm2"])
-    assert "layers: 3 short convolution (256 channels, kernel 3), 1 full (short convolution layers priced as such)" in lfm
+    assert (
+        "layers: 3 short convolution (256 channels, kernel 3), 1 full (short convolution layers priced as such)" in lfm
+    )
     conv = next(line for line in lfm if line.startswith("3 x short convolution"))
     assert "convolution" in conv and "recurrence" not in conv and "attention" not in conv.split(":", 1)[1]
 
 
 def test_json_holds_its_inputs(capsys, tmp_path):
     """--json says what it planned from: world, C, the model (as given and its shape), hardware, planner and splits."""
-    cfg = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
-           "num_key_value_heads": 4, "intermediate_size": 512, "vocab_size": 1000}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     path = write_lengths(tmp_path, "\n".join(str(n) for n in [100, 900, 3000, 200] * 4))
-    rc, out, err = run_cli(capsys, "--lengths", path, "--model-config", str(tmp_path / "config.json"),
-                           "--hardware", "h200", "--world-size", "4", "--tokens-per-rank", "1K", "--delta", "0.1",
-                           "--attention-split", "ring", "--state-split", "scan", "--ranks-per-node", "2",
-                           "--global-batch-samples", "12", "--seed", "5", "--json")
+    rc, out, err = run_cli(
+        capsys,
+        "--lengths",
+        path,
+        "--model-config",
+        str(tmp_path / "config.json"),
+        "--hardware",
+        "h200",
+        "--world-size",
+        "4",
+        "--tokens-per-rank",
+        "1K",
+        "--delta",
+        "0.1",
+        "--attention-split",
+        "ring",
+        "--state-split",
+        "scan",
+        "--ranks-per-node",
+        "2",
+        "--global-batch-samples",
+        "12",
+        "--seed",
+        "5",
+        "--json",
+    )
     assert rc == 0, err
     inputs = json.loads(out)["inputs"]
     assert inputs["world_size"] == 4 and inputs["tokens_per_rank"] == 1024

@@ -39,7 +39,9 @@ FREE_COMM = dict(kv_bytes_per_token=1024, intra_bandwidth=math.inf, inter_bandwi
 # ------------------------------------------------------------------ the terms
 
 
-@pytest.mark.parametrize("cost", [CostModel.default(), CostModel.bytescale(), CostModel(2e-9, 3e-6, 1e-4, num_layers=7)])
+@pytest.mark.parametrize(
+    "cost", [CostModel.default(), CostModel.bytescale(), CostModel(2e-9, 3e-6, 1e-4, num_layers=7)]
+)
 def test_attention_term_is_quadratic_and_linear_term_linear(cost):
     s = 3000
     att = [cost.attention_time(s * m) for m in (1, 2, 4)]
@@ -83,8 +85,9 @@ def test_piece_time_splits_compute_k_ways_when_communication_is_free():
 
 def test_communication_is_exposed_when_bandwidth_is_tiny():
     L, kvb, vb, bw = 3, 1000.0, 2, 1e6
-    cost = CostModel(1e-12, 1e-9, 0.0, num_layers=L, kv_bytes_per_token=kvb, value_bytes=vb,
-                     intra_bandwidth=bw, inter_bandwidth=bw)
+    cost = CostModel(
+        1e-12, 1e-9, 0.0, num_layers=L, kv_bytes_per_token=kvb, value_bytes=vb, intra_bandwidth=bw, inter_bandwidth=bw
+    )
     s, k = 4000, 4
     n = s / k
     compute = cost.piece_compute_time(s, k)
@@ -149,8 +152,17 @@ def test_micro_batch_time_shares_one_ring_segment_per_group():
 
 
 def test_allreduce_time():
-    cost = CostModel(0, 0, 0, intra_bandwidth=100.0, intra_latency=0.5, ranks_per_node=8,
-                     inter_bandwidth=10.0, inter_latency=1.0, grad_bytes=1000.0)
+    cost = CostModel(
+        0,
+        0,
+        0,
+        intra_bandwidth=100.0,
+        intra_latency=0.5,
+        ranks_per_node=8,
+        inter_bandwidth=10.0,
+        inter_latency=1.0,
+        grad_bytes=1000.0,
+    )
     assert cost.allreduce_time(None, 1) == 0
     assert cost.allreduce_time(None, 4) == pytest.approx(2 * 3 / 4 * 1000 / 100 + 2 * 2 * 0.5)
     assert cost.allreduce_time(None, 16) == pytest.approx(2 * 15 / 16 * 1000 / 10 + 2 * 4 * 1.0)
@@ -209,8 +221,9 @@ def test_calibrate_recovers_coefficients_from_a_noisy_measure():
         s1 = item if isinstance(item, int) else sum(item)
         return L * (a * s2 + b * s1 + c) * (1 + rng.uniform(-0.01, 0.01))
 
-    base = CostModel.from_specs(ModelSpec("tiny", 128, 4, 4, 2, 336, 2048, tie_word_embeddings=True),
-                                HARDWARE_PRESETS["cpu"])
+    base = CostModel.from_specs(
+        ModelSpec("tiny", 128, 4, 4, 2, 336, 2048, tie_word_embeddings=True), HARDWARE_PRESETS["cpu"]
+    )
     lengths = [64, 128, 256, 512, 1024, 2048, (64,) * 16]
     cost = calibrate(measure, lengths, base=base, repeats=3, warmup=1)
     assert len(calls) == 4 * len(lengths)
@@ -289,8 +302,14 @@ def test_bytescale_fit_matches_the_published_per_layer_times():
 
 def _tiny_configs():
     transformers = pytest.importorskip("transformers")
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return {
         "llama": transformers.LlamaConfig(**common),
         "llama-tied": transformers.LlamaConfig(**common, tie_word_embeddings=True),
@@ -346,7 +365,8 @@ def test_activation_bytes_follow_the_layer_shapes():
     # GQA keeps less K/V; a float32 model keeps twice as much
     gqa = MODEL_PRESETS["llama-70b"]
     assert layer_activation_bytes_per_token(gqa) < layer_activation_bytes_per_token(
-        ModelSpec("mha", 8192, 80, 64, 64, 28672, 32000))
+        ModelSpec("mha", 8192, 80, 64, 64, 28672, 32000)
+    )
     f32 = ModelSpec("f32", 4096, 32, 32, 32, 11008, 32000, bytes_per_value=4)
     assert layer_activation_bytes_per_token(f32) == pytest.approx(2 * layer_activation_bytes_per_token(m) - 4 * 32)
 
@@ -366,10 +386,14 @@ def test_memory_estimate_is_monotonic_and_tokens_per_rank_inverts_it():
             assert memory_per_rank(m, t, checkpointing=ckpt, zero1_ranks=64) <= usable
             assert memory_per_rank(m, t + 1, checkpointing=ckpt, zero1_ranks=64) > usable
     # more memory, more tokens; checkpointing buys several times more
-    assert (tokens_per_rank_for_memory(m, 60e9, zero1_ranks=64) < tokens_per_rank_for_memory(m, 80e9, zero1_ranks=64)
-            < tokens_per_rank_for_memory(m, 141e9, zero1_ranks=64))
+    assert (
+        tokens_per_rank_for_memory(m, 60e9, zero1_ranks=64)
+        < tokens_per_rank_for_memory(m, 80e9, zero1_ranks=64)
+        < tokens_per_rank_for_memory(m, 141e9, zero1_ranks=64)
+    )
     assert tokens_per_rank_for_memory(m, 80e9, zero1_ranks=64) > 5 * tokens_per_rank_for_memory(
-        m, 80e9, zero1_ranks=64, checkpointing=False)
+        m, 80e9, zero1_ranks=64, checkpointing=False
+    )
     # ByteScale's C = 8K for LLaMA-7B on 80 GB is in the range the estimate gives without recomputation
     c = tokens_per_rank_for_memory(m, 80e9, checkpointing=False, zero1_ranks=1024, grad_bytes=2)
     assert 6_000 < c < 12_000
@@ -383,6 +407,8 @@ def test_tokens_per_rank_for_memory_explains_when_the_model_does_not_fit():
 
 
 def test_planning_cost_and_metrics_do_not_import_torch():
-    code = ("import sys, hf_hdp.planning.cost, hf_hdp.planning.metrics; "
-            "hf_hdp.planning.cost.CostModel.bytescale(); assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, hf_hdp.planning.cost, hf_hdp.planning.metrics; "
+        "hf_hdp.planning.cost.CostModel.bytescale(); assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

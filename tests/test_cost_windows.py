@@ -34,14 +34,23 @@ def brute_bytes(cost, lengths, k, mask):
     """Bytes member i sends in ONE layer under the direct protocol, from reach.needed_count."""
     lay = layout_of(lengths, k)
     kvb, acc = cost.kv_bytes_per_token, cost.grad_hop_bytes / cost.value_bytes
-    return [kvb * (2 * sum(needed_count(lay, m, i, mask) for m in range(k) if m != i)
-                   + acc * sum(needed_count(lay, i, j, mask) for j in range(k) if j != i)) for i in range(k)]
+    return [
+        kvb
+        * (
+            2 * sum(needed_count(lay, m, i, mask) for m in range(k) if m != i)
+            + acc * sum(needed_count(lay, i, j, mask) for j in range(k) if j != i)
+        )
+        for i in range(k)
+    ]
 
 
 def brute_messages(lengths, k, mask):
     lay = layout_of(lengths, k)
-    return [2 * sum(needed_count(lay, m, i, mask) > 0 for m in range(k) if m != i)
-            + sum(needed_count(lay, i, j, mask) > 0 for j in range(k) if j != i) for i in range(k)]
+    return [
+        2 * sum(needed_count(lay, m, i, mask) > 0 for m in range(k) if m != i)
+        + sum(needed_count(lay, i, j, mask) > 0 for j in range(k) if j != i)
+        for i in range(k)
+    ]
 
 
 # --------------------------------------------------------------------------- compute per layer kind
@@ -54,7 +63,9 @@ def test_gemma_like_attention_time_is_the_mask_pairs_share_of_the_full_one():
     assert cost.attention_time(S) / full.attention_time(S) == pytest.approx(expected, rel=1e-12)
     assert cost.attention_time(S) / full.attention_time(S) < 0.2
     # the linear and constant terms are untouched
-    assert cost.sequence_time(S) - cost.attention_time(S) == pytest.approx(full.sequence_time(S) - full.attention_time(S))
+    assert cost.sequence_time(S) - cost.attention_time(S) == pytest.approx(
+        full.sequence_time(S) - full.attention_time(S)
+    )
     assert cost.local_time(S) == pytest.approx(cost.attention_time(S) + cost.linear_time(S))
     # a split sample: the slowest member's rows, a little more than 1/k of it (its rows see whole windows)
     assert cost.local_time(S) / 8 < cost.piece_compute_time(S, 8) < 1.001 * cost.local_time(S) / 8
@@ -91,7 +102,9 @@ def test_a_window_at_least_the_sample_prices_exactly_as_full():
     for k in (2, 3, 4):
         assert cost.segment_breakdown([4000, 96], k) == BASE.segment_breakdown([4000, 96], k)
         assert cost.segment_bytes_by_member([4000, 96], k) == BASE.segment_bytes_by_member([4000, 96], k)
-        assert cost.split_breakdown([4096], tuple(range(2 * k)), 2) == BASE.split_breakdown([4096], tuple(range(2 * k)), 2)
+        assert cost.split_breakdown([4096], tuple(range(2 * k)), 2) == BASE.split_breakdown(
+            [4096], tuple(range(2 * k)), 2
+        )
     assert cost.attention_time(5000) < BASE.attention_time(5000)
 
 
@@ -124,8 +137,17 @@ def test_cost_models_stay_hashable_and_json_friendly():
     d = cost.to_dict()
     json.dumps(d)
     assert len(d["layer_masks"]) == 32 and d["layer_masks"][0] == {"window": 1024, "chunk": None}
-    assert CostModel(**{**d, "intra_bandwidth": BASE.intra_bandwidth, "inter_bandwidth": BASE.inter_bandwidth,
-                        "ranks_per_node": BASE.ranks_per_node}).layer_masks == cost.layer_masks
+    assert (
+        CostModel(
+            **{
+                **d,
+                "intra_bandwidth": BASE.intra_bandwidth,
+                "inter_bandwidth": BASE.inter_bandwidth,
+                "ranks_per_node": BASE.ranks_per_node,
+            }
+        ).layer_masks
+        == cost.layer_masks
+    )
     assert cost.describe_layers() == "27 sliding (w=1,024), 5 full"
 
 
@@ -133,13 +155,17 @@ def test_cost_models_stay_hashable_and_json_friendly():
 
 
 def _brute_pairs(a, b, x, y, m):
-    return sum(1 for q in range(a, b) for kk in range(x, y)
-               if kk <= q and (m.window is None or q - kk < m.window) and (m.chunk is None or q // m.chunk == kk // m.chunk))
+    return sum(
+        1
+        for q in range(a, b)
+        for kk in range(x, y)
+        if kk <= q and (m.window is None or q - kk < m.window) and (m.chunk is None or q // m.chunk == kk // m.chunk)
+    )
 
 
 def test_the_fast_exchange_counts_equal_reach_brute_force():
     rng = random.Random(0)
-    for trial in range(400):
+    for _trial in range(400):
         k = rng.randint(2, 7)
         lengths = tuple(rng.randint(1, 70) for _ in range(rng.randint(1, 3)))
         mask = LayerMask(rng.choice([None, 1, 2, 3, 5, 9, 16, 200]), rng.choice([None, None, 3, 4, 7, 16]))
@@ -152,8 +178,12 @@ def test_the_fast_exchange_counts_equal_reach_brute_force():
         assert list(ex.received_messages) == [sum(n > 0 for n in row) for row in need], case
         assert list(ex.sent_messages) == [sum(need[i][j] > 0 for i in range(k)) for j in range(k)], case
         for i in range(k):
-            own = sum(_brute_pairs(a, b, x, y, mask) for s in lengths
-                      for a, b in member_token_ranges(s, k, i) for x, y in member_token_ranges(s, k, i))
+            own = sum(
+                _brute_pairs(a, b, x, y, mask)
+                for s in lengths
+                for a, b in member_token_ranges(s, k, i)
+                for x, y in member_token_ranges(s, k, i)
+            )
             assert ex.own[i] == own, case
     for _ in range(300):
         m = LayerMask(rng.choice([None, 1, 4, 9]), rng.choice([None, 2, 5]))
@@ -182,7 +212,8 @@ def test_chunked_ring_bytes_equal_the_protocol():
     cost = replace(BASE, num_layers=4, layer_masks=pattern_masks(4, None, 64, "all"))
     lengths, k = [400, 130], 4
     assert cost.segment_bytes_by_member(lengths, k) == pytest.approx(
-        [4 * b for b in brute_bytes(cost, lengths, k, LayerMask(chunk=64))], rel=1e-12)
+        [4 * b for b in brute_bytes(cost, lengths, k, LayerMask(chunk=64))], rel=1e-12
+    )
 
 
 def test_windowed_ring_pieces_expose_less_than_the_relay_ring():
@@ -196,7 +227,10 @@ def test_windowed_ring_pieces_expose_less_than_the_relay_ring():
     slow = replace(cost, inter_bandwidth=1e6)
     assert slow.segment_breakdown([S], 4, True)[1] > cost.segment_breakdown([S], 4, True)[1]
     # and the overlap of the dK/dV messages helps
-    assert replace(slow, overlap_grad_hops=True).segment_breakdown([S], 4, True)[1] < slow.segment_breakdown([S], 4, True)[1]
+    assert (
+        replace(slow, overlap_grad_hops=True).segment_breakdown([S], 4, True)[1]
+        < slow.segment_breakdown([S], 4, True)[1]
+    )
 
 
 def test_ulysses_segments_use_the_direct_exchange_over_the_positions():
@@ -216,8 +250,10 @@ def test_ulysses_segments_use_the_direct_exchange_over_the_positions():
     for m in range(k):
         p, j = divmod(m, u)
         per_row = 2 * len(splits[j].kv_heads) * cost.head_bytes
-        direct = per_row * (2 * sum(needed_count(lay, q, p, mask) for q in range(r) if q != p)
-                            + acc * sum(needed_count(lay, p, q, mask) for q in range(r) if q != p))
+        direct = per_row * (
+            2 * sum(needed_count(lay, q, p, mask) for q in range(r) if q != p)
+            + acc * sum(needed_count(lay, p, q, mask) for q in range(r) if q != p)
+        )
         relay = ring_full[p] * per_row / cost.kv_bytes_per_token  # ...carrying this member's heads
         assert ref[m] - got[m] == pytest.approx(5 * (relay - direct), rel=1e-9)
         assert direct < relay
@@ -230,7 +266,10 @@ def test_ulysses_segments_use_the_direct_exchange_over_the_positions():
     assert c1 == pytest.approx(cost.local_time(S) / 16) and c1 < c0
     assert e1 < e0
     # pure Ulysses (one position): only the all-to-alls, unchanged
-    assert cost.head_parallel_breakdown([S], 8, 8, False, False)[1] == full.head_parallel_breakdown([S], 8, 8, False, False)[1]
+    assert (
+        cost.head_parallel_breakdown([S], 8, 8, False, False)[1]
+        == full.head_parallel_breakdown([S], 8, 8, False, False)[1]
+    )
 
 
 def test_a_windowed_piece_is_priced_from_cached_exchanges():
@@ -260,7 +299,10 @@ def test_model_spec_reads_layer_masks_from_transformers_configs():
 
     mistral = AutoConfig.for_model("mistral", sliding_window=4096, num_hidden_layers=4)
     assert CostModel.from_config(mistral).layer_masks == (LayerMask(window=4096),) * 4
-    assert CostModel.from_config(AutoConfig.for_model("mistral", sliding_window=None, num_hidden_layers=4)).layer_masks == ()
+    assert (
+        CostModel.from_config(AutoConfig.for_model("mistral", sliding_window=None, num_hidden_layers=4)).layer_masks
+        == ()
+    )
 
     llama4 = AutoConfig.for_model("llama4_text", attention_chunk_size=8192, num_hidden_layers=8)
     cost = CostModel.from_config(llama4)
@@ -292,9 +334,17 @@ def test_the_cli_prices_sliding_layers(tmp_path, capsys):
 
 
 def test_the_cli_reads_a_model_config(tmp_path, capsys):
-    cfg = {"model_type": "gemma3_text", "hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000,
-           "sliding_window": 512}
+    cfg = {
+        "model_type": "gemma3_text",
+        "hidden_size": 256,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+        "sliding_window": 512,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     path = tmp_path / "lengths.txt"
     path.write_text("1000\n30000\n")

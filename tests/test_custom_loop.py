@@ -63,9 +63,16 @@ def _wrong_uses(acc, model, batch, path) -> dict:
         "prepare_ddp": _refused(lambda: acc.prepare(ddp)),
         "backward_ddp": _refused(lambda: acc.hdp_backward(ddp, batch)),
         "backward_plain_accelerator_model": _refused(lambda: acc.hdp_backward(plain_model, batch)),
-        "plain_accelerator_no_mesh": _refused(lambda: run_micro_batches(
-            load_model(path), step.micro_batches, step.num_loss_tokens, getattr(plain, "mesh", None), "reference",
-            torch.device("cpu"))),
+        "plain_accelerator_no_mesh": _refused(
+            lambda: run_micro_batches(
+                load_model(path),
+                step.micro_batches,
+                step.num_loss_tokens,
+                getattr(plain, "mesh", None),
+                "reference",
+                torch.device("cpu"),
+            )
+        ),
         "backward_unprepared": _refused(lambda: acc.hdp_backward(load_model(path), batch)),
         "backward_not_a_step": _refused(lambda: acc.hdp_backward(model, {"input_ids": torch.ones(1, 4)})),
         "steps_unprepared": _refused(lambda: fresh.hdp_steps(Dataset.from_list(_rows()))),
@@ -75,15 +82,27 @@ def _wrong_uses(acc, model, batch, path) -> dict:
 
 def _loop_worker(rank, world, path, zero_stage, extras: bool):
     # as torchrun sets them (accelerate reads them; the gloo group itself is up already)
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29599",
+    )
     from datasets import Dataset
 
     from hf_hdp import HDPAccelerator, HDPConfig
 
     torch.use_deterministic_algorithms(True)
-    acc = HDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=SETTINGS[world][0], global_batch_size=BATCH,
-                                              attention_backend="reference", zero_stage=zero_stage))
+    acc = HDPAccelerator(
+        hdp_config=HDPConfig(
+            tokens_per_rank=SETTINGS[world][0],
+            global_batch_size=BATCH,
+            attention_backend="reference",
+            zero_stage=zero_stage,
+        )
+    )
     model = load_model(path)  # float64; prepare switches it to the "hdp" attention
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     # a prepared scheduler steps once per optimizer step: HDP's global batch does not grow with the world size
@@ -96,20 +115,33 @@ def _loop_worker(rank, world, path, zero_stage, extras: bool):
         step = batch["hdp_step"]
         loss = acc.hdp_backward(model, batch)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        steps.append({"rows": step.rows, "loss": loss, "micro": len(step.micro_batches),
-                      "grads": grads if rank == 0 else None, "lr": optimizer.param_groups[0]["lr"]})
+        steps.append(
+            {
+                "rows": step.rows,
+                "loss": loss,
+                "micro": len(step.micro_batches),
+                "grads": grads if rank == 0 else None,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = {"steps": steps, "weights": weights if rank == 0 else {n: w.sum() for n, w in weights.items()},
-           "type": type(model).__name__}
+    out = {
+        "steps": steps,
+        "weights": weights if rank == 0 else {n: w.sum() for n, w in weights.items()},
+        "type": type(model).__name__,
+    }
     if extras:
         out["refused"] = _wrong_uses(acc, model, first, path)
         printed = io.StringIO()
         # the example ends with end_training(), which would destroy the group run_distributed closes itself
-        with mock.patch.object(sys, "argv", [EXAMPLE, "3"]), contextlib.redirect_stdout(printed), \
-                mock.patch("torch.distributed.destroy_process_group"):
+        with (
+            mock.patch.object(sys, "argv", [EXAMPLE, "3"]),
+            contextlib.redirect_stdout(printed),
+            mock.patch("torch.distributed.destroy_process_group"),
+        ):
             runpy.run_path(EXAMPLE, run_name="__main__")
         out["example"] = printed.getvalue()
     return out
@@ -156,10 +188,14 @@ def test_custom_loop_two_ranks_equals_single_process(model_path):
     for key in ("prepare_ddp", "backward_ddp", "backward_plain_accelerator_model"):
         assert refused[key].startswith("TypeError") and "DistributedDataParallel" in refused[key], refused[key]
         assert "model.module" in refused[key] and "hang" in refused[key], refused[key]
-    assert "need the dynamic mesh" in refused["plain_accelerator_no_mesh"] and "HDPAccelerator" in \
-        refused["plain_accelerator_no_mesh"], refused["plain_accelerator_no_mesh"]
-    assert "not prepared" in refused["backward_unprepared"] and "accelerator.prepare(model)" in \
-        refused["backward_unprepared"], refused["backward_unprepared"]
+    assert (
+        "need the dynamic mesh" in refused["plain_accelerator_no_mesh"]
+        and "HDPAccelerator" in refused["plain_accelerator_no_mesh"]
+    ), refused["plain_accelerator_no_mesh"]
+    assert (
+        "not prepared" in refused["backward_unprepared"]
+        and "accelerator.prepare(model)" in refused["backward_unprepared"]
+    ), refused["backward_unprepared"]
     assert refused["backward_not_a_step"].startswith("TypeError") and "hdp_steps" in refused["backward_not_a_step"]
     assert "no model was prepared" in refused["steps_unprepared"], refused["steps_unprepared"]
     assert results[1]["refused"] == refused  # every rank refused, the same way
@@ -177,8 +213,14 @@ def test_custom_loop_four_ranks_zero2_equals_single_process(model_path):
 
 
 def _run(cmd, env):
-    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", **env),
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        cmd,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_example_runs_on_one_process_and_a_launch_without_group_is_refused():
@@ -186,8 +228,7 @@ def test_example_runs_on_one_process_and_a_launch_without_group_is_refused():
     proc = _run([sys.executable, EXAMPLE, "2"], {})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert [x for x in proc.stdout.splitlines() if x.startswith("rank 0: step")][-1].startswith("rank 0: step 2")
-    code = ("from hf_hdp import HDPAccelerator, HDPConfig\n"
-            "HDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=64))\n")
+    code = "from hf_hdp import HDPAccelerator, HDPConfig\nHDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=64))\n"
     proc = _run([sys.executable, "-c", code], {"WORLD_SIZE": "2"})
     assert proc.returncode != 0
     assert "WORLD_SIZE=2 processes were launched but torch.distributed is not initialized" in proc.stderr, proc.stderr

@@ -11,9 +11,9 @@ import pytest
 from datasets import Dataset
 
 from hf_hdp.collators import IGNORE_INDEX, HDPCollator, HDPDataError, count_loss_tokens
-from hf_hdp.planning import plan_naive, plan_static
 from hf_hdp.data.checks import LENGTH_COLUMN, LOSS_TOKENS_COLUMN, check_lengths, measure_dataset
 from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
+from hf_hdp.planning import plan_naive, plan_static
 
 B = 100_000  # token id = row * B + position
 

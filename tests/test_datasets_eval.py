@@ -23,11 +23,11 @@ from transformers import TrainingArguments
 
 from hf_hdp import HDPConfig, HDPTrainer
 from hf_hdp.collators import HDPDataError
-from hf_hdp.planning import plan_naive
 from hf_hdp.data.loader import GlobalBatchSampler, HDPStepDataset
+from hf_hdp.planning import plan_naive
 from tests.dist_utils import run_distributed
 from tests.models import VOCAB, load_model, reference_step, save_tiny_model
-from tests.test_equivalence import C, WORLD, _samples
+from tests.test_equivalence import WORLD, C, _samples
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,16 @@ def tiny(tmp_path_factory):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1, save_strategy="no",
-                disable_tqdm=True, logging_steps=1, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -45,7 +53,7 @@ def _args(tmp_path, **kw):
 def _rows(n: int, seed: int = 0, max_len: int = 30) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for i in range(n):
+    for _i in range(n):
         length = int(torch.randint(2, max_len, (1,), generator=g))
         ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * (length // 3) + ids[length // 3 :]})
@@ -67,8 +75,7 @@ def test_length_column_is_computed_with_num_proc_and_cached(tiny, tmp_path):
     first = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=load_from_disk(folder), hdp_config=cfg)
     ds = first.train_dataset
     assert ds["hdp_length"][:] == [len(r["input_ids"]) for r in rows]
-    assert ds["hdp_loss_tokens"][:] == [len(r["input_ids"]) - max(len(r["input_ids"]) // 3, 1)
-                                        for r in rows]
+    assert ds["hdp_loss_tokens"][:] == [len(r["input_ids"]) - max(len(r["input_ids"]) // 3, 1) for r in rows]
     written = _cache_files(folder)
     assert len(written) == 2, written  # one cache file per map process: num_proc=2 really ran
     assert {os.path.join(folder, f) for f in written} == {c["filename"] for c in ds.cache_files}
@@ -99,8 +106,8 @@ def test_each_rank_loads_only_the_rows_of_its_pieces(tmp_path):
     Dataset.from_list(_rows(64, max_len=60)).save_to_disk(str(tmp_path / "ds"))
     ds = load_from_disk(str(tmp_path / "ds"))
     assert ds.cache_files  # arrow on disk, memory-mapped: rows are read on demand
-    from hf_hdp.data.checks import measure_dataset
     from hf_hdp.collators import HDPCollator
+    from hf_hdp.data.checks import measure_dataset
 
     ds, lengths, loss_tokens = measure_dataset(ds)
     sampler = GlobalBatchSampler(len(lengths), 16, seed=0)
@@ -126,8 +133,12 @@ def test_trainer_never_reads_a_token_column(tiny, tmp_path, monkeypatch):
     keys = []
     original = Dataset.__getitem__
     monkeypatch.setattr(Dataset, "__getitem__", lambda self, key: (keys.append(key), original(self, key))[1])
-    trainer = HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path, max_steps=2), train_dataset=ds,
-                         hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4))
+    trainer = HDPTrainer(
+        load_model(tiny, dtype=torch.float32),
+        _args(tmp_path, max_steps=2),
+        train_dataset=ds,
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4),
+    )
     trainer.train()
     columns = [k for k in keys if isinstance(k, str)]
     assert "hdp_length" in columns and "hdp_loss_tokens" in columns  # planning reads the per-row columns...
@@ -140,8 +151,11 @@ def test_trainer_never_reads_a_token_column(tiny, tmp_path, monkeypatch):
 def test_streaming_dataset_is_refused_with_a_recipe_that_works(tiny, tmp_path):
     stream = Dataset.from_list(_rows(8)).to_iterable_dataset()
     cfg = HDPConfig(tokens_per_rank=64, global_batch_size=4)
-    with pytest.raises(TypeError, match=r"(?s)map-style datasets.Dataset as train_dataset, got IterableDataset.*"
-                                        r"streaming=False.*from_generator"):
+    with pytest.raises(
+        TypeError,
+        match=r"(?s)map-style datasets.Dataset as train_dataset, got IterableDataset.*"
+        r"streaming=False.*from_generator",
+    ):
         HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=stream, hdp_config=cfg)
     with pytest.raises(TypeError, match=r"eval_dataset, got IterableDataset"):
         HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=stream, hdp_config=cfg)
@@ -149,25 +163,30 @@ def test_streaming_dataset_is_refused_with_a_recipe_that_works(tiny, tmp_path):
     def gen(ds):  # the message's recipe
         yield from ds
 
-    converted = Dataset.from_generator(functools.partial(gen, stream), features=stream.features,
-                                       cache_dir=str(tmp_path / "cache"))
-    trainer = HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path), train_dataset=converted,
-                         hdp_config=cfg)
+    converted = Dataset.from_generator(
+        functools.partial(gen, stream), features=stream.features, cache_dir=str(tmp_path / "cache")
+    )
+    trainer = HDPTrainer(
+        load_model(tiny, dtype=torch.float32), _args(tmp_path), train_dataset=converted, hdp_config=cfg
+    )
     assert trainer.train().global_step == 1
 
 
 # ------------------------------------------------------------------ evaluation
 def _eval_worker(rank, world_size, model_path, out_dir):
     # the gloo group exists already; accelerate (inside TrainingArguments) joins it as MULTI_CPU
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
-    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], per_device_eval_batch_size=2,
-                             disable_tqdm=True)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
+    args = TrainingArguments(
+        output_dir=out_dir, use_cpu=True, report_to=[], per_device_eval_batch_size=2, disable_tqdm=True
+    )
     assert args.world_size == world_size
     samples = _samples()
     evals = {"all": Dataset.from_list(samples), "long": Dataset.from_list([samples[i] for i in (0, 3, 8)])}
-    trainer = HDPTrainer(load_model(model_path), args, eval_dataset=evals,
-                         hdp_config=HDPConfig(tokens_per_rank=C, planner="naive"))
+    trainer = HDPTrainer(
+        load_model(model_path), args, eval_dataset=evals, hdp_config=HDPConfig(tokens_per_rank=C, planner="naive")
+    )
     metrics = trainer.evaluate()
     grads = [n for n, p in trainer.model.named_parameters() if p.grad is not None]
     return metrics, trainer.mesh.stats.bytes_sent, grads
@@ -178,7 +197,7 @@ def test_evaluate_on_4_ranks_equals_single_process(tiny, tmp_path):
     results = run_distributed(_eval_worker, WORLD, tiny, str(tmp_path / "out"))
     ref_all = reference_step(load_model(tiny), samples)[0]  # per-token mean over the whole set
     ref_long = reference_step(load_model(tiny), [samples[i] for i in (0, 3, 8)])[0]
-    for rank, (metrics, sent, grads) in enumerate(results):
+    for rank, (metrics, _sent, grads) in enumerate(results):
         assert metrics["eval_all_loss"] == pytest.approx(ref_all, rel=1e-12), rank
         assert metrics["eval_long_loss"] == pytest.approx(ref_long, rel=1e-12), rank
         assert grads == []  # forward only
@@ -186,11 +205,16 @@ def test_evaluate_on_4_ranks_equals_single_process(tiny, tmp_path):
     assert all(sent > 0 for _, sent, _ in results)  # long samples ran as rings (k = 3, 4) on every rank
 
     # one process, the same set: the same loss, also for a set passed to evaluate() directly
-    trainer = HDPTrainer(load_model(tiny), _args(tmp_path), eval_dataset=Dataset.from_list(samples),
-                         hdp_config=HDPConfig(tokens_per_rank=64))
+    trainer = HDPTrainer(
+        load_model(tiny),
+        _args(tmp_path),
+        eval_dataset=Dataset.from_list(samples),
+        hdp_config=HDPConfig(tokens_per_rank=64),
+    )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ref_all, rel=1e-12)
-    assert trainer.evaluate(Dataset.from_list(samples[:4]), metric_key_prefix="test")["test_loss"] == \
-        pytest.approx(reference_step(load_model(tiny), samples[:4])[0], rel=1e-12)
+    assert trainer.evaluate(Dataset.from_list(samples[:4]), metric_key_prefix="test")["test_loss"] == pytest.approx(
+        reference_step(load_model(tiny), samples[:4])[0], rel=1e-12
+    )
 
 
 def test_evaluation_refuses_what_it_cannot_compute(tiny, tmp_path):
@@ -200,9 +224,13 @@ def test_evaluation_refuses_what_it_cannot_compute(tiny, tmp_path):
     # compute_metrics / preprocess_logits_for_metrics are honoured (tests/test_eval_metrics.py); with
     # prediction_loss_only=True stock Trainer calls neither, and neither does HDP: the loss only, no predictions
     calls = []
-    trainer = HDPTrainer(load_model(tiny), _args(tmp_path, prediction_loss_only=True),
-                         eval_dataset=Dataset.from_list(_rows(4)), compute_metrics=lambda p: calls.append(p) or {},
-                         hdp_config=HDPConfig(tokens_per_rank=64))
+    trainer = HDPTrainer(
+        load_model(tiny),
+        _args(tmp_path, prediction_loss_only=True),
+        eval_dataset=Dataset.from_list(_rows(4)),
+        compute_metrics=lambda p: calls.append(p) or {},
+        hdp_config=HDPConfig(tokens_per_rank=64),
+    )
     assert math.isfinite(trainer.evaluate()["eval_loss"])
     result = trainer.predict(Dataset.from_list(_rows(2)))
     assert result.predictions is None and math.isfinite(result.metrics["test_loss"]) and calls == []
@@ -230,16 +258,29 @@ def test_global_batch_without_labels_skips_the_optimizer_step(tiny, tmp_path, ca
         def on_step_end(self, args, state, control, **kw):
             snapshot(trainer)
 
-    args = _args(tmp_path, max_steps=3, optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1,
-                 lr_scheduler_type="constant", max_grad_norm=1.0)
-    trainer = HDPTrainer(load_model(tiny, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
-                         hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=gbs))
+    args = _args(
+        tmp_path,
+        max_steps=3,
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+    )
+    trainer = HDPTrainer(
+        load_model(tiny, dtype=torch.float32),
+        args,
+        train_dataset=Dataset.from_list(rows),
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=gbs),
+    )
     trainer.add_callback(Snap())
     with caplog.at_level(logging.WARNING, logger="hf_hdp.trainer.trainer"):
         out = trainer.train()
 
     warnings = [r.getMessage() for r in caplog.records if "no label token" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("global step 2 ") and "optimizer step was skipped" in warnings[0]
+    assert (
+        len(warnings) == 1 and warnings[0].startswith("global step 2 ") and "optimizer step was skipped" in warnings[0]
+    )
     (w1, s1), (w2, s2), (w3, s3) = snapshots
     assert s1 and all(int(s["step"]) == 1 for s in s1.values())  # step 1 trained: AdamW has momentum now
     for k in w1:  # step 2 changed nothing: no momentum drift, no weight decay
@@ -263,8 +304,12 @@ def test_global_batch_without_labels_skips_the_optimizer_step(tiny, tmp_path, ca
             CountingAdamW.calls += 1
             return super().step(closure)
 
-    trainer = HDPTrainer(load_model(tiny, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
-                         optimizer_cls_and_kwargs=(CountingAdamW, {"lr": 1e-2}),
-                         hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=gbs))
+    trainer = HDPTrainer(
+        load_model(tiny, dtype=torch.float32),
+        args,
+        train_dataset=Dataset.from_list(rows),
+        optimizer_cls_and_kwargs=(CountingAdamW, {"lr": 1e-2}),
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=gbs),
+    )
     trainer.train()
     assert CountingAdamW.calls == 2 and trainer.state.global_step == 3

@@ -19,7 +19,6 @@ plans as an uninterrupted one (``test_resume.py``); every rank computes the same
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -30,8 +29,18 @@ STEPS = 6
 
 
 def _run(nproc: int, model: str, out: str, hash_seed: str) -> dict:
-    return run_train_steps(nproc, model, out, "--steps", str(STEPS), "--planner", "balanced",
-                           "--tokens_per_rank", {1: "64", 2: "32"}[nproc], env={"PYTHONHASHSEED": hash_seed})
+    return run_train_steps(
+        nproc,
+        model,
+        out,
+        "--steps",
+        str(STEPS),
+        "--planner",
+        "balanced",
+        "--tokens_per_rank",
+        {1: "64", 2: "32"}[nproc],
+        env={"PYTHONHASHSEED": hash_seed},
+    )
 
 
 def _losses(log):

@@ -91,7 +91,9 @@ def test_hdp_gradients_equal_single_device(family, family_runs):
         assert loss == pytest.approx(ref_loss, rel=1e-12), plan.planner
         assert set(grads) == set(ref_grads)
         for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{plan.planner} {name}: {m}")
+            torch.testing.assert_close(
+                grads[name], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{plan.planner} {name}: {m}"
+            )
         for r in range(1, WORLD):  # every rank holds the same reduced gradient and loss
             assert results[r][i][0] == pytest.approx(loss, rel=1e-12)
             for name, s in results[r][i][1].items():

@@ -105,25 +105,36 @@ def _args(out, **kw):
 def _stock(model_path, rows, out, **kw):
     metric_fns = kw.pop("metric_fns", True)
     fns = dict(compute_metrics=kw.pop("compute_metrics", accuracy), preprocess_logits_for_metrics=argmax)
-    return Trainer(load_model(model_path), _args(out, **kw), eval_dataset=Dataset.from_list(rows),
-                   **(fns if metric_fns else {}))
+    return Trainer(
+        load_model(model_path), _args(out, **kw), eval_dataset=Dataset.from_list(rows), **(fns if metric_fns else {})
+    )
 
 
 # ------------------------------------------------------------------ 2 ranks vs one stock process
 def _worker(rank, world_size, model_path, rows, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     ds = Dataset.from_list(rows)
     args = _args(out, per_device_eval_batch_size=3)  # global eval batches of 6, 4 samples: 2 plans
     assert args.world_size == world_size
-    trainer = HDPTrainer(load_model(model_path), args, eval_dataset=ds, compute_metrics=accuracy,
-                         preprocess_logits_for_metrics=argmax, hdp_config=HDPConfig(tokens_per_rank=C, planner="naive"))
+    trainer = HDPTrainer(
+        load_model(model_path),
+        args,
+        eval_dataset=ds,
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=argmax,
+        hdp_config=HDPConfig(tokens_per_rank=C, planner="naive"),
+    )
     metrics = trainer.evaluate()
     ring = trainer.predict(ds)
     sent = trainer.mesh.stats.bytes_sent
     # Ulysses pieces (head-parallel all-to-all), full logits: no metric function at all
-    ulysses = HDPTrainer(load_model(model_path), args, hdp_config=HDPConfig(tokens_per_rank=C, planner="balanced",
-                                                                            attention_split="ulysses"))
+    ulysses = HDPTrainer(
+        load_model(model_path),
+        args,
+        hdp_config=HDPConfig(tokens_per_rank=C, planner="balanced", attention_split="ulysses"),
+    )
     loader = ulysses.get_eval_dataloader(ds)
     splits = {}
     for s in range(len(loader)):
@@ -142,7 +153,10 @@ def test_metrics_and_predict_on_2_ranks_equal_stock_trainer(tiny, rows, tmp_path
     ref_full = _stock(tiny, rows, str(tmp_path / "stock"), metric_fns=False).predict(Dataset.from_list(rows))
     assert 0.3 < ref_metrics["eval_accuracy"] < 0.9  # a real signal, not 0 of a random model
     longest = max(LENGTHS)
-    assert ref_full.predictions.shape == (len(rows), longest, VOCAB) and ref_full.label_ids.shape == (len(rows), longest)
+    assert ref_full.predictions.shape == (len(rows), longest, VOCAB) and ref_full.label_ids.shape == (
+        len(rows),
+        longest,
+    )
 
     for rank, (metrics, ring, sent, full, splits) in enumerate(results):
         assert sent > 0, rank  # the long samples ran as rings over both ranks
@@ -166,8 +180,13 @@ def test_metrics_and_predict_on_2_ranks_equal_stock_trainer(tiny, rows, tmp_path
 # ------------------------------------------------------------------ the other metric arguments, one process
 def _hdp(model_path, rows, out, **kw):
     fns = dict(compute_metrics=kw.pop("compute_metrics", accuracy), preprocess_logits_for_metrics=argmax)
-    return HDPTrainer(load_model(model_path), _args(out, **kw), eval_dataset=Dataset.from_list(rows),
-                      hdp_config=HDPConfig(tokens_per_rank=32), **fns)
+    return HDPTrainer(
+        load_model(model_path),
+        _args(out, **kw),
+        eval_dataset=Dataset.from_list(rows),
+        hdp_config=HDPConfig(tokens_per_rank=32),
+        **fns,
+    )
 
 
 def test_concat_batch_metrics_and_inputs_equal_stock_trainer(tiny, rows, tmp_path):
@@ -195,6 +214,7 @@ def test_concat_batch_metrics_and_inputs_equal_stock_trainer(tiny, rows, tmp_pat
         def fn(eval_pred):
             seen[key] = eval_pred.inputs
             return accuracy(eval_pred)
+
         return fn
 
     _stock(tiny, rows, out, include_for_metrics=["inputs"], compute_metrics=keep_inputs("stock")).evaluate()
@@ -207,16 +227,24 @@ def test_refused_metric_arguments_name_the_fix(tiny, rows, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match=r"include_for_metrics=\[\.\.\., 'loss'\]\) is not supported.*Remove 'loss'"):
         _hdp(tiny, rows, out, include_for_metrics=["loss"])
-    with pytest.raises(ValueError, match=r"include_for_metrics=\['inputs'\], batch_eval_metrics=True\).*"
-                                         r"batch_eval_metrics=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"include_for_metrics=\['inputs'\], batch_eval_metrics=True\).*"
+        r"batch_eval_metrics=False",
+    ):
         _hdp(tiny, rows, out, include_for_metrics=["inputs"], batch_eval_metrics=True)
     # prediction_loss_only: nothing to refuse (stock gathers no predictions then), and no predictions
     loss_only = _hdp(tiny, rows, out, include_for_metrics=["loss"], prediction_loss_only=True)
     result = loss_only.predict(Dataset.from_list(rows))
     assert result.predictions is None and result.label_ids is None and "test_accuracy" not in result.metrics
     # a preprocess_logits_for_metrics that does not keep one row per token of the packed micro-batch
-    trainer = HDPTrainer(load_model(tiny), _args(out), eval_dataset=Dataset.from_list(rows), compute_metrics=accuracy,
-                         preprocess_logits_for_metrics=lambda logits, labels: logits.mean(),
-                         hdp_config=HDPConfig(tokens_per_rank=32))
+    trainer = HDPTrainer(
+        load_model(tiny),
+        _args(out),
+        eval_dataset=Dataset.from_list(rows),
+        compute_metrics=accuracy,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.mean(),
+        hdp_config=HDPConfig(tokens_per_rank=32),
+    )
     with pytest.raises(ValueError, match=r"preprocess_logits_for_metrics must return .* shape \[1, \d+, \.\.\.\]"):
         trainer.evaluate()

@@ -38,7 +38,11 @@ finetune = _load_script()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few stdlib files and a tiny Llama, both save_pretrained."""
-    return save_bpe_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py"), max_positions=4096)
+    return save_bpe_llama(
+        str(tmp_path_factory.mktemp("tiny") / "llama"),
+        ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py"),
+        max_positions=4096,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,23 +74,63 @@ def data_files(tmp_path_factory, tokenizer):
     texts = _texts()
     plain = _write_jsonl(d / "plain.jsonl", [{"text": t} for t in texts])
     lengths = [len(tokenizer(t)["input_ids"]) + 1 for t in texts]  # + EOS
-    sft_rows = [{"prompt": f"Question {i}: what does this code do?\n{t[:60]}\nAnswer:",
-                 "response": f" It is part {i} of string.py." + t[60:100]} for i, t in enumerate(texts[:12])]
+    sft_rows = [
+        {
+            "prompt": f"Question {i}: what does this code do?\n{t[:60]}\nAnswer:",
+            "response": f" It is part {i} of string.py." + t[60:100],
+        }
+        for i, t in enumerate(texts[:12])
+    ]
     sft = _write_jsonl(d / "sft.jsonl", sft_rows)
     return {"plain": plain, "plain_lengths": lengths, "sft": sft, "sft_rows": sft_rows}
 
 
 def _common_args(model_dir: str, out: str, train_file: str, cache: str) -> list[str]:
-    return ["--model_name_or_path", model_dir, "--train_file", train_file, "--output_dir", out,
-            "--cache_dir", cache, "--use_cpu", "--dtype", "float32", "--max_steps", "3", "--global_batch_size", "4",
-            "--tokens_per_rank", str(TOKENS_PER_RANK), "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-            "--seed", "0"]
+    return [
+        "--model_name_or_path",
+        model_dir,
+        "--train_file",
+        train_file,
+        "--output_dir",
+        out,
+        "--cache_dir",
+        cache,
+        "--use_cpu",
+        "--dtype",
+        "float32",
+        "--max_steps",
+        "3",
+        "--global_batch_size",
+        "4",
+        "--tokens_per_rank",
+        str(TOKENS_PER_RANK),
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
 
 
 def _env(tmp_path) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HOME=str(tmp_path / "hf_home"),
+    )
 
 
 def _launch(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
@@ -96,7 +140,7 @@ def _launch(cmd: list[str], tmp_path) -> subprocess.CompletedProcess:
 def _summary(proc) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("hf_hdp summary: ")]
     assert len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # printed by the main process only
-    return json.loads(lines[0][len("hf_hdp summary: "):])
+    return json.loads(lines[0][len("hf_hdp summary: ") :])
 
 
 def _assert_trained(model_dir: str, out: str) -> None:
@@ -111,8 +155,18 @@ def _assert_trained(model_dir: str, out: str) -> None:
 # ------------------------------------------------------------------ end to end
 def test_plain_text_under_torchrun_drops_long_samples_and_saves(model_dir, data_files, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           SCRIPT, *_common_args(model_dir, out, data_files["plain"], str(tmp_path / "cache")), "--drop_long_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        SCRIPT,
+        *_common_args(model_dir, out, data_files["plain"], str(tmp_path / "cache")),
+        "--drop_long_samples",
+    ]
     proc = _launch(cmd, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     lengths = data_files["plain_lengths"]
@@ -129,9 +183,20 @@ def test_plain_text_under_torchrun_drops_long_samples_and_saves(model_dir, data_
 
 def test_sft_under_accelerate_launch(model_dir, data_files, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_CONFIG, "--num_processes", "2",
-           "--main_process_port", str(free_port()), SCRIPT,
-           *_common_args(model_dir, out, data_files["sft"], str(tmp_path / "cache")), "--sft"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        CPU_CONFIG,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        SCRIPT,
+        *_common_args(model_dir, out, data_files["sft"], str(tmp_path / "cache")),
+        "--sft",
+    ]
     proc = _launch(cmd, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = _summary(proc)
@@ -165,8 +230,10 @@ def test_sft_prompt_tokens_are_masked(tokenizer, data_files):
     assert finetune.detect_format(["prompt", "response", "id"], _data_args(sft=True)) == "prompt_response"
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.mark.parametrize("template", ["tokenizer", "default"])
@@ -174,9 +241,13 @@ def test_chat_messages_train_on_assistant_turns_only(tokenizer, template):
     tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     if template == "tokenizer":
         tok.chat_template = CHATML
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort [3, 1, 2]."},
-                {"role": "assistant", "content": "[1, 2, 3]"}, {"role": "user", "content": "Reverse it."},
-                {"role": "assistant", "content": "[3, 2, 1]"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sort [3, 1, 2]."},
+        {"role": "assistant", "content": "[1, 2, 3]"},
+        {"role": "user", "content": "Reverse it."},
+        {"role": "assistant", "content": "[3, 2, 1]"},
+    ]
     args = _data_args(sft=True)
     fmt = finetune.detect_format(["messages"], args)
     out = finetune.tokenize_batch({"messages": [messages]}, tok, args, fmt, finetune.resolve_chat_template(tok, args))
@@ -199,8 +270,15 @@ def test_sample_too_long_errors_by_default(model_dir, data_files, tmp_path):
 
 def test_help_lists_every_group_of_arguments():
     text = finetune.make_parser().format_help()
-    for flag in ("--model_name_or_path", "--train_file", "--sft", "--drop_long_samples", "--learning_rate",
-                 "--tokens_per_rank", "--planner"):
+    for flag in (
+        "--model_name_or_path",
+        "--train_file",
+        "--sft",
+        "--drop_long_samples",
+        "--learning_rate",
+        "--tokens_per_rank",
+        "--planner",
+    ):
         assert flag in text
 
 

@@ -82,8 +82,9 @@ def test_a_checkpoint_holds_each_ranks_shards_and_consolidates_to_one_processs_s
         assert sorted(saved["state"]) == sorted(plain["state"])
         for i, s in plain["state"].items():
             for k, v in s.items():
-                torch.testing.assert_close(torch.as_tensor(saved["state"][i][k]), torch.as_tensor(v), rtol=1e-9,
-                                           atol=1e-13)
+                torch.testing.assert_close(
+                    torch.as_tensor(saved["state"][i][k]), torch.as_tensor(v), rtol=1e-9, atol=1e-13
+                )
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
         reference = AutoModelForCausalLM.from_pretrained(base / "w1" / "adamw" / "checkpoint-2", dtype=torch.float64)
         _close(model.state_dict(), reference.state_dict(), f"{name} checkpoint weights")
@@ -108,8 +109,10 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
     cases = [
         (dict(fsdp="full_shard offload"), "cpu_offload"),
         (dict(fsdp="full_shard", fsdp_config={"activation_checkpointing": True}), "gradient_checkpointing=True"),
-        (dict(fsdp="full_shard", fsdp_config={"state_dict_type": "LOCAL_STATE_DICT"}),
-         r"'LOCAL_STATE_DICT'.*Set 'SHARDED_STATE_DICT' .*or 'FULL_STATE_DICT'"),
+        (
+            dict(fsdp="full_shard", fsdp_config={"state_dict_type": "LOCAL_STATE_DICT"}),
+            r"'LOCAL_STATE_DICT'.*Set 'SHARDED_STATE_DICT' .*or 'FULL_STATE_DICT'",
+        ),
         (dict(fsdp="full_shard", fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP"}), "TRANSFORMER_BASED_WRAP"),
     ]
     for kwargs, text in cases:
@@ -119,20 +122,33 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard")
     with pytest.raises(ValueError, match=r"zero_stage=1 and TrainingArguments.fsdp.*drop HDPConfig.zero_stage"):
         HDPTrainer(model, args, hdp_config=HDPConfig(zero_stage=1))
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
-                             fsdp_config={"transformer_layer_cls_to_wrap": ["NoSuchLayer"]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        use_cpu=True,
+        report_to=[],
+        fsdp="full_shard",
+        fsdp_config={"transformer_layer_cls_to_wrap": ["NoSuchLayer"]},
+    )
     with pytest.raises(ValueError, match=r"names \['NoSuchLayer'\], which LlamaForCausalLM does not contain"):
         HDPTrainer(model, args)  # at construction, not when training starts
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(load_model(str(tmp_path / "m")), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"does not apply FSDP to a PEFT model"):
-        HDPTrainer(lora, TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[],
-                                           fsdp="full_shard"))
+        HDPTrainer(
+            lora, TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard")
+        )
     for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):  # honoured: each checkpoint as that kind
-        args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], fsdp="full_shard",
-                                 fsdp_config={"state_dict_type": kind}, load_best_model_at_end=True,
-                                 eval_strategy="steps", save_strategy="steps")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "o"),
+            use_cpu=True,
+            report_to=[],
+            fsdp="full_shard",
+            fsdp_config={"state_dict_type": kind},
+            load_best_model_at_end=True,
+            eval_strategy="steps",
+            save_strategy="steps",
+        )
         evals = Dataset.from_list([{"input_ids": [1, 2, 3, 4]}])
         HDPTrainer(model, args, eval_dataset=evals)  # load_best_model_at_end under FSDP: tests/test_fsdp_best_model.py
 
@@ -141,7 +157,7 @@ def test_fsdp_settings_hdp_cannot_honour_are_refused(tmp_path):
 def test_lockstep_plans_hold_one_micro_batch_per_slot_on_every_rank_and_price_the_barriers():
     rng = random.Random(3)
     cost = CostModel.default()
-    for trial in range(20):
+    for _trial in range(20):
         W = rng.choice([2, 3, 4, 8])
         lengths = [rng.choice([50, 300, 2000, 9000, 30000]) for _ in range(rng.randint(1, 30))]
         lengths = [min(n, W * 8192) for n in lengths]
@@ -155,8 +171,10 @@ def test_lockstep_plans_hold_one_micro_batch_per_slot_on_every_rank_and_price_th
         assert len(real) >= plan.num_slots
         # every slot is a barrier: the step is at least the sum over slots of the slowest rank
         metrics = plan_metrics(plan, cost)
-        slowest = sum(max(cost.micro_batch_breakdown(mb)[0] for mb in plan.micro_batches if mb.slot == s)
-                      for s in range(plan.num_slots))
+        slowest = sum(
+            max(cost.micro_batch_breakdown(mb)[0] for mb in plan.micro_batches if mb.slot == s)
+            for s in range(plan.num_slots)
+        )
         assert metrics.step_time_s >= slowest * (1 - 1e-9)
         assert metrics.step_time_s >= plan_metrics(free, cost).step_time_s * (1 - 1e-9) or W == 1
         naive = lockstep(plan_naive(lengths, W, 8192))

@@ -31,14 +31,30 @@ def _worker(rank, world, model_path, base):
     for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
         out_dir = os.path.join(base, kind)
         args = TrainingArguments(
-            output_dir=out_dir, use_cpu=True, report_to=[], disable_tqdm=True, seed=0, max_steps=3,
-            learning_rate=3e-2, fsdp="full_shard",
+            output_dir=out_dir,
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            max_steps=3,
+            learning_rate=3e-2,
+            fsdp="full_shard",
             fsdp_config={} if kind == "SHARDED_STATE_DICT" else {"state_dict_type": kind},  # sharded: the default
-            eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-            load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
-        trainer = HDPTrainer(load_model(model_path), args, train_dataset=Dataset.from_list(_rows()),
-                             eval_dataset=Dataset.from_list(_rows()[:6]),
-                             hdp_config=HDPConfig(planner="naive", tokens_per_rank=24, global_batch_size=GLOBAL_BATCH))
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            greater_is_better=True,
+        )
+        trainer = HDPTrainer(
+            load_model(model_path),
+            args,
+            train_dataset=Dataset.from_list(_rows()),
+            eval_dataset=Dataset.from_list(_rows()[:6]),
+            hdp_config=HDPConfig(planner="naive", tokens_per_rank=24, global_batch_size=GLOBAL_BATCH),
+        )
         trainer.train()
         weights = full_model_state(trainer.model)
         checkpoints = {}

@@ -233,8 +233,18 @@ def test_torchrun_with_use_cpu_false_on_a_machine_without_gpus_is_refused(tmp_pa
     script = tmp_path / "setup.py"
     script.write_text(SETUP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "out"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path / "out"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]

@@ -71,10 +71,23 @@ def _eval_rows() -> list[dict]:
 def _training_args(out_dir: str, **kwargs):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
-                             max_steps=STEPS, learning_rate=LR, weight_decay=0.1, lr_scheduler_type="linear",
-                             warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no",
-                             per_device_eval_batch_size=2, **kwargs)
+    return TrainingArguments(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        max_steps=STEPS,
+        learning_rate=LR,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=MAX_GRAD_NORM,
+        logging_steps=1,
+        save_strategy="no",
+        per_device_eval_batch_size=2,
+        **kwargs,
+    )
 
 
 def _pinned(model):
@@ -86,8 +99,14 @@ def _pinned(model):
         own = m.__dict__.pop("forward", None)
         if own is not None:
             cls = type(m)
-            m.__class__ = type(cls.__name__, (cls,), {"forward": lambda self, *a, **kw: self._test_forward(*a, **kw),
-                                                      "kernel_condition": staticmethod(lambda module: False)})
+            m.__class__ = type(
+                cls.__name__,
+                (cls,),
+                {
+                    "forward": lambda self, *a, **kw: self._test_forward(*a, **kw),
+                    "kernel_condition": staticmethod(lambda module: False),
+                },
+            )
             m._test_forward = own
     return model
 
@@ -103,8 +122,9 @@ def _lora(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj_qkv", "q_proj"],
-                                            init_lora_weights=False))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj_qkv", "q_proj"], init_lora_weights=False)
+    )
 
 
 def _train(path, out_dir, split, zero_stage=None, fsdp=None, gradient_checkpointing=None, evaluate=False, lora=False):
@@ -113,15 +133,30 @@ def _train(path, out_dir, split, zero_stage=None, fsdp=None, gradient_checkpoint
     from hf_hdp import HDPConfig, HDPTrainer
     from hf_hdp.engine.fsdp import full_model_state
 
-    args = _training_args(out_dir, **({"fsdp": fsdp} if fsdp else {}),
-                          **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": gradient_checkpointing}
-                             if gradient_checkpointing is not None else {}))
+    args = _training_args(
+        out_dir,
+        **({"fsdp": fsdp} if fsdp else {}),
+        **(
+            {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": gradient_checkpointing}
+            if gradient_checkpointing is not None
+            else {}
+        ),
+    )
     model = _load_hdp_model(path)
     if lora:
         model = _lora(model)
-    trainer = HDPTrainer(model, args, train_dataset=Dataset.from_list(_rows()),
-                         hdp_config=HDPConfig(tokens_per_rank=C, global_batch_size=BATCH, zero_stage=zero_stage,
-                                              state_split=split, attention_backend="reference"))
+    trainer = HDPTrainer(
+        model,
+        args,
+        train_dataset=Dataset.from_list(_rows()),
+        hdp_config=HDPConfig(
+            tokens_per_rank=C,
+            global_batch_size=BATCH,
+            zero_stage=zero_stage,
+            state_split=split,
+            attention_backend="reference",
+        ),
+    )
     record = {"rows": [], "micro_batches": [], "bytes": [], "losses": []}
     step_fn = trainer.training_step
 
@@ -153,8 +188,15 @@ def _loop(path, split, zero_stage):
 
     from hf_hdp import HDPAccelerator, HDPConfig
 
-    acc = HDPAccelerator(hdp_config=HDPConfig(tokens_per_rank=C, global_batch_size=BATCH, zero_stage=zero_stage,
-                                              state_split=split, attention_backend="reference"))
+    acc = HDPAccelerator(
+        hdp_config=HDPConfig(
+            tokens_per_rank=C,
+            global_batch_size=BATCH,
+            zero_stage=zero_stage,
+            state_split=split,
+            attention_backend="reference",
+        )
+    )
     model = _load_hdp_model(path)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
     model, optimizer = acc.prepare(model, optimizer)
@@ -172,8 +214,14 @@ def _loop(path, split, zero_stage):
 
 
 def _worker(rank, world, path, base):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29599",
+    )
     torch.use_deterministic_algorithms(True)
     out = {}
     for name, kwargs in TRAINER_RUNS.items():
@@ -202,8 +250,11 @@ def _fully_shard_layer(path, world):
     with torch.no_grad():
         after = layer(hidden, hdp_metadata=_local_meta((9,)))
         plain = layer(hidden)
-    return {"sharded": isinstance(layer, FSDPModule), "hdp": float((after - before).abs().max()),
-            "own": float((plain - stock).abs().max())}
+    return {
+        "sharded": isinstance(layer, FSDPModule),
+        "hdp": float((after - before).abs().max()),
+        "own": float((plain - stock).abs().max()),
+    }
 
 
 # ------------------------------------------------------------------ the one-process reference
@@ -271,8 +322,13 @@ def _close(weights, reference, what):
 def _same_on_every_rank(results, name):
     for r in range(1, WORLD):
         for k, s in results[r][name]["weights"].items():
-            torch.testing.assert_close(s, results[0][name]["weights"][k].sum(), rtol=1e-12, atol=1e-12,
-                                       msg=lambda m: f"{name} rank {r} {k}: {m}")
+            torch.testing.assert_close(
+                s,
+                results[0][name]["weights"][k].sum(),
+                rtol=1e-12,
+                atol=1e-12,
+                msg=lambda m: f"{name} rank {r} {k}: {m}",
+            )
 
 
 @pytest.mark.parametrize("name", list(TRAINER_RUNS))
@@ -397,8 +453,10 @@ def test_padded_batches_and_generation_run_the_modules_own_forward(tmp_path):
         theirs = stock(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], rtol=1e-10, atol=1e-10)
     prompt = ids[:1, :5]
-    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
-                       stock.generate(prompt, max_new_tokens=6, do_sample=False))
+    assert torch.equal(
+        model.generate(prompt, max_new_tokens=6, do_sample=False),
+        stock.generate(prompt, max_new_tokens=6, do_sample=False),
+    )
 
 
 def test_the_adapter_survives_fully_shard_of_the_layer(runs):

@@ -41,16 +41,33 @@ def tokenizer():
     from tokenizers import Tokenizer, models
 
     vocab = {"<pad>": PAD, **{f"t{i}": i for i in range(1, VOCAB)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-                                  pad_token="<pad>", eos_token="t1", mask_token="t2")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+        pad_token="<pad>",
+        eos_token="t1",
+        mask_token="t2",
+    )
     return tok
 
 
 def _args(tmp_path, **kw):
-    kw = {"max_steps": 1, "learning_rate": 1.0, "optim": "sgd", "lr_scheduler_type": "constant",
-          "max_grad_norm": 0.0, **kw}
-    return TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
-                             disable_tqdm=True, seed=0, **kw)
+    kw = {
+        "max_steps": 1,
+        "learning_rate": 1.0,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        **kw,
+    }
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 def _ids(n, start=1):
@@ -95,12 +112,14 @@ def _padded_rows():
     rows = [
         {"input_ids": a + [PAD] * 3, "attention_mask": [1] * 7 + [0] * 3},  # right-padded, no labels
         {"input_ids": [PAD] * 4 + b, "attention_mask": [0] * 4 + [1] * 5},  # left-padded, no labels
-        {"input_ids": [PAD] * 2 + c + [PAD], "attention_mask": [0, 0] + [1] * 6 + [0],
-         "labels": [-100, -100, -100, -100] + c[2:] + [PAD]},  # both sides, SFT labels that train the pad
+        {
+            "input_ids": [PAD] * 2 + c + [PAD],
+            "attention_mask": [0, 0] + [1] * 6 + [0],
+            "labels": [-100, -100, -100, -100] + c[2:] + [PAD],
+        },  # both sides, SFT labels that train the pad
         {"input_ids": d, "attention_mask": [1] * 4},
     ]
-    unpadded = [{"input_ids": a}, {"input_ids": b}, {"input_ids": c, "labels": [-100, -100] + c[2:]},
-                {"input_ids": d}]
+    unpadded = [{"input_ids": a}, {"input_ids": b}, {"input_ids": c, "labels": [-100, -100] + c[2:]}, {"input_ids": d}]
     return rows, unpadded
 
 
@@ -115,8 +134,10 @@ def test_padding_is_removed_so_a_padded_dataset_trains_like_the_unpadded_one(tin
 
 
 def test_a_zero_between_real_tokens_is_refused_naming_the_row(tiny, tmp_path):
-    rows = [{"input_ids": _ids(4), "attention_mask": [1] * 4},
-            {"input_ids": _ids(5), "attention_mask": [1, 1, 0, 1, 1]}]
+    rows = [
+        {"input_ids": _ids(4), "attention_mask": [1] * 4},
+        {"input_ids": _ids(5), "attention_mask": [1, 1, 0, 1, 1]},
+    ]
     with pytest.raises(HDPDataError, match=r"sample 1: `attention_mask` is 0 at position 2, between real tokens"):
         _trainer(tiny, tmp_path, rows)
     with pytest.raises(HDPDataError, match=r"sample 0 is all padding"):
@@ -127,13 +148,22 @@ def test_a_zero_between_real_tokens_is_refused_naming_the_row(tiny, tmp_path):
 def _packed_rows():
     a, b, c, d, e = _ids(6, 1), _ids(9, 5), _ids(3, 7), _ids(11, 2), _ids(5, 40)
     rows = [
-        {"input_ids": a + b + c, "position_ids": [*range(6), *range(9), *range(3)],
-         "labels": [-100] + a[1:] + [-100] + b[1:] + [-100] + c[1:]},  # DataCollatorWithFlattening's labels
+        {
+            "input_ids": a + b + c,
+            "position_ids": [*range(6), *range(9), *range(3)],
+            "labels": [-100] + a[1:] + [-100] + b[1:] + [-100] + c[1:],
+        },  # DataCollatorWithFlattening's labels
         {"input_ids": d + e, "seq_lengths": [11, 5]},  # TRL's packing
         {"input_ids": _ids(8, 3)},  # a plain row
     ]
-    docs = [{"input_ids": a, "labels": [-100] + a[1:]}, {"input_ids": b, "labels": [-100] + b[1:]},
-            {"input_ids": c, "labels": [-100] + c[1:]}, {"input_ids": d}, {"input_ids": e}, {"input_ids": _ids(8, 3)}]
+    docs = [
+        {"input_ids": a, "labels": [-100] + a[1:]},
+        {"input_ids": b, "labels": [-100] + b[1:]},
+        {"input_ids": c, "labels": [-100] + c[1:]},
+        {"input_ids": d},
+        {"input_ids": e},
+        {"input_ids": _ids(8, 3)},
+    ]
     return rows, docs
 
 
@@ -150,11 +180,19 @@ def test_pre_packed_rows_are_split_into_documents_at_position_restarts(tiny, tmp
 
 def test_bad_positions_are_refused_naming_the_row():
     cases = [
-        ({"input_ids": _ids(6), "position_ids": [0, 1, 2, 5, 6, 7]}, r"sample 3: .*starting at token 3 with position 5"),
+        (
+            {"input_ids": _ids(6), "position_ids": [0, 1, 2, 5, 6, 7]},
+            r"sample 3: .*starting at token 3 with position 5",
+        ),
         ({"input_ids": _ids(4), "position_ids": [0, 1, 2]}, r"sample 3: `position_ids` has 3 entries .* 4 tokens"),
-        ({"input_ids": _ids(5), "seq_lengths": [2, 2]}, r"sample 3: `seq_lengths` \[2, 2\] must .* add up to the row's 5"),
-        ({"input_ids": _ids(5), "seq_lengths": [2, 3], "position_ids": [0, 1, 2, 0, 1]},
-         r"sample 3: `position_ids` restart at tokens \[0, 3\] but `seq_lengths` start documents at \[0, 2\]"),
+        (
+            {"input_ids": _ids(5), "seq_lengths": [2, 2]},
+            r"sample 3: `seq_lengths` \[2, 2\] must .* add up to the row's 5",
+        ),
+        (
+            {"input_ids": _ids(5), "seq_lengths": [2, 3], "position_ids": [0, 1, 2, 0, 1]},
+            r"sample 3: `position_ids` restart at tokens \[0, 3\] but `seq_lengths` start documents at \[0, 2\]",
+        ),
     ]
     for row, pattern in cases:
         with pytest.raises(HDPDataError, match=pattern):
@@ -162,16 +200,31 @@ def test_bad_positions_are_refused_naming_the_row():
 
 
 def _split_worker(rank, world_size, model_path, out_dir, case):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
-    rows, _ = (_packed_rows() if case == "packed" else _padded_rows())
-    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], disable_tqdm=True,
-                             include_num_input_tokens_seen="non_padding", max_steps=1, optim="sgd", logging_steps=1,
-                             learning_rate=1.0, max_grad_norm=0.0, save_strategy="no")
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
+    rows, _ = _packed_rows() if case == "packed" else _padded_rows()
+    args = TrainingArguments(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        max_steps=1,
+        optim="sgd",
+        logging_steps=1,
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        save_strategy="no",
+    )
     model = load_model(model_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = HDPTrainer(model, args, train_dataset=_dataset(rows),
-                         hdp_config=HDPConfig(tokens_per_rank=6, global_batch_size=len(rows), planner="naive"))
+    trainer = HDPTrainer(
+        model,
+        args,
+        train_dataset=_dataset(rows),
+        hdp_config=HDPConfig(tokens_per_rank=6, global_batch_size=len(rows), planner="naive"),
+    )
     trainer.train()
     grads = {n: before[n] - p.detach() for n, p in trainer.model.named_parameters()}  # SGD, lr 1: w -= g
     plan = trainer.hdp_history[0]
@@ -183,7 +236,7 @@ def test_documents_split_over_two_ranks_equal_one_process(tiny, tmp_path, case):
     rows, want = _packed_rows() if case == "packed" else _padded_rows()
     results = run_distributed(_split_worker, 2, tiny, str(tmp_path / "out"), case)
     _, ref = reference_step(load_model(tiny), want)
-    for grads, seen, sent, _ in results:
+    for grads, seen, _sent, _ in results:
         for k, g in ref.items():
             torch.testing.assert_close(grads[k], g, rtol=1e-8, atol=1e-12, msg=lambda m: f"{k}: {m}")
         # num_input_tokens_seen: the real tokens of the global batch, summed over both ranks
@@ -199,19 +252,22 @@ class CompletionOnly:
         out = {"input_ids": [], "labels": []}
         for f in features:
             out["input_ids"].append(list(f["input_ids"]))
-            out["labels"].append([-100] * f["prompt_len"] + list(f["input_ids"][f["prompt_len"]:]))
+            out["labels"].append([-100] * f["prompt_len"] + list(f["input_ids"][f["prompt_len"] :]))
         return {k: torch.tensor(v) for k, v in out.items()}
 
 
 def test_a_completion_only_collator_is_run_per_sample(tiny, tmp_path):
     rows = [{"input_ids": _ids(n, n), "prompt_len": p} for n, p in ((9, 3), (5, 4), (12, 0), (7, 6))]
-    want = [{"input_ids": r["input_ids"], "labels": [-100] * r["prompt_len"] + r["input_ids"][r["prompt_len"]:]}
-            for r in rows]
+    want = [
+        {"input_ids": r["input_ids"], "labels": [-100] * r["prompt_len"] + r["input_ids"][r["prompt_len"] :]}
+        for r in rows
+    ]
     # stock Trainer drops `prompt_len` before the collator under remove_unused_columns=True; so does HDP
     with pytest.raises(KeyError, match="prompt_len"):
         _trainer(tiny, tmp_path, rows, data_collator=CompletionOnly())
-    trainer = _trainer(tiny, tmp_path, rows, _args(tmp_path, remove_unused_columns=False),
-                       data_collator=CompletionOnly())
+    trainer = _trainer(
+        tiny, tmp_path, rows, _args(tmp_path, remove_unused_columns=False), data_collator=CompletionOnly()
+    )
     assert trainer.hdp_train_data.loss_tokens.tolist() == [6, 1, 11, 1]
     _assert_equal_step(_one_step(trainer), reference_step(load_model(tiny), want))
 
@@ -234,7 +290,7 @@ class Packing:
 
     def __call__(self, features):
         flat = [t for f in features for t in f["input_ids"]]
-        return {"input_ids": torch.tensor([flat[i:i + 4] for i in range(0, len(flat) - 3, 4)])}
+        return {"input_ids": torch.tensor([flat[i : i + 4] for i in range(0, len(flat) - 3, 4)])}
 
 
 class Reversing:
@@ -244,8 +300,10 @@ class Reversing:
 
 class Extra:
     def __call__(self, features):
-        return {"input_ids": torch.tensor([f["input_ids"] for f in features]),
-                "token_type_ids": torch.zeros(len(features), len(features[0]["input_ids"]), dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor([f["input_ids"] for f in features]),
+            "token_type_ids": torch.zeros(len(features), len(features[0]["input_ids"]), dtype=torch.long),
+        }
 
 
 class Noisy:
@@ -257,14 +315,20 @@ class Noisy:
     def __call__(self, features):
         self.calls += 1
         ids = [list(f["input_ids"]) for f in features]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor([[-100] * (self.calls % 3) + i[self.calls % 3:]
-                                                                         for i in ids])}
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor([[-100] * (self.calls % 3) + i[self.calls % 3 :] for i in ids]),
+        }
 
 
 def test_collators_that_pack_change_tokens_or_add_inputs_are_refused(tiny, tmp_path, tokenizer):
     rows = [{"input_ids": _ids(9)}, {"input_ids": _ids(6, 3)}]
     cases = [
-        (Packing(), HDPDataError, r"sample 0: the data collator Packing returned `input_ids` with 2 rows for one sample"),
+        (
+            Packing(),
+            HDPDataError,
+            r"sample 0: the data collator Packing returned `input_ids` with 2 rows for one sample",
+        ),
         (Reversing(), HDPDataError, r"sample 0: the data collator Reversing changed the sample's tokens"),
         (Extra(), HDPDataError, r"sample 0: the data collator Extra returned \['token_type_ids'\]"),
         (Noisy(), HDPDataError, r"data collator Noisy gave a different output for the same sample \(sample 0\)"),
@@ -305,8 +369,9 @@ def test_compute_loss_func_is_called_per_micro_batch_with_the_global_count(tiny,
 
     ref = reference_step(load_model(tiny), docs)
     # transformers' causal-LM loss computes in float32 (logits.float()), hence the float32 tolerance
-    _assert_equal_step(_one_step(_trainer(tiny, tmp_path, rows, compute_loss_func=stock_loss)), ref,
-                       rtol=1e-4, atol=1e-6)
+    _assert_equal_step(
+        _one_step(_trainer(tiny, tmp_path, rows, compute_loss_func=stock_loss)), ref, rtol=1e-4, atol=1e-6
+    )
     assert calls == [sum(r for r in [15, 14, 7])]
     _assert_equal_step(_one_step(_trainer(tiny, tmp_path, rows, compute_loss_func=doubled)), ref, scale=2.0)
 
@@ -319,8 +384,12 @@ def test_a_measured_dataset_edited_afterwards_is_measured_again(tiny, tmp_path):
     assert "hdp_loss_tokens" in measured.column_names
     edited = measured.map(lambda r: {"labels": [-100] * 3 + r["labels"][3:]})  # new labels, old hdp_* columns
     want = [{"input_ids": r["input_ids"], "labels": [-100] * 3 + r["labels"][3:]} for r in rows]
-    second = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=edited,
-                        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4))
+    second = HDPTrainer(
+        load_model(tiny),
+        _args(tmp_path),
+        train_dataset=edited,
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4),
+    )
     assert second.hdp_train_data.loss_tokens.tolist() == [3, 6, 1, 4]
     _assert_equal_step(_one_step(second), reference_step(load_model(tiny), want))
 
@@ -329,8 +398,12 @@ def test_a_measured_dataset_edited_afterwards_is_measured_again(tiny, tmp_path):
 def test_the_users_training_arguments_are_not_changed(tiny, tmp_path):
     rows = [{"input_ids": _ids(n, n)} for n in (6, 9, 4, 7, 5, 3, 8, 2)]
     args = _args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2, neftune_noise_alpha=5.0)
-    trainers = [HDPTrainer(load_model(tiny), args, train_dataset=Dataset.from_list(rows),
-                           hdp_config=HDPConfig(tokens_per_rank=64)) for _ in range(2)]
+    trainers = [
+        HDPTrainer(
+            load_model(tiny), args, train_dataset=Dataset.from_list(rows), hdp_config=HDPConfig(tokens_per_rank=64)
+        )
+        for _ in range(2)
+    ]
     assert args.gradient_accumulation_steps == 2 and args.neftune_noise_alpha == 5.0
     assert [t.global_batch_size for t in trainers] == [4, 4]
     assert trainers[0].args is not args and trainers[0].args.gradient_accumulation_steps == 1
@@ -359,8 +432,7 @@ def test_num_input_tokens_seen_counts_the_real_tokens_of_each_global_batch(tiny,
     rows, unpadded = _padded_rows()
     for mode in ("all", "non_padding"):
         args = _args(tmp_path, max_steps=2, include_num_input_tokens_seen=mode, logging_steps=1)
-        trainer = _trainer(tiny, tmp_path, rows, args,
-                           hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2))
+        trainer = _trainer(tiny, tmp_path, rows, args, hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2))
         trainer.train()
         real = sum(len(d["input_ids"]) for d in unpadded)
         assert trainer.state.num_input_tokens_seen == real  # two steps of 2 rows: the whole dataset once
@@ -420,15 +492,24 @@ def test_a_class_order_that_bypasses_hdps_step_is_refused_naming_the_order_that_
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return 3 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    with pytest.raises(TypeError, match=r"Wrong\(OtherTrainer, HDPTrainer\): OtherTrainer\.compute_loss comes before "
-                                        r"HDPTrainer's.*class Wrong\(HDPTrainer, OtherTrainer\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"Wrong\(OtherTrainer, HDPTrainer\): OtherTrainer\.compute_loss comes before "
+        r"HDPTrainer's.*class Wrong\(HDPTrainer, OtherTrainer\)",
+    ):
         Wrong(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list(rows))
     Right(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list(rows))
-    with pytest.raises(TypeError, match=r"Predicting overrides Predicting\.prediction_step, which HDPTrainer never calls"):
+    with pytest.raises(
+        TypeError, match=r"Predicting overrides Predicting\.prediction_step, which HDPTrainer never calls"
+    ):
         Predicting(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list(rows))
     rows = [{"input_ids": _ids(n, n)} for n in (6, 9, 4)]
-    own = OwnLoss(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list(rows),
-                  hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=3))
+    own = OwnLoss(
+        load_model(tiny),
+        _args(tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=3),
+    )
     _assert_equal_step(_one_step(own), reference_step(load_model(tiny), rows), scale=3.0)
 
 
@@ -451,7 +532,9 @@ def test_the_start_up_log_shows_hdps_global_batch_and_planner(tiny, tmp_path, ca
 
 
 def test_row_rules_truncate_documents_not_rows():
-    docs = row_documents({"input_ids": _ids(9), "position_ids": [0, 1, 2, 3, 4, 0, 1, 2, 3]}, 0, RowRules(truncate_to=3))
+    docs = row_documents(
+        {"input_ids": _ids(9), "position_ids": [0, 1, 2, 3, 4, 0, 1, 2, 3]}, 0, RowRules(truncate_to=3)
+    )
     assert [len(d) for d in docs] == [3, 3]
 
 
@@ -463,13 +546,21 @@ def test_resume_refusals_name_the_fix(tiny, tmp_path):
     saved = _trainer(tiny, tmp_path, rows, hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4))
     (ckpt / STATE_FILE).write_text(json.dumps(hdp_state(saved)))
     cases = [
-        (dict(hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2)),
-         r"global batch size differs \(global_batch_size: checkpoint 4, now 2\).*HDPConfig\(global_batch_size=4\)"),
-        (dict(args=_args(tmp_path, data_seed=7), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4)),
-         r"data seed differs \(seed: checkpoint 0, now 7\).*TrainingArguments\(data_seed=0\)"),
-        (dict(args=_args(tmp_path, dataloader_drop_last=True),
-              hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4)),
-         r"TrainingArguments\(dataloader_drop_last=False\)"),
+        (
+            dict(hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2)),
+            r"global batch size differs \(global_batch_size: checkpoint 4, now 2\).*HDPConfig\(global_batch_size=4\)",
+        ),
+        (
+            dict(args=_args(tmp_path, data_seed=7), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4)),
+            r"data seed differs \(seed: checkpoint 0, now 7\).*TrainingArguments\(data_seed=0\)",
+        ),
+        (
+            dict(
+                args=_args(tmp_path, dataloader_drop_last=True),
+                hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=4),
+            ),
+            r"TrainingArguments\(dataloader_drop_last=False\)",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ResumeMismatchError, match=message):

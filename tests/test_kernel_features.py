@@ -80,7 +80,7 @@ def dense(q, k, v, q_lens, k_lens, causal, scale, window=None, softcap=None, pos
 
 def make_inputs(q_lens, k_lens, hq=4, hkv=2, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    make = lambda n, h: torch.randn(n, h, d, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    make = lambda n, h: torch.randn(n, h, d, generator=g, dtype=torch.float64).to(dtype)
     return make(sum(q_lens), hq), make(sum(k_lens), hkv), make(sum(k_lens), hkv), make(sum(q_lens), hq)
 
 
@@ -114,7 +114,10 @@ def assert_lse(actual, expected, tol):
 
 FEATURES = [
     pytest.param(
-        causal, window, softcap, offsets,
+        causal,
+        window,
+        softcap,
+        offsets,
         id=f"{'causal' if causal else 'full'}-w{window}-cap{softcap}-{'pos' if offsets else 'nopos'}",
     )
     for causal, window in [(True, 1), (True, 3), (True, 8), (True, None), (False, None)]
@@ -131,7 +134,9 @@ FEATURES = [
 @pytest.mark.parametrize("causal,window,softcap,offsets", FEATURES)
 @pytest.mark.parametrize("backend,dtype,tol", KERNELS)
 def test_forward_and_backward_match_dense(backend, dtype, tol, causal, window, softcap, offsets):
-    q_lens, k_lens, positions = random_pack(13 * causal + 7 * (window or 0) + 3 * (softcap is not None) + offsets, offsets)
+    q_lens, k_lens, positions = random_pack(
+        13 * causal + 7 * (window or 0) + 3 * (softcap is not None) + offsets, offsets
+    )
     q, k, v, dout = make_inputs(q_lens, k_lens, dtype=dtype, seed=len(q_lens))
     feats = dict(window=window, softcap=softcap, positions=positions)
     args = (cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal, SCALE)
@@ -181,7 +186,9 @@ def test_backward_from_out_lse_merged_over_two_key_blocks(backend, dtype, tol, w
     split = [7, 5, 0]  # block A: the first `split` keys of each sequence (one empty), block B the rest
     q, k, v, dout = make_inputs(q_lens, k_lens, dtype=dtype, seed=11)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out_ref, lse_ref = dense(qd, kd, vd, q_lens, k_lens, True, SCALE, window=window, softcap=softcap, positions=positions)
+    out_ref, lse_ref = dense(
+        qd, kd, vd, q_lens, k_lens, True, SCALE, window=window, softcap=softcap, positions=positions
+    )
     torch.autograd.backward(out_ref, dout.double())
 
     bk = cu(k_lens).tolist()
@@ -195,8 +202,20 @@ def test_backward_from_out_lse_merged_over_two_key_blocks(backend, dtype, tol, w
 
     out = lse = None
     for idx, lens, pos in blocks:
-        o, l = backend.forward(q, k[idx], v[idx], cu(q_lens), cu(lens), max(q_lens), max(lens), True, SCALE,
-                               window=window, softcap=softcap, positions=pos)
+        o, l = backend.forward(
+            q,
+            k[idx],
+            v[idx],
+            cu(q_lens),
+            cu(lens),
+            max(q_lens),
+            max(lens),
+            True,
+            SCALE,
+            window=window,
+            softcap=softcap,
+            positions=pos,
+        )
         out, lse = merge_attention(out, lse, o, l)
     assert_close(out, out_ref, tol, "merged out")
     assert_lse(lse, lse_ref, tol)
@@ -205,8 +224,23 @@ def test_backward_from_out_lse_merged_over_two_key_blocks(backend, dtype, tol, w
     dk = torch.zeros(k.shape, dtype=torch.float64)
     dv = torch.zeros(v.shape, dtype=torch.float64)
     for idx, lens, pos in blocks:
-        gq, gk, gv = backend.backward(dout, q, k[idx], v[idx], out, lse, cu(q_lens), cu(lens), max(q_lens), max(lens),
-                                      True, SCALE, window=window, softcap=softcap, positions=pos)
+        gq, gk, gv = backend.backward(
+            dout,
+            q,
+            k[idx],
+            v[idx],
+            out,
+            lse,
+            cu(q_lens),
+            cu(lens),
+            max(q_lens),
+            max(lens),
+            True,
+            SCALE,
+            window=window,
+            softcap=softcap,
+            positions=pos,
+        )
         dq += gq.double()
         dk[idx] += gk.double()
         dv[idx] += gv.double()
@@ -409,7 +443,8 @@ class EmulatedFlash(FusedBackend):
 def emulated(monkeypatch):
     """FusedBackend's input check without its CUDA/dtype requirements, so the emulation runs float64 on the CPU."""
     monkeypatch.setattr(
-        fused_module, "check_fused_inputs",
+        fused_module,
+        "check_fused_inputs",
         lambda name, q, k, v, cu_q, cu_k, causal, positions=None: check_shapes(q, k, v, cu_q, cu_k),
     )
     return EmulatedFlash()

@@ -144,7 +144,7 @@ def test_reference_small_row_blocks(monkeypatch):
     assert_close(out, want_out, 1e-10, "out")
     assert_close(lse, want_lse, 1e-10, "lse")
     got = REF.backward(dout, q, k, v, out, lse, cu(q_lens), cu(q_lens), 13, 13, True, scale)
-    for name, a, b in zip("dq dk dv".split(), got, want):
+    for name, a, b in zip(["dq", "dk", "dv"], got, want):
         assert_close(a, b, 1e-10, name)
 
 
@@ -163,7 +163,9 @@ def test_bad_cu_seqlens_rejected(backend):
     with pytest.raises(ValueError, match="cu_q"):
         backend.forward(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32), cu([3, 2]), 3, 3, False, 0.5)
     with pytest.raises(ValueError, match="multiple"):
-        backend.forward(q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1), cu([3, 2]), cu([3, 2]), 3, 3, False, 0.5)
+        backend.forward(
+            q, k[:, :1].repeat(1, 3, 1)[:, :3], v[:, :1].repeat(1, 3, 1), cu([3, 2]), cu([3, 2]), 3, 3, False, 0.5
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,7 +297,9 @@ def test_varlen_autograd(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol):
     (out * dout).sum().backward()
     want_out, _ = dense_attention(q, k, v, q_lens, k_lens, causal, scale)
     assert_close(out.detach(), want_out, tol, "out")
-    for name, got, exp in zip(("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)):
+    for name, got, exp in zip(
+        ("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, q_lens, k_lens, causal, scale)
+    ):
         assert_close(got, exp, tol, name)
 
 
@@ -312,7 +316,9 @@ def test_half_precision_keeps_dtypes(backend, dtype):
     assert lse.dtype == torch.float32
     want_out, _ = dense_attention(q, k, v, [5, 3], [5, 3], True, 0.35)
     assert_close(out.detach(), want_out, 2e-2, f"{dtype} out")
-    for name, got, exp in zip(("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, [5, 3], [5, 3], True, 0.35)):
+    for name, got, exp in zip(
+        ("dq", "dk", "dv"), (qq.grad, kk.grad, vv.grad), dense_grads(q, k, v, dout, [5, 3], [5, 3], True, 0.35)
+    ):
         assert_close(got, exp, 5e-2, f"{dtype} {name}")
 
 
@@ -429,7 +435,9 @@ def test_flash_attn_not_installed_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flash_attn_module, "_FLASH_ATTN_PROBE", [])
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `import flash_attn` fail
-    with pytest.raises(ValueError, match=r"flash_attn package is not installed.*pip install 'hf-hdp\[flash-attn\]'.*auto"):
+    with pytest.raises(
+        ValueError, match=r"flash_attn package is not installed.*pip install 'hf-hdp\[flash-attn\]'.*auto"
+    ):
         get_backend("flash_attn", "cuda")
 
 
@@ -455,7 +463,8 @@ def test_auto_on_cuda_prefers_flash_then_torch_then_reference(monkeypatch, dtype
 
 def test_unknown_backend_lists_valid_names():
     with pytest.raises(
-        ValueError, match="unknown attention backend 'sdpa'.*'auto'.*'flash_attn'.*'torch_varlen'.*'cpu_flash'.*'reference'"
+        ValueError,
+        match="unknown attention backend 'sdpa'.*'auto'.*'flash_attn'.*'torch_varlen'.*'cpu_flash'.*'reference'",
     ):
         get_backend("sdpa", "cpu")
     assert BACKEND_NAMES == ("flash_attn", "torch_varlen", "cpu_flash", "reference")
@@ -499,13 +508,15 @@ def make_mla_inputs(q_lens, k_lens, hq, hkv, dims=MLA_DIMS, dtype=torch.float64,
 
 @pytest.mark.parametrize("dims", [(24, 16), (16, 24)], ids=["qk-wider", "v-wider"])
 @pytest.mark.parametrize("backend,dtype,tol", KERNELS)
-@pytest.mark.parametrize("q_lens,k_lens,causal,hq,hkv", [
-    pytest.param([5, 0, 7, 1, 3], [5, 0, 7, 1, 3], True, 4, 2, id="causal-gqa"),
-    pytest.param([9, 4], [9, 4], True, 4, 4, id="causal-mha"),
-    pytest.param([3, 0, 6, 2], [4, 5, 0, 7], False, 4, 1, id="cross-mqa"),
-])
-def test_mla_head_sizes_forward_backward_varlen_match_dense(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol,
-                                                            dims):
+@pytest.mark.parametrize(
+    "q_lens,k_lens,causal,hq,hkv",
+    [
+        pytest.param([5, 0, 7, 1, 3], [5, 0, 7, 1, 3], True, 4, 2, id="causal-gqa"),
+        pytest.param([9, 4], [9, 4], True, 4, 4, id="causal-mha"),
+        pytest.param([3, 0, 6, 2], [4, 5, 0, 7], False, 4, 1, id="cross-mqa"),
+    ],
+)
+def test_mla_head_sizes_forward_backward_varlen_match_dense(q_lens, k_lens, causal, hq, hkv, backend, dtype, tol, dims):
     """q/k and v of different head sizes: forward (out at v's size, lse), backward from the merged out/lse, and the
     autograd varlen, every CPU backend against the float64 dense attention."""
     q, k, v, dout = make_mla_inputs(q_lens, k_lens, hq, hkv, dims, dtype=dtype, seed=7)
@@ -594,15 +605,16 @@ def test_fused_backends_pad_mla_head_sizes_for_one_size_kernels(monkeypatch):
     backend = OneSizeKernels()
     lens = [7, 0, 5, 9]
     q, k, v, dout = make_mla_inputs(lens, lens, 4, 2, seed=13)
-    scale = 24 ** -0.5
+    scale = 24**-0.5
     c = cu(lens)
     out, lse = backend.forward(q, k, v, c, c, 9, 9, True, scale)
     want_out, want_lse = dense_attention(q, k, v, lens, lens, True, scale)
     assert out.shape == (sum(lens), 4, 16)
     assert_close(out, want_out, 1e-6, "out")  # the fused path keeps its lse in float32
     grads = backend.backward(dout, q, k, v, out, lse, c, c, 9, 9, True, scale)
-    for name, got, exp, ref in zip(("dq", "dk", "dv"), grads, dense_grads(q, k, v, dout, lens, lens, True, scale),
-                                   (q, k, v)):
+    for name, got, exp, ref in zip(
+        ("dq", "dk", "dv"), grads, dense_grads(q, k, v, dout, lens, lens, True, scale), (q, k, v)
+    ):
         assert got.shape == ref.shape, name
         assert_close(got, exp, 1e-6, name)
     qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))

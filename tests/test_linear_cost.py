@@ -37,11 +37,28 @@ from tests.plan_helpers import random_plan
 
 WORLD, C = 4, 16
 # 12 value heads over 2 key heads: groups of 3 and 4 divide them, so "heads" runs on every split sample
-_LINEAR = dict(linear_num_key_heads=2, linear_key_head_dim=8, linear_num_value_heads=12, linear_value_head_dim=4,
-               linear_conv_kernel_dim=4)
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            layer_types=["linear_attention", "linear_attention"], num_hidden_layers=2, **_LINEAR)
+_LINEAR = dict(
+    linear_num_key_heads=2,
+    linear_key_head_dim=8,
+    linear_num_value_heads=12,
+    linear_value_head_dim=4,
+    linear_conv_kernel_dim=4,
+)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    layer_types=["linear_attention", "linear_attention"],
+    num_hidden_layers=2,
+    **_LINEAR,
+)
 TINY_SHAPE = StateShape(2, 8, 12, 4, 4)
 SPLITS = ("heads", "scan")
 
@@ -72,7 +89,8 @@ def test_a_hybrid_models_long_sample_is_cheaper_than_all_attention():
     t1, t2 = hybrid.state_local_time(64 * 1000), hybrid.state_local_time(64 * 2000)
     assert t2 == pytest.approx(2 * t1, rel=1e-12) and t1 > 0
     assert hybrid.local_time(8192) == pytest.approx(
-        hybrid.attention_time(8192) + hybrid.linear_time(8192) + hybrid.state_local_time(8192), rel=1e-12)
+        hybrid.attention_time(8192) + hybrid.linear_time(8192) + hybrid.state_local_time(8192), rel=1e-12
+    )
     assert hybrid.sequence_time(8192) == pytest.approx(hybrid.local_time(8192) + hybrid.overhead_time(), rel=1e-12)
 
 
@@ -82,7 +100,7 @@ def test_a_model_without_state_layers_is_priced_as_before():
 
     cost = CostModel.from_config(LlamaConfig(), "h100")
     assert cost.layer_states == () and cost.attention_layers == cost.num_layers
-    assert cost.sequence_time(4096) == cost.num_layers * (cost.a * 4096 ** 2 + cost.b * 4096 + cost.c)
+    assert cost.sequence_time(4096) == cost.num_layers * (cost.a * 4096**2 + cost.b * 4096 + cost.c)
 
 
 def test_gated_deltanet_projections_replace_the_attention_ones():
@@ -104,11 +122,13 @@ def test_gated_deltanet_projections_replace_the_attention_ones():
 def test_delta_rule_flops_count_the_chunked_algorithm():
     """The forward's matrix products, per chunk of 64 rows and head, as delta_rule.py computes them."""
     c, dk, dv = CHUNK, 128, 128
-    per_chunk = (2 * c * c * dk  # K K^T
-                 + 2 * c * c * dk  # Q K^T
-                 + c * c * (dk + dv)  # the unit-triangular solve for U and W
-                 + 3 * 2 * c * dk * dv  # W S, Qd S, Kd^T V'
-                 + 2 * c * c * dv)  # A V'
+    per_chunk = (
+        2 * c * c * dk  # K K^T
+        + 2 * c * c * dk  # Q K^T
+        + c * c * (dk + dv)  # the unit-triangular solve for U and W
+        + 3 * 2 * c * dk * dv  # W S, Qd S, Kd^T V'
+        + 2 * c * c * dv
+    )  # A V'
     assert delta_rule_flops(64, 1, dk, dv) == per_chunk
     assert delta_rule_flops(65, 3, dk, dv) == 2 * 3 * per_chunk  # padded to whole chunks
     assert delta_rule_flops(0, 3, dk, dv) == 0
@@ -245,14 +265,37 @@ def test_p2p_bytes_of_the_linear_layers_equal_the_estimate(tmp_path):
 
 
 # ------------------------------------------------------- Mamba-2 and short convolutions: bytes on the mesh = estimate
-_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_hidden_layers=2)
+_SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    num_hidden_layers=2,
+)
 # every layer a state mixer, so every P2P byte on the mesh is theirs: Nemotron-H's Mamba-2 (12 heads of 4 over 2 groups
 # of state 8: groups of 3 and 4 divide the heads, so "heads" runs on every split sample) and LFM2's short convolution
 # (kernel 3: a halo of 2 rows)
 MIXER_MODELS = {
-    "nemotron_h": (dict(_SMALL, head_dim=16, layer_types=["mamba", "mamba"], mamba_num_heads=12, mamba_head_dim=4,
-                        ssm_state_size=8, n_groups=2, conv_kernel=4, use_conv_bias=True, chunk_size=16), SPLITS),
+    "nemotron_h": (
+        dict(
+            _SMALL,
+            head_dim=16,
+            layer_types=["mamba", "mamba"],
+            mamba_num_heads=12,
+            mamba_head_dim=4,
+            ssm_state_size=8,
+            n_groups=2,
+            conv_kernel=4,
+            use_conv_bias=True,
+            chunk_size=16,
+        ),
+        SPLITS,
+    ),
     "lfm2": (dict(_SMALL, layer_types=["conv", "conv"], conv_L_cache=3, conv_bias=True), ("auto",)),
 }
 
@@ -294,12 +337,16 @@ def test_p2p_bytes_of_mamba2_and_short_convolutions_equal_the_estimate(tmp_path)
         AutoModelForCausalLM.from_config(configs[family]).save_pretrained(paths[family])
         cost = CostModel.from_config(configs[family], "cpu", bytes_per_value=8)
         assert cost.attention_layers == 0 and cost.num_layers == 2
-        plans[family] = [plan_naive(MIXED_LENGTHS, WORLD, C), random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
-                         plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses")]
+        plans[family] = [
+            plan_naive(MIXED_LENGTHS, WORLD, C),
+            random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
+            plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses"),
+        ]
     assert CostModel.from_config(configs["nemotron_h"], "cpu").layer_states[0] == StateShape(2, 8, 12, 4, 4, "ssd")
     assert CostModel.from_config(configs["lfm2"], "cpu").layer_states[0] == StateShape(0, 0, 1, 64, 3, "conv")
-    results = run_distributed(_mixer_worker, WORLD, paths, {f: [p.to_json() for p in ps] for f, ps in plans.items()},
-                              timeout=600)
+    results = run_distributed(
+        _mixer_worker, WORLD, paths, {f: [p.to_json() for p in ps] for f, ps in plans.items()}, timeout=600
+    )
     for family, (_, splits) in MIXER_MODELS.items():
         base = CostModel.from_config(configs[family], "cpu", bytes_per_value=8)
         assert any(p.ulysses > 1 for p in plans[family][2].pieces())
@@ -328,8 +375,9 @@ def test_each_family_reads_its_mixers_shapes_and_blocks():
         shapes = [st for st in layer_state_shapes(config) if st]
         assert len(shapes) == len(mixers) > 0, family
         for st, m in zip(shapes, mixers):
-            assert st == StateShape(m.n_groups, m.ssm_state_size, m.num_heads, m.head_dim, m.conv1d.kernel_size[0],
-                                    "ssd"), family
+            assert st == StateShape(
+                m.n_groups, m.ssm_state_size, m.num_heads, m.head_dim, m.conv1d.kernel_size[0], "ssd"
+            ), family
             assert st.channels == m.conv_dim and st.value_heads * st.value_dim == m.intermediate_size
     falcon = ModelSpec.from_config(AutoConfig.for_model("falcon_h1", **LINEAR_FAMILIES["falcon_h1"]))
     assert falcon.num_attention_layers == 2 and falcon.num_state_layers == 2  # every layer both
@@ -361,8 +409,9 @@ def test_mamba2_and_short_convolutions_are_priced_linear_in_s():
     assert ssd_flops(64, 1, dk, dv) < delta_rule_flops(64, 1, dk, dv)  # no triangular solve, no W
     conv = StateShape(0, 0, 1, 2048, 3, "conv")
     assert local_state_flops(1000, conv) == conv_flops(1000, 2048, 3)
-    lfm = ModelSpec.from_config(AutoConfig.for_model("lfm2", layer_types=["conv", "full_attention"] * 8,
-                                                     num_hidden_layers=16))
+    lfm = ModelSpec.from_config(
+        AutoConfig.for_model("lfm2", layer_types=["conv", "full_attention"] * 8, num_hidden_layers=16)
+    )
     h = lfm.hidden_size
     assert lfm.num_state_layers == 8 and lfm.state_layer_params(lfm.layer_states[0]) == 4 * h * h + h * 3
     cost = CostModel.from_specs(lfm, __import__("hf_hdp.planning.cost", fromlist=["x"]).HARDWARE_PRESETS["h100"])
@@ -414,22 +463,28 @@ def test_mamba2_split_choice_uses_its_own_flops():
 def test_state_layers_activation_memory():
     """The state layers' saved activations enter the memory estimate: an all-Mamba-2 or short-convolution model keeps
     per token what its mixers' projections, convolution and chunk quantities hold; capacity follows."""
-    from hf_hdp.planning.cost.memory import (layer_activation_bytes, layer_activation_bytes_per_token,
-                                             state_activation_bytes_per_token, tokens_per_rank_for_memory)
+    from hf_hdp.planning.cost.memory import (
+        layer_activation_bytes,
+        layer_activation_bytes_per_token,
+        state_activation_bytes_per_token,
+        tokens_per_rank_for_memory,
+    )
 
     spec = ModelSpec.from_config(AutoConfig.for_model("bamba"))  # 32 Mamba-2 layers, bf16
     st = spec.layer_states[0]
     h, hv, dk, dv, c = spec.hidden_size, st.value_heads, st.key_dim, st.value_dim, st.channels
-    expected = 2 * (2 * hv * dv + c + hv) + 4 * (2 * c + hv * (2 * dk + dv) + hv * (2 * dk + CHUNK) + hv * dv
-                                                 + hv * dk * dv / CHUNK)
+    expected = 2 * (2 * hv * dv + c + hv) + 4 * (
+        2 * c + hv * (2 * dk + dv) + hv * (2 * dk + CHUNK) + hv * dv + hv * dk * dv / CHUNK
+    )
     assert state_activation_bytes_per_token(st, h, 2) == expected
     per_layer = 2 * 2 * h + expected + 2 * (2 * h + 4 * spec.intermediate_size)
     assert layer_activation_bytes(spec, 0) == per_layer == layer_activation_bytes_per_token(spec)
     # the same shapes with attention layers: a Mamba-2 layer keeps more per token than the attention it replaces
     attention = ModelSpec.from_config(AutoConfig.for_model("bamba", attn_layer_indices=list(range(32))))
     assert attention.num_state_layers == 0 and layer_activation_bytes_per_token(attention) < per_layer
-    fit = [tokens_per_rank_for_memory(m, 80e9, checkpointing=False, world_size=64, zero_stage=1)
-           for m in (spec, attention)]
+    fit = [
+        tokens_per_rank_for_memory(m, 80e9, checkpointing=False, world_size=64, zero_stage=1) for m in (spec, attention)
+    ]
     assert fit[0] < fit[1]
     conv = StateShape(0, 0, 1, 2048, 3, "conv")
     assert state_activation_bytes_per_token(conv, 2048, 2) == 2 * 5 * 2048 + 4 * 2 * 2048

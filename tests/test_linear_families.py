@@ -32,38 +32,107 @@ WORLD, C = 4, 16
 LOSS_RTOL, GRAD_TOL = 1e-12, 1e-9
 
 # 12 value heads over 2 key heads: group sizes 3 and 4 both divide them, so "heads" runs on every split sample
-_LINEAR = dict(linear_num_key_heads=2, linear_key_head_dim=8, linear_num_value_heads=12, linear_value_head_dim=4,
-               linear_conv_kernel_dim=4)
-_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-             layer_types=["linear_attention", "full_attention"], num_hidden_layers=2, **_LINEAR)
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-            output_router_logits=False)
+_LINEAR = dict(
+    linear_num_key_heads=2,
+    linear_key_head_dim=8,
+    linear_num_value_heads=12,
+    linear_value_head_dim=4,
+    linear_conv_kernel_dim=4,
+)
+_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    layer_types=["linear_attention", "full_attention"],
+    num_hidden_layers=2,
+    **_LINEAR,
+)
+_MOE = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    output_router_logits=False,
+)
 # Mamba-2: a Mamba-2 layer then an attention layer; 12 heads of 4 (Nemotron-H) or 16 heads of 4 (intermediate = 1 x hidden:
 # group sizes of 3 then run the scan even when "heads" is asked) over 2 groups of state size 8
-_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_hidden_layers=2)
-_M2 = dict(mamba_n_heads=16, mamba_d_head=4, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=1,
-           mamba_conv_bias=True, mamba_proj_bias=False)
+_SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    num_hidden_layers=2,
+)
+_M2 = dict(
+    mamba_n_heads=16,
+    mamba_d_head=4,
+    mamba_d_state=8,
+    mamba_n_groups=2,
+    mamba_d_conv=4,
+    mamba_expand=1,
+    mamba_conv_bias=True,
+    mamba_proj_bias=False,
+)
 LINEAR_FAMILIES = {
     "qwen3_5_text": dict(_BASE),
     "qwen3_5_moe_text": dict(_BASE, **_MOE),
     "qwen3_next": dict(_BASE, **_MOE, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True),
-    "nemotron_h": dict(_SMALL, head_dim=16, layer_types=["mamba", "attention"], mamba_num_heads=12, mamba_head_dim=4,
-                       ssm_state_size=8, n_groups=2, conv_kernel=4, use_conv_bias=True, chunk_size=16),
+    "nemotron_h": dict(
+        _SMALL,
+        head_dim=16,
+        layer_types=["mamba", "attention"],
+        mamba_num_heads=12,
+        mamba_head_dim=4,
+        ssm_state_size=8,
+        n_groups=2,
+        conv_kernel=4,
+        use_conv_bias=True,
+        chunk_size=16,
+    ),
     "bamba": dict(_SMALL, attn_layer_indices=[1], **_M2),
-    "granitemoehybrid": dict(_SMALL, layer_types=["mamba", "attention"], **_M2, num_local_experts=0,
-                             shared_intermediate_size=64),
+    "granitemoehybrid": dict(
+        _SMALL, layer_types=["mamba", "attention"], **_M2, num_local_experts=0, shared_intermediate_size=64
+    ),
     "falcon_h1": dict(_SMALL, head_dim=16, **_M2, mamba_d_ssm=64),
     # gated short convolutions (kernel 3) then attention
     "lfm2": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, conv_bias=True),
-    "lfm2_moe": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3, num_dense_layers=1, num_experts=4,
-                     num_experts_per_tok=2, moe_intermediate_size=32),
+    "lfm2_moe": dict(
+        _SMALL,
+        layer_types=["conv", "full_attention"],
+        conv_L_cache=3,
+        num_dense_layers=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+    ),
     "lfm3": dict(_SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3),
     # Zamba 2: a Mamba-2 layer, then a hybrid layer (the shared attention block beside a Mamba-2 mixer)
-    "zamba2": dict(_SMALL, mamba_headdim=4, n_mamba_heads=16, mamba_d_state=8, mamba_ngroups=2, mamba_d_conv=4, mamba_expand=1,
-                   layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], attention_head_dim=16,
-                   use_shared_attention_adapter=False, num_mem_blocks=1),
+    "zamba2": dict(
+        _SMALL,
+        mamba_headdim=4,
+        n_mamba_heads=16,
+        mamba_d_state=8,
+        mamba_ngroups=2,
+        mamba_d_conv=4,
+        mamba_expand=1,
+        layers_block_type=["mamba", "hybrid"],
+        hybrid_layer_ids=[1],
+        attention_head_dim=16,
+        use_shared_attention_adapter=False,
+        num_mem_blocks=1,
+    ),
 }
 SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3")
 MAMBA2 = ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")
@@ -94,8 +163,9 @@ def _is_mixer(m) -> bool:
 
 
 def _load(path: str, dtype=torch.float64):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                experts_implementation="eager")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa", experts_implementation="eager"
+    )
 
 
 # ---------------------------------------------------------------------------------- dense reference
@@ -112,13 +182,14 @@ def dense_delta_net_forward(m, hidden_states, cache=None, attention_mask=None, *
         z = m.in_proj_z(hidden_states).reshape(b, t, hv, dv)
         bb, a = m.in_proj_b(hidden_states), m.in_proj_a(hidden_states)
     kernel = m.conv1d.weight.shape[-1]
-    conv = F.conv1d(mixed.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=kernel - 1,
-                    groups=mixed.shape[-1])[..., :t]
+    conv = F.conv1d(mixed.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=kernel - 1, groups=mixed.shape[-1])[
+        ..., :t
+    ]
     conv = F.silu(conv).transpose(1, 2)
     q, k, v = conv.split([hk * dk, hk * dk, hv * dv], dim=-1)
     q, k = (x.reshape(b, t, hk, dk) for x in (q, k))
     q, k = (x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
-    q = q / dk ** 0.5
+    q = q / dk**0.5
     q, k = (x.repeat_interleave(hv // hk, dim=2) for x in (q, k))
     v = v.reshape(b, t, hv, dv)
     beta = bb.sigmoid()
@@ -181,8 +252,9 @@ def dense_mamba2_forward(m, hidden_states, cache=None, attention_mask=None, **kw
         p = p * m.mup_vector
     gate, xbc, dt = p.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
     kernel = m.conv1d.weight.shape[-1]
-    xbc = F.silu(F.conv1d(xbc.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=kernel - 1,
-                          groups=m.conv_dim)[..., :t]).transpose(1, 2)
+    xbc = F.silu(
+        F.conv1d(xbc.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=kernel - 1, groups=m.conv_dim)[..., :t]
+    ).transpose(1, 2)
     gn = m.n_groups * m.ssm_state_size
     x, bb, cc = xbc.split([m.intermediate_size, gn, gn], dim=-1)
     heads, groups = m.num_heads, m.n_groups
@@ -206,8 +278,9 @@ def dense_short_conv_forward(m, hidden_states, cache=None, attention_mask=None, 
     t = hidden_states.shape[1]
     b, c, x = m.in_proj(hidden_states).chunk(3, dim=-1)
     kernel = m.conv.weight.shape[-1]
-    conv = F.conv1d((b * x).transpose(1, 2), m.conv.weight, m.conv.bias, padding=kernel - 1,
-                    groups=x.shape[-1])[..., :t]
+    conv = F.conv1d((b * x).transpose(1, 2), m.conv.weight, m.conv.bias, padding=kernel - 1, groups=x.shape[-1])[
+        ..., :t
+    ]
     return m.out_proj(c * conv.transpose(1, 2))
 
 
@@ -226,10 +299,14 @@ def use_dense_reference(model):
 def _plans():
     """The naive plan, a random valid plan (rings over 3 and 4 ranks) and a balanced plan of head-parallel pieces
     (Ulysses segments: the layout a hybrid piece's rows have on its members)."""
-    cost = CostModel.from_config(AutoConfig.for_model("qwen3_5_text", **LINEAR_FAMILIES["qwen3_5_text"]), "cpu",
-                                 bytes_per_value=8)
-    return [plan_naive(MIXED_LENGTHS, WORLD, C), random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
-            plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses")]
+    cost = CostModel.from_config(
+        AutoConfig.for_model("qwen3_5_text", **LINEAR_FAMILIES["qwen3_5_text"]), "cpu", bytes_per_value=8
+    )
+    return [
+        plan_naive(MIXED_LENGTHS, WORLD, C),
+        random_plan(MIXED_LENGTHS, WORLD, C, random.Random(5)),
+        plan_balanced(MIXED_LENGTHS, WORLD, C, cost, attention_split="ulysses"),
+    ]
 
 
 def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
@@ -261,8 +338,10 @@ def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
                 sent = mesh.stats.bytes_sent - before
                 params = [p for p in model.parameters() if p.requires_grad]
                 (total,) = mesh.reduce_gradients(params, extras=[loss])
-                grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-                         for n, p in model.named_parameters()}
+                grads = {
+                    n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+                    for n, p in model.named_parameters()
+                }
                 per_plan.append((total, grads if rank == 0 else {k: v.sum() for k, v in grads.items()}, sent))
             out[(family, split)] = per_plan
     return out
@@ -270,8 +349,11 @@ def _hdp_worker(rank, world_size, paths, plan_jsons, stock_norms=False):
 
 def _selected_families(request) -> list[str]:
     """The families the equivalence tests of this session ask for (so ``-k zamba2`` spawns for zamba2 only)."""
-    chosen = {item.callspec.params["family"] for item in request.session.items
-              if getattr(item, "originalname", None) == "test_hybrid_family_gradients_equal_single_device"}
+    chosen = {
+        item.callspec.params["family"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_hybrid_family_gradients_equal_single_device"
+    }
     return [f for f in LINEAR_FAMILIES if f in chosen] or list(LINEAR_FAMILIES)
 
 
@@ -301,8 +383,13 @@ def test_hybrid_family_gradients_equal_single_device(family, split, hdp_runs):
         loss, grads, _ = results[0][(family, split)][i]
         assert loss == pytest.approx(ref_loss, rel=loss_rtol), (family, split, plan.planner)
         for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=grad_tol, atol=grad_tol * float(g.abs().max()),
-                                       msg=lambda m: f"{family} {split} {plan.planner} {name}: {m}")
+            torch.testing.assert_close(
+                grads[name],
+                g,
+                rtol=grad_tol,
+                atol=grad_tol * float(g.abs().max()),
+                msg=lambda m: f"{family} {split} {plan.planner} {name}: {m}",
+            )
         for r in range(1, WORLD):
             assert results[r][(family, split)][i][0] == pytest.approx(loss, rel=1e-12)
 
@@ -312,8 +399,9 @@ def test_stock_norms_agree_to_float32(tmp_path):
     float32 accuracy: 8 float32 ulps of the loss and of each gradient's largest element."""
     path = _save("qwen3_5_text", str(tmp_path / "m"))
     plans = _plans()[1:]
-    results = run_distributed(_hdp_worker, WORLD, {"qwen3_5_text": path}, [p.to_json() for p in plans], True,
-                              timeout=600)
+    results = run_distributed(
+        _hdp_worker, WORLD, {"qwen3_5_text": path}, [p.to_json() for p in plans], True, timeout=600
+    )
     ref_loss, ref_grads = reference_step(use_dense_reference(_load(path)), mixed_batch(0))
     tol = 8 * torch.finfo(torch.float32).eps
     for split in SPLITS:
@@ -340,8 +428,13 @@ def test_dense_reference_matches_the_stock_layer(family, tmp_path):
     model = _load(_save(family, str(tmp_path / family)), dtype=torch.float32)
     layer = next(m for m in model.modules() if _is_mixer(m))
     hidden = torch.randn(1, 37, 64, generator=torch.Generator().manual_seed(1))
-    dense_forward = dense_mamba2_forward if family in MAMBA2 else dense_short_conv_forward if family in SHORT_CONV \
+    dense_forward = (
+        dense_mamba2_forward
+        if family in MAMBA2
+        else dense_short_conv_forward
+        if family in SHORT_CONV
         else dense_delta_net_forward
+    )
     with torch.no_grad():
         stock = layer(hidden)
         dense = dense_forward(layer, hidden)

@@ -12,8 +12,7 @@ from hf_hdp.distributed.links import LINK_PRESETS, LinkEmulator, compute_scale, 
 from hf_hdp.planning.cost import HARDWARE_PRESETS, CostModel, ModelSpec
 from tests.dist_utils import run_distributed
 
-LINKS = LinkEmulator(intra_bandwidth=4e9, intra_latency=2e-5, inter_bandwidth=1e9, inter_latency=1e-4,
-                     ranks_per_node=2)
+LINKS = LinkEmulator(intra_bandwidth=4e9, intra_latency=2e-5, inter_bandwidth=1e9, inter_latency=1e-4, ranks_per_node=2)
 TINY = ModelSpec("tiny", 128, 4, 4, 2, 336, 2048, tie_word_embeddings=True)
 
 
@@ -47,10 +46,20 @@ def test_collective_delay_is_the_cost_models_allreduce(world):
 def test_cost_model_takes_exactly_the_links():
     base = CostModel.from_specs(TINY, HARDWARE_PRESETS["cpu"])
     cost = LINKS.cost_model(base)
-    assert (cost.intra_bandwidth, cost.intra_latency, cost.inter_bandwidth, cost.inter_latency, cost.ranks_per_node) \
-        == (4e9, 2e-5, 1e9, 1e-4, 2)
-    assert (cost.a, cost.b, cost.c, cost.kv_bytes_per_token, cost.grad_bytes) == \
-        (base.a, base.b, base.c, base.kv_bytes_per_token, base.grad_bytes)
+    assert (
+        cost.intra_bandwidth,
+        cost.intra_latency,
+        cost.inter_bandwidth,
+        cost.inter_latency,
+        cost.ranks_per_node,
+    ) == (4e9, 2e-5, 1e9, 1e-4, 2)
+    assert (cost.a, cost.b, cost.c, cost.kv_bytes_per_token, cost.grad_bytes) == (
+        base.a,
+        base.b,
+        base.c,
+        base.kv_bytes_per_token,
+        base.grad_bytes,
+    )
     # a ring's message is priced as the emulator prices it
     assert cost.message_time(1e6, True) == pytest.approx(LINKS.p2p_delay(1e6, 1, 2))
     assert cost.message_time(1e6, False) == pytest.approx(LINKS.p2p_delay(1e6, 0, 1))
@@ -72,10 +81,12 @@ def test_scaled_preset_stretches_the_h100_links_by_the_compute_ratio(monkeypatch
     # the ratios are throughput ratios: the cpu preset's achieved rates over the h100 preset's
     cpu_hw = HARDWARE_PRESETS["cpu"]
     d = links.derivation
-    assert d["attention_ratio"] == pytest.approx(cpu_hw.peak_flops * cpu_hw.attention_efficiency
-                                                 / (h100.peak_flops * h100.attention_efficiency))
-    assert d["linear_ratio"] == pytest.approx(cpu_hw.peak_flops * cpu_hw.linear_efficiency
-                                              / (h100.peak_flops * h100.linear_efficiency))
+    assert d["attention_ratio"] == pytest.approx(
+        cpu_hw.peak_flops * cpu_hw.attention_efficiency / (h100.peak_flops * h100.attention_efficiency)
+    )
+    assert d["linear_ratio"] == pytest.approx(
+        cpu_hw.peak_flops * cpu_hw.linear_efficiency / (h100.peak_flops * h100.linear_efficiency)
+    )
     assert min(d["attention_ratio"], d["linear_ratio"]) <= scale <= max(d["attention_ratio"], d["linear_ratio"])
     # default reference length: where this machine's attention equals its linear work
     assert compute_scale(cpu, TINY, h100)[1]["reference_tokens"] == pytest.approx(cpu.b / cpu.a)
@@ -112,6 +123,7 @@ def test_default_mesh_has_no_emulator():
 
 # ------------------------------------------------------------------------ two gloo ranks
 
+
 def _run_ops(mesh, rank, world):
     """The same P2P exchanges and collectives on ``mesh``; returns what arrived and the formulas' seconds."""
     links = mesh.links
@@ -141,8 +153,9 @@ def _run_ops(mesh, rank, world):
     owners = [0, 1, 0]
     reduction = mesh.gradient_reduction(params, owners, 0, 1)
     if links:
-        expected += sum(links.collective_delay(b.numel * b.dtype.itemsize, world, "reduce_scatter")
-                        for b in reduction.buckets)
+        expected += sum(
+            links.collective_delay(b.numel * b.dtype.itemsize, world, "reduce_scatter") for b in reduction.buckets
+        )
     reduction.finish([])
     out["kept"] = [None if p.grad is None else p.grad.clone() for p in params]
     weights = [torch.full((n,), float(10 * rank + j)) for j, n in enumerate((7, 300, 40))]
@@ -171,8 +184,14 @@ def _emulated_worker(rank, world, links):
     emulated = DynamicMesh(bucket_bytes=1024, links=links)
     got_plain, _ = _run_ops(plain, rank, world)
     got_emulated, expected = _run_ops(emulated, rank, world)
-    return {"plain": got_plain, "emulated": got_emulated, "expected": expected, "plain_links": plain.links,
-            "plain_stats": asdict(plain.stats), "stats": asdict(emulated.stats)}
+    return {
+        "plain": got_plain,
+        "emulated": got_emulated,
+        "expected": expected,
+        "plain_links": plain.links,
+        "plain_stats": asdict(plain.stats),
+        "stats": asdict(emulated.stats),
+    }
 
 
 def _same(a, b):
@@ -187,8 +206,9 @@ def _same(a, b):
 
 def test_emulated_mesh_moves_the_same_bytes_and_counts_the_formulas_seconds():
     # two "nodes" of one rank each: every message takes the inter-node link; tiny delays keep the test fast
-    links = LinkEmulator(intra_bandwidth=2e9, intra_latency=1e-4, inter_bandwidth=1e9, inter_latency=2e-4,
-                         ranks_per_node=1)
+    links = LinkEmulator(
+        intra_bandwidth=2e9, intra_latency=1e-4, inter_bandwidth=1e9, inter_latency=2e-4, ranks_per_node=1
+    )
     results = run_distributed(_emulated_worker, 2, links, timeout=120)
     for rank, r in enumerate(results):
         assert _same(r["plain"], r["emulated"]), f"rank {rank}: the emulated mesh moved different data"

@@ -33,16 +33,36 @@ def _worker(rank, world_size, model_path, out_dir):
     from hf_hdp import HDPConfig, HDPTrainer
     from tests.models import VOCAB, load_model
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), TENSORBOARD_LOGGING_DIR=os.path.join(out_dir, "tb"))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        TENSORBOARD_LOGGING_DIR=os.path.join(out_dir, "tb"),
+    )
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for n in LENGTHS]
-    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=["tensorboard"], max_steps=STEPS,
-                             logging_steps=1, eval_strategy="steps", eval_steps=1, save_strategy="no",
-                             disable_tqdm=True, learning_rate=1e-3, seed=0)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=["tensorboard"],
+        max_steps=STEPS,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        seed=0,
+    )
     config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive", log_keys="all")  # every figure
-    trainer = HDPTrainer(load_model(model_path, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
-                         eval_dataset=Dataset.from_list(rows[:6]), hdp_config=config)
+    trainer = HDPTrainer(
+        load_model(model_path, dtype=torch.float32),
+        args,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows[:6]),
+        hdp_config=config,
+    )
     trainer.train()
     return trainer.state.log_history
 

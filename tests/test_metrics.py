@@ -6,11 +6,11 @@ import json
 import random
 
 import pytest
+from plan_helpers import random_plan
 
 from hf_hdp.planning import Piece, build_plan, plan_naive, plan_static
 from hf_hdp.planning.cost import CostModel
 from hf_hdp.planning.metrics import KINDS, plan_metrics, plan_timeline
-from plan_helpers import random_plan
 
 # one second per token, nothing else: hand-checkable times
 LINEAR = CostModel(0.0, 1.0, 0.0, num_layers=1)
@@ -19,7 +19,9 @@ LINEAR = CostModel(0.0, 1.0, 0.0, num_layers=1)
 def _plan(W, C, lengths, placements):
     """``placements``: (rank, slot, [(sample, group), ...])."""
     return build_plan(
-        lengths, W, C,
+        lengths,
+        W,
+        C,
         [(r, slot, [Piece(s, lengths[s], tuple(g)) for s, g in ps]) for r, slot, ps in placements],
         planner="hand",
     ).validate()
@@ -55,8 +57,12 @@ def test_two_ranks_one_local_sample_each():
 def test_a_perfectly_balanced_plan_has_imbalance_one_and_no_idle_time():
     lengths = [200, 150, 50, 200]
     # slot 0: 200 tokens on each rank (one sample, or two packed); slot 1: a 200-token sample split 100 + 100
-    plan = _plan(2, 1000, lengths, [(0, 0, [(0, (0,))]), (1, 0, [(1, (1,)), (2, (1,))]),
-                                    (0, 1, [(3, (0, 1))]), (1, 1, [(3, (0, 1))])])
+    plan = _plan(
+        2,
+        1000,
+        lengths,
+        [(0, 0, [(0, (0,))]), (1, 0, [(1, (1,)), (2, (1,))]), (0, 1, [(3, (0, 1))]), (1, 1, [(3, (0, 1))])],
+    )
     m = plan_metrics(plan, LINEAR)
     assert m.busy_s == [300.0, 300.0]
     assert m.imbalance == 1.0 and m.idle_fraction == pytest.approx(0.0) and m.step_time_s == 300.0
@@ -65,10 +71,18 @@ def test_a_perfectly_balanced_plan_has_imbalance_one_and_no_idle_time():
 def test_a_distributed_piece_makes_its_members_wait_for_each_other():
     # slot 0: rank 0 runs 50 tokens, rank 1 runs 80, rank 2 runs 30; slot 1: a 200-token sample on ranks (0, 1)
     lengths = [50, 80, 30, 200]
-    plan = _plan(3, 100, lengths, [
-        (0, 0, [(0, (0,))]), (1, 0, [(1, (1,))]), (2, 0, [(2, (2,))]),
-        (0, 1, [(3, (0, 1))]), (1, 1, [(3, (0, 1))]),
-    ])
+    plan = _plan(
+        3,
+        100,
+        lengths,
+        [
+            (0, 0, [(0, (0,))]),
+            (1, 0, [(1, (1,))]),
+            (2, 0, [(2, (2,))]),
+            (0, 1, [(3, (0, 1))]),
+            (1, 1, [(3, (0, 1))]),
+        ],
+    )
     m = plan_metrics(plan, LINEAR)
     assert m.busy_s == [150.0, 180.0, 30.0]
     # rank 0 waits for rank 1 (free at 80), then both run 100 tokens of the 200
@@ -86,11 +100,18 @@ def test_a_distributed_piece_makes_its_members_wait_for_each_other():
 def test_ring_members_finish_together_and_coupling_is_transitive():
     # slot 0: rank 2 is busy for 500; slot 1: sample 1 on (0, 1) and sample 2 on (1, 2): one component {0, 1, 2}
     lengths = [500, 100, 60, 10]
-    plan = _plan(4, 1000, lengths, [
-        (2, 0, [(0, (2,))]),
-        (0, 1, [(1, (0, 1))]), (1, 1, [(1, (0, 1)), (2, (1, 2))]), (2, 1, [(2, (1, 2))]),
-        (3, 1, [(3, (3,))]),
-    ])
+    plan = _plan(
+        4,
+        1000,
+        lengths,
+        [
+            (2, 0, [(0, (2,))]),
+            (0, 1, [(1, (0, 1))]),
+            (1, 1, [(1, (0, 1)), (2, (1, 2))]),
+            (2, 1, [(2, (1, 2))]),
+            (3, 1, [(3, (3,))]),
+        ],
+    )
     m = plan_metrics(plan, LINEAR)
     # rank 1 holds 50 + 30 tokens: the component starts at 500 and ends at 500 + 80
     assert m.busy_s == [50.0, 80.0, 530.0, 10.0]
@@ -106,10 +127,18 @@ def test_p2p_bytes_and_messages_match_hand_counts():
     cost = CostModel(0.0, 1.0, 0.0, num_layers=L, kv_bytes_per_token=kvb, value_bytes=2)
     lengths = [200, 60, 90]
     # sample 0 on (0, 1); sample 1 on (0, 1) in the same micro-batch: one ring segment; sample 2 on (1, 2, 0) later
-    plan = _plan(3, 1000, lengths, [
-        (0, 0, [(0, (0, 1)), (1, (0, 1))]), (1, 0, [(0, (0, 1)), (1, (0, 1))]),
-        (0, 1, [(2, (1, 2, 0))]), (1, 1, [(2, (1, 2, 0))]), (2, 1, [(2, (1, 2, 0))]),
-    ])
+    plan = _plan(
+        3,
+        1000,
+        lengths,
+        [
+            (0, 0, [(0, (0, 1)), (1, (0, 1))]),
+            (1, 0, [(0, (0, 1)), (1, (0, 1))]),
+            (0, 1, [(2, (1, 2, 0))]),
+            (1, 1, [(2, (1, 2, 0))]),
+            (2, 1, [(2, (1, 2, 0))]),
+        ],
+    )
     m = plan_metrics(plan, cost)
     # segment (0, 1): 260 rows, 130 per member. Each member sends 1 forward and 1 backward K/V message of
     # 130 rows (all rows but its successor's) and 2 dK/dV accumulators (260 rows in all, float32)
@@ -169,8 +198,19 @@ def test_random_plans_are_consistent(seed):
     W, C = rng.choice([2, 3, 5, 8, 12]), rng.choice([64, 100, 256])
     lengths = [rng.randint(1, C * min(W, 3)) for _ in range(rng.randint(1, 25))]
     plan = random_plan(lengths, W, C, rng)
-    cost = CostModel(1e-6, 1e-4, 1e-3, num_layers=3, kv_bytes_per_token=64, intra_bandwidth=1e6, intra_latency=1e-4,
-                     inter_bandwidth=2e5, inter_latency=1e-3, ranks_per_node=4, grad_bytes=1e5)
+    cost = CostModel(
+        1e-6,
+        1e-4,
+        1e-3,
+        num_layers=3,
+        kv_bytes_per_token=64,
+        intra_bandwidth=1e6,
+        intra_latency=1e-4,
+        inter_bandwidth=2e5,
+        inter_latency=1e-3,
+        ranks_per_node=4,
+        grad_bytes=1e5,
+    )
     m = plan_metrics(plan, cost)
     per_rank = [sum(cost.micro_batch_time(mb) for mb in plan.for_rank(r)) for r in range(W)]
     assert m.busy_s == pytest.approx(per_rank)
@@ -219,7 +259,17 @@ def test_static_mesh_is_slower_than_naive_hdp_on_a_long_tail_mix():
     # ... while naive HDP leaves ranks unevenly loaded (what the balance scheduler addresses)
     assert mn.imbalance > ms.imbalance
     d = mn.to_dict()
-    for key in ("step_time_s", "imbalance", "idle_fraction", "p2p_bytes", "p2p_messages", "num_slots",
-                "micro_batches_per_rank", "group_sizes", "tokens", "busy_s"):
+    for key in (
+        "step_time_s",
+        "imbalance",
+        "idle_fraction",
+        "p2p_bytes",
+        "p2p_messages",
+        "num_slots",
+        "micro_batches_per_rank",
+        "group_sizes",
+        "tokens",
+        "busy_s",
+    ):
         assert key in d
     assert json.loads(json.dumps(d))["group_sizes"]["1"] == mn.group_sizes[1]

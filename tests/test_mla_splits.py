@@ -64,7 +64,7 @@ def _worker(rank, world):
         dtype = torch.float64 if name == "reference" else torch.float32
         g = torch.Generator().manual_seed(c)
         docs = []
-        for group, u, lengths in segments:
+        for _group, _u, lengths in segments:
             per = []
             for s in lengths:
                 q, k = (torch.randn(s, h, DK, generator=g, dtype=torch.float64) for h in (hq, hkv))
@@ -86,13 +86,16 @@ def _worker(rank, world):
         ql, kl, vl = (take(f).to(dtype).requires_grad_() for f in range(3))
         backend = get_backend(name, torch.device("cpu"), dtype)
         before = mesh.stats.bytes_sent
-        o = distributed_attention(ql, kl, vl, tuple(segs), DK**-0.5, backend, mesh,
-                                  LayerFeatures(LayerMask(window, chunk)))
+        o = distributed_attention(
+            ql, kl, vl, tuple(segs), DK**-0.5, backend, mesh, LayerFeatures(LayerMask(window, chunk))
+        )
         (o * take(3).to(dtype)).sum().backward()
         sent = mesh.stats.bytes_sent - before
         shapes = [tuple(t.shape) for t in (o, ql.grad, kl.grad, vl.grad)]
-        diffs = [float((x.double() - take(f)).abs().max() / take(f).abs().max())
-                 for x, f in ((o, 4), (ql.grad, 5), (kl.grad, 6), (vl.grad, 7))]
+        diffs = [
+            float((x.double() - take(f)).abs().max() / take(f).abs().max())
+            for x, f in ((o, 4), (ql.grad, 5), (kl.grad, 6), (vl.grad, 7))
+        ]
         out.append((diffs, sent, shapes))
     return out
 
@@ -100,9 +103,18 @@ def _worker(rank, world):
 def _cost(hq, hkv, window, chunk, value_bytes) -> CostModel:
     """One layer of these heads as the planner prices it: K at DK, V at DV (``layer_heads``), the layer's mask."""
     mask = LayerMask(window, chunk)
-    return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=hkv * (DK + DV) * value_bytes,
-                     value_bytes=value_bytes, num_heads=hq, num_kv_heads=hkv, layer_heads=((hkv, DK, DV),),
-                     layer_masks=() if mask.full else (mask,))
+    return CostModel(
+        a=0,
+        b=0,
+        c=0,
+        num_layers=1,
+        kv_bytes_per_token=hkv * (DK + DV) * value_bytes,
+        value_bytes=value_bytes,
+        num_heads=hq,
+        num_kv_heads=hkv,
+        layer_heads=((hkv, DK, DV),),
+        layer_masks=() if mask.full else (mask,),
+    )
 
 
 def test_mla_splits_equal_dense_attention_and_send_what_the_cost_model_counts():
@@ -130,13 +142,16 @@ def test_mla_bytes_are_k_at_the_qk_size_and_v_at_the_v_size():
     mla = _cost(4, 2, None, None, 2)
 
     def uniform(d):
-        return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * 2 * d * 2, value_bytes=2, num_heads=4,
-                         num_kv_heads=2)
+        return CostModel(
+            a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * 2 * d * 2, value_bytes=2, num_heads=4, num_kv_heads=2
+        )
 
     for u in (1, 2, 4):
         got = mla.segment_bytes_by_member([40, 9], 4, u)
-        wide, narrow = uniform(DK).segment_bytes_by_member([40, 9], 4, u), uniform(DV).segment_bytes_by_member(
-            [40, 9], 4, u)
+        wide, narrow = (
+            uniform(DK).segment_bytes_by_member([40, 9], 4, u),
+            uniform(DV).segment_bytes_by_member([40, 9], 4, u),
+        )
         if u == 1:
             assert got == [(a + b) / 2 for a, b in zip(wide, narrow)]
         else:

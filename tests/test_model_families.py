@@ -40,8 +40,19 @@ from hf_hdp.models import SUPPORTED_FAMILIES, UnsupportedModelError, check_model
 from hf_hdp.planning import StepPlan, plan_naive
 from tests.dist_utils import run_distributed
 from tests.family_models import (
-    DENSE_REFERENCE, FAMILIES, FEATURES, FLOAT32_GATES, FLOAT32_INTERNAL, MODELS, REQUIRED, VOCAB, build_family_model,
-    family_config, load_family_model, model_type_of, save_family_model,
+    DENSE_REFERENCE,
+    FAMILIES,
+    FEATURES,
+    FLOAT32_GATES,
+    FLOAT32_INTERNAL,
+    MODELS,
+    REQUIRED,
+    VOCAB,
+    build_family_model,
+    family_config,
+    load_family_model,
+    model_type_of,
+    save_family_model,
 )
 from tests.models import MIXED_LENGTHS, mixed_batch, reference_step
 from tests.plan_helpers import random_plan
@@ -93,8 +104,9 @@ def _hdp_worker(rank, world_size, paths, cases, plan_jsons):
             loss = run_micro_batches(model, micro, n_loss, mesh, "reference", torch.device("cpu"))
             params = [p for p in model.parameters() if p.requires_grad]
             (total,) = mesh.reduce_gradients(params, extras=[loss])
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-                     for n, p in model.named_parameters()}
+            grads = {
+                n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()
+            }
             per_plan.append((total, grads if rank == 0 else {k: v.sum() for k, v in grads.items()}))
         out[case] = per_plan
     return out
@@ -112,7 +124,8 @@ def _one_thread():
 def _selected_cases(request) -> list[str]:
     """The cases of the equivalence tests this session runs (so ``-k llama`` spawns for llama only)."""
     chosen = {
-        item.callspec.params["case"] for item in request.session.items
+        item.callspec.params["case"]
+        for item in request.session.items
         if getattr(item, "originalname", None) == "test_family_hdp_gradients_equal_single_device"
     }
     return [c for c in CASES if c in chosen] or list(CASES)
@@ -154,7 +167,10 @@ def test_family_hdp_gradients_equal_single_device(case, hdp_runs):
             tol = GRAD_TOL if fp64 and not fp32 else GRAD_TOL_FLOAT32_INTERNAL if fp64 else GRAD_TOL_FP32
             tol = max(tol, gates_tol or 0.0)
             torch.testing.assert_close(
-                grads[name], g, rtol=tol, atol=tol * float(g.abs().max()),
+                grads[name],
+                g,
+                rtol=tol,
+                atol=tol * float(g.abs().max()),
                 msg=lambda m: f"{case} {plan.planner} {name}: {m}",
             )
         for r in range(1, WORLD):  # every rank holds the same reduced gradient and loss
@@ -225,7 +241,8 @@ def test_dense_reference_matches_stock_attention(name, tmp_path):
         else:
             extra = {"experts_implementation": "eager"} if model_type_of(name) == "gpt_oss" else {}
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float64, attn_implementation=DENSE_REFERENCE, **off, **extra)
+                path, dtype=torch.float64, attn_implementation=DENSE_REFERENCE, **off, **extra
+            )
         assert _rel(ref_logits, _logits_and_grads(model, ids)[0]) > 1e-2, f"{name}: {feature} changes nothing"
 
 
@@ -242,45 +259,105 @@ def _raw(model_type, **kwargs):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16)
+_SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 # (case id, builder, max_sequence_length, fragments the message must contain)
 REFUSED = [
-    ("gemma3-bidirectional", lambda: _tiny("gemma3_text", use_bidirectional_attention=True), 60,
-     ["use_bidirectional_attention", "causal"]),
-    ("gpt_oss-router-aux-loss", lambda: _tiny("gpt_oss", output_router_logits=True), 60,
-     ["GptOssForCausalLM", "output_router_logits=True", "auxiliary loss"]),
-    ("llama-attention-dropout", lambda: _tiny("llama", attention_dropout=0.1), 60,
-     ["LlamaForCausalLM", "attention dropout", "attention_dropout=0.1", "= 0.0"]),
-    ("mixtral-router-aux-loss", lambda: _tiny("mixtral", output_router_logits=True), 60,
-     ["MixtralForCausalLM", "output_router_logits=True", "auxiliary loss", "output_router_logits=False"]),
-    ("phi3-longrope-past-original", lambda: _tiny("phi3"), 2048,
-     ["Phi3ForCausalLM", "'longrope'", "1024", "2048"]),
-    ("llama-dynamic-rope", lambda: _tiny(
-        "llama", max_position_embeddings=32, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
-    ), 60,
-     ["'dynamic'", "32"]),
-    ("t5-encoder-decoder", lambda: _raw("t5", vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2), 60,
-     ["encoder-decoder", "Seq2SeqTrainer"]),
-    ("kimi_linear-linear-attention", lambda: _raw("kimi_linear", **_SMALL), 60,
-     ["linear_attention", "kimi_linear"]),
-    ("kimi_linear-conv", lambda: _raw("kimi_linear", **_SMALL), 60,
-     ["mix tokens outside the attention interface", "no adapter"]),
+    (
+        "gemma3-bidirectional",
+        lambda: _tiny("gemma3_text", use_bidirectional_attention=True),
+        60,
+        ["use_bidirectional_attention", "causal"],
+    ),
+    (
+        "gpt_oss-router-aux-loss",
+        lambda: _tiny("gpt_oss", output_router_logits=True),
+        60,
+        ["GptOssForCausalLM", "output_router_logits=True", "auxiliary loss"],
+    ),
+    (
+        "llama-attention-dropout",
+        lambda: _tiny("llama", attention_dropout=0.1),
+        60,
+        ["LlamaForCausalLM", "attention dropout", "attention_dropout=0.1", "= 0.0"],
+    ),
+    (
+        "mixtral-router-aux-loss",
+        lambda: _tiny("mixtral", output_router_logits=True),
+        60,
+        ["MixtralForCausalLM", "output_router_logits=True", "auxiliary loss", "output_router_logits=False"],
+    ),
+    ("phi3-longrope-past-original", lambda: _tiny("phi3"), 2048, ["Phi3ForCausalLM", "'longrope'", "1024", "2048"]),
+    (
+        "llama-dynamic-rope",
+        lambda: _tiny(
+            "llama",
+            max_position_embeddings=32,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+        ),
+        60,
+        ["'dynamic'", "32"],
+    ),
+    (
+        "t5-encoder-decoder",
+        lambda: _raw("t5", vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=2),
+        60,
+        ["encoder-decoder", "Seq2SeqTrainer"],
+    ),
+    ("kimi_linear-linear-attention", lambda: _raw("kimi_linear", **_SMALL), 60, ["linear_attention", "kimi_linear"]),
+    (
+        "kimi_linear-conv",
+        lambda: _raw("kimi_linear", **_SMALL),
+        60,
+        ["mix tokens outside the attention interface", "no adapter"],
+    ),
     # the released Llama 4 config: NoPE layers (every 4th) with temperature tuning on
-    ("llama4-temperature-tuning", lambda: _raw("llama4_text", **dict(_SMALL, num_hidden_layers=4)), 60,
-     ["attn_temperature_tuning=True", "layer 3", "row index", "position_ids", "attn_temperature_tuning=False",
-      "floor_scale"]),
-    ("llama4-temperature-tuning-model", lambda: _tiny("llama4_text", attn_temperature_tuning=True), 60,
-     ["Llama4ForCausalLM", "attn_temperature_tuning=True", "layer 1"]),
-    ("kimi_linear-why", lambda: _raw("kimi_linear", **_SMALL), 60,
-     ["recurrent state", "no adapter", "hf_hdp.attention.recurrent"]),
-    ("minimax-lightning", lambda: _raw("minimax", **_SMALL, num_local_experts=2, num_experts_per_tok=1), 60,
-     ["minimax family is not supported", "recurrent state"]),
+    (
+        "llama4-temperature-tuning",
+        lambda: _raw("llama4_text", **dict(_SMALL, num_hidden_layers=4)),
+        60,
+        [
+            "attn_temperature_tuning=True",
+            "layer 3",
+            "row index",
+            "position_ids",
+            "attn_temperature_tuning=False",
+            "floor_scale",
+        ],
+    ),
+    (
+        "llama4-temperature-tuning-model",
+        lambda: _tiny("llama4_text", attn_temperature_tuning=True),
+        60,
+        ["Llama4ForCausalLM", "attn_temperature_tuning=True", "layer 1"],
+    ),
+    (
+        "kimi_linear-why",
+        lambda: _raw("kimi_linear", **_SMALL),
+        60,
+        ["recurrent state", "no adapter", "hf_hdp.attention.recurrent"],
+    ),
+    (
+        "minimax-lightning",
+        lambda: _raw("minimax", **_SMALL, num_local_experts=2, num_experts_per_tok=1),
+        60,
+        ["minimax family is not supported", "recurrent state"],
+    ),
     ("gemma3-multimodal", lambda: _raw("gemma3"), 60, ["multimodal", "text_config", "Gemma3ForCausalLM"]),
-    ("bloom-no-attention-interface", lambda: AutoModelForCausalLM.from_config(_raw(
-        "bloom", vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)), 60,
-     ["BloomForCausalLM", "AttentionInterface"]),
+    (
+        "bloom-no-attention-interface",
+        lambda: AutoModelForCausalLM.from_config(_raw("bloom", vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)),
+        60,
+        ["BloomForCausalLM", "AttentionInterface"],
+    ),
 ]
 
 
@@ -303,14 +380,17 @@ def test_rope_limit_is_exact():
         check_model_supported(phi3, 1025)
 
 
-@pytest.mark.parametrize("name, fragments", [
-    ("mistral-window8", ["layers 0, 1 slide over 8 tokens"]),
-    ("qwen2-window8", ["layer 1 slides over 8 tokens"]),
-    ("gemma3_text-window8", ["layer 0 slides over 8 tokens"]),
-    ("gemma2-softcap-window8", ["layer 0 slides over 8 tokens", "soft-capping (attn_logit_softcapping=2.0)"]),
-    ("gpt_oss", ["layer 0 slides over 8 tokens", "attention sinks", "layers 0, 1"]),
-    ("llama4_text", ["layer 0 attends within chunks of 8 tokens", "attn_temperature_tuning=False"]),
-])
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("mistral-window8", ["layers 0, 1 slide over 8 tokens"]),
+        ("qwen2-window8", ["layer 1 slides over 8 tokens"]),
+        ("gemma3_text-window8", ["layer 0 slides over 8 tokens"]),
+        ("gemma2-softcap-window8", ["layer 0 slides over 8 tokens", "soft-capping (attn_logit_softcapping=2.0)"]),
+        ("gpt_oss", ["layer 0 slides over 8 tokens", "attention sinks", "layers 0, 1"]),
+        ("llama4_text", ["layer 0 attends within chunks of 8 tokens", "attn_temperature_tuning=False"]),
+    ],
+)
 def test_attention_features_are_accepted(name, fragments):
     """Sliding windows, chunks, soft-capping and sinks far shorter than the samples are accepted and reported."""
     summary = check_model_supported(build_family_model(name), 4096)
@@ -340,10 +420,21 @@ def test_window_a_layer_keeps_to_itself_is_honoured_at_the_forward():
     from hf_hdp.engine import enable_hdp_attention
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_raw(
-        "qwen2_moe", **_SMALL, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-        shared_expert_intermediate_size=16, use_sliding_window=True, sliding_window=8, max_window_layers=1,
-        output_router_logits=False), experts_implementation="eager").double()
+    model = AutoModelForCausalLM.from_config(
+        _raw(
+            "qwen2_moe",
+            **_SMALL,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            output_router_logits=False,
+        ),
+        experts_implementation="eager",
+    ).double()
     ids = torch.randint(0, VOCAB, (1, 40))
     model.config._attn_implementation = DENSE_REFERENCE
     with torch.no_grad():

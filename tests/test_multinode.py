@@ -64,12 +64,40 @@ def _launch_two_nodes(model: str, out: str) -> float:
     for node in range(NODES):
         # --local-addr: the workers' MASTER_ADDR is the rendezvous leader's address, by default its hostname,
         # which need not resolve everywhere (containers); on one machine 127.0.0.1 always does
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc-per-node",
-               str(PER_NODE), "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-               f"127.0.0.1:{port}", "--rdzv-id", f"hdp-multinode-{port}", "--local-addr", "127.0.0.1",
-               "--max-restarts", "0", "--monitor-interval", "0.5",
-               SCRIPT, "--model", model, "--out", out, "--steps", str(STEPS),
-               "--global_batch_size", str(GLOBAL_BATCH), "--tokens_per_rank", str(C)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(NODES),
+            "--nproc-per-node",
+            str(PER_NODE),
+            "--node-rank",
+            str(node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            f"hdp-multinode-{port}",
+            "--local-addr",
+            "127.0.0.1",
+            "--max-restarts",
+            "0",
+            "--monitor-interval",
+            "0.5",
+            SCRIPT,
+            "--model",
+            model,
+            "--out",
+            out,
+            "--steps",
+            str(STEPS),
+            "--global_batch_size",
+            str(GLOBAL_BATCH),
+            "--tokens_per_rank",
+            str(C),
+        ]
         log = open(os.path.join(out, f"agent{node}.log"), "w+")
         logs.append(log)
         agents.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -130,8 +158,18 @@ def test_two_torchrun_agents_train_hybrid_pieces_across_nodes_like_one_process(t
             assert subgroups == {frozenset({0, 1}), frozenset({2, 3})}, plan
     assert max(p["length"] for plan in record["plans"] for p in plan["pieces"]) == 60
     # the weights equal one process's, which trains the same 3 global batches unsplit (C = 64)
-    one = run_train_steps(1, model, str(tmp_path / "one"), "--steps", str(STEPS), "--global_batch_size",
-                          str(GLOBAL_BATCH), "--tokens_per_rank", "64", env={"HF_HUB_OFFLINE": "1"})
+    one = run_train_steps(
+        1,
+        model,
+        str(tmp_path / "one"),
+        "--steps",
+        str(STEPS),
+        "--global_batch_size",
+        str(GLOBAL_BATCH),
+        "--tokens_per_rank",
+        "64",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     two_nodes = AutoModelForCausalLM.from_pretrained(str(out / "final"), dtype=torch.float64).state_dict()
     initial = load_model(model).state_dict()
     assert any(not torch.equal(initial[k], one["weights"][k]) for k in initial), "training changed nothing"

@@ -37,10 +37,15 @@ def _kernelspec(tmp_path: Path, monkeypatch) -> None:
     """A kernelspec that runs this interpreter, first on JUPYTER_PATH."""
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "hf_hdp test kernel", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "hf_hdp test kernel",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
 
@@ -63,7 +68,7 @@ def execute_copy(name: str, tmp_path: Path, monkeypatch, probe: str) -> tuple[nb
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
     lines = [line for line in text.splitlines() if line.startswith(MARK)]
     assert lines, f"the probe cell printed no result: {text!r}"
-    return nb, json.loads(lines[-1][len(MARK):])
+    return nb, json.loads(lines[-1][len(MARK) :])
 
 
 def images(nb) -> int:
@@ -72,7 +77,9 @@ def images(nb) -> int:
 
 def test_quickstart_trains_on_several_processes(tmp_path, monkeypatch):
     nb, result = execute_copy(
-        "quickstart.ipynb", tmp_path, monkeypatch,
+        "quickstart.ipynb",
+        tmp_path,
+        monkeypatch,
         '{"losses": losses, "group_sizes": total["group_sizes"], "world_size": run["world_size"]}',
     )
     losses = result["losses"]
@@ -87,8 +94,10 @@ def test_quickstart_trains_on_several_processes(tmp_path, monkeypatch):
 
 
 def test_planner_explorer_compares_planners(tmp_path, monkeypatch):
-    probe = ('{str(w): {n: {"step_time_s": d["step_time_s"], "speedup": d["speedup_vs_static"]} '
-             'for n, d in s.items()} for w, s in summaries.items()}')
+    probe = (
+        '{str(w): {n: {"step_time_s": d["step_time_s"], "speedup": d["speedup_vs_static"]} '
+        "for n, d in s.items()} for w, s in summaries.items()}"
+    )
     nb, summaries = execute_copy("planner_explorer.ipynb", tmp_path, monkeypatch, probe)
     assert len(summaries) >= 2
     for world, s in summaries.items():

@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_hdp.collators import HDPCollator, count_loss_tokens
 from hf_hdp.distributed.mesh import DynamicMesh
-from hf_hdp.planning import CostModel, plan_naive
 from hf_hdp.engine import enable_hdp_attention, forward_micro_batch, run_micro_batches
 from hf_hdp.engine import offload as offload_module
 from hf_hdp.engine.offload import MIN_OFFLOAD_BYTES, ActivationOffloader, micro_batch_attention_time
+from hf_hdp.planning import CostModel, plan_naive
 from tests.dist_utils import run_distributed
 from tests.models import TINY_CONFIG, VOCAB
 
@@ -48,7 +48,7 @@ def _samples():
     out = []
     for i, n in enumerate(LENGTHS):
         ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]} if i % 2 else {"input_ids": ids})
+        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]} if i % 2 else {"input_ids": ids})
     return out
 
 
@@ -80,8 +80,12 @@ def _selected(model, layers, backend="reference"):
     kept: dict = {}
 
     def pack(t):
-        if (inside and type(t) is torch.Tensor and t.numel() * t.element_size() >= MIN_OFFLOAD_BYTES
-                and t.untyped_storage().data_ptr() not in params):
+        if (
+            inside
+            and type(t) is torch.Tensor
+            and t.numel() * t.element_size() >= MIN_OFFLOAD_BYTES
+            and t.untyped_storage().data_ptr() not in params
+        ):
             kept[(id(t), t._version)] = t
         return t
 
@@ -142,19 +146,21 @@ def test_parameters_and_weight_casts_are_never_copied(monkeypatch):
     seen, copied = [], []
     pack, to_host = offload_module._Session.pack, offload_module._Session._to_host
     monkeypatch.setattr(offload_module._Session, "pack", lambda self, t: (seen.append(t), pack(self, t))[1])
-    monkeypatch.setattr(offload_module._Session, "_to_host",
-                        lambda self, t, layer: (copied.append(t), to_host(self, t, layer))[1])
+    monkeypatch.setattr(
+        offload_module._Session, "_to_host", lambda self, t, layer: (copied.append(t), to_host(self, t, layer))[1]
+    )
     # float64: the linear layers save their weights, which stay
     model = _model()
     _step(model, ActivationOffloader(1.0))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert any(isinstance(t, torch.nn.Parameter) for t in seen)
-    assert copied and not any(isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in params
-                              for t in copied)
+    assert copied and not any(
+        isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in params for t in copied
+    )
     # float32 under bf16 autocast: the linear layers save autocast's bf16 copies of the weights, which stay too
     seen.clear(), copied.clear()
     model = _model(torch.float32)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     ref_loss, ref = _step(model, backend="cpu_flash", context=autocast)
     loss, grads = _step(model, ActivationOffloader(1.0), backend="cpu_flash", context=autocast)
     assert loss == ref_loss and all(torch.equal(grads[k], g) for k, g in ref.items())
@@ -171,8 +177,15 @@ def test_auto_offloads_the_layers_whose_copy_hides_behind_the_attention():
     assert [m.local_seqlens for m in metas] == [(50,), (6, 8, 10, 12)]
     a, saved = 1e-9, 1000.0  # seconds per token pair per layer; bytes one layer saves per token
     for bandwidth in (0.0, 5e10, 1e11, 1e12):
-        cost = CostModel(a=a, b=0.0, c=0.0, num_layers=3, host_bandwidth=bandwidth, layer_saved_bytes_per_token=saved,
-                         layer_input_bytes_per_token=saved / 8)
+        cost = CostModel(
+            a=a,
+            b=0.0,
+            c=0.0,
+            num_layers=3,
+            host_bandwidth=bandwidth,
+            layer_saved_bytes_per_token=saved,
+            layer_input_bytes_per_token=saved / 8,
+        )
         off = ActivationOffloader("auto", cost_model=lambda: cost)
         layers = []
         for lengths in ((50,), (6, 8, 10, 12)):
@@ -185,7 +198,8 @@ def test_auto_offloads_the_layers_whose_copy_hides_behind_the_attention():
         assert layers == {0.0: [0, 0], 5e10: [2, 0], 1e11: [3, 0], 1e12: [3, 3]}[bandwidth]  # r = 0.83, 0.16 at 5e10
         # checkpointing: only each layer's input (here 1/8 of the saved bytes) has to hide
         assert off.micro_batch_ratio(metas[1], checkpointing=True) == pytest.approx(
-            min(1.0, 8 * off.micro_batch_ratio(metas[1])))
+            min(1.0, 8 * off.micro_batch_ratio(metas[1]))
+        )
     # the long sample's micro-batch offloads its first 2 layers, the short samples' none; exactly those tensors move
     cost = CostModel(a=a, b=0.0, c=0.0, num_layers=3, host_bandwidth=5e10, layer_saved_bytes_per_token=saved)
     off = ActivationOffloader("auto", cost_model=cost)
@@ -203,7 +217,7 @@ def test_a_ring_piece_counts_its_share_of_the_attention():
     cost = CostModel(a=1e-9, b=0.0, c=0.0, num_layers=3, host_bandwidth=1e10, layer_saved_bytes_per_token=100.0)
     for batch, mb in zip(micro, plan.for_rank(0)):
         meta = batch["hdp_metadata"]
-        hand = sum(3 * 1e-9 * p.length ** 2 / len(p.group) for p in mb.pieces)
+        hand = sum(3 * 1e-9 * p.length**2 / len(p.group) for p in mb.pieces)
         assert micro_batch_attention_time(cost, meta) == pytest.approx(hand, rel=1e-12)
         assert cost.micro_batch_attention_time(mb) == pytest.approx(hand, rel=1e-12)
     assert any(batch["hdp_metadata"].rings for batch in micro)
@@ -254,12 +268,25 @@ def _trainer_worker(rank, world, model_path, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     out = {}
     for name, (ratio, ckpt) in RUNS.items():
-        args = TrainingArguments(output_dir=os.path.join(out_dir, name), use_cpu=True, report_to=[], disable_tqdm=True,
-                                 seed=0, max_steps=STEPS, learning_rate=0.05, optim="sgd", logging_steps=1,
-                                 save_strategy="no", gradient_checkpointing=ckpt)
-        trainer = HDPTrainer(load_model(model_path), args, train_dataset=Dataset.from_list(_rows()),
-                             hdp_config=HDPConfig(planner="naive", tokens_per_rank=24, global_batch_size=3,
-                                                  offload_ratio=ratio))
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, name),
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            max_steps=STEPS,
+            learning_rate=0.05,
+            optim="sgd",
+            logging_steps=1,
+            save_strategy="no",
+            gradient_checkpointing=ckpt,
+        )
+        trainer = HDPTrainer(
+            load_model(model_path),
+            args,
+            train_dataset=Dataset.from_list(_rows()),
+            hdp_config=HDPConfig(planner="naive", tokens_per_rank=24, global_batch_size=3, offload_ratio=ratio),
+        )
         trainer.train()
         stats = trainer.hdp_offload.stats if trainer.hdp_offload is not None else None
         out[name] = {
@@ -309,4 +336,7 @@ def test_a_fixed_offload_ratio_adds_the_copy_time_compute_does_not_hide_to_the_e
             exposed = base.offload_exposed_time(mb.num_tokens, base.micro_batch_attention_time(mb), layers)
             assert cost.micro_batch_breakdown(mb)[0] == pytest.approx(plain + exposed, rel=1e-12)
     short = plan_naive([300] * 20, 32, 8192).micro_batches[0]  # little attention to hide a copy behind
-    assert dataclasses.replace(base, offload_ratio=1.0).micro_batch_breakdown(short)[0] > base.micro_batch_breakdown(short)[0]
+    assert (
+        dataclasses.replace(base, offload_ratio=1.0).micro_batch_breakdown(short)[0]
+        > base.micro_batch_breakdown(short)[0]
+    )

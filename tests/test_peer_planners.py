@@ -73,11 +73,14 @@ def test_over_capacity_round_is_kept_and_reported():
     assert seq.tokens_per_rank == 8 and seq.num_slots == 3
 
 
-@pytest.mark.parametrize("schedule, message", [
-    ([[[0], [0], [0], [0]], [[0, 1], [1], [2, 3], [4]]], "rounds"),
-    ([[[0], [0], [0], [0]], [[1], [1], [2], [4]]], "leaves 1 samples out"),
-    ([[[0], [0], [0], [0]], [[7], [1], [2, 3], [4]]], "outside"),
-])
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ([[[0], [0], [0], [0]], [[0, 1], [1], [2, 3], [4]]], "rounds"),
+        ([[[0], [0], [0], [0]], [[1], [1], [2], [4]]], "leaves 1 samples out"),
+        ([[[0], [0], [0], [0]], [[7], [1], [2, 3], [4]]], "outside"),
+    ],
+)
 def test_broken_schedules_are_refused(schedule, message):
     with pytest.raises(PlanError, match=message):
         pp.megatron_to_plan(LENGTHS, W, C, schedule)

@@ -23,7 +23,7 @@ from hf_hdp.planning import StepPlan
 from tests.dist_utils import run_distributed
 from tests.models import load_model, reference_step, save_tiny_model
 from tests.plan_helpers import random_plan
-from tests.test_equivalence import C, LENGTHS, WORLD, _samples
+from tests.test_equivalence import LENGTHS, WORLD, C, _samples
 
 peft = pytest.importorskip("peft")
 
@@ -63,8 +63,14 @@ def _worker(rank, world_size, model_path, plan_jsons):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
         calls = sum(m["hdp_metadata"].attention_calls for m in micro)
-        return {"loss": total, "grads": grads, "sent": mesh.stats.bytes_sent - sent, "calls": calls,
-                "frozen_grads": frozen_grads, "micro": len(micro)}
+        return {
+            "loss": total,
+            "grads": grads,
+            "sent": mesh.stats.bytes_sent - sent,
+            "calls": calls,
+            "frozen_grads": frozen_grads,
+            "micro": len(micro),
+        }
 
     out = []
     for pj in plan_jsons:
@@ -80,8 +86,11 @@ def _worker(rank, world_size, model_path, plan_jsons):
         model.gradient_checkpointing_enable()
         res["lora_gc"] = run(model, plan)
         res["fp32"] = run(load_model(model_path, dtype=torch.float32), plan)
-        res["bf16"] = run(load_model(model_path, dtype=torch.float32), plan,
-                          context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        res["bf16"] = run(
+            load_model(model_path, dtype=torch.float32),
+            plan,
+            context=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        )
         for r in res.values():  # rank 0 returns the gradients; the others a checksum per tensor
             if rank:
                 r["grads"] = {k: v.sum() for k, v in r["grads"].items()}
@@ -152,7 +161,7 @@ def test_gradient_checkpointing_recomputes_the_rings_with_equal_gradients(model_
 
 def test_bf16_autocast_loss_is_close_to_float32(hdp_runs):
     plans, results = hdp_runs
-    for i, plan in enumerate(plans):
+    for i, _plan in enumerate(plans):
         fp32, bf16 = results[0][i]["fp32"], results[0][i]["bf16"]
         assert torch.isfinite(torch.tensor(bf16["loss"]))
         assert bf16["loss"] != fp32["loss"]  # autocast really ran the matmuls in bf16
@@ -170,8 +179,17 @@ def _rows():
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=2, save_strategy="no",
-                disable_tqdm=True, logging_steps=1, lr_scheduler_type="constant", seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -179,8 +197,12 @@ def _args(tmp_path, **kw):
 def test_trainer_with_lora_changes_only_the_adapters(model_path, tmp_path):
     model = _lora(load_model(model_path))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = HDPTrainer(model, _args(tmp_path, learning_rate=1e-2, optim="adamw_torch", weight_decay=0.1),
-                         train_dataset=_rows(), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5))
+    trainer = HDPTrainer(
+        model,
+        _args(tmp_path, learning_rate=1e-2, optim="adamw_torch", weight_decay=0.1),
+        train_dataset=_rows(),
+        hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5),
+    )
     assert trainer.hdp_model is model.get_base_model()  # the LM inside the wrapper, not its inner decoder
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
@@ -196,8 +218,12 @@ def test_trainer_gradient_checkpointing_gives_the_same_weights(model_path, tmp_p
         model = load_model(model_path)
         calls = []
         model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
-        trainer = HDPTrainer(model, _args(tmp_path, learning_rate=0.5, optim="sgd", gradient_checkpointing=gc),
-                             train_dataset=_rows(), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5))
+        trainer = HDPTrainer(
+            model,
+            _args(tmp_path, learning_rate=0.5, optim="sgd", gradient_checkpointing=gc),
+            train_dataset=_rows(),
+            hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5),
+        )
         trainer.train()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, len(calls), model
 
@@ -214,8 +240,13 @@ def test_trainer_bf16_autocast_on_cpu(model_path, tmp_path):
         model = load_model(model_path, dtype=torch.float32)
         dtypes = set()
         model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
-        trainer = HDPTrainer(model, _args(tmp_path, learning_rate=1e-3, bf16=bf16), train_dataset=_rows(),
-                             eval_dataset=_rows(), hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5))
+        trainer = HDPTrainer(
+            model,
+            _args(tmp_path, learning_rate=1e-3, bf16=bf16),
+            train_dataset=_rows(),
+            eval_dataset=_rows(),
+            hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=5),
+        )
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         return losses, trainer.evaluate()["eval_loss"], dtypes, model

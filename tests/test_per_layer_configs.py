@@ -39,8 +39,17 @@ def test_cost_model_prices_each_layer_with_its_own_heads():
     # every row's dK/dV (float64 accumulators here) once; the sliding layer (window 8) sends only the rows it reaches
     per_member = cost.segment_bytes_by_member([40], 2)
     full_rows = 2 * 20 + 40
-    sliding = CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * 2 * 16 * 8, value_bytes=8, num_heads=4,
-                        num_kv_heads=2, layer_masks=(LayerMask(window=8),)).segment_bytes_by_member([40], 2)
+    sliding = CostModel(
+        a=0,
+        b=0,
+        c=0,
+        num_layers=1,
+        kv_bytes_per_token=2 * 2 * 16 * 8,
+        value_bytes=8,
+        num_heads=4,
+        num_kv_heads=2,
+        layer_masks=(LayerMask(window=8),),
+    ).segment_bytes_by_member([40], 2)
     assert per_member == [s + 2 * full_rows * 1 * 64 * 8 for s in sliding]
     mla = CostModel.from_config(family_config("deepseek_v3"), "cpu", bytes_per_value=2)
     assert mla.layer_heads == ((4, 24, 16),) * 2
@@ -54,8 +63,9 @@ def test_trainer_builds_for_per_layer_and_mla_models(family, tmp_path):
     model = build_family_model(family)
     ds = datasets.Dataset.from_dict({"input_ids": [list(range(1, 31)), [3, 4, 5] * 7]})
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = HDPTrainer(model=model, args=args, train_dataset=ds,
-                         hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2))
+    trainer = HDPTrainer(
+        model=model, args=args, train_dataset=ds, hdp_config=HDPConfig(tokens_per_rank=64, global_batch_size=2)
+    )
     assert trainer.hdp_model_support.family == "verified"
     expected = tuple(layer_attention_shapes(model.config))
     assert trainer.cost_model.layer_heads == expected

@@ -11,8 +11,9 @@ from hf_hdp.planning.report import KIND_COLORS, legend_entries
 from hf_hdp.planning.sharding import FSDP_MODES, resolve_sharding
 from hf_hdp.planning.splits import HEAD_PARALLEL, SPLIT_KINDS, SPLITS, split_kind
 
-SPEC = ModelSpec("tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128,
-                 vocab_size=100)
+SPEC = ModelSpec(
+    "tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128, vocab_size=100
+)
 
 
 # ------------------------------------------------------------------ sharding
@@ -29,8 +30,9 @@ def test_resolve_sharding_defaults_one_rank_and_fsdp():
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_zero_stage_beside_fsdp_is_refused_naming_both_and_the_fix(zero_stage):
     with pytest.raises(ValueError) as err:
-        resolve_sharding(zero_stage, "full_shard", 4, zero_name="HDPConfig.zero_stage",
-                         fsdp_name="TrainingArguments.fsdp")
+        resolve_sharding(
+            zero_stage, "full_shard", 4, zero_name="HDPConfig.zero_stage", fsdp_name="TrainingArguments.fsdp"
+        )
     text = str(err.value)
     assert f"HDPConfig.zero_stage={zero_stage} and TrainingArguments.fsdp='full_shard' are both set" in text
     assert "drop HDPConfig.zero_stage (leave it unset)" in text and "drop TrainingArguments.fsdp" in text
@@ -38,12 +40,15 @@ def test_zero_stage_beside_fsdp_is_refused_naming_both_and_the_fix(zero_stage):
         resolve_sharding(1, "shard_grad_op", 4, zero_name="--zero-stage", fsdp_name="--fsdp")
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(zero_stage=3), "zero_stage must be 0, 1 or 2"),
-    (dict(zero_stage=True), "zero_stage must be 0, 1 or 2"),
-    (dict(fsdp="zero3"), "fsdp must be None"),
-    (dict(world_size=0), "world_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(zero_stage=3), "zero_stage must be 0, 1 or 2"),
+        (dict(zero_stage=True), "zero_stage must be 0, 1 or 2"),
+        (dict(fsdp="zero3"), "fsdp must be None"),
+        (dict(world_size=0), "world_size must be a positive integer"),
+    ],
+)
 def test_resolve_sharding_refuses_values_out_of_range(kw, match):
     args = {"zero_stage": None, "fsdp": None, "world_size": 4, **kw}
     with pytest.raises(ValueError, match=match):
@@ -56,7 +61,8 @@ def test_the_memory_estimate_resolves_as_the_rule_does():
     for world in (1, 4):
         stage, _ = resolve_sharding(None, None, world)
         assert tokens_per_rank_for_memory(SPEC, 1e8, world_size=world, **kw) == tokens_per_rank_for_memory(
-            SPEC, 1e8, world_size=world, zero_stage=stage, **kw)
+            SPEC, 1e8, world_size=world, zero_stage=stage, **kw
+        )
     # a stage on one rank shards nothing
     assert memory_breakdown(SPEC, 10, world_size=1, zero_stage=2) == memory_breakdown(SPEC, 10, world_size=1)
     with pytest.raises(ValueError, match="are both set"):
@@ -79,9 +85,21 @@ def test_split_names_are_one_set():
 
 # ------------------------------------------------------------------ the picture
 
-COST = CostModel(1e-6, 1e-4, 1e-3, num_layers=2, kv_bytes_per_token=64, intra_bandwidth=1e6, intra_latency=1e-4,
-                 inter_bandwidth=1e6, inter_latency=1e-4, ranks_per_node=8, num_heads=8, num_kv_heads=8,
-                 grad_bytes=1e5)
+COST = CostModel(
+    1e-6,
+    1e-4,
+    1e-3,
+    num_layers=2,
+    kv_bytes_per_token=64,
+    intra_bandwidth=1e6,
+    intra_latency=1e-4,
+    inter_bandwidth=1e6,
+    inter_latency=1e-4,
+    ranks_per_node=8,
+    num_heads=8,
+    num_kv_heads=8,
+    grad_bytes=1e5,
+)
 
 
 def _mixed_plan():
@@ -100,9 +118,16 @@ def test_each_piece_kind_has_its_own_legend_entry():
     by_rank = {iv.rank: iv.split for iv in timeline if iv.kind == "distributed"}
     assert [by_rank[r] for r in range(8)] == ["ring"] * 2 + ["ulysses"] * 2 + ["hybrid"] * 4
     labels = [label for _, label in legend_entries(timeline)]
-    assert labels == ["whole sequences (no communication)", "ring piece: compute", "ring piece: exposed P2P",
-                      "Ulysses piece: compute", "Ulysses piece: exposed all-to-alls", "hybrid piece: compute",
-                      "hybrid piece: exposed all-to-alls and ring", "gradient all-reduce (communication)"]
+    assert labels == [
+        "whole sequences (no communication)",
+        "ring piece: compute",
+        "ring piece: exposed P2P",
+        "Ulysses piece: compute",
+        "Ulysses piece: exposed all-to-alls",
+        "hybrid piece: compute",
+        "hybrid piece: exposed all-to-alls and ring",
+        "gradient all-reduce (communication)",
+    ]
     assert len({color for color, _ in legend_entries(timeline)}) == len(labels)
     # only the kinds present: a ring-only plan names no Ulysses or hybrid piece
     ring_only = build_plan([400], 2, 1000, [(r, 0, [Piece(0, 400, (0, 1))]) for r in (0, 1)], planner="hand")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from plan_helpers import random_plan
 
 from hf_hdp.planning import (
     PLANNERS,
@@ -26,7 +27,6 @@ from hf_hdp.planning import (
     zigzag_member_sizes,
 )
 from hf_hdp.planning.packing import BestFit
-from plan_helpers import random_plan
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -317,9 +317,7 @@ def test_random_plans_explore_many_shapes():
             oversized += p.k > ceil_div(p.length, 64)
             unordered += list(p.group) != sorted(p.group)
         shared += sum(sum(p.distributed for p in mb.pieces) > 1 for mb in plan.micro_batches)
-        gaps += sum(
-            [mb.slot for mb in plan.for_rank(r)] != list(range(len(plan.for_rank(r)))) for r in range(6)
-        )
+        gaps += sum([mb.slot for mb in plan.for_rank(r)] != list(range(len(plan.for_rank(r)))) for r in range(6))
     assert oversized and unordered and shared and gaps
 
 
@@ -356,9 +354,7 @@ def test_fingerprint_changes_with_the_plan():
     i = next(j for j, mb in enumerate(mbs) if mb.pieces[0].distributed)
     target = mbs[i].pieces[0]
     flipped = Piece(sample=target.sample, length=target.length, group=target.group[::-1])
-    mbs = [
-        MicroBatch(mb.rank, mb.slot, tuple(flipped if p == target else p for p in mb.pieces)) for mb in mbs
-    ]
+    mbs = [MicroBatch(mb.rank, mb.slot, tuple(flipped if p == target else p for p in mb.pieces)) for mb in mbs]
     changed = StepPlan(naive.world_size, naive.tokens_per_rank, naive.lengths, tuple(mbs), naive.planner)
     changed.validate()
     assert changed != naive and changed.fingerprint() != naive.fingerprint()

@@ -14,19 +14,25 @@ import torch.nn.functional as F
 
 from hf_hdp.attention.metadata import HDPAttentionMetadata
 from hf_hdp.attention.recurrent.delta_rule import (
-    chunk_quantities, delta_rule, delta_rule_reference, l2norm, linear_chunk_quantities, read_state, run_chunks,
+    chunk_quantities,
+    delta_rule,
+    delta_rule_reference,
+    l2norm,
+    linear_chunk_quantities,
+    read_state,
+    run_chunks,
     transition,
 )
-from hf_hdp.planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 from hf_hdp.attention.recurrent.split import causal_conv, choose_split, gated_delta_net, short_conv
 from hf_hdp.planning.layers import StateShape
+from hf_hdp.planning.pieces import halo_index, halo_rows, member_rows, segment_pieces
 
 DT = torch.float64
 
 
 def _inputs(h=3, n=150, dk=8, dv=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = l2norm(torch.randn(h, n, dk, generator=g, dtype=DT)) * dk ** -0.5
+    q = l2norm(torch.randn(h, n, dk, generator=g, dtype=DT)) * dk**-0.5
     k = l2norm(torch.randn(h, n, dk, generator=g, dtype=DT))
     v = torch.randn(h, n, dv, generator=g, dtype=DT)
     decay = -torch.rand(h, n, generator=g, dtype=DT)
@@ -61,8 +67,9 @@ def test_state_is_linear_in_the_incoming_state(linear):
     q, k, v, decay, beta, state = _inputs(n=77)
     ch = linear_chunk_quantities(q, k, v, decay, 16) if linear else chunk_quantities(q, k, v, decay, beta, 16)
     zero_out, zero_final = run_chunks(ch, None)
-    ref_out, ref_final = _ssd_reference(q, k, v, decay, state) if linear else \
-        delta_rule_reference(q, k, v, decay, beta, state)
+    ref_out, ref_final = (
+        _ssd_reference(q, k, v, decay, state) if linear else delta_rule_reference(q, k, v, decay, beta, state)
+    )
     torch.testing.assert_close(transition(ch) @ state + zero_final, ref_final, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(zero_out + read_state(ch, state), ref_out, rtol=1e-12, atol=1e-12)
 
@@ -84,13 +91,13 @@ def test_packed_convolution_restarts_at_every_sample():
     out = causal_conv(x, pos, weight, bias, "silu")
     at = 0
     for n in lengths:
-        ref = F.silu(F.conv1d(x[at:at + n].T[None], weight[:, None, :], bias, padding=3, groups=5)[0, :, :n].T)
-        torch.testing.assert_close(out[at:at + n], ref, rtol=1e-12, atol=1e-12)
+        ref = F.silu(F.conv1d(x[at : at + n].T[None], weight[:, None, :], bias, padding=3, groups=5)[0, :, :n].T)
+        torch.testing.assert_close(out[at : at + n], ref, rtol=1e-12, atol=1e-12)
         at += n
     # a piece with its halo rows in front equals the same rows of the whole sample
     whole = causal_conv(x[8:20], torch.arange(12), weight, bias, None)
-    piece = causal_conv(x[8 + 2:20], torch.arange(2, 12), weight, bias, None)  # no halo: wrong
-    halo = causal_conv(x[8 + 2 - 2:20], torch.arange(0, 12), weight, bias, None)[2:]
+    piece = causal_conv(x[8 + 2 : 20], torch.arange(2, 12), weight, bias, None)  # no halo: wrong
+    halo = causal_conv(x[8 + 2 - 2 : 20], torch.arange(0, 12), weight, bias, None)[2:]
     torch.testing.assert_close(halo, whole[2:], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(piece[:3], whole[2:5])
 
@@ -113,9 +120,10 @@ def test_packed_layer_equals_each_sample_alone(kind):
     packed = gated_delta_net(x, decay, beta, weight, None, shape, _meta(lengths), None, skip=skip)
     at = 0
     for n in lengths:
-        alone = gated_delta_net(x[at:at + n], decay[at:at + n], beta[at:at + n], weight, None, shape, _meta([n]), None,
-                                skip=skip)
-        torch.testing.assert_close(packed[at:at + n], alone, rtol=1e-12, atol=1e-12)
+        alone = gated_delta_net(
+            x[at : at + n], decay[at : at + n], beta[at : at + n], weight, None, shape, _meta([n]), None, skip=skip
+        )
+        torch.testing.assert_close(packed[at : at + n], alone, rtol=1e-12, atol=1e-12)
         at += n
     # and one sample against an independent dense computation
     n = lengths[2]
@@ -124,7 +132,7 @@ def test_packed_layer_equals_each_sample_alone(kind):
     q, k, v = conv.split([8, 8, 18], dim=1)
     q, k, v = q.reshape(n, 2, 4), k.reshape(n, 2, 4), v.reshape(n, 6, 3)
     if kind == "delta":
-        q, k = l2norm(q) * 4 ** -0.5, l2norm(k)
+        q, k = l2norm(q) * 4**-0.5, l2norm(k)
     else:
         v = v * beta[rows, :, None]
     q, k = q.repeat_interleave(3, 1), k.repeat_interleave(3, 1)
@@ -146,7 +154,9 @@ def test_short_convolution_packs():
     torch.testing.assert_close(out[3:], ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("lengths, k, u", [((40,), 3, 1), ((60, 33), 4, 1), ((5,), 4, 1), ((50, 9), 4, 2), ((7,), 2, 1)])
+@pytest.mark.parametrize(
+    "lengths, k, u", [((40,), 3, 1), ((60, 33), 4, 1), ((5,), 4, 1), ((50, 9), 4, 2), ((7,), 2, 1)]
+)
 def test_pieces_cover_every_document_once_and_halos_are_the_rows_before(lengths, k, u):
     pieces = segment_pieces(lengths, k, u)
     for d, n in enumerate(lengths):
@@ -196,8 +206,18 @@ def _conv_standin(x, weight, bias=None, seq_idx=None, activation=None):
     return F.silu(out) if activation == "silu" else out
 
 
-def _delta_standin(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                   use_qk_l2norm_in_kernel=False):
+def _delta_standin(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    use_qk_l2norm_in_kernel=False,
+):
     """fla's chunk_gated_delta_rule contract: [1, T, H, D] tensors, samples by cu_seqlens."""
     assert q.shape[0] == 1 and cu_seqlens.dtype == torch.long and not use_qk_l2norm_in_kernel
     out = torch.empty_like(v)
@@ -217,8 +237,12 @@ def _ssd_standin(x, dt, A, B, C, chunk_size, D=None, seq_idx=None, **kwargs):
         rows = (seq_idx[0] == i).nonzero()[:, 0]
         xs, ds = x[0, rows], dt[0, rows]
         bs, cs = (t[0, rows].repeat_interleave(heads // groups, 1) for t in (B, C))
-        out[0, rows] = _ssd_reference(cs.transpose(0, 1), bs.transpose(0, 1), (xs * ds[..., None]).transpose(0, 1),
-                                      (ds * A).T)[0].transpose(0, 1) + D[None, :, None] * xs
+        out[0, rows] = (
+            _ssd_reference(cs.transpose(0, 1), bs.transpose(0, 1), (xs * ds[..., None]).transpose(0, 1), (ds * A).T)[
+                0
+            ].transpose(0, 1)
+            + D[None, :, None] * xs
+        )
     return out
 
 
@@ -250,10 +274,12 @@ def test_fused_kernels_are_called_by_their_contracts(kind, monkeypatch):
         def wrapped(*a, **kw):
             called.append(name)
             return fn(*a, **kw)
+
         return wrapped
 
-    kernels = FusedKernels(conv=record(_conv_standin, "conv"), delta=record(_delta_standin, "delta"),
-                           ssd=record(_ssd_standin, "ssd"))
+    kernels = FusedKernels(
+        conv=record(_conv_standin, "conv"), delta=record(_delta_standin, "delta"), ssd=record(_ssd_standin, "ssd")
+    )
     monkeypatch.setattr(split_module, "fused_kernels", lambda device: kernels)
     fused = gated_delta_net(x, decay, beta, weight, bias, shape, _meta(lengths), None, skip=skip, rate=rate)
     assert called == ["conv", kind]

@@ -19,8 +19,19 @@ STEPS = 6
 
 
 def _launch(nproc, model, out, *extra, restarts=0):
-    return run_train_steps(nproc, model, out, "--optim", "adamw_torch", "--steps", str(STEPS),
-                           "--tokens_per_rank", str({1: 64, 2: 32}.get(nproc, 24)), *extra, restarts=restarts)
+    return run_train_steps(
+        nproc,
+        model,
+        out,
+        "--optim",
+        "adamw_torch",
+        "--steps",
+        str(STEPS),
+        "--tokens_per_rank",
+        str({1: 64, 2: 32}.get(nproc, 24)),
+        *extra,
+        restarts=restarts,
+    )
 
 
 def _rows(log):
@@ -70,15 +81,29 @@ def test_elastic_resume_skips_and_repeats_nothing(runs, before, after):
 
 def test_a_killed_rank_restarts_from_the_last_checkpoint_and_finishes_identically(runs):
     out = str(runs["base"] / "killed")
-    log = _launch(4, runs["model"], out, "--save_steps", "2", "--resume", "last", "--kill_rank", "2",
-                  "--kill_at_step", "4", restarts=1)
+    log = _launch(
+        4,
+        runs["model"],
+        out,
+        "--save_steps",
+        "2",
+        "--resume",
+        "last",
+        "--kill_rank",
+        "2",
+        "--kill_at_step",
+        "4",
+        restarts=1,
+    )
     with open(os.path.join(out, "killed.json")) as f:
         killed = json.load(f)
     resumed_from = int(log["resumed_from"].rsplit("-", 1)[1])
     redone = killed["step"] - 1 - resumed_from  # steps completed before the kill that ran again
     restart_s = log["started"] - killed["time"]
-    print(f"\nfault injection: rank 2 SIGKILLed as step {killed['step']} began; restarted from checkpoint "
-          f"{resumed_from}; steps redone: {redone}; restart took {restart_s:.1f} s")
+    print(
+        f"\nfault injection: rank 2 SIGKILLed as step {killed['step']} began; restarted from checkpoint "
+        f"{resumed_from}; steps redone: {redone}; restart took {restart_s:.1f} s"
+    )
     assert resumed_from == 2 and redone == 1
     assert sorted(_rows(log)) == [3, 4, 5, 6]
     for k, w in runs["full"]["weights"].items():

@@ -65,8 +65,13 @@ def _ring_worker(rank, world_size, cases):
             rows = packed["input_ids"][0]
             q, k, v = (x[rows].clone().requires_grad_(True) for x in (q_all, k_all, v_all))
             out, _ = hdp_attention_forward(
-                module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-                scaling=D**-0.5, hdp_metadata=meta,
+                module,
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                None,
+                scaling=D**-0.5,
+                hdp_metadata=meta,
             )
             assert out.dtype == dtype
             out[0].backward(dout_all[rows])
@@ -129,7 +134,9 @@ def test_ring_attention_group_sizes_1_to_5_uneven_lengths():
     plans.append((plan_naive([37, 6], 5, C), 2, 2, 10))
     for (plan, *_), s in zip(plans, lengths):
         assert plan.pieces()[0].k == -(-s // C)
-    cases = [_case(plan, hq, hkv, seed, backend) for backend in ("reference", "cpu_flash") for plan, hq, hkv, seed in plans]
+    cases = [
+        _case(plan, hq, hkv, seed, backend) for backend in ("reference", "cpu_flash") for plan, hq, hkv, seed in plans
+    ]
     per_rank = run_distributed(_ring_worker, 5, cases)
     _check(cases, per_rank)
 

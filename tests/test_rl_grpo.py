@@ -29,8 +29,16 @@ PROMPTS = 8  # two steps of 4 prompts x 4 completions
 C = 40  # tokens per rank
 STEPS = 2
 # completion lengths (EOS included) of completion j of prompt k: a long tail, the longest split over 3 ranks
-LENGTHS = [[3, 95, 7, 12], [60, 5, 9, 4], [22, 3, 41, 6], [8, 70, 15, 30],
-           [5, 44, 3, 9], [18, 6, 81, 11], [4, 13, 7, 52], [36, 5, 10, 3]]
+LENGTHS = [
+    [3, 95, 7, 12],
+    [60, 5, 9, 4],
+    [22, 3, 41, 6],
+    [8, 70, 15, 30],
+    [5, 44, 3, 9],
+    [18, 6, 81, 11],
+    [4, 13, 7, 52],
+    [36, 5, 10, 3],
+]
 
 CASES = {
     "grpo": dict(loss_type="grpo"),
@@ -42,14 +50,31 @@ CASES = {
     "sapo_2it": dict(loss_type="sapo", num_iterations=2),
     "vespo_2it": dict(loss_type="vespo", num_iterations=2),
     "luspo_seq_2it": dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2),
-    "grpo_seq_entropy_2it": dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
-                                 top_entropy_quantile=0.5, beta=0.1, epsilon=0.05),
+    "grpo_seq_entropy_2it": dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        num_iterations=2,
+        top_entropy_quantile=0.5,
+        beta=0.1,
+        epsilon=0.05,
+    ),
     "rloo_kl_2it": dict(beta=0.05, num_iterations=2),
 }
 RLOO_CASES = {"rloo_kl_2it"}
 ROTATED = "grpo_kl_2it"  # also run with every piece moved to the next rank: the same results
-METRICS = ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-           "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean", "reward")
+METRICS = (
+    "loss",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_max",
+    "cispo_clip_ratio",
+    "vespo/phi_seq_mean",
+    "reward",
+)
 
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!:"
@@ -65,13 +90,22 @@ def build_tiny_model(path: str) -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]"
+    )
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
 
@@ -110,10 +144,25 @@ def length_reward(completions, **kwargs):
 def grpo_config(out: str, per_device: int, rloo: bool = False, **kw):
     from trl import GRPOConfig, RLOOConfig
 
-    base = dict(output_dir=out, use_cpu=True, bf16=False, report_to=[], max_steps=STEPS, seed=0,
-                per_device_train_batch_size=per_device, num_generations=G, max_completion_length=100,
-                optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1,
-                save_strategy="no", disable_tqdm=True, max_grad_norm=0.0, shuffle_dataset=False)
+    base = dict(
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        max_steps=STEPS,
+        seed=0,
+        per_device_train_batch_size=per_device,
+        num_generations=G,
+        max_completion_length=100,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+        shuffle_dataset=False,
+    )
     base.update(kw)
     return (RLOOConfig if rloo else GRPOConfig)(**base)
 
@@ -131,11 +180,18 @@ def rotate_ranks(planner, shift: int = 1):
 
     def plan(lengths, world, tokens_per_rank):
         p = planner(lengths, world, tokens_per_rank)
+
         def move(r):
             return (r + shift) % world
 
-        mbs = [MicroBatch(move(mb.rank), mb.slot, tuple(dataclasses.replace(pc, group=tuple(move(g) for g in pc.group))
-                                                       for pc in mb.pieces)) for mb in p.micro_batches]
+        mbs = [
+            MicroBatch(
+                move(mb.rank),
+                mb.slot,
+                tuple(dataclasses.replace(pc, group=tuple(move(g) for g in pc.group)) for pc in mb.pieces),
+            )
+            for mb in p.micro_batches
+        ]
         return dataclasses.replace(p, micro_batches=tuple(sorted(mbs, key=lambda m: (m.slot, m.rank))))
 
     return plan
@@ -146,9 +202,14 @@ def _run(trainer_cls, model_path, out, per_device, case, hdp_config=None, rotate
 
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     extra = {} if hdp_config is None else {"hdp_config": hdp_config}
-    trainer = trainer_cls(load_model(model_path), reward_funcs=length_reward,
-                          args=grpo_config(out, per_device, case in RLOO_CASES, **CASES[case]),
-                          train_dataset=prompts_dataset(), processing_class=tok, **extra)
+    trainer = trainer_cls(
+        load_model(model_path),
+        reward_funcs=length_reward,
+        args=grpo_config(out, per_device, case in RLOO_CASES, **CASES[case]),
+        train_dataset=prompts_dataset(),
+        processing_class=tok,
+        **extra,
+    )
     trainer._generate_single_turn = fixed_completions.__get__(trainer)
     if rotate:
         trainer.hdp_planner = rotate_ranks(trainer.hdp_planner)
@@ -164,8 +225,9 @@ def stock_run(model_path: str, out: str, case: str):
 
 
 def _hdp_worker(rank, world_size, model_path, out, cases):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     from hf_hdp import HDPConfig
     from hf_hdp.integrations.rl import HDPGRPOTrainer, HDPRLOOTrainer
 
@@ -174,16 +236,24 @@ def _hdp_worker(rank, world_size, model_path, out, cases):
         rotate = case.endswith("+rotated")
         name = case.removesuffix("+rotated")
         cls = HDPRLOOTrainer if name in RLOO_CASES else HDPGRPOTrainer
-        history, weights, trainer = _run(cls, model_path, os.path.join(out, case), G * WORLD // world_size,
-                                         name, HDPConfig(tokens_per_rank=C), rotate=rotate)
+        history, weights, trainer = _run(
+            cls,
+            model_path,
+            os.path.join(out, case),
+            G * WORLD // world_size,
+            name,
+            HDPConfig(tokens_per_rank=C),
+            rotate=rotate,
+        )
         results[case] = (history, weights, trainer.hdp_history)
     return results
 
 
 @pytest.fixture(scope="module")
 def hdp_runs(tiny, tmp_path_factory):
-    return run_distributed(_hdp_worker, WORLD, tiny, str(tmp_path_factory.mktemp("hdp")),
-                           (*CASES, ROTATED + "+rotated"), timeout=1200)
+    return run_distributed(
+        _hdp_worker, WORLD, tiny, str(tmp_path_factory.mktemp("hdp")), (*CASES, ROTATED + "+rotated"), timeout=1200
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -216,17 +286,20 @@ def test_moved_rollouts_come_back_to_their_owner(hdp_runs):
         torch.testing.assert_close(moved_weights[k], w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("config, hdp, message", [
-    (dict(use_liger_kernel=True), {}, r"use_liger_kernel=True cannot be honoured"),
-    (dict(entropy_coef=0.01), {}, r"entropy_coef.*set entropy_coef=0.0"),
-    (dict(gradient_accumulation_steps=2), {}, r"gradient_accumulation_steps=2.*set it to 1"),
-    (dict(steps_per_generation=2), {}, r"steps_per_generation=2.*steps_per_generation=1"),
-    (dict(use_vllm=True), {}, r"use_vllm=True cannot be honoured"),
-    ({}, dict(tokens_per_rank="auto"), r"tokens_per_rank='auto'.*on cpu.*Set HDPConfig\(memory_budget_gb=...\)"),
-    (dict(fsdp="full_shard"), {}, r"fsdp=.*cannot be honoured.*per-layer weight gathers.*zero_stage=1 or 2"),
-    ({}, dict(tokens_per_rank=64, global_batch_size=64), r"global_batch_size=64 cannot be honoured.*= 4"),
-    ({}, dict(tokens_per_rank=64, long_sample_policy="truncate"), r"long_sample_policy='truncate'"),
-])
+@pytest.mark.parametrize(
+    "config, hdp, message",
+    [
+        (dict(use_liger_kernel=True), {}, r"use_liger_kernel=True cannot be honoured"),
+        (dict(entropy_coef=0.01), {}, r"entropy_coef.*set entropy_coef=0.0"),
+        (dict(gradient_accumulation_steps=2), {}, r"gradient_accumulation_steps=2.*set it to 1"),
+        (dict(steps_per_generation=2), {}, r"steps_per_generation=2.*steps_per_generation=1"),
+        (dict(use_vllm=True), {}, r"use_vllm=True cannot be honoured"),
+        ({}, dict(tokens_per_rank="auto"), r"tokens_per_rank='auto'.*on cpu.*Set HDPConfig\(memory_budget_gb=...\)"),
+        (dict(fsdp="full_shard"), {}, r"fsdp=.*cannot be honoured.*per-layer weight gathers.*zero_stage=1 or 2"),
+        ({}, dict(tokens_per_rank=64, global_batch_size=64), r"global_batch_size=64 cannot be honoured.*= 4"),
+        ({}, dict(tokens_per_rank=64, long_sample_policy="truncate"), r"long_sample_policy='truncate'"),
+    ],
+)
 def test_refusals_name_the_option(tiny, tmp_path, config, hdp, message):
     from transformers import AutoTokenizer
 
@@ -235,9 +308,14 @@ def test_refusals_name_the_option(tiny, tmp_path, config, hdp, message):
 
     tok = AutoTokenizer.from_pretrained(tiny, padding_side="left")
     with pytest.raises(ValueError, match=message):
-        HDPGRPOTrainer(load_model(tiny), reward_funcs=length_reward, args=grpo_config(str(tmp_path), G, **config),
-                       train_dataset=prompts_dataset(), processing_class=tok,
-                       hdp_config=HDPConfig(**{"tokens_per_rank": C, **hdp}))
+        HDPGRPOTrainer(
+            load_model(tiny),
+            reward_funcs=length_reward,
+            args=grpo_config(str(tmp_path), G, **config),
+            train_dataset=prompts_dataset(),
+            processing_class=tok,
+            hdp_config=HDPConfig(**{"tokens_per_rank": C, **hdp}),
+        )
 
 
 def test_moe_router_aux_loss_is_refused(tmp_path):
@@ -248,10 +326,26 @@ def test_moe_router_aux_loss_is_refused(tmp_path):
 
     path = build_tiny_model(str(tmp_path / "tok"))
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                             num_local_experts=2, num_experts_per_tok=1, router_aux_loss_coef=0.01,
-                                             output_router_logits=True))
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            router_aux_loss_coef=0.01,
+            output_router_logits=True,
+        )
+    )
     with pytest.raises(ValueError, match=r"router auxiliary loss.*router_aux_loss_coef=0.0"):
-        HDPGRPOTrainer(model, reward_funcs=length_reward, args=grpo_config(str(tmp_path / "out"), G),
-                       train_dataset=prompts_dataset(), processing_class=tok, hdp_config=HDPConfig(tokens_per_rank=C))
+        HDPGRPOTrainer(
+            model,
+            reward_funcs=length_reward,
+            args=grpo_config(str(tmp_path / "out"), G),
+            train_dataset=prompts_dataset(),
+            processing_class=tok,
+            hdp_config=HDPConfig(tokens_per_rank=C),
+        )

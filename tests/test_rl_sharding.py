@@ -42,12 +42,16 @@ C = 40
 ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.05, adam_epsilon=1e-3)
 CASES = {  # name: (GRPOConfig fields, HDPConfig fields)
     "zero0": (dict(loss_type="grpo", num_iterations=2), dict(zero_stage=0, tokens_per_rank=C)),
-    "zero1_kl": (dict(loss_type="grpo", beta=0.1, save_strategy="steps", save_steps=1),
-                 dict(zero_stage=1, tokens_per_rank=C)),
+    "zero1_kl": (
+        dict(loss_type="grpo", beta=0.1, save_strategy="steps", save_steps=1),
+        dict(zero_stage=1, tokens_per_rank=C),
+    ),
     "zero2_empty": (dict(loss_type="dapo", mask_truncated_completions=True), dict(zero_stage=2, tokens_per_rank=C)),
     # 0.00282 GB less the reference model's 0.64 MB leaves C = 40 for AdamW at ZeRO-2 (C = 104 with the whole budget)
-    "offload_auto": (dict(loss_type="bnpo", beta=0.05),
-                     dict(zero_stage=2, tokens_per_rank="auto", memory_budget_gb=0.00282, offload_ratio=0.5)),
+    "offload_auto": (
+        dict(loss_type="bnpo", beta=0.05),
+        dict(zero_stage=2, tokens_per_rank="auto", memory_budget_gb=0.00282, offload_ratio=0.5),
+    ),
 }
 METRICS = ("loss", "grad_norm", "kl", "entropy", "clip_ratio/region_mean", "reward")
 EMPTY_PROMPTS = range(4)  # the first step's prompts (4 prompts x G completions per step, in order)
@@ -74,8 +78,14 @@ def build(cls, model_path, out, per_device, case, hdp=None, **extra):
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     fields = {**ADAMW, **CASES[case][0], **extra}
     kwargs = {} if hdp is None else {"hdp_config": hdp}
-    trainer = cls(load_model(model_path), reward_funcs=length_reward, args=grpo_config(out, per_device, **fields),
-                  train_dataset=prompts_dataset(), processing_class=tok, **kwargs)
+    trainer = cls(
+        load_model(model_path),
+        reward_funcs=length_reward,
+        args=grpo_config(out, per_device, **fields),
+        train_dataset=prompts_dataset(),
+        processing_class=tok,
+        **kwargs,
+    )
     generate = truncated_first_step if case == "zero2_empty" else fixed_completions
     trainer._generate_single_turn = generate.__get__(trainer)
     return trainer
@@ -86,27 +96,41 @@ def weights(trainer) -> dict:
 
 
 def _worker(rank, world_size, model_path, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     from hf_hdp import HDPConfig
     from hf_hdp.engine.zero import unwrap_zero
     from hf_hdp.integrations.rl import HDPGRPOTrainer
 
     results = {}
     for case, (_, hdp_fields) in CASES.items():
-        trainer = build(HDPGRPOTrainer, model_path, os.path.join(out, case), G * WORLD // world_size, case,
-                        HDPConfig(**hdp_fields))
+        trainer = build(
+            HDPGRPOTrainer, model_path, os.path.join(out, case), G * WORLD // world_size, case, HDPConfig(**hdp_fields)
+        )
         trainer.train()
         zero = unwrap_zero(trainer.optimizer)
         offload = trainer.hdp_offload.stats.bytes_to_host if trainer.hdp_offload is not None else 0
-        results[case] = dict(history=history(trainer), weights=weights(trainer), steps=trainer.hdp_history,
-                             stage=0 if zero is None else zero.stage, offload=offload,
-                             tokens_per_rank=trainer.hdp_config.tokens_per_rank)
+        results[case] = dict(
+            history=history(trainer),
+            weights=weights(trainer),
+            steps=trainer.hdp_history,
+            stage=0 if zero is None else zero.stage,
+            offload=offload,
+            tokens_per_rank=trainer.hdp_config.tokens_per_rank,
+        )
         if case == "zero1_kl":
             checkpoint = os.path.join(out, case, "checkpoint-1")
             results[case]["files"] = sorted(os.listdir(checkpoint))
-            resumed = build(HDPGRPOTrainer, model_path, os.path.join(out, case + "_resumed"),
-                            G * WORLD // world_size, case, HDPConfig(**hdp_fields), save_strategy="no")
+            resumed = build(
+                HDPGRPOTrainer,
+                model_path,
+                os.path.join(out, case + "_resumed"),
+                G * WORLD // world_size,
+                case,
+                HDPConfig(**hdp_fields),
+                save_strategy="no",
+            )
             resumed.train(resume_from_checkpoint=checkpoint)
             results[case]["resumed"] = weights(resumed)
     return results
@@ -139,8 +163,12 @@ def test_sharded_rl_steps_equal_one_process(case, tiny, hdp_runs, tmp_path):
         for got, expected in zip(run["history"], want_history):
             assert set(got) == set(expected), (got, expected)
             for key, value in expected.items():
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (case, rank, key,
-                                                                                           run["history"])
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), (
+                    case,
+                    rank,
+                    key,
+                    run["history"],
+                )
         for k, w in want.items():
             torch.testing.assert_close(run["weights"][k], w, rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} {k}: {m}")
     assert max(s["max_group"] for s in hdp_runs[0][case]["steps"]) >= 3  # the 98-token rollout ran split

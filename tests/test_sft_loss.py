@@ -45,6 +45,7 @@ def _full(kind, transform):
             z = torch.tanh(z / transform.softcap) * transform.softcap
         keep = t != -100
         return _dft(z[keep], t[keep]) if kind == "dft" else F.cross_entropy(z[keep], t[keep], reduction="sum")
+
     return loss
 
 
@@ -55,6 +56,7 @@ def _chunked(kind, transform, chunk):
 
     def loss(h, w, b, t):
         return torch.stack(map_head_chunks(h, w, b, t, per_chunk, chunk_tokens=chunk)).sum()
+
     return loss
 
 

@@ -57,12 +57,24 @@ def _save_model(model, out_dir, world, kwargs):
     from tests.models import load_model
     from tests.test_zero import GLOBAL_BATCH, _rows
 
-    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
-                             max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1, save_strategy="no",
-                             fsdp=kwargs["fsdp"])
-    trainer = HDPTrainer(load_model(model), args, train_dataset=Dataset.from_list(_rows()),
-                         hdp_config=HDPConfig(planner="naive", tokens_per_rank=C[world],
-                                              global_batch_size=GLOBAL_BATCH))
+    args = TrainingArguments(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        save_strategy="no",
+        fsdp=kwargs["fsdp"],
+    )
+    trainer = HDPTrainer(
+        load_model(model),
+        args,
+        train_dataset=Dataset.from_list(_rows()),
+        hdp_config=HDPConfig(planner="naive", tokens_per_rank=C[world], global_batch_size=GLOBAL_BATCH),
+    )
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model(os.path.join(out_dir, "final"))
     return sorted(os.listdir(os.path.join(out_dir, "final")))

@@ -49,8 +49,9 @@ def _wide_plan() -> StepPlan:
 
 def _plans(path: str) -> dict[str, StepPlan]:
     cost = _cost(path)
-    plans = {split: plan_balanced(LENGTHS, WORLD, C, cost, attention_split=split)
-             for split in ("ulysses", "hybrid", "auto")}
+    plans = {
+        split: plan_balanced(LENGTHS, WORLD, C, cost, attention_split=split) for split in ("ulysses", "hybrid", "auto")
+    }
     plans["wide"] = _wide_plan()
     return plans
 
@@ -145,11 +146,22 @@ def test_the_step_loader_refuses_a_bad_degree_before_the_collator_runs():
     data = Dataset.from_dict({"input_ids": [list(range(1, 21))]})
 
     def planner(lengths, world, capacity):
-        return build_plan(lengths, world, capacity, [(r, 0, [Piece(0, 20, (0, 1, 2), ulysses=3)]) for r in range(3)],
-                          planner="bad")
+        return build_plan(
+            lengths, world, capacity, [(r, 0, [Piece(0, 20, (0, 1, 2), ulysses=3)]) for r in range(3)], planner="bad"
+        )
 
-    steps = HDPStepDataset(data, np.array([20]), np.array([19]), GlobalBatchSampler(1, 1, seed=0), planner, 3, 0, 10,
-                           HDPCollator(), num_heads=4)
+    steps = HDPStepDataset(
+        data,
+        np.array([20]),
+        np.array([19]),
+        GlobalBatchSampler(1, 1, seed=0),
+        planner,
+        3,
+        0,
+        10,
+        HDPCollator(),
+        num_heads=4,
+    )
     with pytest.raises(PlanError, match="does not divide the model's 4 query heads"):
         steps[0, 0]
 
@@ -168,6 +180,8 @@ def test_auto_widens_only_the_samples_that_would_set_the_step():
     plan.validate(num_heads=32)
     (piece,) = [p for p in plan.pieces() if p.length == 200_000]
     assert piece.split == "hybrid" and piece.ulysses == 8
-    assert all(len({r // 8 for r in piece.group[i:i + 8]}) == 1 for i in range(0, piece.k, 8))  # sub-groups in nodes
-    assert plan_metrics(plan, cost).step_time_s < plan_metrics(plan_balanced(lengths, 1024, 8192, cost,
-                                                                             attention_split="ring"), cost).step_time_s
+    assert all(len({r // 8 for r in piece.group[i : i + 8]}) == 1 for i in range(0, piece.k, 8))  # sub-groups in nodes
+    assert (
+        plan_metrics(plan, cost).step_time_s
+        < plan_metrics(plan_balanced(lengths, 1024, 8192, cost, attention_split="ring"), cost).step_time_s
+    )

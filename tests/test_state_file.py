@@ -81,11 +81,11 @@ def test_a_file_that_is_not_json_is_refused_with_the_parse_error(tmp_path):
     refused(write(tmp_path, b"\xff\xfe\x00garbage"), "is not JSON", "UTF-8")
 
 
-@pytest.mark.parametrize("content, kind", [([1, 2], "a list"), ("3", "an integer"), ("null", "null"),
-                                           ('"text"', "a string")])
+@pytest.mark.parametrize(
+    "content, kind", [([1, 2], "a list"), ("3", "an integer"), ("null", "null"), ('"text"', "a string")]
+)
 def test_json_that_is_not_an_object_is_refused(tmp_path, content, kind):
-    refused(write(tmp_path, content if isinstance(content, str) else json.dumps(content)),
-            "is not a JSON object", kind)
+    refused(write(tmp_path, content if isinstance(content, str) else json.dumps(content)), "is not a JSON object", kind)
 
 
 @pytest.mark.parametrize("key", [k for k in STATE_KEYS if k != "format"])
@@ -101,17 +101,20 @@ def test_a_missing_format_is_named(tmp_path):
     refused(write(tmp_path, state), "has no key 'format'")
 
 
-@pytest.mark.parametrize("key, value, kind", [
-    ("num_samples", "100", "a string"),
-    ("global_batch_size", 8.5, "a number"),
-    ("seed", None, "null"),
-    ("drop_last", 0, "an integer"),
-    ("tokens_per_rank", True, "a boolean"),  # JSON true is not an integer
-    ("lengths_sha256", 12, "an integer"),
-    ("content_sha256", ["ab"], "a list"),
-    ("hdp_config", "balanced", "a string"),
-    ("planner", {"name": "balanced"}, "a JSON object"),
-])
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [
+        ("num_samples", "100", "a string"),
+        ("global_batch_size", 8.5, "a number"),
+        ("seed", None, "null"),
+        ("drop_last", 0, "an integer"),
+        ("tokens_per_rank", True, "a boolean"),  # JSON true is not an integer
+        ("lengths_sha256", 12, "an integer"),
+        ("content_sha256", ["ab"], "a list"),
+        ("hdp_config", "balanced", "a string"),
+        ("planner", {"name": "balanced"}, "a JSON object"),
+    ],
+)
 def test_a_key_of_the_wrong_type_is_named_with_both_types(tmp_path, key, value, kind):
     state = good_state()
     state[key] = value
@@ -154,9 +157,19 @@ def test_what_the_json_parser_itself_refuses_is_named(tmp_path):
     refused(write(tmp_path, deep), "is not JSON hf_hdp can read", "RecursionError")
 
 
-@pytest.mark.parametrize("key, value", [("global_batch_size", -4), ("global_batch_size", 10**300),
-                                        ("global_batch_size", 0), ("world_size", 0), ("num_samples", -1),
-                                        ("tokens_per_rank", 2**63), ("global_step", -1), ("seed", 2**64)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("global_batch_size", -4),
+        ("global_batch_size", 10**300),
+        ("global_batch_size", 0),
+        ("world_size", 0),
+        ("num_samples", -1),
+        ("tokens_per_rank", 2**63),
+        ("global_step", -1),
+        ("seed", 2**64),
+    ],
+)
 def test_integers_outside_their_range_are_refused(tmp_path, key, value):
     state = good_state()
     state[key] = value

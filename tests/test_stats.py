@@ -27,8 +27,15 @@ STEP_LENGTHS = [[40, 5, 60, 12], [9, 33, 3, 16], [7, 2, 21, 6]]
 
 def _step(i, lengths, world=WORLD):
     plan = plan_naive(lengths, world, C)
-    return SimpleNamespace(plan=plan, epoch=0, step=i, rows=list(range(4 * i, 4 * i + 4)),
-                           fingerprint=plan.fingerprint(), num_tokens=sum(lengths), micro_batches=[None] * 2)
+    return SimpleNamespace(
+        plan=plan,
+        epoch=0,
+        step=i,
+        rows=list(range(4 * i, 4 * i + 4)),
+        fingerprint=plan.fingerprint(),
+        num_tokens=sum(lengths),
+        micro_batches=[None] * 2,
+    )
 
 
 def _record_window(log_keys, measured=(1000, 0, 7)):
@@ -59,7 +66,8 @@ def test_a_window_of_three_steps_aggregates_measured_and_estimated_alike():
     # group sizes: samples of the whole window, summed
     sizes = sum((Counter(m.group_sizes) for m in estimates), start=Counter())
     assert {k: v for k, v in logs.items() if k.startswith("hdp/samples_k")} == {
-        f"hdp/samples_k{k}": n for k, n in sizes.items()}
+        f"hdp/samples_k{k}": n for k, n in sizes.items()
+    }
     assert sum(sizes.values()) == 12 and logs["hdp/max_group_size"] == 2
     assert stats.window_logs(1000, 1e12) == {}  # the next window starts empty
 
@@ -100,19 +108,30 @@ def _worker(rank, world_size, model_path, out_dir):
     from hf_hdp import HDPConfig, HDPTrainer
     from tests.models import VOCAB, load_model
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for lengths in STEP_LENGTHS
-            for n in lengths]
+    rows = [
+        {"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for lengths in STEP_LENGTHS for n in lengths
+    ]
     results = {}
     for log_keys, steps, logging_steps in (("all", 3, 3), ("default", 1, 1)):
-        args = TrainingArguments(output_dir=os.path.join(out_dir, log_keys), use_cpu=True, report_to=[],
-                                 max_steps=steps, logging_steps=logging_steps, save_strategy="no", disable_tqdm=True,
-                                 learning_rate=1e-3, seed=0)
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, log_keys),
+            use_cpu=True,
+            report_to=[],
+            max_steps=steps,
+            logging_steps=logging_steps,
+            save_strategy="no",
+            disable_tqdm=True,
+            learning_rate=1e-3,
+            seed=0,
+        )
         config = HDPConfig(tokens_per_rank=C, global_batch_size=4, planner="naive", log_keys=log_keys)
-        trainer = HDPTrainer(load_model(model_path, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows),
-                             hdp_config=config)
+        trainer = HDPTrainer(
+            load_model(model_path, dtype=torch.float32), args, train_dataset=Dataset.from_list(rows), hdp_config=config
+        )
         trainer.train()
         logs = [{k: v for k, v in e.items() if k.startswith("hdp/")} for e in trainer.state.log_history if "loss" in e]
         results[log_keys] = (logs, list(trainer.hdp_history))

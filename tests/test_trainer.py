@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from datasets import Dataset
@@ -13,6 +12,7 @@ from hf_hdp.collators import HDPDataError
 from hf_hdp.models import UnsupportedModelError
 from tests.dist_utils import run_train_steps
 from tests.models import load_model, save_tiny_model
+
 
 def _run(nproc: int, model: str, out: str, *extra: str) -> dict:
     return run_train_steps(nproc, model, out, *extra)
@@ -52,8 +52,15 @@ def test_three_steps_on_4_ranks_equal_1_rank(tmp_path):
 
 # ------------------------------------------------------------------ bad input
 def _args(tmp_path, **kw):
-    return TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1,
-                             save_strategy="no", disable_tqdm=True, **kw)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +69,12 @@ def tiny(tmp_path_factory):
 
 
 def _trainer(tiny, tmp_path, rows, **cfg):
-    return HDPTrainer(load_model(tiny, dtype=torch.float32), _args(tmp_path), train_dataset=Dataset.from_list(rows),
-                      hdp_config=HDPConfig(**cfg))
+    return HDPTrainer(
+        load_model(tiny, dtype=torch.float32),
+        _args(tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        hdp_config=HDPConfig(**cfg),
+    )
 
 
 def test_sample_longer_than_world_capacity_is_refused(tiny, tmp_path):
@@ -92,8 +103,13 @@ def test_missing_input_ids_column_is_refused(tiny, tmp_path):
 def test_out_of_vocabulary_token_is_refused_before_training(tiny, tmp_path):
     # refused when the trainer is built (the id-range columns measure_dataset adds), before any step
     with pytest.raises(HDPDataError, match=r"sample 1: token id 999 is outside the model's vocabulary \[0, 128\)"):
-        _trainer(tiny, tmp_path, [{"input_ids": [1, 2, 3]}, {"input_ids": [5, 999, 2]}], tokens_per_rank=32,
-                 global_batch_size=2)
+        _trainer(
+            tiny,
+            tmp_path,
+            [{"input_ids": [1, 2, 3]}, {"input_ids": [5, 999, 2]}],
+            tokens_per_rank=32,
+            global_batch_size=2,
+        )
 
 
 def test_model_without_attention_interface_is_refused(tmp_path):
@@ -104,8 +120,12 @@ def test_model_without_attention_interface_is_refused(tmp_path):
 
 def test_model_that_ignores_hdp_attention_is_stopped_at_the_first_step(tiny, tmp_path):
     model = load_model(tiny, dtype=torch.float32)
-    trainer = HDPTrainer(model, _args(tmp_path), train_dataset=Dataset.from_list([{"input_ids": [1, 2, 3]}] * 2),
-                         hdp_config=HDPConfig(tokens_per_rank=8, global_batch_size=2))
+    trainer = HDPTrainer(
+        model,
+        _args(tmp_path),
+        train_dataset=Dataset.from_list([{"input_ids": [1, 2, 3]}] * 2),
+        hdp_config=HDPConfig(tokens_per_rank=8, global_batch_size=2),
+    )
     model.set_attn_implementation("sdpa")  # as if the model bypassed the interface
     with pytest.raises(RuntimeError, match=r"without calling the 'hdp' attention"):
         trainer.train()
@@ -125,7 +145,9 @@ def test_config_errors_say_what_to_do():
 
 
 def test_liger_kernels_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match=r"use_liger_kernel=True is not supported.*GLOBAL batch.*use_liger_kernel=False"):
+    with pytest.raises(
+        ValueError, match=r"use_liger_kernel=True is not supported.*GLOBAL batch.*use_liger_kernel=False"
+    ):
         HDPConfig().check_training_args(_args(tmp_path, use_liger_kernel=True))
 
 
@@ -140,9 +162,16 @@ def test_ranks_per_node_comes_from_the_config_or_the_launcher(monkeypatch):
 
 
 def test_the_trainer_plans_with_the_configured_split_and_nodes(tiny, tmp_path):
-    trainer = HDPTrainer(load_model(tiny), _args(tmp_path), train_dataset=Dataset.from_list([{"input_ids": [1, 2]}] * 4),
-                         hdp_config=HDPConfig(tokens_per_rank=64, attention_split="hybrid", ranks_per_node=3))
-    assert trainer.cost_model.ranks_per_node == 3 and trainer.cost_model.num_heads == trainer.model.config.num_attention_heads
+    trainer = HDPTrainer(
+        load_model(tiny),
+        _args(tmp_path),
+        train_dataset=Dataset.from_list([{"input_ids": [1, 2]}] * 4),
+        hdp_config=HDPConfig(tokens_per_rank=64, attention_split="hybrid", ranks_per_node=3),
+    )
+    assert (
+        trainer.cost_model.ranks_per_node == 3
+        and trainer.cost_model.num_heads == trainer.model.config.num_attention_heads
+    )
     steps = trainer.get_train_dataloader().dataset
     assert steps.num_heads == trainer.model.config.num_attention_heads
     assert steps.planner.keywords["attention_split"] == "hybrid"
@@ -150,8 +179,12 @@ def test_the_trainer_plans_with_the_configured_split_and_nodes(tiny, tmp_path):
 
 def test_global_batch_and_gradient_accumulation_cannot_both_be_set(tiny, tmp_path):
     with pytest.raises(ValueError, match="both set the batch"):
-        HDPTrainer(load_model(tiny), _args(tmp_path, gradient_accumulation_steps=2),
-                   train_dataset=Dataset.from_list([{"input_ids": [1, 2]}]), hdp_config=HDPConfig(global_batch_size=4))
+        HDPTrainer(
+            load_model(tiny),
+            _args(tmp_path, gradient_accumulation_steps=2),
+            train_dataset=Dataset.from_list([{"input_ids": [1, 2]}]),
+            hdp_config=HDPConfig(global_batch_size=4),
+        )
 
 
 def test_plain_swap_without_hdp_config_uses_trainers_batch(tiny, tmp_path):

@@ -24,13 +24,27 @@ from tests.models import save_bpe_llama, stdlib_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CLM = os.path.join(ROOT, "examples", "run_clm.py")
-HDP_FLAGS = ["--tokens_per_rank", "64", "--global_batch_size", "4", "--planner", "naive", "--attention_split",
-             "ring", "--offload_ratio", "0.5", "--no_check_plan_hash", "--long_sample_policy", "drop"]
+HDP_FLAGS = [
+    "--tokens_per_rank",
+    "64",
+    "--global_batch_size",
+    "4",
+    "--planner",
+    "naive",
+    "--attention_split",
+    "ring",
+    "--offload_ratio",
+    "0.5",
+    "--no_check_plan_hash",
+    "--long_sample_policy",
+    "drop",
+]
 
 
 def _parse(*argv: str) -> HDPTrainingArguments:
     (args,) = HfArgumentParser(HDPTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", "unused_out", "--use_cpu", "--report_to", "none", *argv])
+        ["--output_dir", "unused_out", "--use_cpu", "--report_to", "none", *argv]
+    )
     return args
 
 
@@ -57,10 +71,11 @@ def test_hf_argument_parser_reads_the_hdp_flags():
 
 
 def test_invalid_hdp_values_are_refused_with_hdp_configs_message():
-    for flags, kwargs in ((["--tokens_per_rank", "0"], {"tokens_per_rank": 0}),
-                          (["--planner", "naive", "--attention_split", "ulysses"],
-                           {"planner": "naive", "attention_split": "ulysses"}),
-                          (["--memory_budget_gb", "8"], {"memory_budget_gb": 8.0})):
+    for flags, kwargs in (
+        (["--tokens_per_rank", "0"], {"tokens_per_rank": 0}),
+        (["--planner", "naive", "--attention_split", "ulysses"], {"planner": "naive", "attention_split": "ulysses"}),
+        (["--memory_budget_gb", "8"], {"memory_budget_gb": 8.0}),
+    ):
         with pytest.raises(ValueError) as expected:
             HDPConfig(**kwargs)
         with pytest.raises(ValueError) as got:
@@ -102,8 +117,11 @@ def test_hdp_config_from_args():
     assert hdp_config_from_args(args, None) == args.hdp_config
     assert hdp_config_from_args(args, args.hdp_config) == args.hdp_config
     other = dataclasses.replace(args.hdp_config, tokens_per_rank=32, planner="static")
-    with pytest.raises(ValueError, match=r"they differ \(tokens_per_rank: hdp_config=32 vs args=64, planner: "
-                                         r"hdp_config='static' vs args='naive'\)\. Pass the HDP settings one way"):
+    with pytest.raises(
+        ValueError,
+        match=r"they differ \(tokens_per_rank: hdp_config=32 vs args=64, planner: "
+        r"hdp_config='static' vs args='naive'\)\. Pass the HDP settings one way",
+    ):
         hdp_config_from_args(args, other)
 
 
@@ -124,13 +142,29 @@ def test_uniform_lengths_warn(caplog):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few stdlib files and a tiny Llama, both save_pretrained."""
-    return save_bpe_llama(str(tmp_path_factory.mktemp("tiny") / "llama"), ("textwrap.py", "bisect.py", "heapq.py"), max_positions=1024)
+    return save_bpe_llama(
+        str(tmp_path_factory.mktemp("tiny") / "llama"), ("textwrap.py", "bisect.py", "heapq.py"), max_positions=1024
+    )
 
 
 def test_hdp_trainer_trains_with_hdp_training_arguments(model_dir, tmp_path):
     out = str(tmp_path / "out")
-    args = _parse("--output_dir", out, "--max_steps", "2", "--save_strategy", "no", "--disable_tqdm", "true",
-                  "--learning_rate", "1e-2", "--tokens_per_rank", "48", "--global_batch_size", "2")
+    args = _parse(
+        "--output_dir",
+        out,
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--learning_rate",
+        "1e-2",
+        "--tokens_per_rank",
+        "48",
+        "--global_batch_size",
+        "2",
+    )
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = [{"input_ids": [(7 * i + j) % 500 + 1 for j in range(5 + 4 * i)]} for i in range(8)]
     trainer = HDPTrainer(model, args, train_dataset=Dataset.from_list(rows), hdp_config=args.hdp_config)
@@ -153,23 +187,67 @@ def _write_text(path, lines) -> str:
 def test_run_clm_under_torchrun_trains_and_evaluates_local_files(model_dir, tmp_path, mode):
     """keep_documents: one sample per line, with the accuracy metric; group_texts: the stock 32-token blocks,
     evaluated with --no_compute_accuracy (the loss and perplexity only)."""
-    source = [ln for ln in stdlib_text("string.py").splitlines() + stdlib_text("colorsys.py").splitlines() if ln.strip()]
-    docs = [" ".join(source[i: i + 1 + i % 5]) for i in range(0, 180, 3)]  # documents of uneven length
+    source = [
+        ln for ln in stdlib_text("string.py").splitlines() + stdlib_text("colorsys.py").splitlines() if ln.strip()
+    ]
+    docs = [" ".join(source[i : i + 1 + i % 5]) for i in range(0, 180, 3)]  # documents of uneven length
     train = _write_text(tmp_path / "train.txt", docs[:48])
     valid = _write_text(tmp_path / "valid.txt", docs[48:])
     out = str(tmp_path / "out")
     metrics = mode == "keep_documents"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           RUN_CLM, "--model_name_or_path", model_dir, "--train_file", train, "--validation_file", valid,
-           *(["--keep_documents"] if mode == "keep_documents" else ["--block_size", "32"]), "--do_train", "--do_eval",
-           "--output_dir", out, "--cache_dir", str(tmp_path / "cache"),
-           "--use_cpu", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-           "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
-           "--tokens_per_rank", "64", "--long_sample_policy", "drop"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        RUN_CLM,
+        "--model_name_or_path",
+        model_dir,
+        "--train_file",
+        train,
+        "--validation_file",
+        valid,
+        *(["--keep_documents"] if mode == "keep_documents" else ["--block_size", "32"]),
+        "--do_train",
+        "--do_eval",
+        "--output_dir",
+        out,
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--use_cpu",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        "--tokens_per_rank",
+        "64",
+        "--long_sample_policy",
+        "drop",
+    ]
     if not metrics:
         cmd.append("--no_compute_accuracy")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", HF_HOME=str(tmp_path / "hf_home"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HOME=str(tmp_path / "hf_home"),
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(os.path.join(out, "train_results.json")) as f:

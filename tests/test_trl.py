@@ -28,6 +28,7 @@ C = 128  # tokens per rank: the 3-turn conversations (about 200 tokens) run spli
 STEPS = 2
 ROWS = 8
 
+
 def _load_example():
     """examples/sft_chat.py as a module: its chat template and tokenizer are the ones tested here."""
     import importlib.util
@@ -56,8 +57,10 @@ def conversations(n: int = ROWS, seed: int = 0) -> list[dict]:
         turns = 3 if i % 3 == 0 else 1
         msgs = []
         for _ in range(turns):
-            msgs += [{"role": "user", "content": say(rng.randint(2, 5)) + "?"},
-                     {"role": "assistant", "content": say(rng.randint(3, 8)) + "."}]
+            msgs += [
+                {"role": "user", "content": say(rng.randint(2, 5)) + "?"},
+                {"role": "assistant", "content": say(rng.randint(3, 8)) + "."},
+            ]
         rows.append({"messages": msgs})
     return rows
 
@@ -73,10 +76,24 @@ def tiny(tmp_path_factory):
 def sft_config(out: str, per_device: int, **kw):
     from trl import SFTConfig
 
-    base = dict(output_dir=out, use_cpu=True, bf16=False, report_to=[], max_steps=STEPS,
-                per_device_train_batch_size=per_device, optim="sgd", learning_rate=0.5,
-                lr_scheduler_type="constant", logging_steps=1, save_strategy="no", disable_tqdm=True,
-                gradient_checkpointing=False, max_length=512, seed=0, dataset_num_proc=None)
+    base = dict(
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        max_length=512,
+        seed=0,
+        dataset_num_proc=None,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -91,8 +108,11 @@ CASES = {
 
 
 def _history(trainer) -> list[dict]:
-    return [{k: e[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens") if k in e}
-            for e in trainer.state.log_history if "loss" in e]
+    return [
+        {k: e[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens") if k in e}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
 
 
 def stock_run(model_path: str, out: str, case: str):
@@ -100,8 +120,12 @@ def stock_run(model_path: str, out: str, case: str):
     from trl import SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    trainer = SFTTrainer(load_model(model_path), sft_config(out, ROWS, **CASES[case]), processing_class=tok,
-                         train_dataset=Dataset.from_list(conversations()))
+    trainer = SFTTrainer(
+        load_model(model_path),
+        sft_config(out, ROWS, **CASES[case]),
+        processing_class=tok,
+        train_dataset=Dataset.from_list(conversations()),
+    )
     trainer.train()
     history = _history(trainer)
     if case == "assistant_only":  # a raw dataset passed to evaluate() is prepared as at construction
@@ -110,8 +134,9 @@ def stock_run(model_path: str, out: str, case: str):
 
 
 def _hdp_worker(rank, world_size, model_path, out, cases=tuple(CASES)):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     from transformers import AutoTokenizer
 
     from hf_hdp import HDPConfig
@@ -121,16 +146,19 @@ def _hdp_worker(rank, world_size, model_path, out, cases=tuple(CASES)):
     for case in cases:
         kw = CASES[case]
         tok = AutoTokenizer.from_pretrained(model_path)
-        trainer = HDPSFTTrainer(load_model(model_path), sft_config(os.path.join(out, case), ROWS // world_size, **kw),
-                                processing_class=tok, train_dataset=Dataset.from_list(conversations()),
-                                hdp_config=HDPConfig(tokens_per_rank=C, loss_chunk_tokens=16))
+        trainer = HDPSFTTrainer(
+            load_model(model_path),
+            sft_config(os.path.join(out, case), ROWS // world_size, **kw),
+            processing_class=tok,
+            train_dataset=Dataset.from_list(conversations()),
+            hdp_config=HDPConfig(tokens_per_rank=C, loss_chunk_tokens=16),
+        )
         trainer.train()
         split = trainer.hdp_summary()
         history = _history(trainer)
         if case == "assistant_only":
             history.append(trainer.evaluate(Dataset.from_list(conversations(4, seed=1))))
-        results[case] = (history, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                         split)
+        results[case] = (history, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, split)
     return results
 
 
@@ -183,8 +211,13 @@ def test_packing_keeps_documents_apart(tiny):
     from hf_hdp.integrations.trl import HDPSFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    trainer = HDPSFTTrainer(load_model(tiny), sft_config("unused", ROWS, **CASES["packing"]), processing_class=tok,
-                            train_dataset=Dataset.from_list(conversations()), hdp_config=HDPConfig(tokens_per_rank=256))
+    trainer = HDPSFTTrainer(
+        load_model(tiny),
+        sft_config("unused", ROWS, **CASES["packing"]),
+        processing_class=tok,
+        train_dataset=Dataset.from_list(conversations()),
+        hdp_config=HDPConfig(tokens_per_rank=256),
+    )
     measured = trainer.hdp_train_data
     assert len(measured) < ROWS  # rows were packed
     assert len(measured.doc_lengths) == ROWS  # ... and split back into one document per conversation
@@ -192,11 +225,14 @@ def test_packing_keeps_documents_apart(tiny):
     assert "messages" not in trainer.train_dataset.column_names
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("activation_offloading", True, r"activation_offloading=True is not supported.*offload_ratio"),
-    ("gradient_checkpointing_kwargs", {"selective": True}, r"selective.*Drop 'selective'"),
-    ("label_smoothing_factor", 0.1, r"label_smoothing_factor=0.1.*Set label_smoothing_factor=0"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("activation_offloading", True, r"activation_offloading=True is not supported.*offload_ratio"),
+        ("gradient_checkpointing_kwargs", {"selective": True}, r"selective.*Drop 'selective'"),
+        ("label_smoothing_factor", 0.1, r"label_smoothing_factor=0.1.*Set label_smoothing_factor=0"),
+    ],
+)
 def test_refused_fields_name_the_fix(tiny, field, value, message):
     from transformers import AutoTokenizer
 
@@ -207,8 +243,12 @@ def test_refused_fields_name_the_fix(tiny, field, value, message):
     if field == "gradient_checkpointing_kwargs":
         kw["gradient_checkpointing"] = True
     with pytest.raises(ValueError, match=message):
-        HDPSFTTrainer(load_model(tiny), sft_config("unused", 2, **kw), processing_class=tok,
-                      train_dataset=Dataset.from_list(conversations(2)))
+        HDPSFTTrainer(
+            load_model(tiny),
+            sft_config("unused", 2, **kw),
+            processing_class=tok,
+            train_dataset=Dataset.from_list(conversations(2)),
+        )
 
 
 @pytest.mark.parametrize("loss_type", ["dft", "nll"])
@@ -228,9 +268,13 @@ def test_chunked_loss_equals_full_logits_on_a_softcapped_head(loss_type, tmp_pat
     for chunk in (16, None):
         model = load_family_model(path, "gemma2")
         assert model.config.final_logit_softcapping
-        trainer = HDPSFTTrainer(model, sft_config(str(tmp_path / f"out{chunk}"), 4, max_steps=1, loss_type=loss_type),
-                                processing_class=tok, train_dataset=Dataset.from_list(conversations(4)),
-                                hdp_config=HDPConfig(tokens_per_rank=512, loss_chunk_tokens=chunk))
+        trainer = HDPSFTTrainer(
+            model,
+            sft_config(str(tmp_path / f"out{chunk}"), 4, max_steps=1, loss_type=loss_type),
+            processing_class=tok,
+            train_dataset=Dataset.from_list(conversations(4)),
+            hdp_config=HDPConfig(tokens_per_rank=512, loss_chunk_tokens=chunk),
+        )
         trainer.train()
         runs[chunk] = (_history(trainer)[0], {k: v.detach().clone() for k, v in model.state_dict().items()})
     (got, got_w), (want, want_w) = runs[16], runs[None]

@@ -34,8 +34,9 @@ D = 8
 
 
 def _cost(hq, hkv) -> CostModel:
-    return CostModel(a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * hkv * D * 8, value_bytes=8,
-                     num_heads=hq, num_kv_heads=hkv)
+    return CostModel(
+        a=0, b=0, c=0, num_layers=1, kv_bytes_per_token=2 * hkv * D * 8, value_bytes=8, num_heads=hq, num_kv_heads=hkv
+    )
 
 
 def _worker(rank, world):
@@ -49,7 +50,7 @@ def _worker(rank, world):
     for c, (hq, hkv, segments) in enumerate(CASES):
         g = torch.Generator().manual_seed(c)
         docs = []  # per segment, per document: q, k, v, w and the reference output and gradients
-        for group, u, lengths in segments:
+        for _group, _u, lengths in segments:
             per = []
             for s in lengths:
                 q, k, v = (torch.randn(s, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))

@@ -65,8 +65,10 @@ def test_buckets_cover_every_element_once_within_the_bound():
         if bucket_bytes == 10**9:
             assert len(buckets) == 3  # one per dtype
         for world in (2, 3, 4):
-            owners = [rng.choice([None] + list(range(world))) if i % 7 == 0 else rng.randrange(world)
-                      for i in range(len(tensors))]
+            owners = [
+                rng.choice([None] + list(range(world))) if i % 7 == 0 else rng.randrange(world)
+                for i in range(len(tensors))
+            ]
             buckets = plan_buckets(tensors, bucket_bytes, owners, world)
             for b in buckets:
                 assert len(b.chunks) == world
@@ -114,8 +116,10 @@ def _reference_sum(params, extras):
     """The former reduction: every gradient and the extras in one flat float64 buffer, one all-reduce."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
-                      for p in params] + [torch.tensor(extras, dtype=torch.float64)])
+    flat = torch.cat(
+        [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64) for p in params]
+        + [torch.tensor(extras, dtype=torch.float64)]
+    )
     dist.all_reduce(flat)
     out, offset = [], 0
     for p in params:
@@ -135,8 +139,13 @@ def _reduce_worker(rank, world, bucket_bytes):
     # all-reduce buckets
     mesh = DynamicMesh(bucket_bytes=bucket_bytes)
     sums = mesh.reduce_gradients(params, extras=extras, step=3)
-    out["allreduce"] = (max(float((p.grad - r).abs().max()) for p, r in zip(params, ref)), sums, ref_extras,
-                        mesh.stats.collectives, mesh.stats.largest_buffer_bytes)
+    out["allreduce"] = (
+        max(float((p.grad - r).abs().max()) for p, r in zip(params, ref)),
+        sums,
+        ref_extras,
+        mesh.stats.collectives,
+        mesh.stats.largest_buffer_bytes,
+    )
     # reduce-scatter buckets (stage 2): each rank keeps its own parameters' sums
     _set_grads(params, rank)
     owners = partition(params, world)
@@ -144,8 +153,15 @@ def _reduce_worker(rank, world, bucket_bytes):
     sums = mesh.reduce_gradients(params, extras=extras, step=3, owners=owners)
     kept = [i for i, p in enumerate(params) if p.grad is not None]
     diff = max([float((params[i].grad - ref[i]).abs().max()) for i in kept] or [0.0])
-    out["scatter"] = (kept, [i for i, o in enumerate(owners) if o == rank], diff, sums, mesh.stats.collectives,
-                      mesh.stats.largest_buffer_bytes, mesh.gradients_sharded)
+    out["scatter"] = (
+        kept,
+        [i for i, o in enumerate(owners) if o == rank],
+        diff,
+        sums,
+        mesh.stats.collectives,
+        mesh.stats.largest_buffer_bytes,
+        mesh.gradients_sharded,
+    )
     # the full gradient's norm from the shards, the same on every rank
     from hf_hdp.accelerator import HDPAccelerator
 
@@ -154,7 +170,10 @@ def _reduce_worker(rank, world, bucket_bytes):
     full_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(r) for r in ref])))
     out["norm"] = (float(acc.clip_grad_norm_(params, 1e9)), full_norm)
     # mixed dtypes: each bucket in its gradients' own dtype
-    p32 = [torch.nn.Parameter(torch.ones(50, dtype=torch.float32)), torch.nn.Parameter(torch.ones(7, dtype=torch.float64))]
+    p32 = [
+        torch.nn.Parameter(torch.ones(50, dtype=torch.float32)),
+        torch.nn.Parameter(torch.ones(7, dtype=torch.float64)),
+    ]
     for p in p32:
         p.grad = torch.full_like(p, float(rank + 1))
     DynamicMesh(bucket_bytes=bucket_bytes).reduce_gradients(p32, step=3)
@@ -166,8 +185,10 @@ def _mesh_worker(rank, world, bucket_bytes):
     """Every mesh-level check of this file in one launch of the ranks (each launch costs seconds of imports):
     the bucketed reduction, the ZeroOptimizer (stage 2; on 4 ranks stage 1 too) and, on 4 ranks, the
     reduction started inside the last backward."""
-    out = {"reduce": _reduce_worker(rank, world, bucket_bytes),
-           "optimizer": {stage: _optimizer_worker(rank, world, stage) for stage in ((1, 2) if world == 4 else (2,))}}
+    out = {
+        "reduce": _reduce_worker(rank, world, bucket_bytes),
+        "optimizer": {stage: _optimizer_worker(rank, world, stage) for stage in ((1, 2) if world == 4 else (2,))},
+    }
     if world == 4:
         out["overlap"] = {sharded: _overlap_worker(rank, world, sharded) for sharded in (False, True)}
     return out
@@ -211,8 +232,15 @@ def _overlap_worker(rank, world, sharded):
 
     def model():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                                   torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).double()
+        return torch.nn.Sequential(
+            torch.nn.Linear(16, 64),
+            torch.nn.Tanh(),
+            torch.nn.Linear(64, 64),
+            torch.nn.Tanh(),
+            torch.nn.Linear(64, 64),
+            torch.nn.Tanh(),
+            torch.nn.Linear(64, 8),
+        ).double()
 
     g = torch.Generator().manual_seed(rank)
     inputs = [torch.randn(5, 16, generator=g, dtype=torch.float64) for _ in range([2, 0, 1, 3][rank])]
@@ -237,10 +265,18 @@ def _overlap_worker(rank, world, sharded):
     kept = [i for i, p in enumerate(params) if p.grad is not None]
     diff = max([float((params[i].grad - ref[i]).abs().max()) for i in kept] or [0.0])
     dist.barrier()
-    return {"early": early, "buckets": len(reduction.buckets), "sums": sums, "ref_extras": ref_extras, "diff": diff,
-            "kept": kept, "owned": [i for i, o in enumerate(owners) if o == rank] if sharded else None,
-            "collectives": mesh.stats.collectives, "largest": mesh.stats.largest_buffer_bytes,
-            "n_params": len(params)}
+    return {
+        "early": early,
+        "buckets": len(reduction.buckets),
+        "sums": sums,
+        "ref_extras": ref_extras,
+        "diff": diff,
+        "kept": kept,
+        "owned": [i for i, o in enumerate(owners) if o == rank] if sharded else None,
+        "collectives": mesh.stats.collectives,
+        "largest": mesh.stats.largest_buffer_bytes,
+        "n_params": len(params),
+    }
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -287,10 +323,15 @@ def _optimizer_worker(rank, world, stage):
     reference = plain.state_dict()
     same_state = None
     if rank == 0:
-        same_state = (sorted(full["state"]) == sorted(reference["state"])
-                      and all(torch.equal(full["state"][i][k], torch.as_tensor(v)) for i, s in reference["state"].items()
-                              for k, v in s.items())
-                      and [{k: v for k, v in g.items()} for g in full["param_groups"]] == reference["param_groups"])
+        same_state = (
+            sorted(full["state"]) == sorted(reference["state"])
+            and all(
+                torch.equal(full["state"][i][k], torch.as_tensor(v))
+                for i, s in reference["state"].items()
+                for k, v in s.items()
+            )
+            and [{k: v for k, v in g.items()} for g in full["param_groups"]] == reference["param_groups"]
+        )
     # a plain optimizer's state (one process) loads into a sharded one, and the next step agrees
     fresh = _params()
     with torch.no_grad():
@@ -326,7 +367,7 @@ def test_zero_optimizer_steps_as_the_plain_one_and_holds_its_shard(world, stage,
     assert sum(numels) == 2 * total  # AdamW's two moments, each held once over all ranks
     assert all(n <= 2 * (total / world + largest) for n in numels), numels
     assert all(n < 2 * total for n in numels)
-    for rank, (equal, _, same_state, resumed, refused, _) in enumerate(results):
+    for rank, (equal, _, _same_state, resumed, refused, _) in enumerate(results):
         assert equal, rank  # bit-equal weights on every rank
         assert resumed, rank
         assert refused, rank
@@ -365,11 +406,14 @@ def _stalled_worker(rank, world, which):
     return "no error"
 
 
-@pytest.mark.parametrize("which,texts", [
-    ("reduce-scatter", ("the gradient reduction, bucket 1 of 21 (a reduce-scatter over all 3 ranks)",)),
-    ("all-gather", ("the weight all-gather (ZeRO), bucket 1 of 20 (an all-gather over all 3 ranks)",)),
-    ("gather", ("the optimizer state gather (ZeRO) (sizes) (an all-reduce over all 3 ranks)",)),
-])
+@pytest.mark.parametrize(
+    "which,texts",
+    [
+        ("reduce-scatter", ("the gradient reduction, bucket 1 of 21 (a reduce-scatter over all 3 ranks)",)),
+        ("all-gather", ("the weight all-gather (ZeRO), bucket 1 of 20 (an all-gather over all 3 ranks)",)),
+        ("gather", ("the optimizer state gather (ZeRO) (sizes) (an all-reduce over all 3 ranks)",)),
+    ],
+)
 def test_a_stalled_rank_makes_zeros_collectives_time_out_within_the_bound(which, texts):
     # 64-byte buckets: 2 float64 per rank chunk, so rank 0's 40 elements (and 1 extra) take 21 and 20 buckets
     results = run_distributed(_stalled_worker, 3, which, timeout=90)
@@ -395,8 +439,22 @@ def _rows() -> list[dict]:
     return rows
 
 
-def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, max_grad_norm=1.0, save_steps=0,
-           resume=None, steps=STEPS, fsdp=None, fsdp_config=None, gradient_checkpointing=False, evaluate=False):
+def _train(
+    model_path,
+    out_dir,
+    world,
+    *,
+    optim="adamw_torch",
+    zero_stage=None,
+    max_grad_norm=1.0,
+    save_steps=0,
+    resume=None,
+    steps=STEPS,
+    fsdp=None,
+    fsdp_config=None,
+    gradient_checkpointing=False,
+    evaluate=False,
+):
     """Train HDPTrainer in this process (rank of a gloo group, or alone); return what the tests compare."""
     from transformers import TrainerCallback, TrainingArguments
 
@@ -405,17 +463,33 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
     from tests.models import load_model
 
     args = TrainingArguments(
-        output_dir=out_dir, use_cpu=True, report_to=[], disable_tqdm=True, seed=0, max_steps=steps,
-        optim=optim, learning_rate=1e-2 if optim.startswith("adamw") else 0.3, weight_decay=0.1,
-        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=max_grad_norm, logging_steps=1,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        max_steps=steps,
+        optim=optim,
+        learning_rate=1e-2 if optim.startswith("adamw") else 0.3,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         **({"fsdp": fsdp, "fsdp_config": fsdp_config} if fsdp else {}),
         **({"gradient_checkpointing": True} if gradient_checkpointing else {}),
     )
     model = load_model(model_path)
-    trainer = HDPTrainer(model, args, train_dataset=Dataset.from_list(_rows()),
-                         hdp_config=HDPConfig(planner="naive", tokens_per_rank=C_FOR_WORLD[world],
-                                              global_batch_size=GLOBAL_BATCH, zero_stage=zero_stage))
+    trainer = HDPTrainer(
+        model,
+        args,
+        train_dataset=Dataset.from_list(_rows()),
+        hdp_config=HDPConfig(
+            planner="naive", tokens_per_rank=C_FOR_WORLD[world], global_batch_size=GLOBAL_BATCH, zero_stage=zero_stage
+        ),
+    )
     record = {"micro_batches": [], "grads": []}
     step_fn = trainer.training_step
 
@@ -435,12 +509,16 @@ def _train(model_path, out_dir, world, *, optim="adamw_torch", zero_stage=None, 
 
     zero = unwrap_zero(trainer.optimizer)
     state = zero.state if zero is not None else trainer.optimizer.state
-    record["state_numel"] = sum(local_tensor(v).numel() for s in state.values() for v in s.values()
-                                if torch.is_tensor(v) and v.dim())
+    record["state_numel"] = sum(
+        local_tensor(v).numel() for s in state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
+    )
     record["param_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record["n_params"] = len(list(model.parameters()))
-    record["owned"] = ([i for i, p in enumerate(model.parameters()) if zero.owner_of(p) == zero.mesh.rank]
-                       if zero is not None else None)
+    record["owned"] = (
+        [i for i, p in enumerate(model.parameters()) if zero.owner_of(p) == zero.mesh.rank]
+        if zero is not None
+        else None
+    )
     record["stage"] = None if zero is None else zero.stage
     record["grad_norms"] = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
     record["weights"] = full_model_state(model)  # FSDP: every rank gathers the whole weights
@@ -474,8 +552,10 @@ FSDP_RUNS_4 = {
 FSDP_RUNS_2 = {
     "full_shard_from4_grad_op": (dict(fsdp="full_shard", resume="shard_grad_op/checkpoint-2"), None),
     # transformers' current spelling: fsdp=True, the strategy in fsdp_config
-    "grad_op_checkpointing": (dict(fsdp=True, fsdp_config={"reshard_after_forward": False},
-                                   gradient_checkpointing=True), None),
+    "grad_op_checkpointing": (
+        dict(fsdp=True, fsdp_config={"reshard_after_forward": False}, gradient_checkpointing=True),
+        None,
+    ),
     "full_shard_checkpointing": (dict(fsdp="full_shard", gradient_checkpointing=True), None),
     # tied input and output embeddings: one parameter in FSDP's root unit
     "full_shard_tied": (dict(fsdp="full_shard", model="tied"), None),
@@ -507,9 +587,11 @@ def train_all(base) -> dict:
     AutoModelForCausalLM.from_config(tied).save_pretrained(str(base / "tied"))
     four = run_distributed(_trainer_worker, 4, model, str(base), {**RUNS_4, **FSDP_RUNS_4}, timeout=900)
     two = run_distributed(_trainer_worker, 2, model, str(base), {**RUNS_2, **FSDP_RUNS_2}, timeout=600)
-    one = {"adamw": _train(model, str(base / "w1" / "adamw"), 1, save_steps=2, evaluate=True),
-           "sgd_clip": _train(model, str(base / "w1" / "sgd"), 1, optim="sgd", max_grad_norm=0.05),
-           "tied": _train(str(base / "tied"), str(base / "w1" / "tied"), 1)}
+    one = {
+        "adamw": _train(model, str(base / "w1" / "adamw"), 1, save_steps=2, evaluate=True),
+        "sgd_clip": _train(model, str(base / "w1" / "sgd"), 1, optim="sgd", max_grad_norm=0.05),
+        "tied": _train(str(base / "tied"), str(base / "w1" / "tied"), 1),
+    }
     return {"base": base, 4: four, 2: two, 1: one}
 
 
@@ -536,7 +618,9 @@ def test_stages_1_and_2_train_the_same_weights_as_stage_0_and_one_process(traine
     one = trained[1]["adamw"]["weights"]
     four = trained[4]
     for r in range(4):
-        assert four[r]["default"]["stage"] == 1 and four[r]["stage2"]["stage"] == 2 and four[r]["stage0"]["stage"] is None
+        assert (
+            four[r]["default"]["stage"] == 1 and four[r]["stage2"]["stage"] == 2 and four[r]["stage0"]["stage"] is None
+        )
         for name in ("stage0", "default", "stage2"):
             _close(four[r][name]["weights"], one, f"rank {r} {name}")
             for k, w in four[0][name]["weights"].items():  # every rank holds the same weights, bit for bit
@@ -597,12 +681,17 @@ def test_a_stage_1_checkpoint_holds_each_ranks_shard_and_consolidates_to_stage_0
     folder = base / "w4" / "default" / "checkpoint-2"
     assert not (folder / "optimizer.pt").exists()  # sharded: every rank wrote its own part
     assert sorted(p.name for p in (folder / "hdp_sharded").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
-    zero = torch.load(consolidate(str(folder), str(tmp_path / "c"), optimizer=True) + "/optimizer.pt",
-                      weights_only=False)
+    zero = torch.load(
+        consolidate(str(folder), str(tmp_path / "c"), optimizer=True) + "/optimizer.pt", weights_only=False
+    )
     plain = torch.load(base / "w4" / "stage0" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     assert [g["params"] for g in zero["param_groups"]] == [g["params"] for g in plain["param_groups"]]
     assert [g["lr"] for g in zero["param_groups"]] == [g["lr"] for g in plain["param_groups"]]
-    assert sorted(zero["state"]) == sorted(plain["state"]) == list(range(sum(len(g["params"]) for g in plain["param_groups"])))
+    assert (
+        sorted(zero["state"])
+        == sorted(plain["state"])
+        == list(range(sum(len(g["params"]) for g in plain["param_groups"])))
+    )
     for i, s in plain["state"].items():
         for k, v in s.items():
             torch.testing.assert_close(torch.as_tensor(zero["state"][i][k]), torch.as_tensor(v), rtol=1e-10, atol=1e-14)

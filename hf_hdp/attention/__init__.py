@@ -1,9 +1,9 @@
 """Attention for HDP: kernel backends, zigzag ring attention, head-parallel pieces, the windowed exchange of sliding
 and chunked layers, sinks, and the "hdp" AttentionInterface entry."""
 
-from .interface import HDP_ATTENTION, UnsupportedAttentionError, hdp_attention_forward, register
 from .backends import get_backend
 from .features import LayerFeatures
+from .interface import HDP_ATTENTION, UnsupportedAttentionError, hdp_attention_forward, register
 from .metadata import HDPAttentionMetadata, RingSegment
 from .segments import ring_attention
 

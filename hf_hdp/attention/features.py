@@ -25,7 +25,7 @@ class LayerFeatures:
     mask: LayerMask = FULL
     softcap: float | None = None
 
-    def for_length(self, length: int) -> "LayerFeatures":
+    def for_length(self, length: int) -> LayerFeatures:
         """These features with the mask parts a sequence of ``length`` tokens cannot feel removed."""
         mask = self.mask.for_length(length)
         return self if mask == self.mask else LayerFeatures(mask, self.softcap)

@@ -38,8 +38,10 @@ def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 def _label(seg: RingSegment, what: str, step: int) -> str:
-    return (f"windowed {what} (global step {seg.step}, slot {seg.slot}, round {step}, group {list(seg.group)}, "
-            f"samples {list(seg.samples)})")
+    return (
+        f"windowed {what} (global step {seg.step}, slot {seg.slot}, round {step}, group {list(seg.group)}, "
+        f"samples {list(seg.samples)})"
+    )
 
 
 def _exchange_kv(seg: RingSegment, kv: torch.Tensor, step: int, mask: LayerMask, mesh, what: str):
@@ -71,11 +73,21 @@ def halo_forward(q, k, v, seg: RingSegment, mask: LayerMask, scale: float, backe
             for block in seg.reach_blocks(step, mask, q.device):
                 src_k, src_v = unpack_kv(_rows(buffer, block.kv_index), layout)
                 b_out, b_lse = backend.forward(
-                    _rows(q, block.q_index), src_k, src_v, block.cu_q, block.cu_k, block.max_q,
-                    block.max_k, True, scale, positions=block.positions, **kernel,
+                    _rows(q, block.q_index),
+                    src_k,
+                    src_v,
+                    block.cu_q,
+                    block.cu_k,
+                    block.max_q,
+                    block.max_k,
+                    True,
+                    scale,
+                    positions=block.positions,
+                    **kernel,
                 )
-                m_out, m_lse = merge_attention(out.index_select(0, block.q_index), lse.index_select(0, block.q_index),
-                                               b_out, b_lse)
+                m_out, m_lse = merge_attention(
+                    out.index_select(0, block.q_index), lse.index_select(0, block.q_index), b_out, b_lse
+                )
                 out.index_copy_(0, block.q_index, m_out)
                 lse.index_copy_(0, block.q_index, m_lse)
         mesh.wait(nxt)
@@ -83,8 +95,9 @@ def halo_forward(q, k, v, seg: RingSegment, mask: LayerMask, scale: float, backe
     return out, lse
 
 
-def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, scale: float, backend, mesh,
-                  softcap: float | None):
+def halo_backward(
+    dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, scale: float, backend, mesh, softcap: float | None
+):
     """Gradients of this member's q, k, v rows under ``mask``, in the accumulator dtype."""
     kernel = {"window": mask.window, "softcap": softcap}
     layout = KVLayout.of(k, v)
@@ -103,9 +116,20 @@ def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, sc
             for block in seg.reach_blocks(step, mask, q.device):
                 src_k, src_v = unpack_kv(_rows(buffer, block.kv_index), layout)
                 b_dq, b_dk, b_dv = backend.backward(
-                    _rows(dout, block.q_index), _rows(q, block.q_index), src_k, src_v,
-                    _rows(out, block.q_index), _rows(lse, block.q_index), block.cu_q, block.cu_k, block.max_q,
-                    block.max_k, True, scale, positions=block.positions, **kernel,
+                    _rows(dout, block.q_index),
+                    _rows(q, block.q_index),
+                    src_k,
+                    src_v,
+                    _rows(out, block.q_index),
+                    _rows(lse, block.q_index),
+                    block.cu_q,
+                    block.cu_k,
+                    block.max_q,
+                    block.max_k,
+                    True,
+                    scale,
+                    positions=block.positions,
+                    **kernel,
                 )
                 dq.index_add_(0, block.q_index, b_dq.to(acc))
                 d_buffer.index_add_(0, block.kv_index, pack_kv(b_dk, b_dv).to(acc))
@@ -113,10 +137,14 @@ def halo_backward(dout, q, k, v, out, lse, seg: RingSegment, mask: LayerMask, sc
             continue
         # the dK/dV of the rows we received go back to their owner; ours come back from those we sent rows to
         send_index = seg.reach_send(step, mask, kv.device)
-        back = None if send_index is None else torch.empty(send_index.numel(), *kv.shape[1:], dtype=acc,
-                                                           device=kv.device)
-        mesh.wait(mesh.exchange(d_buffer, seg.prev_at(step), back, seg.next_at(step),
-                                what=_label(seg, "backward dK/dV", step)))
+        back = (
+            None if send_index is None else torch.empty(send_index.numel(), *kv.shape[1:], dtype=acc, device=kv.device)
+        )
+        mesh.wait(
+            mesh.exchange(
+                d_buffer, seg.prev_at(step), back, seg.next_at(step), what=_label(seg, "backward dK/dV", step)
+            )
+        )
         if back is not None:
             dkv.index_add_(0, send_index, back)
     return (dq, *unpack_kv(dkv, layout))

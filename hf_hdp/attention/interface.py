@@ -135,7 +135,9 @@ def _fallback_mask(module, query, key, attention_mask, kwargs):
         if attention_mask is not None:
             pad = (attention_mask == 0).long().cumprod(-1).sum(-1)
         pad = pad[:, None, None, None]
-        allowed = allowed & ((kv_pos[None, None, None, :] - pad) // chunk == (q_pos[None, None, :, None] - pad) // chunk)
+        allowed = allowed & (
+            (kv_pos[None, None, None, :] - pad) // chunk == (q_pos[None, None, :, None] - pad) // chunk
+        )
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].bool()
     return allowed
@@ -165,13 +167,19 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, **kwa
     mask = _fallback_mask(module, query, key, attention_mask, kwargs)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if softcap is None and sinks is None:
-        plain = attention_mask is None and not kwargs.get("sliding_window", getattr(module, "sliding_window", None)) \
+        plain = (
+            attention_mask is None
+            and not kwargs.get("sliding_window", getattr(module, "sliding_window", None))
             and not _layer_chunk(module)
-        return sdpa_attention_forward(module, query, key, value, None if plain else mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        )
+        return sdpa_attention_forward(
+            module, query, key, value, None if plain else mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout and module.training:
-        raise UnsupportedAttentionError(f"{_where(module)}: attention dropout with soft-capping or sinks is not "
-                                        "implemented outside HDP training; set config.attention_dropout = 0.0")
+        raise UnsupportedAttentionError(
+            f"{_where(module)}: attention dropout with soft-capping or sinks is not "
+            "implemented outside HDP training; set config.attention_dropout = 0.0"
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return _eager(query, key, value, mask, scale, softcap, sinks), None
 
@@ -200,20 +208,40 @@ def hdp_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     if not q.dtype == k.dtype == v.dtype:  # under autocast, RoPE can leave q/k in float32 beside a bf16 v
-        common = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else \
-            torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        common = (
+            torch.get_autocast_dtype(q.device.type)
+            if torch.is_autocast_enabled(q.device.type)
+            else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        )
         q, k, v = (x.to(common) for x in (q, k, v))
     backend = get_backend(meta.runtime.backend, q.device, q.dtype)
     parts = []
     n_local = meta.local_len
     if n_local:
-        parts.append(_local_attention(q[:n_local].contiguous(), k[:n_local].contiguous(), v[:n_local].contiguous(),
-                                      meta, features, sinks, scale, backend))
+        parts.append(
+            _local_attention(
+                q[:n_local].contiguous(),
+                k[:n_local].contiguous(),
+                v[:n_local].contiguous(),
+                meta,
+                features,
+                sinks,
+                scale,
+                backend,
+            )
+        )
     if meta.rings:
         parts.append(
             distributed_attention(
-                q[n_local:].contiguous(), k[n_local:].contiguous(), v[n_local:].contiguous(),
-                meta.rings, scale, backend, meta.runtime.mesh, features, sinks,
+                q[n_local:].contiguous(),
+                k[n_local:].contiguous(),
+                v[n_local:].contiguous(),
+                meta.rings,
+                scale,
+                backend,
+                meta.runtime.mesh,
+                features,
+                sinks,
             )
         )
     meta.runtime.calls += 1

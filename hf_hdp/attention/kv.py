@@ -26,7 +26,7 @@ class KVLayout(NamedTuple):
     v_dim: int
 
     @classmethod
-    def of(cls, k: torch.Tensor, v: torch.Tensor) -> "KVLayout":
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> KVLayout:
         if k.shape[:2] != v.shape[:2]:
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same rows and heads")
         return cls(k.shape[1], k.shape[2], v.shape[2])
@@ -36,7 +36,7 @@ class KVLayout(NamedTuple):
         """Values of one packed row."""
         return self.heads * (self.k_dim + self.v_dim)
 
-    def with_heads(self, heads: int) -> "KVLayout":
+    def with_heads(self, heads: int) -> KVLayout:
         return KVLayout(heads, self.k_dim, self.v_dim)
 
 

@@ -79,8 +79,9 @@ class RingSegment:
     def doc_lengths(self) -> tuple[int, ...]:
         """The whole length of each document of the segment (every layer asks: computed once)."""
         if "lengths" not in self._blocks:
-            self._blocks["lengths"] = tuple(sum(sum(self.layout[m][d]) for m in range(self.k))
-                                            for d in range(len(self.samples)))
+            self._blocks["lengths"] = tuple(
+                sum(sum(self.layout[m][d]) for m in range(self.k)) for d in range(len(self.samples))
+            )
         return self._blocks["lengths"]
 
     def rows_per_doc(self) -> tuple[int, ...]:
@@ -149,7 +150,6 @@ class RingSegment:
             max_k=max((n for _, n in kv_rows), default=0),
         )
 
-
     # ------------------------------------------------ windowed and chunked layers (hf_hdp.planning.reach)
     def layer_mask(self, mask: LayerMask) -> LayerMask:
         """``mask`` without the parts this segment's documents are too short to feel (a full mask: the relay ring)."""
@@ -199,13 +199,19 @@ class RingSegment:
                 continue
             q_rows = [(p.q_row, p.q_len) for p in mine]
             kv_rows = [(p.k_row if compact is None else _compact_row(compact, p.k_row), p.k_len) for p in mine]
-            blocks.append(RingBlock(
-                source=j, causal=True,
-                q_index=_gather_index(q_rows, -1, device), kv_index=_gather_index(kv_rows, -1, device),
-                cu_q=_cumsum([p.q_len for p in mine], device), cu_k=_cumsum([p.k_len for p in mine], device),
-                max_q=max(p.q_len for p in mine), max_k=max(p.k_len for p in mine),
-                positions=tuple((p.q_pos, p.k_pos) for p in mine),
-            ))
+            blocks.append(
+                RingBlock(
+                    source=j,
+                    causal=True,
+                    q_index=_gather_index(q_rows, -1, device),
+                    kv_index=_gather_index(kv_rows, -1, device),
+                    cu_q=_cumsum([p.q_len for p in mine], device),
+                    cu_k=_cumsum([p.k_len for p in mine], device),
+                    max_q=max(p.q_len for p in mine),
+                    max_k=max(p.k_len for p in mine),
+                    positions=tuple((p.q_pos, p.k_pos) for p in mine),
+                )
+            )
         return blocks
 
 
@@ -336,7 +342,7 @@ class HDPAttentionMetadata:
     num_tokens: int
     local_len: int
     local_seqlens: tuple[int, ...]
-    rings: tuple["RingSegment | UlyssesSegment", ...]
+    rings: tuple[RingSegment | UlyssesSegment, ...]
     rank: int = 0
     slot: int = 0
     step: int = 0
@@ -345,7 +351,7 @@ class HDPAttentionMetadata:
     runtime: AttentionRuntime = field(default_factory=AttentionRuntime)
     _cache: dict = field(default_factory=dict, repr=False)  # per micro-batch: cu_seqlens per device, max_seqlen
 
-    def bind(self, mesh: RingComm | None, backend: str = "auto") -> "HDPAttentionMetadata":
+    def bind(self, mesh: RingComm | None, backend: str = "auto") -> HDPAttentionMetadata:
         """Attach the run-time context (mesh and backend) before the micro-batch's forward; returns ``self``."""
         self.runtime = AttentionRuntime(mesh=mesh, backend=backend)
         return self

@@ -48,8 +48,9 @@ def _accumulate(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tens
         acc.index_add_(0, index, value.to(acc.dtype))
 
 
-def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh,
-                 features: LayerFeatures = PLAIN):
+def ring_forward(
+    q, k, v, seg: RingSegment, scale: float, backend: AttentionBackend, mesh, features: LayerFeatures = PLAIN
+):
     """Output ``[n, Hq, Dv]`` and log-sum-exp ``[n, Hq]`` of this member's rows, in the accumulator dtype."""
     mask = seg.layer_mask(features.mask)
     if not mask.full:
@@ -70,8 +71,16 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
         if not block.empty:
             src_k, src_v = unpack_kv(_rows(kv, block.kv_index), layout)
             b_out, b_lse = backend.forward(
-                _rows(q, block.q_index), src_k, src_v,
-                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
+                _rows(q, block.q_index),
+                src_k,
+                src_v,
+                block.cu_q,
+                block.cu_k,
+                block.max_q,
+                block.max_k,
+                block.causal,
+                scale,
+                **kernel,
             )
             if block.q_index is None:
                 out, lse = merge_attention(out, lse, b_out, b_lse)
@@ -87,8 +96,19 @@ def ring_forward(q, k, v, seg: RingSegment, scale: float, backend: AttentionBack
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backend: AttentionBackend, mesh,
-                  features: LayerFeatures = PLAIN):
+def ring_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seg: RingSegment,
+    scale: float,
+    backend: AttentionBackend,
+    mesh,
+    features: LayerFeatures = PLAIN,
+):
     """Gradients of this member's q, k, v rows, in the accumulator dtype."""
     mask = seg.layer_mask(features.mask)
     if not mask.full:
@@ -108,9 +128,19 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
         if not block.empty:
             src_k, src_v = unpack_kv(_rows(kv, block.kv_index), layout)
             b_dq, b_dk, b_dv = backend.backward(
-                _rows(dout, block.q_index), _rows(q, block.q_index), src_k, src_v,
-                _rows(out, block.q_index), _rows(lse, block.q_index),
-                block.cu_q, block.cu_k, block.max_q, block.max_k, block.causal, scale, **kernel,
+                _rows(dout, block.q_index),
+                _rows(q, block.q_index),
+                src_k,
+                src_v,
+                _rows(out, block.q_index),
+                _rows(lse, block.q_index),
+                block.cu_q,
+                block.cu_k,
+                block.max_q,
+                block.max_k,
+                block.causal,
+                scale,
+                **kernel,
             )
             _accumulate(dq, block.q_index, b_dq)
             _accumulate(dkv, block.kv_index, pack_kv(b_dk, b_dv))
@@ -122,11 +152,15 @@ def ring_backward(dout, q, k, v, out, lse, seg: RingSegment, scale: float, backe
             # (after the last hop that is the complete gradient of our own K/V)
             nxt = seg.source_at(step + 1)
             dkv_in = torch.empty(seg.rows_of(nxt), layout.width, dtype=acc, device=kv.device)
-            mesh.wait(mesh.exchange(dkv, seg.next_rank, dkv_in, seg.prev_rank, what=_label(seg, "backward dK/dV", step)))
+            mesh.wait(
+                mesh.exchange(dkv, seg.next_rank, dkv_in, seg.prev_rank, what=_label(seg, "backward dK/dV", step))
+            )
             dkv = dkv_in
     return (dq, *unpack_kv(dkv, layout))
 
 
 def _label(seg: RingSegment, what: str, step: int) -> str:
-    return (f"{what} (global step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
-            f"samples {list(seg.samples)})")
+    return (
+        f"{what} (global step {seg.step}, slot {seg.slot}, ring hop {step}, group {list(seg.group)}, "
+        f"samples {list(seg.samples)})"
+    )

@@ -61,23 +61,33 @@ class SegmentAttention(torch.autograd.Function):
             sl = slice(seg.start - base, seg.end - base)
             kept, at = saved[at : at + n], at + n
             if isinstance(seg, UlyssesSegment):
-                sq, sk, sv, ds = ulysses_backward(dout[sl], kept, seg, ctx.scale, ctx.backend, ctx.mesh, k.shape[1],
-                                                  ctx.features, sinks)
+                sq, sk, sv, ds = ulysses_backward(
+                    dout[sl], kept, seg, ctx.scale, ctx.backend, ctx.mesh, k.shape[1], ctx.features, sinks
+                )
                 if ds is not None:
                     d_sinks += ds
             else:
                 out, lse = kept
-                sq, sk, sv = ring_backward(dout[sl], q[sl], k[sl], v[sl], out, lse, seg, ctx.scale, ctx.backend,
-                                           ctx.mesh, ctx.features)
+                sq, sk, sv = ring_backward(
+                    dout[sl], q[sl], k[sl], v[sl], out, lse, seg, ctx.scale, ctx.backend, ctx.mesh, ctx.features
+                )
                 if sinks is not None:
                     d_sinks += sink_grad(dout[sl], out, lse, sinks)
             dq[sl], dk[sl], dv[sl] = sq, sk, sv
         return dq, dk, dv, d_sinks, None, None, None, None, None
 
 
-def distributed_attention(q, k, v, segments: tuple[RingSegment | UlyssesSegment, ...], scale: float,
-                          backend: AttentionBackend | str, mesh, features: LayerFeatures = PLAIN,
-                          sinks: torch.Tensor | None = None):
+def distributed_attention(
+    q,
+    k,
+    v,
+    segments: tuple[RingSegment | UlyssesSegment, ...],
+    scale: float,
+    backend: AttentionBackend | str,
+    mesh,
+    features: LayerFeatures = PLAIN,
+    sinks: torch.Tensor | None = None,
+):
     """Attention of the rows ``segments[0].start .. segments[-1].end`` of a micro-batch, every segment with its
     group. ``q``: ``[n, Hq, D]``, ``k``/``v``: ``[n, Hkv, D]`` holding exactly those rows (contiguous).
     ``backend``: an :class:`AttentionBackend`, or a name for :func:`get_backend` (``"auto"`` picks by
@@ -88,8 +98,17 @@ def distributed_attention(q, k, v, segments: tuple[RingSegment | UlyssesSegment,
     return SegmentAttention.apply(q, k, v, sinks, tuple(segments), scale, backend, mesh, features)
 
 
-def ring_attention(q, k, v, segments: tuple[RingSegment, ...], scale: float, backend: AttentionBackend | str, mesh,
-                   features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
+def ring_attention(
+    q,
+    k,
+    v,
+    segments: tuple[RingSegment, ...],
+    scale: float,
+    backend: AttentionBackend | str,
+    mesh,
+    features: LayerFeatures = PLAIN,
+    sinks: torch.Tensor | None = None,
+):
     """Zigzag ring attention for the rows ``segments[0].start .. segments[-1].end`` of a micro-batch.
 
     ``q``/``k``: ``[n, Hq or Hkv, Dk]``, ``v``: ``[n, Hkv, Dv]`` holding exactly those rows (contiguous).

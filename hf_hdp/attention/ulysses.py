@@ -40,8 +40,9 @@ from .ring import ring_backward, ring_forward
 from .sinks import merge_sinks, sink_grad
 
 
-def all_to_all(mesh, group: tuple[int, ...], member: int, sends: list[torch.Tensor],
-               receives: list[torch.Tensor], what: str) -> None:
+def all_to_all(
+    mesh, group: tuple[int, ...], member: int, sends: list[torch.Tensor], receives: list[torch.Tensor], what: str
+) -> None:
     """Member ``member`` of ``group`` sends ``sends[j]`` to member ``j`` and receives ``receives[j]``
     from member ``j`` (its own part is copied), in ``len(group) - 1`` pairwise rounds."""
     u = len(group)
@@ -60,8 +61,10 @@ def _rows(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 def _label(seg: UlyssesSegment, what: str) -> str:
-    return (f"Ulysses {what} (global step {seg.step}, slot {seg.slot}, sub-group {list(seg.subgroup)} of group "
-            f"{list(seg.group)}, samples {list(seg.samples)})")
+    return (
+        f"Ulysses {what} (global step {seg.step}, slot {seg.slot}, sub-group {list(seg.subgroup)} of group "
+        f"{list(seg.group)}, samples {list(seg.samples)})"
+    )
 
 
 def _to_heads(seg: UlyssesSegment, x: torch.Tensor, pick, shape: tuple[int, ...], what: str, mesh) -> torch.Tensor:
@@ -73,8 +76,9 @@ def _to_heads(seg: UlyssesSegment, x: torch.Tensor, pick, shape: tuple[int, ...]
     return _rows(torch.cat(parts), seg.position_index(x.device))
 
 
-def _to_rows(seg: UlyssesSegment, x: torch.Tensor, shapes: list[tuple[int, ...]], what: str,
-             mesh) -> list[torch.Tensor]:
+def _to_rows(
+    seg: UlyssesSegment, x: torch.Tensor, shapes: list[tuple[int, ...]], what: str, mesh
+) -> list[torch.Tensor]:
     """The position's rows ``x`` of this member's heads back to their sub-members; returns, per sub-member
     ``i``, this member's rows of ``i``'s heads (rows of ``shapes[i]``)."""
     j, u = seg.sub_member, seg.ulysses
@@ -89,8 +93,17 @@ def _to_rows(seg: UlyssesSegment, x: torch.Tensor, shapes: list[tuple[int, ...]]
     return back
 
 
-def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh, features: LayerFeatures = PLAIN,
-                    sinks: torch.Tensor | None = None):
+def ulysses_forward(
+    q,
+    k,
+    v,
+    seg: UlyssesSegment,
+    scale: float,
+    backend,
+    mesh,
+    features: LayerFeatures = PLAIN,
+    sinks: torch.Tensor | None = None,
+):
     """This member's output rows ``[n, Hq, Dv]`` (``q``'s dtype), and what :func:`ulysses_backward` needs.
 
     The ring over the positions runs the layer's ``features`` (a windowed layer exchanges only what its
@@ -100,10 +113,17 @@ def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh, f
     splits = head_split(hq, layout.heads, seg.ulysses)
     mine = splits[seg.sub_member]
     mine_kv = layout.with_heads(len(mine.kv_heads))
-    q_pos = _to_heads(seg, q, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, dq_dim),
-                      "forward Q", mesh)
-    kv_pos = _to_heads(seg, k, lambda x, i: pack_kv(_kv_heads(k, splits[i].kv_heads), _kv_heads(v, splits[i].kv_heads)),
-                       (mine_kv.width,), "forward K/V", mesh)
+    q_pos = _to_heads(
+        seg, q, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, dq_dim), "forward Q", mesh
+    )
+    kv_pos = _to_heads(
+        seg,
+        k,
+        lambda x, i: pack_kv(_kv_heads(k, splits[i].kv_heads), _kv_heads(v, splits[i].kv_heads)),
+        (mine_kv.width,),
+        "forward K/V",
+        mesh,
+    )
     k_pos, v_pos = (t.contiguous() for t in unpack_kv(kv_pos, mine_kv))
     out_pos, lse_pos = ring_forward(q_pos, k_pos, v_pos, seg.ring, scale, backend, mesh, features)
     if sinks is not None:
@@ -113,8 +133,17 @@ def ulysses_forward(q, k, v, seg: UlyssesSegment, scale: float, backend, mesh, f
     return torch.cat(back, dim=1), (q_pos, k_pos, v_pos, out_pos, lse_pos)
 
 
-def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, mesh, num_kv_heads: int,
-                     features: LayerFeatures = PLAIN, sinks: torch.Tensor | None = None):
+def ulysses_backward(
+    dout,
+    saved,
+    seg: UlyssesSegment,
+    scale: float,
+    backend,
+    mesh,
+    num_kv_heads: int,
+    features: LayerFeatures = PLAIN,
+    sinks: torch.Tensor | None = None,
+):
     """Gradients of this member's q, k, v rows, in the accumulator dtype, and of the sinks (``None`` without):
     this member's head slice's share, zero for the other heads."""
     q_pos, k_pos, v_pos, out_pos, lse_pos = saved
@@ -122,17 +151,24 @@ def ulysses_backward(dout, saved, seg: UlyssesSegment, scale: float, backend, me
     layout = KVLayout(num_kv_heads, k_pos.shape[2], v_pos.shape[2])
     splits = head_split(hq, num_kv_heads, seg.ulysses)
     mine = splits[seg.sub_member]
-    dout_pos = _to_heads(seg, dout, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, v_dim),
-                         "backward dO", mesh)
-    dq_pos, dk_pos, dv_pos = ring_backward(dout_pos, q_pos, k_pos, v_pos, out_pos, lse_pos, seg.ring, scale,
-                                           backend, mesh, features)
+    dout_pos = _to_heads(
+        seg, dout, lambda x, i: x[:, splits[i].q_start : splits[i].q_stop], (mine.num_q, v_dim), "backward dO", mesh
+    )
+    dq_pos, dk_pos, dv_pos = ring_backward(
+        dout_pos, q_pos, k_pos, v_pos, out_pos, lse_pos, seg.ring, scale, backend, mesh, features
+    )
     d_sinks = None
     if sinks is not None:
         d_sinks = torch.zeros_like(sinks)
         d_sinks[mine.q_start : mine.q_stop] = sink_grad(dout_pos, out_pos, lse_pos, sinks[mine.q_start : mine.q_stop])
     dq = torch.cat(_to_rows(seg, dq_pos, [(sp.num_q, layout.k_dim) for sp in splits], "backward dQ", mesh), dim=1)
-    got = _to_rows(seg, pack_kv(dk_pos, dv_pos), [(layout.with_heads(len(sp.kv_heads)).width,) for sp in splits],
-                   "backward dK/dV", mesh)
+    got = _to_rows(
+        seg,
+        pack_kv(dk_pos, dv_pos),
+        [(layout.with_heads(len(sp.kv_heads)).width,) for sp in splits],
+        "backward dK/dV",
+        mesh,
+    )
     n = dout.shape[0]
     acc = accumulator_dtype(dout)
     dk = torch.zeros(n, num_kv_heads, layout.k_dim, dtype=acc, device=dout.device)

@@ -14,13 +14,18 @@ from .inputs import CLIError
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "consolidate", help="a sharded HDPTrainer checkpoint as a transformers model folder",
+        "consolidate",
+        help="a sharded HDPTrainer checkpoint as a transformers model folder",
         description="Turn a sharded HDPTrainer checkpoint into a transformers model folder (from_pretrained), on one "
-                    "process, one file's worth of tensors at a time.")
+        "process, one file's worth of tensors at a time.",
+    )
     p.add_argument("checkpoint", help="a checkpoint-N folder with hdp_sharded/")
     p.add_argument("out", help="the model folder to write")
-    p.add_argument("--optimizer", action="store_true",
-                   help="also write optimizer.pt: the whole optimizer state in torch.optim's format")
+    p.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="also write optimizer.pt: the whole optimizer state in torch.optim's format",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     p.set_defaults(func=cmd_consolidate)
 

@@ -73,7 +73,6 @@ def parse_chunk(text: str) -> int | None:
     return parse_size(text)
 
 
-
 def read_lengths_file(path: str) -> LengthPool:
     """One positive integer per line; blank lines and lines starting with ``#`` are skipped.
     ``-`` reads standard input."""
@@ -122,20 +121,23 @@ def dataset_lengths(name: str, column: str, split: str) -> LengthPool:
 
     try:
         if os.path.isdir(name) and (
-            os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(os.path.join(name, "dataset_dict.json"))
+            os.path.exists(os.path.join(name, "dataset_info.json"))
+            or os.path.exists(os.path.join(name, "dataset_dict.json"))
         ):
             ds = datasets.load_from_disk(name)
         elif os.path.isfile(name):
             ext = os.path.splitext(name)[1].lstrip(".").lower()
             builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
             if builder is None:
-                raise CLIError(f"--dataset {name!r}: unknown file type .{ext}; use .json/.jsonl/.csv/.parquet or a folder")
+                raise CLIError(
+                    f"--dataset {name!r}: unknown file type .{ext}; use .json/.jsonl/.csv/.parquet or a folder"
+                )
             ds = datasets.load_dataset(builder, data_files=name, split="train")
         else:
             ds = datasets.load_dataset(name, split=split)
     except CLIError:
         raise
-    except Exception as e:  # datasets raises many types; the message is what matters
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
         raise CLIError(f"cannot load --dataset {name!r}: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -152,13 +154,17 @@ def dataset_lengths(name: str, column: str, split: str) -> LengthPool:
     elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         values = col.to_pylist()
     else:
-        raise CLIError(f"column {column!r} of {name!r} has type {col.type}: expected integer lengths or lists of token ids")
+        raise CLIError(
+            f"column {column!r} of {name!r} has type {col.type}: expected integer lengths or lists of token ids"
+        )
     rows = [i for i, v in enumerate(values) if v is not None and v >= 1]
     if not rows:
         raise CLIError(f"column {column!r} of {name!r} has no positive lengths")
     dropped = len(values) - len(rows)
     lengths = [int(values[i]) for i in rows]
-    source = f"dataset {name!r} [{column}] ({len(lengths):,} samples" + (f", {dropped:,} empty skipped)" if dropped else ")")
+    source = f"dataset {name!r} [{column}] ({len(lengths):,} samples" + (
+        f", {dropped:,} empty skipped)" if dropped else ")"
+    )
     return LengthPool(lengths, source, lambda i: f"row {rows[i]} of {name!r}")
 
 
@@ -202,10 +208,9 @@ def load_model_spec(name: str) -> ModelSpec:
             config = AutoConfig.for_model(model_type, **raw)
         else:
             config = AutoConfig.from_pretrained(name)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the message goes into the CLI error
         raise CLIError(
-            f"cannot load --model {name!r} as a transformers config ({type(e).__name__}: {e}); "
-            f"presets: {presets}"
+            f"cannot load --model {name!r} as a transformers config ({type(e).__name__}: {e}); presets: {presets}"
         ) from None
     config = getattr(config, "text_config", None) or config  # multimodal configs keep the decoder here
     missing = [
@@ -214,7 +219,9 @@ def load_model_spec(name: str) -> ModelSpec:
         if getattr(config, a, None) is None
     ]
     if missing:
-        raise CLIError(f"--model {name!r}: its config lacks {', '.join(missing)}; use a decoder config or a preset ({presets})")
+        raise CLIError(
+            f"--model {name!r}: its config lacks {', '.join(missing)}; use a decoder config or a preset ({presets})"
+        )
     if os.path.exists(name):
         folder = os.path.dirname(os.path.abspath(name)) if os.path.isfile(name) else os.path.abspath(name)
         label = os.path.basename(folder) or name

@@ -48,9 +48,15 @@ from .inputs import (
 )
 from .render import render_layer_types, render_memory, render_table
 
-MEMORY_DEFAULTS = {"zero_stage": None, "fsdp": None, "checkpointing": False, "offload_ratio": 0.0,
-                   "loss_chunk_tokens": {f.name: f.default for f in fields(HDPConfig)}["loss_chunk_tokens"],
-                   "precision": "bf16-autocast", "reserve_fraction": 0.1}
+MEMORY_DEFAULTS = {
+    "zero_stage": None,
+    "fsdp": None,
+    "checkpointing": False,
+    "offload_ratio": 0.0,
+    "loss_chunk_tokens": {f.name: f.default for f in fields(HDPConfig)}["loss_chunk_tokens"],
+    "precision": "bf16-autocast",
+    "reserve_fraction": 0.1,
+}
 
 # --precision: bytes per weight, gradient and optimizer state (AdamW's two moments) and per activation value
 PRECISIONS = {
@@ -74,10 +80,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     lengths = p.add_argument_group("lengths (one of; default --stdlib)")
     src = lengths.add_mutually_exclusive_group()
     src.add_argument("--lengths", metavar="FILE", help="text file with one sample length per line ('-' = stdin)")
-    src.add_argument("--dataset", metavar="PATH_OR_NAME", help="a HF dataset: save_to_disk folder, data file, or Hub name")
+    src.add_argument(
+        "--dataset", metavar="PATH_OR_NAME", help="a HF dataset: save_to_disk folder, data file, or Hub name"
+    )
     src.add_argument("--stdlib", action="store_true", help="the built-in corpus: the Python standard library's files")
     lengths.add_argument(
-        "--column", default="length", help="with --dataset: a column of lengths, or of token ids such as input_ids (default: length)"
+        "--column",
+        default="length",
+        help="with --dataset: a column of lengths, or of token ids such as input_ids (default: length)",
     )
     lengths.add_argument("--split", default="train", help="with --dataset: the split (default: train)")
 
@@ -88,54 +98,116 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="a preset (llama-7b, llama-13b, llama-30b, llama-70b), a folder with a transformers config.json, "
         "or a Hub id (default: llama-7b)",
     )
-    m.add_argument("--model-config", metavar="CONFIG", default=None,
-                   help="a transformers config.json (or a folder holding one) instead of --model; its layer_types, "
-                   "sliding_window and attention_chunk_size price the sliding-window and chunked layers")
-    m.add_argument("--sliding-window", type=parse_size, metavar="W", default=None,
-                   help="price the layers --sliding-layers names as sliding-window layers of W tokens "
-                   "(overrides the config's)")
-    m.add_argument("--attention-chunk", type=parse_size, metavar="C", default=None,
-                   help="price the layers --sliding-layers names as chunked attention of C tokens (Llama 4's "
-                   "attention_chunk_size; overrides the config's)")
-    m.add_argument("--sliding-layers", metavar="SPEC", default=None,
-                   help="which layers --sliding-window / --attention-chunk apply to: 'all' (the default), a count "
-                   "such as 40, or a pattern restricted:full such as 5:1 (Gemma 3) or 1:1 (gpt-oss)")
+    m.add_argument(
+        "--model-config",
+        metavar="CONFIG",
+        default=None,
+        help="a transformers config.json (or a folder holding one) instead of --model; its layer_types, "
+        "sliding_window and attention_chunk_size price the sliding-window and chunked layers",
+    )
+    m.add_argument(
+        "--sliding-window",
+        type=parse_size,
+        metavar="W",
+        default=None,
+        help="price the layers --sliding-layers names as sliding-window layers of W tokens (overrides the config's)",
+    )
+    m.add_argument(
+        "--attention-chunk",
+        type=parse_size,
+        metavar="C",
+        default=None,
+        help="price the layers --sliding-layers names as chunked attention of C tokens (Llama 4's "
+        "attention_chunk_size; overrides the config's)",
+    )
+    m.add_argument(
+        "--sliding-layers",
+        metavar="SPEC",
+        default=None,
+        help="which layers --sliding-window / --attention-chunk apply to: 'all' (the default), a count "
+        "such as 40, or a pattern restricted:full such as 5:1 (Gemma 3) or 1:1 (gpt-oss)",
+    )
     m.add_argument("--hardware", default="h100", help=f"hardware preset: {', '.join(HARDWARE_PRESETS)} (default: h100)")
     m.add_argument("--world-size", type=int, default=64, help="number of ranks (GPUs) (default: 64)")
     m.add_argument(
-        "--tokens-per-rank", type=parse_size, default=None,
+        "--tokens-per-rank",
+        type=parse_size,
+        default=None,
         help="C, the tokens of one rank's micro-batch (default: what --memory allows, else 8K)",
     )
     m.add_argument(
         "--delta", type=float, default=0.05, help="the balance scheduler's tolerance, relative (default: 0.05)"
     )
-    m.add_argument("--attention-split", choices=SPLITS, default="auto",
-                   help="how the balanced planner splits a long sample's attention: 'auto' (per sample, whichever of "
-                   "ring, Ulysses and hybrid ends the step earliest), or one of them for every sample (default: auto)")
-    m.add_argument("--state-split", choices=STATE_SPLITS, default="auto",
-                   help="how a split sample's Gated DeltaNet layers run (HDPConfig.state_split): 'auto' (per segment, "
-                   "the faster), 'heads' (head-parallel all-to-alls) or 'scan' (state scan) (default: auto)")
-    m.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
-                   help="ranks per node, where the fast links end (default: the hardware preset's)")
+    m.add_argument(
+        "--attention-split",
+        choices=SPLITS,
+        default="auto",
+        help="how the balanced planner splits a long sample's attention: 'auto' (per sample, whichever of "
+        "ring, Ulysses and hybrid ends the step earliest), or one of them for every sample (default: auto)",
+    )
+    m.add_argument(
+        "--state-split",
+        choices=STATE_SPLITS,
+        default="auto",
+        help="how a split sample's Gated DeltaNet layers run (HDPConfig.state_split): 'auto' (per segment, "
+        "the faster), 'heads' (head-parallel all-to-alls) or 'scan' (state scan) (default: auto)",
+    )
+    m.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ranks per node, where the fast links end (default: the hardware preset's)",
+    )
 
     mem = p.add_argument_group("memory (C from a rank's memory, as HDPConfig(tokens_per_rank='auto'))")
-    mem.add_argument("--memory", type=parse_memory, metavar="SIZE",
-                     help="memory of one rank, e.g. 80GB or 80GiB: print the C it allows and the memory breakdown")
-    mem.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=MEMORY_DEFAULTS["zero_stage"],
-                     help="ZeRO stage (default: 1 on several ranks, 0 on one, as HDPConfig)")
-    mem.add_argument("--fsdp", choices=FSDP_MODES, default=MEMORY_DEFAULTS["fsdp"],
-                     help="FSDP mode instead of ZeRO: shard_grad_op (whole weights during the step) or full_shard")
+    mem.add_argument(
+        "--memory",
+        type=parse_memory,
+        metavar="SIZE",
+        help="memory of one rank, e.g. 80GB or 80GiB: print the C it allows and the memory breakdown",
+    )
+    mem.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2),
+        default=MEMORY_DEFAULTS["zero_stage"],
+        help="ZeRO stage (default: 1 on several ranks, 0 on one, as HDPConfig)",
+    )
+    mem.add_argument(
+        "--fsdp",
+        choices=FSDP_MODES,
+        default=MEMORY_DEFAULTS["fsdp"],
+        help="FSDP mode instead of ZeRO: shard_grad_op (whole weights during the step) or full_shard",
+    )
     mem.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (each layer recomputed)")
-    mem.add_argument("--offload-ratio", type=parse_ratio, default=MEMORY_DEFAULTS["offload_ratio"], metavar="R",
-                     help="offload the saved activations of the first ceil(R x layers) layers to host memory "
-                     "(default: 0)")
-    mem.add_argument("--loss-chunk-tokens", type=parse_chunk, default=MEMORY_DEFAULTS["loss_chunk_tokens"], metavar="N",
-                     help="tokens per chunk of the LM head and loss, or 'none' for the full logits "
-                     f"(default: {MEMORY_DEFAULTS['loss_chunk_tokens']}, HDPConfig's)")
-    mem.add_argument("--precision", choices=tuple(PRECISIONS), default=MEMORY_DEFAULTS["precision"],
-                     help="bf16-autocast (float32 weights, AdamW states, bf16 activations; the default), bf16, fp32")
-    mem.add_argument("--reserve-fraction", type=float, default=MEMORY_DEFAULTS["reserve_fraction"],
-                     help="fraction of --memory kept back for the CUDA context and buffers (default: 0.1)")
+    mem.add_argument(
+        "--offload-ratio",
+        type=parse_ratio,
+        default=MEMORY_DEFAULTS["offload_ratio"],
+        metavar="R",
+        help="offload the saved activations of the first ceil(R x layers) layers to host memory (default: 0)",
+    )
+    mem.add_argument(
+        "--loss-chunk-tokens",
+        type=parse_chunk,
+        default=MEMORY_DEFAULTS["loss_chunk_tokens"],
+        metavar="N",
+        help="tokens per chunk of the LM head and loss, or 'none' for the full logits "
+        f"(default: {MEMORY_DEFAULTS['loss_chunk_tokens']}, HDPConfig's)",
+    )
+    mem.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default=MEMORY_DEFAULTS["precision"],
+        help="bf16-autocast (float32 weights, AdamW states, bf16 activations; the default), bf16, fp32",
+    )
+    mem.add_argument(
+        "--reserve-fraction",
+        type=float,
+        default=MEMORY_DEFAULTS["reserve_fraction"],
+        help="fraction of --memory kept back for the CUDA context and buffers (default: 0.1)",
+    )
 
     b = p.add_argument_group("global batch")
     g = b.add_mutually_exclusive_group()
@@ -150,14 +222,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the batch sampler (default: 0)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help='print {"static": {...}, "naive": {...}, "balanced": {...}, ..., '
-                   '"inputs": {...}} (inputs: world size, C, model, hardware, planner and split settings, '
-                   'batches)')
+    o.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"static": {...}, "naive": {...}, "balanced": {...}, ..., '
+        '"inputs": {...}} (inputs: world size, C, model, hardware, planner and split settings, '
+        "batches)",
+    )
     o.add_argument("--plot", metavar="FILE.png", help=f"draw the per-rank timelines (first {MAX_PLOT_RANKS} ranks)")
-    o.add_argument("--progress", action="store_true", help="show a progress bar on stderr even when it is not a terminal")
+    o.add_argument(
+        "--progress", action="store_true", help="show a progress bar on stderr even when it is not a terminal"
+    )
     p.set_defaults(func=cmd_plan)
     return p
-
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -182,8 +259,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     batches = draw_batches(pool.lengths, args.steps, args.seed, samples=samples, tokens=tokens)
     show = args.progress or sys.stderr.isatty()
     try:
-        runs = compare_planners(batches, W, C, cost, delta=args.delta, progress=show,
-                                attention_split=args.attention_split)
+        runs = compare_planners(
+            batches, W, C, cost, delta=args.delta, progress=show, attention_split=args.attention_split
+        )
     except PlanError as e:
         raise CLIError(str(e)) from None
     summary = summarize(runs)
@@ -201,10 +279,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if memory is not None:
             summary = {**summary, "memory": memory}
         if cost.layer_masks or cost.layer_states:
-            summary = {**summary, "layers": {"description": cost.describe_layers(),
-                                             "masks": cost.to_dict()["layer_masks"],
-                                             "state_split": cost.state_split, "reference_tokens": C,
-                                             "types": layer_type_times(model, cost, C)}}
+            summary = {
+                **summary,
+                "layers": {
+                    "description": cost.describe_layers(),
+                    "masks": cost.to_dict()["layer_masks"],
+                    "state_split": cost.state_split,
+                    "reference_tokens": C,
+                    "types": layer_type_times(model, cost, C),
+                },
+            }
         summary = {**summary, "inputs": plan_inputs(args, c_from, model, hardware, cost, pool, samples, tokens)}
         print(json.dumps(summary, indent=2, sort_keys=False))
     else:
@@ -246,8 +330,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.memory is None:
         given = [f"--{k.replace('_', '-')}" for k, default in MEMORY_DEFAULTS.items() if getattr(args, k) != default]
         if given:
-            raise CLIError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --memory "
-                           "(the memory of one rank, e.g. --memory 80GB)")
+            raise CLIError(
+                f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --memory "
+                "(the memory of one rank, e.g. --memory 80GB)"
+            )
 
 
 def cost_from_args(args: argparse.Namespace, model: ModelSpec, hardware: HardwareSpec) -> CostModel:
@@ -269,12 +355,30 @@ def lengths_from_args(args: argparse.Namespace) -> LengthPool:
     return stdlib_pool()
 
 
-MODEL_FIELDS = ("name", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "v_head_dim",
-                "intermediate_size", "vocab_size", "bytes_per_value")
+MODEL_FIELDS = (
+    "name",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "v_head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "bytes_per_value",
+)
 
 
-def plan_inputs(args: argparse.Namespace, c_from: str, model: ModelSpec, hardware: HardwareSpec, cost: CostModel,
-                pool: LengthPool, samples: int | None, tokens: int | None) -> dict:
+def plan_inputs(
+    args: argparse.Namespace,
+    c_from: str,
+    model: ModelSpec,
+    hardware: HardwareSpec,
+    cost: CostModel,
+    pool: LengthPool,
+    samples: int | None,
+    tokens: int | None,
+) -> dict:
     """What ``--json`` planned from: the world, C, the model, the hardware, the planners' and the splits' settings,
     the lengths and the batches, so that its output can be read (and rerun) without the command line. ``c_from``:
     where C came from (``"--tokens-per-rank"``, ``"--memory"`` or ``"default"``)."""
@@ -284,10 +388,16 @@ def plan_inputs(args: argparse.Namespace, c_from: str, model: ModelSpec, hardwar
         "world_size": args.world_size,
         "tokens_per_rank": args.tokens_per_rank,
         "tokens_per_rank_from": c_from,
-        "model": {"flag": source[0], "value": source[1] or "llama-7b",
-                  **{k: getattr(model, k) for k in MODEL_FIELDS}, "params": model.num_params,
-                  "layers": cost.describe_layers(), "sliding_window": args.sliding_window,
-                  "attention_chunk": args.attention_chunk, "sliding_layers": args.sliding_layers},
+        "model": {
+            "flag": source[0],
+            "value": source[1] or "llama-7b",
+            **{k: getattr(model, k) for k in MODEL_FIELDS},
+            "params": model.num_params,
+            "layers": cost.describe_layers(),
+            "sliding_window": args.sliding_window,
+            "attention_chunk": args.attention_chunk,
+            "sliding_layers": args.sliding_layers,
+        },
         "hardware": {**hw, "ranks_per_node": int(cost.ranks_per_node)},
         "cost_model": cost.label,
         "planners": list(PLANNER_ORDER),
@@ -313,17 +423,30 @@ def capacity_from_args(args: argparse.Namespace, model: ModelSpec) -> dict:
         raise CLIError(str(e)) from None
     weight, grad, optimizer, value = PRECISIONS[args.precision]
     spec = replace(model, bytes_per_value=value)
-    settings = dict(world_size=W, zero_stage=zero_stage, fsdp=fsdp, checkpointing=args.checkpointing,
-                    offload_ratio=args.offload_ratio, loss_chunk_tokens=args.loss_chunk_tokens, weight_bytes=weight,
-                    grad_bytes=grad, optimizer_bytes=optimizer)
+    settings = dict(
+        world_size=W,
+        zero_stage=zero_stage,
+        fsdp=fsdp,
+        checkpointing=args.checkpointing,
+        offload_ratio=args.offload_ratio,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        weight_bytes=weight,
+        grad_bytes=grad,
+        optimizer_bytes=optimizer,
+    )
     try:
         c = tokens_per_rank_for_memory(spec, args.memory, reserve_fraction=args.reserve_fraction, **settings)
     except ValueError as e:
         raise CLIError(f"--memory {fmt_gb(args.memory)}: {e}") from None
     reserve = args.memory * args.reserve_fraction
-    out = {"tokens_per_rank": c, "memory_bytes": args.memory, "reserve_fraction": args.reserve_fraction,
-           "precision": args.precision, "settings": settings,
-           "breakdown": memory_breakdown(spec, c, reserve=reserve, **settings).to_dict()}
+    out = {
+        "tokens_per_rank": c,
+        "memory_bytes": args.memory,
+        "reserve_fraction": args.reserve_fraction,
+        "precision": args.precision,
+        "settings": settings,
+        "breakdown": memory_breakdown(spec, c, reserve=reserve, **settings).to_dict(),
+    }
     if args.tokens_per_rank is not None:
         out["at_tokens_per_rank"] = memory_breakdown(spec, args.tokens_per_rank, reserve=reserve, **settings).to_dict()
     return out

@@ -48,8 +48,10 @@ def render_table(summary: dict[str, dict], header: str) -> str:
         ("slots", lambda n, d: f"{d['num_slots']:.1f}" if d["steps"] > 1 else f"{d['num_slots']:.0f}"),
         (
             "micro-batches / rank",
-            lambda n, d: f"{d['micro_batches_per_rank']['min']}-{d['micro_batches_per_rank']['max']}"
-            f" (mean {d['micro_batches_per_rank']['mean']:.1f})",
+            lambda n, d: (
+                f"{d['micro_batches_per_rank']['min']}-{d['micro_batches_per_rank']['max']}"
+                f" (mean {d['micro_batches_per_rank']['mean']:.1f})"
+            ),
         ),
         ("group sizes", lambda n, d: fmt_groups(d["group_sizes"], limit=3)),
         ("splits (samples)", lambda n, d: fmt_splits(d)),
@@ -75,9 +77,11 @@ def render_layer_types(model: ModelSpec, cost: CostModel, tokens: int) -> str:
     states = [names[k] for k in names if any(st.kind == k for st, _ in cost.state_kinds)]
     kinds = (["sliding and chunked"] if cost.layer_masks else []) + states
     recurrent = [n for n in states if n != "short convolution"]
-    split = (f", split samples' {' and '.join(recurrent)} layers by {cost.state_split!r}" if recurrent else "")
-    lines = [f"layers: {cost.describe_layers()} ({', '.join(kinds)} layers priced as such{split})",
-             f"  one layer, forward + backward, a {tokens:,}-token sample alone on a rank:"]
+    split = f", split samples' {' and '.join(recurrent)} layers by {cost.state_split!r}" if recurrent else ""
+    lines = [
+        f"layers: {cost.describe_layers()} ({', '.join(kinds)} layers priced as such{split})",
+        f"  one layer, forward + backward, a {tokens:,}-token sample alone on a rank:",
+    ]
     for t in layer_type_times(model, cost, tokens):
         parts = [f"projections and MLP {fmt_seconds(t['linear'])}"]
         if t["quadratic"]:
@@ -104,8 +108,11 @@ def render_memory(memory: dict, tokens_per_rank: int) -> str:
     at = memory.get("at_tokens_per_rank")
     if at is not None:
         fits = at["total"] <= memory["memory_bytes"]
-        lines.append(f"  at --tokens-per-rank {tokens_per_rank:,}: " + _breakdown_text(at)
-                     + ("" if fits else f"  -- more than {fmt_gb(memory['memory_bytes'])}"))
+        lines.append(
+            f"  at --tokens-per-rank {tokens_per_rank:,}: "
+            + _breakdown_text(at)
+            + ("" if fits else f"  -- more than {fmt_gb(memory['memory_bytes'])}")
+        )
     return "\n".join(lines)
 
 

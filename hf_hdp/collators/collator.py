@@ -31,24 +31,52 @@ from ..planning.layout import even_split, head_rings, zigzag_front_back
 from .documents import IGNORE_INDEX, HDPDataError, check_sample, shifted_targets
 
 
-def segment_for(lengths, group: tuple[int, ...], ulysses: int, rank: int, start: int, end: int,
-                samples: tuple, slot: int = 0, step: int = 0) -> RingSegment | UlyssesSegment:
+def segment_for(
+    lengths,
+    group: tuple[int, ...],
+    ulysses: int,
+    rank: int,
+    start: int,
+    end: int,
+    samples: tuple,
+    slot: int = 0,
+    step: int = 0,
+) -> RingSegment | UlyssesSegment:
     """The attention segment of ``rank`` for documents of ``lengths`` that share ``group`` and Ulysses degree
     ``ulysses``, held in rows ``[start, end)`` of its micro-batch (laid out as
     :func:`~hf_hdp.planning.layout.hybrid_token_ranges` says, document after document)."""
     member = group.index(rank)
     if ulysses == 1:
         layout = tuple(tuple(zigzag_front_back(s, len(group))[m] for s in lengths) for m in range(len(group)))
-        return RingSegment(start=start, end=end, group=group, member=member, samples=samples, layout=layout,
-                           slot=slot, step=step)
+        return RingSegment(
+            start=start, end=end, group=group, member=member, samples=samples, layout=layout, slot=slot, step=step
+        )
     r = len(group) // ulysses
     p, j = divmod(member, ulysses)
     positions = tuple(tuple(zigzag_front_back(s, r)[q] for s in lengths) for q in range(r))
-    ring = RingSegment(start=0, end=sum(f + b for f, b in positions[p]), group=head_rings(group, ulysses)[j],
-                       member=p, samples=samples, layout=positions, slot=slot, step=step)
+    ring = RingSegment(
+        start=0,
+        end=sum(f + b for f, b in positions[p]),
+        group=head_rings(group, ulysses)[j],
+        member=p,
+        samples=samples,
+        layout=positions,
+        slot=slot,
+        step=step,
+    )
     shards = tuple(tuple(even_split(f + b, ulysses)[i] for f, b in positions[p]) for i in range(ulysses))
-    return UlyssesSegment(start=start, end=end, group=group, member=member, ulysses=ulysses, samples=samples,
-                          shards=shards, ring=ring, slot=slot, step=step)
+    return UlyssesSegment(
+        start=start,
+        end=end,
+        group=group,
+        member=member,
+        ulysses=ulysses,
+        samples=samples,
+        shards=shards,
+        ring=ring,
+        slot=slot,
+        step=step,
+    )
 
 
 class HDPCollator:
@@ -57,8 +85,9 @@ class HDPCollator:
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
 
-    def __call__(self, mb: MicroBatch, samples: Mapping[int, Mapping], rows: Mapping[int, object] | None = None,
-                 step: int = 0) -> dict:
+    def __call__(
+        self, mb: MicroBatch, samples: Mapping[int, Mapping], rows: Mapping[int, object] | None = None, step: int = 0
+    ) -> dict:
         """Pack ``mb``. ``samples`` maps each sample position of the plan to its row
         (``input_ids`` and optional ``labels``); ``rows`` maps positions to dataset indices for error messages."""
         if not mb.pieces:
@@ -106,8 +135,9 @@ class HDPCollator:
                     tgt_parts.append(tgt[a:b])
                     cursor += b - a
             names = tuple(rows.get(p.sample, p.sample) for p in pieces)
-            segments.append(segment_for([p.length for p in pieces], group, ulysses, mb.rank, start, cursor,
-                                        names, mb.slot, step))
+            segments.append(
+                segment_for([p.length for p in pieces], group, ulysses, mb.rank, start, cursor, names, mb.slot, step)
+            )
 
         def flat(parts):
             return torch.tensor([t for part in parts for t in part], dtype=torch.long).unsqueeze(0)
@@ -136,8 +166,20 @@ class HDPCollator:
         collectives and it has nothing of its own (an empty micro-batch of a lockstep plan; ZeRO-2
         mode's final reduce-scatter): its forward and backward join them layer by layer. It is not
         counted as a real token anywhere (its metadata's ``placeholder``)."""
-        meta = HDPAttentionMetadata(num_tokens=1, local_len=1, local_seqlens=(1,), rings=(), rank=rank, slot=slot,
-                                    step=step, local_samples=("placeholder",), placeholder=True)
-        return {"input_ids": torch.zeros(1, 1, dtype=torch.long),
-                "position_ids": torch.zeros(1, 1, dtype=torch.long),
-                "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long), "hdp_metadata": meta}
+        meta = HDPAttentionMetadata(
+            num_tokens=1,
+            local_len=1,
+            local_seqlens=(1,),
+            rings=(),
+            rank=rank,
+            slot=slot,
+            step=step,
+            local_samples=("placeholder",),
+            placeholder=True,
+        )
+        return {
+            "input_ids": torch.zeros(1, 1, dtype=torch.long),
+            "position_ids": torch.zeros(1, 1, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+            "hdp_metadata": meta,
+        }

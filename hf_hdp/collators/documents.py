@@ -149,7 +149,7 @@ class RowRules:
     collator_columns: tuple[str, ...] | None = None
     truncate_to: int | None = None
 
-    def with_truncation(self, limit: int | None) -> "RowRules":
+    def with_truncation(self, limit: int | None) -> RowRules:
         return RowRules(self.collator, self.collator_columns, limit)
 
 

@@ -6,6 +6,12 @@ from .checks import MeasuredDataset, measure_dataset, prepare_dataset, require_m
 from .loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
 
 __all__ = [
-    "GlobalBatchSampler", "HDPDataLoader", "HDPStep", "HDPStepDataset", "MeasuredDataset", "measure_dataset",
-    "prepare_dataset", "require_map_style",
+    "GlobalBatchSampler",
+    "HDPDataLoader",
+    "HDPStep",
+    "HDPStepDataset",
+    "MeasuredDataset",
+    "measure_dataset",
+    "prepare_dataset",
+    "require_map_style",
 ]

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..collators.documents import IGNORE_INDEX, HDPDataError, RowRules, collator_name, count_loss_tokens, row_digest, row_documents
+from ..collators.documents import (
+    IGNORE_INDEX,
+    HDPDataError,
+    RowRules,
+    collator_name,
+    count_loss_tokens,
+    row_digest,
+    row_documents,
+)
 
 LENGTH_COLUMN = "hdp_length"  # tokens HDP trains on in a row (padding removed, documents kept)
 LOSS_TOKENS_COLUMN = "hdp_loss_tokens"  # label tokens of a row, after the shift inside each document
@@ -49,7 +57,8 @@ def _is_iterable(dataset) -> bool:
 def require_map_style(dataset, what: str) -> None:
     """Refuse a dataset HDP cannot plan (a stream, no Arrow columns, or no row at all), saying how to fix it."""
     if not _is_iterable(dataset) and all(
-            hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__")):
+        hasattr(dataset, a) for a in ("column_names", "select_columns", "__getitem__", "__len__")
+    ):
         if len(dataset) == 0:
             name = "the training dataset" if what == "train_dataset" else what
             raise HDPDataError(
@@ -58,14 +67,18 @@ def require_map_style(dataset, what: str) -> None:
             )
         return
     if _is_iterable(dataset):
-        fix = ("HDP plans each global batch from the lengths of its samples and loads samples by index, "
-               "which a stream cannot give. Load the data without streaming (load_dataset(..., "
-               "streaming=False) memory-maps it from disk, so its size does not matter), or convert the "
-               "stream once: `def gen(ds): yield from ds`, then datasets.Dataset.from_generator("
-               "functools.partial(gen, iterable_ds), features=iterable_ds.features).")
+        fix = (
+            "HDP plans each global batch from the lengths of its samples and loads samples by index, "
+            "which a stream cannot give. Load the data without streaming (load_dataset(..., "
+            "streaming=False) memory-maps it from disk, so its size does not matter), or convert the "
+            "stream once: `def gen(ds): yield from ds`, then datasets.Dataset.from_generator("
+            "functools.partial(gen, iterable_ds), features=iterable_ds.features)."
+        )
     else:
-        fix = ("HDP reads a length column and loads samples by index from an Arrow table: build one with "
-               "datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns).")
+        fix = (
+            "HDP reads a length column and loads samples by index from an Arrow table: build one with "
+            "datasets.Dataset.from_list(rows) or datasets.Dataset.from_dict(columns)."
+        )
     raise TypeError(f"HDPTrainer needs a map-style datasets.Dataset as {what}, got {type(dataset).__name__}. {fix}")
 
 
@@ -171,7 +184,7 @@ class MeasuredDataset:
         return hashlib.sha256(np.ascontiguousarray(column, dtype=np.int64).tobytes()).hexdigest()[:16]
 
     def documents(self, row: int) -> list[int]:
-        return self.doc_lengths[self.doc_offsets[row]: self.doc_offsets[row + 1]].tolist()
+        return self.doc_lengths[self.doc_offsets[row] : self.doc_offsets[row + 1]].tolist()
 
 
 def _measure(batch: dict, indices: list[int], rules: RowRules, length_column: str | None) -> dict:
@@ -228,8 +241,9 @@ def _check_deterministic(dataset, rules: RowRules) -> None:
         )
 
 
-def measure_dataset(dataset, length_column: str = "length", num_proc: int | None = None,
-                    rules: RowRules = RowRules()) -> MeasuredDataset:
+def measure_dataset(
+    dataset, length_column: str = "length", num_proc: int | None = None, rules: RowRules = RowRules()
+) -> MeasuredDataset:
     """Add the ``hdp_*`` columns, always recomputed from the rows (cached by ``datasets``).
 
     Refuses, naming the dataset row: a missing ``input_ids`` column, ids or labels that are not flat
@@ -301,8 +315,14 @@ def _longest_document(m: MeasuredDataset) -> np.ndarray:
     return np.maximum.reduceat(m.doc_lengths, m.doc_offsets[:-1]) if len(m) else np.zeros(0, dtype=np.int64)
 
 
-def apply_long_sample_policy(m: MeasuredDataset, world_size: int, tokens_per_rank: int, policy: str = "error",
-                             length_column: str = "length", num_proc: int | None = None) -> MeasuredDataset:
+def apply_long_sample_policy(
+    m: MeasuredDataset,
+    world_size: int,
+    tokens_per_rank: int,
+    policy: str = "error",
+    length_column: str = "length",
+    num_proc: int | None = None,
+) -> MeasuredDataset:
     """Handle documents longer than ``world_size * tokens_per_rank``, which no plan can hold.
 
     - ``"error"``: refuse them, naming the row and the capacity that would fit;
@@ -330,8 +350,10 @@ def apply_long_sample_policy(m: MeasuredDataset, world_size: int, tokens_per_ran
             "the long samples out; HDP never truncates silently (HDPConfig(long_sample_policy='truncate' or 'drop') "
             "does it for you, and logs what it changed)."
         )
-    where = (f"longer than world_size x tokens_per_rank = {world_size} x {tokens_per_rank} = {limit} tokens "
-             f"(rows {rows_text(names)})")
+    where = (
+        f"longer than world_size x tokens_per_rank = {world_size} x {tokens_per_rank} = {limit} tokens "
+        f"(rows {rows_text(names)})"
+    )
     total_tokens, total_loss = int(m.lengths.sum()), int(m.loss_tokens.sum())
     if policy == "truncate":
         cut = measure_dataset(m.dataset, length_column, num_proc, m.rules.with_truncation(limit))
@@ -341,10 +363,18 @@ def apply_long_sample_policy(m: MeasuredDataset, world_size: int, tokens_per_ran
         logger.warning(
             "hf_hdp: long_sample_policy='truncate' cut %d sample(s) %s to their first %d tokens (input_ids and "
             "labels together); removed %d of %d tokens (%.2f%%) and %d of %d label tokens.%s",
-            too_long.size, where, limit, removed, total_tokens, 100.0 * removed / max(total_tokens, 1),
-            removed_loss, total_loss,
+            too_long.size,
+            where,
+            limit,
+            removed,
+            total_tokens,
+            100.0 * removed / max(total_tokens, 1),
+            removed_loss,
+            total_loss,
             f" {unlabelled.size} of them keep no label token (rows {rows_text(unlabelled)}) and add nothing to "
-            "the loss." if unlabelled.size else "",
+            "the loss."
+            if unlabelled.size
+            else "",
         )
         return cut
     if policy == "drop":
@@ -363,8 +393,15 @@ def apply_long_sample_policy(m: MeasuredDataset, world_size: int, tokens_per_ran
         logger.warning(
             "hf_hdp: long_sample_policy='drop' removed %d of %d sample(s) %s; removed %d of %d tokens (%.2f%%) and "
             "%d of %d label tokens. The training dataset now has %d samples; errors still name the original rows.",
-            too_long.size, len(m), where, removed, total_tokens, 100.0 * removed / max(total_tokens, 1),
-            removed_loss, total_loss, keep.size,
+            too_long.size,
+            len(m),
+            where,
+            removed,
+            total_tokens,
+            100.0 * removed / max(total_tokens, 1),
+            removed_loss,
+            total_loss,
+            keep.size,
         )
         return _read(dataset, m.rules, source)
     raise ValueError(f"long_sample_policy must be 'error', 'truncate' or 'drop', got {policy!r}")
@@ -389,16 +426,20 @@ def check_vocab_range(m: MeasuredDataset, vocab_size: int) -> None:
             column, value = ("input_ids", outside[0]) if outside else ("labels", labels[0])
             break
     more = f" ({bad.size - 1} more samples too)" if bad.size > 1 else ""
-    fix = ("Labels hold target token ids or -100 for no loss" if column == "labels"
-           else "Tokenize with the model's own tokenizer, or resize the embeddings")
+    fix = (
+        "Labels hold target token ids or -100 for no loss"
+        if column == "labels"
+        else "Tokenize with the model's own tokenizer, or resize the embeddings"
+    )
     raise HDPDataError(
         f"sample {row}: {'label' if column == 'labels' else 'token'} id {value} is outside the model's vocabulary "
         f"[0, {vocab_size}) (in `{column}`){more}. {fix} (model.resize_token_embeddings(len(tokenizer)))."
     )
 
 
-def prepare_dataset(dataset, config, world_size: int, vocab_size: int | None = None,
-                    rules: RowRules = RowRules()) -> MeasuredDataset:
+def prepare_dataset(
+    dataset, config, world_size: int, vocab_size: int | None = None, rules: RowRules = RowRules()
+) -> MeasuredDataset:
     """Everything HDPTrainer checks and measures in a train (or eval) dataset, in one call.
 
     :func:`measure_dataset`, empty samples, ``config.long_sample_policy``
@@ -407,8 +448,9 @@ def prepare_dataset(dataset, config, world_size: int, vocab_size: int | None = N
     Call it inside ``TrainingArguments.main_process_first``: it may write ``datasets`` cache files.
     """
     m = measure_dataset(dataset, config.length_column, config.length_num_proc, rules)
-    m = apply_long_sample_policy(m, world_size, config.tokens_per_rank, config.long_sample_policy,
-                                 config.length_column, config.length_num_proc)
+    m = apply_long_sample_policy(
+        m, world_size, config.tokens_per_rank, config.long_sample_policy, config.length_column, config.length_num_proc
+    )
     if vocab_size is not None:
         check_vocab_range(m, vocab_size)
     return m

@@ -61,14 +61,26 @@ def check_columns(dataset, rules: RowRules, model, args, length_column: str, wha
         passed = [c for c in dataset.column_names if c in signature_columns(model, args.label_names)]
     else:  # stock's default collator passes every column but strings to the model
         features = getattr(dataset, "features", None) or {}
-        passed = [c for c in dataset.column_names if str(getattr(features.get(c), "dtype", "")) not in ("string", "large_string")]
+        passed = [
+            c
+            for c in dataset.column_names
+            if str(getattr(features.get(c), "dtype", "")) not in ("string", "large_string")
+        ]
     refused = [c for c in passed if c not in ours and not c.startswith("hdp_")]
     if refused:
-        hint = " (rename it to `labels`: HDP reads token labels from `labels`)" if set(refused) & {"label", "label_ids"} else ""
+        hint = (
+            " (rename it to `labels`: HDP reads token labels from `labels`)"
+            if set(refused) & {"label", "label_ids"}
+            else ""
+        )
         raise ValueError(
             f"{what} has the column(s) {refused}, which stock Trainer would pass to the model but HDPTrainer does not "
             f"use{hint}. HDP honours {list(HONOURED_COLUMNS)}. Remove the column(s) (ds.remove_columns({refused})), "
             "or turn them into labels/masks with a per-sample data_collator."
-            + ("" if args.remove_unused_columns else " With remove_unused_columns=True, stock Trainer and HDP drop "
-               "columns the model's forward does not take.")
+            + (
+                ""
+                if args.remove_unused_columns
+                else " With remove_unused_columns=True, stock Trainer and HDP drop "
+                "columns the model's forward does not take."
+            )
         )

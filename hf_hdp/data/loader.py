@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..planning import StepPlan
-from .checks import SOURCE_ROW_COLUMN, MeasuredDataset
 from ..collators.collator import HDPCollator
 from ..collators.documents import HONOURED_COLUMNS, RowRules, row_documents
+from ..planning import StepPlan
+from .checks import SOURCE_ROW_COLUMN, MeasuredDataset
 
 
 @dataclass
@@ -55,8 +55,9 @@ class GlobalBatchSampler:
     ``set_epoch`` through its wrapper.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+    def __init__(
+        self, num_samples: int, global_batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False
+    ):
         if num_samples < 1:
             raise ValueError("the training dataset is empty")
         if drop_last and num_samples < global_batch_size:
@@ -79,7 +80,7 @@ class GlobalBatchSampler:
     def __len__(self) -> int:
         if self.drop_last:
             return max(self.num_samples // self.global_batch_size, 0)
-        return -(-self.num_samples // self.global_batch_size)
+        return -(-self.num_samples // self.global_batch_size)  # noqa: PLE0303 - both counts are non-negative
 
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -103,13 +104,28 @@ class HDPStepDataset(Dataset):
     :class:`~hf_hdp.data.checks.MeasuredDataset`) split rows into documents, one per row when omitted.
     """
 
-    def __init__(self, dataset, lengths: np.ndarray, loss_tokens: np.ndarray, sampler: GlobalBatchSampler,
-                 planner: Callable[..., StepPlan], world_size: int, rank: int, tokens_per_rank: int,
-                 collator: HDPCollator, doc_offsets: np.ndarray | None = None, doc_lengths: np.ndarray | None = None,
-                 rules: RowRules = RowRules(), num_heads: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        lengths: np.ndarray,
+        loss_tokens: np.ndarray,
+        sampler: GlobalBatchSampler,
+        planner: Callable[..., StepPlan],
+        world_size: int,
+        rank: int,
+        tokens_per_rank: int,
+        collator: HDPCollator,
+        doc_offsets: np.ndarray | None = None,
+        doc_lengths: np.ndarray | None = None,
+        rules: RowRules = RowRules(),
+        num_heads: int | None = None,
+    ):
         if rules.collator is not None:
-            keep = [c for c in dataset.column_names
-                    if not c.startswith("hdp_") and (rules.collator_columns is None or c in rules.collator_columns)]
+            keep = [
+                c
+                for c in dataset.column_names
+                if not c.startswith("hdp_") and (rules.collator_columns is None or c in rules.collator_columns)
+            ]
         else:
             keep = [c for c in HONOURED_COLUMNS if c in dataset.column_names]
         if SOURCE_ROW_COLUMN in dataset.column_names:
@@ -129,10 +145,32 @@ class HDPStepDataset(Dataset):
         self.num_heads = num_heads  # the model's query heads: every plan is checked against them before any P2P
 
     @classmethod
-    def from_measured(cls, m: MeasuredDataset, sampler, planner, world_size: int, rank: int, tokens_per_rank: int,
-                      collator: HDPCollator, num_heads: int | None = None) -> "HDPStepDataset":
-        return cls(m.dataset, m.lengths, m.loss_tokens, sampler, planner, world_size, rank, tokens_per_rank,
-                   collator, m.doc_offsets, m.doc_lengths, m.rules, num_heads)
+    def from_measured(
+        cls,
+        m: MeasuredDataset,
+        sampler,
+        planner,
+        world_size: int,
+        rank: int,
+        tokens_per_rank: int,
+        collator: HDPCollator,
+        num_heads: int | None = None,
+    ) -> HDPStepDataset:
+        return cls(
+            m.dataset,
+            m.lengths,
+            m.loss_tokens,
+            sampler,
+            planner,
+            world_size,
+            rank,
+            tokens_per_rank,
+            collator,
+            m.doc_offsets,
+            m.doc_lengths,
+            m.rules,
+            num_heads,
+        )
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -162,8 +200,10 @@ class HDPStepDataset(Dataset):
         if SOURCE_ROW_COLUMN in loaded:  # rows were dropped: name the user's rows in errors and metadata
             user_row.update({i: int(loaded[SOURCE_ROW_COLUMN][n]) for n, i in enumerate(needed_rows)})
         columns = [c for c in loaded if c != SOURCE_ROW_COLUMN]
-        row_docs = {i: row_documents({c: loaded[c][n] for c in columns}, user_row[i], self.rules)
-                    for n, i in enumerate(needed_rows)}
+        row_docs = {
+            i: row_documents({c: loaded[c][n] for c in columns}, user_row[i], self.rules)
+            for n, i in enumerate(needed_rows)
+        }
         samples, names = {}, {}
         for s in needed:
             i, d = docs[s]
@@ -193,8 +233,11 @@ def _as_inputs(steps: list[HDPStep]) -> dict:
     what ``include_num_input_tokens_seen`` counts and sums over ranks."""
     (step,) = steps
     n = step.local_tokens
-    return {"hdp_step": step, "input_ids": torch.zeros(1, n, dtype=torch.long),
-            "attention_mask": torch.ones(1, n, dtype=torch.long)}
+    return {
+        "hdp_step": step,
+        "input_ids": torch.zeros(1, n, dtype=torch.long),
+        "attention_mask": torch.ones(1, n, dtype=torch.long),
+    }
 
 
 class HDPDataLoader(DataLoader):

@@ -43,8 +43,12 @@ class Bucket:
         return self.chunk_numel * len(self.chunks)
 
 
-def plan_buckets(tensors: Sequence[tuple[int, torch.dtype]], bucket_bytes: int,
-                 owners: Sequence[int | None] | None = None, world_size: int = 1) -> list[Bucket]:
+def plan_buckets(
+    tensors: Sequence[tuple[int, torch.dtype]],
+    bucket_bytes: int,
+    owners: Sequence[int | None] | None = None,
+    world_size: int = 1,
+) -> list[Bucket]:
     """Cut flattened tensors (``(numel, dtype)`` each) into buckets of at most ``bucket_bytes``.
 
     A pure function of its arguments, so every rank computes the same buckets, in the same order:

@@ -70,6 +70,10 @@ class CommStats:
 
 
 __all__ = [
-    "CollectiveTimeoutError", "CommStats", "HDPCommError", "P2PTimeoutError", "PeerCrashedError",
+    "CollectiveTimeoutError",
+    "CommStats",
+    "HDPCommError",
+    "P2PTimeoutError",
+    "PeerCrashedError",
     "PlanMismatchError",
 ]

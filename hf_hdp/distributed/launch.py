@@ -49,8 +49,10 @@ def check_distributed_setup(args) -> None:
     elif group_world != env_world:
         found.append(f"the process group has {group_world} ranks")
     if args_world != env_world:
-        found.append(f"TrainingArguments.world_size is {args_world} "
-                     f"(parallel_mode={getattr(getattr(args, 'parallel_mode', None), 'value', None)!r})")
+        found.append(
+            f"TrainingArguments.world_size is {args_world} "
+            f"(parallel_mode={getattr(getattr(args, 'parallel_mode', None), 'value', None)!r})"
+        )
     if not found:
         return
     raise ValueError(
@@ -79,9 +81,14 @@ def init_process_group(backend: str | None = None, timeout_s: float | None = Non
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else datetime.timedelta(minutes=30)
     use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(rank == 0 and not use_agent_store), timeout=timeout,
-                          multi_tenant=not use_agent_store)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=(rank == 0 and not use_agent_store),
+        timeout=timeout,
+        multi_tenant=not use_agent_store,
+    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"hf_hdp/attempt_{attempt}", store)
     if backend is None:

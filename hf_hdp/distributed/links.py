@@ -106,23 +106,41 @@ class LinkEmulator:
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_hardware(cls, hw: HardwareSpec, ranks_per_node: int | None = None, scale: float = 1.0,
-                      name: str | None = None, derivation: dict | None = None) -> "LinkEmulator":
+    def from_hardware(
+        cls,
+        hw: HardwareSpec,
+        ranks_per_node: int | None = None,
+        scale: float = 1.0,
+        name: str | None = None,
+        derivation: dict | None = None,
+    ) -> LinkEmulator:
         """The links of ``hw``, with bandwidths times ``scale`` and latencies over it (see the module docstring)."""
         if not scale > 0:
             raise ValueError(f"LinkEmulator.from_hardware(scale={scale!r}) must be > 0")
-        return cls(hw.intra_bandwidth * scale, hw.intra_latency / scale, hw.inter_bandwidth * scale,
-                   hw.inter_latency / scale, int(ranks_per_node or hw.ranks_per_node),
-                   name or hw.name, dict(derivation or {}, scale=scale))
+        return cls(
+            hw.intra_bandwidth * scale,
+            hw.intra_latency / scale,
+            hw.inter_bandwidth * scale,
+            hw.inter_latency / scale,
+            int(ranks_per_node or hw.ranks_per_node),
+            name or hw.name,
+            dict(derivation or {}, scale=scale),
+        )
 
     @classmethod
-    def preset(cls, name: str, ranks_per_node: int | None = None) -> "LinkEmulator":
+    def preset(cls, name: str, ranks_per_node: int | None = None) -> LinkEmulator:
         """A preset's links unscaled (the real cluster's figures)."""
         return cls.from_hardware(_preset_hardware(name), ranks_per_node, 1.0, name)
 
     @classmethod
-    def scaled(cls, name: str, cost: CostModel, model: ModelSpec, reference_tokens: float | None = None,
-               ranks_per_node: int | None = None) -> "LinkEmulator":
+    def scaled(
+        cls,
+        name: str,
+        cost: CostModel,
+        model: ModelSpec,
+        reference_tokens: float | None = None,
+        ranks_per_node: int | None = None,
+    ) -> LinkEmulator:
         """Preset ``name``'s links slowed to this machine's compute (see the module docstring).
 
         ``cost``: this machine's calibrated cost model of ``model`` (its ``a``, ``b``); ``reference_tokens``:
@@ -179,15 +197,23 @@ class LinkEmulator:
     def cost_model(self, cost: CostModel) -> CostModel:
         """``cost`` with these links and ``ranks_per_node``: what the planners and ``plan_metrics`` should use
         when the mesh runs with this emulator."""
-        return replace(cost, intra_bandwidth=self.intra_bandwidth, intra_latency=self.intra_latency,
-                       inter_bandwidth=self.inter_bandwidth, inter_latency=self.inter_latency,
-                       ranks_per_node=self.ranks_per_node, label=f"{cost.label} + links {self.name}")
+        return replace(
+            cost,
+            intra_bandwidth=self.intra_bandwidth,
+            intra_latency=self.intra_latency,
+            inter_bandwidth=self.inter_bandwidth,
+            inter_latency=self.inter_latency,
+            ranks_per_node=self.ranks_per_node,
+            label=f"{cost.label} + links {self.name}",
+        )
 
     def describe(self) -> str:
-        return (f"links {self.name}: intra-node {self.intra_bandwidth / 1e6:,.3g} MB/s + "
-                f"{self.intra_latency * 1e3:,.3g} ms, "
-                f"inter-node {self.inter_bandwidth / 1e6:,.3g} MB/s + {self.inter_latency * 1e3:,.3g} ms, "
-                f"{self.ranks_per_node} ranks per node")
+        return (
+            f"links {self.name}: intra-node {self.intra_bandwidth / 1e6:,.3g} MB/s + "
+            f"{self.intra_latency * 1e3:,.3g} ms, "
+            f"inter-node {self.inter_bandwidth / 1e6:,.3g} MB/s + {self.inter_latency * 1e3:,.3g} ms, "
+            f"{self.ranks_per_node} ranks per node"
+        )
 
 
 def _preset_hardware(name: str) -> HardwareSpec:
@@ -196,16 +222,19 @@ def _preset_hardware(name: str) -> HardwareSpec:
     return HARDWARE_PRESETS[LINK_PRESETS[name]]
 
 
-def compute_scale(cost: CostModel, model: ModelSpec, hw: HardwareSpec,
-                  reference_tokens: float | None = None) -> tuple[float, dict]:
+def compute_scale(
+    cost: CostModel, model: ModelSpec, hw: HardwareSpec, reference_tokens: float | None = None
+) -> tuple[float, dict]:
     """``(scale, derivation)``: ``T_hw(s) / T_this(s)`` with ``T(s) = a·s² + b·s`` per layer (module docstring).
 
     ``cost``: this machine's calibrated cost model of ``model``. ``derivation`` holds the reference length,
     both machines' achieved attention and linear FLOP/s and their ratios.
     """
     if not (cost.a > 0 and cost.b > 0):
-        raise ValueError("compute_scale needs a calibrated cost model with a > 0 and b > 0 "
-                         f"(got a={cost.a!r}, b={cost.b!r}); run hf_hdp.planning.cost.calibrate first")
+        raise ValueError(
+            "compute_scale needs a calibrated cost model with a > 0 and b > 0 "
+            f"(got a={cost.a!r}, b={cost.b!r}); run hf_hdp.planning.cost.calibrate first"
+        )
     ref = CostModel.from_specs(model, hw)
     s = float(reference_tokens) if reference_tokens else cost.b / cost.a
     scale = (ref.a * s * s + ref.b * s) / (cost.a * s * s + cost.b * s)
@@ -217,7 +246,9 @@ def compute_scale(cost: CostModel, model: ModelSpec, hw: HardwareSpec,
         "ref_linear_flops": fb * model.linear_flops_per_token / ref.b,
     }
     derivation = {
-        "reference_hardware": hw.name, "reference_tokens": s, "scale": scale,
+        "reference_hardware": hw.name,
+        "reference_tokens": s,
+        "scale": scale,
         **rates,
         "attention_ratio": rates["this_attention_flops"] / rates["ref_attention_flops"],
         "linear_ratio": rates["this_linear_flops"] / rates["ref_linear_flops"],
@@ -225,8 +256,13 @@ def compute_scale(cost: CostModel, model: ModelSpec, hw: HardwareSpec,
     return scale, derivation
 
 
-def scaled_links(name: str, cost: CostModel, model: ModelSpec, reference_tokens: float | None = None,
-                 ranks_per_node: int | None = None) -> tuple[LinkEmulator, CostModel]:
+def scaled_links(
+    name: str,
+    cost: CostModel,
+    model: ModelSpec,
+    reference_tokens: float | None = None,
+    ranks_per_node: int | None = None,
+) -> tuple[LinkEmulator, CostModel]:
     """The scaled emulator of preset ``name`` and the cost model of this machine with exactly its links."""
     links = LinkEmulator.scaled(name, cost, model, reference_tokens, ranks_per_node)
     return links, links.cost_model(cost)

@@ -142,8 +142,13 @@ class DynamicMesh(P2PExchange):
     cleared between steps (a benchmark's warm-up runs without it).
     """
 
-    def __init__(self, device: torch.device | None = None, p2p_timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 bucket_bytes: int | None = None, links: LinkEmulator | None = None):
+    def __init__(
+        self,
+        device: torch.device | None = None,
+        p2p_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        bucket_bytes: int | None = None,
+        links: LinkEmulator | None = None,
+    ):
         bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"DynamicMesh(bucket_bytes=...) must be a positive number of bytes, got {bucket_bytes!r}")
@@ -155,14 +160,18 @@ class DynamicMesh(P2PExchange):
         self.world_size = dist.get_world_size() if self.initialized else 1
         self.backend = dist.get_backend() if self.initialized else None
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+            )
         self.device = torch.device(device)
         self.timeout_s = float(p2p_timeout_s) if p2p_timeout_s else None
         self.timeout = datetime.timedelta(seconds=self.timeout_s) if self.timeout_s else None
         self.stats = CommStats()
         if links is not None and not isinstance(links, LinkEmulator):
-            raise TypeError("DynamicMesh(links=...) takes a hf_hdp.distributed.links.LinkEmulator or None, "
-                            f"got {type(links).__name__}")
+            raise TypeError(
+                "DynamicMesh(links=...) takes a hf_hdp.distributed.links.LinkEmulator or None, "
+                f"got {type(links).__name__}"
+            )
         self.links = links
 
     # ----------------------------------------------------------- collectives
@@ -170,14 +179,14 @@ class DynamicMesh(P2PExchange):
         """SUM ``tensor`` over all ranks in place, within the bound (see the class docstring)."""
         self._finish(self._start_all_reduce(tensor, what, step))
 
-    def _start_all_reduce(self, tensor: torch.Tensor, what: str, step: int | None) -> "_Pending":
+    def _start_all_reduce(self, tensor: torch.Tensor, what: str, step: int | None) -> _Pending:
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
-        return self._begin(lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step,
-                           _nbytes(tensor))
+        return self._begin(
+            lambda o: dist.group.WORLD.allreduce([tensor], o), opts, "an all-reduce", what, step, _nbytes(tensor)
+        )
 
-    def _start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str,
-                              step: int | None) -> "_Pending":
+    def _start_reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, what: str, step: int | None) -> _Pending:
         opts = dist.ReduceScatterOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         group = dist.group.WORLD
@@ -195,7 +204,7 @@ class DynamicMesh(P2PExchange):
         """Start a collective with ``start(opts)`` and wait for it within the bound (see the class docstring)."""
         self._finish(self._begin(start, opts, kind, what, step, nbytes))
 
-    def _begin(self, start, opts, kind: str, what: str, step: int | None, nbytes: int = 0) -> "_Pending":
+    def _begin(self, start, opts, kind: str, what: str, step: int | None, nbytes: int = 0) -> _Pending:
         """Start a collective with ``start(opts)``, asynchronously; :meth:`_finish` waits for it.
 
         ``nbytes`` (the all-reduced tensor, a reduce-scatter's whole input, an all-gather's whole output)
@@ -214,7 +223,7 @@ class DynamicMesh(P2PExchange):
         return pending
 
     @staticmethod
-    def _done(pending: "_Pending") -> bool:
+    def _done(pending: _Pending) -> bool:
         """Whether a started collective has completed (never waits); with a link emulator, also its emulated
         delay (counted from when this rank first saw the real collective complete)."""
         if not pending.work.is_completed():
@@ -227,7 +236,7 @@ class DynamicMesh(P2PExchange):
             wire.seen = now
         return now >= max(wire.start, wire.seen) + wire.delay
 
-    def _finish(self, pending: "_Pending") -> None:
+    def _finish(self, pending: _Pending) -> None:
         """Wait for a started collective within the bound (see the class docstring)."""
         wire = pending.wire
         if wire is not None:
@@ -238,8 +247,10 @@ class DynamicMesh(P2PExchange):
         except RuntimeError as err:
             raise self._collective_error(err, pending.what, pending.step, pending.kind) from err
         if ok is False:
-            raise HDPCommError(f"rank {self.rank}: the {pending.what}{_at_step(pending.step)} was aborted by the "
-                               "backend; see the other ranks' logs.")
+            raise HDPCommError(
+                f"rank {self.rank}: the {pending.what}{_at_step(pending.step)} was aborted by the "
+                "backend; see the other ranks' logs."
+            )
         self.stats.collectives += 1
         if wire is not None:
             if blocked:
@@ -258,7 +269,9 @@ class DynamicMesh(P2PExchange):
             return None
         return self._collective_error(err, what, step, kind)
 
-    def _collective_error(self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce") -> HDPCommError:
+    def _collective_error(
+        self, err: Exception, what: str, step: int | None, kind: str = "an all-reduce"
+    ) -> HDPCommError:
         where = f"the {what} ({kind} over all {self.world_size} ranks){_at_step(step)}"
         if _peer_crashed(err):
             peer = f"peer rank {1 - self.rank}" if self.world_size == 2 else "peer"  # else only the address is known
@@ -304,8 +317,13 @@ class DynamicMesh(P2PExchange):
                 "would deadlock or train on wrong data, so nothing was sent."
             )
 
-    def reduce_gradients(self, params: list[torch.nn.Parameter], extras: list[float] | None = None,
-                         step: int | None = None, owners: Sequence[int | None] | None = None) -> list[float]:
+    def reduce_gradients(
+        self,
+        params: list[torch.nn.Parameter],
+        extras: list[float] | None = None,
+        step: int | None = None,
+        owners: Sequence[int | None] | None = None,
+    ) -> list[float]:
         """Sum every parameter's gradient over all ranks, in place, in buckets of at most ``bucket_bytes``.
 
         Every rank issues the same collectives with the same bytes, however many micro-batches it ran
@@ -329,15 +347,25 @@ class DynamicMesh(P2PExchange):
         extras = [float(x) for x in extras or []]
         return self.gradient_reduction(params, owners, len(extras), step).finish(extras)
 
-    def gradient_reduction(self, params: list[torch.nn.Parameter], owners: Sequence[int | None] | None = None,
-                           num_extras: int = 0, step: int | None = None) -> GradientReduction:
+    def gradient_reduction(
+        self,
+        params: list[torch.nn.Parameter],
+        owners: Sequence[int | None] | None = None,
+        num_extras: int = 0,
+        step: int | None = None,
+    ) -> GradientReduction:
         """The step's reduction of :meth:`reduce_gradients`, to start during the last backward
         (:meth:`GradientReduction.watch`) and complete with :meth:`GradientReduction.finish`
         (:mod:`hf_hdp.distributed.reduction`)."""
         return GradientReduction(self, params, owners, num_extras, step)
 
-    def gather_parameters(self, params: list[torch.Tensor], owners: Sequence[int], step: int | None = None,
-                          buckets: list[Bucket] | None = None) -> None:
+    def gather_parameters(
+        self,
+        params: list[torch.Tensor],
+        owners: Sequence[int],
+        step: int | None = None,
+        buckets: list[Bucket] | None = None,
+    ) -> None:
         """Copy every parameter from the rank that owns it to all ranks, in place: ZeRO's weight sync.
 
         Bucketed all-gathers (at most ``bucket_bytes`` per bucket and buffer, bounded waits); the same
@@ -386,6 +414,12 @@ class DynamicMesh(P2PExchange):
 
 
 __all__ = [
-    "CollectiveTimeoutError", "CommStats", "DEFAULT_TIMEOUT_S", "DynamicMesh", "HDPCommError", "P2PTimeoutError",
-    "PeerCrashedError", "PlanMismatchError",
+    "CollectiveTimeoutError",
+    "CommStats",
+    "DEFAULT_TIMEOUT_S",
+    "DynamicMesh",
+    "HDPCommError",
+    "P2PTimeoutError",
+    "PeerCrashedError",
+    "PlanMismatchError",
 ]

@@ -92,8 +92,11 @@ class P2PExchange:
             if send is not None and recv is not None:
                 delay = self.links.exchange_delay(self.rank, send_bytes, dst, recv_bytes, src)
             else:
-                delay = (self.links.p2p_delay(send_bytes, self.rank, dst) if send is not None
-                         else self.links.p2p_delay(recv_bytes, src, self.rank))
+                delay = (
+                    self.links.p2p_delay(send_bytes, self.rank, dst)
+                    if send is not None
+                    else self.links.p2p_delay(recv_bytes, src, self.rank)
+                )
             wire = self._wire(delay, started)
         sides = ("send" if send is not None else "") + ("recv" if recv is not None else "")
         return works + [(what, dst, src, wire, sides)]
@@ -175,14 +178,16 @@ class P2PExchange:
                 if self.rank == src:
                     for a in range(0, sizes[src], piece):
                         part = mine[a : a + piece].to(self.device)
-                        self._p2p_wait(self._p2p_wire(part.numel(), self.rank, dst), dist.isend(part, dst), what,
-                                       step, dst, True)
+                        self._p2p_wait(
+                            self._p2p_wire(part.numel(), self.rank, dst), dist.isend(part, dst), what, step, dst, True
+                        )
                 elif self.rank == dst:
                     got = bytearray()
                     for a in range(0, sizes[src], piece):
                         buf = torch.empty(min(piece, sizes[src] - a), dtype=torch.uint8, device=self.device)
-                        self._p2p_wait(self._p2p_wire(buf.numel(), src, self.rank), dist.irecv(buf, src), what,
-                                       step, src, False)
+                        self._p2p_wait(
+                            self._p2p_wire(buf.numel(), src, self.rank), dist.irecv(buf, src), what, step, src, False
+                        )
                         got += buf.cpu().numpy().tobytes()
                     out[src] = bytes(got)
         return out
@@ -200,13 +205,16 @@ class P2PExchange:
             ok = work.wait(self.timeout) if self.timeout is not None else work.wait()
         except RuntimeError as err:
             if _peer_crashed(err):
-                raise PeerCrashedError(f"rank {self.rank}'s peer rank {peer} closed the connection (the process likely "
-                                       f"crashed; see its log) during {where}. {self.backend}: {err}") from err
+                raise PeerCrashedError(
+                    f"rank {self.rank}'s peer rank {peer} closed the connection (the process likely "
+                    f"crashed; see its log) during {where}. {self.backend}: {err}"
+                ) from err
             if _timed_out(err):
                 raise CollectiveTimeoutError(
                     f"rank {self.rank}: {where} did not complete within {self._bound_text()}: rank {peer} did not "
                     f"reach it (see its log); raise HDPConfig.p2p_timeout_s if it legitimately takes longer. "
-                    f"{self.backend}: {err}") from err
+                    f"{self.backend}: {err}"
+                ) from err
             raise HDPCommError(f"rank {self.rank}: {where} failed: {err}") from err
         if ok is False:
             raise HDPCommError(f"rank {self.rank}: {where} was aborted by the backend; see the other ranks' logs.")

@@ -52,8 +52,14 @@ class GradientReduction:
     scalars ride along (their values go to :meth:`finish`).
     """
 
-    def __init__(self, mesh, params: list[torch.nn.Parameter], owners: Sequence[int | None] | None = None,
-                 num_extras: int = 0, step: int | None = None):
+    def __init__(
+        self,
+        mesh,
+        params: list[torch.nn.Parameter],
+        owners: Sequence[int | None] | None = None,
+        num_extras: int = 0,
+        step: int | None = None,
+    ):
         self.mesh, self.params, self.step = mesh, list(params), step
         self.sharded = owners is not None
         if self.sharded and len(owners) != len(self.params):
@@ -111,8 +117,11 @@ class GradientReduction:
         # reduction, so only buckets already done are collected here, and a bucket starts only with room
         while self.in_flight and self.mesh._done(self.in_flight[0][3]):
             self._complete(self.in_flight.popleft())
-        while (self.next < len(self.order) and self.pending[self.order[self.next]] <= 0
-               and len(self.in_flight) < MAX_IN_FLIGHT):
+        while (
+            self.next < len(self.order)
+            and self.pending[self.order[self.next]] <= 0
+            and len(self.in_flight) < MAX_IN_FLIGHT
+        ):
             self._start(self.order[self.next])
             self.next += 1
             self.started_in_backward += 1

@@ -11,6 +11,13 @@ from .setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader, refuse
 from .step import StepEngine, StepResult, forward_micro_batch, hdp_loss, run_micro_batches
 
 __all__ = [
-    "StepEngine", "StepResult", "enable_hdp_attention", "forward_micro_batch", "hdp_cost_model", "hdp_loss",
-    "hdp_step_loader", "refuse_wrapped", "run_micro_batches",
+    "StepEngine",
+    "StepResult",
+    "enable_hdp_attention",
+    "forward_micro_batch",
+    "hdp_cost_model",
+    "hdp_loss",
+    "hdp_step_loader",
+    "refuse_wrapped",
+    "run_micro_batches",
 ]

@@ -37,8 +37,15 @@ def parse_size(size) -> int:
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     text = str(size).strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                         ("KB", 10**3), ("B", 1)):
+    for unit, factor in (
+        ("GIB", 2**30),
+        ("MIB", 2**20),
+        ("KIB", 2**10),
+        ("GB", 10**9),
+        ("MB", 10**6),
+        ("KB", 10**3),
+        ("B", 1),
+    ):
         if text.endswith(unit):
             try:
                 value = float(text[: -len(unit)])
@@ -112,7 +119,7 @@ def save_streamed(model, out_dir: str, write: bool, max_shard_bytes: int = DEFAU
     A failed write on the writing rank (a full disk) is raised after the last gather, so that the other ranks
     never wait for a gather it left."""
     entries, _ = model_entries(model)
-    sizes = [(k[len(MODEL):], v.numel() * v.element_size()) for k, v in entries.items()]
+    sizes = [(k[len(MODEL) :], v.numel() * v.element_size()) for k, v in entries.items()]
     files = plan_files(sizes, max_shard_bytes)
     writer = None
     error: BaseException | None = None
@@ -124,7 +131,7 @@ def save_streamed(model, out_dir: str, write: bool, max_shard_bytes: int = DEFAU
         full = value.full_tensor() if isinstance(value, DTensor) else value
         if writer is not None and error is None:
             try:
-                writer.add(key[len(MODEL):], full)
+                writer.add(key[len(MODEL) :], full)
             except (OSError, RuntimeError) as err:  # keep gathering with the others; raise at the end
                 error = err
         del full
@@ -139,8 +146,12 @@ def _load_tensors(path: str, metadata, keys: list[str]) -> dict[str, torch.Tenso
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    state = {k: torch.empty(tuple(metadata.state_dict_metadata[k].size),
-                            dtype=metadata.state_dict_metadata[k].properties.dtype) for k in keys}
+    state = {
+        k: torch.empty(
+            tuple(metadata.state_dict_metadata[k].size), dtype=metadata.state_dict_metadata[k].properties.dtype
+        )
+        for k in keys
+    }
     dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
     return state
 
@@ -164,7 +175,8 @@ def consolidate(checkpoint: str, out: str, optimizer: bool = False, max_shard_si
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise FileNotFoundError(
             f"{checkpoint} has no sharded part ({SHARDED_DIR}/.metadata): it is not a sharded HDPTrainer checkpoint. "
-            "A checkpoint with model.safetensors is already a transformers model folder.")
+            "A checkpoint with model.safetensors is already a transformers model folder."
+        )
     metadata = read_metadata(folder)
     keys = [k for k in metadata.state_dict_metadata if k.startswith(MODEL)]
     if not keys and not any(f.endswith(".safetensors") for f in os.listdir(checkpoint)):
@@ -172,8 +184,16 @@ def consolidate(checkpoint: str, out: str, optimizer: bool = False, max_shard_si
     os.makedirs(out, exist_ok=True)
     for name in sorted(os.listdir(checkpoint)):  # config, generation config, tokenizer; whole weights as they are
         source = os.path.join(checkpoint, name)
-        if os.path.isfile(source) and (name.endswith(".json") or name.endswith(".safetensors") or name.endswith(
-                ".model") or name.endswith(".txt")) and name not in ("trainer_state.json", "hdp_state.json"):
+        if (
+            os.path.isfile(source)
+            and (
+                name.endswith(".json")
+                or name.endswith(".safetensors")
+                or name.endswith(".model")
+                or name.endswith(".txt")
+            )
+            and name not in ("trainer_state.json", "hdp_state.json")
+        ):
             shutil.copyfile(source, os.path.join(out, name))
     if keys:
         tied = json.loads(_load_objects(folder, [TIED])[TIED]) if TIED in metadata.state_dict_metadata else {}
@@ -183,7 +203,7 @@ def consolidate(checkpoint: str, out: str, optimizer: bool = False, max_shard_si
             numel = 1
             for n in md.size:
                 numel *= n
-            sizes.append((k[len(MODEL):], numel * md.properties.dtype.itemsize))
+            sizes.append((k[len(MODEL) :], numel * md.properties.dtype.itemsize))
         files = plan_files(sizes, parse_size(max_shard_size))
         _remove_old_weights(out)
         writer = _Writer(out, files, sum(n for _, n in sizes))
@@ -192,8 +212,13 @@ def consolidate(checkpoint: str, out: str, optimizer: bool = False, max_shard_si
             for n in names:
                 writer.add(n, loaded.pop(MODEL + n))
         writer.finish()
-        logger.info("consolidated %d tensors into %d file(s) in %s (tied, left out: %s)", len(keys), len(files),
-                    out, sorted(tied) or "none")
+        logger.info(
+            "consolidated %d tensors into %d file(s) in %s (tied, left out: %s)",
+            len(keys),
+            len(files),
+            out,
+            sorted(tied) or "none",
+        )
     if optimizer:
         _consolidate_optimizer(folder, metadata, out)
     return out
@@ -208,13 +233,14 @@ def _consolidate_optimizer(folder: str, metadata, out: str) -> None:
         ids = []
         for name in group["params"]:
             prefix = f"{OPTIM}{name}."
-            keys = [k for k in metadata.state_dict_metadata if k.startswith(prefix) and "." not in k[len(prefix):]]
+            keys = [k for k in metadata.state_dict_metadata if k.startswith(prefix) and "." not in k[len(prefix) :]]
             tensors = [k for k in keys if hasattr(metadata.state_dict_metadata[k], "size")]
             values = _load_tensors(folder, metadata, tensors) if tensors else {}
-            values.update(_load_objects(folder, [k for k in keys if k not in tensors]) if len(tensors) < len(keys)
-                          else {})
+            values.update(
+                _load_objects(folder, [k for k in keys if k not in tensors]) if len(tensors) < len(keys) else {}
+            )
             if values:
-                state[index] = {k[len(prefix):]: v for k, v in values.items()}
+                state[index] = {k[len(prefix) :]: v for k, v in values.items()}
             ids.append(index)
             index += 1
         torch_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})

@@ -65,7 +65,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..planning.plan import lockstep
 from ..planning.sharding import resolve_sharding
-from .zero import PLACEHOLDER_KEY, group_settings
+from .zero import PLACEHOLDER_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +87,28 @@ def fsdp_mode(args, zero_stage: int | None) -> str | None:
     if config.get("xla"):
         refuse("fsdp_config['xla'] is set", "HDP runs on CUDA or CPU; unset it.")
     if int(plugin.get("fsdp_version", 2)) != 2:
-        refuse(f"fsdp_config['version'] = {plugin.get('fsdp_version')} (FSDP1)",
-               "HDP applies FSDP2 (torch.distributed.fsdp.fully_shard); set fsdp_config['version'] = 2 or unset it.")
+        refuse(
+            f"fsdp_config['version'] = {plugin.get('fsdp_version')} (FSDP1)",
+            "HDP applies FSDP2 (torch.distributed.fsdp.fully_shard); set fsdp_config['version'] = 2 or unset it.",
+        )
     if plugin.get("cpu_offload"):
-        refuse("fsdp='offload' / fsdp_config['cpu_offload'] is set",
-               "Drop it; HDP offloads activations with HDPConfig(offload_ratio=...) instead.")
+        refuse(
+            "fsdp='offload' / fsdp_config['cpu_offload'] is set",
+            "Drop it; HDP offloads activations with HDPConfig(offload_ratio=...) instead.",
+        )
     if plugin.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP":
-        refuse(f"fsdp_config['auto_wrap_policy'] = {plugin['auto_wrap_policy']!r}",
-               "HDP shards each decoder layer (TRANSFORMER_BASED_WRAP, the default); unset it.")
+        refuse(
+            f"fsdp_config['auto_wrap_policy'] = {plugin['auto_wrap_policy']!r}",
+            "HDP shards each decoder layer (TRANSFORMER_BASED_WRAP, the default); unset it.",
+        )
     if plugin.get("cpu_ram_efficient_loading"):
         refuse("fsdp_config['cpu_ram_efficient_loading'] is true", "Set it to false.")
     state_dict_type(args)  # checkpoints: SHARDED_STATE_DICT (the default) or FULL_STATE_DICT
     if plugin.get("activation_checkpointing"):
-        refuse("fsdp_config['activation_checkpointing'] is true",
-               "Set TrainingArguments(gradient_checkpointing=True) instead: HDP recomputes each layer, rings included.")
+        refuse(
+            "fsdp_config['activation_checkpointing'] is true",
+            "Set TrainingArguments(gradient_checkpointing=True) instead: HDP recomputes each layer, rings included.",
+        )
     mode = ZERO3 if plugin.get("reshard_after_forward", True) else ZERO2
     resolve_sharding(zero_stage, mode, 1, zero_name="HDPConfig.zero_stage", fsdp_name="TrainingArguments.fsdp")
     return mode
@@ -118,9 +126,11 @@ def state_dict_type(args) -> str:
         return SHARDED
     text = str(value).upper().rsplit(".", 1)[-1]  # also StateDictType.SHARDED_STATE_DICT
     if text not in (SHARDED, FULL):
-        raise ValueError(f"TrainingArguments: fsdp_config['state_dict_type'] = {value!r}, which HDPTrainer does not "
-                         f"honour. Set {SHARDED!r} (each rank writes its shards; the default) or {FULL!r} (the whole "
-                         "weights as safetensors, gathered one tensor at a time).")
+        raise ValueError(
+            f"TrainingArguments: fsdp_config['state_dict_type'] = {value!r}, which HDPTrainer does not "
+            f"honour. Set {SHARDED!r} (each rank writes its shards; the default) or {FULL!r} (the whole "
+            "weights as safetensors, gathered one tensor at a time)."
+        )
     return text
 
 
@@ -129,8 +139,10 @@ def layer_classes(model, fsdp_config: dict | None) -> tuple[type, ...]:
     model's ``_no_split_modules`` (its decoder layer), as transformers' auto wrap picks them. Checked
     when the trainer is built: a PEFT model, or a class name the model does not contain, is refused."""
     if getattr(model, "peft_config", None) is not None:
-        raise ValueError("HDPTrainer does not apply FSDP to a PEFT model; train the adapters without fsdp "
-                         "(they are small: ZeRO stage 1 shards their optimizer state).")
+        raise ValueError(
+            "HDPTrainer does not apply FSDP to a PEFT model; train the adapters without fsdp "
+            "(they are small: ZeRO stage 1 shards their optimizer state)."
+        )
     config = fsdp_config or {}
     names = config.get("transformer_layer_cls_to_wrap") or list(getattr(model, "_no_split_modules", None) or [])
     found = {type(m).__name__: type(m) for m in model.modules() if type(m).__name__ in set(names)}
@@ -143,8 +155,9 @@ def layer_classes(model, fsdp_config: dict | None) -> tuple[type, ...]:
     return tuple(found.values())
 
 
-def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.device,
-                timeout_s: float | None = None) -> list:
+def shard_model(
+    model, classes: tuple[type, ...], mode: str, device: torch.device, timeout_s: float | None = None
+) -> list:
     """Apply FSDP2 to ``model`` in place (each module of ``classes``, from :func:`layer_classes`, then
     the whole model) over all ranks; returns its FSDP modules, root last. Gradients are summed, not averaged: HDP's loss
     is already divided by the global batch's label count.
@@ -162,8 +175,9 @@ def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.devic
     if timeout_s is None:
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     else:
-        group = torch.distributed.new_group(timeout=datetime.timedelta(seconds=timeout_s),
-                                            backend=torch.distributed.get_backend())
+        group = torch.distributed.new_group(
+            timeout=datetime.timedelta(seconds=timeout_s), backend=torch.distributed.get_backend()
+        )
         mesh = DeviceMesh.from_group(group, device.type)
     reshard = mode == ZERO3
     for module in list(model.modules()):
@@ -174,8 +188,13 @@ def shard_model(model, classes: tuple[type, ...], mode: str, device: torch.devic
     for m in modules:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; the factor is 1)
-    logger.info("hf_hdp: FSDP2 %s over %d ranks: %d sharded modules (%s)", mode, mesh.size(), len(modules),
-                ", ".join(sorted({c.__name__ for c in classes})) or "the whole model only")
+    logger.info(
+        "hf_hdp: FSDP2 %s over %d ranks: %d sharded modules (%s)",
+        mode,
+        mesh.size(),
+        len(modules),
+        ", ".join(sorted({c.__name__ for c in classes})) or "the whole model only",
+    )
     return modules
 
 
@@ -198,7 +217,7 @@ def _fsdp_collective(err: BaseException) -> tuple[str, str]:
         if type(owner).__name__ == "FSDPParamGroup":
             text = repr(owner)
             if text.startswith("FSDPParamGroup(fqn=") and text.endswith(")"):
-                module = f" of {text[len('FSDPParamGroup(fqn='):-1] or 'the root module'}"
+                module = f" of {text[len('FSDPParamGroup(fqn=') : -1] or 'the root module'}"
     for frame in reversed(frames):  # the innermost FSDP function says which collective
         name = frame.f_code.co_name
         if name in _ALL_GATHER_FRAMES:
@@ -287,9 +306,15 @@ def _placeholder_if_sharded(optimizer, state_dict: dict) -> dict:
     (HDPTrainer saves the sharded state instead, :mod:`hf_hdp.engine.state`). Before the first step (accelerate's
     device placement) the state is empty and passes unchanged."""
     if any(isinstance(v, DTensor) for values in optimizer.state.values() for v in values.values()):
-        return {"state": {}, "param_groups": [], PLACEHOLDER_KEY: {"rank": torch.distributed.get_rank(),
-                                                                   "world_size": torch.distributed.get_world_size(),
-                                                                   "stage": "fsdp"}}
+        return {
+            "state": {},
+            "param_groups": [],
+            PLACEHOLDER_KEY: {
+                "rank": torch.distributed.get_rank(),
+                "world_size": torch.distributed.get_world_size(),
+                "stage": "fsdp",
+            },
+        }
     return state_dict
 
 

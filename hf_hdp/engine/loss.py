@@ -81,8 +81,9 @@ def _chunk_rows(hidden, rows, start, end):
     return hidden[start:end] if rows is None else hidden.index_select(0, rows[start:end])
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                transform: LogitTransform | None = None) -> torch.Tensor:
+def head_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, transform: LogitTransform | None = None
+) -> torch.Tensor:
     """The transformed logits of rows ``h`` ``[n, H]``, as the model's head and loss see them: the head's
     matmul in the inputs' dtype, then float32 for bf16/fp16 inputs (float32 and float64 as they are),
     then ``transform``. Differentiable: the transform runs out of place when the logits need a gradient,
@@ -185,14 +186,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         with _autocast_off(hidden.device.type):
-            dh, dw, db = _backward_chunks(grad, hidden, weight, bias, targets, rows, lse, ctx.chunk,
-                                          ctx.transform, needs)
+            dh, dw, db = _backward_chunks(
+                grad, hidden, weight, bias, targets, rows, lse, ctx.chunk, ctx.transform, needs
+            )
         return dh, dw, db, None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, chunk_tokens: int = 4096,
-                          transform: LogitTransform | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_tokens: int = 4096,
+    transform: LogitTransform | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Summed token cross-entropy of ``transform(hidden @ weight.T + bias)`` against ``targets``.
 
     ``hidden``: ``[T, H]`` final hidden states; ``weight``: the head's ``[V, H]``; ``bias``: ``[V]`` or
@@ -204,8 +213,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     _check_shapes(hidden, weight, targets, chunk_tokens)
     hidden, weight, bias = _as_linear_inputs(hidden, weight, bias)
     with _autocast_off(hidden.device.type):
-        return ChunkedCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, transform or LogitTransform(),
-                                         ignore_index)
+        return ChunkedCrossEntropy.apply(
+            hidden, weight, bias, targets, chunk_tokens, transform or LogitTransform(), ignore_index
+        )
 
 
 def _check_shapes(hidden, weight, targets, chunk_tokens) -> None:
@@ -231,9 +241,17 @@ def _as_linear_inputs(hidden, weight, bias):
     return hidden, weight, bias
 
 
-def map_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                    per_chunk, *, chunk_tokens: int = 4096, ignore_index: int = IGNORE_INDEX,
-                    recompute: bool = True) -> list:
+def map_head_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    per_chunk,
+    *,
+    chunk_tokens: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+    recompute: bool = True,
+) -> list:
     """``per_chunk(h, weight, bias, t)`` of every ``chunk_tokens`` labelled rows, in order: a list of its results.
 
     ``hidden`` ``[T, H]``, ``weight`` ``[V, H]``, ``bias`` and ``targets`` ``[T]`` are those of
@@ -254,7 +272,7 @@ def map_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     results = []
     with _autocast_off(hidden.device.type):
         for start in range(0, rows.numel(), chunk_tokens):
-            r = rows[start:start + chunk_tokens]
+            r = rows[start : start + chunk_tokens]
             h, t = hidden.index_select(0, r), targets.index_select(0, r)
             if checkpointed:
                 results.append(checkpoint(per_chunk, h, weight, bias, t, use_reentrant=False))
@@ -333,22 +351,42 @@ class ChunkedHead:
             raise RuntimeError(f"{type(model).__name__} called its LM head {len(found)} times in one forward, not once")
         return found[0], outputs
 
-    def map_chunks(self, model, targets: torch.Tensor, per_chunk, chunk_tokens: int, *, recompute: bool = True,
-                   **model_kwargs):
+    def map_chunks(
+        self, model, targets: torch.Tensor, per_chunk, chunk_tokens: int, *, recompute: bool = True, **model_kwargs
+    ):
         """``(results, outputs)``: :func:`map_head_chunks` of ``per_chunk(h, weight, bias, t)`` over the final
         hidden states of ``model(**model_kwargs)`` against ``targets`` (the model's input shape, e.g.
         ``[1, T]``), without the full logits (see :meth:`capture`); ``per_chunk`` gets the logits from
         :meth:`logits`."""
-        return self.capture(model, lambda hidden, weight, bias: map_head_chunks(
-            hidden, weight, bias, targets.reshape(-1), per_chunk, chunk_tokens=chunk_tokens, recompute=recompute,
-        ), **model_kwargs)
+        return self.capture(
+            model,
+            lambda hidden, weight, bias: map_head_chunks(
+                hidden,
+                weight,
+                bias,
+                targets.reshape(-1),
+                per_chunk,
+                chunk_tokens=chunk_tokens,
+                recompute=recompute,
+            ),
+            **model_kwargs,
+        )
 
     def __call__(self, model, targets: torch.Tensor, chunk_tokens: int, **model_kwargs):
         """``(summed token cross-entropy, model outputs)`` of ``model(**model_kwargs)`` against ``targets``
         (:func:`chunked_cross_entropy`), without the full logits (see :meth:`capture`)."""
-        return self.capture(model, lambda hidden, weight, bias: chunked_cross_entropy(
-            hidden, weight, targets.reshape(-1), bias, chunk_tokens=chunk_tokens, transform=self.transform,
-        ), **model_kwargs)
+        return self.capture(
+            model,
+            lambda hidden, weight, bias: chunked_cross_entropy(
+                hidden,
+                weight,
+                targets.reshape(-1),
+                bias,
+                chunk_tokens=chunk_tokens,
+                transform=self.transform,
+            ),
+            **model_kwargs,
+        )
 
 
 def _source(fn):
@@ -414,5 +452,13 @@ def chunked_head(model) -> ChunkedHead | None:
     return ChunkedHead(head, transform)
 
 
-__all__ = ["CHUNKED_HEADS", "ChunkedCrossEntropy", "ChunkedHead", "LogitTransform", "chunked_cross_entropy",
-           "chunked_head", "head_logits", "map_head_chunks"]
+__all__ = [
+    "CHUNKED_HEADS",
+    "ChunkedCrossEntropy",
+    "ChunkedHead",
+    "LogitTransform",
+    "chunked_cross_entropy",
+    "chunked_head",
+    "head_logits",
+    "map_head_chunks",
+]

@@ -80,7 +80,7 @@ class OffloadStats:
     micro_batches: int = 0  # training micro-batches that offloaded at least one layer
     layers: int = 0  # decoder layers offloaded, summed over micro-batches
 
-    def copy(self) -> "OffloadStats":
+    def copy(self) -> OffloadStats:
         return replace(self)
 
 
@@ -89,8 +89,9 @@ def decoder_layers(model) -> nn.ModuleList:
     ``config.num_hidden_layers`` modules, the first in module order (``model.layers`` for Llama-style LMs)."""
     base = hdp_base_model(model)
     config = base.config
-    n = getattr(config, "num_hidden_layers", None) or getattr(getattr(config, "text_config", None),
-                                                              "num_hidden_layers", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(
+        getattr(config, "text_config", None), "num_hidden_layers", None
+    )
     for module in base.modules():
         if isinstance(module, nn.ModuleList) and n and len(module) == n:
             return module
@@ -112,8 +113,11 @@ def is_checkpointing(model) -> bool:
 def run_recomputes_layers(args, model) -> bool:
     """Whether a run recomputes its layers in backward: ``TrainingArguments.activation_checkpointing`` /
     ``gradient_checkpointing`` (Trainer turns it on when training starts), or a model that has it on."""
-    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
-                or is_checkpointing(model))
+    return bool(
+        getattr(args, "activation_checkpointing", None)
+        or getattr(args, "gradient_checkpointing", False)
+        or is_checkpointing(model)
+    )
 
 
 def micro_batch_attention_time(cost: CostModel, meta) -> float:
@@ -155,7 +159,7 @@ class _Session:
     tensors are freed as soon as autograd has used them, as the original tensors would have been.
     """
 
-    def __init__(self, offloader: "ActivationOffloader", model, layers, device: torch.device):
+    def __init__(self, offloader: ActivationOffloader, model, layers, device: torch.device):
         self.stats = offloader.stats
         self.min_bytes = offloader.min_bytes
         self.device = device
@@ -166,8 +170,7 @@ class _Session:
         self.seen: dict[int, tuple] = {}  # id(tensor) -> (weakref to it, its version, weakref to its record)
         self.skip_storages = {k for k in map(_storage_key, model.parameters()) if k is not None}
         self.weight_shapes: set[tuple[int, ...]] = set()
-        self.autocast_dtype = (torch.get_autocast_dtype(device.type)
-                               if torch.is_autocast_enabled(device.type) else None)
+        self.autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         self.handles = []
         for i, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(self._enter_hook(i)))
@@ -182,6 +185,7 @@ class _Session:
                     self.skip_storages.add(key)
                 if self.autocast_dtype is not None and p.is_floating_point() and p.dtype != self.autocast_dtype:
                     self.weight_shapes.add(tuple(p.shape))
+
         return enter
 
     def _leave(self, module, args, output):
@@ -294,8 +298,10 @@ class ActivationOffloader:
         if ratio != AUTO:
             ratio = check_offload_ratio(ratio)
         elif cost_model is None:
-            raise ValueError("offload_ratio='auto' needs a cost model (cost_model=) to price the copies against the "
-                             "attention compute")
+            raise ValueError(
+                "offload_ratio='auto' needs a cost model (cost_model=) to price the copies against the "
+                "attention compute"
+            )
         if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative integer, got {min_bytes!r}")
         self.ratio = ratio
@@ -306,7 +312,7 @@ class ActivationOffloader:
         self._streams: dict = {}
 
     @classmethod
-    def from_config(cls, config, cost_model=None) -> "ActivationOffloader | None":
+    def from_config(cls, config, cost_model=None) -> ActivationOffloader | None:
         """The offloader of an :class:`~hf_hdp.HDPConfig`, or None when ``offload_ratio`` is 0 (off)."""
         if config.offload_ratio == 0:
             return None

@@ -29,12 +29,15 @@ def enable_hdp_attention(model, state_split: str = "auto") -> PreTrainedModel:
     layers to HDP's (split by ``state_split``, :class:`~hf_hdp.config.HDPConfig`), or explain why it cannot be."""
     base = require_hdp_routable(model)  # decoder-only, attention through AttentionInterface (hf_hdp.models)
     base.set_attn_implementation(HDP_ATTENTION)
-    enable_hdp_mixers(base, state_split)  # Gated DeltaNet layers: HDP's packed and split recurrence (hf_hdp.attention.recurrent)
+    enable_hdp_mixers(
+        base, state_split
+    )  # Gated DeltaNet layers: HDP's packed and split recurrence (hf_hdp.attention.recurrent)
     return base
 
 
-def hdp_cost_model(model, config, device, low_precision: bool = False,
-                   checkpointing: bool = False) -> tuple[CostModel, float]:
+def hdp_cost_model(
+    model, config, device, low_precision: bool = False, checkpointing: bool = False
+) -> tuple[CostModel, float]:
     """``(cost model, peak FLOP/s)`` of ``model`` on ``config.hardware`` ("auto": h100 on CUDA, else cpu).
 
     The balanced planner's estimate of each sequence's time and the logged MFU's peak. ``low_precision``:
@@ -63,20 +66,38 @@ def hdp_cost_model(model, config, device, low_precision: bool = False,
     return cost, peak
 
 
-def hdp_step_loader(measured: MeasuredDataset, sampler: GlobalBatchSampler, config, cost_model: CostModel,
-                    world_size: int, rank: int, collator: HDPCollator, model, num_workers: int = 0,
-                    lockstep: bool = False) -> HDPDataLoader:
+def hdp_step_loader(
+    measured: MeasuredDataset,
+    sampler: GlobalBatchSampler,
+    config,
+    cost_model: CostModel,
+    world_size: int,
+    rank: int,
+    collator: HDPCollator,
+    model,
+    num_workers: int = 0,
+    lockstep: bool = False,
+) -> HDPDataLoader:
     """A loader of this rank's HDP steps over ``measured``: ``config.planner`` with ``cost_model``.
 
     ``lockstep``: every rank runs the same number of micro-batches (FSDP's per-layer collectives,
     :class:`~hf_hdp.engine.fsdp.LockstepPlanner`). Each item is ``{"hdp_step": HDPStep, ...}``.
     """
-    planner = get_planner(config.planner, cost_model, attention_split=config.attention_split,
-                          **({"lockstep": True} if lockstep else {}))
+    planner = get_planner(
+        config.planner, cost_model, attention_split=config.attention_split, **({"lockstep": True} if lockstep else {})
+    )
     if lockstep:
         planner = LockstepPlanner(planner)  # any planner: the same micro-batch count on every rank
-    steps = HDPStepDataset.from_measured(measured, sampler, planner, world_size, rank, config.tokens_per_rank,
-                                         collator, num_heads=model_heads(model.config))
+    steps = HDPStepDataset.from_measured(
+        measured,
+        sampler,
+        planner,
+        world_size,
+        rank,
+        config.tokens_per_rank,
+        collator,
+        num_heads=model_heads(model.config),
+    )
     return HDPDataLoader(steps, num_workers=num_workers)
 
 

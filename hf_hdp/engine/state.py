@@ -45,8 +45,12 @@ OPTIM = "optim.state."
 GROUPS = "optim.param_groups"
 TIED = "meta.tied"
 
-IO_STATS: dict[str, int] = {"save_optimizer_bytes": 0, "load_optimizer_bytes": 0, "save_model_bytes": 0,
-                            "load_model_bytes": 0}
+IO_STATS: dict[str, int] = {
+    "save_optimizer_bytes": 0,
+    "load_optimizer_bytes": 0,
+    "save_model_bytes": 0,
+    "load_model_bytes": 0,
+}
 """Bytes of state tensors this rank held in the state dict of its last sharded save and load (local shards of
 DTensors): what the memory tests compare with the whole optimizer state."""
 
@@ -245,7 +249,7 @@ def load_optimizer_state(path: str, targets: dict[str, torch.Tensor], group, met
     by_param: dict[str, list[str]] = {}
     for key in metadata.state_dict_metadata:
         if key.startswith(OPTIM):
-            name, _, _ = key[len(OPTIM):].rpartition(".")
+            name, _, _ = key[len(OPTIM) :].rpartition(".")
             by_param.setdefault(name, []).append(key)
     state: dict = {GROUPS: ""}
     for name, param in targets.items():
@@ -256,7 +260,7 @@ def load_optimizer_state(path: str, targets: dict[str, torch.Tensor], group, met
     out: dict[str, dict] = {}
     for key, value in state.items():
         if key.startswith(OPTIM):
-            name, _, item = key[len(OPTIM):].rpartition(".")
+            name, _, item = key[len(OPTIM) :].rpartition(".")
             out.setdefault(name, {})[item] = value
     return out, json.loads(state[GROUPS])
 
@@ -266,10 +270,12 @@ def load_model_state(path: str, model, group, metadata=None) -> None:
     plain ones the whole tensor. Collective over ``group``. Refuses a checkpoint that lacks a weight."""
     metadata = metadata or read_metadata(path)
     entries, _ = model_entries(model)
-    missing = [k[len(MODEL):] for k in entries if k not in metadata.state_dict_metadata]
+    missing = [k[len(MODEL) :] for k in entries if k not in metadata.state_dict_metadata]
     if missing:
-        raise ValueError(f"{path} has no weights for {missing[:5]} ({len(missing)} of {len(entries)}): it was "
-                         "saved from another model. Resume with the model the checkpoint was made from.")
+        raise ValueError(
+            f"{path} has no weights for {missing[:5]} ({len(missing)} of {len(entries)}): it was "
+            "saved from another model. Resume with the model the checkpoint was made from."
+        )
     IO_STATS["load_model_bytes"] = sum(_local_bytes(v) for v in entries.values())
     with torch.no_grad():
         load_sharded(path, entries, group)
@@ -292,8 +298,15 @@ def load_into_optimizer(optimizer, state: dict[str, dict], saved_groups: list[di
 
 def has_whole_weights(checkpoint: str) -> bool:
     """Whether ``checkpoint`` holds whole weights as transformers writes them (safetensors or ``.bin``)."""
-    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    return any(
+        os.path.isfile(os.path.join(checkpoint, name))
+        for name in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
 
 
 def load_whole_weights(model, checkpoint: str) -> None:
@@ -312,16 +325,17 @@ def load_whole_weights(model, checkpoint: str) -> None:
     else:
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors (or its index) to load the weights from")
     entries, _ = model_entries(model)
-    missing = [k[len(MODEL):] for k in entries if k[len(MODEL):] not in where]
+    missing = [k[len(MODEL) :] for k in entries if k[len(MODEL) :] not in where]
     if missing:
         raise ValueError(f"{checkpoint} has no weights for {missing[:5]} ({len(missing)} of {len(entries)})")
     with torch.no_grad():
         for key, value in entries.items():
-            with safe_open(where[key[len(MODEL):]], "pt") as f:
-                full = f.get_tensor(key[len(MODEL):])
+            with safe_open(where[key[len(MODEL) :]], "pt") as f:
+                full = f.get_tensor(key[len(MODEL) :])
             if isinstance(value, DTensor):
-                local = distribute_tensor(full.to(value.device, value.dtype), value.device_mesh, value.placements,
-                                          src_data_rank=None).to_local()
+                local = distribute_tensor(
+                    full.to(value.device, value.dtype), value.device_mesh, value.placements, src_data_rank=None
+                ).to_local()
                 value.to_local().copy_(local)
             else:
                 value.copy_(full)

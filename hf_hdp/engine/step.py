@@ -39,8 +39,15 @@ from .zero import gradient_owners
 logger = logging.getLogger(__name__)
 
 
-def hdp_loss(model, inputs, num_items_in_batch: int, return_outputs: bool = False, loss_func=None, *,
-             chunk_tokens: int | None = None):
+def hdp_loss(
+    model,
+    inputs,
+    num_items_in_batch: int,
+    return_outputs: bool = False,
+    loss_func=None,
+    *,
+    chunk_tokens: int | None = None,
+):
     """Sum of the micro-batch's token losses divided by the global batch's label count.
 
     ``chunk_tokens``: compute the LM head and the loss ``chunk_tokens`` tokens at a time, never holding
@@ -57,18 +64,27 @@ def hdp_loss(model, inputs, num_items_in_batch: int, return_outputs: bool = Fals
     ``num_items_in_batch`` is the global label-token count, so the sum over micro-batches and ranks
     is stock Trainer's loss of the whole batch on one device.
     """
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
+    if chunk_tokens is not None and (
+        isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    ):
         raise ValueError(f"chunk_tokens must be a positive integer or None (full logits), got {chunk_tokens!r}")
-    model_inputs = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                        hdp_metadata=inputs["hdp_metadata"], use_cache=False)
+    model_inputs = dict(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs["position_ids"],
+        hdp_metadata=inputs["hdp_metadata"],
+        use_cache=False,
+    )
     targets = inputs["labels"]
     head = chunked_head(model) if chunk_tokens is not None and loss_func is None else None
     if head is not None:
         loss, outputs = head(model, targets, chunk_tokens, **model_inputs)
         loss = loss / max(int(num_items_in_batch), 1)
-        outputs = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
-                                         attentions=getattr(outputs, "attentions", None))
+        outputs = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
         return (loss, outputs) if return_outputs else loss
     outputs = model(**model_inputs)
     if loss_func is not None:
@@ -87,8 +103,17 @@ def hdp_loss(model, inputs, num_items_in_batch: int, return_outputs: bool = Fals
     return (loss, outputs) if return_outputs else loss
 
 
-def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicMesh, backend: str, device,
-                        loss_fn=None, context=contextlib.nullcontext, offload: ActivationOffloader | None = None):
+def forward_micro_batch(
+    model,
+    batch: dict,
+    num_loss_tokens: int,
+    mesh: DynamicMesh,
+    backend: str,
+    device,
+    loss_fn=None,
+    context=contextlib.nullcontext,
+    offload: ActivationOffloader | None = None,
+):
     """Move one packed micro-batch to ``device``, run its forward through the "hdp" attention and
     return ``(loss, batch)``; refuse a model whose forward never called the "hdp" attention.
 
@@ -118,9 +143,19 @@ def forward_micro_batch(model, batch: dict, num_loss_tokens: int, mesh: DynamicM
     return loss, batch
 
 
-def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicMesh, backend: str,
-                      device, loss_fn=None, backward=None, context=contextlib.nullcontext,
-                      offload: ActivationOffloader | None = None, last_backward=None) -> float:
+def run_micro_batches(
+    model,
+    micro_batches,
+    num_loss_tokens: int,
+    mesh: DynamicMesh,
+    backend: str,
+    device,
+    loss_fn=None,
+    backward=None,
+    context=contextlib.nullcontext,
+    offload: ActivationOffloader | None = None,
+    last_backward=None,
+) -> float:
     """Forward and backward of this rank's micro-batches in slot order; returns the sum of their losses.
 
     Gradients accumulate locally; the caller reduces them once (:meth:`DynamicMesh.reduce_gradients`).
@@ -132,8 +167,9 @@ def run_micro_batches(model, micro_batches, num_loss_tokens: int, mesh: DynamicM
     backward = backward or (lambda loss: loss.backward())
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
-        loss, _ = forward_micro_batch(model, batch, num_loss_tokens, mesh, backend, device, loss_fn, context,
-                                      offload=offload)
+        loss, _ = forward_micro_batch(
+            model, batch, num_loss_tokens, mesh, backend, device, loss_fn, context, offload=offload
+        )
         last = last_backward is not None and i == len(micro_batches) - 1
         with last_backward() if last else contextlib.nullcontext():
             backward(loss)
@@ -171,9 +207,16 @@ class StepEngine:
     reduction is then FSDP's own.
     """
 
-    def __init__(self, mesh: DynamicMesh, config: HDPConfig, *, backward: Callable | None = None,
-                 autocast: Callable = contextlib.nullcontext, offload: ActivationOffloader | None = None,
-                 collator: HDPCollator | None = None):
+    def __init__(
+        self,
+        mesh: DynamicMesh,
+        config: HDPConfig,
+        *,
+        backward: Callable | None = None,
+        autocast: Callable = contextlib.nullcontext,
+        offload: ActivationOffloader | None = None,
+        collator: HDPCollator | None = None,
+    ):
         self.mesh = mesh
         self.config = config
         self.backward = backward
@@ -227,19 +270,31 @@ class StepEngine:
         sent = mesh.stats.bytes_sent - bytes_before
         labels = float(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in step.micro_batches))
         if fsdp:  # FSDP reduce-scattered the gradients itself; the step's sums go in one bounded all-reduce
-            total, sent_all, labels_all = mesh.sum_scalars([loss_sum, float(sent), labels],
-                                                           "step sums (loss, bytes, labels)", step.global_step)
+            total, sent_all, labels_all = mesh.sum_scalars(
+                [loss_sum, float(sent), labels], "step sums (loss, bytes, labels)", step.global_step
+            )
             mesh.gradients_sharded = True
         else:  # the step's loss, the P2P bytes and the label tokens of all ranks ride in its last bucket
             total, sent_all, labels_all = reduction.finish([loss_sum, float(sent), labels])
         check_label_count(step, labels_all)
-        return StepResult(loss=float(total), bytes_sent=sent, bytes_sent_all=sent_all,
-                          cpu_s=time.process_time() - started)
+        return StepResult(
+            loss=float(total), bytes_sent=sent, bytes_sent_all=sent_all, cpu_s=time.process_time() - started
+        )
 
     def _micro_batches(self, model, micro_batches, num_loss_tokens: int, loss_fn: LossFn, last_backward) -> float:
-        return run_micro_batches(model, micro_batches, num_loss_tokens, self.mesh, self.config.attention_backend,
-                                 self.mesh.device, loss_fn=loss_fn, backward=self.backward, context=self.autocast,
-                                 offload=self.offload, last_backward=last_backward)
+        return run_micro_batches(
+            model,
+            micro_batches,
+            num_loss_tokens,
+            self.mesh,
+            self.config.attention_backend,
+            self.mesh.device,
+            loss_fn=loss_fn,
+            backward=self.backward,
+            context=self.autocast,
+            offload=self.offload,
+            last_backward=last_backward,
+        )
 
 
 def check_label_count(step: HDPStep, packed: float) -> None:

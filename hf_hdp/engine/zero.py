@@ -112,8 +112,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     the gradients are expected sharded (:func:`gradient_owners`); with 1, whole.
     """
 
-    def __init__(self, param_groups: Iterable[dict], optimizer_class: type, mesh: DynamicMesh, stage: int = 1,
-                 **kwargs):
+    def __init__(
+        self, param_groups: Iterable[dict], optimizer_class: type, mesh: DynamicMesh, stage: int = 1, **kwargs
+    ):
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer shards at ZeRO stage 1 or 2, not {stage!r}")
         self._ready = False
@@ -125,12 +126,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"ZeRO shards dense, contiguous parameters; parameter {i} ({tuple(p.shape)}) is not")
         self.owners = partition(self.params, mesh.world_size)
         self._owner = {id(p): r for p, r in zip(self.params, self.owners)}
-        local_groups = [{**group_settings(g), "params": [p for p in g["params"] if self._owner[id(p)] == mesh.rank]}
-                        for g in self.param_groups]
+        local_groups = [
+            {**group_settings(g), "params": [p for p in g["params"] if self._owner[id(p)] == mesh.rank]}
+            for g in self.param_groups
+        ]
         self.local = optimizer_class(local_groups, **kwargs)
         self.state = self.local.state  # this rank's shard
-        self._buckets = plan_buckets([(p.numel(), p.dtype) for p in self.params], mesh.bucket_bytes, self.owners,
-                                     mesh.world_size)
+        self._buckets = plan_buckets(
+            [(p.numel(), p.dtype) for p in self.params], mesh.bucket_bytes, self.owners, mesh.world_size
+        )
         self._token = secrets.token_hex(8)
         self._ready = True
 
@@ -174,9 +178,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         checkpoint whose full state was never written fails to resume instead of resetting the moments.
         (This optimizer loads back its own placeholder as a no-op, for accelerate's device placement.)
         """
-        return {"state": {}, "param_groups": [],
-                PLACEHOLDER_KEY: {"token": self._token, "rank": self.mesh.rank, "world_size": self.mesh.world_size,
-                                  "stage": self.stage}}
+        return {
+            "state": {},
+            "param_groups": [],
+            PLACEHOLDER_KEY: {
+                "token": self._token,
+                "rank": self.mesh.rank,
+                "world_size": self.mesh.world_size,
+                "stage": self.stage,
+            },
+        }
 
     def full_state_dict(self, receive: bool = True) -> dict | None:
         """The whole optimizer state, in ``torch.optim``'s format, on the ranks that pass ``receive=True``.
@@ -189,8 +200,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # the settings come from param_groups, which the scheduler may have changed since the last step
         buffer = io.BytesIO()
         torch.save(self.local.state_dict()["state"], buffer)
-        blobs = self.mesh.gather_bytes(buffer.getvalue(), receive, "optimizer state gather (ZeRO)",
-                                       self.mesh.current_step)
+        blobs = self.mesh.gather_bytes(
+            buffer.getvalue(), receive, "optimizer state gather (ZeRO)", self.mesh.current_step
+        )
         if blobs is None:
             return None
         state = {}
@@ -226,8 +238,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     local_state[index] = state[names[id(p)]]
                 indices.append(index)
                 index += 1
-            settings = {k: (tuple(v) if isinstance(group.get(k), tuple) and isinstance(v, list) else v)
-                        for k, v in saved.items() if k != "params"}
+            settings = {
+                k: (tuple(v) if isinstance(group.get(k), tuple) and isinstance(v, list) else v)
+                for k, v in saved.items()
+                if k != "params"
+            }
             local_groups.append({**settings, "params": indices})
         self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
         self._sync_settings(self.local.param_groups, self.param_groups)
@@ -282,8 +297,10 @@ def _why_not_sharded(optimizer, args, built_by_trainer: bool, stage: int) -> str
     name = type(optimizer).__name__
     optim = str(getattr(args, "optim", "") or "")
     if not built_by_trainer:
-        return ("the optimizer was passed to the trainer ready-made (optimizers=(optimizer, scheduler)), and HDP "
-                "shards only an optimizer it builds; pass optimizer_cls_and_kwargs=(cls, kwargs) instead")
+        return (
+            "the optimizer was passed to the trainer ready-made (optimizers=(optimizer, scheduler)), and HDP "
+            "shards only an optimizer it builds; pass optimizer_cls_and_kwargs=(cls, kwargs) instead"
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         return f"{name} is not a torch.optim.Optimizer"
     if "layerwise" in optim.lower() or "LayerWise" in name or "lomo" in optim.lower():
@@ -293,8 +310,10 @@ def _why_not_sharded(optimizer, args, built_by_trainer: bool, stage: int) -> str
     if any(p.is_sparse or not p.is_contiguous() for g in optimizer.param_groups for p in g["params"]):
         return "some parameters are sparse or not contiguous"
     if stage == 2 and getattr(args, "fp16", False):
-        return ("fp16 loss scaling skips a step when a rank sees an inf gradient, and at stage 2 each rank sees "
-                "only its shard's gradients, so the ranks could disagree; use bf16 or zero_stage=1")
+        return (
+            "fp16 loss scaling skips a step when a rank sees an inf gradient, and at stage 2 each rank sees "
+            "only its shard's gradients, so the ranks could disagree; use bf16 or zero_stage=1"
+        )
     return None
 
 
@@ -322,8 +341,10 @@ def shard_optimizer(optimizer, mesh: DynamicMesh, zero_stage: int | None, args, 
     reason = _why_not_sharded(optimizer, args, built_by_trainer, stage)
     if reason is not None:
         if zero_stage is not None:
-            raise ValueError(f"HDPConfig.zero_stage={zero_stage} cannot shard this optimizer: {reason}. "
-                             "Or set zero_stage=0 (every rank holds the whole optimizer state).")
+            raise ValueError(
+                f"HDPConfig.zero_stage={zero_stage} cannot shard this optimizer: {reason}. "
+                "Or set zero_stage=0 (every rank holds the whole optimizer state)."
+            )
         logger.warning("hf_hdp: the optimizer states stay replicated on every rank (ZeRO stage 0): %s.", reason)
         return optimizer
     cls = type(optimizer)

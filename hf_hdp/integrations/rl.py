@@ -102,51 +102,93 @@ from .rollouts import RolloutStep, beside_packed, build_rollout_step, local_roll
 
 logger = logging.getLogger(__name__)
 
-MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-              "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+MULTIMODAL = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 def refuse_rl_args(args, hdp_config: HDPConfig, name: str) -> None:
     """The TRL and HDP options an HDP RL trainer cannot honour, each refused with its reason and fix."""
     if hdp_config.long_sample_policy != "error":
-        raise ValueError(f"HDPConfig.long_sample_policy={hdp_config.long_sample_policy!r} is not supported by {name}: "
-                         "truncating or dropping a rollout would change TRL's loss. Leave it at 'error' and bound "
-                         "max_completion_length (a rollout may span all ranks: world_size * tokens_per_rank tokens).")
+        raise ValueError(
+            f"HDPConfig.long_sample_policy={hdp_config.long_sample_policy!r} is not supported by {name}: "
+            "truncating or dropping a rollout would change TRL's loss. Leave it at 'error' and bound "
+            "max_completion_length (a rollout may span all ranks: world_size * tokens_per_rank tokens)."
+        )
     if hdp_config.loss_chunk_tokens not in (None, 1024):
-        raise ValueError(f"HDPConfig.loss_chunk_tokens={hdp_config.loss_chunk_tokens} is not used by {name}: the "
-                         "log-probabilities come from TRL's fused LM head, which chunks the vocabulary projection "
-                         "itself. Leave loss_chunk_tokens at its default.")
+        raise ValueError(
+            f"HDPConfig.loss_chunk_tokens={hdp_config.loss_chunk_tokens} is not used by {name}: the "
+            "log-probabilities come from TRL's fused LM head, which chunks the vocabulary projection "
+            "itself. Leave loss_chunk_tokens at its default."
+        )
     if args is None:
         return
     world = getattr(args, "world_size", 1)
     if hdp_config.global_batch_size not in (None, args.per_device_train_batch_size * world):
-        raise ValueError(f"HDPConfig.global_batch_size={hdp_config.global_batch_size} cannot be honoured by {name}: "
-                         "each rank generates per_device_train_batch_size rollouts per step, so the global batch is "
-                         f"per_device_train_batch_size x world_size = {args.per_device_train_batch_size * world}. "
-                         "Leave global_batch_size unset and set per_device_train_batch_size.")
+        raise ValueError(
+            f"HDPConfig.global_batch_size={hdp_config.global_batch_size} cannot be honoured by {name}: "
+            "each rank generates per_device_train_batch_size rollouts per step, so the global batch is "
+            f"per_device_train_batch_size x world_size = {args.per_device_train_batch_size * world}. "
+            "Leave global_batch_size unset and set per_device_train_batch_size."
+        )
     checks = [
-        (getattr(args, "use_vllm", False), "use_vllm=True",
-         "vLLM generation is not supported (untested with HDP's passes); generate with transformers (use_vllm=False)"),
-        (getattr(args, "use_liger_kernel", False), "use_liger_kernel=True",
-         ("Liger's kernels and GRPO loss replace the forward and the loss that HDP runs over packed, split rollouts; "
-          "set use_liger_kernel=False")),
-        (getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False),
-         "entropy_coef / use_adaptive_entropy",
-         ("the entropy bonus differentiates the entropies, which HDP's loss pass does not carry; set entropy_coef=0.0 "
-          "and use_adaptive_entropy=False")),
-        (args.gradient_accumulation_steps != 1, f"gradient_accumulation_steps={args.gradient_accumulation_steps}",
-         ("HDP runs a rank's whole generation batch as one step, whatever its lengths; set it to 1 and raise "
-          "per_device_train_batch_size to the rollouts per rank and optimizer step")),
-        (getattr(args, "steps_per_generation", 1) not in (None, 1),
-         f"steps_per_generation={getattr(args, 'steps_per_generation', None)}",
-         ("each generation batch is one HDP optimizer step; set steps_per_generation=1 (and generation_batch_size "
-          "unset)")),
+        (
+            getattr(args, "use_vllm", False),
+            "use_vllm=True",
+            "vLLM generation is not supported (untested with HDP's passes); generate with transformers (use_vllm=False)",
+        ),
+        (
+            getattr(args, "use_liger_kernel", False),
+            "use_liger_kernel=True",
+            (
+                "Liger's kernels and GRPO loss replace the forward and the loss that HDP runs over packed, split rollouts; "
+                "set use_liger_kernel=False"
+            ),
+        ),
+        (
+            getattr(args, "entropy_coef", 0.0) or getattr(args, "use_adaptive_entropy", False),
+            "entropy_coef / use_adaptive_entropy",
+            (
+                "the entropy bonus differentiates the entropies, which HDP's loss pass does not carry; set entropy_coef=0.0 "
+                "and use_adaptive_entropy=False"
+            ),
+        ),
+        (
+            args.gradient_accumulation_steps != 1,
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}",
+            (
+                "HDP runs a rank's whole generation batch as one step, whatever its lengths; set it to 1 and raise "
+                "per_device_train_batch_size to the rollouts per rank and optimizer step"
+            ),
+        ),
+        (
+            getattr(args, "steps_per_generation", 1) not in (None, 1),
+            f"steps_per_generation={getattr(args, 'steps_per_generation', None)}",
+            (
+                "each generation batch is one HDP optimizer step; set steps_per_generation=1 (and generation_batch_size "
+                "unset)"
+            ),
+        ),
         (bool(getattr(args, "deepspeed", None)), "deepspeed", "HDP reduces the gradients itself; remove deepspeed"),
-        (bool(getattr(args, "fsdp", None)), f"fsdp={getattr(args, 'fsdp', None)!r}",
-         ("FSDP2 shards the weights, and a sharded model's every forward is a collective: TRL's generation runs a "
-          "different number of decoding forwards per rank (rollouts end at different lengths) and HDP's passes run a "
-          "different number of micro-batches per rank, so the per-layer weight gathers would not match up. Remove "
-          "fsdp; HDPConfig(zero_stage=1 or 2) shards the optimizer states (and gradients) instead")),
+        (
+            bool(getattr(args, "fsdp", None)),
+            f"fsdp={getattr(args, 'fsdp', None)!r}",
+            (
+                "FSDP2 shards the weights, and a sharded model's every forward is a collective: TRL's generation runs a "
+                "different number of decoding forwards per rank (rollouts end at different lengths) and HDP's passes run a "
+                "different number of micro-batches per rank, so the per-layer weight gathers would not match up. Remove "
+                "fsdp; HDPConfig(zero_stage=1 or 2) shards the optimizer states (and gradients) instead"
+            ),
+        ),
     ]
     for bad, option, why in checks:
         if bad:
@@ -162,8 +204,9 @@ class _HDPRolloutPasses:
         """Before TRL's ``__init__``: the config, the refusals, the "hdp" attention on an instance."""
         self.hdp_config = hdp_config if hdp_config is not None else HDPConfig()
         if not isinstance(self.hdp_config, HDPConfig):
-            raise TypeError(f"{self._hdp_name}(hdp_config=...) takes an hf_hdp.HDPConfig, "
-                            f"got {type(self.hdp_config).__name__}")
+            raise TypeError(
+                f"{self._hdp_name}(hdp_config=...) takes an hf_hdp.HDPConfig, got {type(self.hdp_config).__name__}"
+            )
         refuse_rl_args(args, self.hdp_config, self._hdp_name)
         if args is not None:
             check_distributed_setup(args)
@@ -176,12 +219,16 @@ class _HDPRolloutPasses:
     def _hdp_finish(self) -> None:
         """After TRL's ``__init__``: refusals of what TRL decided, the reference model, planner and engine."""
         if getattr(self, "_is_vlm", False):
-            raise ValueError(f"{self._hdp_name}: vision-language models and image inputs cannot be honoured: HDP "
-                             "packs text-only rollouts. Use the stock trainer for them.")
+            raise ValueError(
+                f"{self._hdp_name}: vision-language models and image inputs cannot be honoured: HDP "
+                "packs text-only rollouts. Use the stock trainer for them."
+            )
         if getattr(self, "aux_loss_enabled", False):
-            raise ValueError(f"{self._hdp_name}: the MoE router auxiliary loss (router_aux_loss_coef="
-                             f"{self.router_aux_loss_coef}) is not computed over packed, split rollouts; set "
-                             "router_aux_loss_coef=0.0 in the config.")
+            raise ValueError(
+                f"{self._hdp_name}: the MoE router auxiliary loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef}) is not computed over packed, split rollouts; set "
+                "router_aux_loss_coef=0.0 in the config."
+            )
         base = enable_hdp_attention(self.model, self.hdp_config.state_split)
         if getattr(self, "ref_model", None) is not None:
             enable_hdp_attention(self.ref_model, self.hdp_config.state_split)
@@ -189,15 +236,21 @@ class _HDPRolloutPasses:
             self.hdp_config, self.hdp_capacity = self._hdp_resolve_capacity()
         cfg = self.hdp_config
         self.hdp_collator = HDPCollator(vocab_size=base.get_input_embeddings().num_embeddings)
-        self.hdp_cost_model, _ = hdp_cost_model(base, cfg, self.args.device, bool(self.args.bf16 or self.args.fp16),
-                                                bool(self.args.gradient_checkpointing))
+        self.hdp_cost_model, _ = hdp_cost_model(
+            base, cfg, self.args.device, bool(self.args.bf16 or self.args.fp16), bool(self.args.gradient_checkpointing)
+        )
         self.hdp_planner = get_planner(cfg.planner, self.hdp_cost_model, attention_split=cfg.attention_split)
         self.hdp_num_heads = model_heads(base.config)
         # activation offloading acts on the loss pass only: the forward-only passes save no activation
         self.hdp_offload = ActivationOffloader.from_config(cfg, cost_model=lambda: self.hdp_cost_model)
-        self.hdp_engine = StepEngine(self.mesh, cfg, backward=self.accelerator.backward,
-                                     autocast=self.accelerator.autocast, offload=self.hdp_offload,
-                                     collator=self.hdp_collator)
+        self.hdp_engine = StepEngine(
+            self.mesh,
+            cfg,
+            backward=self.accelerator.backward,
+            autocast=self.accelerator.autocast,
+            offload=self.hdp_offload,
+            collator=self.hdp_collator,
+        )
         self.hdp_history: list[dict] = []  # per step: the plan's figures and this rank's CPU seconds
 
     def _hdp_resolve_capacity(self):
@@ -211,13 +264,21 @@ class _HDPRolloutPasses:
         ref = getattr(self, "ref_model", None)
         ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
         if ref_bytes >= budget:
-            raise ValueError(f"{self._hdp_name}: HDPConfig(tokens_per_rank='auto'): the reference model's weights "
-                             f"({ref_bytes / 1e9:.3g} GB) do not fit the budget ({budget / 1e9:.3g} GB, {source}). "
-                             "Raise memory_budget_gb, use PEFT (the reference is the adapters off) or set beta=0.")
+            raise ValueError(
+                f"{self._hdp_name}: HDPConfig(tokens_per_rank='auto'): the reference model's weights "
+                f"({ref_bytes / 1e9:.3g} GB) do not fit the budget ({budget / 1e9:.3g} GB, {source}). "
+                "Raise memory_budget_gb, use PEFT (the reference is the adapters off) or set beta=0."
+            )
         config = dataclasses.replace(self.hdp_config, memory_budget_gb=(budget - ref_bytes) / 1e9)
         resolved, capacity = resolve_tokens_per_rank(config, self.model, self.args, self.mesh.world_size)
-        logger.info("hf_hdp: %s: tokens_per_rank = %d from %s (%s), less the reference model's %.3g GB.",
-                    self._hdp_name, resolved.tokens_per_rank, f"{budget / 1e9:.3g} GB", source, ref_bytes / 1e9)
+        logger.info(
+            "hf_hdp: %s: tokens_per_rank = %d from %s (%s), less the reference model's %.3g GB.",
+            self._hdp_name,
+            resolved.tokens_per_rank,
+            f"{budget / 1e9:.3g} GB",
+            source,
+            ref_bytes / 1e9,
+        )
         return resolved, capacity
 
     def create_optimizer(self, model=None):
@@ -225,8 +286,9 @@ class _HDPRolloutPasses:
         (``HDPConfig.zero_stage``; unset: 1 on several ranks), as HDPTrainer's (:mod:`hf_hdp.engine.zero`)."""
         built_by_trainer = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
-                                         built_by_trainer=built_by_trainer)
+        self.optimizer = shard_optimizer(
+            optimizer, self.mesh, self.hdp_config.zero_stage, self.args, built_by_trainer=built_by_trainer
+        )
         return self.optimizer
 
     def _save_checkpoint(self, model, trial):
@@ -259,12 +321,27 @@ class _HDPRolloutPasses:
     # ------------------------------------------------------------------ forward-only passes
     def _hdp_step_of(self, input_ids, attention_mask, logits_to_keep) -> RolloutStep:
         rollouts = local_rollouts(input_ids, attention_mask, input_ids.size(1) - logits_to_keep)
-        return build_rollout_step(self.mesh, rollouts, self.hdp_planner, self.hdp_config.tokens_per_rank,
-                                  self.hdp_collator, self.state.global_step + 1, self.hdp_num_heads)
+        return build_rollout_step(
+            self.mesh,
+            rollouts,
+            self.hdp_planner,
+            self.hdp_config.tokens_per_rank,
+            self.hdp_collator,
+            self.state.global_step + 1,
+            self.hdp_num_heads,
+        )
 
     def _hdp_forward(self, model, batch, loss_fn):
-        out, _ = forward_micro_batch(model, batch, 0, self.mesh, self.hdp_config.attention_backend, self.mesh.device,
-                                     loss_fn=loss_fn, context=self.accelerator.autocast)
+        out, _ = forward_micro_batch(
+            model,
+            batch,
+            0,
+            self.mesh,
+            self.hdp_config.attention_backend,
+            self.mesh.device,
+            loss_fn=loss_fn,
+            context=self.accelerator.autocast,
+        )
         return out
 
     def _hdp_logps(self, model, step: RolloutStep, logits_to_keep: int, entropy: bool):
@@ -279,9 +356,10 @@ class _HDPRolloutPasses:
             values = torch.stack([lp, en], dim=-1).to(self.mesh.device)
             at = 0
             for s, a, b in runs:
-                buf = held.setdefault(s, torch.zeros(layout.lengths[s], 2, dtype=torch.float64,
-                                                     device=self.mesh.device))
-                buf[a:b] = values[at:at + b - a]
+                buf = held.setdefault(
+                    s, torch.zeros(layout.lengths[s], 2, dtype=torch.float64, device=self.mesh.device)
+                )
+                buf[a:b] = values[at : at + b - a]
                 at += b - a
         owned = to_owner(self.mesh, step, held, (2,), torch.float64, "rollout log-probabilities")
         mine = layout.samples_of(self.mesh.rank)
@@ -292,8 +370,17 @@ class _HDPRolloutPasses:
         dtype = torch.float64 if hdp_base_model(model).dtype == torch.float64 else torch.float32
         return result[..., 0].to(dtype), (result[..., 1].to(dtype) if entropy else None)
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
         """TRL's per-token log-probabilities of the completions, through HDP micro-batches (forward only).
 
         Inside the loss pass (:meth:`training_step`) it hands TRL's loss the log-probabilities computed for
@@ -303,12 +390,16 @@ class _HDPRolloutPasses:
             return logps, (entropies if compute_entropy else None), None
         used = sorted(k for k, v in multimodal.items() if v is not None)
         if used:
-            raise ValueError(f"{self._hdp_name}: multimodal inputs ({', '.join(used)}) cannot be honoured: HDP "
-                             "packs text-only rollouts.")
+            raise ValueError(
+                f"{self._hdp_name}: multimodal inputs ({', '.join(used)}) cannot be honoured: HDP "
+                "packs text-only rollouts."
+            )
         if torch.is_grad_enabled():
-            raise RuntimeError(f"{self._hdp_name}: a pass over rollouts with gradients runs only inside "
-                               "training_step (HDP carries the loss's gradient itself); call this under "
-                               "torch.no_grad().")
+            raise RuntimeError(
+                f"{self._hdp_name}: a pass over rollouts with gradients runs only inside "
+                "training_step (HDP carries the loss's gradient itself); call this under "
+                "torch.no_grad()."
+            )
         step = self._hdp_step_of(input_ids, attention_mask, logits_to_keep)
         logps, entropies = self._hdp_logps(model, step, logits_to_keep, compute_entropy)
         return logps.to(input_ids.device), (None if entropies is None else entropies.to(input_ids.device)), None
@@ -358,19 +449,33 @@ class _HDPRolloutPasses:
         for batch, runs in zip(step.micro_batches, step.runs):  # 3. d loss / d l_t beside each packed token
             batch["hdp_coef"] = beside_packed(runs, coefs).to(torch.float64)
         layout = step.layout
-        hstep = HDPStep(epoch=0, step=self.state.global_step, plan=step.plan, fingerprint=step.plan.fingerprint(),
-                        rows=list(range(len(layout.lengths))), micro_batches=step.micro_batches,
-                        num_loss_tokens=layout.num_loss_tokens, num_tokens=sum(layout.lengths),
-                        local_tokens=step.local_tokens, global_step=step.global_step)
+        hstep = HDPStep(
+            epoch=0,
+            step=self.state.global_step,
+            plan=step.plan,
+            fingerprint=step.plan.fingerprint(),
+            rows=list(range(len(layout.lengths))),
+            micro_batches=step.micro_batches,
+            num_loss_tokens=layout.num_loss_tokens,
+            num_tokens=sum(layout.lengths),
+            local_tokens=step.local_tokens,
+            global_step=step.global_step,
+        )
         result = self.hdp_engine.run(model, hstep, _surrogate_loss, [self.optimizer])
         if result.skipped:  # no completion token in the global batch (all masked): stock's gradient is zero
             for p in model.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
-        self.hdp_history.append({"step": step.global_step, "local_tokens": step.local_tokens,
-                                 "micro_batches": len(step.micro_batches), "bytes_sent": result.bytes_sent,
-                                 "cpu_s": time.process_time() - cpu, "max_group": max(
-                                     (len(p.group) for mb in step.plan.micro_batches for p in mb.pieces), default=1)})
+        self.hdp_history.append(
+            {
+                "step": step.global_step,
+                "local_tokens": step.local_tokens,
+                "micro_batches": len(step.micro_batches),
+                "bytes_sent": result.bytes_sent,
+                "cpu_s": time.process_time() - cpu,
+                "max_group": max((len(p.group) for mb in step.plan.micro_batches for p in mb.pieces), default=1),
+            }
+        )
         return (loss.detach() * scale * self.mesh.world_size).float()
 
     def _hdp_coefficients(self, step: RolloutStep, grad: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -382,15 +487,28 @@ class _HDPRolloutPasses:
             values = torch.zeros(n, dtype=torch.float64)
             values[p - 1 : n - 1] = grad[layout.local[s], : n - p]
             per_sample[s] = values
-        got = route(self.mesh, moves_to_pieces(step.plan, layout), per_sample, layout.lengths, (), torch.float64,
-                    "rollout loss coefficients", step.global_step)
+        got = route(
+            self.mesh,
+            moves_to_pieces(step.plan, layout),
+            per_sample,
+            layout.lengths,
+            (),
+            torch.float64,
+            "rollout loss coefficients",
+            step.global_step,
+        )
         return {s: buf.cpu() for (s, _), buf in got.items()}
 
 
 def _fused_outputs(model, batch, num_items_in_batch=None):
     """The fused LM head's per-token outputs of a packed micro-batch (HDP's labels are already shifted)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], hdp_metadata=batch["hdp_metadata"],
-                 shift_labels=batch["labels"], fused_lm_head=True)
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        hdp_metadata=batch["hdp_metadata"],
+        shift_labels=batch["labels"],
+        fused_lm_head=True,
+    )
 
 
 def _surrogate_loss(model, batch, num_items_in_batch=None):
@@ -408,16 +526,42 @@ class HDPGRPOTrainer(_HDPRolloutPasses, GRPOTrainer):
     _hdp_name = "HDPGRPOTrainer"
     _tag_names = ["trl", "grpo", "hf_hdp"]
 
-    def __init__(self, model, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
-                 quantization_config=None, peft_config=None, tools=None, rollout_func=None,
-                 environment_factory=None, *, hdp_config: HDPConfig | None = None):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        *,
+        hdp_config: HDPConfig | None = None,
+    ):
         self._hdp_setup(args, hdp_config, model)
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-                         callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                         peft_config=peft_config, tools=tools, rollout_func=rollout_func,
-                         environment_factory=environment_factory)
+        super().__init__(
+            model,
+            reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
         self._hdp_finish()
 
     def _hdp_scale(self, inputs) -> float:
@@ -441,14 +585,36 @@ class HDPRLOOTrainer(_HDPRolloutPasses, RLOOTrainer):
     _hdp_name = "HDPRLOOTrainer"
     _tag_names = ["trl", "rloo", "hf_hdp"]
 
-    def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
-                 peft_config=None, *, hdp_config: HDPConfig | None = None):
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        *,
+        hdp_config: HDPConfig | None = None,
+    ):
         self._hdp_setup(args, hdp_config, model)
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-                         callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                         peft_config=peft_config)
+        super().__init__(
+            model,
+            reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
         self._hdp_finish()
 
 

@@ -55,15 +55,17 @@ def local_rollouts(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt
         pm, cm = mask[b, :prompt_width], mask[b, prompt_width:]
         p, c = int(pm.sum()), int(cm.sum())
         if p == 0:
-            raise HDPDataError(f"rollout {b} of this rank has an empty prompt (prompt mask all 0): its first "
-                               "completion token has no token to be predicted from. Give every prompt a token.")
-        if not bool(pm[prompt_width - p:].all()) or not bool(cm[:c].all()):
+            raise HDPDataError(
+                f"rollout {b} of this rank has an empty prompt (prompt mask all 0): its first "
+                "completion token has no token to be predicted from. Give every prompt a token."
+            )
+        if not bool(pm[prompt_width - p :].all()) or not bool(cm[:c].all()):
             raise HDPDataError(
                 f"rollout {b} of this rank has holes in its attention mask (prompt mask {pm.int().tolist()[:16]}..., "
                 f"completion mask {cm.int().tolist()[:16]}...): HDP expects left-padded prompts and right-padded "
                 "completions, TRL's layout. Padding inside a sequence cannot be packed exactly."
             )
-        ids = torch.cat([input_ids[b, prompt_width - p:prompt_width], input_ids[b, prompt_width:prompt_width + c]])
+        ids = torch.cat([input_ids[b, prompt_width - p : prompt_width], input_ids[b, prompt_width : prompt_width + c]])
         sequences.append(ids.detach().to("cpu", torch.long))
         prompts.append(p)
     return Rollouts(sequences, prompts)
@@ -138,13 +140,22 @@ def moves_to_pieces(plan: StepPlan, layout: RolloutLayout, extend: int = 0) -> l
 
 def moves_to_owners(plan: StepPlan, layout: RolloutLayout) -> list[Move]:
     """Holder of every piece to the sample's owner: the pieces of a sample cover it exactly once."""
-    return [Move(s, rank, layout.owners[s], tuple(ranges))
-            for (rank, s), ranges in sorted(piece_ranges(plan).items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return [
+        Move(s, rank, layout.owners[s], tuple(ranges))
+        for (rank, s), ranges in sorted(piece_ranges(plan).items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
 
 
-def route(mesh: DynamicMesh, moves: list[Move], values: dict[int, torch.Tensor], lengths, tail: tuple = (),
-          dtype: torch.dtype = torch.long, what: str = "rollout tokens", step: int | None = None
-          ) -> dict[tuple[int, int], torch.Tensor]:
+def route(
+    mesh: DynamicMesh,
+    moves: list[Move],
+    values: dict[int, torch.Tensor],
+    lengths,
+    tail: tuple = (),
+    dtype: torch.dtype = torch.long,
+    what: str = "rollout tokens",
+    step: int | None = None,
+) -> dict[tuple[int, int], torch.Tensor]:
     """Carry out ``moves`` (the same list on every rank): ``values[s]`` (``[L_s, *tail]``) is what this
     rank sends of sample ``s``. Returns ``(sample, src) -> [L_s, *tail]`` tensors for the moves this
     rank receives, zero outside the moved ranges.
@@ -178,8 +189,9 @@ def route(mesh: DynamicMesh, moves: list[Move], values: dict[int, torch.Tensor],
         inc = [m for m in moves if m.src == src and m.dst == rank]
         send = None
         if out:
-            send = torch.cat([values[m.sample][a:b].to(mesh.device, dtype).reshape(-1)
-                              for m in out for a, b in m.ranges])
+            send = torch.cat(
+                [values[m.sample][a:b].to(mesh.device, dtype).reshape(-1) for m in out for a, b in m.ranges]
+            )
             if send.numel() == 0:
                 send = None
         n_in = sum(size(m) for m in inc)
@@ -190,7 +202,7 @@ def route(mesh: DynamicMesh, moves: list[Move], values: dict[int, torch.Tensor],
             buf = target(m)
             for a, b in m.ranges:
                 n = (b - a) * width
-                buf[a:b] = recv[at:at + n].view(b - a, *tail)
+                buf[a:b] = recv[at : at + n].view(b - a, *tail)
                 at += n
     return received
 
@@ -198,8 +210,7 @@ def route(mesh: DynamicMesh, moves: list[Move], values: dict[int, torch.Tensor],
 def packed_ranges(mb: MicroBatch) -> list[tuple[int, int, int]]:
     """``(sample, start, end)`` of every run of tokens in ``mb``'s packed rows, in the collator's order
     (whole local samples by sample, then distributed pieces by group, each piece's token ranges)."""
-    out = [(p.sample, 0, p.length) for p in sorted((p for p in mb.pieces if not p.distributed),
-                                                    key=lambda p: p.sample)]
+    out = [(p.sample, 0, p.length) for p in sorted((p for p in mb.pieces if not p.distributed), key=lambda p: p.sample)]
     by_group: dict = {}
     for p in sorted((p for p in mb.pieces if p.distributed), key=lambda p: p.sample):
         by_group.setdefault((p.group, p.ulysses), []).append(p)
@@ -231,8 +242,15 @@ class RolloutStep:
         return sum(int(m["input_ids"].shape[1]) for m in self.micro_batches)
 
 
-def build_rollout_step(mesh: DynamicMesh, rollouts: Rollouts, planner, tokens_per_rank: int,
-                       collator: HDPCollator, global_step: int, num_heads: int | None = None) -> RolloutStep:
+def build_rollout_step(
+    mesh: DynamicMesh,
+    rollouts: Rollouts,
+    planner,
+    tokens_per_rank: int,
+    collator: HDPCollator,
+    global_step: int,
+    num_heads: int | None = None,
+) -> RolloutStep:
     """Gather the layout, plan, move the token ids to the pieces and pack this rank's micro-batches."""
     layout = gather_layout(mesh, rollouts, global_step)
     if not layout.lengths:
@@ -241,13 +259,21 @@ def build_rollout_step(mesh: DynamicMesh, rollouts: Rollouts, planner, tokens_pe
     if any(p.ulysses != 1 for mb in plan.micro_batches for p in mb.pieces):
         plan.validate(num_heads=num_heads)
     mine = {s: rollouts.sequences[layout.local[s]] for s in layout.samples_of(mesh.rank)}
-    got = route(mesh, moves_to_pieces(plan, layout, extend=1), mine, layout.lengths, (), torch.long,
-                "rollout token ids", global_step)
+    got = route(
+        mesh,
+        moves_to_pieces(plan, layout, extend=1),
+        mine,
+        layout.lengths,
+        (),
+        torch.long,
+        "rollout token ids",
+        global_step,
+    )
     ids = {s: buf.cpu() for (s, _), buf in got.items()}
     samples = {}
     for s, buf in ids.items():
         labels = buf.clone()
-        labels[:layout.prompt_lengths[s]] = IGNORE_INDEX
+        labels[: layout.prompt_lengths[s]] = IGNORE_INDEX
         samples[s] = {"input_ids": buf.tolist(), "labels": labels.tolist()}
     names = {s: f"rollout {layout.local[s]} of rank {layout.owners[s]}" for s in range(len(layout.lengths))}
     micro, runs = [], []
@@ -255,27 +281,46 @@ def build_rollout_step(mesh: DynamicMesh, rollouts: Rollouts, planner, tokens_pe
         batch = collator(mb, samples, rows=names, step=global_step)
         r = packed_ranges(mb)
         positions = torch.cat([torch.arange(a, b) for _, a, b in r]).unsqueeze(0) if r else None
-        if positions is None or not torch.equal(positions, batch["position_ids"]) or \
-                not torch.equal(beside_packed(r, ids), batch["input_ids"]):
-            raise RuntimeError("hf_hdp: the rollout packing order disagrees with HDPCollator's; per-token values "
-                               "would sit beside the wrong tokens (hf_hdp.integrations.rollouts.packed_ranges).")
+        if (
+            positions is None
+            or not torch.equal(positions, batch["position_ids"])
+            or not torch.equal(beside_packed(r, ids), batch["input_ids"])
+        ):
+            raise RuntimeError(
+                "hf_hdp: the rollout packing order disagrees with HDPCollator's; per-token values "
+                "would sit beside the wrong tokens (hf_hdp.integrations.rollouts.packed_ranges)."
+            )
         micro.append(batch)
         runs.append(r)
     return RolloutStep(layout, plan, micro, runs, global_step, ids)
 
 
-def to_owner(mesh: DynamicMesh, step: RolloutStep, held: dict[int, torch.Tensor], tail: tuple, dtype,
-             what: str) -> dict[int, torch.Tensor]:
+def to_owner(
+    mesh: DynamicMesh, step: RolloutStep, held: dict[int, torch.Tensor], tail: tuple, dtype, what: str
+) -> dict[int, torch.Tensor]:
     """Per-token results ``[L_s, *tail]`` of the pieces this rank ran, assembled on each sample's owner:
     ``sample -> [L_s, *tail]`` for this rank's own samples."""
-    got = route(mesh, moves_to_owners(step.plan, step.layout), held, step.layout.lengths, tail, dtype, what,
-                step.global_step)
+    got = route(
+        mesh, moves_to_owners(step.plan, step.layout), held, step.layout.lengths, tail, dtype, what, step.global_step
+    )
     out: dict[int, torch.Tensor] = {}
     for (s, _), buf in got.items():
         out[s] = buf if s not in out else out[s] + buf  # pieces cover disjoint ranges; zeros elsewhere
     return out
 
 
-__all__ = ["Move", "RolloutLayout", "RolloutStep", "Rollouts", "beside_packed", "build_rollout_step",
-           "gather_layout", "local_rollouts", "moves_to_owners", "moves_to_pieces", "packed_ranges", "route",
-           "to_owner"]
+__all__ = [
+    "Move",
+    "RolloutLayout",
+    "RolloutStep",
+    "Rollouts",
+    "beside_packed",
+    "build_rollout_step",
+    "gather_layout",
+    "local_rollouts",
+    "moves_to_owners",
+    "moves_to_pieces",
+    "packed_ranges",
+    "route",
+    "to_owner",
+]

@@ -171,8 +171,9 @@ def _token_figures(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(z, dim=-1)
     entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
     correct = (z.argmax(-1) == t).sum()
-    return torch.stack([entropy.double().sum(), correct.double(), torch.tensor(float(t.numel()), dtype=torch.float64,
-                                                                                 device=z.device)])
+    return torch.stack(
+        [entropy.double().sum(), correct.double(), torch.tensor(float(t.numel()), dtype=torch.float64, device=z.device)]
+    )
 
 
 def _dft_terms(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -221,21 +222,45 @@ class HDPSFTTrainer(HDPTrainer):
 
     _tag_names = ["trl", "sft", "hf_hdp"]
 
-    def __init__(self, model=None, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, compute_loss_func=None, compute_metrics=None,
-                 callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
-                 preprocess_logits_for_metrics=None, quantization_config=None, peft_config=None,
-                 formatting_func=None, *, hdp_config=None):
+    def __init__(
+        self,
+        model=None,
+        args: SFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        *,
+        hdp_config=None,
+    ):
         if model is None:
             raise ValueError("HDPSFTTrainer needs a model (a PreTrainedModel or a model name/path).")
         _refuse_config(args)
         prep, kw = _prepare(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics, quantization_config=quantization_config,
-            peft_config=peft_config, formatting_func=formatting_func,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
         )
         args = kw["args"]
         _refuse_prepared(prep, args, kw["model"])
@@ -244,15 +269,20 @@ class HDPSFTTrainer(HDPTrainer):
         self._sft_figures = None  # [entropy sum, correct, label tokens] of this rank since the last reset
         self._total_train_tokens = 0
         super().__init__(
-            kw["model"], args,
+            kw["model"],
+            args,
             # SFTTrainer's own collator only pads (HDP never pads); a user's collator runs per sample
             data_collator=data_collator,
             train_dataset=_sft_columns(kw["train_dataset"], args),
             eval_dataset=_sft_columns(kw["eval_dataset"], args),
-            processing_class=kw["processing_class"], compute_loss_func=kw["compute_loss_func"],
-            compute_metrics=kw["compute_metrics"], callbacks=kw["callbacks"], optimizers=kw["optimizers"],
+            processing_class=kw["processing_class"],
+            compute_loss_func=kw["compute_loss_func"],
+            compute_metrics=kw["compute_metrics"],
+            callbacks=kw["callbacks"],
+            optimizers=kw["optimizers"],
             optimizer_cls_and_kwargs=kw["optimizer_cls_and_kwargs"],
-            preprocess_logits_for_metrics=kw["preprocess_logits_for_metrics"], hdp_config=hdp_config,
+            preprocess_logits_for_metrics=kw["preprocess_logits_for_metrics"],
+            hdp_config=hdp_config,
         )
         self.completion_only_loss = prep.completion_only_loss
         self.padding_free = True  # HDP's micro-batches are always padding-free
@@ -264,22 +294,34 @@ class HDPSFTTrainer(HDPTrainer):
         """SFT's loss (``loss_type``) over the global batch's label count, and its per-token figures."""
         targets = inputs["labels"]
         if self.compute_loss_func is not None:  # HDPTrainer's path for it; the figures from its full logits
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             mask = targets[0] != IGNORE_INDEX
             logits = outputs.logits[0][mask]
-            self._add_figures(_token_figures(logits.float() if logits.dtype not in (torch.float32, torch.float64)
-                                             else logits, targets[0][mask]))
+            self._add_figures(
+                _token_figures(
+                    logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits, targets[0][mask]
+                )
+            )
             return (loss, outputs) if return_outputs else loss
         loss_type = self.args.loss_type
-        model_inputs = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                            hdp_metadata=inputs["hdp_metadata"], use_cache=False)
+        model_inputs = dict(
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            hdp_metadata=inputs["hdp_metadata"],
+            use_cache=False,
+        )
         chunk = self.hdp_config.loss_chunk_tokens
         head = chunked_head(model) if chunk is not None else None
         if head is not None:
             (loss_sum, figures), outputs = head.capture(
-                model, lambda hidden, weight, bias: _chunked_terms(head, hidden, weight, bias, targets.reshape(-1),
-                                                                   chunk, loss_type), **model_inputs)
+                model,
+                lambda hidden, weight, bias: _chunked_terms(
+                    head, hidden, weight, bias, targets.reshape(-1), chunk, loss_type
+                ),
+                **model_inputs,
+            )
         else:
             outputs = model(**model_inputs)
             loss_sum, figures = _logits_terms(outputs.logits[0], targets[0], loss_type)
@@ -319,11 +361,11 @@ class HDPSFTTrainer(HDPTrainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._sft_figures = None
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if isinstance(dataloader, HDPDataLoader):
             entropy, correct, count = self._global_figures("SFT eval metrics", self.state.global_step)
             output.metrics[f"{metric_key_prefix}_entropy"] = entropy / count if count > 0 else 0.0
@@ -338,16 +380,16 @@ class HDPSFTTrainer(HDPTrainer):
             packing = args.packing if args.eval_packing is None else args.eval_packing
 
             def prepare(ds, name):
-                return self._sft._prepare_dataset(ds, self.processing_class, args, packing, self._sft._formatting_func,
-                                                  name)
+                return self._sft._prepare_dataset(
+                    ds, self.processing_class, args, packing, self._sft._formatting_func, name
+                )
 
             if isinstance(eval_dataset, dict):
                 eval_dataset = {k: prepare(v, k) for k, v in eval_dataset.items()}
             else:
                 eval_dataset = prepare(eval_dataset, "eval")
             eval_dataset = _sft_columns(eval_dataset, args)
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
-                                metric_key_prefix=metric_key_prefix)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 # TRL's RL trainers on HDP live in their own module (rollouts move between ranks): one import path for TRL users

@@ -95,13 +95,18 @@ def check_model_supported(model, max_sequence_length: int) -> ModelSupport:
     if found.problems:
         raise unsupported(name, found.problems)
     status = _family_status(name, model_type, found)
-    per_token = [k for k in _TOKEN_DROPOUT_KEYS
-                 if isinstance(getattr(config, k, None), (int, float)) and getattr(config, k) > 0]
+    per_token = [
+        k for k in _TOKEN_DROPOUT_KEYS if isinstance(getattr(config, k, None), (int, float)) and getattr(config, k) > 0
+    ]
     if per_token:
         found.notes.append(f"{', '.join(per_token)} > 0: per-token dropout, random but not packing-dependent")
     return ModelSupport(
-        model=name, model_type=model_type, family=status, max_sequence_length=max_sequence_length,
-        checked=tuple(found.checked), notes=tuple(found.notes),
+        model=name,
+        model_type=model_type,
+        family=status,
+        max_sequence_length=max_sequence_length,
+        checked=tuple(found.checked),
+        notes=tuple(found.notes),
     )
 
 
@@ -213,14 +218,21 @@ def _record_attention_features(config, modules, longest: int, found: _Findings) 
             if getattr(m, kind) is not None:
                 by_size.setdefault(getattr(m, kind), []).append(i)
         for size, idx in sorted(by_size.items()):
-            what = f"over {size} tokens" if kind == "window" else (
-                f"within chunks of {size} tokens (counted from each sample's first token)")
+            what = (
+                f"over {size} tokens"
+                if kind == "window"
+                else (f"within chunks of {size} tokens (counted from each sample's first token)")
+            )
             if size < longest:
-                found.checked.append(f"{layer_list(idx, *verb)} {what}: {kind}ed kernels, and ring pieces exchange "
-                                     f"only the rows a {kind} reaches")
+                found.checked.append(
+                    f"{layer_list(idx, *verb)} {what}: {kind}ed kernels, and ring pieces exchange "
+                    f"only the rows a {kind} reaches"
+                )
             else:
-                found.checked.append(f"{layer_list(idx, *verb)} {what}, which covers every sample of up to {longest} "
-                                     "tokens (plain causal attention)")
+                found.checked.append(
+                    f"{layer_list(idx, *verb)} {what}, which covers every sample of up to {longest} "
+                    "tokens (plain causal attention)"
+                )
     softcap = getattr(config, "attn_logit_softcapping", None)
     if softcap is not None:
         found.checked.append(f"attention logit soft-capping (attn_logit_softcapping={softcap}) in every kernel")
@@ -257,10 +269,14 @@ def _check_temperature_tuning(config, found: _Findings) -> None:
 def _check_dropout(config, modules, found: _Findings) -> None:
     """Attention dropout is refused: HDP's kernels have none (per-token dropouts are fine)."""
     drops = {k: getattr(config, k) for k in _DROPOUT_KEYS if isinstance(getattr(config, k, None), (int, float))}
-    drops.update({
-        f"layer {layer_index(n)}.attention_dropout": m.attention_dropout for n, m in modules
-        if isinstance(getattr(m, "attention_dropout", None), (int, float)) and not isinstance(m.attention_dropout, bool)
-    })
+    drops.update(
+        {
+            f"layer {layer_index(n)}.attention_dropout": m.attention_dropout
+            for n, m in modules
+            if isinstance(getattr(m, "attention_dropout", None), (int, float))
+            and not isinstance(m.attention_dropout, bool)
+        }
+    )
     bad = {k: v for k, v in drops.items() if v and v > 0}
     if bad:
         k, v = next(iter(bad.items()))
@@ -303,8 +319,9 @@ def _check_moe(config, found: _Findings) -> None:
     elif hasattr(config, "output_router_logits"):
         found.checked.append("MoE: per-token routing, no router auxiliary loss (output_router_logits=False)")
         if getattr(config, "router_jitter_noise", 0):
-            found.notes.append("router jitter noise is drawn per token in training: it is random, not "
-                               "packing-dependent")
+            found.notes.append(
+                "router jitter noise is drawn per token in training: it is random, not packing-dependent"
+            )
     for key in _CAPACITY_KEYS:
         if getattr(config, key, None):
             found.problems.append(

@@ -46,14 +46,16 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "ministral": FamilySupport(_V, "GQA; every layer slides over sliding_window"),
     "gemma": FamilySupport(_V, "GQA, sqrt(hidden) embedding scale, head_dim apart from hidden size, tied embeddings"),
     "gemma2": FamilySupport(
-        _V, "attention logit soft-capping (50.0) and sliding layers (4096) alternating with full ones; final logit "
+        _V,
+        "attention logit soft-capping (50.0) and sliding layers (4096) alternating with full ones; final logit "
         "soft-capping (30.0) per token",
     ),
     "gemma3_text": FamilySupport(
         _V, "q/k norm, local-layer RoPE; sliding layers (1024 in the released checkpoints, 512 in Gemma 3 1B)"
     ),
     "phi3": FamilySupport(
-        _C, "fused qkv, partial rotary, sliding_window (2047 in Phi-3-mini-4k); with longrope (the 128k models) "
+        _C,
+        "fused qkv, partial rotary, sliding_window (2047 in Phi-3-mini-4k); with longrope (the 128k models) "
         "samples must stay within original_max_position_embeddings (4096)",
     ),
     "olmo2": FamilySupport(_V, "GQA, q/k RMSNorm over all heads, post-norm blocks"),
@@ -70,43 +72,51 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "glm": FamilySupport(_V, "partial rotary, fused gate/up"),
     "smollm3": FamilySupport(_V, "NoPE layers (no rotary on every 4th layer)"),
     "gpt_oss": FamilySupport(
-        _V, f"attention sinks in every layer, sliding layers (128) alternating with full ones, MoE (biased top-k "
+        _V,
+        f"attention sinks in every layer, sliding layers (128) alternating with full ones, MoE (biased top-k "
         f"router, clamped SwiGLU experts) per token, static yarn RoPE; {_AUX}",
     ),
     "llama4_text": FamilySupport(
-        _C, "chunked attention (8192) on its RoPE layers, NoPE full layers, q/k L2 norm, MoE with a shared expert "
+        _C,
+        "chunked attention (8192) on its RoPE layers, NoPE full layers, q/k L2 norm, MoE with a shared expert "
         "(sigmoid top-k router) per token; only with attn_temperature_tuning=False: the released checkpoints' "
         "temperature tuning of the NoPE layers takes positions from the packed row index, not position_ids "
         "(refused; it is a no-op while every sample and packed row stays under floor_scale=8192 tokens, so "
         "setting it False then changes nothing)",
     ),
     "deepseek_v3": FamilySupport(
-        _V, "multi-head latent attention (q/k heads of qk_nope_head_dim + qk_rope_head_dim = 192, v heads of "
+        _V,
+        "multi-head latent attention (q/k heads of qk_nope_head_dim + qk_rope_head_dim = 192, v heads of "
         f"v_head_dim = 128: every kernel and split carries K and V at their own sizes), low-rank q/kv projections, "
         f"MoE with grouped top-k sigmoid routing and a shared expert per token (Kimi K2 shares the family); {_AUX}",
     ),
     "gemma4_text": FamilySupport(
-        _V, "per-layer heads (global_head_dim and num_global_key_value_heads on the full layers, read per layer), "
+        _V,
+        "per-layer heads (global_head_dim and num_global_key_value_heads on the full layers, read per layer), "
         "attention_k_eq_v, K/V shared across layers (num_kv_shared_layers: the reusing layers attend the same rows' "
         "K/V), per-layer input embeddings (per token), sliding layers (512) beside full ones",
     ),
     # --- refused: the feature is built into the family, or the family is not verified by the tests (an entry
     # here keeps it from the generic "unverified" path: each note says why)
     "granite_swa": FamilySupport(
-        _R, "not verified: its sinks (a post-attention sigmoid(lse - sink) scale, the same maths as a denominator "
+        _R,
+        "not verified: its sinks (a post-attention sigmoid(lse - sink) scale, the same maths as a denominator "
         "logit) and sliding layers are what HDP implements, but no test compares it with one process yet",
     ),
     "granitemoe_swa": FamilySupport(_R, "not verified: sinks and sliding layers as granite_swa, plus MoE; no test yet"),
     "mimo_v2_flash": FamilySupport(
-        _R, "not verified: sinks on its sliding layers only, which have twice the K/V heads of its full layers, and "
+        _R,
+        "not verified: sinks on its sliding layers only, which have twice the K/V heads of its full layers, and "
         "q/k and v head dims that differ; no test yet",
     ),
     "deepseek_v4": FamilySupport(
-        _R, "compressed/indexed attention (a learned selection of which keys each query reads, over the whole "
+        _R,
+        "compressed/indexed attention (a learned selection of which keys each query reads, over the whole "
         "sequence): not HDP's attention, it would need the indexer run over the sample's keys across ranks",
     ),
     "vaultgemma": FamilySupport(
-        _R, "not verified: Gemma 2's attention (soft-capping, sliding layers), which HDP implements, but no test "
+        _R,
+        "not verified: Gemma 2's attention (soft-capping, sliding layers), which HDP implements, but no test "
         "compares it with one process yet (it is trained with DP-SGD: per-sample gradient clipping, which HDP "
         "does not do)",
     ),
@@ -114,7 +124,8 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     # DeltaNet layers restart their state and convolution at every sample; split samples run head-parallel or the
     # state scan (hf_hdp.attention.recurrent), both forced in the tests
     "qwen3_5_text": FamilySupport(
-        _V, "Gated DeltaNet layers (3 of every 4 in the released models) with their causal convolution, gated "
+        _V,
+        "Gated DeltaNet layers (3 of every 4 in the released models) with their causal convolution, gated "
         "attention layers with q/k norm and partial M-RoPE (text positions only)",
     ),
     "qwen3_5_moe_text": FamilySupport(
@@ -125,7 +136,8 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     ),
     # Mamba-2 (state space dual) mixers, the same two splits (tests/test_linear_families.py)
     "nemotron_h": FamilySupport(
-        _V, "Mamba-2 layers (grouped B/C, conv bias, D skip, grouped gated RMSNorm), attention, MLP-only and MoE "
+        _V,
+        "Mamba-2 layers (grouped B/C, conv bias, D skip, grouped gated RMSNorm), attention, MLP-only and MoE "
         "layers; its logits are float32 (lm_head(...).float()), as in transformers",
     ),
     "bamba": FamilySupport(_V, "Mamba-2 layers with attention layers at attn_layer_indices"),
@@ -144,13 +156,15 @@ SUPPORTED_FAMILIES: dict[str, FamilySupport] = {
     "lfm2_moe": FamilySupport(_V, f"LFM2's short convolutions and attention, MoE per token; {_AUX}"),
     "lfm3": FamilySupport(_V, "LFM2's gated short convolutions and attention"),
     "minimax": FamilySupport(
-        _R, "lightning attention (linear attention with a fixed decay per head, no convolution) carries a state along "
+        _R,
+        "lightning attention (linear attention with a fixed decay per head, no convolution) carries a state along "
         "the sequence; HDP's state scan and head-parallel split would run it (it is Mamba-2's state space dual form "
         "with the decay per head and no dt), but no adapter for MiniMaxLightningAttention's projections, activation, "
         "norm and output gate is written or verified yet",
     ),
     "kimi_linear": FamilySupport(
-        _R, "Kimi Delta Attention decays its state per key channel (a vector gate per head and token), while HDP's "
+        _R,
+        "Kimi Delta Attention decays its state per key channel (a vector gate per head and token), while HDP's "
         "chunked delta rule takes one decay per head and token; it would need the chunk quantities with per-channel "
         "decays (q e^c and k e^-c per channel) and an adapter for KimiLinearDeltaAttention, then the same splits",
     ),

@@ -73,8 +73,15 @@ def layers_dropping_kwargs(base, modules) -> list[str]:
             tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
         except (OSError, TypeError, SyntaxError):
             continue
-        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                 and n.func.attr == attr and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"]
+        calls = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr == attr
+            and isinstance(n.func.value, ast.Name)
+            and n.func.value.id == "self"
+        ]
         if calls and not any(k.arg is None for c in calls for k in c.keywords):
             found.append(cls.__name__)
     return found
@@ -85,8 +92,10 @@ def routes_attention(base) -> bool:
     (``_supports_attention_backend``), or it is a hybrid family whose attention layers do and whose
     state-carrying layers HDP's adapters run (transformers leaves the flag off for those: not every token mixer
     is attention)."""
-    return bool(getattr(base, "_supports_attention_backend", False)) or \
-        getattr(base.config, "model_type", None) in STATE_LAYER_TYPES
+    return (
+        bool(getattr(base, "_supports_attention_backend", False))
+        or getattr(base.config, "model_type", None) in STATE_LAYER_TYPES
+    )
 
 
 def layer_index(name: str) -> str:
@@ -101,8 +110,10 @@ def layer_list(indices: list, one: str = "", many: str = "") -> str:
     """``"layer 3 is"``, ``"layers 0, 1 are"``, ``"layers 0, 1, 2, 3, 4, ... (12 layers) are"``."""
     if len(indices) == 1:
         return f"layer {indices[0]} {one}".rstrip()
-    shown = ", ".join(map(str, indices)) if len(indices) <= 6 else (
-        f"{', '.join(map(str, indices[:5]))}, ... ({len(indices)} layers)"
+    shown = (
+        ", ".join(map(str, indices))
+        if len(indices) <= 6
+        else (f"{', '.join(map(str, indices[:5]))}, ... ({len(indices)} layers)")
     )
     return f"layers {shown} {many}".rstrip()
 
@@ -112,9 +123,11 @@ def rope_thresholds(config) -> list[tuple[str, str, int]]:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     if not isinstance(params, dict):
         return []
-    sets = [("", params)] if "rope_type" in params or "type" in params else [
-        (f" ({k})", v) for k, v in params.items() if isinstance(v, dict)
-    ]
+    sets = (
+        [("", params)]
+        if "rope_type" in params or "type" in params
+        else [(f" ({k})", v) for k, v in params.items() if isinstance(v, dict)]
+    )
     out = []
     max_pos = getattr(config, "max_position_embeddings", None)
     for where, p in sets:
@@ -140,8 +153,10 @@ def model_heads(config) -> int | None:
 def encoder_decoder_problem(config) -> str | None:
     """Why an encoder-decoder model cannot train under HDP, or ``None`` for a decoder-only one."""
     if getattr(config, "is_encoder_decoder", False):
-        return ("it is an encoder-decoder model (bidirectional encoder, cross-attention); HDP trains decoder-only "
-                "causal LMs. Use the stock Seq2SeqTrainer.")
+        return (
+            "it is an encoder-decoder model (bidirectional encoder, cross-attention); HDP trains decoder-only "
+            "causal LMs. Use the stock Seq2SeqTrainer."
+        )
     return None
 
 
@@ -149,9 +164,11 @@ def routing_problem(base) -> str | None:
     """Why ``base``'s attention cannot run as HDP's, or ``None`` when it routes through AttentionInterface."""
     if routes_attention(base):
         return None
-    return (f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
-            "cannot keep packed samples apart or split them over ranks. Use a model class that sets "
-            "`_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), or " + STOCK + ".")
+    return (
+        f"{type(base).__name__} does not route its attention through transformers' AttentionInterface, so HDP "
+        "cannot keep packed samples apart or split them over ranks. Use a model class that sets "
+        "`_supports_attention_backend = True` (Llama, Qwen2, Mistral, ...), or " + STOCK + "."
+    )
 
 
 def model_name(config, base=None) -> str:

@@ -99,8 +99,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from .cost import CostModel
 from .groups import Group, GroupPlacement, Stamped, current_top
@@ -176,9 +177,7 @@ class _Balancer:
         cost, W = self.cost, self.W
         for i in local:
             self.local_t[i] = cost.local_time(self.lengths[i])
-        work = sum(self._group_work()) + sum(
-            self.local_t[i] + self.overhead for i in local
-        )
+        work = sum(self._group_work()) + sum(self.local_t[i] + self.overhead for i in local)
         target = max(max(self.clock, default=0.0), work / W)
         unit = self.delta * target / 4
 
@@ -286,8 +285,10 @@ class _Balancer:
         for gid, group in enumerate(self.groups):
             for r in group.piece.group:
                 prev = self.groups[last[r]] if last[r] >= 0 else None
-                if prev is None or group.finish > prev.finish or (
-                    group.finish == prev.finish and group.start >= prev.start
+                if (
+                    prev is None
+                    or group.finish > prev.finish
+                    or (group.finish == prev.finish and group.start >= prev.start)
                 ):
                     last[r] = gid
         for gid, (piece, start, finish) in enumerate(self.groups):
@@ -407,8 +408,10 @@ def plan_balanced(
     cost = cost or CostModel.default()
     check_split(attention_split)
     if attention_split in HEAD_PARALLEL and not cost.num_heads:
-        raise ValueError(f"attention_split={attention_split!r} needs the model's attention heads in the cost model "
-                         "(CostModel.num_heads); build it with CostModel.from_config or from_specs")
+        raise ValueError(
+            f"attention_split={attention_split!r} needs the model's attention heads in the cost model "
+            "(CostModel.num_heads); build it with CostModel.from_config or from_specs"
+        )
     W, C = world_size, tokens_per_rank
     meta = {"delta": delta, "cost_model": cost.label, "source": "balanced", "attention_split": attention_split}
     if not lengths:
@@ -458,25 +461,38 @@ def plan_balanced(
         return plan
     theirs = estimated_step_time(naive, cost)
     if theirs < mine:
-        meta = {"delta": delta, "cost_model": cost.label, "source": "naive",
-                "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
+        meta = {
+            "delta": delta,
+            "cost_model": cost.label,
+            "source": "naive",
+            "estimated_step_time_s": theirs,
+            "balanced_step_time_s": mine,
+        }
         return replace(naive, planner="balanced", meta=meta)
     return plan
 
 
-def _best_lockstep(lengths: list[int], W: int, C: int, cost: CostModel, delta: float, against_naive: bool,
-                   attention_split: str) -> StepPlan:
+def _best_lockstep(
+    lengths: list[int], W: int, C: int, cost: CostModel, delta: float, against_naive: bool, attention_split: str
+) -> StepPlan:
     """The balanced plan in lockstep; naive HDP's in lockstep instead when that is faster (lockstep
     turns every slot into a barrier, so the balance of busy time matters less than the slot count)."""
-    plan = lockstep_plan(plan_balanced(lengths, W, C, cost, delta, never_worse_than_naive=False,
-                                       attention_split=attention_split))
+    plan = lockstep_plan(
+        plan_balanced(lengths, W, C, cost, delta, never_worse_than_naive=False, attention_split=attention_split)
+    )
     mine = estimated_step_time(plan, cost)
     plan.meta["estimated_step_time_s"] = mine
     if against_naive and attention_split not in HEAD_PARALLEL:
         naive = lockstep_plan(plan_naive(lengths, W, C))
         theirs = estimated_step_time(naive, cost)
         if theirs < mine:
-            meta = {"delta": delta, "cost_model": cost.label, "source": "naive", "lockstep": True,
-                    "estimated_step_time_s": theirs, "balanced_step_time_s": mine}
+            meta = {
+                "delta": delta,
+                "cost_model": cost.label,
+                "source": "naive",
+                "lockstep": True,
+                "estimated_step_time_s": theirs,
+                "balanced_step_time_s": mine,
+            }
             return replace(naive, planner="balanced", meta=meta)
     return plan

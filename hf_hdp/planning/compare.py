@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .cost import CostModel
 from .metrics import PlanMetrics, plan_metrics

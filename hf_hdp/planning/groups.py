@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .cost import CostModel
 from .naive import ceil_div
@@ -118,8 +119,16 @@ class GroupPlacement:
     rank ``r``'s last group, ``holes[(r, gid)]`` the wait of rank ``r`` before group ``gid``.
     """
 
-    def __init__(self, lengths: Sequence[int], world_size: int, tokens_per_rank: int, cost: CostModel,
-                 backfill: bool, attention_split: str = "ring", target: float = 0.0) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        world_size: int,
+        tokens_per_rank: int,
+        cost: CostModel,
+        backfill: bool,
+        attention_split: str = "ring",
+        target: float = 0.0,
+    ) -> None:
         W = world_size
         self.lengths, self.W, self.C, self.cost, self.backfill = lengths, W, tokens_per_rank, cost, backfill
         self.split, self.target = attention_split, target
@@ -136,11 +145,13 @@ class GroupPlacement:
         self.node_version = [0] * ceil_div(W, self.rpn)
         self.node_heaps: dict[int, list[Stamped]] = {}
 
-    def place(self, dist: Sequence[int]) -> "GroupPlacement":
+    def place(self, dist: Sequence[int]) -> GroupPlacement:
         """Place the sequences ``dist`` (positions, longest first)."""
         cost, multi_node = self.cost, self.multi_node
-        shapes = [choose_shape(cost, self.lengths[i], ceil_div(self.lengths[i], self.C), self.W, self.split,
-                               self.target) for i in dist]
+        shapes = [
+            choose_shape(cost, self.lengths[i], ceil_div(self.lengths[i], self.C), self.W, self.split, self.target)
+            for i in dist
+        ]
         # shortest group time still to come: shorter holes can only take whole sequences
         suffix_min = [0.0] * (len(shapes) + 1)
         suffix_min[-1] = float("inf")
@@ -277,8 +288,9 @@ class GroupPlacement:
         gid = len(self.groups)
         start, finish = option.start, option.finish
         ranks = [m.rank for m in option.members]
-        piece = Piece(sample=sample, length=s, group=tuple(ranks if option.ulysses > 1 else sorted(ranks)),
-                      ulysses=option.ulysses)
+        piece = Piece(
+            sample=sample, length=s, group=tuple(ranks if option.ulysses > 1 else sorted(ranks)), ulysses=option.ulysses
+        )
         self.groups.append(Group(piece, start, finish))
         clock, rpn = self.clock, self.rpn
         touched = set()

@@ -23,9 +23,19 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 __all__ = [
-    "GATED_DELTANET_FAMILIES", "MAMBA2_FAMILIES", "SHORT_CONV_FAMILIES", "LayerBlock", "StateShape",
-    "attention_head_dims", "is_heterogeneous", "kernel_head_dim", "layer_attention_shapes", "layer_attr",
-    "layer_blocks", "layer_configs", "layer_state_shapes",
+    "GATED_DELTANET_FAMILIES",
+    "MAMBA2_FAMILIES",
+    "SHORT_CONV_FAMILIES",
+    "LayerBlock",
+    "StateShape",
+    "attention_head_dims",
+    "is_heterogeneous",
+    "kernel_head_dim",
+    "layer_attention_shapes",
+    "layer_attr",
+    "layer_blocks",
+    "layer_configs",
+    "layer_state_shapes",
 ]
 
 #: model types whose ``layer_types`` entries ``"linear_attention"`` are Gated DeltaNet layers
@@ -56,7 +66,7 @@ class StateShape(NamedTuple):
     kind: str = "delta"
 
     @classmethod
-    def of(cls, values) -> "StateShape":
+    def of(cls, values) -> StateShape:
         """From a tuple or list (a JSON round trip): five ints and an optional kind."""
         values = tuple(values)
         return cls(*(int(x) for x in values[:5]), *(str(x) for x in values[5:6]))
@@ -68,15 +78,20 @@ class StateShape(NamedTuple):
             return f"short convolution ({self.channels} channels, kernel {self.kernel})"
         if self.kind == "ssd":
             groups = f"{self.key_heads} group{'s' if self.key_heads != 1 else ''}"
-            return (f"Mamba-2 ({groups} x {self.key_dim} state, {self.value_heads}x{self.value_dim} "
-                    f"heads, kernel {self.kernel})")
-        return (f"Gated DeltaNet ({self.key_heads}x{self.key_dim} key, {self.value_heads}x{self.value_dim} value heads, "
-                f"kernel {self.kernel})")
+            return (
+                f"Mamba-2 ({groups} x {self.key_dim} state, {self.value_heads}x{self.value_dim} "
+                f"heads, kernel {self.kernel})"
+            )
+        return (
+            f"Gated DeltaNet ({self.key_heads}x{self.key_dim} key, {self.value_heads}x{self.value_dim} value heads, "
+            f"kernel {self.kernel})"
+        )
 
     @property
     def channels(self) -> int:
         """The convolution's channels ``C = 2·Hk·dk + Hv·dv`` (queries, keys, values)."""
         return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
 
 _MISSING = object()
 
@@ -115,7 +130,11 @@ def _shape(config) -> tuple[int, int, int]:
     if getattr(config, "qk_nope_head_dim", None) is not None and getattr(config, "v_head_dim", None) is not None:
         # multi-head latent attention: K/V expanded to every query head, q/k = nope + rope, v its own size
         qk = int(config.qk_nope_head_dim) + int(getattr(config, "qk_rope_head_dim", 0) or 0)
-        kv_heads = heads if getattr(config, "kv_lora_rank", None) else int(getattr(config, "num_key_value_heads", None) or heads)
+        kv_heads = (
+            heads
+            if getattr(config, "kv_lora_rank", None)
+            else int(getattr(config, "num_key_value_heads", None) or heads)
+        )
         return kv_heads, qk, int(config.v_head_dim)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -157,11 +176,14 @@ def mamba2_shape(config) -> StateShape:
     ``n_groups``/``mamba_n_groups``/``mamba_ngroups``, state ``ssm_state_size``/``mamba_d_state``, heads
     ``mamba_num_heads``/``mamba_n_heads``/``n_mamba_heads`` of ``mamba_head_dim``/``mamba_d_head``/``mamba_headdim``,
     kernel ``conv_kernel``/``mamba_d_conv``."""
-    return StateShape(_first(config, "n_groups", "mamba_n_groups", "mamba_ngroups"),
-                      _first(config, "ssm_state_size", "mamba_d_state"),
-                      _first(config, "mamba_num_heads", "mamba_n_heads", "n_mamba_heads"),
-                      _first(config, "mamba_head_dim", "mamba_d_head", "mamba_headdim"),
-                      _first(config, "conv_kernel", "mamba_d_conv"), "ssd")
+    return StateShape(
+        _first(config, "n_groups", "mamba_n_groups", "mamba_ngroups"),
+        _first(config, "ssm_state_size", "mamba_d_state"),
+        _first(config, "mamba_num_heads", "mamba_n_heads", "n_mamba_heads"),
+        _first(config, "mamba_head_dim", "mamba_d_head", "mamba_headdim"),
+        _first(config, "conv_kernel", "mamba_d_conv"),
+        "ssd",
+    )
 
 
 def _types(config) -> list:
@@ -179,9 +201,13 @@ def layer_state_shapes(config) -> list[StateShape | None]:
     types = _types(config)
     family = getattr(config, "model_type", None)
     if family in GATED_DELTANET_FAMILIES and "linear_attention" in types:
-        shape = StateShape(int(config.linear_num_key_heads), int(config.linear_key_head_dim),
-                           int(config.linear_num_value_heads), int(config.linear_value_head_dim),
-                           int(config.linear_conv_kernel_dim))
+        shape = StateShape(
+            int(config.linear_num_key_heads),
+            int(config.linear_key_head_dim),
+            int(config.linear_num_value_heads),
+            int(config.linear_value_head_dim),
+            int(config.linear_conv_kernel_dim),
+        )
         mixers = ("linear_attention",)
     elif family in MAMBA2_FAMILIES and ({"linear_attention", "hybrid"} & set(types)):
         shape, mixers = mamba2_shape(config), ("linear_attention", "hybrid")

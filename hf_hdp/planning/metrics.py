@@ -202,8 +202,9 @@ class _Components:
         return list(out.values())
 
 
-def _micro_batch(mb, cost: CostModel, cache: dict, step: _Step, joined: set, components: _Components,
-                 count_bytes: bool) -> tuple[float, float, str]:
+def _micro_batch(
+    mb, cost: CostModel, cache: dict, step: _Step, joined: set, components: _Components, count_bytes: bool
+) -> tuple[float, float, str]:
     """Price one micro-batch into ``step``: its time, exposed communication and split kind (``""`` when it holds
     whole sequences only, ``"mixed"`` when its distributed segments run different splits). Counts its bytes and
     messages, and couples the ranks of each distributed segment (once per segment, not once per member)."""
@@ -234,8 +235,16 @@ def _micro_batch(mb, cost: CostModel, cache: dict, step: _Step, joined: set, com
     return t, comm, split
 
 
-def _draw(timeline: list, r: int, slot: int, free: float, start: float, end: float, run: tuple[float, float, str],
-          slot_comm: float) -> None:
+def _draw(
+    timeline: list,
+    r: int,
+    slot: int,
+    free: float,
+    start: float,
+    end: float,
+    run: tuple[float, float, str],
+    slot_comm: float,
+) -> None:
     """Rank ``r``'s intervals of one slot: the wait for its partners, compute, exposed communication, the wait for
     the component's slowest member, and lockstep's slot collectives."""
     t, comm, split = run
@@ -251,8 +260,9 @@ def _draw(timeline: list, r: int, slot: int, free: float, start: float, end: flo
         timeline.append(Interval(r, end - slot_comm, end, "allreduce", slot))
 
 
-def _simulate(plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None,
-              count_bytes: bool = True) -> tuple[float, float, _Step]:
+def _simulate(
+    plan: StepPlan, cost: CostModel, include_allreduce: bool, timeline: list | None, count_bytes: bool = True
+) -> tuple[float, float, _Step]:
     """``(slots' critical path, end-of-step all-reduce, per-rank figures)`` of ``plan``; appends the intervals to
     ``timeline`` when given."""
     W = plan.world_size

@@ -40,7 +40,7 @@ best-fit packing is :class:`~hf_hdp.planning.packing.BestFit`.
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from collections.abc import Sequence
 
 from .packing import BestFit
 from .plan import Piece, PlanError, StepPlan, build_plan

@@ -132,8 +132,11 @@ class Segment:
 
     def batches_within(self, tokens: int) -> list[BatchWork]:
         """Every micro-batch of at most ``tokens`` tokens, sorted."""
-        return sorted(BatchWork(self._work_of(batch), b) for b, batch in self._batches.items()
-                      if self.cap - self._free[b] <= tokens)
+        return sorted(
+            BatchWork(self._work_of(batch), b)
+            for b, batch in self._batches.items()
+            if self.cap - self._free[b] <= tokens
+        )
 
     def pop_batch(self, b: int) -> tuple[list[int], int]:
         """Take micro-batch ``b`` out of the segment: its sample positions and tokens."""

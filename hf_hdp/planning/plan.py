@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .layout import check_degree, hybrid_member_sizes, hybrid_token_ranges
 from .splits import split_kind
@@ -94,9 +94,13 @@ class Piece:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Piece":
-        return cls(sample=int(d["sample"]), length=int(d["length"]), group=tuple(int(r) for r in d["group"]),
-                   ulysses=int(d.get("ulysses", 1)))
+    def from_dict(cls, d: dict) -> Piece:
+        return cls(
+            sample=int(d["sample"]),
+            length=int(d["length"]),
+            group=tuple(int(r) for r in d["group"]),
+            ulysses=int(d.get("ulysses", 1)),
+        )
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class MicroBatch:
         return {"rank": self.rank, "slot": self.slot, "pieces": [p.to_dict() for p in self.pieces]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MicroBatch":
+    def from_dict(cls, d: dict) -> MicroBatch:
         return cls(rank=int(d["rank"]), slot=int(d["slot"]), pieces=tuple(Piece.from_dict(p) for p in d["pieces"]))
 
 
@@ -170,7 +174,7 @@ class StepPlan:
         return dict(sorted(sizes.items()))
 
     # ------------------------------------------------------------ validation
-    def validate(self, num_heads: int | None = None) -> "StepPlan":
+    def validate(self, num_heads: int | None = None) -> StepPlan:
         """Check the invariants of docs/design.md §7; raise :class:`PlanError` naming the first broken one.
 
         ``num_heads`` (the model's query heads; the trainer passes it before any P2P): every
@@ -258,7 +262,7 @@ class StepPlan:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StepPlan":
+    def from_dict(cls, d: dict) -> StepPlan:
         return cls(
             world_size=int(d["world_size"]),
             tokens_per_rank=int(d["tokens_per_rank"]),
@@ -268,7 +272,7 @@ class StepPlan:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "StepPlan":
+    def from_json(cls, text: str) -> StepPlan:
         return cls.from_dict(json.loads(text))
 
     def fingerprint(self) -> int:
@@ -291,10 +295,7 @@ def build_plan(
     Pieces inside a micro-batch are ordered by sample, so that every member of a group sees the
     same order of ring segments.
     """
-    mbs = [
-        MicroBatch(rank=r, slot=s, pieces=tuple(sorted(ps, key=lambda p: p.sample)))
-        for r, s, ps in placements
-    ]
+    mbs = [MicroBatch(rank=r, slot=s, pieces=tuple(sorted(ps, key=lambda p: p.sample))) for r, s, ps in placements]
     mbs = [mb for mb in mbs if mb.pieces]
     mbs.sort(key=lambda mb: (mb.slot, mb.rank))
     return StepPlan(
@@ -315,7 +316,16 @@ def lockstep(plan: StepPlan) -> StepPlan:
     used = sorted({mb.slot for mb in plan.micro_batches})
     renumber = {slot: i for i, slot in enumerate(used)}
     held = {(renumber[mb.slot], mb.rank): mb.pieces for mb in plan.micro_batches}
-    mbs = tuple(MicroBatch(rank=r, slot=s, pieces=held.get((s, r), ()))
-                for s in range(len(used)) for r in range(plan.world_size))
-    return StepPlan(world_size=plan.world_size, tokens_per_rank=plan.tokens_per_rank, lengths=plan.lengths,
-                    micro_batches=mbs, planner=plan.planner, meta={**plan.meta, "lockstep": True})
+    mbs = tuple(
+        MicroBatch(rank=r, slot=s, pieces=held.get((s, r), ()))
+        for s in range(len(used))
+        for r in range(plan.world_size)
+    )
+    return StepPlan(
+        world_size=plan.world_size,
+        tokens_per_rank=plan.tokens_per_rank,
+        lengths=plan.lengths,
+        micro_batches=mbs,
+        planner=plan.planner,
+        meta={**plan.meta, "lockstep": True},
+    )

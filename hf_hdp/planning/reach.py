@@ -64,7 +64,7 @@ class LayerMask:
         """Whether this mask differs from plain causal attention for a sample of ``length`` tokens."""
         return (self.window is not None and self.window < length) or (self.chunk is not None and self.chunk < length)
 
-    def for_length(self, length: int) -> "LayerMask":
+    def for_length(self, length: int) -> LayerMask:
         """This mask with every part a sample of ``length`` tokens cannot feel removed."""
         w = self.window if self.window is not None and self.window < length else None
         c = self.chunk if self.chunk is not None and self.chunk < length else None
@@ -176,8 +176,9 @@ def member_pairs(layout: Layout, member: int, source: int, mask: LayerMask) -> t
         for kc, ks in enumerate(spans[source]):
             for qs in spans[member]:
                 for a, b, x, y in visible_pairs((qs.start, qs.end), (ks.start, ks.end), mask):
-                    pairs.append(Pair(d, q_off + qs.row + a - qs.start, b - a, k_off + ks.row + x - ks.start, y - x,
-                                      a, x, kc))
+                    pairs.append(
+                        Pair(d, q_off + qs.row + a - qs.start, b - a, k_off + ks.row + x - ks.start, y - x, a, x, kc)
+                    )
         q_off += sum(layout[member][d])
         k_off += sum(layout[source][d])
     return tuple(pairs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .balanced import plan_balanced
 from .cost import CostModel
@@ -53,7 +53,8 @@ def get_planner(name: str, cost: CostModel | None = None, **options) -> Planner:
     return functools.partial(planner, **bound) if bound else planner
 
 
-def make_plan(name: str, lengths: Sequence[int], world_size: int, tokens_per_rank: int,
-              cost: CostModel | None = None) -> StepPlan:
+def make_plan(
+    name: str, lengths: Sequence[int], world_size: int, tokens_per_rank: int, cost: CostModel | None = None
+) -> StepPlan:
     """Run the planner registered as ``name`` (with ``cost`` if it uses one)."""
     return get_planner(name, cost)(lengths, world_size, tokens_per_rank)

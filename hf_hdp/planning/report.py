@@ -64,8 +64,9 @@ def legend_entries(intervals) -> list[tuple[str, str]]:
     return [style for style in order if style in present]
 
 
-def plot_timelines(runs: dict[str, PlannerRuns], cost: CostModel, path: str,
-                   max_ranks: int = MAX_PLOT_RANKS) -> str | None:
+def plot_timelines(
+    runs: dict[str, PlannerRuns], cost: CostModel, path: str, max_ranks: int = MAX_PLOT_RANKS
+) -> str | None:
     """Draw the first batch's per-rank timelines, one planner above the other, into ``path`` (PNG).
 
     Only the first ``max_ranks`` ranks are drawn; returns a note saying so when ranks were left out.

@@ -23,8 +23,9 @@ def _setting(name: str, value) -> str:
     return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
 
 
-def resolve_sharding(zero_stage: int | None, fsdp: str | None, world_size: int, *,
-                     zero_name: str = "zero_stage", fsdp_name: str = "fsdp") -> tuple[int, str | None]:
+def resolve_sharding(
+    zero_stage: int | None, fsdp: str | None, world_size: int, *, zero_name: str = "zero_stage", fsdp_name: str = "fsdp"
+) -> tuple[int, str | None]:
     """``(zero_stage, fsdp)`` a run of ``world_size`` ranks uses, from the settings as the user gave them.
 
     ``zero_stage``: 0, 1, 2 or ``None`` (unset: 1 on several ranks); ``fsdp``: ``None`` or one of

@@ -25,7 +25,7 @@ Ties are broken by position and id only, so every rank computes the same plan.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .naive import ceil_div, check_lengths, longest_first
 from .packing import BestFit

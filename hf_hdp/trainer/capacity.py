@@ -57,9 +57,11 @@ class Capacity:
 
     def describe(self) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        return (f"tokens_per_rank='auto' -> C = {self.tokens_per_rank:,} tokens for {fmt_gb(self.budget_bytes)} "
-                f"per rank ({self.source}; {RESERVE_FRACTION:.0%} kept back). Estimated peak: "
-                f"{self.breakdown.describe()} [{settings}]")
+        return (
+            f"tokens_per_rank='auto' -> C = {self.tokens_per_rank:,} tokens for {fmt_gb(self.budget_bytes)} "
+            f"per rank ({self.source}; {RESERVE_FRACTION:.0%} kept back). Estimated peak: "
+            f"{self.breakdown.describe()} [{settings}]"
+        )
 
 
 def optimizer_state_bytes(optim, param_bytes: float, optim_args: str | None = None) -> float:
@@ -118,8 +120,9 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     budget, source = memory_budget_bytes(config, device, world_size)
     mixed = bool(args.bf16 or args.fp16)
     try:
-        spec = ModelSpec.from_config(base.config, name=type(base).__name__,
-                                     bytes_per_value=2 if mixed else base.dtype.itemsize)
+        spec = ModelSpec.from_config(
+            base.config, name=type(base).__name__, bytes_per_value=2 if mixed else base.dtype.itemsize
+        )
     except (AttributeError, TypeError) as err:
         raise ValueError(
             f"HDPConfig(tokens_per_rank='auto'): {type(base).__name__}'s config lacks the shape fields the memory "
@@ -131,20 +134,29 @@ def resolve_tokens_per_rank(config, model, args, world_size: int, *, fsdp: str |
     n_trainable = sum(p.numel() for p in trainable)
     weight_bytes = sum(p.numel() * p.element_size() for p in params) / max(n_params, 1)
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable) / max(n_trainable, 1)
-    zero_stage, fsdp = resolve_sharding(config.zero_stage, fsdp, world_size, zero_name="HDPConfig.zero_stage",
-                                        fsdp_name="TrainingArguments.fsdp")
+    zero_stage, fsdp = resolve_sharding(
+        config.zero_stage, fsdp, world_size, zero_name="HDPConfig.zero_stage", fsdp_name="TrainingArguments.fsdp"
+    )
     chunk = config.loss_chunk_tokens if loss_func is None and chunked_head(model) is not None else None
-    settings = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp,
-                    checkpointing=run_recomputes_layers(args, model),
-                    offload_ratio=0.0 if config.offload_ratio == "auto" else float(config.offload_ratio),
-                    loss_chunk_tokens=chunk, weight_bytes=weight_bytes, grad_bytes=grad_bytes,
-                    optimizer_bytes=optimizer_state_bytes(args.optim, grad_bytes, getattr(args, "optim_args", None)),
-                    params=n_params, trainable_params=n_trainable)
+    settings = dict(
+        world_size=world_size,
+        zero_stage=zero_stage,
+        fsdp=fsdp,
+        checkpointing=run_recomputes_layers(args, model),
+        offload_ratio=0.0 if config.offload_ratio == "auto" else float(config.offload_ratio),
+        loss_chunk_tokens=chunk,
+        weight_bytes=weight_bytes,
+        grad_bytes=grad_bytes,
+        optimizer_bytes=optimizer_state_bytes(args.optim, grad_bytes, getattr(args, "optim_args", None)),
+        params=n_params,
+        trainable_params=n_trainable,
+    )
     try:
         c = tokens_per_rank_for_memory(spec, budget, reserve_fraction=RESERVE_FRACTION, **settings)
     except ValueError as err:
         raise ValueError(
-            f"HDPConfig(tokens_per_rank='auto') with {fmt_gb(budget)} per rank ({source}): {err}") from None
+            f"HDPConfig(tokens_per_rank='auto') with {fmt_gb(budget)} per rank ({source}): {err}"
+        ) from None
     breakdown = memory_breakdown(spec, c, reserve=budget * RESERVE_FRACTION, **settings)
     capacity = Capacity(c, budget, source, breakdown, settings)
     logger.info("hf_hdp: %s", capacity.describe())

@@ -59,8 +59,15 @@ STATE_RANGES: dict[str, tuple[int, int]] = {
     "world_size": (1, 2**31 - 1),
     "global_step": (0, _INT64),
 }
-_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-               dict: "a JSON object", type(None): "null"}
+_JSON_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a JSON object",
+    type(None): "null",
+}
 
 
 def lengths_digest(lengths: np.ndarray) -> str:
@@ -86,8 +93,6 @@ def hdp_state(trainer) -> dict:
         "global_step": trainer.state.global_step,
         "hdp_config": cfg.to_dict(),
     }
-
-
 
 
 class HDPCheckpointCallback(TrainerCallback):
@@ -131,6 +136,7 @@ def load_state(path: str) -> dict:
     of the wrong type (see :data:`STATE_KEYS`) or an integer outside its range (:data:`STATE_RANGES`).
     Keys newer than the file's format come back as ``None`` (a format 1 file has no ``content_sha256``).
     """
+
     def fail(problem: str) -> HDPStateFileError:
         return HDPStateFileError(
             f"{path}: {problem}. This file is the HDP state hf_hdp writes into each checkpoint; restore it, resume "
@@ -162,8 +168,10 @@ def load_state(path: str) -> dict:
     if not _is(version, int) or version < 1:
         raise fail(f"has format {_short(version)}, which is not a format number (1 to {STATE_FORMAT})")
     if version > STATE_FORMAT:
-        raise fail(f"has format {version}, written by a newer hf_hdp (this one reads formats up to "
-                   f"{STATE_FORMAT}); upgrade hf_hdp")
+        raise fail(
+            f"has format {version}, written by a newer hf_hdp (this one reads formats up to "
+            f"{STATE_FORMAT}); upgrade hf_hdp"
+        )
     for key, (kind, since) in STATE_KEYS.items():
         if key not in saved:
             if since > version:
@@ -184,12 +192,13 @@ def _resume_fix(key: str, saved) -> str:
     if key == "global_batch_size":
         return f"Resume with HDPConfig(global_batch_size={saved!r}) (or --global_batch_size {saved!r}), or start a new run."
     if key == "seed":
-        return (f"Resume with TrainingArguments(data_seed={saved!r}) (the checkpoint's data order), or start a new "
-                "run.")
+        return f"Resume with TrainingArguments(data_seed={saved!r}) (the checkpoint's data order), or start a new run."
     if key == "drop_last":
         return f"Resume with TrainingArguments(dataloader_drop_last={saved!r}), or start a new run."
-    return ("Resume with the checkpoint's dataset (the same rows, in the same order, tokenized the same way), or "
-            "start a new run without resume_from_checkpoint.")
+    return (
+        "Resume with the checkpoint's dataset (the same rows, in the same order, tokenized the same way), or "
+        "start a new run without resume_from_checkpoint."
+    )
 
 
 def check_resume(trainer, checkpoint: str) -> dict | None:
@@ -211,8 +220,9 @@ def check_resume(trainer, checkpoint: str) -> dict | None:
         ("drop_last", "dataloader_drop_last differs"),
     ):
         if saved.get(key) is None and key == "content_sha256":  # format 1 checkpoints covered lengths only
-            logger.warning("%s predates content digests: resuming without checking the dataset's token content.",
-                           checkpoint)
+            logger.warning(
+                "%s predates content digests: resuming without checking the dataset's token content.", checkpoint
+            )
             continue
         if saved[key] != now[key]:
             raise ResumeMismatchError(
@@ -220,10 +230,17 @@ def check_resume(trainer, checkpoint: str) -> dict | None:
                 f"The remaining steps would skip or repeat samples. {_resume_fix(key, saved[key])}"
             )
     if saved["world_size"] != now["world_size"]:
-        logger.info("elastic resume: checkpoint made on %d ranks, resuming on %d; batches are unchanged.",
-                    saved["world_size"], now["world_size"])
+        logger.info(
+            "elastic resume: checkpoint made on %d ranks, resuming on %d; batches are unchanged.",
+            saved["world_size"],
+            now["world_size"],
+        )
     for key in ("planner", "tokens_per_rank"):
         if saved[key] != now[key]:
-            logger.info("resuming with %s=%r (checkpoint used %r): placement changes, batches do not.",
-                        key, now[key], saved[key])
+            logger.info(
+                "resuming with %s=%r (checkpoint used %r): placement changes, batches do not.",
+                key,
+                now[key],
+                saved[key],
+            )
     return saved

@@ -84,11 +84,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers.trainer_utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, \
-    speed_metrics
+from transformers.trainer_utils import (
+    EvalLoopOutput,
+    EvalPrediction,
+    PredictionOutput,
+    denumpify_detensorize,
+    speed_metrics,
+)
 
-from ..data.checks import SOURCE_ROW_COLUMN
 from ..collators.documents import IGNORE_INDEX, row_documents
+from ..data.checks import SOURCE_ROW_COLUMN
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
 from ..engine.step import forward_micro_batch
 
@@ -99,7 +104,9 @@ PADDING_INDEX = -100
 def eval_dataloader(trainer, measured) -> HDPDataLoader:
     """The eval set as HDP steps: unshuffled global batches of ``eval_batch_size x world`` samples."""
     sampler = GlobalBatchSampler(
-        len(measured), trainer.args.per_device_eval_batch_size * trainer.mesh.world_size, shuffle=False,
+        len(measured),
+        trainer.args.per_device_eval_batch_size * trainer.mesh.world_size,
+        shuffle=False,
         drop_last=False,
     )
     return trainer.hdp_step_loader(measured, sampler)
@@ -176,8 +183,10 @@ class PredictionGatherer:
         needed_rows = sorted({docs[s][0] for s in needed})
         loaded = steps.dataset[[rows[i] for i in needed_rows]] if needed_rows else {}
         columns = [c for c in loaded if c != SOURCE_ROW_COLUMN]
-        row_docs = {i: row_documents({c: loaded[c][n] for c in columns}, rows[i], steps.rules)
-                    for n, i in enumerate(needed_rows)}
+        row_docs = {
+            i: row_documents({c: loaded[c][n] for c in columns}, rows[i], steps.rules)
+            for n, i in enumerate(needed_rows)
+        }
         self._documents = {}
         for s in needed:
             i, d = docs[s]
@@ -198,10 +207,13 @@ class PredictionGatherer:
             )
         layout = self._layout(mb)
         positions = torch.cat([torch.arange(a, b) for _, a, b in layout])
-        if positions.numel() != batch["input_ids"].shape[1] or \
-                not torch.equal(positions, batch["position_ids"][0].cpu()):
-            raise RuntimeError("HDP evaluation: the packed micro-batch's token layout is not the collator's "
-                               "(hf_hdp.collators.collator); cannot place its predictions.")
+        if positions.numel() != batch["input_ids"].shape[1] or not torch.equal(
+            positions, batch["position_ids"][0].cpu()
+        ):
+            raise RuntimeError(
+                "HDP evaluation: the packed micro-batch's token layout is not the collator's "
+                "(hf_hdp.collators.collator); cannot place its predictions."
+            )
         labels, inputs = [], []
         for s, a, b in layout:
             _, _, doc = self._documents[s]
@@ -215,9 +227,15 @@ class PredictionGatherer:
         for s, a, b in layout:
             i, offset, _ = self._documents[s]
             n = b - a
-            self._records.append((i, offset + a, tuple(x[cursor : cursor + n] for x in arrays),
-                                  np.asarray(labels[cursor : cursor + n], dtype=np.int64),
-                                  np.asarray(inputs[cursor : cursor + n], dtype=np.int64) if self.with_inputs else None))
+            self._records.append(
+                (
+                    i,
+                    offset + a,
+                    tuple(x[cursor : cursor + n] for x in arrays),
+                    np.asarray(labels[cursor : cursor + n], dtype=np.int64),
+                    np.asarray(inputs[cursor : cursor + n], dtype=np.int64) if self.with_inputs else None,
+                )
+            )
             cursor += n
 
     def _layout(self, mb) -> list[tuple[int, int, int]]:
@@ -236,8 +254,13 @@ class PredictionGatherer:
     def _as_tuple(self, out, num_tokens: int) -> tuple[torch.Tensor, ...]:
         single = isinstance(out, torch.Tensor)
         outputs = (out,) if single else tuple(out) if isinstance(out, (tuple, list)) else None
-        if outputs is None or not outputs or any(not isinstance(o, torch.Tensor) or o.dim() < 2
-                                                 or tuple(o.shape[:2]) != (1, num_tokens) for o in outputs):
+        if (
+            outputs is None
+            or not outputs
+            or any(
+                not isinstance(o, torch.Tensor) or o.dim() < 2 or tuple(o.shape[:2]) != (1, num_tokens) for o in outputs
+            )
+        ):
             got = type(out).__name__ if outputs is None else [tuple(getattr(o, "shape", ())) for o in outputs]
             raise ValueError(
                 f"preprocess_logits_for_metrics must return a tensor (or a tuple of tensors) with one row per token of "
@@ -253,8 +276,12 @@ class PredictionGatherer:
     def end_step(self, step: HDPStep) -> _Batch:
         """ONE bounded gather of the step's pieces over the mesh; every rank reassembles the whole batch."""
         mesh = self.trainer.mesh
-        parts = mesh.gather_bytes(pickle.dumps((self.single, self._records), protocol=pickle.HIGHEST_PROTOCOL),
-                                  True, "evaluation predictions", step.global_step)
+        parts = mesh.gather_bytes(
+            pickle.dumps((self.single, self._records), protocol=pickle.HIGHEST_PROTOCOL),
+            True,
+            "evaluation predictions",
+            step.global_step,
+        )
         parts = [pickle.loads(part) for part in parts]
         records = [r for _, recs in parts for r in recs]
         # whether the outputs are one tensor: known on ranks that ran a micro-batch, so on every rank from here
@@ -310,8 +337,13 @@ def _torch(x, device):
 
 
 # ------------------------------------------------------------------ the loop
-def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: str = "eval",
-                        prediction_loss_only: bool | None = None, description: str = "Evaluation") -> EvalLoopOutput:
+def hdp_evaluation_loop(
+    trainer,
+    dataloader: HDPDataLoader,
+    metric_key_prefix: str = "eval",
+    prediction_loss_only: bool | None = None,
+    description: str = "Evaluation",
+) -> EvalLoopOutput:
     """Forward every micro-batch of this rank, then ONE all-reduce; returns ``{prefix}_loss``, and the
     per-sample predictions and ``compute_metrics``' metrics unless ``prediction_loss_only``
     (``None``: ``TrainingArguments.prediction_loss_only``, as in Trainer).
@@ -338,7 +370,7 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
     batches: list[_Batch] = []
     metrics = None
     num_steps = len(dataloader)
-    with torch.no_grad(), (_full_logits(trainer) if gatherer is not None else contextlib.nullcontext()):
+    with torch.no_grad(), _full_logits(trainer) if gatherer is not None else contextlib.nullcontext():
         for index, inputs in enumerate(dataloader):
             step = inputs["hdp_step"]
             if trainer.hdp_config.check_plan_hash:
@@ -349,16 +381,23 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
             for mb, batch in zip(step.plan.for_rank(mesh.rank), step.micro_batches):
                 outputs = {}
 
-                def loss_fn(m, b, num_items_in_batch):
+                def loss_fn(m, b, num_items_in_batch, outputs=outputs):
                     if gatherer is None:
                         return trainer.compute_loss(m, b, num_items_in_batch=num_items_in_batch)
-                    loss, outputs["out"] = trainer.compute_loss(m, b, return_outputs=True,
-                                                                num_items_in_batch=num_items_in_batch)
+                    loss, outputs["out"] = trainer.compute_loss(
+                        m, b, return_outputs=True, num_items_in_batch=num_items_in_batch
+                    )
                     return loss
 
                 loss, batch = forward_micro_batch(
-                    model, batch, 1, mesh, trainer.hdp_config.attention_backend, args.device,
-                    loss_fn=loss_fn, context=lambda: _eval_context(trainer),
+                    model,
+                    batch,
+                    1,
+                    mesh,
+                    trainer.hdp_config.attention_backend,
+                    args.device,
+                    loss_fn=loss_fn,
+                    context=lambda: _eval_context(trainer),
                 )
                 loss_sum += loss.detach().double()
                 label_tokens += (batch["labels"] != IGNORE_INDEX).sum()
@@ -370,15 +409,20 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
                 gathered = gatherer.end_step(step)
                 if args.batch_eval_metrics and trainer.compute_metrics is not None:
                     metrics = trainer.compute_metrics(
-                        EvalPrediction(predictions=_torch(gatherer.structure(gathered.predictions), args.device),
-                                       label_ids=_torch(gathered.labels, args.device), inputs=None, losses=None),
+                        EvalPrediction(
+                            predictions=_torch(gatherer.structure(gathered.predictions), args.device),
+                            label_ids=_torch(gathered.labels, args.device),
+                            inputs=None,
+                            losses=None,
+                        ),
                         compute_result=index == num_steps - 1,
                     )
                 if not args.batch_eval_metrics or predicting:
                     batches.append(gathered)
             trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
-    total_loss, count = mesh.sum_scalars([float(loss_sum), float(label_tokens)], "evaluation loss sum",
-                                         trainer.state.global_step)
+    total_loss, count = mesh.sum_scalars(
+        [float(loss_sum), float(label_tokens)], "evaluation loss sum", trainer.state.global_step
+    )
     count = int(round(count))
     if count != planned_tokens:
         raise RuntimeError(
@@ -389,15 +433,20 @@ def hdp_evaluation_loop(trainer, dataloader: HDPDataLoader, metric_key_prefix: s
     if gatherer is not None:
         predictions, label_ids, inputs = _concat(batches, bool(gatherer.single), args.eval_do_concat_batches)
     if trainer.compute_metrics is not None and predictions is not None and not args.batch_eval_metrics:
-        metrics = trainer.compute_metrics(EvalPrediction(predictions=predictions, label_ids=label_ids,
-                                                         inputs=inputs, losses=None))
+        metrics = trainer.compute_metrics(
+            EvalPrediction(predictions=predictions, label_ids=label_ids, inputs=inputs, losses=None)
+        )
     metrics = denumpify_detensorize(metrics) if metrics is not None else {}
     metrics[f"{metric_key_prefix}_loss"] = total_loss / count
     for key in list(metrics):
         if not key.startswith(f"{metric_key_prefix}_"):
             metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
-    return EvalLoopOutput(predictions=predictions, label_ids=label_ids, metrics=metrics,
-                          num_samples=dataloader.dataset.sampler.num_samples)
+    return EvalLoopOutput(
+        predictions=predictions,
+        label_ids=label_ids,
+        metrics=metrics,
+        num_samples=dataloader.dataset.sampler.num_samples,
+    )
 
 
 def hdp_predict(trainer, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
@@ -406,11 +455,18 @@ def hdp_predict(trainer, test_dataset, ignore_keys=None, metric_key_prefix: str 
     trainer._memory_tracker.start()
     loader = eval_dataloader(trainer, trainer._measure_eval_dataset(test_dataset))
     start_time = time.time()
-    output = trainer.evaluation_loop(loader, description="Prediction", ignore_keys=ignore_keys,
-                                     metric_key_prefix=metric_key_prefix)
+    output = trainer.evaluation_loop(
+        loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+    )
     total_batch_size = trainer.args.eval_batch_size * trainer.args.world_size
-    output.metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=output.num_samples,
-                                        num_steps=-(-output.num_samples // total_batch_size)))
+    output.metrics.update(
+        speed_metrics(
+            metric_key_prefix,
+            start_time,
+            num_samples=output.num_samples,
+            num_steps=-(-output.num_samples // total_batch_size),
+        )
+    )
     trainer.control = trainer.callback_handler.on_predict(trainer.args, trainer.state, trainer.control, output.metrics)
     trainer._memory_tracker.stop_and_update_metrics(output.metrics)
     return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)

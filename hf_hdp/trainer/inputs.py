@@ -18,10 +18,17 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-
 #: Trainer methods that make up HDP's step and evaluation; another Trainer's version would bypass HDP
-STEP_METHODS = ("training_step", "compute_loss", "get_train_dataloader", "get_eval_dataloader", "evaluation_loop",
-                "create_accelerator_and_postprocess", "create_optimizer", "log")
+STEP_METHODS = (
+    "training_step",
+    "compute_loss",
+    "get_train_dataloader",
+    "get_eval_dataloader",
+    "evaluation_loop",
+    "create_accelerator_and_postprocess",
+    "create_optimizer",
+    "log",
+)
 #: Trainer methods HDP never calls, so an override would be silently ignored
 UNUSED_METHODS = ("prediction_step",)
 
@@ -37,15 +44,19 @@ def check_step_methods(cls, hdp_cls) -> None:
         if owner is Trainer or issubclass(owner, hdp_cls) or not issubclass(owner, Trainer):
             continue
         bases = ", ".join(b.__name__ for b in cls.__bases__)
-        order = ", ".join([hdp_cls.__name__] + [b.__name__ for b in cls.__bases__ if b is not hdp_cls
-                                                 and not issubclass(b, hdp_cls)])
+        order = ", ".join(
+            [hdp_cls.__name__] + [b.__name__ for b in cls.__bases__ if b is not hdp_cls and not issubclass(b, hdp_cls)]
+        )
         raise TypeError(
             f"{cls.__name__}({bases}): {owner.__name__}.{name} comes before HDPTrainer's in the method order, so "
             f"HDP's step would be bypassed (the loss would be {owner.__name__}'s over one micro-batch, and "
             f"evaluation would wait forever on ranks that hold no sample). Put HDPTrainer first: "
             f"class {cls.__name__}({order}): ..."
-            + (" For TRL's SFTTrainer, use hf_hdp.integrations.trl.HDPSFTTrainer (pip install 'hf-hdp[trl]')."
-               if owner.__name__ == "SFTTrainer" else "")
+            + (
+                " For TRL's SFTTrainer, use hf_hdp.integrations.trl.HDPSFTTrainer (pip install 'hf-hdp[trl]')."
+                if owner.__name__ == "SFTTrainer"
+                else ""
+            )
         )
     for name in UNUSED_METHODS:
         owner = _owner(cls, name)
@@ -58,8 +69,9 @@ def check_step_methods(cls, hdp_cls) -> None:
             )
 
 
-def check_metrics_arguments(compute_metrics, preprocess_logits_for_metrics, prediction_loss_only: bool,
-                            args=None) -> None:
+def check_metrics_arguments(
+    compute_metrics, preprocess_logits_for_metrics, prediction_loss_only: bool, args=None
+) -> None:
     """Refuse the metric settings HDP cannot honour exactly, when the trainer is built.
 
     ``compute_metrics`` and ``preprocess_logits_for_metrics`` are honoured: HDP's evaluation gathers

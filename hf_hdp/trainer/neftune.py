@@ -32,8 +32,10 @@ class PerSampleNEFTune:
 
     def attach(self, model: torch.nn.Module) -> None:
         if not self.handles:
-            self.handles = [model.register_forward_pre_hook(self._read_metadata, with_kwargs=True),
-                            model.get_input_embeddings().register_forward_hook(self._add_noise)]
+            self.handles = [
+                model.register_forward_pre_hook(self._read_metadata, with_kwargs=True),
+                model.get_input_embeddings().register_forward_hook(self._add_noise),
+            ]
 
     def detach(self) -> None:
         for handle in self.handles:

@@ -40,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..engine import export
 from ..engine.export import save_streamed
+from ..engine.fsdp import SHARDED, state_dict_type
 from ..engine.state import (
     GROUPS,
     SHARDED_DIR,
@@ -58,7 +59,6 @@ from ..engine.state import (
     write_error,
 )
 from ..engine.zero import unwrap_zero
-from ..engine.fsdp import SHARDED, state_dict_type
 from .checkpoint import STATE_FILE, hdp_state
 
 logger = logging.getLogger(__name__)
@@ -173,8 +173,12 @@ def _write(trainer, staging: str, final: str, group, step) -> object:
     if (weights and not args.save_only_model) or optimizer:
         state = sharded_state(trainer, with_weights=weights and not args.save_only_model, with_optimizer=optimizer)
         if trainer.hdp_config.async_checkpoint:  # DCP's thread: a group of its own
-            future = save_sharded(state, os.path.join(staging, SHARDED_DIR),
-                                  checkpoint_group(trainer.hdp_config.p2p_timeout_s, "async"), async_save=True)
+            future = save_sharded(
+                state,
+                os.path.join(staging, SHARDED_DIR),
+                checkpoint_group(trainer.hdp_config.p2p_timeout_s, "async"),
+                async_save=True,
+            )
         else:
             save_sharded(state, os.path.join(staging, SHARDED_DIR), group)
     _best_model_checkpoint(trainer, os.path.dirname(final))
@@ -247,14 +251,16 @@ def _fail(trainer, error, staging: str, run_dir: str, step) -> None:
     latest = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)  # frees the space it took; never visible as a checkpoint
-    bounded_flag(trainer, checkpoint_group(trainer.hdp_config.p2p_timeout_s), False, "failed checkpoint clean-up",
-                 step)  # every rank raises once the temporary is gone
+    bounded_flag(
+        trainer, checkpoint_group(trainer.hdp_config.p2p_timeout_s), False, "failed checkpoint clean-up", step
+    )  # every rank raises once the temporary is gone
     rank = trainer.args.process_index
     if error is None:
         raise RuntimeError(
             f"rank {rank}: another rank failed to write its part of the checkpoint {staging}{_step_text(step)} "
             f"(see its error). The checkpoint was not published: "
-            f"{latest or 'no earlier checkpoint'} stays the latest checkpoint.")
+            f"{latest or 'no earlier checkpoint'} stays the latest checkpoint."
+        )
     translated = write_error(error, staging, rank, step, latest)
     if translated is not None:
         raise translated from (error if isinstance(error, Exception) else None)
@@ -277,8 +283,12 @@ def publish(trainer, staging: str, final: str, run_dir: str, group, step) -> Non
     if trainer.args.push_to_hub:
         trainer._push_from_checkpoint(final)
     if trainer.args.should_save:
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
-                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=trainer.args.save_total_limit,
+            best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
 
 def finish_pending(trainer) -> None:
@@ -309,8 +319,9 @@ def load_sharded_checkpoint(trainer, checkpoint: str, weights: bool, optimizer: 
     try:
         _load_sharded(trainer, checkpoint, weights, optimizer)
     except RuntimeError as err:
-        translated = trainer.mesh.translate_error(err, f"checkpoint load from {checkpoint}", "a collective",
-                                                  trainer.state.global_step)
+        translated = trainer.mesh.translate_error(
+            err, f"checkpoint load from {checkpoint}", "a collective", trainer.state.global_step
+        )
         if translated is None:
             raise
         raise translated from err
@@ -327,8 +338,11 @@ def _load_sharded(trainer, checkpoint: str, weights: bool, optimizer: bool) -> N
         return
     names = param_names(trainer.model)
     zero = unwrap_zero(optimizer)
-    targets = zero.owned_params(names) if zero is not None else {
-        names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+    targets = (
+        zero.owned_params(names)
+        if zero is not None
+        else {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+    )
     state, groups = load_optimizer_state(folder, targets, group, metadata)
     check_groups(groups, optimizer.param_groups, names, folder)
     if zero is not None:

@@ -47,8 +47,14 @@ from ..planning import CostModel, plan_metrics
 #: hardware peak, ``hdp/offloaded_bytes`` an ``offload_ratio``
 DEFAULT_LOG_KEYS = ("hdp/tokens_per_s", "hdp/mfu_est", "hdp/imbalance_est", "hdp/p2p_bytes", "hdp/offloaded_bytes")
 #: every figure (``HDPConfig.log_keys="all"``); ``hdp/samples_k`` stands for each ``hdp/samples_k{k}``
-ALL_LOG_KEYS = DEFAULT_LOG_KEYS + ("hdp/p2p_bytes_est", "hdp/step_time_est_s", "hdp/micro_batches_max",
-                                   "hdp/micro_batches_min", "hdp/max_group_size", "hdp/samples_k")
+ALL_LOG_KEYS = DEFAULT_LOG_KEYS + (
+    "hdp/p2p_bytes_est",
+    "hdp/step_time_est_s",
+    "hdp/micro_batches_max",
+    "hdp/micro_batches_min",
+    "hdp/max_group_size",
+    "hdp/samples_k",
+)
 _PER_STEP_MEAN = ("p2p_bytes", "p2p_bytes_est", "imbalance_est", "step_time_est_s")
 
 
@@ -64,7 +70,7 @@ def resolve_log_keys(log_keys: str | Iterable[str] = "default") -> frozenset[str
     if unknown or not keys:
         raise ValueError(
             f"HDPConfig.log_keys={log_keys!r}: {'unknown figures ' + str(unknown) if unknown else 'no figure named'}. "
-            f"Use 'default', 'all', or a comma-separated list of {[k[len('hdp/'):] for k in ALL_LOG_KEYS]}."
+            f"Use 'default', 'all', or a comma-separated list of {[k[len('hdp/') :] for k in ALL_LOG_KEYS]}."
         )
     return frozenset(keys)
 
@@ -78,8 +84,16 @@ class HDPStats:
     def __init__(self, world_size: int, log_keys: str | Iterable[str] = "default"):
         self.world_size = world_size
         self.log_keys = resolve_log_keys(log_keys)
-        self.totals = {"steps": 0, "samples": 0, "tokens": 0, "local_samples": 0, "group_sizes": Counter(),
-                       "micro_batches": 0, "p2p_bytes": 0, "busy_s": 0.0}
+        self.totals = {
+            "steps": 0,
+            "samples": 0,
+            "tokens": 0,
+            "local_samples": 0,
+            "group_sizes": Counter(),
+            "micro_batches": 0,
+            "p2p_bytes": 0,
+            "busy_s": 0.0,
+        }
         # the last steps run: epoch, step, dataset rows, plan fingerprint (for audits and resume tests), and
         # the step's figures: p2p_bytes (measured, all ranks), p2p_bytes_est, imbalance_est, step_time_est_s
         self.history: deque[dict] = deque(maxlen=1000)
@@ -92,9 +106,15 @@ class HDPStats:
         self.window["offloaded_from"] = stats.bytes_to_host
 
     def _reset_window(self) -> None:
-        self.window = {"steps": 0, "tokens": 0, "figures": [], "group_sizes": Counter(),
-                       "micro_batches": [], "started": time.perf_counter(),
-                       "offloaded_from": self.offload.bytes_to_host if self.offload is not None else 0}
+        self.window = {
+            "steps": 0,
+            "tokens": 0,
+            "figures": [],
+            "group_sizes": Counter(),
+            "micro_batches": [],
+            "started": time.perf_counter(),
+            "offloaded_from": self.offload.bytes_to_host if self.offload is not None else 0,
+        }
 
     def restart_window_if_empty(self) -> None:
         """Start the tokens/s window now if no step ran in it yet (after setup or a save)."""
@@ -105,16 +125,29 @@ class HDPStats:
         """Leave ``seconds`` of non-training time (an evaluation) out of the current window."""
         self.window["started"] = min(self.window["started"] + seconds, time.perf_counter())
 
-    def record(self, step, global_step: int, busy_s: float, p2p_bytes: int, p2p_bytes_all_ranks: float,
-               cost: CostModel) -> None:
+    def record(
+        self, step, global_step: int, busy_s: float, p2p_bytes: int, p2p_bytes_all_ranks: float, cost: CostModel
+    ) -> None:
         """Count one step: ``p2p_bytes`` this rank sent, ``p2p_bytes_all_ranks`` all ranks sent; ``cost``
         estimates the step's plan."""
         sizes = step.plan.group_sizes()
         metrics = plan_metrics(step.plan, cost)
-        figures = {"p2p_bytes": float(p2p_bytes_all_ranks), "p2p_bytes_est": float(metrics.p2p_bytes),
-                   "imbalance_est": float(metrics.imbalance), "step_time_est_s": float(metrics.step_time_s)}
-        self.history.append({"epoch": step.epoch, "step": step.step, "rows": step.rows, "plan": step.fingerprint,
-                             "global_step": global_step, **figures})
+        figures = {
+            "p2p_bytes": float(p2p_bytes_all_ranks),
+            "p2p_bytes_est": float(metrics.p2p_bytes),
+            "imbalance_est": float(metrics.imbalance),
+            "step_time_est_s": float(metrics.step_time_s),
+        }
+        self.history.append(
+            {
+                "epoch": step.epoch,
+                "step": step.step,
+                "rows": step.rows,
+                "plan": step.fingerprint,
+                "global_step": global_step,
+                **figures,
+            }
+        )
         t = self.totals
         t["steps"] += 1
         t["samples"] += len(step.rows)

@@ -56,13 +56,22 @@ from ..accelerator import HDPAccelerator
 from ..collators.collator import HDPCollator
 from ..collators.documents import HDPDataError
 from ..config import HDPConfig
-from ..data.columns import check_columns, row_rules
 from ..data.checks import MeasuredDataset, prepare_dataset, progress_bars, require_map_style, rows_text
+from ..data.columns import check_columns, row_rules
 from ..data.loader import GlobalBatchSampler, HDPDataLoader
 from ..distributed.launch import check_distributed_setup
 from ..distributed.mesh import DynamicMesh
-from ..engine.fsdp import (ZERO2, ZERO3, fsdp_errors, fsdp_mode, gather_for_eval, layer_classes, prepare_optimizer,
-                           release_after_eval, shard_model)
+from ..engine.fsdp import (
+    ZERO2,
+    ZERO3,
+    fsdp_errors,
+    fsdp_mode,
+    gather_for_eval,
+    layer_classes,
+    prepare_optimizer,
+    release_after_eval,
+    shard_model,
+)
 from ..engine.offload import ActivationOffloader, run_recomputes_layers
 from ..engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader
 from ..engine.state import MODEL, has_sharded, has_whole_weights, load_whole_weights
@@ -120,8 +129,9 @@ def _guard_step(optimizer, should_skip) -> None:
 class HDPTrainer(Trainer):
     """``Trainer`` with Hybrid Data Parallelism. ``hdp_config`` may be omitted (defaults apply)."""
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pos, hdp_config: HDPConfig | None = None,
-                 **kwargs):
+    def __init__(
+        self, model=None, args: TrainingArguments | None = None, *pos, hdp_config: HDPConfig | None = None, **kwargs
+    ):
         if model is None or kwargs.get("model_init") is not None:
             raise ValueError(
                 "HDPTrainer needs a model (model=...); model_init is not supported: HDP switches the model's attention "
@@ -141,11 +151,14 @@ class HDPTrainer(Trainer):
             self._fsdp_layers = layer_classes(model, getattr(args, "fsdp_config", None))  # refusals now, not at train()
             args.fsdp, args.fsdp_plugin_args = False, None
             if world == 1:
-                logger.info("hf_hdp: fsdp=%r on one process: one shard is the whole model, so it trains unsharded.",
-                            self.hdp_fsdp)
+                logger.info(
+                    "hf_hdp: fsdp=%r on one process: one shard is the whole model, so it trains unsharded.",
+                    self.hdp_fsdp,
+                )
         self.hdp_config.check_training_args(args)  # settings HDP contradicts or would silently ignore
-        check_metrics_arguments(kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"),
-                                args.prediction_loss_only, args)
+        check_metrics_arguments(
+            kwargs.get("compute_metrics"), kwargs.get("preprocess_logits_for_metrics"), args.prediction_loss_only, args
+        )
         if self.hdp_config.global_batch_size is None:
             self.global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         else:
@@ -160,7 +173,9 @@ class HDPTrainer(Trainer):
         super().__init__(model, args, **kwargs)
         config = self.hdp_model.config
         self.hdp_config.check_attention_backend(  # kernels that cannot run here fail now, not at the first forward
-            self.args.device, self.hdp_model.dtype, mixed_precision=bool(self.args.bf16 or self.args.fp16),
+            self.args.device,
+            self.hdp_model.dtype,
+            mixed_precision=bool(self.args.bf16 or self.args.fp16),
             head_dim=kernel_head_dim(config),  # per layer (Gemma 4), q/k and v apart (MLA)
         )
         self.collator = HDPCollator(vocab_size=self.hdp_model.get_input_embeddings().num_embeddings)
@@ -175,14 +190,24 @@ class HDPTrainer(Trainer):
         self.hdp_capacity = None
         if self.hdp_config.tokens_per_rank == "auto":
             self.hdp_config, self.hdp_capacity = resolve_tokens_per_rank(
-                self.hdp_config, self.hdp_model, self.args, self.mesh.world_size,
-                fsdp=self.hdp_fsdp, loss_func=self.compute_loss_func)
+                self.hdp_config,
+                self.hdp_model,
+                self.args,
+                self.mesh.world_size,
+                fsdp=self.hdp_fsdp,
+                loss_func=self.compute_loss_func,
+            )
         self.hdp_offload = ActivationOffloader.from_config(self.hdp_config, cost_model=lambda: self.cost_model)
         if self.hdp_offload is not None:
             self.hdp_stats.track_offload(self.hdp_offload.stats)
-        self.hdp_engine = StepEngine(self.mesh, self.hdp_config, backward=self.accelerator.backward,
-                                     autocast=self.compute_loss_context_manager, offload=self.hdp_offload,
-                                     collator=self.collator)
+        self.hdp_engine = StepEngine(
+            self.mesh,
+            self.hdp_config,
+            backward=self.accelerator.backward,
+            autocast=self.compute_loss_context_manager,
+            offload=self.hdp_offload,
+            collator=self.collator,
+        )
         if self.train_dataset is not None:
             self.hdp_train_data = self._measure(self.train_dataset, "train_dataset")
             self.train_dataset = self.hdp_train_data.dataset
@@ -223,8 +248,16 @@ class HDPTrainer(Trainer):
                 "its micro-batches itself, so Trainer's 'Gradient Accumulation steps = 1' and per-device batch "
                 "below are its loop's settings, not the batch)\n  Planner = %s, tokens per rank C = %d, world = %d, "
                 "attention backend = %s, attention split = %s, ranks per node = %d\n  Training rows = %d (%d documents, %d tokens, %d label tokens)",
-                self.global_batch_size, cfg.planner, cfg.tokens_per_rank, self.mesh.world_size, cfg.attention_backend,
-                cfg.attention_split, min(self.cost_model.ranks_per_node, self.mesh.world_size), len(self.hdp_train_data), self.hdp_train_data.doc_lengths.size, int(self.hdp_train_data.lengths.sum()),
+                self.global_batch_size,
+                cfg.planner,
+                cfg.tokens_per_rank,
+                self.mesh.world_size,
+                cfg.attention_backend,
+                cfg.attention_split,
+                min(self.cost_model.ranks_per_node, self.mesh.world_size),
+                len(self.hdp_train_data),
+                self.hdp_train_data.doc_lengths.size,
+                int(self.hdp_train_data.lengths.sum()),
                 int(self.hdp_train_data.loss_tokens.sum()),
             )
         if self.hdp_neftune is not None:
@@ -237,9 +270,13 @@ class HDPTrainer(Trainer):
 
     def _make_cost_model(self) -> CostModel:
         """The cost model of this model on this hardware, for the balanced planner and the logged estimates."""
-        cost, self._peak_flops = hdp_cost_model(self.hdp_model, self.hdp_config, self.args.device,
-                                                bool(self.args.bf16 or self.args.fp16),
-                                                run_recomputes_layers(self.args, self.hdp_model))
+        cost, self._peak_flops = hdp_cost_model(
+            self.hdp_model,
+            self.hdp_config,
+            self.args.device,
+            bool(self.args.bf16 or self.args.fp16),
+            run_recomputes_layers(self.args, self.hdp_model),
+        )
         return cost
 
     # ------------------------------------------------------------------ data
@@ -248,8 +285,10 @@ class HDPTrainer(Trainer):
         cfg = self.hdp_config
         require_map_style(dataset, what)
         check_columns(dataset, self.hdp_row_rules, self.hdp_model, self.args, cfg.length_column, what)
-        with self.args.main_process_first(desc="hf_hdp: measuring sample lengths"), \
-                progress_bars(self.args.process_index == 0):
+        with (
+            self.args.main_process_first(desc="hf_hdp: measuring sample lengths"),
+            progress_bars(self.args.process_index == 0),
+        ):
             # documents, lengths, label tokens, token types and id ranges (cached columns), empty samples,
             # the long-sample policy and the vocabulary range: every error names the user's row
             return prepare_dataset(dataset, cfg, self.mesh.world_size, self.collator.vocab_size, self.hdp_row_rules)
@@ -299,10 +338,18 @@ class HDPTrainer(Trainer):
 
     def hdp_step_loader(self, measured: MeasuredDataset, sampler: GlobalBatchSampler) -> HDPDataLoader:
         """A loader of this rank's HDP steps over ``measured``, planned with this trainer's planner and cost model."""
-        return hdp_step_loader(measured, sampler, self.hdp_config, self.cost_model, self.mesh.world_size,
-                               self.mesh.rank, self.collator, self.hdp_model,
-                               num_workers=self.args.dataloader_num_workers,
-                               lockstep=self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1)
+        return hdp_step_loader(
+            measured,
+            sampler,
+            self.hdp_config,
+            self.cost_model,
+            self.mesh.world_size,
+            self.mesh.rank,
+            self.collator,
+            self.hdp_model,
+            num_workers=self.args.dataloader_num_workers,
+            lockstep=self.hdp_fsdp == ZERO3 and self.mesh.world_size > 1,
+        )
 
     def get_eval_dataloader(self, eval_dataset=None) -> HDPDataLoader:
         """The eval set planned in unshuffled global batches (see :mod:`hf_hdp.trainer.evaluation`)."""
@@ -315,8 +362,9 @@ class HDPTrainer(Trainer):
             eval_dataset = self.eval_dataset
         return eval_dataloader(self, self._measure_eval_dataset(eval_dataset, name))
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """HDP's forward-only loop for HDP eval loaders: ``{prefix}_loss`` is the eval set's per-token mean loss,
         and per-sample predictions and ``compute_metrics`` unless ``prediction_loss_only`` (see
         :mod:`hf_hdp.trainer.evaluation`)."""
@@ -407,8 +455,14 @@ class HDPTrainer(Trainer):
         A ``compute_loss_func`` given to the trainer is honoured here (see :func:`~hf_hdp.engine.step.hdp_loss`);
         otherwise the LM head and the loss run in chunks of ``HDPConfig.loss_chunk_tokens`` tokens
         (:mod:`hf_hdp.engine.loss`), never building the full ``[T, vocab]`` logits."""
-        return hdp_loss(model, inputs, num_items_in_batch or 0, return_outputs=return_outputs,
-                        loss_func=self.compute_loss_func, chunk_tokens=self.hdp_config.loss_chunk_tokens)
+        return hdp_loss(
+            model,
+            inputs,
+            num_items_in_batch or 0,
+            return_outputs=return_outputs,
+            loss_func=self.compute_loss_func,
+            chunk_tokens=self.hdp_config.loss_chunk_tokens,
+        )
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer (its class, settings and parameter groups), sharded over the ranks at ZeRO
@@ -417,15 +471,17 @@ class HDPTrainer(Trainer):
         built_by_trainer = self.optimizer is None
         if self.hdp_fsdp is not None and self.mesh.world_size > 1 and built_by_trainer:
             # after Trainer loaded a checkpoint to resume from into the whole model (hf_hdp.engine.fsdp)
-            self.hdp_fsdp_modules = shard_model(self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device,
-                                                timeout_s=self.hdp_config.p2p_timeout_s)
+            self.hdp_fsdp_modules = shard_model(
+                self.model, self._fsdp_layers, self.hdp_fsdp, self.args.device, timeout_s=self.hdp_config.p2p_timeout_s
+            )
             self.hdp_engine.fsdp_mode, self.hdp_engine.fsdp_modules = self.hdp_fsdp, self.hdp_fsdp_modules
         optimizer = super().create_optimizer(model)
         if self.hdp_fsdp_modules:
             prepare_optimizer(optimizer)  # its state is sharded like the parameters; full in checkpoints
         else:
-            optimizer = self.optimizer = shard_optimizer(optimizer, self.mesh, self.hdp_config.zero_stage, self.args,
-                                                         built_by_trainer=built_by_trainer)
+            optimizer = self.optimizer = shard_optimizer(
+                optimizer, self.mesh, self.hdp_config.zero_stage, self.args, built_by_trainer=built_by_trainer
+            )
         _guard_step(optimizer, self._consume_skip)
         return optimizer
 
@@ -453,13 +509,17 @@ class HDPTrainer(Trainer):
             logger.warning(
                 "global step %d (step %d of epoch %d, dataset rows %s): the global batch has no label token (every "
                 "label is -100), so the optimizer step was skipped: weights and optimizer state are unchanged and "
-                "the step's loss is logged as 0.", step.global_step, step.step, step.epoch,
+                "the step's loss is logged as 0.",
+                step.global_step,
+                step.step,
+                step.epoch,
                 rows_text(step.rows, 8),
             )
             self._skip_optimizer_step = True
             self._skipped_steps += 1
-        self.hdp_stats.record(step, self.state.global_step + 1, result.cpu_s, result.bytes_sent,
-                              result.bytes_sent_all, self.cost_model)
+        self.hdp_stats.record(
+            step, self.state.global_step + 1, result.cpu_s, result.bytes_sent, result.bytes_sent_all, self.cost_model
+        )
         return torch.tensor(result.loss, dtype=torch.float32, device=self.args.device)
 
     def floating_point_ops(self, inputs) -> int:

@@ -21,13 +21,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_steps import base_parser, make_dataset, training_arguments  # noqa: E402  (the reference's)
+from train_steps import base_parser, make_dataset, training_arguments
 
-from hf_hdp import HDPConfig, HDPTrainer  # noqa: E402
-from hf_hdp.distributed.launch import init_process_group  # noqa: E402
+from hf_hdp import HDPConfig, HDPTrainer
+from hf_hdp.distributed.launch import init_process_group
 
-ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-       "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID")
+ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def main():
@@ -44,20 +55,40 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float64)
     args = training_arguments(a.out, a.steps)  # train_steps.py's defaults (its --optim sgd)
     trainer = HDPTrainer(
-        model=model, args=args, train_dataset=make_dataset(40, model.config.vocab_size, seed=1),
+        model=model,
+        args=args,
+        train_dataset=make_dataset(40, model.config.vocab_size, seed=1),
         # ranks_per_node deliberately unset: LOCAL_WORLD_SIZE
-        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size,
-                             planner="balanced", attention_split=a.attention_split, attention_backend="reference",
-                             p2p_timeout_s=120),
+        hdp_config=HDPConfig(
+            tokens_per_rank=a.tokens_per_rank,
+            global_batch_size=a.global_batch_size,
+            planner="balanced",
+            attention_split=a.attention_split,
+            attention_backend="reference",
+            p2p_timeout_s=120,
+        ),
     )
     plans = []
     step_fn = trainer.training_step
 
     def recording_step(model, inputs, num_items_in_batch=None):  # the plan every rank runs this step
         step = inputs["hdp_step"]
-        plans.append({"global_step": step.global_step, "rows": step.rows, "pieces": [
-            {"sample": p.sample, "length": p.length, "group": list(p.group), "ulysses": p.ulysses, "split": p.split}
-            for p in step.plan.pieces()]})
+        plans.append(
+            {
+                "global_step": step.global_step,
+                "rows": step.rows,
+                "pieces": [
+                    {
+                        "sample": p.sample,
+                        "length": p.length,
+                        "group": list(p.group),
+                        "ulysses": p.ulysses,
+                        "split": p.split,
+                    }
+                    for p in step.plan.pieces()
+                ],
+            }
+        )
         return step_fn(model, inputs, num_items_in_batch)
 
     trainer.training_step = recording_step
@@ -65,9 +96,15 @@ def main():
     trainer.save_model(os.path.join(a.out, "final"))  # Trainer saves on the main process only
     if trainer.args.process_index == 0:
         with open(os.path.join(a.out, "plan.json"), "w") as f:
-            json.dump({"plans": plans, "ranks_per_node": trainer.cost_model.ranks_per_node,
-                       "world_size": trainer.args.world_size,
-                       "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}, f)
+            json.dump(
+                {
+                    "plans": plans,
+                    "ranks_per_node": trainer.cost_model.ranks_per_node,
+                    "world_size": trainer.args.world_size,
+                    "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                },
+                f,
+            )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit: gloo can abort at interpreter shutdown otherwise
 

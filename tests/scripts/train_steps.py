@@ -22,7 +22,11 @@ def make_dataset(n: int, vocab: int, seed: int, long_every: int = 5) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
-        length = int(torch.randint(30, 64, (1,), generator=g)) if i % long_every == 0 else int(torch.randint(2, 14, (1,), generator=g))
+        length = (
+            int(torch.randint(30, 64, (1,), generator=g))
+            if i % long_every == 0
+            else int(torch.randint(2, 14, (1,), generator=g))
+        )
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
         labels = [-100] * (length // 4) + ids[length // 4 :] if i % 2 else list(ids)
         rows.append({"input_ids": ids, "labels": labels})
@@ -62,8 +66,9 @@ def base_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def training_arguments(out: str, steps: int, optim: str = "sgd", weight_decay: float = 0.0,
-                       max_grad_norm: float = 1.0, save_steps: int = 0) -> TrainingArguments:
+def training_arguments(
+    out: str, steps: int, optim: str = "sgd", weight_decay: float = 0.0, max_grad_norm: float = 1.0, save_steps: int = 0
+) -> TrainingArguments:
     """This script's TrainingArguments: the reference every run of tests.dist_utils.run_train_steps compares with."""
     return TrainingArguments(
         output_dir=os.path.join(out, "trainer"),
@@ -113,8 +118,12 @@ def main():
         model=model,
         args=args,
         train_dataset=ds,
-        hdp_config=HDPConfig(tokens_per_rank=a.tokens_per_rank, global_batch_size=a.global_batch_size, planner=a.planner,
-                             zero_stage=a.zero_stage),
+        hdp_config=HDPConfig(
+            tokens_per_rank=a.tokens_per_rank,
+            global_batch_size=a.global_batch_size,
+            planner=a.planner,
+            zero_stage=a.zero_stage,
+        ),
     )
     trainer.add_callback(FaultInjection(a, trainer.args.process_index))
     resume = a.resume
@@ -126,9 +135,17 @@ def main():
         os.makedirs(a.out, exist_ok=True)
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(a.out, "weights.pt"))
         with open(os.path.join(a.out, "log.json"), "w") as f:
-            json.dump({"log_history": trainer.state.log_history, "hdp": trainer.hdp_summary(),
-                       "steps": list(trainer.hdp_history), "resumed_from": resume, "started": started,
-                       "world_size": trainer.args.world_size}, f)
+            json.dump(
+                {
+                    "log_history": trainer.state.log_history,
+                    "hdp": trainer.hdp_summary(),
+                    "steps": list(trainer.hdp_history),
+                    "resumed_from": resume,
+                    "started": started,
+                    "world_size": trainer.args.world_size,
+                },
+                f,
+            )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit: gloo can abort at interpreter shutdown otherwise
 

@@ -43,14 +43,24 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import (
-    NEG_INF, POS_INF, AttentionBackend, NoAttention, check_features, check_shapes, empty_backward, empty_forward,
-    pad_head, pad_head_dims, sequence_bounds,
+    NEG_INF,
+    POS_INF,
+    AttentionBackend,
+    NoAttention,
+    check_features,
+    check_shapes,
+    empty_backward,
+    empty_forward,
+    pad_head,
+    pad_head_dims,
+    sequence_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +89,8 @@ def _required_params(fn: Callable[..., Any]) -> set[str]:
     except (TypeError, ValueError):
         return set()
     return {
-        p.name for p in params
+        p.name
+        for p in params
         if p.default is inspect.Parameter.empty
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
@@ -114,9 +125,7 @@ def _detect_lse_layout(lse: Tensor, total_q: int, heads: int) -> str:
             return "ht"  # also taken when Hq == Tq: it is FlashAttention-2's native layout
         if tuple(lse.shape) == (total_q, heads):
             return "th"
-    raise RuntimeError(
-        f"unexpected log-sum-exp shape {tuple(lse.shape)} from the kernel for Tq={total_q}, Hq={heads}"
-    )
+    raise RuntimeError(f"unexpected log-sum-exp shape {tuple(lse.shape)} from the kernel for Tq={total_q}, Hq={heads}")
 
 
 def _padded_index(cu_q: Tensor, total_q: int) -> tuple[Tensor, Tensor]:
@@ -166,7 +175,14 @@ def _rows_without_keys(cu_q: Tensor, cu_k: Tensor, total_q: int) -> Tensor:
 
 
 def check_fused_inputs(
-    backend: str, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, positions=None,
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    causal: bool,
+    positions=None,
 ) -> None:
     """Raise ``ValueError`` (with the fix) unless a fused CUDA kernel can take these inputs."""
     check_shapes(q, k, v, cu_q, cu_k)
@@ -190,8 +206,7 @@ def check_fused_inputs(
         )
     if causal and positions is None and q.shape[0] != k.shape[0]:
         raise ValueError(
-            f"causal attention needs equal query and key lengths per sequence, but Tq={q.shape[0]} != "
-            f"Tk={k.shape[0]}"
+            f"causal attention needs equal query and key lengths per sequence, but Tq={q.shape[0]} != Tk={k.shape[0]}"
         )
 
 
@@ -204,6 +219,7 @@ def _last_dim_contiguous(*tensors: Tensor) -> list[Tensor]:
 
 
 # -- windows: the pure arithmetic -------------------------------------------------------------
+
 
 def flash_window(q0: int, k0: int, nq: int, nk: int, causal: bool, window: int | None) -> Window | None:
     """FlashAttention-2's ``window_size=(left, right)`` for one sequence of ``nq`` query rows at positions
@@ -243,7 +259,10 @@ def call_max_k(max_k: int, window_size: Window) -> int:
 
 
 def window_groups(
-    lengths: list[tuple[int, int]], positions, causal: bool, window: int | None,
+    lengths: list[tuple[int, int]],
+    positions,
+    causal: bool,
+    window: int | None,
 ) -> dict[Window, list[int]] | None:
     """The sequences (indices) grouped by their :func:`flash_window`, in order of first appearance, or
     ``None`` if some sequence has none. ``lengths`` are ``(nq, nk)`` per sequence; ``positions`` ``None``
@@ -332,19 +351,42 @@ class FusedBackend(AttentionBackend):
         """``None`` if this library's kernels take a ``window_size`` other than causal/full, else why not."""
         return None
 
-    def _kernel_varlen(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window,
-                       softcap: float) -> Tensor:
+    def _kernel_varlen(
+        self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window, softcap: float
+    ) -> Tensor:
         raise NotImplementedError
 
     def _kernel_forward(
-        self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window, softcap: float,
+        self,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q: int,
+        max_k: int,
+        scale: float,
+        window_size: Window,
+        softcap: float,
     ) -> tuple[Tensor, Tensor]:
         """``(out, lse)`` with the kernel's own lse (any layout :func:`_detect_lse_layout` knows).
         ``window_size`` is ``(left, right)`` (``(-1, 0)`` causal, ``(-1, -1)`` full); ``softcap`` 0.0 is off."""
         raise NotImplementedError
 
     def _kernel_backward(
-        self, dout, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, scale: float, window_size: Window,
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q: int,
+        max_k: int,
+        scale: float,
+        window_size: Window,
         softcap: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)``; ``dout``/``out`` are in the input dtype, ``lse`` in the kernel's layout."""
@@ -355,7 +397,9 @@ class FusedBackend(AttentionBackend):
         from .reference import ReferenceBackend  # the ground truth, for what the kernels cannot express
 
         if not self._warned_reference:
-            log.warning("attention backend %s: %s; computing such calls with the 'reference' backend (slow)", self.name, why)
+            log.warning(
+                "attention backend %s: %s; computing such calls with the 'reference' backend (slow)", self.name, why
+            )
             self._warned_reference = True
         return ReferenceBackend()
 
@@ -396,20 +440,31 @@ class FusedBackend(AttentionBackend):
     def varlen(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None, softcap=None, positions=None):
         how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
         if how == "reference":
-            return what.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
-                               positions=positions)
+            return what.varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap, positions=positions
+            )
         if how == "groups":  # the autograd Function of forward/backward, which run the groups
-            return super().varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
-                                  positions=positions)
+            return super().varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap, positions=positions
+            )
         if q.shape[0] == 0 or k.shape[0] == 0:
             return NoAttention.apply(q, k, v)
         if v.shape[-1] != q.shape[-1]:  # padded head sizes: the autograd Function of forward/backward, which pad
-            return super().varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
-                                  positions=positions)
+            return super().varlen(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap, positions=positions
+            )
         q, k, v = _last_dim_contiguous(q, k, v)
         out = self._kernel_varlen(
-            q, k, v, _as_int32(cu_q), _as_int32(cu_k), int(max_q), call_max_k(int(max_k), what), float(scale),
-            what, float(softcap or 0.0),
+            q,
+            k,
+            v,
+            _as_int32(cu_q),
+            _as_int32(cu_k),
+            int(max_q),
+            call_max_k(int(max_k), what),
+            float(scale),
+            what,
+            float(softcap or 0.0),
         )
         return out.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0)
 
@@ -429,16 +484,18 @@ class FusedBackend(AttentionBackend):
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None, softcap=None, positions=None):
         how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
         if how == "reference":
-            return what.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap,
-                                positions=positions)
+            return what.forward(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window=window, softcap=softcap, positions=positions
+            )
         if q.shape[0] == 0 or k.shape[0] == 0:
             return empty_forward(q, v)
         q, k, v = _last_dim_contiguous(q, k, v)
         cu_q, cu_k = _as_int32(cu_q), _as_int32(cu_k)
         cap = float(softcap or 0.0)
         if how == "single":
-            return self._forward_call(q, k, v, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what), float(scale),
-                                      what, cap)
+            return self._forward_call(
+                q, k, v, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what), float(scale), what, cap
+            )
         out, lse = empty_forward(q, v)
         for g in what:
             if g.rows is not None and (g.rows.numel() == 0 or g.keys.numel() == 0):
@@ -446,8 +503,16 @@ class FusedBackend(AttentionBackend):
             if g.rows is None:  # one group holds every sequence: the packed tensors as they are
                 return self._forward_call(q, k, v, cu_q, cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap)
             o, l = self._forward_call(
-                q.index_select(0, g.rows), k.index_select(0, g.keys), v.index_select(0, g.keys),
-                g.cu_q, g.cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap,
+                q.index_select(0, g.rows),
+                k.index_select(0, g.keys),
+                v.index_select(0, g.keys),
+                g.cu_q,
+                g.cu_k,
+                g.max_q,
+                g.max_k,
+                float(scale),
+                g.window_size,
+                cap,
             )
             out.index_copy_(0, g.rows, o.to(out.dtype))
             lse.index_copy_(0, g.rows, l.to(lse.dtype))
@@ -459,38 +524,93 @@ class FusedBackend(AttentionBackend):
             dim, (q, k, v) = pad_head_dims(q, k, v)
             dout, out = pad_head(dout, dim), pad_head(out, dim)
         dq, dk, dv = self._kernel_backward(
-            dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
-            _lse_to_kernel(lse, self._lse_layout, cu_q, max_q), cu_q, cu_k, max_q, max_k, scale, window_size, softcap,
+            dout.to(q.dtype).contiguous(),
+            q,
+            k,
+            v,
+            out.to(q.dtype).contiguous(),
+            _lse_to_kernel(lse, self._lse_layout, cu_q, max_q),
+            cu_q,
+            cu_k,
+            max_q,
+            max_k,
+            scale,
+            window_size,
+            softcap,
         )
         dq, dk, dv = dq[..., :qk_dim], dk[..., :qk_dim], dv[..., :v_dim]
         return dq.masked_fill(_rows_without_keys(cu_q, cu_k, q.shape[0]), 0.0), dk, dv
 
     @torch.no_grad()
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None,
-                 softcap=None, positions=None):
+    def backward(
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        *,
+        window=None,
+        softcap=None,
+        positions=None,
+    ):
         how, what = self._route(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
         if how == "reference":
-            return what.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window=window,
-                                 softcap=softcap, positions=positions)
+            return what.backward(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_q,
+                cu_k,
+                max_q,
+                max_k,
+                causal,
+                scale,
+                window=window,
+                softcap=softcap,
+                positions=positions,
+            )
         if q.shape[0] == 0 or k.shape[0] == 0:
             return empty_backward(q, k, v)
         q, k, v = _last_dim_contiguous(q, k, v)
         cu_q, cu_k = _as_int32(cu_q), _as_int32(cu_k)
         cap = float(softcap or 0.0)
         if how == "single":
-            return self._backward_call(dout, q, k, v, out, lse, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what),
-                                       float(scale), what, cap)
+            return self._backward_call(
+                dout, q, k, v, out, lse, cu_q, cu_k, int(max_q), call_max_k(int(max_k), what), float(scale), what, cap
+            )
         dq, dk, dv = empty_backward(q, k, v)
         for g in what:
             if g.rows is not None and (g.rows.numel() == 0 or g.keys.numel() == 0):
                 continue  # no gradient
             if g.rows is None:
-                return self._backward_call(dout, q, k, v, out, lse, cu_q, cu_k, g.max_q, g.max_k, float(scale),
-                                           g.window_size, cap)
+                return self._backward_call(
+                    dout, q, k, v, out, lse, cu_q, cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap
+                )
             gq, gk, gv = self._backward_call(
-                dout.index_select(0, g.rows), q.index_select(0, g.rows), k.index_select(0, g.keys),
-                v.index_select(0, g.keys), out.index_select(0, g.rows), lse.index_select(0, g.rows),
-                g.cu_q, g.cu_k, g.max_q, g.max_k, float(scale), g.window_size, cap,
+                dout.index_select(0, g.rows),
+                q.index_select(0, g.rows),
+                k.index_select(0, g.keys),
+                v.index_select(0, g.keys),
+                out.index_select(0, g.rows),
+                lse.index_select(0, g.rows),
+                g.cu_q,
+                g.cu_k,
+                g.max_q,
+                g.max_k,
+                float(scale),
+                g.window_size,
+                cap,
             )
             dq.index_copy_(0, g.rows, gq.to(dq.dtype))
             dk.index_copy_(0, g.keys, gk.to(dk.dtype))  # each key row belongs to one sequence, one group

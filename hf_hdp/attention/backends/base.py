@@ -90,8 +90,7 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor) ->
         raise ValueError(f"the query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
     if cu_q.dim() != 1 or cu_k.dim() != 1 or cu_q.numel() != cu_k.numel() or cu_q.numel() < 1:
         raise ValueError(
-            f"cu_q and cu_k must both be [N + 1] cumulative lengths; got {tuple(cu_q.shape)} and "
-            f"{tuple(cu_k.shape)}"
+            f"cu_q and cu_k must both be [N + 1] cumulative lengths; got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
         )
 
 
@@ -120,8 +119,9 @@ def check_features(window: int | None, softcap: float | None, positions, causal:
         raise ValueError(f"an attention soft-cap must be a positive number, got {softcap!r}")
 
 
-def visible(q_start: int, k_start: int, rows: int, keys: int, causal: bool, window: int | None,
-            device: torch.device) -> Tensor | None:
+def visible(
+    q_start: int, k_start: int, rows: int, keys: int, causal: bool, window: int | None, device: torch.device
+) -> Tensor | None:
     """Bool ``[rows, keys]``: which keys each query row sees (``None``: all of them), for query rows at positions
     ``q_start ...`` and keys at ``k_start ...`` under the contract's ``causal``/``window``."""
     if not causal:
@@ -140,7 +140,13 @@ def capped(s: Tensor, softcap: float | None) -> Tensor:
 
 
 def sequence_bounds(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, positions=None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    causal: bool,
+    positions=None,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """``[((q_start, q_end), (k_start, k_end)), ...]`` per sequence, after validating everything.
 
@@ -155,8 +161,9 @@ def sequence_bounds(
             raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}; got {b}")
     seqs = list(zip(zip(bq, bq[1:]), zip(bk, bk[1:])))
     if positions is not None and len(positions) != len(seqs):
-        raise ValueError(f"positions must give (q_start, k_start) for each of the {len(seqs)} sequences, "
-                         f"got {len(positions)}")
+        raise ValueError(
+            f"positions must give (q_start, k_start) for each of the {len(seqs)} sequences, got {len(positions)}"
+        )
     if causal and positions is None:
         bad = [i for i, ((qs, qe), (ks, ke)) in enumerate(seqs) if qe - qs != ke - ks]
         if bad:
@@ -202,8 +209,18 @@ class BlockAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float, backend: AttentionBackend, features: dict,
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_q: Tensor,
+        cu_k: Tensor,
+        max_q: int,
+        max_k: int,
+        causal: bool,
+        scale: float,
+        backend: AttentionBackend,
+        features: dict,
     ) -> Tensor:
         out, lse = backend.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, **features)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
@@ -231,8 +248,20 @@ class AttentionBackend:
         return None
 
     def varlen(
-        self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float, *, window: int | None = None, softcap: float | None = None, positions=None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_q: Tensor,
+        cu_k: Tensor,
+        max_q: int,
+        max_k: int,
+        causal: bool,
+        scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
+        positions=None,
     ) -> Tensor:
         """Autograd-enabled attention of whole packed sequences; returns ``out`` ``[Tq, Hq, D]``.
 
@@ -242,16 +271,42 @@ class AttentionBackend:
         return BlockAttentionFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, self, features)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-        causal: bool, scale: float, *, window: int | None = None, softcap: float | None = None, positions=None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_q: Tensor,
+        cu_k: Tensor,
+        max_q: int,
+        max_k: int,
+        causal: bool,
+        scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
+        positions=None,
     ) -> tuple[Tensor, Tensor]:
         """Attention without autograd; returns ``(out [Tq, Hq, D], lse [Tq, Hq])``."""
         raise NotImplementedError
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-        cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float, *, window: int | None = None,
-        softcap: float | None = None, positions=None,
+        self,
+        dout: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        cu_q: Tensor,
+        cu_k: Tensor,
+        max_q: int,
+        max_k: int,
+        causal: bool,
+        scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
+        positions=None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """This key block's contribution ``(dq, dk, dv)`` given the (possibly merged) ``out``/``lse``."""
         raise NotImplementedError

@@ -44,8 +44,16 @@ from torch import Tensor
 
 from ..merge import merge_attention
 from .base import (
-    NEG_INF, POS_INF, AttentionBackend, check_features, empty_backward, empty_forward, pad_head, pad_head_dims,
-    sequence_bounds, visible,
+    NEG_INF,
+    POS_INF,
+    AttentionBackend,
+    check_features,
+    empty_backward,
+    empty_forward,
+    pad_head,
+    pad_head_dims,
+    sequence_bounds,
+    visible,
 )
 from .reference import ReferenceBackend
 
@@ -79,8 +87,9 @@ def _dtype_problem(dtype: torch.dtype) -> str | None:
     )
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, window=None,
-                  softcap=None, positions=None):
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool, window=None, softcap=None, positions=None
+):
     """The per-sequence bounds, after refusing what the kernel cannot take (with the fix)."""
     if any(t.device.type != "cpu" for t in (q, k, v)):
         raise ValueError(
@@ -88,7 +97,9 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, c
             f"attention_backend='auto' (which picks flash_attn or torch_varlen on CUDA) or 'reference'"
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the 'cpu_flash' attention backend needs q/k/v of one dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+        raise ValueError(
+            f"the 'cpu_flash' attention backend needs q/k/v of one dtype, got {q.dtype}/{k.dtype}/{v.dtype}"
+        )
     problem = _dtype_problem(q.dtype)
     if problem is not None:
         raise ValueError(problem)
@@ -113,6 +124,7 @@ def _packed_layout(y: Tensor, heads: int) -> Tensor:
 
 
 # -- sequences over blocks ---------------------------------------------------------------------
+
 
 def _whole_sequence_flag(q0: int, k0: int, nq: int, nk: int, causal: bool, window: int | None) -> bool | None:
     """The kernel's ``is_causal`` for a sequence one plain kernel call computes exactly, else ``None``
@@ -154,8 +166,9 @@ def _block_parts(q0: int, k0: int, nq: int, nk: int, window: int | None):
     return tiles
 
 
-def _part_mask(q0: int, k0: int, r0: int, r1: int, lo: int, hi: int, window: int | None,
-               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _part_mask(
+    q0: int, k0: int, r0: int, r1: int, lo: int, hi: int, window: int | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """The additive mask ``[1, 1, rows, keys]`` (0 visible, -inf not) of a masked part, and bool
     ``[rows]``: which rows see none of its keys."""
     ok = visible(q0 + r0, k0 + lo, r1 - r0, hi - lo, True, window, torch.device("cpu"))
@@ -185,8 +198,9 @@ class CpuFlashBackend(AttentionBackend):
     def forward(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None, softcap=None, positions=None):
         seqs = _check_inputs(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
         if softcap is not None:  # no score transform in the kernel: explicit scores
-            return _REFERENCE.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=softcap,
-                                      window=window, positions=positions)
+            return _REFERENCE.forward(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, softcap=softcap, window=window, positions=positions
+            )
         v_dim = v.shape[-1]
         if v_dim != q.shape[-1]:  # one head size for the kernel: zero-pad, then drop the padded output columns
             _, (q, k, v) = pad_head_dims(q, k, v)
@@ -205,8 +219,12 @@ class CpuFlashBackend(AttentionBackend):
             flag = _whole_sequence_flag(q0, k0, qe - qs, ke - ks, causal, window)
             if flag is not None:
                 o, l = kernel(
-                    _kernel_layout(q, qs, qe), _kernel_layout(k, ks, ke, groups), _kernel_layout(v, ks, ke, groups),
-                    0.0, flag, scale=float(scale),
+                    _kernel_layout(q, qs, qe),
+                    _kernel_layout(k, ks, ke, groups),
+                    _kernel_layout(v, ks, ke, groups),
+                    0.0,
+                    flag,
+                    scale=float(scale),
                 )
                 out[qs:qe] = _packed_layout(o, q.shape[1])
                 lse[qs:qe] = l[0].transpose(0, 1)
@@ -228,17 +246,50 @@ class CpuFlashBackend(AttentionBackend):
         return out, lse
 
     @torch.no_grad()
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None,
-                 softcap=None, positions=None):
+    def backward(
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        *,
+        window=None,
+        softcap=None,
+        positions=None,
+    ):
         seqs = _check_inputs(q, k, v, cu_q, cu_k, causal, window, softcap, positions)
         if softcap is not None:  # no score transform in the kernel: explicit scores
-            return _REFERENCE.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
-                                       window=window, softcap=softcap, positions=positions)
+            return _REFERENCE.backward(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_q,
+                cu_k,
+                max_q,
+                max_k,
+                causal,
+                scale,
+                window=window,
+                softcap=softcap,
+                positions=positions,
+            )
         qk_dim, v_dim = q.shape[-1], v.shape[-1]
         if v_dim != qk_dim:  # as forward: zero-padded to one head size, the padding's gradients dropped
             dim, (q, k, v) = pad_head_dims(q, k, v)
-            dq, dk, dv = self._backward(pad_head(dout, dim), q, k, v, pad_head(out, dim), lse, seqs, causal, scale,
-                                        window, positions)
+            dq, dk, dv = self._backward(
+                pad_head(dout, dim), q, k, v, pad_head(out, dim), lse, seqs, causal, scale, window, positions
+            )
             return dq[..., :qk_dim].contiguous(), dk[..., :qk_dim].contiguous(), dv[..., :v_dim].contiguous()
         return self._backward(dout, q, k, v, out, lse, seqs, causal, scale, window, positions)
 
@@ -257,10 +308,15 @@ class CpuFlashBackend(AttentionBackend):
             flag = _whole_sequence_flag(q0, k0, qe - qs, ke - ks, causal, window)
             if flag is not None:
                 gq, gk, gv = kernel(
-                    _kernel_layout(dout, qs, qe), _kernel_layout(q, qs, qe),
-                    _kernel_layout(k, ks, ke, groups), _kernel_layout(v, ks, ke, groups),
-                    _kernel_layout(out, qs, qe), lse[qs:qe].t().unsqueeze(0),
-                    0.0, flag, scale=float(scale),
+                    _kernel_layout(dout, qs, qe),
+                    _kernel_layout(q, qs, qe),
+                    _kernel_layout(k, ks, ke, groups),
+                    _kernel_layout(v, ks, ke, groups),
+                    _kernel_layout(out, qs, qe),
+                    lse[qs:qe].t().unsqueeze(0),
+                    0.0,
+                    flag,
+                    scale=float(scale),
                 )
                 dq[qs:qe] = _packed_layout(gq, q.shape[1])
                 dk[ks:ke] = _packed_layout(gk, hkv)
@@ -276,8 +332,9 @@ class CpuFlashBackend(AttentionBackend):
                 dq_acc = torch.zeros(r1 - r0, q.shape[1], q.shape[2], dtype=torch.float32)
                 for lo, hi, masked in parts:
                     mask = _part_mask(q0, k0, r0, r1, lo, hi, window, q.dtype)[0] if masked else None
-                    gq, gk, gv = kernel(do, qq, kk[:, :, lo:hi], vv[:, :, lo:hi], oo, ll, 0.0, False,
-                                        attn_mask=mask, scale=float(scale))
+                    gq, gk, gv = kernel(
+                        do, qq, kk[:, :, lo:hi], vv[:, :, lo:hi], oo, ll, 0.0, False, attn_mask=mask, scale=float(scale)
+                    )
                     dq_acc += _packed_layout(gq, q.shape[1])
                     dk_acc[lo:hi] += _packed_layout(gk, hkv)
                     dv_acc[lo:hi] += _packed_layout(gv, hkv)

@@ -120,10 +120,19 @@ class FlashAttnBackend(FusedBackend):
     def _kernel_forward(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, softcap):
         fn = self._interface()._flash_attn_varlen_forward
         candidates = {
-            "q": q, "k": k, "v": v, "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
-            "max_seqlen_q": max_q, "max_seqlen_k": max_k, "dropout_p": 0.0,
-            "softmax_scale": scale, "causal": _causal(window_size), "softcap": softcap,
-            "alibi_slopes": None, "return_softmax": False,
+            "q": q,
+            "k": k,
+            "v": v,
+            "cu_seqlens_q": cu_q,
+            "cu_seqlens_k": cu_k,
+            "max_seqlen_q": max_q,
+            "max_seqlen_k": max_k,
+            "dropout_p": 0.0,
+            "softmax_scale": scale,
+            "causal": _causal(window_size),
+            "softcap": softcap,
+            "alibi_slopes": None,
+            "return_softmax": False,
             **_window(param_names(fn), window_size),
         }
         res = call_by_keyword(fn, "flash_attn _flash_attn_varlen_forward", candidates)
@@ -135,11 +144,26 @@ class FlashAttnBackend(FusedBackend):
         fn = self._interface()._flash_attn_varlen_backward
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         candidates = {
-            "dout": dout, "q": q, "k": k, "v": v, "out": out, "softmax_lse": lse,
-            "dq": dq, "dk": dk, "dv": dv, "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
-            "max_seqlen_q": max_q, "max_seqlen_k": max_k, "dropout_p": 0.0,
-            "softmax_scale": scale, "causal": _causal(window_size), "softcap": softcap,
-            "alibi_slopes": None, "deterministic": False, "rng_state": None,
+            "dout": dout,
+            "q": q,
+            "k": k,
+            "v": v,
+            "out": out,
+            "softmax_lse": lse,
+            "dq": dq,
+            "dk": dk,
+            "dv": dv,
+            "cu_seqlens_q": cu_q,
+            "cu_seqlens_k": cu_k,
+            "max_seqlen_q": max_q,
+            "max_seqlen_k": max_k,
+            "dropout_p": 0.0,
+            "softmax_scale": scale,
+            "causal": _causal(window_size),
+            "softcap": softcap,
+            "alibi_slopes": None,
+            "deterministic": False,
+            "rng_state": None,
             **_window(param_names(fn), window_size),
         }
         call_by_keyword(fn, "flash_attn _flash_attn_varlen_backward", candidates)  # fills dq/dk/dv

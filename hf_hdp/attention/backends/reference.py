@@ -39,7 +39,9 @@ def _key_range(q0: int, k0: int, r0: int, r1: int, n_keys: int, causal: bool, wi
     return lo, hi
 
 
-def _scores(qq: Tensor, kk: Tensor, scale: float, softcap: float | None, ok: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _scores(
+    qq: Tensor, kk: Tensor, scale: float, softcap: float | None, ok: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """Scaled (and soft-capped) scores ``[Hkv, G, rows, keys]`` with invisible keys at -inf, and ``tanh`` of the
     capped scores (for the backward), or ``None`` without a cap."""
     s = torch.matmul(qq, kk.transpose(-1, -2).unsqueeze(1)) * scale
@@ -94,8 +96,25 @@ class ReferenceBackend(AttentionBackend):
         return out, lse
 
     @torch.no_grad()
-    def backward(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, *, window=None,
-                 softcap=None, positions=None):
+    def backward(
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        *,
+        window=None,
+        softcap=None,
+        positions=None,
+    ):
         check_features(window, softcap, positions, causal)
         seqs = sequence_bounds(q, k, v, cu_q, cu_k, causal, positions)
         ct = accumulator_dtype(q)

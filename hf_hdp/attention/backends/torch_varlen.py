@@ -14,7 +14,8 @@ float32, exact but slow; logged once as a warning).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,7 +23,10 @@ from ._fused import CAUSAL_WINDOW, FULL_WINDOW, FusedBackend, Window, param_name
 
 
 def _varlen_fn_kwargs(
-    window_size: Window, scale: float, gqa: bool, head_dim: int,
+    window_size: Window,
+    scale: float,
+    gqa: bool,
+    head_dim: int,
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """``varlen_attn`` and the keywords this release of it takes for the window, scale and GQA."""
     from torch.nn.attention import varlen as varlen_mod

@@ -11,5 +11,12 @@
 from .adapters import UnsupportedLayerError, enable_hdp_mixers, state_modules
 from .split import SPLITS, choose_split, gated_delta_net, short_conv
 
-__all__ = ["SPLITS", "UnsupportedLayerError", "choose_split", "state_modules",
-           "enable_hdp_mixers", "gated_delta_net", "short_conv"]
+__all__ = [
+    "SPLITS",
+    "UnsupportedLayerError",
+    "choose_split",
+    "state_modules",
+    "enable_hdp_mixers",
+    "gated_delta_net",
+    "short_conv",
+]

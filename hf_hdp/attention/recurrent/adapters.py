@@ -23,14 +23,14 @@ and the transformers version, rather than trained wrongly.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..metadata import HDPAttentionMetadata
 from ...planning.layers import StateShape
+from ..metadata import HDPAttentionMetadata
 from .split import SPLITS, gated_delta_net, short_conv
 
 
@@ -65,16 +65,49 @@ class StateAdapter:
         return (self.forward or hdp_delta_net_forward)(module, self, hidden, meta, split)
 
 
-_COMMON = ("conv1d", "A_log", "dt_bias", "norm", "out_proj", "num_k_heads", "num_v_heads", "head_k_dim",
-           "head_v_dim", "activation")
-ADAPTERS = (
-    StateAdapter("qwen3_5", ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"), _qwen3_5_inputs,
-                    _COMMON + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")),
-    StateAdapter("qwen3_next", ("Qwen3NextGatedDeltaNet",), _qwen3_next_inputs,
-                    _COMMON + ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering")),
+_COMMON = (
+    "conv1d",
+    "A_log",
+    "dt_bias",
+    "norm",
+    "out_proj",
+    "num_k_heads",
+    "num_v_heads",
+    "head_k_dim",
+    "head_v_dim",
+    "activation",
 )
-_MAMBA2 = ("in_proj", "conv1d", "A_log", "dt_bias", "D", "norm", "out_proj", "num_heads", "head_dim", "n_groups",
-           "ssm_state_size", "intermediate_size", "conv_dim", "time_step_limit", "activation")
+ADAPTERS = (
+    StateAdapter(
+        "qwen3_5",
+        ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet"),
+        _qwen3_5_inputs,
+        _COMMON + ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    ),
+    StateAdapter(
+        "qwen3_next",
+        ("Qwen3NextGatedDeltaNet",),
+        _qwen3_next_inputs,
+        _COMMON + ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering"),
+    ),
+)
+_MAMBA2 = (
+    "in_proj",
+    "conv1d",
+    "A_log",
+    "dt_bias",
+    "D",
+    "norm",
+    "out_proj",
+    "num_heads",
+    "head_dim",
+    "n_groups",
+    "ssm_state_size",
+    "intermediate_size",
+    "conv_dim",
+    "time_step_limit",
+    "activation",
+)
 
 
 def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: str):
@@ -84,8 +117,10 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
     without it) and ``out_proj``. Falcon-H1's ``ssm_in_multiplier`` and ``mup_vector`` scale the input and the
     projection."""
     if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
-        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
-                         f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})")
+        raise ValueError(
+            f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
+            f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})"
+        )
     t = hidden.shape[1]
     h = hidden * module.ssm_in_multiplier if hasattr(module, "ssm_in_multiplier") else hidden
     projected = module.in_proj(h)
@@ -98,14 +133,28 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
     g = -module.A_log.to(dtype).exp() * dt
     inner, bc = module.intermediate_size, module.n_groups * module.ssm_state_size
     # HDP's channel order: queries (C), keys (B), values (x)
-    order = torch.cat([torch.arange(inner + bc, inner + 2 * bc), torch.arange(inner, inner + bc),
-                       torch.arange(inner)]).to(xbc.device)
+    order = torch.cat(
+        [torch.arange(inner + bc, inner + 2 * bc), torch.arange(inner, inner + bc), torch.arange(inner)]
+    ).to(xbc.device)
     conv = module.conv1d
     bias = None if conv.bias is None else conv.bias[order]
-    shape = StateShape(module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim, conv.kernel_size[0],
-                       "ssd")
-    core = gated_delta_net(xbc[:, order], g, dt, conv.weight[order, 0, :], bias, shape, meta, meta.runtime.mesh,
-                           split, skip=module.D, rate=-module.A_log.to(dtype).exp(), activation=module.activation)
+    shape = StateShape(
+        module.n_groups, module.ssm_state_size, module.num_heads, module.head_dim, conv.kernel_size[0], "ssd"
+    )
+    core = gated_delta_net(
+        xbc[:, order],
+        g,
+        dt,
+        conv.weight[order, 0, :],
+        bias,
+        shape,
+        meta,
+        meta.runtime.mesh,
+        split,
+        skip=module.D,
+        rate=-module.A_log.to(dtype).exp(),
+        activation=module.activation,
+    )
     meta.runtime.calls += 1
     y = core.reshape(1, t, inner).to(hidden.dtype)
     if getattr(module, "mamba_rms_norm", True):
@@ -116,8 +165,13 @@ def _mamba2_forward(module, adapter, hidden, meta: HDPAttentionMetadata, split: 
 
 
 ADAPTERS = ADAPTERS + (
-    StateAdapter("mamba2", ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
-                               "Zamba2MambaMixer"), None, _MAMBA2, _mamba2_forward),
+    StateAdapter(
+        "mamba2",
+        ("NemotronHMamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer", "Zamba2MambaMixer"),
+        None,
+        _MAMBA2,
+        _mamba2_forward,
+    ),
 )
 
 
@@ -125,8 +179,10 @@ def _short_conv_forward(module, adapter, hidden, meta: HDPAttentionMetadata, spl
     """LFM2's gated short convolution: ``in_proj`` to ``B, C, x``; ``y = C * conv(B * x)`` (depthwise, causal, no
     activation); ``out_proj``. Only the convolution mixes tokens: its halo is the one message of a split sample."""
     if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
-        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
-                         f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})")
+        raise ValueError(
+            f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
+            f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})"
+        )
     b, c, x = module.in_proj(hidden)[0].chunk(3, dim=-1)
     conv = module.conv
     mixed = short_conv(b * x, conv.weight[:, 0, :], conv.bias, None, meta, meta.runtime.mesh)
@@ -135,29 +191,47 @@ def _short_conv_forward(module, adapter, hidden, meta: HDPAttentionMetadata, spl
 
 
 ADAPTERS = ADAPTERS + (
-    StateAdapter("short_conv", ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"), None,
-                    ("in_proj", "conv", "out_proj", "layer_idx"), _short_conv_forward),
+    StateAdapter(
+        "short_conv",
+        ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"),
+        None,
+        ("in_proj", "conv", "out_proj", "layer_idx"),
+        _short_conv_forward,
+    ),
 )
 ADAPTED_CLASSES = {c: a for a in ADAPTERS for c in a.classes}
 
 
 def module_shape(module) -> StateShape:
-    return StateShape(module.num_k_heads, module.head_k_dim, module.num_v_heads, module.head_v_dim,
-                      module.conv1d.kernel_size[0])
+    return StateShape(
+        module.num_k_heads, module.head_k_dim, module.num_v_heads, module.head_v_dim, module.conv1d.kernel_size[0]
+    )
 
 
 def hdp_delta_net_forward(module, adapter: StateAdapter, hidden, meta: HDPAttentionMetadata, split: str):
     """The layer's output ``[1, T, hidden]`` for a packed micro-batch."""
     if hidden.shape[0] != 1 or hidden.shape[1] != meta.num_tokens:
-        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
-                         f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})")
+        raise ValueError(
+            f"{type(module).__name__} (layer {module.layer_idx}) expects one packed row of "
+            f"{meta.num_tokens} tokens, got hidden states of shape {tuple(hidden.shape)} ({meta.describe()})"
+        )
     x, z, b, a = adapter.inputs(module, hidden)
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     beta = b.sigmoid()
     g = -module.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + module.dt_bias.to(dtype))
     conv = module.conv1d
-    core = gated_delta_net(x, g, beta, conv.weight[:, 0, :], conv.bias, module_shape(module), meta,
-                           meta.runtime.mesh, split, activation=module.activation)
+    core = gated_delta_net(
+        x,
+        g,
+        beta,
+        conv.weight[:, 0, :],
+        conv.bias,
+        module_shape(module),
+        meta,
+        meta.runtime.mesh,
+        split,
+        activation=module.activation,
+    )
     meta.runtime.calls += 1
     core = core.to(hidden.dtype).reshape(-1, module.head_v_dim)
     out = module.norm(core, z.reshape(-1, module.head_v_dim)).reshape(1, hidden.shape[1], -1)
@@ -178,11 +252,15 @@ def _hdp_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs)
     if meta is None:
         return _original_forward(self)(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     if cache is not None:
-        raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): HDP training runs without a "
-                         "cache; call the model with use_cache=False")
+        raise ValueError(
+            f"{type(self).__name__} (layer {self.layer_idx}): HDP training runs without a "
+            "cache; call the model with use_cache=False"
+        )
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): a packed HDP micro-batch has no "
-                         "padding, but an attention_mask with zeros was passed")
+        raise ValueError(
+            f"{type(self).__name__} (layer {self.layer_idx}): a packed HDP micro-batch has no "
+            "padding, but an attention_mask with zeros was passed"
+        )
     return self._hdp_adapter.run(self, hidden_states, meta, self._hdp_split)
 
 
@@ -206,10 +284,18 @@ def _hdp_class(cls: type) -> type:
     ``copy.deepcopy`` keeps the class (the copy runs its own weights), and FSDP2's ``fully_shard`` subclasses it."""
     sub = _HDP_CLASSES.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (cls,), {
-            "forward": _hdp_forward, "kernel_condition": staticmethod(_keep_own_forward), "_hdp_base_class": cls,
-            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "__doc__": f"{cls.__name__} with HDP's packed and split recurrence (hf_hdp.attention.recurrent)."})
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {
+                "forward": _hdp_forward,
+                "kernel_condition": staticmethod(_keep_own_forward),
+                "_hdp_base_class": cls,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": f"{cls.__name__} with HDP's packed and split recurrence (hf_hdp.attention.recurrent).",
+            },
+        )
         _HDP_CLASSES[cls] = sub
     return sub
 
@@ -257,8 +343,11 @@ _STATE_SUFFIXES = ("GatedDeltaNet", "Mamba2Mixer", "MambaMixer", "MambaLayer", "
 def state_modules(model) -> list[tuple[str, torch.nn.Module]]:
     """The model's state-carrying token mixers: modules an adapter knows, or whose class name says they are one
     (Gated DeltaNet, Mamba mixers, short convolutions), which are then refused."""
-    return [(n, m) for n, m in model.named_modules()
-            if type(m).__name__ in ADAPTED_CLASSES or type(m).__name__.endswith(_STATE_SUFFIXES)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m).__name__ in ADAPTED_CLASSES or type(m).__name__.endswith(_STATE_SUFFIXES)
+    ]
 
 
 def enable_hdp_mixers(model, split: str = "auto") -> int:

@@ -60,8 +60,9 @@ class Chunks:
         stacks their gradients once (indexing ``t[:, i]`` in a loop would give every chunk's gradient the whole
         tensor's size: quadratic in the chunks)."""
         w = self.w.unbind(1) if self.w is not None else [None] * self.num
-        return list(zip(self.qd.unbind(1), self.attn.unbind(1), self.u.unbind(1), w, self.kd.unbind(1),
-                        self.decay.unbind(1)))
+        return list(
+            zip(self.qd.unbind(1), self.attn.unbind(1), self.u.unbind(1), w, self.kd.unbind(1), self.decay.unbind(1))
+        )
 
 
 def chunk_quantities(q, k, v, g, beta, chunk: int = CHUNK) -> Chunks:
@@ -78,8 +79,9 @@ def chunk_quantities(q, k, v, g, beta, chunk: int = CHUNK) -> Chunks:
     gap = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()  # G, zero above the diagonal
     kb = k * beta.unsqueeze(-1)
     system = (kb @ k.transpose(-1, -2)) * gap
-    system = system.masked_fill(lower.logical_not().logical_or(torch.eye(chunk, dtype=torch.bool, device=q.device)),
-                                0.0) + torch.eye(chunk, dtype=q.dtype, device=q.device)
+    system = system.masked_fill(
+        lower.logical_not().logical_or(torch.eye(chunk, dtype=torch.bool, device=q.device)), 0.0
+    ) + torch.eye(chunk, dtype=q.dtype, device=q.device)
     rhs = torch.cat([v * beta.unsqueeze(-1), kb * c.exp().unsqueeze(-1)], dim=-1)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
@@ -87,7 +89,8 @@ def chunk_quantities(q, k, v, g, beta, chunk: int = CHUNK) -> Chunks:
     return Chunks(
         qd=q * c.exp().unsqueeze(-1),
         attn=(q @ k.transpose(-1, -2)) * gap,
-        u=u, w=w,
+        u=u,
+        w=w,
         kd=k * (last - c).exp().unsqueeze(-1),
         decay=last.exp().unsqueeze(-1),
         length=n,
@@ -108,8 +111,15 @@ def linear_chunk_quantities(q, k, v, g, chunk: int = CHUNK) -> Chunks:
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     gap = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
     last = c[..., -1:]
-    return Chunks(qd=q * c.exp().unsqueeze(-1), attn=(q @ k.transpose(-1, -2)) * gap, u=v, w=None,
-                  kd=k * (last - c).exp().unsqueeze(-1), decay=last.exp().unsqueeze(-1), length=n)
+    return Chunks(
+        qd=q * c.exp().unsqueeze(-1),
+        attn=(q @ k.transpose(-1, -2)) * gap,
+        u=v,
+        w=None,
+        kd=k * (last - c).exp().unsqueeze(-1),
+        decay=last.exp().unsqueeze(-1),
+        length=n,
+    )
 
 
 def run_chunks(ch: Chunks, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

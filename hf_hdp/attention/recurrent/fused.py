@@ -16,8 +16,8 @@ Nothing here imports a package at module import: the CPU path never touches them
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -35,7 +35,7 @@ _CACHE: dict[str, FusedKernels] = {}
 def _load(module: str, name: str) -> Callable | None:
     try:
         return getattr(importlib.import_module(module), name)
-    except Exception:  # not installed, or built for another CUDA/torch: HDP's own kernels run
+    except Exception:  # noqa: BLE001 - not installed, or built for another CUDA/torch: HDP's own kernels run
         return None
 
 
@@ -74,15 +74,21 @@ def conv_docs(kernels: FusedKernels, x, lengths, weight, bias, activation):
 def delta_docs(kernels: FusedKernels, q, k, v, g, beta, lengths):
     """flash-linear-attention's chunked gated delta rule over consecutive samples; inputs as HDP's (heads first,
     ``q`` normalised and scaled, ``k`` normalised, query/key heads already repeated to the value heads)."""
-    out, _ = kernels.delta(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                           g.transpose(0, 1)[None], beta.transpose(0, 1)[None], scale=1.0,
-                           cu_seqlens=cu_seqlens(lengths, q.device), use_qk_l2norm_in_kernel=False)
+    out, _ = kernels.delta(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        g.transpose(0, 1)[None],
+        beta.transpose(0, 1)[None],
+        scale=1.0,
+        cu_seqlens=cu_seqlens(lengths, q.device),
+        use_qk_l2norm_in_kernel=False,
+    )
     return out[0]  # [T, H, dv]
 
 
 def ssd_docs(kernels: FusedKernels, x, dt, rate, b, c, lengths, skip, chunk: int = 64):
     """mamba-ssm's state space dual scan over consecutive samples: ``x`` ``[T, H, P]``, ``dt`` ``[T, H]`` (already
     ``clamp(softplus(dt + dt_bias))``), ``rate`` ``A`` ``[H]``, ``b``/``c`` ``[T, G, N]``, ``skip`` ``D``."""
-    out = kernels.ssd(x[None], dt[None], rate, b[None], c[None], chunk, D=skip,
-                      seq_idx=sample_index(lengths, x.device))
+    out = kernels.ssd(x[None], dt[None], rate, b[None], c[None], chunk, D=skip, seq_idx=sample_index(lengths, x.device))
     return out[0]

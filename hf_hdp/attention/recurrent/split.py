@@ -49,8 +49,7 @@ def _ulysses(seg) -> int:
     return seg.ulysses if isinstance(seg, UlyssesSegment) else 1
 
 
-def choose_split(seg, shape: StateShape, mode: str = "auto", hardware: str = "cpu",
-                 bytes_per_value: int = 4) -> str:
+def choose_split(seg, shape: StateShape, mode: str = "auto", hardware: str = "cpu", bytes_per_value: int = 4) -> str:
     """The method of one segment: a pure function of the segment, the layer and the dtype, so every member picks
     the same.
 
@@ -68,9 +67,19 @@ def choose_split(seg, shape: StateShape, mode: str = "auto", hardware: str = "cp
         return "heads"
     from ...planning.cost.recurrent import state_split_costs
 
-    costs = state_split_costs(seg.doc_lengths(), k, shape.key_heads, shape.key_dim, shape.value_heads,
-                              shape.value_dim, shape.kernel, hardware, bytes_per_value, ulysses=_ulysses(seg),
-                              kind=shape.kind)
+    costs = state_split_costs(
+        seg.doc_lengths(),
+        k,
+        shape.key_heads,
+        shape.key_dim,
+        shape.value_heads,
+        shape.value_dim,
+        shape.kernel,
+        hardware,
+        bytes_per_value,
+        ulysses=_ulysses(seg),
+        kind=shape.kind,
+    )
     return min(costs, key=lambda m: (costs[m].seconds, m))
 
 
@@ -95,8 +104,9 @@ def _positions(lengths, device) -> torch.Tensor:
     return torch.cat([torch.arange(n, device=device) for n in lengths])
 
 
-def _recurrence_inputs(conv_rows, g, beta, key_heads: int, key_dim: int, value_heads: int, value_dim: int,
-                       kind: str = "delta"):
+def _recurrence_inputs(
+    conv_rows, g, beta, key_heads: int, key_dim: int, value_heads: int, value_dim: int, kind: str = "delta"
+):
     """Heads-first ``q``, ``k``, ``v``, ``g``, ``beta`` of some rows (Gated DeltaNet: ``q`` normalised and scaled,
     ``k`` normalised; Mamba-2: ``v`` scaled by ``dt``, the second gate); query and key heads repeated to the value
     heads (value head ``h`` reads key head ``h // (Hv / Hk)``)."""
@@ -105,7 +115,7 @@ def _recurrence_inputs(conv_rows, g, beta, key_heads: int, key_dim: int, value_h
     q, k = (x.reshape(n, key_heads, key_dim) for x in (q, k))
     v = v.reshape(n, value_heads, value_dim)
     if kind == "delta":
-        q, k = l2norm(q) * key_dim ** -0.5, l2norm(k)
+        q, k = l2norm(q) * key_dim**-0.5, l2norm(k)
     else:
         v = v * beta.unsqueeze(-1)
     if value_heads != key_heads:
@@ -132,8 +142,9 @@ def _conv_docs(x, lengths, weight, bias, activation) -> torch.Tensor:
     return causal_conv(x, _positions(lengths, x.device), weight, bias, activation)
 
 
-def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim, kind="delta",
-              skip=None, rate=None) -> torch.Tensor:
+def _run_docs(
+    conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, value_dim, kind="delta", skip=None, rate=None
+) -> torch.Tensor:
     """Every document of ``lengths`` (consecutive rows) from the zero state; ``[n, Hv, dv]``. On CUDA the
     packages' varlen kernels run where installed (:mod:`.fused`; Mamba-2's needs ``rate``, its ``A``)."""
     kernels = fused_kernels(conv_rows.device)
@@ -141,8 +152,16 @@ def _run_docs(conv_rows, g, beta, lengths, key_heads, key_dim, value_heads, valu
         if kind == "ssd" and kernels.ssd is not None and rate is not None:
             c, b, x = conv_rows.split([key_heads * key_dim, key_heads * key_dim, value_heads * value_dim], dim=1)
             n = conv_rows.shape[0]
-            return ssd_docs(kernels, x.reshape(n, value_heads, value_dim), beta, rate,
-                            b.reshape(n, key_heads, key_dim), c.reshape(n, key_heads, key_dim), lengths, skip)
+            return ssd_docs(
+                kernels,
+                x.reshape(n, value_heads, value_dim),
+                beta,
+                rate,
+                b.reshape(n, key_heads, key_dim),
+                c.reshape(n, key_heads, key_dim),
+                lengths,
+                skip,
+            )
         if kind == "delta" and kernels.delta is not None:
             q, k, v, gg, bb = _recurrence_inputs(conv_rows, g, beta, key_heads, key_dim, value_heads, value_dim, kind)
             return delta_docs(kernels, q, k, v, gg, bb, lengths)
@@ -174,8 +193,10 @@ class _Scan:
 
     def _label(self, what: str) -> str:
         s = self.seg
-        return (f"{_KIND_NAMES[self.shape.kind]} {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, "
-                f"samples {list(s.samples)})")
+        return (
+            f"{_KIND_NAMES[self.shape.kind]} {what} (global step {s.step}, slot {s.slot}, group {list(s.group)}, "
+            f"samples {list(s.samples)})"
+        )
 
     def halo_moves(self, sends: list, at: int) -> list[Move]:
         seg, moves = self.seg, []
@@ -186,8 +207,15 @@ class _Scan:
             if rows:
                 sends.append(self.x[list(rows)])
                 send = at + len(sends) - 1
-            moves.append(Move(seg.group[dst], send, seg.group[src], (need, self.x.shape[1]) if need else None,
-                              self._label("convolution halo")))
+            moves.append(
+                Move(
+                    seg.group[dst],
+                    send,
+                    seg.group[src],
+                    (need, self.x.shape[1]) if need else None,
+                    self._label("convolution halo"),
+                )
+            )
         return _kept(moves, seg)
 
     def convolved(self, received: dict):
@@ -202,7 +230,7 @@ class _Scan:
             own = self.x[p.row : p.row + p.length]
             rows = torch.cat([halo[list(idx)], own]) if idx else own
             pos = torch.arange(p.start - len(idx), p.end, device=self.x.device)
-            yield p, causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx):]
+            yield p, causal_conv(rows, pos, self.weight, self.bias, self.activation)[len(idx) :]
 
     def local_pass(self, received: dict) -> None:
         """Convolution with halos, then each piece from the zero state: outputs, transition, final state."""
@@ -210,8 +238,9 @@ class _Scan:
         self.outputs, self.chunks, states = [], [], []
         for p, conv in self.convolved(received):
             sl = slice(p.row, p.row + p.length)
-            q, k, v, g, b = _recurrence_inputs(conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim,
-                                               sh.value_heads, sh.value_dim, sh.kind)
+            q, k, v, g, b = _recurrence_inputs(
+                conv, self.g[sl], self.beta[sl], sh.key_heads, sh.key_dim, sh.value_heads, sh.value_dim, sh.kind
+            )
             ch = _chunks(q, k, v, g, b, sh.kind)
             o, final = run_chunks(ch, None)
             if self.skip is not None:
@@ -234,8 +263,15 @@ class _Scan:
             sends.append(self.states)
             send = at + len(sends) - 1
         for dst, src in group_rounds(seg.group, seg.member):
-            moves.append(Move(seg.group[dst], send, seg.group[src], (count[src], *width) if count[src] else None,
-                              self._label("chunk states")))
+            moves.append(
+                Move(
+                    seg.group[dst],
+                    send,
+                    seg.group[src],
+                    (count[src], *width) if count[src] else None,
+                    self._label("chunk states"),
+                )
+            )
         return _kept(moves, seg)
 
     def correct(self, received: dict) -> torch.Tensor:
@@ -282,8 +318,10 @@ class _Heads:
 
     def _label(self, what: str) -> str:
         s = self.seg
-        return (f"{_KIND_NAMES[self.shape.kind]} head-parallel {what} (global step {s.step}, slot {s.slot}, "
-                f"group {list(s.group)}, samples {list(s.samples)})")
+        return (
+            f"{_KIND_NAMES[self.shape.kind]} head-parallel {what} (global step {s.step}, slot {s.slot}, "
+            f"group {list(s.group)}, samples {list(s.samples)})"
+        )
 
     def _columns(self, j: int) -> list[int]:
         """Member ``j``'s columns of ``[x | g | beta]``: its key heads' query and key channels, its value heads'
@@ -308,8 +346,15 @@ class _Heads:
             if self.inputs.shape[0]:
                 sends.append(self.inputs[:, self._columns(dst)])
                 send = at + len(sends) - 1
-            moves.append(Move(seg.group[dst], send, seg.group[src], (n_src, width) if n_src else None,
-                              self._label("rows to heads")))
+            moves.append(
+                Move(
+                    seg.group[dst],
+                    send,
+                    seg.group[src],
+                    (n_src, width) if n_src else None,
+                    self._label("rows to heads"),
+                )
+            )
         return _kept(moves, seg)
 
     def local_pass(self, received: dict) -> None:
@@ -328,8 +373,7 @@ class _Heads:
         conv = _conv_docs(x, lengths, weight, bias, self.activation)
         skip = None if self.skip is None else self.skip[sp.q_start : sp.q_stop]
         rate = None if self.rate is None else self.rate[sp.q_start : sp.q_stop]
-        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip,
-                             rate).flatten(1)
+        self.out = _run_docs(conv, g, beta, lengths, nk, sh.key_dim, nv, sh.value_dim, sh.kind, skip, rate).flatten(1)
 
     def to_rows_moves(self, sends: list, at: int) -> list[Move]:
         seg, moves = self.seg, []
@@ -353,8 +397,11 @@ class _Heads:
                 sends.append(rows_of(dst))
                 send = at + len(sends) - 1
             width = self.splits[src].num_q * self.shape.value_dim
-            moves.append(Move(seg.group[dst], send, seg.group[src], (n_me, width) if n_me else None,
-                              self._label("heads to rows")))
+            moves.append(
+                Move(
+                    seg.group[dst], send, seg.group[src], (n_me, width) if n_me else None, self._label("heads to rows")
+                )
+            )
         return _kept(moves, seg)
 
     def assemble(self, received: dict) -> torch.Tensor:
@@ -364,8 +411,9 @@ class _Heads:
             return self.own_back.new_zeros(0, self.shape.value_heads, self.shape.value_dim)
         got = dict(received)
         got[seg.member] = self.own_back
-        return torch.cat([got[m] for m in range(seg.k)], dim=1).reshape(n_me, self.shape.value_heads,
-                                                                         self.shape.value_dim)
+        return torch.cat([got[m] for m in range(seg.k)], dim=1).reshape(
+            n_me, self.shape.value_heads, self.shape.value_dim
+        )
 
 
 def _kept(moves: list[Move], seg) -> list[Move]:
@@ -391,9 +439,20 @@ def _phase(runs, make, mesh, after):
     return out, tuple(got), token
 
 
-def gated_delta_net(x, g, beta, weight, bias, shape: StateShape, meta: HDPAttentionMetadata, mesh,
-                    split: str = "auto", skip: torch.Tensor | None = None,
-                    rate: torch.Tensor | None = None, activation: str | None = "silu") -> torch.Tensor:
+def gated_delta_net(
+    x,
+    g,
+    beta,
+    weight,
+    bias,
+    shape: StateShape,
+    meta: HDPAttentionMetadata,
+    mesh,
+    split: str = "auto",
+    skip: torch.Tensor | None = None,
+    rate: torch.Tensor | None = None,
+    activation: str | None = "silu",
+) -> torch.Tensor:
     """The recurrence's output ``[T, Hv, dv]`` of a packed row (see the module docstring). ``shape``: the layer's
     heads, kernel and kind (:class:`~hf_hdp.planning.layers.StateShape`, ``"delta"`` or ``"ssd"``; the channels of
     ``x`` in its order: queries, keys, values); ``weight``: the depthwise convolution's ``[C, K]``; ``bias``: ``[C]``
@@ -409,11 +468,27 @@ def gated_delta_net(x, g, beta, weight, bias, shape: StateShape, meta: HDPAttent
     n_local = meta.local_len
     if n_local:
         conv = _conv_docs(x[:n_local], meta.local_seqlens, weight, bias, activation)
-        parts.append(_run_docs(conv, g[:n_local], beta[:n_local], meta.local_seqlens, sh.key_heads, sh.key_dim,
-                               sh.value_heads, sh.value_dim, sh.kind, skip, rate))
+        parts.append(
+            _run_docs(
+                conv,
+                g[:n_local],
+                beta[:n_local],
+                meta.local_seqlens,
+                sh.key_heads,
+                sh.key_dim,
+                sh.value_heads,
+                sh.value_dim,
+                sh.kind,
+                skip,
+                rate,
+            )
+        )
     if meta.rings:
-        parts.append(_segments(x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split,
-                               rate, activation))
+        parts.append(
+            _segments(
+                x[n_local:], g[n_local:], beta[n_local:], weight, bias, skip, shape, meta, mesh, split, rate, activation
+            )
+        )
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -440,8 +515,21 @@ def short_conv(x, weight, bias, kernel_activation: str | None, meta: HDPAttentio
         rest = x[n_local:]
         base = meta.rings[0].start
         shape = StateShape(0, 0, 1, weight.shape[0], weight.shape[1], "conv")
-        runs = [_Conv(seg, shape, rest[seg.start - base : seg.end - base], None, None, weight, bias, None, mesh,
-                      kernel_activation) for seg in meta.rings]
+        runs = [
+            _Conv(
+                seg,
+                shape,
+                rest[seg.start - base : seg.end - base],
+                None,
+                None,
+                weight,
+                bias,
+                None,
+                mesh,
+                kernel_activation,
+            )
+            for seg in meta.rings
+        ]
         got, _, token = _phase(runs, lambda r: r.halo_moves, mesh, (rest,))
         for r, received in zip(runs, got):
             r.local_pass(received)
@@ -467,8 +555,12 @@ def _segments(x, g, beta, weight, bias, skip, shape, meta, mesh, split, rate, ac
     # phase 2: chunk states (scan)
     second, states, t2 = _phase(runs, lambda r: r.state_moves if isinstance(r, _Scan) else None, mesh, (x,))
     # phase 3: heads back to rows; after phase 2, so that its backward runs first on every member
-    third, _, t3 = _phase(runs, lambda r: r.to_rows_moves if isinstance(r, _Heads) else None, mesh,
-                          (x, *states, *([t2] if t2 is not None else [])))
+    third, _, t3 = _phase(
+        runs,
+        lambda r: r.to_rows_moves if isinstance(r, _Heads) else None,
+        mesh,
+        (x, *states, *([t2] if t2 is not None else [])),
+    )
     outs = [r.correct(s) if isinstance(r, _Scan) else r.assemble(t) for r, s, t in zip(runs, second, third)]
     out = torch.cat(outs)
     for token in (t1, t2, t3):

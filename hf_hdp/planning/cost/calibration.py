@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Callable, Iterable, Sequence
 
 from .fit import fit_coefficients, length_sums
 from .model import CostModel
@@ -24,9 +24,17 @@ def relative_residuals(cost: CostModel, lengths: Sequence, seconds: Sequence[flo
     return [predicted_time(cost, item) / t - 1.0 for item, t in zip(lengths, seconds)]
 
 
-def calibrate(measure: Callable, lengths: Iterable, *, base: CostModel | None = None,
-              num_layers: int | None = None, repeats: int = 3, warmup: int = 1, relative: bool = True,
-              statistic: Callable[[list[float]], float] = statistics.median) -> CostModel:
+def calibrate(
+    measure: Callable,
+    lengths: Iterable,
+    *,
+    base: CostModel | None = None,
+    num_layers: int | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    relative: bool = True,
+    statistic: Callable[[list[float]], float] = statistics.median,
+) -> CostModel:
     """Fit ``a, b, c`` to timings of this machine and return the cost model with them.
 
     ``measure(s)`` runs forward + backward of one sequence of ``s`` tokens through the whole model
@@ -54,7 +62,16 @@ def calibrate(measure: Callable, lengths: Iterable, *, base: CostModel | None = 
     return replace(
         fitted,
         label=f"{base.label} (calibrated)" if base.label != "calibrated" else base.label,
-        extra={**base.extra, "calibration": {"lengths": lengths, "seconds": seconds, "residuals": residuals,
-                                             "a": a, "b": b, "c": c, "num_layers": num_layers}},
+        extra={
+            **base.extra,
+            "calibration": {
+                "lengths": lengths,
+                "seconds": seconds,
+                "residuals": residuals,
+                "a": a,
+                "b": b,
+                "c": c,
+                "num_layers": num_layers,
+            },
+        },
     )
-

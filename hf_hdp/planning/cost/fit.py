@@ -25,8 +25,9 @@ def length_sums(item) -> tuple[float, float]:
     return sum(s * s for s in items), sum(items)
 
 
-def fit_coefficients(lengths: list, seconds: list[float], num_layers: int = 1, *, relative: bool = False,
-                     quadratic: bool = True) -> tuple[float, float, float]:
+def fit_coefficients(
+    lengths: list, seconds: list[float], num_layers: int = 1, *, relative: bool = False, quadratic: bool = True
+) -> tuple[float, float, float]:
     """Least-squares fit of per-layer ``a, b, c >= 0`` to measured whole-model times.
 
     Each entry of ``lengths`` is one measurement: a sequence length ``s`` (time
@@ -80,17 +81,29 @@ def _lstsq(X: list[list[float]], y: list[float]) -> list[float]:
     return [v[i] / A[i][i] if abs(A[i][i]) > 1e-300 else 0.0 for i in range(n)]
 
 
-
-def hardware_from_coefficients(model: ModelSpec, a: float, b: float, c: float, base: HardwareSpec,
-                               peak_flops: float | None = None, name: str | None = None) -> HardwareSpec:
+def hardware_from_coefficients(
+    model: ModelSpec,
+    a: float,
+    b: float,
+    c: float,
+    base: HardwareSpec,
+    peak_flops: float | None = None,
+    name: str | None = None,
+) -> HardwareSpec:
     """The :class:`HardwareSpec` for which :meth:`CostModel.from_specs` (``model``) gives ``a, b, c``:
     efficiencies are the fitted FLOP rates over ``peak_flops`` (default ``base.peak_flops``); the
     links and memory come from ``base``. Turns a calibration on one model into a preset for others."""
     peak = peak_flops or base.peak_flops
     att_rate = FWD_BWD * model.attention_flops_per_s2 / a if a > 0 else peak * base.attention_efficiency
     lin_rate = FWD_BWD * model.linear_flops_per_token / b if b > 0 else peak * base.linear_efficiency
-    return replace(base, name=name or f"{base.name} (calibrated)", peak_flops=peak,
-                   attention_efficiency=att_rate / peak, linear_efficiency=lin_rate / peak, overhead_per_layer=c)
+    return replace(
+        base,
+        name=name or f"{base.name} (calibrated)",
+        peak_flops=peak,
+        attention_efficiency=att_rate / peak,
+        linear_efficiency=lin_rate / peak,
+        overhead_per_layer=c,
+    )
 
 
 # ByteScale (arXiv 2502.21231), per-layer time of LLaMA-7B in ms, attention vs MLP (docs/design.md §1).
@@ -134,7 +147,9 @@ def bytescale_fit() -> dict:
     mlp_flops = 2.0 * 3 * m.hidden_size * m.intermediate_size
     proj_flops = 2.0 * (m.layer_params - 3 * m.hidden_size * m.intermediate_size)
     return {
-        "a": a, "b": b, "c": c,
+        "a": a,
+        "b": b,
+        "c": c,
         "attention": {"a": a, "b": b_att, "c": c_att, "residuals": rel(att_pred, att)},
         "mlp": {"b": b_mlp, "c": c_mlp, "residuals": rel(mlp_pred, mlp)},
         "layer_residuals": layer_res,
@@ -148,12 +163,16 @@ def bytescale_fit() -> dict:
     }
 
 
-
-
 def bytescale_hardware() -> HardwareSpec:
     """H100 links with the compute rates fitted to ByteScale's LLaMA-7B per-layer times, usable with any
     model: ``CostModel.from_specs(llama-7b, bytescale_hardware())`` gives :meth:`CostModel.bytescale`'s
     ``a, b, c``. Fitted afresh on every call; ``HARDWARE_PRESETS["bytescale"]`` stores the result."""
     fit = bytescale_fit()
-    return hardware_from_coefficients(MODEL_PRESETS["llama-7b"], FWD_BWD * fit["a"], FWD_BWD * fit["b"],
-                                      FWD_BWD * fit["c"], HARDWARE_PRESETS["h100"], name="bytescale")
+    return hardware_from_coefficients(
+        MODEL_PRESETS["llama-7b"],
+        FWD_BWD * fit["a"],
+        FWD_BWD * fit["b"],
+        FWD_BWD * fit["c"],
+        HARDWARE_PRESETS["h100"],
+        name="bytescale",
+    )

@@ -132,8 +132,6 @@ def layer_activation_bytes(model: ModelSpec, layer: int) -> float:
     return out
 
 
-
-
 def layer_input_bytes_per_token(model: ModelSpec) -> float:
     """Bytes a recomputed (checkpointed) layer keeps per token: its input, ``h`` values."""
     return float(model.bytes_per_value * model.hidden_size)
@@ -159,7 +157,9 @@ def activation_bytes_per_token(model: ModelSpec, checkpointing: bool = True) -> 
     per_layer = layer_activation_bytes_per_token(model)
     head = logits_bytes_per_token(model)
     if checkpointing:
-        return model.num_layers * layer_input_bytes_per_token(model) + max_layer_activation_bytes_per_token(model) + head
+        return (
+            model.num_layers * layer_input_bytes_per_token(model) + max_layer_activation_bytes_per_token(model) + head
+        )
     return model.num_layers * per_layer + head
 
 
@@ -197,8 +197,14 @@ def device_layers(num_layers: int, offloaded: int) -> int:
     return max(num_layers - offloaded, min(offloaded, OFFLOAD_PREFETCH_LAYERS))
 
 
-def model_state_bytes(model: ModelSpec, *, weight_bytes: float = 2, grad_bytes: float = 4,
-                      optimizer_bytes: float = 12, zero1_ranks: int = 1) -> float:
+def model_state_bytes(
+    model: ModelSpec,
+    *,
+    weight_bytes: float = 2,
+    grad_bytes: float = 4,
+    optimizer_bytes: float = 12,
+    zero1_ranks: int = 1,
+) -> float:
     """Weights, gradients and optimizer states of one rank.
 
     Defaults: bf16 weights, float32 gradients, Adam's float32 master weights, momentum and
@@ -237,8 +243,13 @@ class MemoryBreakdown:
 
     def describe(self) -> str:
         """One line: ``weights 1.2 GB, gradients ..., total 71.9 GB``."""
-        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
-                 ("activations", self.activations), ("logits", self.logits)]
+        parts = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer", self.optimizer),
+            ("activations", self.activations),
+            ("logits", self.logits),
+        ]
         if self.reserve:
             parts.append(("reserve", self.reserve))
         parts.append(("total", self.total))
@@ -257,8 +268,7 @@ def _sharding(zero_stage: int | None, fsdp: str | None, world_size: int) -> tupl
     return resolve_sharding(None if fsdp is not None and zero_stage == 0 else zero_stage, fsdp, world_size)
 
 
-def head_bytes(model: ModelSpec, tokens: int, loss_chunk_tokens: int | None = None,
-               weight_bytes: float = 2) -> float:
+def head_bytes(model: ModelSpec, tokens: int, loss_chunk_tokens: int | None = None, weight_bytes: float = 2) -> float:
     """The LM head and the loss of a micro-batch of ``tokens`` tokens.
 
     ``loss_chunk_tokens=None``: :func:`logits_bytes_per_token` for every token (the full logits).
@@ -278,11 +288,23 @@ def head_bytes(model: ModelSpec, tokens: int, loss_chunk_tokens: int | None = No
     return float(rows + chunk + accumulator)
 
 
-def memory_breakdown(model: ModelSpec, tokens: int, *, world_size: int = 1, zero_stage: int = 0,
-                     fsdp: str | None = None, checkpointing: bool = True, offload_ratio: float = 0.0,
-                     loss_chunk_tokens: int | None = None, weight_bytes: float = 2, grad_bytes: float = 4,
-                     optimizer_bytes: float = 12, params: int | None = None, trainable_params: int | None = None,
-                     reserve: float = 0.0) -> MemoryBreakdown:
+def memory_breakdown(
+    model: ModelSpec,
+    tokens: int,
+    *,
+    world_size: int = 1,
+    zero_stage: int = 0,
+    fsdp: str | None = None,
+    checkpointing: bool = True,
+    offload_ratio: float = 0.0,
+    loss_chunk_tokens: int | None = None,
+    weight_bytes: float = 2,
+    grad_bytes: float = 4,
+    optimizer_bytes: float = 12,
+    params: int | None = None,
+    trainable_params: int | None = None,
+    reserve: float = 0.0,
+) -> MemoryBreakdown:
     """Peak bytes of one rank running micro-batches of ``tokens`` tokens, by kind.
 
     - ``weights``: ``params · weight_bytes``; with ``fsdp="shard_grad_op"`` the gathered whole
@@ -338,32 +360,65 @@ def memory_breakdown(model: ModelSpec, tokens: int, *, world_size: int = 1, zero
     else:
         activations = tokens * kept * layer_activation_bytes_per_token(model)
     logits = head_bytes(model, tokens, loss_chunk_tokens, weight_bytes)
-    return MemoryBreakdown(tokens=tokens, weights=weights, gradients=gradients, optimizer=optimizer,
-                           activations=float(activations), logits=float(logits), reserve=float(reserve))
+    return MemoryBreakdown(
+        tokens=tokens,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=float(activations),
+        logits=float(logits),
+        reserve=float(reserve),
+    )
 
 
 def _memory_budget(memory: float | HardwareSpec) -> float:
     return float(memory.memory_bytes if isinstance(memory, HardwareSpec) else memory)
 
 
-def memory_per_rank(model: ModelSpec, tokens: int, *, checkpointing: bool = True, zero1_ranks: int = 1,
-                    weight_bytes: float = 2, grad_bytes: float = 4, optimizer_bytes: float = 12) -> float:
+def memory_per_rank(
+    model: ModelSpec,
+    tokens: int,
+    *,
+    checkpointing: bool = True,
+    zero1_ranks: int = 1,
+    weight_bytes: float = 2,
+    grad_bytes: float = 4,
+    optimizer_bytes: float = 12,
+) -> float:
     """Estimated peak bytes of a rank running micro-batches of ``tokens`` tokens: model states +
     activations + full logits, the optimizer states sharded over ``zero1_ranks`` (:func:`memory_breakdown`'s total)."""
     if zero1_ranks < 1:
         raise ValueError(f"zero1_ranks must be at least 1, got {zero1_ranks}")
-    return memory_breakdown(model, int(tokens), world_size=zero1_ranks, zero_stage=1 if zero1_ranks > 1 else 0,
-                            checkpointing=checkpointing, weight_bytes=weight_bytes, grad_bytes=grad_bytes,
-                            optimizer_bytes=optimizer_bytes).total
+    return memory_breakdown(
+        model,
+        int(tokens),
+        world_size=zero1_ranks,
+        zero_stage=1 if zero1_ranks > 1 else 0,
+        checkpointing=checkpointing,
+        weight_bytes=weight_bytes,
+        grad_bytes=grad_bytes,
+        optimizer_bytes=optimizer_bytes,
+    ).total
 
 
-def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *, checkpointing: bool = True,
-                               zero1_ranks: int = 1, weight_bytes: float = 2, grad_bytes: float = 4,
-                               optimizer_bytes: float = 12, reserve_fraction: float = 0.1,
-                               world_size: int | None = None, zero_stage: int | None = None,
-                               fsdp: str | None = None, offload_ratio: float = 0.0,
-                               loss_chunk_tokens: int | None = None, params: int | None = None,
-                               trainable_params: int | None = None) -> int:
+def tokens_per_rank_for_memory(
+    model: ModelSpec,
+    memory: float | HardwareSpec,
+    *,
+    checkpointing: bool = True,
+    zero1_ranks: int = 1,
+    weight_bytes: float = 2,
+    grad_bytes: float = 4,
+    optimizer_bytes: float = 12,
+    reserve_fraction: float = 0.1,
+    world_size: int | None = None,
+    zero_stage: int | None = None,
+    fsdp: str | None = None,
+    offload_ratio: float = 0.0,
+    loss_chunk_tokens: int | None = None,
+    params: int | None = None,
+    trainable_params: int | None = None,
+) -> int:
     """The largest ``tokens_per_rank`` whose :func:`memory_breakdown` fits ``memory`` (bytes, or a
     :class:`HardwareSpec`'s ``memory_bytes``) after keeping ``reserve_fraction`` of it back for the
     CUDA context, communication buffers and fragmentation.
@@ -389,14 +444,26 @@ def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *
             raise ValueError(f"zero_stage={zero_stage} needs world_size (the ranks it shards over)")
         world_size, zero_stage = zero1_ranks, None  # ZeRO-1 over zero1_ranks, unless fsdp
     elif zero1_ranks != 1:
-        raise ValueError(f"give world_size and zero_stage, or zero1_ranks, not both (zero1_ranks={zero1_ranks}, "
-                         f"world_size={world_size})")
+        raise ValueError(
+            f"give world_size and zero_stage, or zero1_ranks, not both (zero1_ranks={zero1_ranks}, "
+            f"world_size={world_size})"
+        )
     zero_stage, fsdp = _sharding(zero_stage, fsdp, world_size)
     budget = _memory_budget(memory)
     usable = budget * (1.0 - reserve_fraction)
-    kw = dict(world_size=world_size, zero_stage=zero_stage, fsdp=fsdp, checkpointing=checkpointing,
-              offload_ratio=offload_ratio, loss_chunk_tokens=loss_chunk_tokens, weight_bytes=weight_bytes,
-              grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes, params=params, trainable_params=trainable_params)
+    kw = dict(
+        world_size=world_size,
+        zero_stage=zero_stage,
+        fsdp=fsdp,
+        checkpointing=checkpointing,
+        offload_ratio=offload_ratio,
+        loss_chunk_tokens=loss_chunk_tokens,
+        weight_bytes=weight_bytes,
+        grad_bytes=grad_bytes,
+        optimizer_bytes=optimizer_bytes,
+        params=params,
+        trainable_params=trainable_params,
+    )
 
     def fits(t: int) -> bool:
         return memory_breakdown(model, t, **kw).total <= usable
@@ -407,8 +474,9 @@ def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi > 1 << 60:
-            raise ValueError(f"{model.name}: the activations of one token cost nothing in this estimate; "
-                             "check the model spec")
+            raise ValueError(
+                f"{model.name}: the activations of one token cost nothing in this estimate; check the model spec"
+            )
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
@@ -418,8 +486,15 @@ def tokens_per_rank_for_memory(model: ModelSpec, memory: float | HardwareSpec, *
     return lo
 
 
-def _refuse(model: ModelSpec, one: MemoryBreakdown, budget: float, usable: float, reserve_fraction: float,
-            legacy: bool, kw: dict) -> None:
+def _refuse(
+    model: ModelSpec,
+    one: MemoryBreakdown,
+    budget: float,
+    usable: float,
+    reserve_fraction: float,
+    legacy: bool,
+    kw: dict,
+) -> None:
     """The ``ValueError`` of a budget that holds no token: the states' size, what is left, what would help
     (the activation settings only when the states alone fit)."""
     left = usable - one.states
@@ -441,8 +516,10 @@ def _refuse(model: ModelSpec, one: MemoryBreakdown, budget: float, usable: float
     if left <= 0:
         room = "leaving no room for activations"
     else:
-        room = (f"leaving {fmt_gb(left)}, less than the activations and logits of one token need "
-                f"({fmt_gb(one.activations + one.logits)})")
+        room = (
+            f"leaving {fmt_gb(left)}, less than the activations and logits of one token need "
+            f"({fmt_gb(one.activations + one.logits)})"
+        )
     raise ValueError(
         f"{model.name}: model states need {fmt_gb(one.states)} (weights {fmt_gb(one.weights)}, gradients "
         f"{fmt_gb(one.gradients)}, optimizer {fmt_gb(one.optimizer)}) of the {fmt_gb(usable)} usable per rank "

@@ -105,8 +105,10 @@ class CostModel(LayerStructure, TimeTerms, OffloadTime, CommVolume):
         object.__setattr__(self, "layer_masks", masks)
         heads = tuple(tuple(int(x) for x in h) for h in self.layer_heads)
         if heads and (len(heads) != self.num_layers or any(len(h) != 3 or min(h) < 1 for h in heads)):
-            raise ValueError(f"CostModel.layer_heads needs one (num_kv_heads, qk_head_dim, v_head_dim) of positive "
-                             f"ints per layer ({self.num_layers}), got {self.layer_heads!r}")
+            raise ValueError(
+                f"CostModel.layer_heads needs one (num_kv_heads, qk_head_dim, v_head_dim) of positive "
+                f"ints per layer ({self.num_layers}), got {self.layer_heads!r}"
+            )
         object.__setattr__(self, "layer_heads", heads)
         states = tuple(StateShape.of(st) if st else () for st in self.layer_states)
         if states and len(states) != self.num_layers:
@@ -114,8 +116,10 @@ class CostModel(LayerStructure, TimeTerms, OffloadTime, CommVolume):
         states = states if any(states) else ()
         object.__setattr__(self, "layer_states", states)
         if states and not self.state_rate > 0:
-            raise ValueError("CostModel.state_rate (FLOP/s of the state layers) must be positive when layer_states "
-                             "has a Gated DeltaNet layer")
+            raise ValueError(
+                "CostModel.state_rate (FLOP/s of the state layers) must be positive when layer_states "
+                "has a Gated DeltaNet layer"
+            )
         if self.state_split not in STATE_SPLITS:
             raise ValueError(f"CostModel.state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
         attention = tuple(bool(a) for a in self.layer_attention)
@@ -124,10 +128,9 @@ class CostModel(LayerStructure, TimeTerms, OffloadTime, CommVolume):
         default = tuple(not st for st in states) if states else (True,) * self.num_layers
         object.__setattr__(self, "layer_attention", () if not attention or attention == default else attention)
 
-
     # ------------------------------------------------------------ derivation
     @classmethod
-    def from_specs(cls, model: ModelSpec, hw: HardwareSpec) -> "CostModel":
+    def from_specs(cls, model: ModelSpec, hw: HardwareSpec) -> CostModel:
         """Roofline estimate: forward FLOPs x :data:`FWD_BWD` over the achieved FLOP/s of each kind.
 
         ``a`` counts causal attention (``2·H·D`` forward FLOPs per ``s²`` per layer), ``b`` the
@@ -156,27 +159,29 @@ class CostModel(LayerStructure, TimeTerms, OffloadTime, CommVolume):
             num_heads=model.num_heads,
             num_kv_heads=model.num_kv_heads,
             layer_masks=model.layer_masks,
-            layer_heads=() if not model.layer_heads and model.v_head_dim == model.head_dim else
-            tuple(tuple(h) for h in model.heads_per_layer),
+            layer_heads=()
+            if not model.layer_heads and model.v_head_dim == model.head_dim
+            else tuple(tuple(h) for h in model.heads_per_layer),
             layer_states=tuple(tuple(st) if st else () for st in model.layer_states),
             layer_attention=model.layer_attention,
             state_rate=hw.peak_flops * hw.linear_efficiency if model.layer_states else 0.0,
         )
 
     @classmethod
-    def from_config(cls, config, hardware: str | HardwareSpec = "h100", bytes_per_value: int = 2,
-                    name: str | None = None) -> "CostModel":
+    def from_config(
+        cls, config, hardware: str | HardwareSpec = "h100", bytes_per_value: int = 2, name: str | None = None
+    ) -> CostModel:
         """:meth:`from_specs` for a transformers config and a hardware preset name (or spec)."""
         hw = HARDWARE_PRESETS[hardware] if isinstance(hardware, str) else hardware
         return cls.from_specs(ModelSpec.from_config(config, name=name, bytes_per_value=bytes_per_value), hw)
 
     @classmethod
-    def default(cls) -> "CostModel":
+    def default(cls) -> CostModel:
         """LLaMA-7B on H100: the planners' default when no cost model is given."""
         return cls.from_specs(MODEL_PRESETS["llama-7b"], HARDWARE_PRESETS["h100"])
 
     @classmethod
-    def bytescale(cls) -> "CostModel":
+    def bytescale(cls) -> CostModel:
         """LLaMA-7B with ``a``, ``b``, ``c`` fitted to ByteScale's published per-layer times (see
         :func:`bytescale_fit`), and the H100 preset's links for the ring and the all-reduce.
 
@@ -197,9 +202,8 @@ class CostModel(LayerStructure, TimeTerms, OffloadTime, CommVolume):
             extra={"fit": fit},
         )
 
-    def with_coefficients(self, a: float, b: float, c: float) -> "CostModel":
+    def with_coefficients(self, a: float, b: float, c: float) -> CostModel:
         return replace(self, a=a, b=b, c=c)
-
 
     def to_dict(self) -> dict:
         """The model's fields as JSON-friendly values (``extra`` left out; infinities as ``None``)."""

@@ -50,8 +50,9 @@ class OffloadTime:
             return 0.0
         return min(1.0, attention_s / FWD_BWD * self.host_bandwidth / total)
 
-    def offload_exposed_time(self, tokens: float, attention_s: float, layers: int,
-                             checkpointing: bool = False) -> float:
+    def offload_exposed_time(
+        self, tokens: float, attention_s: float, layers: int, checkpointing: bool = False
+    ) -> float:
         """Seconds of offloading ``layers`` layers that compute does not hide: the copy to the host
         beyond the forward attention, plus the copy back beyond the backward attention."""
         copy = self.host_copy_time(self.offload_bytes(tokens, layers, checkpointing))

@@ -50,9 +50,24 @@ MODES = ("auto", *METHODS)
 HALO = "halo"  # the only method of a short convolution (kind "conv")
 
 __all__ = [
-    "CHUNK", "MODES", "MemberLoad", "SplitCost", "StateShape", "conv_flops", "delta_rule_flops", "local_state_flops",
-    "read_state_flops", "resolve_method", "ssd_flops", "segment_layout", "state_segment_time", "state_split_bytes",
-    "state_split_costs", "state_split_loads", "state_split_messages", "transition_flops",
+    "CHUNK",
+    "MODES",
+    "MemberLoad",
+    "SplitCost",
+    "StateShape",
+    "conv_flops",
+    "delta_rule_flops",
+    "local_state_flops",
+    "read_state_flops",
+    "resolve_method",
+    "ssd_flops",
+    "segment_layout",
+    "state_segment_time",
+    "state_split_bytes",
+    "state_split_costs",
+    "state_split_loads",
+    "state_split_messages",
+    "transition_flops",
 ]
 
 
@@ -132,8 +147,10 @@ def local_state_flops(length: int, shape: StateShape) -> float:
 def segment_layout(lengths: tuple[int, ...], k: int, ulysses: int = 1) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     """Per document, its pieces ``(member, start, end)`` in sample order (:func:`hf_hdp.planning.pieces.segment_pieces`,
     the layout the state-carrying layers run)."""
-    return tuple(tuple((p.member, p.start, p.end) for p in doc)
-                 for doc in segment_pieces(tuple(int(n) for n in lengths), k, ulysses))
+    return tuple(
+        tuple((p.member, p.start, p.end) for p in doc)
+        for doc in segment_pieces(tuple(int(n) for n in lengths), k, ulysses)
+    )
 
 
 class MemberLoad(NamedTuple):
@@ -163,15 +180,17 @@ def resolve_method(mode: str, k: int, shape: StateShape) -> str | None:
 
 
 @lru_cache(maxsize=8192)
-def state_split_loads(lengths: tuple[int, ...], k: int, ulysses: int, shape: StateShape,
-                      method: str) -> tuple[MemberLoad, ...]:
+def state_split_loads(
+    lengths: tuple[int, ...], k: int, ulysses: int, shape: StateShape, method: str
+) -> tuple[MemberLoad, ...]:
     """:class:`MemberLoad` of every member ``0..k-1`` of a segment of documents ``lengths`` (see the module
     docstring for what each method sends)."""
     lengths = tuple(int(n) for n in lengths)
     if shape.kind == "conv":
         if method not in (HALO, "scan"):
-            raise ValueError(f"a short convolution's split sample exchanges its halo only (method {HALO!r}), "
-                             f"got {method!r}")
+            raise ValueError(
+                f"a short convolution's split sample exchanges its halo only (method {HALO!r}), got {method!r}"
+            )
         return _scan_loads(lengths, k, ulysses, shape)
     if method == "heads":
         return _heads_loads(lengths, k, ulysses, shape)
@@ -253,13 +272,22 @@ def _scan_loads(lengths, k, ulysses, sh: StateShape) -> tuple[MemberLoad, ...]:
             messages += (k - 1) * mine + holders - mine
         halo_rounds = len({(d - m) % k for d in sends_to[m]} | {(m - s) % k for s in recv_from[m]})
         total = fwd_sent + fwd_recv
-        loads.append(MemberLoad(flops[m], total, total, messages,
-                                halo_rounds + (k - 1 if pieces and not conv_only else 0), max(fwd_sent, fwd_recv)))
+        loads.append(
+            MemberLoad(
+                flops[m],
+                total,
+                total,
+                messages,
+                halo_rounds + (k - 1 if pieces and not conv_only else 0),
+                max(fwd_sent, fwd_recv),
+            )
+        )
     return tuple(loads)
 
 
-def state_split_bytes(lengths, k: int, ulysses: int, shape: StateShape, method: str, member: int,
-                      bytes_per_value: int = 4) -> int:
+def state_split_bytes(
+    lengths, k: int, ulysses: int, shape: StateShape, method: str, member: int, bytes_per_value: int = 4
+) -> int:
     """Exact bytes member ``member`` of a segment of documents ``lengths`` on ``k`` ranks (Ulysses degree ``ulysses``
     of its attention: the rows' layout) sends in one Gated DeltaNet layer, forward and backward, by ``method``."""
     if k <= 1:
@@ -280,14 +308,23 @@ def _member_time(load: MemberLoad, rate: float, bandwidth: float, latency: float
 
 
 @lru_cache(maxsize=65536)
-def state_segment_time(lengths: tuple[int, ...], k: int, ulysses: int, shape: StateShape, mode: str, rate: float,
-                       bandwidth: float, latency: float, bytes_per_value: int) -> tuple[str, float, float]:
+def state_segment_time(
+    lengths: tuple[int, ...],
+    k: int,
+    ulysses: int,
+    shape: StateShape,
+    mode: str,
+    rate: float,
+    bandwidth: float,
+    latency: float,
+    bytes_per_value: int,
+) -> tuple[str, float, float]:
     """``(method, compute, exchange)`` seconds of one Gated DeltaNet layer of a segment on its slowest member, forward
     and backward; the method is ``mode``'s (:func:`resolve_method`), for ``"auto"`` the faster (``"heads"`` on a
     tie)."""
     method = resolve_method(mode, k, shape)
     best = None
-    for m in ((method,) if method else METHODS):
+    for m in (method,) if method else METHODS:
         loads = state_split_loads(lengths, k, ulysses, shape, m)
         times = [_member_time(ld, rate, bandwidth, latency, bytes_per_value) for ld in loads]
         compute, comm = max(times, key=lambda t: t[0] + t[1])
@@ -303,9 +340,19 @@ class SplitCost:
     flops: float  # by the busiest member, forward and backward
 
 
-def state_split_costs(lengths: tuple[int, ...], k: int, key_heads: int, key_dim: int, value_heads: int,
-                      value_dim: int, kernel: int, hardware: HardwareSpec | str = "cpu",
-                      bytes_per_value: int = 4, ulysses: int = 1, kind: str = "delta") -> dict[str, SplitCost]:
+def state_split_costs(
+    lengths: tuple[int, ...],
+    k: int,
+    key_heads: int,
+    key_dim: int,
+    value_heads: int,
+    value_dim: int,
+    kernel: int,
+    hardware: HardwareSpec | str = "cpu",
+    bytes_per_value: int = 4,
+    ulysses: int = 1,
+    kind: str = "delta",
+) -> dict[str, SplitCost]:
     """One segment's layer (its documents ``lengths``) priced per method on ``hardware`` (the links inside a node when
     the group fits one); ``"heads"`` only when ``k`` divides the value heads; ``kind`` the layer's
     (:class:`~hf_hdp.planning.layers.StateShape`: ``"ssd"`` prices Mamba-2's recurrence, ``"conv"`` gives its one
@@ -313,16 +360,18 @@ def state_split_costs(lengths: tuple[int, ...], k: int, key_heads: int, key_dim:
     of :data:`CHUNK` rows)."""
     hw = HARDWARE_PRESETS[hardware] if isinstance(hardware, str) else hardware
     rate = hw.peak_flops * hw.linear_efficiency
-    bw, lat = (hw.intra_bandwidth, hw.intra_latency) if k <= hw.ranks_per_node else (hw.inter_bandwidth,
-                                                                                        hw.inter_latency)
+    bw, lat = (
+        (hw.intra_bandwidth, hw.intra_latency) if k <= hw.ranks_per_node else (hw.inter_bandwidth, hw.inter_latency)
+    )
     shape = StateShape(key_heads, key_dim, value_heads, value_dim, kernel, kind)
     lengths = tuple(int(n) for n in lengths)
     out = {}
-    for method in ((HALO,) if kind == "conv" else METHODS):
+    for method in (HALO,) if kind == "conv" else METHODS:
         if method == "heads" and value_heads % k:
             continue
         loads = state_split_loads(lengths, k, ulysses, shape, method)
         seconds = max(sum(_member_time(ld, rate, bw, lat, bytes_per_value)) for ld in loads)
-        out[method] = SplitCost(seconds, max(ld.sent for ld in loads) * bytes_per_value,
-                                FWD_BWD * max(ld.flops for ld in loads))
+        out[method] = SplitCost(
+            seconds, max(ld.sent for ld in loads) * bytes_per_value, FWD_BWD * max(ld.flops for ld in loads)
+        )
     return out

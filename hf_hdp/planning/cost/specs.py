@@ -140,7 +140,7 @@ class ModelSpec:
         return sum(values) / len(values) if values else 0
 
     @classmethod
-    def from_config(cls, config, name: str | None = None, bytes_per_value: int = 2) -> "ModelSpec":
+    def from_config(cls, config, name: str | None = None, bytes_per_value: int = 2) -> ModelSpec:
         """From a transformers ``PretrainedConfig`` (or anything with the same attribute names).
 
         Multimodal configs that keep the decoder in ``text_config`` are read from there. The layers'
@@ -156,7 +156,9 @@ class ModelSpec:
         first = layer_heads[0]
         kv_heads, head_dim, v_head_dim = first
         q = _integral(sum(heads * h.qk_head_dim for h in layer_heads) / len(layer_heads))
-        kv = _integral(sum(h.num_kv_heads * (h.qk_head_dim + h.v_head_dim) for h in layer_heads) / (2 * len(layer_heads)))
+        kv = _integral(
+            sum(h.num_kv_heads * (h.qk_head_dim + h.v_head_dim) for h in layer_heads) / (2 * len(layer_heads))
+        )
         if getattr(config, "attention_bias", False):  # Llama-style: q, k, v and o
             bias = q + 2 * kv + config.hidden_size
         elif getattr(config, "model_type", "").startswith("qwen2"):  # Qwen2: q, k, v always
@@ -228,12 +230,16 @@ class ModelSpec:
         if not self.layer_states and not self.layer_attention and not self.layer_mlp:
             return _integral(q + kv + o + mlp)
         if not self.layer_attention and not self.layer_mlp:
-            mixers = self.num_attention_layers * (q + kv + o) + sum(self.state_layer_params(st)
-                                                                    for st in self.layer_states if st)
+            mixers = self.num_attention_layers * (q + kv + o) + sum(
+                self.state_layer_params(st) for st in self.layer_states if st
+            )
             return _integral(mixers / self.num_layers + mlp)
-        total = sum((q + kv + o if self.has_attention(i) else 0) + self.layer_mlp_params(i)
-                    + (self.state_layer_params(self.layer_states[i]) if self.layer_states and self.layer_states[i]
-                       else 0) for i in range(self.num_layers))
+        total = sum(
+            (q + kv + o if self.has_attention(i) else 0)
+            + self.layer_mlp_params(i)
+            + (self.state_layer_params(self.layer_states[i]) if self.layer_states and self.layer_states[i] else 0)
+            for i in range(self.num_layers)
+        )
         return _integral(total / self.num_layers)
 
     def state_layer_params(self, shape: StateShape) -> int:
@@ -254,7 +260,9 @@ class ModelSpec:
     def num_params(self) -> int:
         """All weights: layers (with their two RMSNorms and any biases), embedding, final norm and LM head."""
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        per_layer = self.layer_params + 2 * self.hidden_size + self.bias_params_per_layer + self.inactive_params_per_layer
+        per_layer = (
+            self.layer_params + 2 * self.hidden_size + self.bias_params_per_layer + self.inactive_params_per_layer
+        )
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     @property
@@ -354,7 +362,18 @@ HARDWARE_PRESETS = {
     # from_specs(llama-7b, HARDWARE_PRESETS["bytescale"]) equals CostModel.bytescale() (efficiencies over 989 TFLOP/s:
     # attention about 0.90, linear about 1.18 -- above 1, see CostModel.bytescale for why). The figures are
     # fit.bytescale_hardware(), stored so that importing runs no fit; tests/test_cost.py checks that they match it.
-    "bytescale": HardwareSpec("bytescale", 989e12, 0.9049421898371894, 1.1753512268386268, 450e9, 5e-6, 50e9, 15e-6,
-                              8, 0.0003015157858242302, 80e9, 50e9),
+    "bytescale": HardwareSpec(
+        "bytescale",
+        989e12,
+        0.9049421898371894,
+        1.1753512268386268,
+        450e9,
+        5e-6,
+        50e9,
+        15e-6,
+        8,
+        0.0003015157858242302,
+        80e9,
+        50e9,
+    ),
 }
-

@@ -42,9 +42,10 @@ dtype: float32, or the model's dtype if wider) and are added to :meth:`CostModel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import cached_property, lru_cache
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from ..layers import StateShape
 from ..reach import FULL, LayerMask, mask_pairs
@@ -69,7 +70,6 @@ def _restricted_pairs(groups: tuple, s) -> float | None:
         return None
     n = int(s)
     return float(sum(count * mask_pairs(n, m) for m, count in groups))
-
 
 
 class LayerStructure:
@@ -113,10 +113,16 @@ class LayerStructure:
         its attention terms with it, then adds ``b`` over all its layers and the state layers (:meth:`state_breakdown`)."""
         if not self.layer_states and not self.layer_attention:
             return replace(self, b=0.0)
-        return replace(self, num_layers=self.attention_layers, b=0.0, layer_states=(), state_rate=0.0, layer_attention=(),
-                       layer_masks=self._attention_masks() if self.layer_masks else (),
-                       layer_heads=tuple(self.layer_heads[i] for i in self.attention_layer_index)
-                       if self.layer_heads else ())
+        return replace(
+            self,
+            num_layers=self.attention_layers,
+            b=0.0,
+            layer_states=(),
+            state_rate=0.0,
+            layer_attention=(),
+            layer_masks=self._attention_masks() if self.layer_masks else (),
+            layer_heads=tuple(self.layer_heads[i] for i in self.attention_layer_index) if self.layer_heads else (),
+        )
 
     def _attention_masks(self) -> tuple:
         masks = self.layer_masks or (FULL,) * self.num_layers
@@ -129,8 +135,10 @@ class LayerStructure:
             hb = self.kv_bytes_per_token / (2 * self.num_kv_heads) if self.num_kv_heads else self.kv_bytes_per_token / 2
             return (LayerKV(self.num_kv_heads, hb, hb, self.kv_bytes_per_token),) * self.attention_layers
         vb = self.value_bytes
-        return tuple(LayerKV(h, qk * vb, v * vb, h * (qk + v) * vb)
-                     for h, qk, v in (self.layer_heads[i] for i in self.attention_layer_index))
+        return tuple(
+            LayerKV(h, qk * vb, v * vb, h * (qk + v) * vb)
+            for h, qk, v in (self.layer_heads[i] for i in self.attention_layer_index)
+        )
 
     @cached_property
     def kv_groups(self) -> tuple[tuple[LayerKV, int], ...]:
@@ -212,7 +220,6 @@ class LayerStructure:
     def grad_hop_bytes(self) -> int:
         """Bytes per value of the ring's dK/dV accumulators: float32, or float64 for a float64 model."""
         return max(FLOAT32_BYTES, self.value_bytes)
-
 
     @property
     def head_bytes(self) -> float:

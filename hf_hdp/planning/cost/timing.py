@@ -50,7 +50,7 @@ The bytes and messages each member sends are :mod:`.volume`'s; activation offloa
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..layout import head_rings, head_split, ring_positions
 from ..reach import FULL, mask_pairs
@@ -112,7 +112,6 @@ class TimeTerms:
         bw, lat = self.links(spans_nodes)
         return lat + nbytes / bw
 
-
     # ------------------------------------------------------------ state (Gated DeltaNet) layers
     def state_local_time(self, s: float) -> float:
         """Forward + backward of the state layers' convolution and recurrence over a whole sequence on one rank, all
@@ -121,8 +120,9 @@ class TimeTerms:
             return 0.0
         return FWD_BWD * sum(n * local_state_flops(int(s), st) for st, n in self.state_kinds) / self.state_rate
 
-    def state_breakdown(self, lengths: Sequence[int], k: int, ulysses: int = 1,
-                        spans_nodes: bool = False) -> tuple[float, float]:
+    def state_breakdown(
+        self, lengths: Sequence[int], k: int, ulysses: int = 1, spans_nodes: bool = False
+    ) -> tuple[float, float]:
         """``(compute, exchange)`` of the state layers of a segment of ``lengths`` on ``k`` ranks (its rows laid out
         for Ulysses degree ``ulysses``): per layer shape, its slowest member's, by the method :attr:`state_split`
         gives (:func:`~.recurrent.state_segment_time`); all state layers. ``k == 1``: :meth:`state_local_time`."""
@@ -134,14 +134,14 @@ class TimeTerms:
         docs = tuple(sorted(int(s) for s in lengths))
         compute = comm = 0.0
         for st, n in self.state_kinds:
-            _, c, e = state_segment_time(docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat,
-                                         self.state_value_bytes)
+            _, c, e = state_segment_time(
+                docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat, self.state_value_bytes
+            )
             compute += n * c
             comm += n * e
         return compute, comm
 
-    def state_methods(self, lengths: Sequence[int], k: int, ulysses: int = 1,
-                      spans_nodes: bool | None = None) -> dict:
+    def state_methods(self, lengths: Sequence[int], k: int, ulysses: int = 1, spans_nodes: bool | None = None) -> dict:
         """``{StateShape: "heads" | "scan"}``: how each state layer shape runs a segment of ``lengths`` on ``k`` ranks
         (``spans_nodes`` ``None``: the inter-node links when ``k`` exceeds :attr:`ranks_per_node`, as
         :func:`hf_hdp.attention.recurrent.split.choose_split` assumes)."""
@@ -150,8 +150,12 @@ class TimeTerms:
         spans = k > self.ranks_per_node if spans_nodes is None else spans_nodes
         bw, lat = self.links(spans)
         docs = tuple(sorted(int(s) for s in lengths))
-        return {st: state_segment_time(docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat,
-                                       self.state_value_bytes)[0] for st, _ in self.state_kinds}
+        return {
+            st: state_segment_time(
+                docs, k, max(ulysses, 1), st, self.state_split, self.state_rate, bw, lat, self.state_value_bytes
+            )[0]
+            for st, _ in self.state_kinds
+        }
 
     # ------------------------------------------------------------ ring segments
     def piece_compute_time(self, s: int, k: int) -> float:
@@ -159,15 +163,19 @@ class TimeTerms:
         sequence's attention and linear work (no overhead, no communication)."""
         k = max(int(k), 1)
         if self._composite:
-            return (self.attention_model.piece_compute_time(s, k) + self.num_layers * self.b * s / k
-                    + self.state_breakdown([s], k)[0])
+            return (
+                self.attention_model.piece_compute_time(s, k)
+                + self.num_layers * self.b * s / k
+                + self.state_breakdown([s], k)[0]
+            )
         pairs = self._pairs(s)
         if pairs is None:
             return self.num_layers * (self.a * s * s + self.b * s) / k
         if k == 1:
             return self.a * pairs + self.num_layers * self.b * s
-        attention = sum(count * (slowest_member_pairs((s,), k, m) if m.restricts(s) else s * s / k)
-                        for m, count in self.mask_groups)
+        attention = sum(
+            count * (slowest_member_pairs((s,), k, m) if m.restricts(s) else s * s / k) for m, count in self.mask_groups
+        )
         return self.a * attention + self.num_layers * self.b * s / k
 
     def segment_breakdown(self, lengths: Sequence[int], k: int, spans_nodes: bool = False) -> tuple[float, float]:
@@ -192,24 +200,28 @@ class TimeTerms:
         kinds = self._segment_kinds(lengths)
         if kinds is None:
             compute = self.num_layers * (self.a * sum_s2 + self.b * sum_s) / k
-            exposed = sum(count * self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * kv.row, spans_nodes)
-                          for kv, count in self.kv_groups)
+            exposed = sum(
+                count * self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * kv.row, spans_nodes)
+                for kv, count in self.kv_groups
+            )
             return compute, exposed
         member, exposed = 0.0, 0.0  # the slowest member's attention, in mask_pairs units
         docs = tuple(sorted(lengths))
         for mask, count, direct, kv in kinds:
             if direct:
                 pairs = float(sum(mask_pairs(s, mask) for s in lengths))
-                exposed += count * self._direct_exposed(segment_exchange(docs, k, mask), self.a * pairs / k,
-                                                        kv.row, spans_nodes)
+                exposed += count * self._direct_exposed(
+                    segment_exchange(docs, k, mask), self.a * pairs / k, kv.row, spans_nodes
+                )
                 member += count * slowest_member_pairs(docs, k, mask)
             else:
                 exposed += count * self._ring_exposed(k, self.a * sum_s2 / (k * k), (sum_s / k) * kv.row, spans_nodes)
                 member += count * sum_s2 / k
         return self.a * member + self.num_layers * self.b * sum_s / k, exposed
 
-    def _direct_exposed(self, ex: SegmentExchange, block: float, row_bytes: float, spans_nodes: bool,
-                        share: int = 1) -> float:
+    def _direct_exposed(
+        self, ex: SegmentExchange, block: float, row_bytes: float, spans_nodes: bool, share: int = 1
+    ) -> float:
         """Exposed seconds, one layer, of a direct (sliding or chunked) exchange ``ex``: the slowest member's.
 
         ``block``: one member's attention of the layer, forward + backward (seconds); ``row_bytes``: bytes of
@@ -229,7 +241,9 @@ class TimeTerms:
                 continue
             t_kv = max(burst(n_out, ex.sent_rows[i], row_bytes), burst(n_in, ex.received_rows[i], row_bytes))
             # dK/dV go back to the sources (n_in messages) and come from the destinations (n_out)
-            t_grad = max(burst(n_in, ex.received_rows[i], row_bytes * acc), burst(n_out, ex.sent_rows[i], row_bytes * acc))
+            t_grad = max(
+                burst(n_in, ex.received_rows[i], row_bytes * acc), burst(n_out, ex.sent_rows[i], row_bytes * acc)
+            )
             own = 2.0 * self.a * ex.own[i] / share  # forward + backward of its rows with its own keys
             own_fwd = own / FWD_BWD
             own_bwd = own - own_fwd
@@ -279,8 +293,9 @@ class TimeTerms:
         ring_spans = any(self.group_spans_nodes(g) for g in head_rings(group, ulysses))
         return self.head_parallel_breakdown(lengths, k, ulysses, a2a_spans, ring_spans)
 
-    def head_parallel_breakdown(self, lengths: Sequence[int], k: int, ulysses: int, a2a_spans: bool,
-                                ring_spans: bool) -> tuple[float, float]:
+    def head_parallel_breakdown(
+        self, lengths: Sequence[int], k: int, ulysses: int, a2a_spans: bool, ring_spans: bool
+    ) -> tuple[float, float]:
         """:meth:`split_breakdown` for ``ulysses > 1``, given whether the sub-groups' all-to-alls and the
         positions' rings cross nodes."""
         u, r = ulysses, k // ulysses
@@ -301,9 +316,11 @@ class TimeTerms:
 
         def a2a(kv: LayerKV) -> float:  # one layer's six all-to-alls, (u - 1) rounds each
             q_msg, o_msg = rows * (self.num_heads / u) * kv.k, rows * (self.num_heads / u) * kv.v
-            rounds = (self.message_time(q_msg, a2a_spans) * (1 + acc)  # Q, dQ (accumulator)
-                      + self.message_time(o_msg, a2a_spans) * 2  # output, dO
-                      + self.message_time(rows * member_kv_row(kv), a2a_spans) * (1 + acc))  # K/V, dK/dV (acc.)
+            rounds = (
+                self.message_time(q_msg, a2a_spans) * (1 + acc)  # Q, dQ (accumulator)
+                + self.message_time(o_msg, a2a_spans) * 2  # output, dO
+                + self.message_time(rows * member_kv_row(kv), a2a_spans) * (1 + acc)
+            )  # K/V, dK/dV (acc.)
             return (u - 1) * rounds
 
         if kinds is None:
@@ -321,11 +338,13 @@ class TimeTerms:
             if r <= 1:
                 continue
             if direct:  # the positions exchange directly: position layout, this member's K/V heads
-                exposed += count * self._direct_exposed(segment_exchange(docs, r, mask), self.a * pairs / k,
-                                                        member_kv_row(kv), ring_spans, share=u)
+                exposed += count * self._direct_exposed(
+                    segment_exchange(docs, r, mask), self.a * pairs / k, member_kv_row(kv), ring_spans, share=u
+                )
             else:
-                exposed += count * self._ring_exposed(r, self.a * sum_s2 / (r * r * u), (sum_s / r) * member_kv_row(kv),
-                                                      ring_spans)
+                exposed += count * self._ring_exposed(
+                    r, self.a * sum_s2 / (r * r * u), (sum_s / r) * member_kv_row(kv), ring_spans
+                )
         compute = self.a * member + self.num_layers * self.b * sum_s / k
         return compute, exposed
 
@@ -379,9 +398,12 @@ class TimeTerms:
             total += found[0] + found[1]
             comm += found[1]
         if self.offload_ratio > 0 and mb.pieces:
-            total += self.offload_exposed_time(mb.num_tokens, self.micro_batch_attention_time(mb),
-                                               offloaded_layers(self.offload_ratio, self.num_layers),
-                                               self.offload_checkpointing)
+            total += self.offload_exposed_time(
+                mb.num_tokens,
+                self.micro_batch_attention_time(mb),
+                offloaded_layers(self.offload_ratio, self.num_layers),
+                self.offload_checkpointing,
+            )
         return total, comm
 
     def allreduce_time(self, nbytes: float | None = None, world_size: int = 1) -> float:
@@ -438,6 +460,14 @@ def layer_type_times(model: ModelSpec, cost: TimeTerms, s: int) -> list[dict]:
         linear = per_param * params * s
         quadratic = cost.a * mask_pairs(int(s), mask) if mask is not None else 0.0
         state = FWD_BWD * local_state_flops(int(s), st) / cost.state_rate if st else 0.0
-        out.append({"layer": label, "layers": n, "linear": linear, "quadratic": quadratic, "state": state,
-                    "seconds": linear + quadratic + state + cost.c})
+        out.append(
+            {
+                "layer": label,
+                "layers": n,
+                "linear": linear,
+                "quadratic": quadratic,
+                "state": state,
+                "seconds": linear + quadratic + state + cost.c,
+            }
+        )
     return out

@@ -21,7 +21,7 @@ The time these take is :mod:`.timing`'s. Pure Python.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..layout import even_split, head_split, zigzag_member_sizes
 from ..reach import FULL
@@ -111,7 +111,9 @@ class CommVolume:
         if r > 1:
             docs = tuple(sorted(lengths))
             exchanges = {mask: segment_exchange(docs, r, mask) for mask, _, direct, _ in kinds if direct}
-        kv_heads = {kv.heads: [len(sp.kv_heads) for sp in head_split(self.num_heads, kv.heads, u)] for _, _, _, kv in kinds}
+        kv_heads = {
+            kv.heads: [len(sp.kv_heads) for sp in head_split(self.num_heads, kv.heads, u)] for _, _, _, kv in kinds
+        }
         out = []
         for m in range(k):
             p, j = divmod(m, u)
@@ -134,8 +136,9 @@ class CommVolume:
             out.append(total_m)
         return out
 
-    def segment_messages(self, k: int, ulysses: int = 1, lengths: Sequence[int] | None = None,
-                         member: int | None = None) -> int:
+    def segment_messages(
+        self, k: int, ulysses: int = 1, lengths: Sequence[int] | None = None, member: int | None = None
+    ) -> int:
         """P2P messages one member of a ``k``-rank segment sends in one step, all layers: for a ring,
         ``k - 1`` forward K/V, ``k - 1`` backward K/V and ``k`` dK/dV per layer; with Ulysses degree
         ``u``, six all-to-alls of ``u - 1`` rounds and that ring over the ``k / u`` positions.
@@ -191,5 +194,7 @@ class CommVolume:
         """``[(layers, per-member MemberLoad), ...]`` of the state layers of a segment, by :meth:`state_methods`."""
         docs = tuple(sorted(int(s) for s in lengths))
         u = max(ulysses, 1)
-        return [(n, state_split_loads(docs, k, u, st, method))
-                for (st, n), method in zip(self.state_kinds, self.state_methods(docs, k, u).values())]
+        return [
+            (n, state_split_loads(docs, k, u, st, method))
+            for (st, n), method in zip(self.state_kinds, self.state_methods(docs, k, u).values())
+        ]

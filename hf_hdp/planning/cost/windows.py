@@ -63,8 +63,10 @@ def rect_pairs(q_span: tuple[int, int], k_span: tuple[int, int], mask: LayerMask
         cuts = [(qa, qb, ka, kb)]
     else:
         c = mask.chunk
-        cuts = [(max(qa, i * c), min(qb, (i + 1) * c), max(ka, i * c), min(kb, (i + 1) * c))
-                for i in range(max(qa, ka) // c, (min(qb, kb) - 1) // c + 1)]
+        cuts = [
+            (max(qa, i * c), min(qb, (i + 1) * c), max(ka, i * c), min(kb, (i + 1) * c))
+            for i in range(max(qa, ka) // c, (min(qb, kb) - 1) // c + 1)
+        ]
     depth = (mask.window - 1) if mask.window is not None else None
     total = 0
     for a, b, x, y in cuts:
@@ -154,8 +156,11 @@ def doc_exchange(length: int, k: int, mask: LayerMask) -> DocExchange:
             f, b = fb[i]
             own[i] = f * (f + 1) // 2 + b * (b + 1) // 2 + f * b
         else:
-            own[i] = (rect_pairs(mine[0], mine[0], mask) + rect_pairs(mine[1], mine[1], mask)
-                      + rect_pairs(mine[1], mine[0], mask))
+            own[i] = (
+                rect_pairs(mine[0], mine[0], mask)
+                + rect_pairs(mine[1], mine[1], mask)
+                + rect_pairs(mine[1], mine[0], mask)
+            )
         ranges, rows = [], 0
         lo_b = _lowest_key(b_span[0], mask)
         if i < t_f:  # F_i: the fronts before it
@@ -285,8 +290,9 @@ def describe_layer_masks(masks: tuple, num_layers: int) -> str:
     return ", ".join(parts)
 
 
-def pattern_masks(num_layers: int, window: int | None = None, chunk: int | None = None,
-                  layers: str | None = None) -> tuple[LayerMask, ...]:
+def pattern_masks(
+    num_layers: int, window: int | None = None, chunk: int | None = None, layers: str | None = None
+) -> tuple[LayerMask, ...]:
     """One mask per layer: ``LayerMask(window, chunk)`` on the layers ``layers`` names, the others full.
 
     ``layers``: ``None`` or ``"all"`` (every layer), a count ``"40"`` (that many layers; their order does not
