@@ -16,11 +16,12 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from hf_hdp.config import TRAINING_ARGS_CHECKS, HDPConfig, check_global_batch_size
+from hf_hdp.config import HDPConfig, check_global_batch_size
 from hf_hdp.engine.setup import enable_hdp_attention
 from hf_hdp.models import UnsupportedModelError, check_model_supported, require_hdp_routable
 from hf_hdp.planning.cost.recurrent import MODES
 from hf_hdp.planning.splits import SPLITS
+from hf_hdp.training_checks import TRAINING_ARGS_CHECKS
 
 
 @pytest.mark.parametrize("value", [8, 1, None])

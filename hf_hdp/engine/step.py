@@ -15,8 +15,10 @@ global batch (:func:`hdp_loss`), computed from labels the collator already shift
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -307,3 +309,28 @@ def check_label_count(step: HDPStep, packed: float) -> None:
             "labels when loaded than when measured: a data collator that is random or has state (HDP runs it "
             "per sample, at measuring and at loading) must give the same output for the same sample."
         )
+
+
+def guard_step(optimizer, should_skip) -> None:
+    """Make ``optimizer.step()`` return at once, touching nothing, whenever ``should_skip()`` says so.
+
+    The guard is a bound method set on the instance, the way torch's LR schedulers and accelerate's
+    mixed-precision wrapper patch ``step`` (a scheduler built on the optimizer later wraps it in turn,
+    which needs a bound method): the optimizer keeps its class (``isinstance`` checks,
+    ``state_dict``, checkpoints are unchanged). Idempotent.
+
+    A sharded (ZeRO) optimizer's step is a collective (its weight all-gather); every rank skips it
+    together, because ``should_skip`` comes from the step plan, which every rank holds.
+    """
+    if getattr(optimizer, "_hdp_step_guard", False):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def guarded_step(self, *args, **kwargs):
+        if should_skip():
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = types.MethodType(guarded_step, optimizer)
+    optimizer._hdp_step_guard = True

@@ -16,6 +16,8 @@ This module holds those decisions, so that the trainer itself stays a thin list 
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import Trainer
 
 #: Trainer methods that make up HDP's step and evaluation; another Trainer's version would bypass HDP
@@ -100,3 +102,11 @@ def check_metrics_arguments(
             "HDP batch is a packed plan step with no such rows. Set batch_eval_metrics=False (compute_metrics then "
             "gets every sample's input_ids rows in EvalPrediction.inputs), or drop 'inputs' from include_for_metrics."
         )
+
+
+def positional_arguments(pos: tuple) -> dict:
+    """Trainer's positional arguments after ``args`` (``data_collator``, ``train_dataset``, ...) by name."""
+    names = list(inspect.signature(Trainer.__init__).parameters)[3:]  # self, model, args
+    if len(pos) > len(names):
+        raise TypeError(f"HDPTrainer takes at most {len(names) + 2} positional arguments, got {len(pos) + 2}")
+    return dict(zip(names, pos))

@@ -46,7 +46,6 @@ import copy
 import functools
 import inspect
 import logging
-import types
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -75,7 +74,7 @@ from ..engine.fsdp import (
 from ..engine.offload import ActivationOffloader, run_recomputes_layers
 from ..engine.setup import enable_hdp_attention, hdp_cost_model, hdp_step_loader
 from ..engine.state import MODEL, has_sharded, has_whole_weights, load_whole_weights
-from ..engine.step import StepEngine, hdp_loss
+from ..engine.step import StepEngine, guard_step, hdp_loss
 from ..engine.zero import shard_optimizer
 from ..models import check_model_supported
 from ..planning import CostModel
@@ -85,45 +84,12 @@ from .callbacks import HDPWindowCallback
 from .capacity import resolve_tokens_per_rank
 from .checkpoint import HDPCheckpointCallback, check_resume
 from .evaluation import eval_dataloader, hdp_evaluation_loop, hdp_predict
-from .inputs import check_metrics_arguments, check_step_methods
+from .inputs import check_metrics_arguments, check_step_methods, positional_arguments
 from .neftune import PerSampleNEFTune
 from .saving import finish_pending, load_scheduler, load_sharded_checkpoint, save_checkpoint, write_model_folder
 from .stats import HDPStats
 
 logger = logging.getLogger(__name__)
-
-
-def _positional_arguments(pos: tuple) -> dict:
-    """Trainer's positional arguments after ``args`` (``data_collator``, ``train_dataset``, ...) by name."""
-    names = list(inspect.signature(Trainer.__init__).parameters)[3:]  # self, model, args
-    if len(pos) > len(names):
-        raise TypeError(f"HDPTrainer takes at most {len(names) + 2} positional arguments, got {len(pos) + 2}")
-    return dict(zip(names, pos))
-
-
-def _guard_step(optimizer, should_skip) -> None:
-    """Make ``optimizer.step()`` return at once, touching nothing, whenever ``should_skip()`` says so.
-
-    The guard is a bound method set on the instance, the way torch's LR schedulers and accelerate's
-    mixed-precision wrapper patch ``step`` (a scheduler built on the optimizer later wraps it in turn,
-    which needs a bound method): the optimizer keeps its class (``isinstance`` checks,
-    ``state_dict``, checkpoints are unchanged). Idempotent.
-
-    A sharded (ZeRO) optimizer's step is a collective (its weight all-gather); every rank skips it
-    together, because ``should_skip`` comes from the step plan, which every rank holds.
-    """
-    if getattr(optimizer, "_hdp_step_guard", False):
-        return
-    step = optimizer.step
-
-    @functools.wraps(step)
-    def guarded_step(self, *args, **kwargs):
-        if should_skip():
-            return None
-        return step(*args, **kwargs)
-
-    optimizer.step = types.MethodType(guarded_step, optimizer)
-    optimizer._hdp_step_guard = True
 
 
 class HDPTrainer(Trainer):
@@ -137,7 +103,7 @@ class HDPTrainer(Trainer):
                 "HDPTrainer needs a model (model=...); model_init is not supported: HDP switches the model's attention "
                 "and measures the data against it when the trainer is built. Build the model and pass model=."
             )
-        kwargs.update(_positional_arguments(pos))
+        kwargs.update(positional_arguments(pos))
         check_step_methods(type(self), HDPTrainer)
         self.hdp_config = hdp_config_from_args(args, hdp_config)  # HDPTrainingArguments carry one too
         # HDP changes a few fields for Trainer's loop: on its own copy, never on the user's object
@@ -482,7 +448,7 @@ class HDPTrainer(Trainer):
             optimizer = self.optimizer = shard_optimizer(
                 optimizer, self.mesh, self.hdp_config.zero_stage, self.args, built_by_trainer=built_by_trainer
             )
-        _guard_step(optimizer, self._consume_skip)
+        guard_step(optimizer, self._consume_skip)
         return optimizer
 
     def _consume_skip(self) -> bool:
