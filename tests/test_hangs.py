@@ -252,3 +252,19 @@ def test_torchrun_with_use_cpu_false_on_a_machine_without_gpus_is_refused(tmp_pa
     assert len(refusals) == 2, results
     for line in refusals:
         assert "WORLD_SIZE=2" in line and "TrainingArguments.world_size is 1" in line and "use_cpu=True" in line
+
+
+def test_a_connection_closed_by_a_peers_timeout_is_a_timeout_not_a_crash():
+    """gloo closes a pair when the wait at one end times out; the other end then reads "Application timeout caused
+    pair closure". That is a timeout (another rank did not reach the collective), not a crashed peer."""
+    from hf_hdp.distributed.mesh import CollectiveTimeoutError, DynamicMesh, PeerCrashedError
+
+    mesh = DynamicMesh(p2p_timeout_s=20)
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:534] Application timeout caused pair closure")
+    err = mesh.translate_error(closed, "gradient reduction, bucket 1 of 21", "a reduce-scatter", 7)
+    assert type(err) is CollectiveTimeoutError and "global step 7" in str(err), err
+    crashed = mesh.translate_error(
+        RuntimeError("Connection closed by peer [127.0.0.1]:5000"), "sum", "an all-reduce", 7
+    )
+    assert type(crashed) is PeerCrashedError, crashed
+    assert mesh.translate_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "sum", "x", 7) is None

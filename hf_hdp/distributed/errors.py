@@ -36,8 +36,14 @@ def _peer_crashed(err: BaseException) -> bool:
     return any(marker in text for marker in _CRASH_MARKERS)
 
 
+# What the backends say when a wait ran past its bound, here or on the other end of the connection (gloo closes a
+# pair when one side's wait times out, and the other side then reads "Application timeout caused pair closure").
+_TIMEOUT_MARKERS = ("timed out", "application timeout")
+
+
 def _timed_out(err: BaseException) -> bool:
-    return "timed out" in str(err).lower()
+    text = str(err).lower()
+    return any(marker in text for marker in _TIMEOUT_MARKERS)
 
 
 def _at_step(step: int | None) -> str:
