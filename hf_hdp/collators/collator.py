@@ -79,6 +79,29 @@ def segment_for(
     )
 
 
+def piece_order(mb: MicroBatch) -> tuple[list, list[tuple[tuple[int, ...], int, list]]]:
+    """The order :class:`HDPCollator` packs ``mb``'s pieces in: ``(local, groups)``, the whole local samples by
+    sample id, then the distributed pieces as ``(group, ulysses, pieces)``, grouped by their ranks and head split,
+    each group's pieces by sample id and the groups by their first sample id."""
+    local = sorted((p for p in mb.pieces if not p.distributed), key=lambda p: p.sample)
+    by_group: dict[tuple[tuple[int, ...], int], list] = {}
+    for p in sorted((p for p in mb.pieces if p.distributed), key=lambda p: p.sample):
+        by_group.setdefault((p.group, p.ulysses), []).append(p)
+    ordered = sorted(by_group.items(), key=lambda kv: kv[1][0].sample)
+    return local, [(group, ulysses, pieces) for (group, ulysses), pieces in ordered]
+
+
+def packed_ranges(mb: MicroBatch) -> list[tuple[int, int, int]]:
+    """``(sample, start, end)`` of every run of tokens in ``mb``'s packed row, in row order (:func:`piece_order`):
+    which sample's tokens each packed position holds, for callers that lay per-token values beside the row."""
+    local, groups = piece_order(mb)
+    ranges = [(p.sample, 0, p.length) for p in local]
+    for _, _, pieces in groups:
+        for p in pieces:
+            ranges.extend((p.sample, a, b) for a, b in p.token_ranges(mb.rank))
+    return ranges
+
+
 class HDPCollator:
     """Packs micro-batches of a :class:`~hf_hdp.planning.StepPlan` for one rank."""
 
@@ -109,9 +132,8 @@ class HDPCollator:
                 )
             return ids, shifted_targets(ids, labels)
 
-        local = [p for p in mb.pieces if not p.distributed]
-        distributed = [p for p in mb.pieces if p.distributed]
-        for p in sorted(local, key=lambda p: p.sample):
+        local, groups = piece_order(mb)
+        for p in local:
             ids, tgt = load(p)
             ids_parts.append(ids)
             pos_parts.append(range(len(ids)))
@@ -120,12 +142,9 @@ class HDPCollator:
             local_samples.append(p.sample)
         local_len = sum(local_lens)
 
-        by_group: dict[tuple[tuple[int, ...], int], list] = {}
-        for p in sorted(distributed, key=lambda p: p.sample):
-            by_group.setdefault((p.group, p.ulysses), []).append(p)
         segments = []
         cursor = local_len
-        for (group, ulysses), pieces in sorted(by_group.items(), key=lambda kv: kv[1][0].sample):
+        for group, ulysses, pieces in groups:
             start = cursor
             for p in pieces:
                 ids, tgt = load(p)

@@ -14,8 +14,8 @@ Unlike a dataset on disk, each rank's rollouts live in that rank's memory after 
    of pairwise exchanges whose sizes every rank computes from the plan (nothing but the values
    travels);
 4. the micro-batches are packed by :class:`~hf_hdp.collators.collator.HDPCollator` as for any
-   HDP step, and :func:`packed_ranges` says which rollout token every packed position is, so
-   per-token values can sit beside the packed tokens (checked against the packed ids and positions).
+   HDP step, and the collator's :func:`~hf_hdp.collators.collator.packed_ranges` says which rollout token
+   every packed position is, so per-token values can sit beside the packed tokens (checked against the packed ids and positions).
 
 Positions: every rollout is numbered from 0 (its first prompt token), as generation numbers it.
 """
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..collators.collator import HDPCollator
+from ..collators.collator import HDPCollator, packed_ranges
 from ..collators.documents import IGNORE_INDEX, HDPDataError
 from ..distributed.mesh import DynamicMesh
-from ..planning import MicroBatch, StepPlan
+from ..planning import StepPlan
 
 
 @dataclass
@@ -207,19 +207,6 @@ def route(
     return received
 
 
-def packed_ranges(mb: MicroBatch) -> list[tuple[int, int, int]]:
-    """``(sample, start, end)`` of every run of tokens in ``mb``'s packed rows, in the collator's order
-    (whole local samples by sample, then distributed pieces by group, each piece's token ranges)."""
-    out = [(p.sample, 0, p.length) for p in sorted((p for p in mb.pieces if not p.distributed), key=lambda p: p.sample)]
-    by_group: dict = {}
-    for p in sorted((p for p in mb.pieces if p.distributed), key=lambda p: p.sample):
-        by_group.setdefault((p.group, p.ulysses), []).append(p)
-    for _, pieces in sorted(by_group.items(), key=lambda kv: kv[1][0].sample):
-        for p in pieces:
-            out.extend((p.sample, a, b) for a, b in p.token_ranges(mb.rank))
-    return out
-
-
 def beside_packed(runs, per_sample: dict[int, torch.Tensor]) -> torch.Tensor:
     """Per-token values ``[L_s]`` of each sample laid out as the packed row ``[1, T]``."""
     parts = [per_sample[s][a:b] for s, a, b in runs]
@@ -288,7 +275,7 @@ def build_rollout_step(
         ):
             raise RuntimeError(
                 "hf_hdp: the rollout packing order disagrees with HDPCollator's; per-token values "
-                "would sit beside the wrong tokens (hf_hdp.integrations.rollouts.packed_ranges)."
+                "would sit beside the wrong tokens (hf_hdp.collators.collator.packed_ranges)."
             )
         micro.append(batch)
         runs.append(r)
@@ -320,7 +307,6 @@ __all__ = [
     "local_rollouts",
     "moves_to_owners",
     "moves_to_pieces",
-    "packed_ranges",
     "route",
     "to_owner",
 ]

@@ -92,6 +92,7 @@ from transformers.trainer_utils import (
     speed_metrics,
 )
 
+from ..collators.collator import packed_ranges
 from ..collators.documents import IGNORE_INDEX, row_documents
 from ..data.checks import SOURCE_ROW_COLUMN
 from ..data.loader import GlobalBatchSampler, HDPDataLoader, HDPStep, HDPStepDataset
@@ -205,7 +206,7 @@ class PredictionGatherer:
                 "override that returns outputs without `logits`?). compute_loss(..., return_outputs=True) must return "
                 "the model's outputs with their logits."
             )
-        layout = self._layout(mb)
+        layout = packed_ranges(mb)
         positions = torch.cat([torch.arange(a, b) for _, a, b in layout])
         if positions.numel() != batch["input_ids"].shape[1] or not torch.equal(
             positions, batch["position_ids"][0].cpu()
@@ -237,19 +238,6 @@ class PredictionGatherer:
                 )
             )
             cursor += n
-
-    def _layout(self, mb) -> list[tuple[int, int, int]]:
-        """``(sample, start, end)`` token ranges in the micro-batch's row order, as the collator packs them:
-        whole local samples by sample id, then the distributed pieces by group, each piece's ranges in order."""
-        local = sorted((p for p in mb.pieces if not p.distributed), key=lambda p: p.sample)
-        layout = [(p.sample, 0, p.length) for p in local]
-        by_group: dict = {}
-        for p in sorted((p for p in mb.pieces if p.distributed), key=lambda p: p.sample):
-            by_group.setdefault((p.group, p.ulysses), []).append(p)
-        for _, pieces in sorted(by_group.items(), key=lambda kv: kv[1][0].sample):
-            for p in pieces:
-                layout.extend((p.sample, a, b) for a, b in p.token_ranges(mb.rank))
-        return layout
 
     def _as_tuple(self, out, num_tokens: int) -> tuple[torch.Tensor, ...]:
         single = isinstance(out, torch.Tensor)
