@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from .fsdp import local_tensor
+
 logger = logging.getLogger(__name__)
 
 SHARDED_DIR = "hdp_sharded"
@@ -81,9 +83,10 @@ def param_names(model) -> dict[int, str]:
 
 
 def _local_bytes(value) -> int:
-    if isinstance(value, DTensor):
-        value = value.to_local()
-    return value.numel() * value.element_size() if torch.is_tensor(value) else 0
+    if not torch.is_tensor(value):
+        return 0
+    value = local_tensor(value)  # a DTensor: this rank's shard
+    return value.numel() * value.element_size()
 
 
 def _json_value(value):

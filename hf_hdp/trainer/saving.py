@@ -67,10 +67,14 @@ STAGING = "tmp-checkpoint-"
 
 
 def _optimizer(trainer):
+    """The trainer's ZeRO optimizer, else the torch optimizer inside accelerate's wrapper(s)."""
     optimizer = getattr(trainer, "optimizer", None)
-    while optimizer is not None and hasattr(optimizer, "optimizer") and unwrap_zero(optimizer) is None:
+    zero = unwrap_zero(optimizer)
+    if zero is not None:
+        return zero
+    while optimizer is not None and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer  # accelerate's wrapper
-    return unwrap_zero(optimizer) or optimizer
+    return optimizer
 
 
 def sharded_optimizer(trainer) -> bool:
